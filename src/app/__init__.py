@@ -1,0 +1,1 @@
+"""The composition root: settings, the container, the app factory, the command line."""

@@ -1,0 +1,194 @@
+"""Human approval: the request's life cycle and the signal value object (contract section 4)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_decided(self) -> bool:
+        return self is not ApprovalStatus.PENDING
+
+
+class SignalType(StrEnum):
+    APPROVAL = "approval"
+    REJECTION = "rejection"
+
+
+_SIGNAL_STATUS = {SignalType.APPROVAL: ApprovalStatus.APPROVED, SignalType.REJECTION: ApprovalStatus.REJECTED}
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    request_id: str
+    session_id: str
+    run_id: str
+    action_type: str
+    tool_name: str
+    message: str
+    context: Mapping[str, Any]
+    user_id: str
+    tenant_id: str
+    created_at: int
+    expires_at: int
+    status: ApprovalStatus = ApprovalStatus.PENDING
+    decided_at: int | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+
+    def decide(self, status: ApprovalStatus, *, by: str | None, at: int, reason: str | None) -> ApprovalRequest:
+        """Return the decided request. Deciding twice is the caller's bug: stores make this atomic."""
+        if self.status.is_decided:
+            raise ValueError(f"request {self.request_id} is already {self.status}")
+        if not status.is_decided:
+            raise ValueError("a decision must leave the pending state")
+        return replace(self, status=status, decided_at=at, decided_by=by, reason=reason)
+
+    def is_expired_at(self, now: float) -> bool:
+        return self.status is ApprovalStatus.EXPIRED or (
+            self.status is ApprovalStatus.PENDING and now >= self.expires_at
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """The exact JSON stored at `hitl:request:{requestId}`."""
+        return {
+            "requestId": self.request_id,
+            "sessionId": self.session_id,
+            "runId": self.run_id,
+            "actionType": self.action_type,
+            "toolName": self.tool_name,
+            "message": self.message,
+            "context": dict(self.context),
+            "status": self.status.value,
+            "userId": self.user_id,
+            "tenantId": self.tenant_id,
+            "createdAt": self.created_at,
+            "expiresAt": self.expires_at,
+            "decidedAt": self.decided_at,
+            "decidedBy": self.decided_by,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ApprovalRequest:
+        return cls(
+            request_id=str(record["requestId"]),
+            session_id=str(record["sessionId"]),
+            run_id=str(record["runId"]),
+            action_type=str(record["actionType"]),
+            tool_name=str(record["toolName"]),
+            message=str(record["message"]),
+            context=dict(record.get("context") or {}),
+            status=ApprovalStatus(record["status"]),
+            user_id=str(record["userId"]),
+            tenant_id=str(record["tenantId"]),
+            created_at=int(record["createdAt"]),
+            expires_at=int(record["expiresAt"]),
+            decided_at=None if record.get("decidedAt") is None else int(record["decidedAt"]),
+            decided_by=record.get("decidedBy"),
+            reason=record.get("reason"),
+        )
+
+    def session_record(self) -> dict[str, Any]:
+        """The exact JSON stored at `hitl:session:{sessionId}`."""
+        return {
+            "sessionId": self.session_id,
+            "runId": self.run_id,
+            "requestId": self.request_id,
+            "userId": self.user_id,
+            "tenantId": self.tenant_id,
+            "status": self.status.value,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A decision as published on `hitl:channel:{sessionId}` and stored at `hitl:signal:{sessionId}`."""
+
+    type: SignalType
+    request_id: str
+    user_id: str | None
+    timestamp: int
+    reason: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> ApprovalStatus:
+        return _SIGNAL_STATUS[self.type]
+
+    @classmethod
+    def approval(cls, request_id: str, user_id: str, timestamp: int) -> Signal:
+        return cls(SignalType.APPROVAL, request_id, user_id, timestamp)
+
+    @classmethod
+    def rejection(cls, request_id: str, user_id: str, timestamp: int, reason: str | None) -> Signal:
+        return cls(SignalType.REJECTION, request_id, user_id, timestamp, reason)
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "type": self.type.value,
+            "requestId": self.request_id,
+            "status": self.status.value,
+        }
+        if self.type is SignalType.REJECTION:
+            record["reason"] = self.reason
+        record["userId"] = self.user_id
+        record["timestamp"] = self.timestamp
+        return record
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_record(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def parse(cls, raw: str | bytes | None) -> Signal | None:
+        """Parse a published or stored signal; None for anything that is not a well-formed
+        approval or rejection. A `status` that contradicts the `type` is refused too, so a
+        confused publisher can never turn a rejection into an approval."""
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        try:
+            signal_type = SignalType(record.get("type"))
+        except ValueError:
+            return None
+        request_id = record.get("requestId")
+        if not isinstance(request_id, str) or not request_id:
+            return None
+        status = record.get("status")
+        if status is not None and status != _SIGNAL_STATUS[signal_type].value:
+            return None
+        user_id = record.get("userId")
+        reason = record.get("reason")
+        timestamp = record.get("timestamp")
+        return cls(
+            type=signal_type,
+            request_id=request_id,
+            user_id=user_id if isinstance(user_id, str) else None,
+            timestamp=timestamp if isinstance(timestamp, int) and not isinstance(timestamp, bool) else 0,
+            reason=reason if isinstance(reason, str) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionResult:
+    """Outcome of an atomic decide: `applied` is False when another decision had already won;
+    `request` is then that winning state."""
+
+    applied: bool
+    request: ApprovalRequest

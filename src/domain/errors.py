@@ -1,0 +1,78 @@
+"""Errors the domain raises, each with a stable machine code that crosses the wire unchanged."""
+
+from __future__ import annotations
+
+
+class AuraError(Exception):
+    """Base of every expected failure. `code` is stable; `message` is safe to show to a client."""
+
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class AuthError(AuraError):
+    """A caller could not be authenticated (401) or is not allowed to act as claimed (403)."""
+
+    def __init__(self, code: str, message: str, *, status: int = 401) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+class NotFound(AuraError):
+    code = "not_found"
+
+
+class Conflict(AuraError):
+    code = "conflict"
+
+
+class Gone(AuraError):
+    code = "gone"
+
+
+class Forbidden(AuraError):
+    code = "forbidden"
+
+
+class InvalidInput(AuraError):
+    code = "invalid_input"
+
+
+class ModelError(AuraError):
+    """The model failed. Codes: llm_timeout (retryable), llm_unavailable, llm_bad_response,
+    invalid_directive (offline model)."""
+
+    code = "llm_unavailable"
+
+
+class ToolFailure(AuraError):
+    """A tool ran and failed; the agent reports it and carries on."""
+
+    code = "tool_failed"
+
+
+class UnknownTool(AuraError):
+    code = "unknown_tool"
+
+
+class BudgetExceeded(AuraError):
+    code = "budget_exceeded"
+
+
+class ApprovalTimeout(AuraError):
+    code = "hitl_timeout"
+
+
+class StoreUnavailable(AuraError):
+    """The shared store (Redis) could not be reached."""
+
+    code = "store_unavailable"
+    retryable = True

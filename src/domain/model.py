@@ -1,0 +1,120 @@
+"""The chat model interface: messages and tool schemas in, a stream of deltas out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # raw JSON text as the model produced it
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class Purpose(StrEnum):
+    """Why the agent asks the model. Remote models ignore it; the offline model plans by it."""
+
+    PLAN = "plan"
+    STEP = "step"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: Sequence[ChatMessage]
+    purpose: Purpose
+    tools: Sequence[Mapping[str, Any]] = ()
+    json_output: bool = False
+    # Structured facts the agent already holds (prompt, context, current step); only the offline
+    # model reads them, so no remote model ever depends on them.
+    hints: Mapping[str, Any] = field(default_factory=dict)
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+    usage: Usage | None = None
+
+
+ModelChunk = ContentDelta | ToolCallDelta | Finish
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ModelTurn:
+    """Assembles the deltas of one model answer into text and complete tool calls."""
+
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    _calls: dict[int, _PendingCall] = field(default_factory=dict)
+
+    def add(self, chunk: ModelChunk) -> None:
+        if isinstance(chunk, ContentDelta):
+            self.text_parts.append(chunk.text)
+        elif isinstance(chunk, ToolCallDelta):
+            call = self._calls.setdefault(chunk.index, _PendingCall())
+            if chunk.id:
+                call.id = chunk.id
+            if chunk.name:
+                call.name += chunk.name
+            call.arguments.append(chunk.arguments)
+        else:
+            self.finish_reason = chunk.reason
+            self.usage = chunk.usage
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(id=c.id or f"call_{i}", name=c.name, arguments="".join(c.arguments))
+            for i, c in sorted(self._calls.items())
+        ]

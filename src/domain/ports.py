@@ -1,0 +1,124 @@
+"""Ports: what the domain needs from the outside world, named for their role.
+
+Adapters in `adapters/` implement them; the composition root in `app/` picks which.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal
+from domain.events import Event
+from domain.identity import Claims
+from domain.model import ChatRequest, ModelChunk
+
+
+class Clock(ABC):
+    @abstractmethod
+    def now(self) -> float:
+        """Seconds since the Unix epoch, UTC."""
+
+    def timestamp(self) -> int:
+        """Integer Unix seconds, as every wire timestamp is."""
+        return int(self.now())
+
+
+class IdFactory(ABC):
+    @abstractmethod
+    def new_id(self, prefix: str) -> str:
+        """An unguessable id (at least 128 random bits) with a readable prefix."""
+
+
+class TokenVerifier(ABC):
+    @abstractmethod
+    def verify(self, token: str) -> Claims:
+        """Verify a bearer token; raise AuthError with a stable code when it is not acceptable."""
+
+
+class ChatModel(ABC):
+    @abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        """Stream the model's answer; raise ModelError (stable code) on failure."""
+
+
+class ApprovalStore(ABC):
+    """Durable approval requests. Decisions are compare-and-set: the first one wins."""
+
+    @abstractmethod
+    async def create(self, request: ApprovalRequest) -> None:
+        """Store a pending request and point its session at it."""
+
+    @abstractmethod
+    async def get(self, request_id: str) -> ApprovalRequest | None: ...
+
+    @abstractmethod
+    async def decide(
+        self,
+        request_id: str,
+        status: ApprovalStatus,
+        *,
+        decided_by: str | None,
+        decided_at: int,
+        reason: str | None,
+    ) -> DecisionResult | None:
+        """Atomically move a pending request to `status`. None when the request does not exist."""
+
+    @abstractmethod
+    async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
+        """Pending requests of one user (for consoles and the command line)."""
+
+
+class SignalSubscription(ABC):
+    @abstractmethod
+    async def next_message(self) -> str | bytes:
+        """Wait for the next raw message published on the session's channel."""
+
+
+class SignalBus(ABC):
+    """Approval signals on `hitl:channel:{sessionId}`, the last one kept at `hitl:signal:{sessionId}`."""
+
+    @abstractmethod
+    def subscribe(self, session_id: str) -> AbstractAsyncContextManager[SignalSubscription]:
+        """Listen to one session's channel until the context exits (whatever ends it)."""
+
+    @abstractmethod
+    async def publish(self, session_id: str, signal: Signal) -> int:
+        """Store the signal and publish it, as the DWP backend does; return the receiver count."""
+
+    @abstractmethod
+    async def latest(self, session_id: str) -> str | bytes | None:
+        """The raw last stored signal of a session, if any."""
+
+
+class EventLog(ABC):
+    """Append-only record of a run's events, read back for resumes on any instance."""
+
+    @abstractmethod
+    async def append(self, event: Event) -> None: ...
+
+    @abstractmethod
+    async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]: ...
+
+    @abstractmethod
+    async def close_run(self, run_id: str) -> None:
+        """The run ended: keep its log for the retention time only."""
+
+
+class ConversationStore(ABC):
+    """History of a thread, per tenant, user and thread."""
+
+    @abstractmethod
+    async def load(self, tenant_id: str, user_id: str, thread_id: str) -> list[dict[str, Any]] | None:
+        """The thread's turns, oldest first; None when this user owns no such thread."""
+
+    @abstractmethod
+    async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> None: ...
+
+
+class HealthProbe(ABC):
+    @abstractmethod
+    async def check(self) -> str | None:
+        """None when healthy, else a short reason."""
