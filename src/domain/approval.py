@@ -164,7 +164,7 @@ class Signal:
         if not isinstance(record, dict):
             return None
         try:
-            signal_type = SignalType(record.get("type"))
+            signal_type = SignalType(str(record.get("type")))
         except ValueError:
             return None
         request_id = record.get("requestId")

@@ -76,3 +76,9 @@ class StoreUnavailable(AuraError):
 
     code = "store_unavailable"
     retryable = True
+
+
+class RunCancelled(AuraError):
+    """The run was cancelled from elsewhere (another instance's cancel, a cancelled approval)."""
+
+    code = "user_cancelled"

@@ -1,0 +1,143 @@
+"""The approval gate: stop before a risky action until a human decides (contract section 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from domain.approval import ApprovalRequest, ApprovalStatus, Signal
+from domain.errors import ApprovalTimeout, RunCancelled
+from domain.events import EventType, RunStatus
+from domain.plan import PlanStep, StepStatus
+from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus
+from domain.run import Run
+
+log = logging.getLogger("aura.hitl")
+audit = logging.getLogger("aura.audit")
+
+
+@dataclass(frozen=True, slots=True)
+class GateSettings:
+    timeout_seconds: float = 300.0
+    # How often a waiting run re-reads its request from the store, so a decision whose signal was
+    # lost (publisher crashed between SET and PUBLISH, Pub/Sub outage) is still seen.
+    recheck_seconds: float = 5.0
+
+
+def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
+    audit.info(
+        "hitl %s", event,
+        extra={"audit": {
+            "event": event, "requestId": request.request_id, "sessionId": request.session_id,
+            "runId": request.run_id, "tenantId": request.tenant_id, "userId": request.user_id,
+            "toolName": request.tool_name, "actionType": request.action_type,
+            "status": request.status.value, "decidedBy": request.decided_by,
+            "decidedAt": request.decided_at, "reason": request.reason, **extra,
+        }},
+    )
+
+
+class ApprovalGate:
+    def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, ids: IdFactory,
+                 settings: GateSettings) -> None:
+        self._store = store
+        self._bus = bus
+        self._clock = clock
+        self._ids = ids
+        self._settings = settings
+
+    async def await_decision(self, run: Run, step: PlanStep, tool_name: str, action_type: str,
+                             args: Mapping[str, Any], message: str) -> ApprovalRequest:
+        """Store, subscribe, check the stored signal, announce, wait. Returns the decided request
+        (approved or rejected); raises ApprovalTimeout when nobody decided in time."""
+        now = self._clock.timestamp()
+        request = ApprovalRequest(
+            request_id=self._ids.new_id("req"), session_id=run.ids.session_id, run_id=run.ids.run_id,
+            action_type=action_type, tool_name=tool_name, message=message, context=dict(args),
+            user_id=run.principal.user_id, tenant_id=run.principal.tenant_id,
+            created_at=now, expires_at=now + int(self._settings.timeout_seconds),
+        )
+        await self._store.create(request)
+        audit_line("requested", request, actorId=run.principal.actor_id)
+        timeline_id = f"approval_{step.index}_{run.tool_calls}"
+        timeline_title = f"Approval: {tool_name}"
+        try:
+            async with self._bus.subscribe(run.ids.session_id) as subscription:
+                stored = await self._bus.latest(run.ids.session_id)
+                run.pending_approval = request
+                run.status = RunStatus.WAITING_APPROVAL
+                await run.emit(EventType.HITL, {
+                    "requestId": request.request_id, "sessionId": request.session_id,
+                    "actionType": action_type, "message": message, "context": dict(args),
+                    "requiresApproval": True, "expiresAt": request.expires_at,
+                })
+                await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
+                                      f"Waiting for approval of {tool_name}")
+                await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
+                decided = await self._wait(request, stored, subscription)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
+            raise
+        finally:
+            run.pending_approval = None
+            if run.status is RunStatus.WAITING_APPROVAL:
+                run.status = RunStatus.RUNNING
+        if decided.status is ApprovalStatus.APPROVED:
+            await run.timeline_update(timeline_id, timeline_title, StepStatus.COMPLETED, 1.0)
+            await run.step_update(step, StepStatus.IN_PROGRESS, step.progress, f"{tool_name} approved")
+            return decided
+        if decided.status is ApprovalStatus.REJECTED:
+            await run.timeline_update(timeline_id, timeline_title, StepStatus.SKIPPED, 1.0)
+            await run.step_update(step, StepStatus.IN_PROGRESS, step.progress, f"{tool_name} rejected")
+            return decided
+        await run.timeline_update(timeline_id, timeline_title, StepStatus.FAILED, 1.0)
+        if decided.status is ApprovalStatus.CANCELLED:
+            raise RunCancelled("The run was cancelled while it waited for approval.")
+        raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
+
+    async def _wait(self, request: ApprovalRequest, stored: str | bytes | None,
+                    subscription: Any) -> ApprovalRequest:
+        if stored is not None:
+            decided = await self._consider(request, stored)
+            if decided is not None:
+                return decided
+        while True:
+            remaining = request.expires_at - self._clock.now()
+            if remaining <= 0:
+                return await self._close(request, ApprovalStatus.EXPIRED, None)
+            try:
+                raw = await asyncio.wait_for(subscription.next_message(),
+                                             timeout=min(remaining, self._settings.recheck_seconds))
+            except TimeoutError:
+                current = await self._store.get(request.request_id)
+                if current is not None and current.status.is_decided:
+                    return current
+                continue
+            decided = await self._consider(request, raw)
+            if decided is not None:
+                return decided
+
+    async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> ApprovalRequest | None:
+        signal = Signal.parse(raw)
+        if signal is None:
+            log.warning("ignored a malformed signal on session %s", request.session_id)
+            return None
+        if signal.request_id != request.request_id:
+            log.info("ignored a signal for request %s while waiting for %s", signal.request_id,
+                     request.request_id)
+            return None
+        return await self._close(request, signal.status, signal.user_id, signal.reason)
+
+    async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
+                     reason: str | None = None) -> ApprovalRequest:
+        """Decide atomically; when another decision won first, that one stands."""
+        result = await self._store.decide(request.request_id, status, decided_by=by,
+                                          decided_at=self._clock.timestamp(), reason=reason)
+        if result is None:  # the request vanished from the store (flushed): treat as expired
+            return request.decide(ApprovalStatus.EXPIRED, by=None, at=self._clock.timestamp(), reason=None)
+        if result.applied:
+            audit_line("decided", result.request, via="signal" if by else "aura")
+        return result.request

@@ -1,0 +1,137 @@
+"""A run: one agent execution for one prompt, the state it shows and the events it emits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from domain.approval import ApprovalRequest
+from domain.events import Event, EventType, RunIds, RunStatus, ThoughtType
+from domain.identity import Principal
+from domain.plan import PlannedStep, PlanStep, StepStatus, TimelineEntry
+from domain.ports import Clock
+
+EventSink = Callable[[Event], Awaitable[None]]
+
+
+class DisconnectPolicy(StrEnum):
+    CANCEL = "cancel"
+    CONTINUE = "continue"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    prompt: str
+    context: Mapping[str, Any] = field(default_factory=dict)
+    thread_id: str | None = None
+    source: str | None = None
+    caller_type: str | None = None
+    bearer_token: str | None = None
+    on_disconnect: DisconnectPolicy = DisconnectPolicy.CANCEL
+    traceparent: str | None = None
+
+    def agent_context(self) -> dict[str, Any]:
+        """The page context plus the caller's source headers, as the agent sees them."""
+        merged = dict(self.context)
+        if self.source is not None:
+            merged["source"] = self.source
+        if self.caller_type is not None:
+            merged["caller_type"] = self.caller_type
+        return merged
+
+
+class Run:
+    """Holds a run's visible state and numbers its events. Every state change the user can see
+    goes through `emit`, so the snapshot and the event stream never disagree."""
+
+    def __init__(self, ids: RunIds, principal: Principal, request: RunRequest, clock: Clock,
+                 sink: EventSink) -> None:
+        self.ids = ids
+        self.principal = principal
+        self.request = request
+        self._clock = clock
+        self._sink = sink
+        self._seq = 0
+        self.status = RunStatus.RUNNING
+        self.plan: list[PlanStep] = []
+        self.timeline: dict[str, TimelineEntry] = {}
+        self.pending_approval: ApprovalRequest | None = None
+        self.answer_parts: list[str] = []
+        self.tool_calls = 0
+        self.cancel_reason: str | None = None
+        self.created_at = clock.timestamp()
+        self.end_data: dict[str, Any] | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    async def emit(self, type_: EventType, data: Mapping[str, Any]) -> Event:
+        self._seq += 1
+        event = Event(type=type_, seq=self._seq, ids=self.ids, timestamp=self._clock.timestamp(), data=data)
+        await self._sink(event)
+        return event
+
+    async def thought(self, kind: ThoughtType, content: str, sources: list[Any] | None = None) -> None:
+        await self.emit(EventType.THOUGHT, {"thoughtType": kind.value, "content": content,
+                                            "sources": sources or []})
+
+    async def timeline_update(self, step_id: str, title: str, status: StepStatus, progress: float) -> None:
+        entry = self.timeline.get(step_id)
+        if entry is None:
+            entry = self.timeline[step_id] = TimelineEntry(step_id, title)
+        if entry.status is status and entry.progress == progress and entry.title == title:
+            return  # only real changes are sent
+        entry.title, entry.status, entry.progress = title, status, progress
+        await self.emit(EventType.TIMELINE_STEP_UPDATE, entry.as_dict())
+
+    async def add_plan(self, planned: list[PlannedStep]) -> list[PlanStep]:
+        for index, item in enumerate(planned, start=1):
+            step = PlanStep(step_id=f"step_{index}", index=index, description=item.description,
+                            tool=item.tool, args=dict(item.args), confidence=item.confidence)
+            self.plan.append(step)
+            await self.emit(EventType.PLAN_STEP, {
+                "stepId": step.step_id, "index": step.index, "description": step.description,
+                "status": step.status.value, "confidence": step.confidence,
+            })
+        return self.plan
+
+    async def step_update(self, step: PlanStep, status: StepStatus, progress: float, note: str = "") -> None:
+        if step.status is status and step.progress == progress and step.note == note:
+            return
+        step.status, step.progress, step.note = status, progress, note
+        await self.emit(EventType.PLAN_STEP_UPDATE, {"stepId": step.step_id, "status": status.value,
+                                                     "progress": progress, "note": note})
+
+    async def content(self, text: str, *, chunk: bool) -> None:
+        if chunk:
+            self.answer_parts.append(text)
+        await self.emit(EventType.CONTENT, {"content": text, "chunk": chunk})
+
+    async def error(self, code: str, message: str, *, retryable: bool) -> None:
+        await self.emit(EventType.ERROR, {"errorType": code, "message": message, "retryable": retryable})
+
+    async def end(self, status: RunStatus, reason: str, message: str) -> None:
+        self.status = status
+        self.pending_approval = None
+        self.end_data = {"status": status.value, "reason": reason, "message": message}
+        await self.emit(EventType.END, self.end_data)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's current state, as `GET /aura/runs/{runId}` and the resume `snapshot` show it."""
+        return {
+            "runId": self.ids.run_id,
+            "sessionId": self.ids.session_id,
+            "threadId": self.ids.thread_id,
+            "traceId": self.ids.trace_id,
+            "status": self.status.value,
+            "lastSeq": self._seq,
+            "createdAt": self.created_at,
+            "plan": [step.as_dict() for step in self.plan],
+            "timeline": [entry.as_dict() for entry in self.timeline.values()],
+            "pendingApproval": None if self.pending_approval is None else self.pending_approval.to_record(),
+            "answer": "".join(self.answer_parts),
+            "end": self.end_data,
+        }
