@@ -118,7 +118,7 @@ def _steps_from_json(value: Any) -> list[PlannedStep] | None:
     if not isinstance(items, list):
         return None
     steps = [s for s in (_step_from_item(i) for i in items) if s is not None]
-    return steps or None
+    return steps if steps or not items else None
 
 
 def parse_plan(text: str) -> tuple[list[PlannedStep], bool]:
@@ -130,7 +130,7 @@ def parse_plan(text: str) -> tuple[list[PlannedStep], bool]:
         except ValueError:
             continue
         steps = _steps_from_json(parsed)
-        if steps:
+        if steps is not None:
             return steps, True
     listed = [m.group(1) for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
     if listed:

@@ -1,0 +1,1 @@
+"""Quart HTTP and SSE adapter: routes, problem details, authentication glue, the SSE encoder."""

@@ -1,0 +1,55 @@
+"""A spec-correct Server-Sent Events encoder (WHATWG HTML, "server-sent events").
+
+- `data` may hold any text: each line (split on CRLF, CR or LF, the only breaks SSE knows) becomes
+  its own `data:` line, so a parser joins them back with LF.
+- `id` and `event` are single-line fields: CR, LF or NUL there is refused, never silently mangled.
+- Comments (heartbeats) start with a colon and are ignored by every parser.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from domain.events import Event
+
+DONE_FRAME = b"data: [DONE]\n\n"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\0]")
+
+
+def _field(name: str, value: str) -> str:
+    if _FORBIDDEN_IN_FIELD.search(value):
+        raise ValueError(f"SSE {name} must not contain CR, LF or NUL")
+    return f"{name}: {value}\n"
+
+
+def encode_event(data: str, *, event: str | None = None, event_id: str | int | None = None,
+                 retry_ms: int | None = None) -> bytes:
+    parts = []
+    if retry_ms is not None:
+        if retry_ms < 0:
+            raise ValueError("SSE retry must not be negative")
+        parts.append(f"retry: {int(retry_ms)}\n")
+    if event_id is not None:
+        parts.append(_field("id", str(event_id)))
+    if event is not None:
+        parts.append(_field("event", event))
+    parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+def encode_comment(text: str = "") -> bytes:
+    lines = _LINE_BREAK.split(text)
+    return ("".join(f": {line}\n" if line else ":\n" for line in lines) + "\n").encode("utf-8")
+
+
+HEARTBEAT_FRAME = encode_comment("ping")
+
+
+def encode_run_event(event: Event, *, retry_ms: int | None = None) -> bytes:
+    """One envelope as one frame; orjson escapes every newline, so the data is a single line."""
+    payload = orjson.dumps(event.envelope()).decode("utf-8")
+    return encode_event(payload, event=event.type.value, event_id=event.seq, retry_ms=retry_ms)

@@ -1,0 +1,192 @@
+"""A deterministic planner behind the ChatModel port.
+
+It reads the facts the agent passes as `hints` (prompt, context, current step) and the tool results
+in the conversation, so every plan, tool call and answer it produces reflects what really happened.
+Directives in the prompt, one per line, make a run fully scripted:
+
+    @git_status {"repo_path": "."}        run that tool as a plan step
+    @answer {"text": "...", "chunks": 20}  answer with exactly this text in that many chunks
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from domain.errors import ModelError
+from domain.model import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    ModelChunk,
+    Purpose,
+    Role,
+    ToolCallDelta,
+    Usage,
+)
+from domain.ports import ChatModel
+
+_DIRECTIVE = re.compile(r"^\s*@([A-Za-z_][A-Za-z0-9_]*)\s*(.*?)\s*$")
+ANSWER_DIRECTIVE = "answer"
+MAX_SCRIPTED_CHUNKS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    line: int
+    name: str
+    args: dict[str, Any]
+
+
+def parse_directives(prompt: str) -> list[Directive]:
+    """Directives of a prompt; bad JSON is a clear error naming the line."""
+    directives = []
+    for number, line in enumerate(prompt.splitlines(), start=1):
+        match = _DIRECTIVE.match(line)
+        if not match:
+            continue
+        name, raw = match.group(1), match.group(2)
+        try:
+            args = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ModelError(f"Line {number}: the arguments of @{name} are not valid JSON.",
+                             code="invalid_directive") from None
+        if not isinstance(args, dict):
+            raise ModelError(f"Line {number}: the arguments of @{name} must be a JSON object.",
+                             code="invalid_directive")
+        directives.append(Directive(number, name, args))
+    return directives
+
+
+def _words(text: str) -> list[str]:
+    """Split into chunks that concatenate back to exactly `text`."""
+    return re.findall(r"\S+\s*|\s+", text) or [text]
+
+
+def _even_chunks(text: str, count: int) -> list[str]:
+    count = max(1, min(count, len(text) or 1, MAX_SCRIPTED_CHUNKS))
+    size, extra = divmod(len(text), count)
+    chunks, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+_KEYWORD_TOOLS = (
+    (("status", "changes", "modified", "uncommitted"), "git_status", "Check the repository's working tree"),
+    (("log", "history", "commits", "recent"), "git_log", "Read the recent commit history"),
+    (("branch", "branches"), "git_branches", "List the repository's branches"),
+    (("diff",), "git_diff", "Look at the uncommitted changes"),
+)
+
+
+class OfflineChatModel(ChatModel):
+    def __init__(self, default_repo: str = ".") -> None:
+        self._default_repo = default_repo
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        if request.purpose is Purpose.PLAN:
+            chunks = [json.dumps({"steps": self._plan(request)}, ensure_ascii=False)]
+        elif request.purpose is Purpose.STEP:
+            async for chunk in self._step(request):
+                yield chunk
+            return
+        else:
+            chunks = self._answer(request)
+        for text in chunks:
+            yield ContentDelta(text)
+        yield Finish("stop", Usage(prompt_tokens=sum(len(m.content) for m in request.messages) // 4,
+                                   completion_tokens=sum(len(c) for c in chunks) // 4))
+
+    # -- planning ------------------------------------------------------------------------
+    def _plan(self, request: ChatRequest) -> list[dict[str, Any]]:
+        prompt = str(request.hints.get("prompt", ""))
+        directives = parse_directives(prompt)
+        tool_directives = [d for d in directives if d.name != ANSWER_DIRECTIVE]
+        if directives:
+            return [{"description": f"Run {d.name}", "tool": d.name, "args": d.args, "confidence": 1.0}
+                    for d in tool_directives]
+        available = {t["function"]["name"] for t in request.tools} if request.tools else None
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        steps: list[dict[str, Any]] = [{"description": "Read the request and the page context",
+                                        "tool": None, "args": {}, "confidence": 0.9}]
+        for keywords, tool, description in _KEYWORD_TOOLS:
+            if words.intersection(keywords) and (available is None or tool in available):
+                steps.append({"description": description, "tool": tool,
+                              "args": {"repo_path": self._default_repo}, "confidence": 0.7})
+        steps.append({"description": "Summarise the findings for the user", "tool": None, "args": {},
+                      "confidence": 0.9})
+        return steps
+
+    # -- steps ---------------------------------------------------------------------------
+    async def _step(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        step = request.hints.get("step") or {}
+        last = request.messages[-1] if request.messages else None
+        tool = step.get("tool")
+        if tool and last is not None and last.role is Role.USER:
+            index = int(step.get("index", 0))
+            yield ToolCallDelta(index=0, id=f"call_{index}", name=tool)
+            arguments = json.dumps(step.get("args") or {}, ensure_ascii=False)
+            # split the arguments the way real models stream them
+            half = len(arguments) // 2
+            yield ToolCallDelta(index=0, arguments=arguments[:half])
+            yield ToolCallDelta(index=0, arguments=arguments[half:])
+            yield Finish("tool_calls")
+            return
+        results = self._results_since_last_user(request.messages)
+        if results:
+            note = "; ".join(self._describe(m) for m in results)
+        else:
+            note = f"Done: {step.get('description', 'step')}."
+        yield ContentDelta(note)
+        yield Finish("stop")
+
+    @staticmethod
+    def _results_since_last_user(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        found: list[ChatMessage] = []
+        for message in reversed(messages):
+            if message.role is Role.USER:
+                break
+            if message.role is Role.TOOL:
+                found.append(message)
+        return list(reversed(found))
+
+    @staticmethod
+    def _describe(message: ChatMessage) -> str:
+        try:
+            value = json.loads(message.content)
+        except ValueError:
+            return f"{message.name}: {message.content[:300]}"
+        if isinstance(value, Mapping) and isinstance(value.get("summary"), str):
+            return f"{message.name}: {value['summary']}"
+        return f"{message.name}: {json.dumps(value, ensure_ascii=False)[:300]}"
+
+    # -- answer --------------------------------------------------------------------------
+    def _answer(self, request: ChatRequest) -> list[str]:
+        prompt = str(request.hints.get("prompt", ""))
+        scripted = [d for d in parse_directives(prompt) if d.name == ANSWER_DIRECTIVE]
+        if scripted:
+            args = scripted[-1].args
+            text = str(args.get("text", ""))
+            chunks = args.get("chunks", 1)
+            if not text or not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+                raise ModelError('@answer needs {"text": non-empty string, "chunks": positive integer}.',
+                                 code="invalid_directive")
+            return _even_chunks(text, chunks)
+        findings = [self._describe(m) for m in request.messages if m.role is Role.TOOL]
+        context = request.hints.get("context") or {}
+        where = context.get("title") or context.get("path") if isinstance(context, Mapping) else None
+        lines = [f"Here is what I found for “{prompt.strip()[:200]}”"
+                 + (f" on {where}" if where else "") + ":"]
+        if findings:
+            lines.extend(f"- {finding}" for finding in findings)
+        else:
+            lines.append("- No tool was needed; I reviewed your request and the page context.")
+        lines.append("(Answered by Aura's offline model.)")
+        return _words("\n".join(lines))

@@ -1,0 +1,127 @@
+"""The run event log as Redis Streams: `aura:run:{runId}:events`.
+
+Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
+for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
+first retained id. Appends from all runs of the process are gathered into one pipeline per round
+trip: under load many events cost one network exchange; alone, an event costs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from domain.errors import StoreUnavailable
+from domain.events import Event
+from domain.ports import EventLog
+
+log = logging.getLogger("aura.eventlog")
+
+
+def event_log_key(run_id: str) -> str:
+    return f"aura:run:{run_id}:events"
+
+
+@dataclass(slots=True)
+class _PendingAppend:
+    event: Event
+    payload: bytes
+    done: asyncio.Future[None]
+
+
+class RedisEventLog(EventLog):
+    def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
+                 active_ttl_seconds: int = 86_400, max_batch: int = 512) -> None:
+        self._redis = redis
+        self._max_length = max_length
+        self._retention = retention_seconds
+        # A log whose owner died without closing it still expires, a day later by default.
+        self._active_ttl = active_ttl_seconds
+        self._max_batch = max_batch
+        self._queue: list[_PendingAppend] = []
+        self._wakeup = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, event: Event) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _PendingAppend(event, orjson.dumps(event.envelope()), loop.create_future())
+        self._queue.append(pending)
+        self._wakeup.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_forever(), name="event-log flusher")
+        await asyncio.shield(pending.done)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_PendingAppend]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for item in batch:
+            key = event_log_key(item.event.ids.run_id)
+            pipe.xadd(key, {"e": item.payload}, id=f"{item.event.seq}-1", maxlen=self._max_length,
+                      approximate=True)
+            if item.event.seq == 1:
+                pipe.expire(key, self._active_ttl)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.warning("event log append failed: %s", type(exc).__name__)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(StoreUnavailable("The event log is unavailable."))
+            return
+        index = 0
+        for item in batch:
+            result = results[index]
+            index += 2 if item.event.seq == 1 else 1
+            if item.done.done():
+                continue
+            if isinstance(result, ResponseError) and "equal or smaller" in str(result):
+                item.done.set_result(None)  # already logged (a retried append): nothing lost
+            elif isinstance(result, Exception):
+                item.done.set_exception(StoreUnavailable("The event log refused an event."))
+            else:
+                item.done.set_result(None)
+
+    async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
+        try:
+            entries = await self._redis.xrange(event_log_key(run_id), min=f"{after_seq + 1}-0", max="+",
+                                               count=limit)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The event log is unavailable.") from exc
+        return [Event.from_envelope(orjson.loads(fields[b"e"] if b"e" in fields else fields["e"]))
+                for _entry_id, fields in entries]
+
+    async def first_seq(self, run_id: str) -> int | None:
+        """The oldest retained seq (None for an unknown or expired run)."""
+        try:
+            entries = await self._redis.xrange(event_log_key(run_id), count=1)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The event log is unavailable.") from exc
+        if not entries:
+            return None
+        entry_id = entries[0][0]
+        text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return int(text.split("-", 1)[0])
+
+    async def close_run(self, run_id: str) -> None:
+        try:
+            await self._redis.expire(event_log_key(run_id), self._retention)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The event log is unavailable.") from exc
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)

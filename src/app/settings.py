@@ -1,0 +1,169 @@
+"""Typed settings: defaults in config/default.yaml, overridden by AURA_* environment variables
+(nested with `__`, e.g. AURA_AUTH__JWT_SECRET). Only the composition root reads them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """Settings that would make the service unsafe or unable to start."""
+
+
+def _list_from_env(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string (what operators tend to type)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class ServerSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = Field(9000, ge=1, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit; 413 beyond it.")
+    cors_origins: StrList = Field(default_factory=lambda: ["http://localhost:4200"])
+    graceful_timeout_seconds: float = Field(10.0, gt=0)
+    metrics_require_auth: bool = False
+
+    _split = field_validator("cors_origins", mode="before")(_list_from_env)
+
+
+class RedisSettings(BaseModel):
+    url: str | None = Field(None, description="redis:// URL; unset = in-process Redis (fakeredis).")
+
+
+class AuthSettings(BaseModel):
+    jwt_secret: SecretStr | None = Field(None, description="HS* secret shared with the DWP backend (>= 32 bytes).")
+    algorithm: Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512"] = "HS256"
+    public_key_file: Path | None = Field(None, description="PEM public key for RS* tokens.")
+    key_id: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    trusted_service_roles: StrList = Field(default_factory=lambda: ["dwp-service"])
+    leeway_seconds: int = Field(30, ge=0, le=300)
+    dev_mode: bool = False
+
+    _split = field_validator("trusted_service_roles", mode="before")(_list_from_env)
+
+
+class ToolSettings(BaseModel):
+    workspace_root: Path = Field(Path("."), description="Root of the git repositories tools may touch.")
+    timeout_seconds: float = Field(10.0, gt=0)
+    max_output_bytes: int = Field(65_536, ge=1024)
+    approval_overrides: dict[str, bool] = Field(default_factory=dict,
+                                                description="Per-tool override of 'needs approval'.")
+    dwp_base_url: str | None = Field(None, description="DWP backend REST base URL; unset disables dwp_request.")
+
+
+class ModelSettings(BaseModel):
+    provider: Literal["offline", "openai"] = "offline"
+    flavour: Literal["openai", "azure", "vllm", "ollama", "llamacpp"] = "openai"
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    name: str = "gpt-4o-mini"
+    temperature: float | None = 0.2
+    max_tokens: int | None = None
+    timeout_seconds: float = 60.0
+    max_retries: int = Field(2, ge=0, le=10)
+    azure_deployment: str | None = None
+    azure_api_version: str | None = None
+
+
+class StreamSettings(BaseModel):
+    heartbeat_seconds: float = Field(15.0, gt=0)
+    max_context_bytes: int = Field(262_144, ge=1)
+    max_prompt_chars: int = Field(32_000, ge=1)
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+    watcher_buffer: int = Field(4096, ge=16)
+
+
+class HitlSettings(BaseModel):
+    timeout_seconds: float = Field(300.0, gt=0)
+    approver_roles: StrList = Field(default_factory=lambda: ["admin", "manager"])
+    recheck_seconds: float = Field(5.0, gt=0)
+
+    _split = field_validator("approver_roles", mode="before")(_list_from_env)
+
+
+class AgentSettings(BaseModel):
+    max_steps: int = Field(12, ge=1)
+    max_tool_calls: int = Field(24, ge=1)
+    max_tool_calls_per_step: int = Field(6, ge=1)
+    max_run_seconds: float = Field(900.0, gt=0)
+    tool_timeout_seconds: float = Field(30.0, gt=0)
+
+
+class EventLogSettings(BaseModel):
+    retention_seconds: int = Field(3600, ge=1)
+    max_length: int = Field(10_000, ge=100)
+
+
+class LogSettings(BaseModel):
+    level: str = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AURA_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    tools: ToolSettings = Field(default_factory=ToolSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    hitl: HitlSettings = Field(default_factory=HitlSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    events: EventLogSettings = Field(default_factory=EventLogSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("AURA_CONFIG_FILE", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _model_needs_endpoint(self) -> Settings:
+        if self.model.provider == "openai" and not self.model.base_url:
+            raise ValueError("AURA_MODEL__BASE_URL is required when AURA_MODEL__PROVIDER is 'openai'.")
+        return self
+
+    def check_startup(self) -> None:
+        """Refuse to run with unsafe authentication settings (outside dev mode)."""
+        auth = self.auth
+        if auth.algorithm.startswith("HS"):
+            secret = auth.jwt_secret.get_secret_value() if auth.jwt_secret else ""
+            if len(secret.encode("utf-8")) < MIN_SECRET_BYTES and not auth.dev_mode:
+                raise ConfigError(
+                    "AURA_AUTH__JWT_SECRET is missing or shorter than 32 bytes. Set the secret shared "
+                    "with the DWP backend, or run `aura serve --dev` for a throw-away dev secret.")
+        else:
+            if auth.public_key_file is None or not auth.public_key_file.is_file():
+                raise ConfigError(f"AURA_AUTH__ALGORITHM is {auth.algorithm} but AURA_AUTH__PUBLIC_KEY_FILE "
+                                  "does not name a readable PEM public key.")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
