@@ -1,0 +1,1 @@
+"""Adapters of the `ChatModel` port: the language models Aura can talk to."""

@@ -1,0 +1,419 @@
+"""The `ChatModel` port over an OpenAI-compatible Chat Completions API, streamed as SSE.
+
+One adapter serves OpenAI, Azure OpenAI, vLLM, Ollama (`/v1`) and llama.cpp's `llama-server`:
+they all accept the same request and stream the same `chat.completion.chunk` frames. Differences:
+
+* Azure addresses a deployment (`/openai/deployments/{name}/chat/completions?api-version=...`)
+  and authenticates with an `api-key` header; its first chunk carries only
+  `prompt_filter_results` with empty `choices`, which is skipped.
+* `response_format: {"type": "json_object"}` is sent for `json_output` on every flavour: OpenAI,
+  Azure and vLLM document it, Ollama lists it among its supported `/v1` fields ("JSON mode"), and
+  llama-server documents it on `/v1/chat/completions` (enforced with a grammar).
+* `stream_options.include_usage` is documented by OpenAI, Azure, vLLM and Ollama; llama-server
+  reports usage in its last chunk anyway. Turn `include_usage` off for a server that rejects it.
+* Tool calling needs a model (and for llama-server the `--jinja` flag) that supports it.
+
+Failures become `ModelError` with stable codes and safe messages: never the key, never the raw
+response body (it may echo the prompt or the key). Retries happen only before the first chunk
+has been handed to the caller; afterwards the caller has streamed tokens and must decide itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from domain.errors import ModelError
+from domain.model import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    Finish,
+    ModelChunk,
+    Role,
+    ToolCallDelta,
+    Usage,
+)
+from domain.ports import ChatModel
+
+logger = logging.getLogger(__name__)
+
+Flavour = Literal["openai", "azure", "vllm", "ollama", "llamacpp"]
+Sleep = Callable[[float], Awaitable[None]]
+
+_REDACTED = "***"
+# An error body's `code`/`type` is echoed only when it looks like an identifier, never free text.
+_SAFE_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_BAD_REQUEST_STATUSES = frozenset({400, 404, 422})
+_CREDENTIAL_STATUSES = frozenset({401, 403})
+
+
+@dataclass(frozen=True)
+class OpenAICompatibleConfig:
+    base_url: str
+    model: str
+    api_key: str | None = None
+    flavour: Flavour = "openai"
+    azure_deployment: str | None = None
+    azure_api_version: str | None = None
+    temperature: float | None = 0.2
+    max_tokens: int | None = None
+    timeout_seconds: float = 60.0  # longest silence allowed between two chunks
+    connect_timeout_seconds: float = 10.0
+    max_retries: int = 2
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 8.0
+    include_usage: bool = True
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.flavour == "azure" and not (self.azure_deployment and self.azure_api_version):
+            raise ValueError("the azure flavour needs azure_deployment and azure_api_version")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        if self.timeout_seconds <= 0 or self.connect_timeout_seconds <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.backoff_base_seconds < 0 or self.backoff_max_seconds < 0:
+            raise ValueError("backoff times must not be negative")
+
+    def __repr__(self) -> str:
+        # The key, and any extra header value (it may be a credential), never reach a log line.
+        shown: list[str] = []
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if f.name == "api_key" and value is not None:
+                value = _REDACTED
+            elif f.name == "extra_headers":
+                value = {name: _REDACTED for name in value}
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def completions_url(self) -> str:
+        base = self.base_url.rstrip("/")
+        if self.flavour == "azure":
+            return f"{base}/openai/deployments/{self.azure_deployment}/chat/completions"
+        return f"{base}/chat/completions"
+
+
+class _TransientFailure(Exception):
+    """A failure worth another attempt, as long as nothing has been yielded yet."""
+
+    def __init__(self, error: ModelError, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
+class OpenAICompatibleChatModel(ChatModel):
+    def __init__(
+        self,
+        config: OpenAICompatibleConfig,
+        client: httpx.AsyncClient | None = None,
+        *,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient()
+        self._sleep = sleep
+        self._timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this adapter created it; a client passed in belongs to the caller."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelChunk, None]:
+        body = self.request_body(request)
+        headers = self.request_headers(request)
+        attempt = 0
+        while True:
+            yielded = False
+            try:
+                async with aclosing(self._attempt(body, headers, attempt)) as chunks:
+                    async for chunk in chunks:
+                        yielded = True
+                        yield chunk
+                return
+            except _TransientFailure as failure:
+                delay = None if yielded else self._retry_delay(failure, attempt)
+                if delay is None:
+                    raise failure.error from failure.__cause__
+                attempt += 1
+                logger.info("model request failed (%s); retry %d of %d in %.2fs",
+                            failure.error.message, attempt, self._config.max_retries, delay)
+                await self._sleep(delay)
+
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body sent to `/chat/completions` for this request."""
+        config = self._config
+        body: dict[str, Any] = {
+            "model": config.model,
+            "messages": [_message_to_wire(m) for m in request.messages],
+            "stream": True,
+        }
+        if config.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if config.temperature is not None:
+            body["temperature"] = config.temperature
+        if config.max_tokens is not None:
+            body["max_tokens"] = config.max_tokens
+        if request.tools:
+            body["tools"] = [dict(tool) for tool in request.tools]
+            body["tool_choice"] = "auto"
+        if request.json_output:
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    def request_headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = {"accept": "text/event-stream"}
+        headers.update(self._config.extra_headers)
+        headers.update(request.trace_headers)
+        # Credentials last, so neither configured nor trace headers can replace them.
+        if self._config.api_key:
+            if self._config.flavour == "azure":
+                headers["api-key"] = self._config.api_key
+            else:
+                headers["authorization"] = f"Bearer {self._config.api_key}"
+        return headers
+
+    def _retry_delay(self, failure: _TransientFailure, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None when it is time to give up."""
+        config = self._config
+        if attempt >= config.max_retries:
+            return None
+        if failure.retry_after is not None:
+            # Retrying earlier than the server allows only burns an attempt; waiting longer than
+            # our cap holds the user's stream hostage. Give up instead.
+            return failure.retry_after if failure.retry_after <= config.backoff_max_seconds else None
+        return float(min(config.backoff_max_seconds, config.backoff_base_seconds * 2**attempt))
+
+    async def _attempt(
+        self, body: dict[str, Any], headers: dict[str, str], attempt: int
+    ) -> AsyncGenerator[ModelChunk, None]:
+        config = self._config
+        params = {"api-version": config.azure_api_version} if config.flavour == "azure" else None
+        started = time.perf_counter()
+        try:
+            async with self._client.stream(
+                "POST", config.completions_url, json=body, headers=headers, params=params,
+                timeout=self._timeout,
+            ) as response:
+                logger.debug("model responded status=%d after %.0f ms (attempt %d, %s)",
+                             response.status_code, (time.perf_counter() - started) * 1000, attempt,
+                             config.flavour)
+                if response.status_code != 200:
+                    raise await _status_failure(response)
+                async for chunk in _parse_stream(response):
+                    yield chunk
+        except httpx.ConnectTimeout as exc:
+            raise _TransientFailure(
+                ModelError("The model could not be reached in time.", code="llm_timeout", retryable=True)
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise ModelError("The model did not answer in time.", code="llm_timeout",
+                             retryable=True) from exc
+        except httpx.ConnectError as exc:
+            raise _TransientFailure(_unavailable("The model could not be reached.")) from exc
+        except httpx.TransportError as exc:
+            # The connection broke (e.g. an incomplete chunked body): a cut stream.
+            raise _TransientFailure(_unavailable("The model's answer stream was cut off.")) from exc
+        finally:
+            logger.debug("model request finished after %.0f ms (attempt %d)",
+                         (time.perf_counter() - started) * 1000, attempt)
+
+
+def _unavailable(message: str) -> ModelError:
+    return ModelError(message, code="llm_unavailable", retryable=True)
+
+
+def _bad_response(message: str) -> ModelError:
+    return ModelError(message, code="llm_bad_response", retryable=False)
+
+
+def _message_to_wire(message: ChatMessage) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    if message.role is Role.TOOL:
+        if not message.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        wire["tool_call_id"] = message.tool_call_id
+    elif message.role is Role.ASSISTANT and message.tool_calls:
+        # OpenAI's canonical form: no text beside tool calls is null, not "".
+        wire["content"] = message.content or None
+        wire["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.name and message.role in (Role.USER, Role.SYSTEM, Role.ASSISTANT):
+        wire["name"] = message.name
+    return wire
+
+
+def _retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """`retry-after-ms` (OpenAI, Azure) or `retry-after` in seconds; HTTP dates are not used."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw) * scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None
+
+
+def _safe_error_code(body: bytes) -> str | None:
+    """The provider's machine-readable error code, if the body has one; never its free text."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return None
+    for key in ("code", "type"):
+        value = error.get(key)
+        if isinstance(value, str) and _SAFE_ERROR_CODE.match(value):
+            return value
+    return None
+
+
+async def _status_failure(response: httpx.Response) -> Exception:
+    status = response.status_code
+    if status in _CREDENTIAL_STATUSES:
+        return ModelError(f"The model provider refused the credentials (HTTP {status}).",
+                          code="llm_unavailable", retryable=False)
+    if status == 429 or status >= 500:
+        what = "rate limited" if status == 429 else "unavailable"
+        return _TransientFailure(_unavailable(f"The model is {what} (HTTP {status})."),
+                                 _retry_after_seconds(response.headers))
+    code = _safe_error_code(await response.aread())
+    detail = f"HTTP {status}, {code}" if code else f"HTTP {status}"
+    if status in _BAD_REQUEST_STATUSES:
+        return _bad_response(f"The model rejected the request ({detail}).")
+    return _bad_response(f"The model answered with an unexpected status ({detail}).")
+
+
+@dataclass(slots=True)
+class _StreamState:
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    done: bool = False
+
+
+async def _parse_stream(response: httpx.Response) -> AsyncGenerator[ModelChunk, None]:
+    state = _StreamState()
+    try:
+        async for event in EventSource(response).aiter_sse():
+            if not event.data:
+                continue
+            if event.data.strip() == "[DONE]":
+                state.done = True
+                break
+            for chunk in _chunks_of(event.data, state):
+                yield chunk
+    except SSEError as exc:
+        raise _bad_response("The model did not answer with an event stream.") from exc
+    if not state.done and state.finish_reason is None:
+        raise _TransientFailure(_unavailable("The model's answer stream was cut off."))
+    # A server that sends [DONE] without any finish reason leaves the reason unknown.
+    yield Finish(reason=state.finish_reason or "unknown", usage=state.usage)
+
+
+def _chunks_of(data: str, state: _StreamState) -> list[ModelChunk]:
+    """The deltas of one `chat.completion.chunk`; records finish reason and usage in `state`."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        raise _bad_response("The model sent a malformed stream chunk.") from None
+    if not isinstance(payload, dict):
+        raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    if payload.get("error") is not None:
+        # Providers report failures that happen after the 200 as an `error` chunk.
+        raise _TransientFailure(_unavailable("The model failed while answering."))
+    usage = payload.get("usage")
+    if usage is not None:
+        state.usage = _usage_of(usage)
+    choices = payload.get("choices")
+    if choices is None:
+        choices = []
+    if not isinstance(choices, list):
+        raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    chunks: list[ModelChunk] = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+        if choice.get("index", 0) != 0:
+            continue  # Aura always asks for one choice (n=1).
+        chunks.extend(_deltas_of(choice.get("delta")))
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            if not isinstance(reason, str):
+                raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+            state.finish_reason = reason
+    return chunks
+
+
+def _deltas_of(delta: Any) -> list[ModelChunk]:
+    if delta is None:
+        return []
+    if not isinstance(delta, dict):
+        raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    chunks: list[ModelChunk] = []
+    content = delta.get("content")
+    if content is not None and not isinstance(content, str):
+        raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    if content:
+        chunks.append(ContentDelta(content))
+    tool_calls = delta.get("tool_calls")
+    if tool_calls is None:
+        return chunks
+    if not isinstance(tool_calls, list):
+        raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    for position, item in enumerate(tool_calls):
+        chunks.append(_tool_call_delta(item, position))
+    return chunks
+
+
+def _tool_call_delta(item: Any, position: int) -> ToolCallDelta:
+    if not isinstance(item, dict):
+        raise _bad_response("The model sent a tool call of an unexpected shape.")
+    # Some servers omit `index` when they send whole calls; their list position stands in.
+    index = item.get("index", position)
+    function = item.get("function") or {}
+    call_id = item.get("id")
+    if not isinstance(function, dict):
+        raise _bad_response("The model sent a tool call of an unexpected shape.")
+    name = function.get("name")
+    arguments = function.get("arguments")
+    if (
+        isinstance(index, bool) or not isinstance(index, int)
+        or not isinstance(call_id, str | None)
+        or not isinstance(name, str | None)
+        or not isinstance(arguments, str | None)
+    ):
+        raise _bad_response("The model sent a tool call of an unexpected shape.")
+    return ToolCallDelta(index=index, id=call_id or None, name=name or None, arguments=arguments or "")
+
+
+def _usage_of(usage: Any) -> Usage:
+    if not isinstance(usage, dict):
+        raise _bad_response("The model sent usage of an unexpected shape.")
+    counts = [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)]
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in counts):
+        raise _bad_response("The model sent usage of an unexpected shape.")
+    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1])
