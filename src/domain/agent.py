@@ -143,8 +143,8 @@ class Agent:
                 calls_in_step += 1
                 result_text = await self._call_tool(run, step, call, outcome)
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
-                step.progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
-                await run.step_update(step, StepStatus.IN_PROGRESS, step.progress, f"{call.name} done")
+                progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
+                await run.step_update(step, StepStatus.IN_PROGRESS, progress, f"{call.name} done")
         if outcome.succeeded or not (outcome.failed or outcome.rejected):
             status = StepStatus.COMPLETED
         elif outcome.failed:

@@ -63,6 +63,7 @@ class RunHandle:
     run: Run
     task: asyncio.Task[None] | None
     watchers: set[Subscription]
+    started: bool = False
 
     @property
     def run_id(self) -> str:
@@ -73,7 +74,12 @@ class RunHandle:
             return False
         if self.run.cancel_reason is None:
             self.run.cancel_reason = reason
-        self.task.cancel()
+        if self.started:
+            self.task.cancel()
+        else:
+            # A task cancelled before its first step never enters its try block, so it could not
+            # emit its `end`; let it start first.
+            asyncio.get_running_loop().call_soon(self.task.cancel)
         return True
 
 
@@ -164,6 +170,7 @@ class RunService:
 
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
         run = handle.run
+        handle.started = True
         try:
             await run.emit(EventType.START, {
                 "message": "Aura started working on your request.",

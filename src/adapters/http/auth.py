@@ -1,0 +1,36 @@
+"""Authentication of every protected route: Bearer JWT, then the X-Tenant-ID / X-User-ID rules."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from quart import Request
+
+from domain.errors import AuthError
+from domain.identity import Principal, resolve_principal
+from domain.ports import TokenVerifier
+
+
+class RequestAuthenticator:
+    def __init__(self, verifier: TokenVerifier, trusted_service_roles: Collection[str]) -> None:
+        self._verifier = verifier
+        self._trusted = frozenset(trusted_service_roles)
+
+    @staticmethod
+    def bearer_token(request: Request) -> str:
+        header = request.headers.get("Authorization")
+        if header is None:
+            raise AuthError("missing_token", "An Authorization: Bearer <token> header is required.")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("malformed_token", "The Authorization header must be 'Bearer <token>'.")
+        return token.strip()
+
+    def authenticate(self, request: Request) -> Principal:
+        claims = self._verifier.verify(self.bearer_token(request))
+        return resolve_principal(
+            claims,
+            tenant_header=request.headers.get("X-Tenant-ID"),
+            user_header=request.headers.get("X-User-ID"),
+            trusted_service_roles=self._trusted,
+        )

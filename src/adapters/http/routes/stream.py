@@ -1,0 +1,100 @@
+"""POST /aura/test/stream: validate, start a run, stream its events (contract section 3)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import orjson
+from dependency_injector.wiring import Provide, inject
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from quart import Blueprint, Response, g, request
+from quart_schema import validate_request
+
+from adapters.http.problems import Problem
+from adapters.http.routes.streaming import StreamConfig, live_frames, sse_response
+from adapters.http.web import current_principal
+from domain.run import DisconnectPolicy, RunRequest
+from domain.service import RunService
+
+bp = Blueprint("stream", __name__)
+
+SOURCES = ("AURA", "FRONTEND", "INTERNAL", "BATCH")
+_HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+
+class PageContext(BaseModel):
+    """What the DWP page tells Aura. Known keys are typed; any other key is kept and passed on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str | None = None
+    path: str | None = None
+    title: str | None = None
+    activeApp: str | None = None
+    itemId: str | int | None = None
+    selectedItemIds: list[str | int] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class StreamRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: str = Field(min_length=1, description="What the user asks.")
+    context: PageContext = Field(default_factory=PageContext, description="The page the user is on.")
+    thread_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
+                                  description="Continue this conversation.")
+    on_disconnect: Literal["cancel", "continue"] | None = Field(
+        None, alias="onDisconnect", description="What happens to the run when this client goes away.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+def _optional_header(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if allowed is not None:
+        value = value.upper()
+        if value not in allowed:
+            raise Problem(422, "invalid_header", f"{name} must be one of {', '.join(allowed)}.")
+    elif not _HEADER_VALUE.match(value):
+        raise Problem(422, "invalid_header", f"{name} must be 1-64 letters, digits or ._:-")
+    return value
+
+
+@bp.post("/aura/test/stream")
+@validate_request(StreamRequest)
+@inject
+async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
+                 config: StreamConfig = Provide["stream_config"]) -> Response:
+    """Start an agent run and stream its events as Server-Sent Events."""
+    if len(data.prompt) > config.max_prompt_chars:
+        raise Problem(422, "prompt_too_long", f"prompt is longer than {config.max_prompt_chars} characters.")
+    context = data.context.model_dump(exclude_unset=True)
+    size = len(orjson.dumps(context))
+    if size > config.max_context_bytes:
+        raise Problem(422, "context_too_large",
+                      f"context is {size} bytes of UTF-8 JSON; at most {config.max_context_bytes} are allowed.")
+    if not runs.accepting:
+        raise Problem(503, "shutting_down", "Aura is shutting down; retry on another instance.",
+                      headers={"Retry-After": "1"})
+    run_request = RunRequest(
+        prompt=data.prompt,
+        context=context,
+        thread_id=data.thread_id,
+        source=_optional_header("X-DWP-Source", SOURCES),
+        caller_type=_optional_header("X-DWP-Caller-Type"),
+        bearer_token=g.bearer_token,
+        on_disconnect=DisconnectPolicy(data.on_disconnect or config.on_disconnect),
+        traceparent=g.traceparent,
+    )
+    handle, watcher = runs.start(current_principal(), run_request, trace_id=g.trace_id)
+    return sse_response(live_frames(runs, handle, watcher, config.heartbeat_seconds),
+                        {"X-Aura-Run-ID": handle.run_id})

@@ -1,0 +1,86 @@
+"""Cross-cutting HTTP concerns: trace ids, request ids, CORS, and per-request authentication."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from quart import Quart, Response, g, request
+
+from adapters.http.auth import RequestAuthenticator
+from adapters.http.problems import Problem
+from domain.identity import Principal
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+CORS_ALLOWED_HEADERS = ("Authorization, Content-Type, X-Tenant-ID, X-User-ID, X-DWP-Source, X-DWP-Caller-Type, "
+                       "Last-Event-ID, Idempotency-Key, traceparent, tracestate, X-Request-ID")
+CORS_EXPOSED_HEADERS = "X-Request-ID, X-Aura-Run-ID, Retry-After, WWW-Authenticate"
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    origins: frozenset[str]
+    max_age_seconds: int = 600
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.origins or origin in self.origins)
+
+
+def incoming_traceparent() -> str | None:
+    header = request.headers.get("traceparent", "").strip().lower()
+    return header if _TRACEPARENT.match(header) else None
+
+
+def install_request_context(app: Quart, cors: CorsPolicy) -> None:
+    @app.before_request
+    async def _identify() -> Response | None:
+        parent = incoming_traceparent()
+        match = _TRACEPARENT.match(parent) if parent else None
+        g.trace_id = match.group(1) if match else secrets.token_hex(16)
+        # Propagate the caller's trace with a new span of ours, as W3C trace context asks.
+        g.traceparent = f"00-{g.trace_id}-{secrets.token_hex(8)}-01"
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            origin = request.headers.get("Origin")
+            if not cors.allows(origin):
+                raise Problem(403, "cors_origin_refused", "This origin may not call Aura.")
+            response = Response("", status=204)
+            response.headers["Access-Control-Allow-Origin"] = origin or ""
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOWED_HEADERS
+            response.headers["Access-Control-Max-Age"] = str(cors.max_age_seconds)
+            response.headers["Vary"] = "Origin"
+            return response
+        return None
+
+    @app.after_request
+    async def _decorate(response: Response) -> Response:
+        response.headers["X-Request-ID"] = getattr(g, "request_id", "")
+        origin = request.headers.get("Origin")
+        if cors.allows(origin) and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers["Access-Control-Allow-Origin"] = origin or ""
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+            response.headers.add("Vary", "Origin")
+        return response
+
+
+def install_authentication(app: Quart, authenticator: RequestAuthenticator,
+                           protected_blueprints: Collection[str]) -> None:
+    """Authenticate every request to a protected blueprint before its body is read or validated."""
+    protected = frozenset(protected_blueprints)
+
+    @app.before_request
+    async def _authenticate() -> None:
+        if request.blueprint not in protected or request.method == "OPTIONS":
+            return
+        g.principal = authenticator.authenticate(request)
+        g.bearer_token = authenticator.bearer_token(request)
+
+
+def current_principal() -> Principal:
+    principal: Principal = g.principal
+    return principal

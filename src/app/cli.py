@@ -1,0 +1,209 @@
+"""The `aura` command line: serve, token, stream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adapters.jwt import mint_token
+from app.settings import ConfigError, Settings, load_settings
+
+DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
+
+
+def _settings_for_serve(args: argparse.Namespace) -> Settings:
+    if args.dev:
+        os.environ.setdefault("AURA_LOG__FORMAT", "console")
+        os.environ["AURA_AUTH__DEV_MODE"] = "true"
+        if not os.environ.get("AURA_AUTH__JWT_SECRET"):
+            # A throw-away secret: tokens minted now die with this process.
+            os.environ["AURA_AUTH__JWT_SECRET"] = secrets.token_urlsafe(48)
+    if args.host:
+        os.environ["AURA_SERVER__HOST"] = args.host
+    if args.port:
+        os.environ["AURA_SERVER__PORT"] = str(args.port)
+    return load_settings()
+
+
+def _dev_banner(settings: Settings) -> str:
+    assert settings.auth.jwt_secret is not None
+    token = mint_token(key=settings.auth.jwt_secret.get_secret_value(), algorithm=settings.auth.algorithm,
+                       sub=DEV_USER, tenant_id=DEV_TENANT, role="admin", ttl_seconds=12 * 3600)
+    base = f"http://127.0.0.1:{settings.server.port}"
+    return (f"\nAura dev mode: in-process Redis={'no' if settings.redis.url else 'yes'}, "
+            f"model={settings.model.provider}\n"
+            f"Dev token (user {DEV_USER}, tenant {DEV_TENANT}, role admin, 12 h):\n\n{token}\n\n"
+            f"Try:\n  curl -N -X POST {base}/aura/test/stream -H 'Authorization: Bearer {token[:12]}…' "
+            f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"What changed in this repo?\"}}'\n"
+            f"  export AURA_TOKEN={token}\n  aura stream 'What changed in this repo?'\n")
+
+
+async def _serve(settings: Settings) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from app.factory import create_app
+
+    app = create_app(settings)
+    config = Config()
+    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    config.graceful_timeout = settings.server.graceful_timeout_seconds
+    config.accesslog = None
+    config.keep_alive_timeout = 75
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.logging_setup import configure_logging
+
+    try:
+        settings = _settings_for_serve(args)
+        settings.check_startup()
+    except (ConfigError, ValueError) as exc:
+        print(f"aura: cannot start: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.format)
+    if settings.auth.dev_mode:
+        print(_dev_banner(settings), file=sys.stderr, flush=True)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.private_key_file:
+        key, algorithm = Path(args.private_key_file).read_text(), settings.auth.algorithm
+    elif settings.auth.jwt_secret is not None:
+        key, algorithm = settings.auth.jwt_secret.get_secret_value(), settings.auth.algorithm
+    else:
+        print("aura: set AURA_AUTH__JWT_SECRET (or pass --private-key-file for RS*)", file=sys.stderr)
+        return 2
+    extra: dict[str, Any] = {}
+    token = mint_token(key=key, algorithm=algorithm, sub=args.sub, tenant_id=args.tenant, role=args.role,
+                       email=args.email, ttl_seconds=args.ttl, issuer=settings.auth.issuer,
+                       audience=settings.auth.audience, extra=extra or None)
+    print(token)
+    return 0
+
+
+def _format_event(event_type: str, payload: dict[str, Any]) -> str:
+    data = payload.get("data", {})
+    seq = payload.get("seq")
+    if event_type == "content":
+        return "" if data.get("chunk") else f"[{seq}] answer:\n{data.get('content')}"
+    if event_type == "thought":
+        return f"[{seq}] thought/{data.get('thoughtType')}: {data.get('content')}"
+    if event_type == "plan_step":
+        return f"[{seq}] plan {data.get('index')}. {data.get('description')}"
+    if event_type == "plan_step_update":
+        return f"[{seq}] step {data.get('stepId')} → {data.get('status')} {data.get('note') or ''}".rstrip()
+    if event_type == "timeline_step_update":
+        return f"[{seq}] timeline {data.get('title')}: {data.get('status')}"
+    if event_type == "tool_execution":
+        extra = f" error={data.get('error')}" if data.get("error") else ""
+        return f"[{seq}] tool {data.get('toolName')} {data.get('status')}{extra}"
+    if event_type == "hitl":
+        return (f"[{seq}] WAITING FOR APPROVAL {data.get('requestId')}: {data.get('message')}\n"
+                f"       approve: aura approve {data.get('requestId')}")
+    if event_type == "error":
+        return f"[{seq}] ERROR {data.get('errorType')}: {data.get('message')}"
+    return f"[{seq}] {event_type}: {json.dumps(data, ensure_ascii=False)}"
+
+
+def _token_for_client(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get("AURA_TOKEN")
+    if token:
+        return token
+    settings = load_settings()
+    if settings.auth.jwt_secret is None:
+        raise SystemExit("aura: pass --token, set AURA_TOKEN, or set AURA_AUTH__JWT_SECRET to mint one")
+    return mint_token(key=settings.auth.jwt_secret.get_secret_value(), algorithm=settings.auth.algorithm,
+                      sub=args.user, tenant_id=args.tenant, ttl_seconds=3600)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    import httpx
+    from httpx_sse import connect_sse
+
+    try:
+        context = json.loads(args.context) if args.context else {}
+    except ValueError:
+        print("aura: --context must be JSON", file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {"prompt": args.prompt, "context": context}
+    if args.thread:
+        body["thread_id"] = args.thread
+    headers = {"Authorization": f"Bearer {_token_for_client(args)}"}
+    status = "unknown"
+    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(10.0, read=None)) as client, \
+            connect_sse(client, "POST", "/aura/test/stream", json=body, headers=headers) as source:
+        if source.response.status_code != 200:
+            source.response.read()
+            print(f"aura: HTTP {source.response.status_code}: {source.response.text}", file=sys.stderr)
+            return 1
+        for sse in source.iter_sse():
+            if sse.data == "[DONE]":
+                break
+            payload = json.loads(sse.data)
+            if sse.event == "content" and payload["data"].get("chunk"):
+                continue
+            line = _format_event(sse.event, payload)
+            if line:
+                print(line, flush=True)
+            if sse.event == "end":
+                status = payload["data"].get("status", "unknown")
+    return 0 if status == "completed" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aura", description="Aura, the agent service of the DWP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service under hypercorn")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--dev", action="store_true",
+                       help="dev mode: random JWT secret, prints a ready-to-use token, console logs")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="mint a token with the configured secret")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--role")
+    token.add_argument("--email")
+    token.add_argument("--ttl", type=int, default=3600)
+    token.add_argument("--private-key-file", help="PEM private key, for RS* algorithms")
+    token.set_defaults(func=cmd_token)
+
+    stream = sub.add_parser("stream", help="stream a run and print it readably")
+    stream.add_argument("prompt")
+    stream.add_argument("--context", help="page context as JSON")
+    stream.add_argument("--thread")
+    stream.add_argument("--url", default=os.environ.get("AURA_URL", "http://127.0.0.1:9000"))
+    stream.add_argument("--token")
+    stream.add_argument("--user", default=DEV_USER)
+    stream.add_argument("--tenant", default=DEV_TENANT)
+    stream.set_defaults(func=cmd_stream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The dependency-injector container: which adapter serves each port, built from Settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapters.redis.signals import RedisSignalBus
+from dependency_injector import containers, providers
+
+from adapters.http.auth import RequestAuthenticator
+from adapters.http.routes.streaming import StreamConfig
+from adapters.jwt import JoseTokenVerifier
+from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
+from adapters.offline import OfflineChatModel
+from adapters.redis.approvals import RedisApprovalStore
+from adapters.redis.client import create_redis
+from adapters.redis.events import RedisEventLog
+from adapters.redis.health import RedisHealthProbe
+from adapters.system import SecureIdFactory, SystemClock
+from adapters.tools.git import git_tools
+from adapters.tools.workspace import Workspace
+from app.settings import Settings
+from domain.agent import Agent, AgentLimits
+from domain.gate import ApprovalGate, GateSettings
+from domain.ports import ChatModel, Clock
+from domain.service import RunLimits, RunService
+from domain.tools import ToolRegistry
+
+
+def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
+    auth = settings.auth
+    public_key = Path(auth.public_key_file).read_text() if auth.public_key_file else None
+    return JoseTokenVerifier(
+        algorithms=[auth.algorithm],
+        secret=auth.jwt_secret.get_secret_value() if auth.jwt_secret else None,
+        public_key=public_key if auth.algorithm.startswith("RS") else None,
+        issuer=auth.issuer or None,
+        audience=auth.audience or None,
+        leeway_seconds=auth.leeway_seconds,
+        key_id=auth.key_id or None,
+        allow_short_secret=auth.dev_mode,
+        clock=clock,
+    )
+
+
+def _tool_registry(settings: Settings) -> ToolRegistry:
+    tools = settings.tools
+    workspace = Workspace(Path(tools.workspace_root))
+    return ToolRegistry(
+        git_tools(workspace, timeout_seconds=tools.timeout_seconds, max_output_bytes=tools.max_output_bytes),
+        approval_overrides=tools.approval_overrides,
+    )
+
+
+def _chat_model(settings: Settings) -> ChatModel:
+    model = settings.model
+    if model.provider == "offline":
+        return OfflineChatModel()
+    assert model.base_url is not None  # enforced by Settings
+    return OpenAICompatibleChatModel(OpenAICompatibleConfig(
+        base_url=model.base_url,
+        model=model.name,
+        api_key=model.api_key.get_secret_value() if model.api_key else None,
+        flavour=model.flavour,
+        azure_deployment=model.azure_deployment,
+        azure_api_version=model.azure_api_version,
+        temperature=model.temperature,
+        max_tokens=model.max_tokens,
+        timeout_seconds=model.timeout_seconds,
+        max_retries=model.max_retries,
+    ))
+
+
+class Container(containers.DeclarativeContainer):
+    settings = providers.Dependency(instance_of=Settings)
+
+    clock = providers.Singleton(SystemClock)
+    ids = providers.Singleton(SecureIdFactory)
+
+    redis = providers.Singleton(create_redis, settings.provided.redis.url)
+    approval_store = providers.Singleton(RedisApprovalStore, redis)
+    signal_bus = providers.Singleton(RedisSignalBus, redis)
+    event_log = providers.Singleton(
+        RedisEventLog, redis,
+        max_length=settings.provided.events.max_length,
+        retention_seconds=settings.provided.events.retention_seconds,
+    )
+    health_probe = providers.Singleton(RedisHealthProbe, redis)
+
+    token_verifier = providers.Singleton(_token_verifier, settings, clock)
+    authenticator = providers.Singleton(RequestAuthenticator, token_verifier,
+                                        settings.provided.auth.trusted_service_roles)
+
+    tools = providers.Singleton(_tool_registry, settings)
+    model = providers.Singleton(_chat_model, settings)
+
+    gate = providers.Singleton(
+        ApprovalGate, approval_store, signal_bus, clock, ids,
+        providers.Factory(GateSettings, timeout_seconds=settings.provided.hitl.timeout_seconds,
+                          recheck_seconds=settings.provided.hitl.recheck_seconds),
+    )
+    agent = providers.Singleton(
+        Agent, model, tools, gate,
+        providers.Factory(
+            AgentLimits,
+            max_steps=settings.provided.agent.max_steps,
+            max_tool_calls=settings.provided.agent.max_tool_calls,
+            max_tool_calls_per_step=settings.provided.agent.max_tool_calls_per_step,
+            tool_timeout_seconds=settings.provided.agent.tool_timeout_seconds,
+        ),
+    )
+    run_service = providers.Singleton(
+        RunService, agent, clock, ids, event_log,
+        providers.Factory(RunLimits, max_run_seconds=settings.provided.agent.max_run_seconds,
+                          watcher_buffer=settings.provided.stream.watcher_buffer),
+    )
+    stream_config = providers.Singleton(
+        StreamConfig,
+        heartbeat_seconds=settings.provided.stream.heartbeat_seconds,
+        max_context_bytes=settings.provided.stream.max_context_bytes,
+        max_prompt_chars=settings.provided.stream.max_prompt_chars,
+        on_disconnect=settings.provided.stream.on_disconnect,
+    )

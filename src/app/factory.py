@@ -1,0 +1,51 @@
+"""create_app(): the Quart application, wired from settings."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart
+from quart_schema import QuartSchema
+
+from adapters.http import routes
+from adapters.http.problems import register_problem_handlers
+from adapters.http.routes import health, stream
+from adapters.http.web import CorsPolicy, install_authentication, install_request_context
+from app.container import Container
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("aura")
+
+
+def create_app(settings: Settings | None = None, container: Container | None = None) -> Quart:
+    settings = settings or load_settings()
+    settings.check_startup()
+    container = container or Container(settings=settings)
+    container.wire(packages=[routes])
+
+    app = Quart("aura")
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 30
+    app.config["QUART_SCHEMA_CONVERT_CASING"] = False
+    app.extensions["aura_container"] = container
+    QuartSchema(
+        app,
+        info={"title": "Aura", "version": "1.0",
+              "description": "The agent service of the DWP: streamed runs, tools and human approvals."},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
+    )
+    register_problem_handlers(app)
+    install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
+    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name})
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(stream.bp)
+
+    @app.after_serving
+    async def _shutdown() -> None:
+        await container.run_service().shutdown()
+        await container.event_log().aclose()
+        await container.signal_bus().close()
+
+    return app

@@ -1,0 +1,185 @@
+"""Hand-written fakes of the domain ports, for fast unit tests of the domain."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal
+from domain.errors import ToolFailure
+from domain.events import Event
+from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
+from domain.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
+from domain.tools import Tool, ToolContext, ToolSpec
+
+
+class FakeClock(Clock):
+    def __init__(self, start: float = 1_767_000_000.0) -> None:
+        self.value = start
+
+    def now(self) -> float:
+        return self.value
+
+
+class SequentialIds(IdFactory):
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._counter):032x}" if prefix else f"{next(self._counter):032x}"
+
+
+class MemoryApprovalStore(ApprovalStore):
+    def __init__(self) -> None:
+        self.requests: dict[str, ApprovalRequest] = {}
+        self.decisions: list[tuple[str, ApprovalStatus, bool]] = []
+
+    async def create(self, request: ApprovalRequest) -> None:
+        self.requests[request.request_id] = request
+
+    async def get(self, request_id: str) -> ApprovalRequest | None:
+        return self.requests.get(request_id)
+
+    async def decide(self, request_id: str, status: ApprovalStatus, *, decided_by: str | None,
+                     decided_at: int, reason: str | None) -> DecisionResult | None:
+        current = self.requests.get(request_id)
+        if current is None:
+            return None
+        if current.status.is_decided:
+            self.decisions.append((request_id, status, False))
+            return DecisionResult(False, current)
+        decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
+        self.requests[request_id] = decided
+        self.decisions.append((request_id, status, True))
+        return DecisionResult(True, decided)
+
+    async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
+        return [r for r in self.requests.values()
+                if r.tenant_id == tenant_id and r.user_id == user_id and r.status is ApprovalStatus.PENDING]
+
+
+class _QueueSubscription(SignalSubscription):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | bytes] = asyncio.Queue()
+
+    async def next_message(self) -> str | bytes:
+        return await self.queue.get()
+
+
+class MemorySignalBus(SignalBus):
+    """Delivers published signals to live subscribers; `on_subscribe` lets a test act at the
+    moment a run starts waiting (e.g. approve it)."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, str] = {}
+        self.subscribers: dict[str, list[_QueueSubscription]] = defaultdict(list)
+        self.on_subscribe: Callable[[str], Any] | None = None
+        self.subscribe_count = 0
+
+    @asynccontextmanager
+    async def subscribe(self, session_id: str) -> AsyncIterator[SignalSubscription]:
+        subscription = _QueueSubscription()
+        self.subscribers[session_id].append(subscription)
+        self.subscribe_count += 1
+        try:
+            yield subscription
+        finally:
+            self.subscribers[session_id].remove(subscription)
+            if not self.subscribers[session_id]:
+                del self.subscribers[session_id]
+
+    async def publish(self, session_id: str, signal: Signal) -> int:
+        return await self.publish_raw(session_id, signal.to_json())
+
+    async def publish_raw(self, session_id: str, raw: str, *, store: bool = True) -> int:
+        if store:
+            self.stored[session_id] = raw
+        receivers = list(self.subscribers.get(session_id, []))
+        for subscription in receivers:
+            subscription.queue.put_nowait(raw)
+        return len(receivers)
+
+    async def latest(self, session_id: str) -> str | bytes | None:
+        return self.stored.get(session_id)
+
+
+class MemoryEventLog(EventLog):
+    def __init__(self) -> None:
+        self.events: dict[str, list[Event]] = defaultdict(list)
+        self.closed: set[str] = set()
+
+    async def append(self, event: Event) -> None:
+        self.events[event.ids.run_id].append(event)
+
+    async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
+        return [e for e in self.events.get(run_id, []) if e.seq > after_seq][:limit]
+
+    async def close_run(self, run_id: str) -> None:
+        self.closed.add(run_id)
+
+
+Script = Callable[[ChatRequest], list[ModelChunk]]
+
+
+class ScriptedModel(ChatModel):
+    """Answers each request with the next scripted list of chunks, and records the requests."""
+
+    def __init__(self, *turns: list[ModelChunk] | Script) -> None:
+        self.turns = list(turns)
+        self.requests: list[ChatRequest] = []
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        self.requests.append(request)
+        if not self.turns:
+            raise AssertionError(f"unexpected model call #{len(self.requests)} ({request.purpose})")
+        turn = self.turns.pop(0)
+        chunks = turn(request) if callable(turn) else turn
+        for chunk in chunks:
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield chunk
+
+
+def text(*parts: str) -> list[ModelChunk]:
+    return [*(ContentDelta(p) for p in parts), Finish("stop")]
+
+
+def tool_call(name: str, arguments: str, call_id: str = "call_1", index: int = 0) -> list[ModelChunk]:
+    return [ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments), Finish("tool_calls")]
+
+
+def tool_calls(*calls: tuple[str, str, str]) -> list[ModelChunk]:
+    chunks: list[ModelChunk] = [ToolCallDelta(index=i, id=cid, name=name, arguments=args)
+                                for i, (name, args, cid) in enumerate(calls)]
+    return [*chunks, Finish("tool_calls")]
+
+
+class RecordingTool(Tool):
+    """A tool that records its calls and returns (or raises) what the test says."""
+
+    def __init__(self, name: str, *, requires_approval: bool = False, result: Any = None,
+                 failure: str | None = None) -> None:
+        self.spec = ToolSpec(
+            name=name, description=f"test tool {name}",
+            parameters={"type": "object", "properties": {"value": {"type": "string", "default": "x"}},
+                        "additionalProperties": False},
+            requires_approval=requires_approval, action_type=name if requires_approval else "read",
+        )
+        self.calls: list[Mapping[str, Any]] = []
+        self._result = result if result is not None else {"summary": f"{name} ok"}
+        self._failure = failure
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> Any:
+        self.calls.append(dict(args))
+        if self._failure:
+            raise ToolFailure(self._failure, code="tool_failed")
+        return self._result
+
+
+def decided(request: ApprovalRequest, status: ApprovalStatus) -> ApprovalRequest:
+    return replace(request, status=status)

@@ -1,0 +1,86 @@
+"""Builds a RunService from fakes and collects a run's events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from domain.agent import Agent, AgentLimits
+from domain.events import Event
+from domain.gate import ApprovalGate, GateSettings
+from domain.identity import Principal
+from domain.run import RunRequest
+from domain.service import RunLimits, RunService, Subscription
+from domain.tools import Tool, ToolRegistry
+from tests.unit.fakes import (
+    FakeClock,
+    MemoryApprovalStore,
+    MemoryEventLog,
+    MemorySignalBus,
+    ScriptedModel,
+    SequentialIds,
+)
+
+ALICE = Principal(user_id="alice", tenant_id="acme", actor_id="alice", role="user")
+
+
+@dataclass
+class Harness:
+    model: ScriptedModel
+    tools: list[Tool] = field(default_factory=list)
+    limits: AgentLimits = field(default_factory=AgentLimits)
+    gate_settings: GateSettings = field(default_factory=lambda: GateSettings(timeout_seconds=300, recheck_seconds=5))
+    run_limits: RunLimits = field(default_factory=RunLimits)
+    approval_overrides: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.clock = FakeClock()
+        self.ids = SequentialIds()
+        self.store = MemoryApprovalStore()
+        self.bus = MemorySignalBus()
+        self.log = MemoryEventLog()
+        self.registry = ToolRegistry(self.tools, approval_overrides=self.approval_overrides)
+        self.gate = ApprovalGate(self.store, self.bus, self.clock, self.ids, self.gate_settings)
+        self.agent = Agent(self.model, self.registry, self.gate, self.limits)
+        self.service = RunService(self.agent, self.clock, self.ids, self.log, self.run_limits)
+
+    def start(self, prompt: str = "Do it", **request: Any) -> tuple[Any, Subscription]:
+        return self.service.start(ALICE, RunRequest(prompt=prompt, **request))
+
+
+async def collect(watcher: Subscription, wait_seconds: float = 5.0) -> list[Event]:
+    """Every event up to and including `end`; fails instead of hanging."""
+    events: list[Event] = []
+    while True:
+        event = await watcher.next(wait_seconds)
+        assert event is not None, f"no event within {wait_seconds} s after {[e.type.value for e in events]}"
+        events.append(event)
+        if event.is_terminal:
+            return events
+
+
+def summary(events: list[Event]) -> list[tuple[Any, ...]]:
+    """A readable, exact digest of an event sequence."""
+    out: list[tuple[Any, ...]] = []
+    for e in events:
+        d = e.data
+        match e.type.value:
+            case "thought":
+                out.append(("thought", d["thoughtType"]))
+            case "plan_step":
+                out.append(("plan_step", d["stepId"], d["description"]))
+            case "plan_step_update":
+                out.append(("step", d["stepId"], d["status"], d["progress"]))
+            case "timeline_step_update":
+                out.append(("timeline", d["stepId"], d["status"]))
+            case "tool_execution":
+                out.append(("tool", d["toolName"], d["status"]))
+            case "content":
+                out.append(("content", d["content"], d["chunk"]))
+            case "error":
+                out.append(("error", d["errorType"]))
+            case "end":
+                out.append(("end", d["status"], d["reason"]))
+            case other:
+                out.append((other,))
+    return out

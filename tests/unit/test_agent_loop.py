@@ -1,0 +1,273 @@
+"""The agent loop and run service against scripted fake ports: exact events, seqs and statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from domain.agent import AgentLimits
+from domain.errors import ModelError
+from domain.model import ContentDelta, Purpose, Role
+from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call, tool_calls
+from tests.unit.harness import ALICE, Harness, collect, summary
+
+PLAN_4 = json.dumps({"steps": [
+    {"description": "Look at A", "tool": "read"},
+    {"description": "Think about B"},
+    {"description": "Look at C twice", "tool": "read"},
+    {"description": "Conclude D"},
+]})
+
+HEAD = [
+    ("start",),
+    ("timeline", "analyse", "in_progress"),
+    ("thought", "analysis"),
+    ("timeline", "analyse", "completed"),
+    ("timeline", "plan", "in_progress"),
+]
+
+
+def answer_tail(*chunks: str) -> list[tuple[object, ...]]:
+    return [
+        ("timeline", "answer", "in_progress"),
+        *[("content", c, True) for c in chunks],
+        ("content", "".join(chunks), False),
+        ("timeline", "answer", "completed"),
+        ("thought", "reflection"),
+        ("end", "completed", "completed"),
+    ]
+
+
+async def test_multi_step_plan_runs_every_step_in_order_with_exact_events() -> None:
+    read = RecordingTool("read", result={"summary": "read it"})
+    model = ScriptedModel(
+        text(PLAN_4),
+        tool_call("read", '{"value": "a"}', "c1"), text("found A"),
+        text("B is fine"),
+        tool_calls(("read", '{"value": "c1"}', "c2"), ("read", "{}", "c3")), text("C twice"),
+        text("D concluded"),
+        text("Hello", " world"),
+    )
+    h = Harness(model, tools=[read])
+    handle, watcher = h.start("Please check", context={"title": "Orders", "path": "/orders"})
+    events = await collect(watcher)
+
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert summary(events) == [
+        *HEAD,
+        ("plan_step", "step_1", "Look at A"),
+        ("plan_step", "step_2", "Think about B"),
+        ("plan_step", "step_3", "Look at C twice"),
+        ("plan_step", "step_4", "Conclude D"),
+        ("thought", "planning"),
+        ("timeline", "plan", "completed"),
+        ("step", "step_1", "in_progress", 0.0), ("timeline", "step_1", "in_progress"), ("thought", "reasoning"),
+        ("tool", "read", "pending"), ("tool", "read", "running"), ("tool", "read", "success"),
+        ("step", "step_1", "in_progress", 0.5),
+        ("step", "step_1", "completed", 1.0), ("timeline", "step_1", "completed"),
+        ("step", "step_2", "in_progress", 0.0), ("timeline", "step_2", "in_progress"), ("thought", "reasoning"),
+        ("step", "step_2", "completed", 1.0), ("timeline", "step_2", "completed"),
+        ("step", "step_3", "in_progress", 0.0), ("timeline", "step_3", "in_progress"), ("thought", "reasoning"),
+        ("tool", "read", "pending"), ("tool", "read", "running"), ("tool", "read", "success"),
+        ("step", "step_3", "in_progress", 0.5),
+        ("tool", "read", "pending"), ("tool", "read", "running"), ("tool", "read", "success"),
+        ("step", "step_3", "in_progress", 0.67),
+        ("step", "step_3", "completed", 1.0), ("timeline", "step_3", "completed"),
+        ("step", "step_4", "in_progress", 0.0), ("timeline", "step_4", "in_progress"), ("thought", "reasoning"),
+        ("step", "step_4", "completed", 1.0), ("timeline", "step_4", "completed"),
+        *answer_tail("Hello", " world"),
+    ]
+    assert read.calls == [{"value": "a"}, {"value": "c1"}, {"value": "x"}]  # default filled
+    # tool results were fed back to the model, in the protocol's shape
+    after_first_tool = model.requests[2].messages
+    assert after_first_tool[-1].role is Role.TOOL and after_first_tool[-1].tool_call_id == "c1"
+    assert json.loads(after_first_tool[-1].content) == {"summary": "read it"}
+    # the envelope: ids are the run's, timestamps are integer seconds
+    envelope = events[0].envelope()
+    assert envelope["runId"] == handle.run_id and envelope["version"] == "1.0"
+    assert envelope["timestamp"] == 1_767_000_000 and envelope["data"]["resumeUrl"].endswith("/events")
+    assert h.log.events[handle.run_id] == events  # logged before delivery, all of them
+    assert handle.run_id in h.log.closed
+    steps = {e.data["stepId"]: e.data["note"] for e in events if e.type.value == "plan_step_update"
+             and e.data["status"] == "completed"}
+    assert steps == {"step_1": "found A", "step_2": "B is fine", "step_3": "C twice", "step_4": "D concluded"}
+
+
+async def test_analysis_thought_names_the_context_it_used_as_sources() -> None:
+    h = Harness(ScriptedModel(text('{"steps": []}'), text("direct"), text("ok")))
+    _, watcher = h.start("hi", context={"title": "Orders", "itemId": 7, "custom": "kept"},
+                         source="FRONTEND")
+    events = await collect(watcher)
+    analysis = next(e for e in events if e.data.get("thoughtType") == "analysis")
+    assert analysis.data["sources"] == [
+        {"type": "context", "key": "title", "value": "Orders"},
+        {"type": "context", "key": "itemId", "value": 7},
+        {"type": "context", "key": "source", "value": "FRONTEND"},
+    ]
+    system = h.model.requests[0].messages[0].content
+    assert '"custom": "kept"' in system and '"source": "FRONTEND"' in system and "not instructions" in system
+
+
+async def test_free_text_plan_falls_back_to_listed_steps() -> None:
+    h = Harness(ScriptedModel(text("Sure! Here is my plan:\n1. Read the page\n2. Reply"),
+                              text("read"), text("replied"), text("Done.")))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert [s for s in summary(events) if s[0] == "plan_step"] == [
+        ("plan_step", "step_1", "Read the page"), ("plan_step", "step_2", "Reply")]
+    planning = next(e for e in events if e.data.get("thoughtType") == "planning")
+    assert "recovered from a free-text answer" in planning.data["content"]
+    assert events[-1].data["status"] == "completed"
+
+
+async def test_failing_tool_is_reported_fed_back_and_the_run_continues() -> None:
+    broken = RecordingTool("broken", failure="disk on fire")
+    h = Harness(ScriptedModel(
+        text(json.dumps({"steps": [{"description": "Try", "tool": "broken"}]})),
+        tool_call("broken", "{}"), text("it failed"), text("Sorry, it failed."),
+    ), tools=[broken])
+    _, watcher = h.start()
+    events = await collect(watcher)
+    tools = [e.data for e in events if e.type.value == "tool_execution"]
+    assert [t["status"] for t in tools] == ["pending", "running", "failed"]
+    assert tools[-1]["error"] == "disk on fire" and tools[-1]["result"] is None
+    assert ("step", "step_1", "failed", 1.0) in summary(events)
+    assert h.model.requests[2].messages[-1].content == "Error (tool_failed): disk on fire"
+    assert events[-1].data["status"] == "completed"
+
+
+async def test_invalid_tool_arguments_are_refused_and_told_to_the_model() -> None:
+    read = RecordingTool("read")
+    h = Harness(ScriptedModel(text('{"steps": [{"description": "x"}]}'),
+                              tool_call("read", '{"value": 3}'), text("bad args"), text("done")), tools=[read])
+    _, watcher = h.start()
+    events = await collect(watcher)
+    failed = [e.data for e in events if e.type.value == "tool_execution"]
+    assert [f["status"] for f in failed] == ["failed"]
+    assert failed[0]["error"].startswith("Invalid arguments for read at value:")
+    assert read.calls == []
+
+
+async def test_unknown_tool_in_plan_ends_with_a_clear_error() -> None:
+    h = Harness(ScriptedModel(text('{"steps": [{"description": "x", "tool": "rm_rf"}]}')))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert summary(events)[-2:] == [("error", "unknown_tool"), ("end", "failed", "unknown_tool")]
+    assert "rm_rf" in events[-2].data["message"]
+
+
+async def test_budget_on_steps_ends_the_run_with_budget_exceeded() -> None:
+    plan = json.dumps({"steps": [{"description": f"s{i}"} for i in range(5)]})
+    h = Harness(ScriptedModel(text(plan)), limits=AgentLimits(max_steps=4))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert summary(events)[-2:] == [("error", "budget_exceeded"), ("end", "failed", "budget_exceeded")]
+    assert events[-2].data["retryable"] is False
+
+
+async def test_budget_on_tool_calls_ends_the_run() -> None:
+    read = RecordingTool("read")
+    h = Harness(ScriptedModel(text('{"steps": [{"description": "x"}]}'),
+                              tool_calls(("read", "{}", "a"), ("read", "{}", "b"), ("read", "{}", "c"))),
+                tools=[read], limits=AgentLimits(max_tool_calls=2))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert len(read.calls) == 2
+    assert summary(events)[-2:] == [("error", "budget_exceeded"), ("end", "failed", "budget_exceeded")]
+
+
+async def test_model_failure_maps_to_its_stable_code() -> None:
+    h = Harness(ScriptedModel([ModelError("The model timed out.", code="llm_timeout", retryable=True)]))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert summary(events)[-2:] == [("error", "llm_timeout"), ("end", "failed", "llm_timeout")]
+    assert events[-2].data == {"errorType": "llm_timeout", "message": "The model timed out.", "retryable": True}
+
+
+async def test_unexpected_exception_never_leaks_its_text() -> None:
+    h = Harness(ScriptedModel([RuntimeError("password=hunter2 at /etc/secret")]))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    error = events[-2].data
+    assert error["errorType"] == "internal_error" and "hunter2" not in error["message"]
+    assert events[-1].data["status"] == "failed"
+
+
+async def test_tokens_stream_in_order_before_the_final_answer() -> None:
+    chunks = [f"t{i} " for i in range(30)]
+    h = Harness(ScriptedModel(text('{"steps": []}'), text("ok"), text(*chunks)))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    contents = [e.data for e in events if e.type.value == "content"]
+    assert [c["content"] for c in contents[:-1]] == chunks
+    assert all(c["chunk"] for c in contents[:-1])
+    assert contents[-1] == {"content": "".join(chunks), "chunk": False}
+    assert h.model.requests[-1].purpose is Purpose.ANSWER
+
+
+async def test_empty_answer_is_a_bad_model_response() -> None:
+    h = Harness(ScriptedModel(text('{"steps": []}'), text("ok"), [ContentDelta("")]))
+    _, watcher = h.start()
+    events = await collect(watcher)
+    assert summary(events)[-2:] == [("error", "llm_bad_response"), ("end", "failed", "llm_bad_response")]
+
+
+async def test_cancel_ends_the_run_with_a_cancelled_end_event() -> None:
+    started = asyncio.Event()
+
+    def hang(_request: object) -> list[object]:
+        started.set()
+        raise AssertionError("unreachable")
+
+    class SlowModel(ScriptedModel):
+        async def stream(self, request):  # type: ignore[no-untyped-def, override]
+            started.set()
+            await asyncio.Event().wait()
+            yield  # pragma: no cover
+
+    h = Harness(SlowModel())
+    handle, watcher = h.start()
+    await asyncio.wait_for(started.wait(), 5)
+    assert h.service.cancel(handle.run_id, "user_cancelled") is True
+    events = await collect(watcher)
+    assert summary(events)[-1] == ("end", "cancelled", "user_cancelled")
+    assert h.service.get(handle.run_id) is None
+
+
+async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_running() -> None:
+    gate_open = asyncio.Event()
+
+    class GatedModel(ScriptedModel):
+        async def stream(self, request):  # type: ignore[no-untyped-def, override]
+            await gate_open.wait()
+            async for chunk in super().stream(request):
+                yield chunk
+
+    h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
+    handle, watcher = h.start()
+    h.service.release(handle, watcher, disconnected=True)
+    assert handle.task is not None
+    await asyncio.wait_for(asyncio.shield(handle.task), 5)
+    assert h.log.events[handle.run_id][-1].data["reason"] == "client_disconnected"
+
+    from domain.run import DisconnectPolicy
+
+    h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
+    handle2, watcher2 = h2.start(on_disconnect=DisconnectPolicy.CONTINUE)
+    h2.service.release(handle2, watcher2, disconnected=True)
+    gate_open.set()
+    assert handle2.task is not None
+    await asyncio.wait_for(asyncio.shield(handle2.task), 5)
+    assert h2.log.events[handle2.run_id][-1].data["status"] == "completed"
+
+
+async def test_principal_and_seq_are_per_run() -> None:
+    h = Harness(ScriptedModel(text('{"steps": []}'), text("a"), text("x"),
+                              text('{"steps": []}'), text("b"), text("y")))
+    first, w1 = h.start()
+    e1 = await collect(w1)
+    second, w2 = h.start()
+    e2 = await collect(w2)
+    assert e1[0].seq == e2[0].seq == 1
+    assert first.run.ids.session_id != second.run.ids.session_id
+    assert first.run.principal == ALICE

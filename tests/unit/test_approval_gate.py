@@ -1,0 +1,195 @@
+"""The approval gate with fake ports: approve, reject, expire, cancel, and signals that must be ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from domain.approval import ApprovalRequest, ApprovalStatus, Signal
+from domain.events import Event
+from domain.gate import GateSettings
+from domain.service import Subscription
+from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+from tests.unit.harness import Harness, summary
+
+PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
+
+
+def approval_harness(**kwargs: object) -> tuple[Harness, RecordingTool]:
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
+    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
+    return Harness(model, tools=[commit], **kwargs), commit  # type: ignore[arg-type]
+
+
+async def until(watcher: Subscription, kind: str, seen: list[Event]) -> Event:
+    while True:
+        event = await watcher.next(5)
+        assert event is not None, f"no {kind} event; saw {[e.type.value for e in seen]}"
+        seen.append(event)
+        if event.type.value == kind:
+            return event
+
+
+async def finish(watcher: Subscription, seen: list[Event]) -> list[Event]:
+    await until(watcher, "end", seen)
+    return seen
+
+
+async def test_approval_runs_the_tool_and_records_the_decider() -> None:
+    h, commit = approval_harness()
+    handle, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    request_id = hitl.data["requestId"]
+    assert hitl.data == {
+        "requestId": request_id, "sessionId": handle.run.ids.session_id, "actionType": "commit",
+        "message": 'Aura wants to run commit with {"value": "v"}.', "context": {"value": "v"},
+        "requiresApproval": True, "expiresAt": 1_767_000_300,
+    }
+    assert commit.calls == []
+    assert h.store.requests[request_id].status is ApprovalStatus.PENDING
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(request_id, "bob", 1_767_000_010))
+    events = await finish(watcher, seen)
+    digest = summary(events)
+    i = digest.index(("tool", "commit", "pending"))
+    assert digest[i:i + 8] == [
+        ("tool", "commit", "pending"),
+        ("hitl",),
+        ("step", "step_1", "waiting_approval", 0.0),
+        ("timeline", "approval_1_1", "waiting_approval"),
+        ("timeline", "approval_1_1", "completed"),
+        ("step", "step_1", "in_progress", 0.0),
+        ("thought", "decision"),
+        ("tool", "commit", "running"),
+    ]
+    assert ("tool", "commit", "success") in digest and digest[-1] == ("end", "completed", "completed")
+    assert commit.calls == [{"value": "v"}]
+    stored = h.store.requests[request_id]
+    assert (stored.status, stored.decided_by, stored.decided_at) == (ApprovalStatus.APPROVED, "bob", 1_767_000_000)
+    assert h.bus.subscribers == {}  # subscription released
+
+
+async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> None:
+    h, commit = approval_harness()
+    handle, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    await h.bus.publish(handle.run.ids.session_id,
+                        Signal.rejection(hitl.data["requestId"], "bob", 1_767_000_010, "not now"))
+    events = await finish(watcher, seen)
+    rejected = [e.data for e in events if e.type.value == "tool_execution" and e.data["status"] == "rejected"]
+    assert rejected == [{"toolCallId": "call_1", "toolName": "commit", "toolArgs": {"value": "v"},
+                         "requiresApproval": True, "status": "rejected", "result": None,
+                         "error": "Rejected: not now"}]
+    assert commit.calls == []
+    assert ("step", "step_1", "skipped", 1.0) in summary(events)
+    assert h.model.requests[2].messages[-1].content == \
+        "The user rejected this action; it was not run. Reason: not now"
+    assert events[-1].data["status"] == "completed"
+    assert h.store.requests[hitl.data["requestId"]].reason == "not now"
+
+
+@pytest.mark.parametrize("raw", [
+    "not json",
+    '{"type": "approval"}',
+    '{"type": "approve", "requestId": "%s", "status": "approved"}',
+    '{"type": "approval", "requestId": "req_other", "status": "approved"}',
+    '{"type": "approval", "requestId": "%s", "status": "rejected"}',
+    '["approval"]',
+])
+async def test_signals_that_are_not_a_valid_decision_of_this_request_are_ignored(raw: str) -> None:
+    h, commit = approval_harness()
+    handle, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    request_id = hitl.data["requestId"]
+    session = handle.run.ids.session_id
+    await h.bus.publish_raw(session, raw.replace("%s", request_id))
+    # the bad signal is ignored; only the real approval afterwards makes the tool run
+    await asyncio.sleep(0)
+    assert commit.calls == [] and h.store.requests[request_id].status is ApprovalStatus.PENDING
+    await h.bus.publish(session, Signal.approval(request_id, "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and events[-1].data["status"] == "completed"
+    assert h.store.requests[request_id].decided_by == "bob"  # the bad signal decided nothing
+    assert h.store.decisions == [(request_id, ApprovalStatus.APPROVED, True)]
+
+
+async def test_a_signal_stored_before_the_wait_is_honoured() -> None:
+    h, commit = approval_harness()
+    original_create = h.store.create
+
+    async def create_and_presign(request: ApprovalRequest) -> None:
+        await original_create(request)
+        # the DWP backend decides before Aura even subscribed: only the stored copy exists
+        h.bus.stored[request.session_id] = Signal.approval(request.request_id, "bob", 1).to_json()
+
+    h.store.create = create_and_presign  # type: ignore[method-assign]
+    _, watcher = h.start()
+    events = await finish(watcher, [])
+    assert commit.calls == [{"value": "v"}] and events[-1].data["status"] == "completed"
+
+
+async def test_a_decision_made_through_the_store_is_seen_without_any_signal() -> None:
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    _, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    await h.store.decide(hitl.data["requestId"], ApprovalStatus.APPROVED, decided_by="api-user",
+                         decided_at=5, reason=None)
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and events[-1].data["status"] == "completed"
+
+
+async def test_the_second_decision_changes_nothing() -> None:
+    h, commit = approval_harness()
+    handle, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    request_id, session = hitl.data["requestId"], handle.run.ids.session_id
+    await h.bus.publish(session, Signal.rejection(request_id, "bob", 1, "no"))
+    await h.bus.publish(session, Signal.approval(request_id, "mallory", 2))
+    events = await finish(watcher, seen)
+    assert commit.calls == []
+    assert h.store.requests[request_id].status is ApprovalStatus.REJECTED
+    assert h.store.requests[request_id].decided_by == "bob"
+    assert events[-1].data["status"] == "completed"
+
+
+async def test_expiry_ends_with_hitl_timeout_and_never_runs_the_tool() -> None:
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    _, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    h.clock.value += 301
+    events = await finish(watcher, seen)
+    assert summary(events)[-3:] == [("timeline", "approval_1_1", "failed"), ("error", "hitl_timeout"),
+                                    ("end", "timeout", "hitl_timeout")]
+    assert commit.calls == []
+    assert h.store.requests[hitl.data["requestId"]].status is ApprovalStatus.EXPIRED
+    # an approval arriving after expiry changes nothing
+    result = await h.store.decide(hitl.data["requestId"], ApprovalStatus.APPROVED, decided_by="late",
+                                  decided_at=9, reason=None)
+    assert result is not None and result.applied is False
+
+
+async def test_cancel_while_waiting_cancels_the_request_and_releases_the_subscription() -> None:
+    h, commit = approval_harness()
+    handle, watcher = h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    h.service.cancel(handle.run_id, "user_cancelled")
+    events = await finish(watcher, seen)
+    assert summary(events)[-1] == ("end", "cancelled", "user_cancelled")
+    assert h.store.requests[hitl.data["requestId"]].status is ApprovalStatus.CANCELLED
+    assert h.bus.subscribers == {} and commit.calls == []
+
+
+async def test_approval_override_from_settings_removes_the_gate() -> None:
+    h, commit = approval_harness(approval_overrides={"commit": False})
+    _, watcher = h.start()
+    events = await finish(watcher, [])
+    assert not any(e.type.value == "hitl" for e in events)
+    assert commit.calls == [{"value": "v"}]
