@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         app,
         info={"title": "Aura", "version": "1.0",
               "description": "The agent service of the DWP: streamed runs, tools and human approvals."},
-        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
     )
     register_problem_handlers(app)

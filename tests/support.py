@@ -1,0 +1,85 @@
+"""Helpers shared by the HTTP and end-to-end tests: tokens, repositories, SSE parsing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.jwt import mint_token
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+TENANT, USER = "acme", "alice"
+
+
+def token(sub: str = USER, tenant: str = TENANT, *, key: str = SECRET, algorithm: str = "HS256", **kw: Any) -> str:
+    return mint_token(key=key, algorithm=algorithm, sub=sub, tenant_id=tenant, **kw)
+
+
+def bearer(sub: str = USER, tenant: str = TENANT, **kw: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(sub, tenant, **kw)}"}
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "dev@example.com")
+    git(path, "config", "user.name", "Dev")
+    (path / "README.md").write_text("hello\n")
+    git(path, "add", "README.md")
+    git(path, "commit", "-q", "-m", "Initial commit")
+    return path
+
+
+@dataclass(frozen=True)
+class Frame:
+    id: str | None
+    event: str | None
+    data: str
+    comment: bool = False
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.data)
+        return value
+
+
+def parse_sse(body: str) -> list[Frame]:
+    """A strict reader of Aura's frames (every frame ends with a blank line)."""
+    assert body.endswith("\n\n"), "the stream must end with a complete frame"
+    frames = []
+    for block in body[:-2].split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        comment = False
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comment = True
+                continue
+            name, _, value = line.partition(": ")
+            fields.setdefault(name, []).append(value)
+        if comment and not fields:
+            frames.append(Frame(None, None, "", comment=True))
+            continue
+        frames.append(Frame(fields.get("id", [None])[0], fields.get("event", [None])[0],
+                            "\n".join(fields.get("data", []))))
+    return frames
+
+
+def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
+    """Envelopes of the event frames, checking the framing rules on the way."""
+    real = [f for f in frames if not f.comment]
+    assert real[-1].data == "[DONE]" and real[-1].event is None and real[-1].id is None
+    envelopes = []
+    for frame in real[:-1]:
+        envelope = frame.payload
+        assert frame.id == str(envelope["seq"]) and frame.event == envelope["type"]
+        envelopes.append(envelope)
+    assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1))
+    assert envelopes[-1]["type"] == "end"
+    return envelopes
