@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.redis.signals import RedisSignalBus
 from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
@@ -16,6 +15,7 @@ from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.signals import RedisSignalBus
 from adapters.system import SecureIdFactory, SystemClock
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -96,12 +97,11 @@ class RedisEventLog(EventLog):
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
-            entries = await self._redis.xrange(event_log_key(run_id), min=f"{after_seq + 1}-0", max="+",
-                                               count=limit)
+            entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrange(
+                event_log_key(run_id), min=f"{after_seq + 1}-0", max="+", count=limit))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
-        return [Event.from_envelope(orjson.loads(fields[b"e"] if b"e" in fields else fields["e"]))
-                for _entry_id, fields in entries]
+        return [Event.from_envelope(orjson.loads(fields.get(b"e") or fields["e"])) for _entry_id, fields in entries]
 
     async def first_seq(self, run_id: str) -> int | None:
         """The oldest retained seq (None for an unknown or expired run)."""

@@ -57,5 +57,5 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
 
 def sse_response(frames: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None) -> Response:
     response = Response(frames, status=200, headers={**sse_headers(), **(extra_headers or {})})
-    response.timeout = None  # type: ignore[assignment]  # streams outlive RESPONSE_TIMEOUT by design
+    response.timeout = None  # streams outlive RESPONSE_TIMEOUT by design
     return response
