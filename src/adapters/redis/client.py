@@ -1,0 +1,75 @@
+"""The one place that builds Redis clients, real or in-process, for every Redis adapter.
+
+Storage format: every client built here returns **bytes** (`decode_responses=False`). Values
+Aura writes are UTF-8 JSON encoded by Aura itself, so the stored bytes are exactly what the DWP
+backend reads; raw bytes also mean a foreign, non-UTF-8 payload on a channel can never crash a
+reader — the domain's parsers accept `str | bytes` and refuse what they cannot read.
+
+Both clients speak RESP2: it is what every Redis deployment and proxy in the DWP understands,
+and the pub/sub reader in `signals.py` parses RESP2 replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fakeredis
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.utils import HIREDIS_AVAILABLE
+
+_log = logging.getLogger(__name__)
+
+RESP_PROTOCOL = 2
+DEFAULT_SOCKET_TIMEOUT_SECONDS = 5.0
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 2.0
+DEFAULT_HEALTH_CHECK_INTERVAL_SECONDS = 30
+# A command that hits a dropped connection or a timeout is retried this often (jittered
+# backoff) before the error reaches the caller; the approval writes are compare-and-set.
+DEFAULT_COMMAND_RETRIES = 2
+
+
+def _hiredis_options() -> dict[str, Any]:
+    if not HIREDIS_AVAILABLE:
+        _log.warning("hiredis is not installed; Redis replies are parsed in pure Python")
+        return {}
+    # Private module, but the only public way to name the parser; redis-py would pick it by
+    # default anyway, so this only makes the choice explicit.
+    from redis._parsers import _AsyncHiredisParser
+
+    return {"parser_class": _AsyncHiredisParser}
+
+
+def create_redis(
+    url: str | None,
+    *,
+    socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    health_check_interval_seconds: int = DEFAULT_HEALTH_CHECK_INTERVAL_SECONDS,
+    max_connections: int | None = None,
+) -> Redis:
+    """A Redis client for `url`, or an in-process fakeredis server when `url` is None.
+
+    The fake has its own `FakeServer`, so plain commands, transactions, Lua and pub/sub of
+    every connection this client opens share one keyspace, as on a real server.
+    """
+    if url is None:
+        return fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(),
+            decode_responses=False,
+            protocol=RESP_PROTOCOL,
+        )
+    return Redis.from_url(
+        url,
+        decode_responses=False,
+        protocol=RESP_PROTOCOL,
+        socket_timeout=socket_timeout_seconds,
+        socket_connect_timeout=connect_timeout_seconds,
+        socket_keepalive=True,
+        health_check_interval=health_check_interval_seconds,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), DEFAULT_COMMAND_RETRIES),
+        max_connections=max_connections,
+        **_hiredis_options(),
+    )

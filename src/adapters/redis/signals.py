@@ -1,0 +1,450 @@
+"""Approval signals over Redis Pub/Sub (contract section 4), one subscriber connection per bus.
+
+Every waiting run of the process shares one dedicated Pub/Sub connection, read by one reader
+task; the previous implementation's single shared `PubSub` object let one user's approval break
+another user's wait. Here each `subscribe()` gets its own bounded queue, channels are
+reference-counted (two waits on one session share a SUBSCRIBE), and a channel is UNSUBSCRIBEd
+when its last wait ends, however it ends.
+
+Ordering guarantees the approval flow relies on:
+- `subscribe()` yields only after the server confirmed the SUBSCRIBE, so a caller that then reads
+  `hitl:signal:{sessionId}` cannot miss a signal published in between;
+- leaving it returns only after the server confirmed the UNSUBSCRIBE (when connected).
+
+When the connection drops, the reader reconnects with capped, jittered exponential backoff,
+resubscribes every live channel and then re-reads `hitl:signal:{sessionId}` of each, delivering
+the stored value as if it had been published: a signal sent during the outage still counts (the
+domain ignores duplicates and signals for other requests). Waiters see no error meanwhile.
+
+Wire details: the connection is built from the client's own settings but speaks RESP2 with raw
+bytes, has no redis-py retries (this bus reconnects and resubscribes itself) and no redis-py
+health checks (those would read a reply meant for the reader); the reader PINGs an idle
+connection instead and drops it when the PING goes unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from domain.approval import Signal
+from domain.errors import StoreUnavailable
+from domain.ports import SignalBus, SignalSubscription
+
+_log = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "hitl:channel:"
+SIGNAL_KEY_PREFIX = "hitl:signal:"
+DEFAULT_SIGNAL_TTL_SECONDS = 300
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_IDLE_PING_SECONDS = 15.0
+DEFAULT_RECONNECT_INITIAL_DELAY_SECONDS = 0.05
+DEFAULT_RECONNECT_MAX_DELAY_SECONDS = 5.0
+# Channels per SUBSCRIBE command and keys per MGET when a whole connection is resubscribed.
+_BATCH_SIZE = 256
+
+_T = TypeVar("_T")
+
+
+def channel_name(session_id: str) -> str:
+    return f"{CHANNEL_PREFIX}{session_id}"
+
+
+def signal_key(session_id: str) -> str:
+    return f"{SIGNAL_KEY_PREFIX}{session_id}"
+
+
+def _signal_key_of_channel(channel: bytes) -> bytes:
+    return SIGNAL_KEY_PREFIX.encode() + channel[len(CHANNEL_PREFIX) :]
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _batches(items: Sequence[_T], size: int) -> list[Sequence[_T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+class SignalBusClosed(StoreUnavailable):
+    """The bus was closed (shutdown) while a wait was open or starting."""
+
+    code = "signal_bus_closed"
+    retryable = False
+
+
+class _Subscription(SignalSubscription):
+    """One wait's view of a channel: its own bounded queue, fed by the bus's reader."""
+
+    def __init__(self, channel: bytes, queue_size: int) -> None:
+        self.channel = channel
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_size)
+
+    def deliver(self, payload: bytes) -> None:
+        if self._queue.full():
+            # A wait that never reads must not grow without bound nor stall every other wait.
+            self._queue.get_nowait()
+            _log.warning(
+                "a wait on %r is not reading its signals; dropped the oldest one",
+                self.channel.decode("utf-8", "replace"),
+            )
+        self._queue.put_nowait(payload)
+
+    def end(self) -> None:
+        """The bus closed: wake the waiter (None is the end marker)."""
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    async def next_message(self) -> bytes:
+        payload = await self._queue.get()
+        if payload is None:
+            self._queue.put_nowait(None)  # every later call ends the same way
+            raise SignalBusClosed("the signal bus is closed")
+        return payload
+
+
+class _Channel:
+    """A channel with at least one wait, and where its SUBSCRIBE stands on the current connection."""
+
+    __slots__ = ("confirmed", "name", "on_wire", "replay_when_confirmed", "subscribers")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.subscribers: set[_Subscription] = set()
+        # SUBSCRIBE sent on the current connection and no UNSUBSCRIBE since.
+        self.on_wire = False
+        # The server confirmed that SUBSCRIBE; cleared when the connection is lost.
+        self.confirmed = asyncio.Event()
+        # Resubscribed after an outage: deliver the stored signal once confirmed.
+        self.replay_when_confirmed = False
+
+
+# What the reader expects back, per channel and in command order: a SUBSCRIBE confirmation
+# completes the `_Channel` that asked for it, an UNSUBSCRIBE confirmation completes a future.
+_Ack = _Channel | asyncio.Future[None]
+
+
+class RedisSignalBus(SignalBus):
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        idle_ping_seconds: float = DEFAULT_IDLE_PING_SECONDS,
+        reconnect_initial_delay_seconds: float = DEFAULT_RECONNECT_INITIAL_DELAY_SECONDS,
+        reconnect_max_delay_seconds: float = DEFAULT_RECONNECT_MAX_DELAY_SECONDS,
+    ) -> None:
+        self._redis = redis
+        self._signal_ttl_seconds = signal_ttl_seconds
+        self._queue_size = queue_size
+        self._idle_ping_seconds = idle_ping_seconds
+        self._reconnect_initial_delay_seconds = reconnect_initial_delay_seconds
+        self._reconnect_max_delay_seconds = reconnect_max_delay_seconds
+
+        self._channels: dict[bytes, _Channel] = {}
+        # Serialises every command sent on the Pub/Sub connection with the bookkeeping that goes
+        # with it, so the order of `_acks` is the order on the wire.
+        self._send_lock = asyncio.Lock()
+        self._connection: AbstractConnection | None = None
+        self._acks: dict[bytes, deque[_Ack]] = {}
+        self._had_connection = False
+        self._resubscribes_outstanding = 0
+        self._replay_due: list[_Channel] = []
+        self._failed_attempts = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- the port -----------------------------------------------------------------------------
+
+    def subscribe(self, session_id: str) -> AbstractAsyncContextManager[SignalSubscription]:
+        return self._subscription(session_id)
+
+    async def publish(self, session_id: str, signal: Signal) -> int:
+        """As the Java service does: store the signal (TTL 300 s), then publish the same JSON."""
+        payload = signal.to_json().encode("utf-8")
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(signal_key(session_id), payload, ex=self._signal_ttl_seconds)
+                pipe.publish(channel_name(session_id), payload)
+                _, receivers = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable("the signal store is unavailable") from exc
+        return int(receivers)
+
+    async def latest(self, session_id: str) -> bytes | None:
+        try:
+            raw = await self._redis.get(signal_key(session_id))
+        except RedisError as exc:
+            raise StoreUnavailable("the signal store is unavailable") from exc
+        return None if raw is None else _as_bytes(raw)
+
+    # -- the rest of the public surface ------------------------------------------------------
+
+    def live_channels(self) -> int:
+        """Channels with at least one open wait (for metrics and tests)."""
+        return sum(1 for channel in self._channels.values() if channel.subscribers)
+
+    async def close(self) -> None:
+        """Stop the reader, release the connection and end every open wait."""
+        if self._closed:
+            return
+        self._closed = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait([reader])
+        if self._connection is not None:
+            await self._abandon(self._connection)
+        for channel in list(self._channels.values()):
+            channel.confirmed.set()  # waits still starting see the bus closed
+            for subscription in channel.subscribers:
+                subscription.end()
+        if self._background:
+            await asyncio.wait(set(self._background))
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _subscription(self, session_id: str) -> AsyncIterator[SignalSubscription]:
+        if self._closed:
+            raise SignalBusClosed("the signal bus is closed")
+        name = channel_name(session_id).encode("utf-8")
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel(name)
+        subscription = _Subscription(name, self._queue_size)
+        channel.subscribers.add(subscription)
+        try:
+            self._ensure_reader()
+            await self._shielded(self._put_on_wire(channel))
+            await channel.confirmed.wait()
+            if self._closed:
+                raise SignalBusClosed("the signal bus is closed")
+            yield subscription
+        finally:
+            channel.subscribers.discard(subscription)
+            if not channel.subscribers:
+                await self._shielded(self._release(channel))
+
+    async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
+        """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
+        short would leave the bookkeeping out of step with the server (and redis-py drops a
+        connection whose send was cancelled)."""
+        task = asyncio.ensure_future(operation)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _put_on_wire(self, channel: _Channel) -> None:
+        async with self._send_lock:
+            connection = self._connection
+            if (
+                channel.on_wire
+                or not channel.subscribers
+                or self._channels.get(channel.name) is not channel
+                or connection is None
+                or not connection.is_connected
+            ):
+                # Already asked for, or already released; when there is no usable connection the
+                # reader subscribes every live channel as soon as it has one.
+                return
+            channel.on_wire = True
+            self._expect_ack(channel.name, channel)
+            try:
+                await connection.send_command("SUBSCRIBE", channel.name, check_health=False)
+            except (RedisError, OSError) as exc:
+                # The reader finds the connection broken and resubscribes on the next one.
+                _log.warning("SUBSCRIBE %r failed: %s", channel.name, exc)
+
+    async def _release(self, channel: _Channel) -> None:
+        async with self._send_lock:
+            if channel.subscribers or self._channels.get(channel.name) is not channel:
+                return  # a new wait joined meanwhile, or it is already released
+            # Forget it before sending, so a wait arriving now starts a fresh SUBSCRIBE that is
+            # queued behind this UNSUBSCRIBE.
+            del self._channels[channel.name]
+            connection = self._connection
+            if not channel.on_wire or connection is None or not connection.is_connected:
+                return
+            channel.on_wire = False
+            unsubscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._expect_ack(channel.name, unsubscribed)
+            try:
+                await connection.send_command("UNSUBSCRIBE", channel.name, check_health=False)
+            except (RedisError, OSError) as exc:
+                # The connection is broken; the server drops its subscriptions with it.
+                _log.warning("UNSUBSCRIBE %r failed: %s", channel.name, exc)
+                return
+        # Either the server confirms, or the connection is abandoned, which completes it too.
+        await unsubscribed
+
+    def _expect_ack(self, name: bytes, ack: _Ack) -> None:
+        self._acks.setdefault(name, deque()).append(ack)
+
+    def _pop_ack(self, name: bytes) -> _Ack | None:
+        pending = self._acks.get(name)
+        if not pending:
+            return None
+        ack = pending.popleft()
+        if not pending:
+            del self._acks[name]
+        return ack
+
+    # -- the reader ---------------------------------------------------------------------------
+
+    def _ensure_reader(self) -> None:
+        if self._closed:
+            return
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_forever(), name="aura-hitl-signal-reader")
+
+    async def _read_forever(self) -> None:
+        while True:
+            if self._failed_attempts:
+                await asyncio.sleep(self._reconnect_delay(self._failed_attempts))
+            connection = self._new_connection()
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                await self._adopt(connection)
+                await self._pump(connection)
+            except (RedisError, OSError) as exc:
+                self._failed_attempts += 1
+                _log.warning("signal bus connection lost (%s); reconnecting, attempt %d", exc, self._failed_attempts)
+            except Exception:
+                self._failed_attempts += 1
+                _log.exception("signal bus reader failed; reconnecting, attempt %d", self._failed_attempts)
+            finally:
+                await self._abandon(connection)
+
+    def _reconnect_delay(self, attempt: int) -> float:
+        doubling = float(2 ** min(attempt - 1, 32))
+        capped = min(self._reconnect_max_delay_seconds, self._reconnect_initial_delay_seconds * doubling)
+        # Jitter, so that every instance of the service does not reconnect in the same instant.
+        return capped * random.uniform(0.5, 1.0)
+
+    def _new_connection(self) -> AbstractConnection:
+        pool = self._redis.connection_pool
+        options: dict[str, Any] = dict(pool.connection_kwargs)
+        client_name = options.get("client_name")
+        options.update(
+            protocol=2,
+            decode_responses=False,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name=f"{client_name}-signals" if client_name else "aura-hitl-signals",
+        )
+        return pool.connection_class(**options)
+
+    async def _adopt(self, connection: AbstractConnection) -> None:
+        """Make `connection` current and subscribe every live channel on it."""
+        async with self._send_lock:
+            replay = self._had_connection
+            live = [channel for channel in self._channels.values() if channel.subscribers]
+            self._connection = connection
+            self._had_connection = True
+            for channel in live:
+                channel.on_wire = True
+                channel.replay_when_confirmed = replay
+                self._expect_ack(channel.name, channel)
+            self._resubscribes_outstanding = len(live) if replay else 0
+            for batch in _batches([channel.name for channel in live], _BATCH_SIZE):
+                await connection.send_command("SUBSCRIBE", *batch, check_health=False)
+        if live:
+            _log.info("signal bus subscribed %d channel(s) on a new connection", len(live))
+
+    async def _abandon(self, connection: AbstractConnection) -> None:
+        async with self._send_lock:
+            if self._connection is connection:
+                self._connection = None
+                for pending in self._acks.values():
+                    for ack in pending:
+                        if isinstance(ack, asyncio.Future) and not ack.done():
+                            ack.set_result(None)  # the subscription went with the connection
+                self._acks = {}
+                self._replay_due = []
+                self._resubscribes_outstanding = 0
+                for channel in self._channels.values():
+                    channel.on_wire = False
+                    channel.replay_when_confirmed = False
+                    channel.confirmed.clear()
+        try:
+            await connection.disconnect(nowait=True)
+        except Exception as exc:  # already broken; nothing more to release
+            _log.debug("closing the signal connection failed: %r", exc)
+
+    async def _pump(self, connection: AbstractConnection) -> None:
+        """Read and dispatch replies until the connection fails (then raise)."""
+        awaiting_pong = False
+        while True:
+            reply = await connection.read_response(timeout=self._idle_ping_seconds, push_request=True)
+            if reply is None:  # quiet for a while: prove the connection is still alive
+                if awaiting_pong:
+                    raise RedisConnectionError("the signal connection did not answer PING")
+                async with self._send_lock:
+                    await connection.send_command("PING", check_health=False)
+                awaiting_pong = True
+                continue
+            awaiting_pong = False
+            self._failed_attempts = 0
+            self._dispatch(reply)
+            if self._replay_due and not self._resubscribes_outstanding:
+                await self._replay()
+
+    def _dispatch(self, reply: Any) -> None:
+        if not isinstance(reply, list) or len(reply) < 2:
+            _log.debug("unexpected reply on the signal connection: %r", reply)
+            return
+        kind, name = reply[0], reply[1]
+        if kind == b"message" and len(reply) == 3:
+            channel = self._channels.get(name)
+            if channel is not None:
+                for subscription in list(channel.subscribers):
+                    subscription.deliver(_as_bytes(reply[2]))
+        elif kind == b"subscribe":
+            self._on_subscribed(name)
+        elif kind == b"unsubscribe":
+            ack = self._pop_ack(name)
+            if isinstance(ack, asyncio.Future) and not ack.done():
+                ack.set_result(None)
+        elif kind != b"pong":
+            _log.debug("unexpected reply on the signal connection: %r", reply)
+
+    def _on_subscribed(self, name: bytes) -> None:
+        ack = self._pop_ack(name)
+        if not isinstance(ack, _Channel):
+            _log.warning("unexpected SUBSCRIBE confirmation for %r", name)
+            return
+        ack.confirmed.set()
+        if ack.replay_when_confirmed:
+            ack.replay_when_confirmed = False
+            self._resubscribes_outstanding -= 1
+            if self._channels.get(name) is ack:
+                self._replay_due.append(ack)
+
+    async def _replay(self) -> None:
+        """Deliver each resubscribed channel's stored signal, in case it was sent while down.
+
+        A failure here propagates: the connection is then dropped and the next one replays."""
+        due, self._replay_due = self._replay_due, []
+        for batch in _batches(due, _BATCH_SIZE):
+            stored = await self._redis.mget([_signal_key_of_channel(channel.name) for channel in batch])
+            for channel, raw in zip(batch, stored, strict=True):
+                if raw is None or self._channels.get(channel.name) is not channel:
+                    continue
+                for subscription in list(channel.subscribers):
+                    subscription.deliver(_as_bytes(raw))

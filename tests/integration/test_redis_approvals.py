@@ -1,0 +1,343 @@
+"""RedisApprovalStore against fakeredis and a real redis-server: exact keys, TTLs and the
+compare-and-set decision. Also the client factory and the health probe every Redis adapter uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from adapters.redis import RedisApprovalStore, RedisHealthProbe, create_redis
+from adapters.redis.approvals import pending_index_key
+from domain.approval import ApprovalRequest, ApprovalStatus
+
+CREATED_AT = 1767000000
+
+
+def compact_json(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def approval_request(
+    number: int = 1,
+    *,
+    session: str | None = None,
+    user: str = "u1",
+    tenant: str = "acme",
+    context: dict[str, Any] | None = None,
+) -> ApprovalRequest:
+    return ApprovalRequest(
+        request_id=f"req_{number:032x}",
+        session_id=session or f"sess_{number:032x}",
+        run_id=f"run_{number:032x}",
+        action_type="git_commit",
+        tool_name="git.commit",
+        message="Commit 2 files?",
+        context=context if context is not None else {"files": ["a.py", "b.py"], "message": "fix"},
+        user_id=user,
+        tenant_id=tenant,
+        created_at=CREATED_AT + number,
+        expires_at=CREATED_AT + number + 300,
+    )
+
+
+async def stored(client: Redis, key: str) -> bytes:
+    raw = await client.get(key)
+    assert isinstance(raw, bytes), f"{key} holds {raw!r}"
+    return raw
+
+
+def assert_ttl_near(ttl: int, expected: int) -> None:
+    assert expected - 2 <= ttl <= expected, f"TTL {ttl} is not within 2 s below {expected}"
+
+
+@pytest.fixture
+def store(redis_client: Redis) -> RedisApprovalStore:
+    return RedisApprovalStore(redis_client)
+
+
+async def test_create_writes_the_exact_records_with_their_ttls(redis_client: Redis, store: RedisApprovalStore) -> None:
+    request = approval_request()
+
+    await store.create(request)
+
+    assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(
+        {
+            "requestId": request.request_id,
+            "sessionId": request.session_id,
+            "runId": request.run_id,
+            "actionType": "git_commit",
+            "toolName": "git.commit",
+            "message": "Commit 2 files?",
+            "context": {"files": ["a.py", "b.py"], "message": "fix"},
+            "status": "pending",
+            "userId": "u1",
+            "tenantId": "acme",
+            "createdAt": CREATED_AT + 1,
+            "expiresAt": CREATED_AT + 301,
+            "decidedAt": None,
+            "decidedBy": None,
+            "reason": None,
+        }
+    )
+    assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(
+        {
+            "sessionId": request.session_id,
+            "runId": request.run_id,
+            "requestId": request.request_id,
+            "userId": "u1",
+            "tenantId": "acme",
+            "status": "pending",
+        }
+    )
+    assert_ttl_near(await redis_client.ttl("hitl:request:" + request.request_id), 1800)
+    assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 3600)
+    index = pending_index_key("acme", "u1")
+    assert index == "aura:hitl:pending:acme:u1"
+    assert await redis_client.zrange(index, 0, -1, withscores=True) == [
+        (request.request_id.encode(), float(CREATED_AT + 1))
+    ]
+    assert_ttl_near(await redis_client.ttl(index), 1800)
+
+
+async def test_create_honours_configured_ttls(redis_client: Redis) -> None:
+    store = RedisApprovalStore(redis_client, request_ttl_seconds=600, session_ttl_seconds=900)
+    request = approval_request()
+
+    await store.create(request)
+
+    assert_ttl_near(await redis_client.ttl("hitl:request:" + request.request_id), 600)
+    assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 900)
+
+
+async def test_get_returns_the_stored_request_or_none(store: RedisApprovalStore) -> None:
+    request = approval_request()
+    await store.create(request)
+
+    assert await store.get(request.request_id) == request
+    assert await store.get("req_unknown") is None
+
+
+async def test_get_treats_an_unreadable_record_as_absent(redis_client: Redis, store: RedisApprovalStore) -> None:
+    await redis_client.set("hitl:request:req_broken", b"{not json")
+
+    assert await store.get("req_broken") is None
+
+
+async def test_first_decision_wins_and_the_second_sees_it(redis_client: Redis, store: RedisApprovalStore) -> None:
+    request = approval_request()
+    await store.create(request)
+
+    first = await store.decide(
+        request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=CREATED_AT + 10, reason=None
+    )
+    second = await store.decide(
+        request.request_id, ApprovalStatus.REJECTED, decided_by="boss", decided_at=CREATED_AT + 11, reason="no"
+    )
+
+    approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=CREATED_AT + 10, reason=None)
+    assert first is not None and first.applied is True and first.request == approved
+    assert second is not None and second.applied is False and second.request == approved
+    assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+    assert json.loads(await stored(redis_client, "hitl:session:" + request.session_id)) == {
+        "sessionId": request.session_id,
+        "runId": request.run_id,
+        "requestId": request.request_id,
+        "userId": "u1",
+        "tenantId": "acme",
+        "status": "approved",
+    }
+
+
+async def test_decide_keeps_the_remaining_ttls(redis_client: Redis, store: RedisApprovalStore) -> None:
+    request = approval_request()
+    await store.create(request)
+    # Shorter than the defaults, so a decide that reset the TTLs would show.
+    await redis_client.expire("hitl:request:" + request.request_id, 100)
+    await redis_client.expire("hitl:session:" + request.session_id, 200)
+
+    await store.decide(request.request_id, ApprovalStatus.REJECTED, decided_by="u1", decided_at=1, reason="no")
+
+    assert_ttl_near(await redis_client.ttl("hitl:request:" + request.request_id), 100)
+    assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 200)
+
+
+async def test_decide_of_an_unknown_request_is_none(redis_client: Redis, store: RedisApprovalStore) -> None:
+    result = await store.decide("req_missing", ApprovalStatus.APPROVED, decided_by="u1", decided_at=1, reason=None)
+
+    assert result is None
+    assert await redis_client.exists("hitl:request:req_missing") == 0
+
+
+async def test_decide_refuses_pending_as_a_decision(store: RedisApprovalStore) -> None:
+    request = approval_request()
+    await store.create(request)
+
+    with pytest.raises(ValueError, match="leave the pending state"):
+        await store.decide(request.request_id, ApprovalStatus.PENDING, decided_by="u1", decided_at=1, reason=None)
+    assert await store.get(request.request_id) == request
+
+
+async def test_twenty_concurrent_decisions_apply_exactly_one(redis_client: Redis, store: RedisApprovalStore) -> None:
+    request = approval_request()
+    await store.create(request)
+    outcomes = [ApprovalStatus.APPROVED, ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED, ApprovalStatus.CANCELLED]
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                store.decide(
+                    request.request_id,
+                    outcomes[i % len(outcomes)],
+                    decided_by=f"user{i}",
+                    decided_at=CREATED_AT + i,
+                    reason=f"reason {i}",
+                )
+                for i in range(20)
+            )
+        ),
+        timeout=20,
+    )
+
+    assert all(result is not None for result in results)
+    applied = [result for result in results if result is not None and result.applied]
+    assert len(applied) == 1
+    winner = applied[0].request
+    assert [result.request for result in results if result is not None] == [winner] * 20
+    i = int(winner.decided_by.removeprefix("user")) if winner.decided_by else -1
+    assert winner == request.decide(outcomes[i % len(outcomes)], by=f"user{i}", at=CREATED_AT + i, reason=f"reason {i}")
+    assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(winner.to_record())
+    session = json.loads(await stored(redis_client, "hitl:session:" + request.session_id))
+    assert session["status"] == winner.status.value
+
+
+async def test_empty_objects_and_large_integers_survive_a_decision(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    context = {
+        "empty": {},
+        "nested": {"list": [], "object": {}, "deep": {"inner": {}}},
+        "big": 2**64 + 1,
+        "negative": -(2**63),
+        "precise": 12345678901234567890123,
+        "fraction": 0.1,
+        "text": 'héllo ✓ "quoted"',
+        "null": None,
+    }
+    request = approval_request(context=context)
+    await store.create(request)
+
+    await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=2, reason=None)
+
+    raw = await stored(redis_client, "hitl:request:" + request.request_id)
+    decided = request.decide(ApprovalStatus.APPROVED, by="u1", at=2, reason=None)
+    assert raw == compact_json(decided.to_record())
+    assert b'"empty":{}' in raw and b'"big":18446744073709551617' in raw
+    assert json.loads(raw)["context"] == context
+
+
+async def test_decide_leaves_a_session_that_moved_on_to_another_request(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    first = approval_request(1, session="sess_shared")
+    second = approval_request(2, session="sess_shared")
+    await store.create(first)
+    await store.create(second)
+
+    await store.decide(first.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=3, reason=None)
+
+    assert await redis_client.get("hitl:session:sess_shared") == compact_json(second.session_record())
+
+
+async def test_pending_for_user_lists_live_pending_requests_and_cleans_the_rest(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    waiting = approval_request(1)
+    decided = approval_request(2)
+    vanished = approval_request(3)
+    later = approval_request(4)
+    someone_else = approval_request(5, user="u2")
+    other_tenant = approval_request(6, tenant="globex")
+    for request in (later, waiting, decided, vanished, someone_else, other_tenant):
+        await store.create(request)
+    await store.decide(decided.request_id, ApprovalStatus.REJECTED, decided_by="u1", decided_at=4, reason="no")
+    await redis_client.delete("hitl:request:" + vanished.request_id)
+
+    pending = await store.pending_for_user("acme", "u1")
+
+    assert pending == [waiting, later]  # oldest first
+    assert await redis_client.zrange(pending_index_key("acme", "u1"), 0, -1) == [
+        waiting.request_id.encode(),
+        later.request_id.encode(),
+    ]
+    assert await store.pending_for_user("acme", "u2") == [someone_else]
+    assert await store.pending_for_user("globex", "u1") == [other_tenant]
+    assert await store.pending_for_user("acme", "nobody") == []
+
+
+def test_pending_index_keys_cannot_collide_across_tenant_and_user() -> None:
+    assert pending_index_key("a:b", "c") != pending_index_key("a", "b:c")
+    assert pending_index_key("a:b", "c") == "aura:hitl:pending:a%3Ab:c"
+
+
+# -- the client factory and the health probe ---------------------------------------------------
+
+
+async def test_in_process_client_has_lua_and_shares_one_server_between_connections() -> None:
+    client = create_redis(None)
+    other_connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    try:
+        assert await client.eval("return redis.call('SET', KEYS[1], ARGV[1])", 1, "k", "v") == b"OK"
+        await other_connection.connect()
+        await other_connection.send_command("GET", "k")
+        assert await other_connection.read_response() == b"v"
+    finally:
+        await other_connection.disconnect()
+        await client.aclose()
+
+
+async def test_health_probe_reports_a_reachable_server_as_healthy(redis_client: Redis) -> None:
+    assert await RedisHealthProbe(redis_client).check() is None
+
+
+@pytest.fixture
+async def unused_port_client(unused_port: int) -> AsyncIterator[Redis]:
+    client = create_redis(f"redis://127.0.0.1:{unused_port}/0")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_health_probe_reports_an_unreachable_server_within_its_timeout(unused_port_client: Redis) -> None:
+    started = time.monotonic()
+
+    reason = await RedisHealthProbe(unused_port_client, timeout_seconds=1.0).check()
+
+    assert reason == "redis unreachable"
+    assert time.monotonic() - started < 1.0
+
+
+async def test_health_probe_gives_up_on_a_server_that_never_answers() -> None:
+    async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # hold the connection open, answer nothing
+        writer.close()
+
+    silent = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    client = create_redis(f"redis://127.0.0.1:{port}/0", socket_timeout_seconds=30.0)
+    try:
+        started = time.monotonic()
+
+        reason = await RedisHealthProbe(client, timeout_seconds=0.3).check()
+
+        assert reason == "redis timed out"
+        assert time.monotonic() - started < 1.0
+    finally:
+        await client.aclose()
+        silent.close()
