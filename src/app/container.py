@@ -21,6 +21,7 @@ from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app.settings import Settings
 from domain.agent import Agent, AgentLimits
+from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
 from domain.ports import ChatModel, Clock
 from domain.service import RunLimits, RunService
@@ -99,6 +100,8 @@ class Container(containers.DeclarativeContainer):
         providers.Factory(GateSettings, timeout_seconds=settings.provided.hitl.timeout_seconds,
                           recheck_seconds=settings.provided.hitl.recheck_seconds),
     )
+    approval_desk = providers.Singleton(ApprovalDesk, approval_store, signal_bus, clock,
+                                        settings.provided.hitl.approver_roles)
     agent = providers.Singleton(
         Agent, model, tools, gate,
         providers.Factory(

@@ -9,7 +9,7 @@ from quart_schema import QuartSchema
 
 from adapters.http import routes
 from adapters.http.problems import register_problem_handlers
-from adapters.http.routes import health, stream
+from adapters.http.routes import health, hitl, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -37,10 +37,11 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     register_problem_handlers(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
-    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name})
+    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name, hitl.bp.name})
 
     app.register_blueprint(health.bp)
     app.register_blueprint(stream.bp)
+    app.register_blueprint(hitl.bp)
 
     @app.after_serving
     async def _shutdown() -> None:

@@ -1,0 +1,89 @@
+"""Aura's approval API (contract section 4): read, approve and reject approval requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dependency_injector.wiring import Provide, inject
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from quart import Blueprint, request
+from quart_schema import RequestSchemaValidationError, document_request
+
+from adapters.http.problems import Problem
+from adapters.http.web import current_principal
+from domain.desk import AlreadyDecided, ApprovalDesk
+
+bp = Blueprint("hitl", __name__)
+
+
+class RejectBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str | None = Field(None, max_length=2000, description="Why the action is rejected.")
+
+
+class ApproveBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _already_decided(error: AlreadyDecided) -> Problem:
+    decided = error.request
+    return Problem(409, error.code, error.message, extra={
+        "requestStatus": decided.status.value, "decidedBy": decided.decided_by, "decidedAt": decided.decided_at})
+
+
+@bp.get("/aura/hitl/requests/<request_id>")
+@inject
+async def get_request(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+    """An approval request, as stored at hitl:request:{requestId}."""
+    return (await desk.get(current_principal(), request_id)).to_record()
+
+
+@bp.get("/aura/hitl/requests")
+@inject
+async def pending_requests(desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+    """The caller's pending approval requests."""
+    return {"requests": [r.to_record() for r in await desk.pending(current_principal())]}
+
+
+@bp.get("/aura/hitl/signals/<session_id>")
+@inject
+async def get_signal(session_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+    """The last signal of a session, as stored at hitl:signal:{sessionId}."""
+    return await desk.latest_signal(current_principal(), session_id)
+
+
+async def _optional_body(model: type[BaseModel]) -> Any:
+    """Approve and reject take an optional JSON body: none, empty or an object."""
+    raw = await request.get_data(as_text=True)
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestSchemaValidationError(exc) from None
+
+
+@bp.post("/aura/hitl/approve/<request_id>")
+@document_request(ApproveBody)
+@inject
+async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+    """Approve a pending request; the waiting run carries on with the action."""
+    await _optional_body(ApproveBody)
+    try:
+        return (await desk.decide(current_principal(), request_id, approve=True)).to_record()
+    except AlreadyDecided as error:
+        raise _already_decided(error) from None
+
+
+@bp.post("/aura/hitl/reject/<request_id>")
+@document_request(RejectBody)
+@inject
+async def reject(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+    """Reject a pending request with an optional reason; the action does not run."""
+    body: RejectBody = await _optional_body(RejectBody)
+    try:
+        return (await desk.decide(current_principal(), request_id, approve=False, reason=body.reason)).to_record()
+    except AlreadyDecided as error:
+        raise _already_decided(error) from None
+

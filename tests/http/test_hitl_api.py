@@ -1,0 +1,167 @@
+"""The approval API next to a live stream, through Quart's test client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from quart import Quart
+from quart.testing.connections import TestHTTPConnection
+
+from app.factory import create_app
+from app.settings import Settings
+from tests.support import bearer, events_of, git, parse_sse
+
+STREAM = "/aura/test/stream"
+
+
+class LiveStream:
+    """Reads an SSE response frame by frame while the test acts on the service."""
+
+    def __init__(self, connection: TestHTTPConnection) -> None:
+        self.connection = connection
+        self.buffer = ""
+        self.body = ""
+
+    async def until(self, event_type: str) -> dict[str, Any]:
+        while True:
+            while "\n\n" in self.buffer:
+                frame, self.buffer = self.buffer.split("\n\n", 1)
+                self.body += frame + "\n\n"
+                if f"event: {event_type}\n" in frame + "\n":
+                    data = "\n".join(line[6:] for line in frame.split("\n") if line.startswith("data: "))
+                    payload: dict[str, Any] = json.loads(data)
+                    return payload
+            chunk = await self.connection.receive()
+            assert chunk, f"stream ended before {event_type}"
+            self.buffer += chunk.decode()
+
+    async def rest(self) -> list[dict[str, Any]]:
+        while not self.buffer.endswith("data: [DONE]\n\n"):
+            chunk = await self.connection.receive()
+            assert chunk, "stream ended without [DONE]"
+            self.buffer += chunk.decode()
+        self.body += self.buffer
+        return events_of(parse_sse(self.body))
+
+
+async def open_stream(app: Quart, prompt: str, headers: dict[str, str] | None = None) -> tuple[Any, LiveStream]:
+    context = app.test_client().request(STREAM, method="POST",
+                                        headers={**bearer(), "Content-Type": "application/json", **(headers or {})})
+    connection = await context.__aenter__()
+    await connection.send(json.dumps({"prompt": prompt}).encode())
+    await connection.send_complete()
+    return context, LiveStream(connection)
+
+
+def staged_change(workspace: Path) -> Path:
+    repo = workspace / "repo"
+    (repo / "feature.txt").write_text("new feature\n")
+    git(repo, "add", "feature.txt")
+    return repo
+
+
+COMMIT = '@git_commit {"repo_path": "repo", "message": "Add feature"}'
+
+
+async def test_approve_through_the_api_runs_the_commit(app: Quart, workspace: Path) -> None:
+    repo = staged_change(workspace)
+    context, live = await open_stream(app, COMMIT)
+    hitl = await live.until("hitl")
+    request_id, session_id = hitl["data"]["requestId"], hitl["data"]["sessionId"]
+    assert hitl["data"]["actionType"] == "git_commit"
+    client = app.test_client()
+
+    fetched = await client.get(f"/aura/hitl/requests/{request_id}", headers=bearer())
+    record = await fetched.get_json()
+    assert fetched.status_code == 200 and isinstance(record, dict)
+    assert (record["status"], record["userId"], record["tenantId"], record["toolName"]) == \
+        ("pending", "alice", "acme", "git_commit")
+    assert record["context"] == {"repo_path": "repo", "message": "Add feature"}
+
+    other_tenant = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("alice", "globex"))
+    assert other_tenant.status_code == 404 and (await other_tenant.get_json())["code"] == "approval_not_found"
+    colleague = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("carol"))
+    assert colleague.status_code == 403 and (await colleague.get_json())["code"] == "not_an_approver"
+    assert git(repo, "log", "--format=%s") == "Initial commit"
+
+    approved = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("mgr", role="manager"))
+    assert approved.status_code == 200
+    decided = await approved.get_json()
+    assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("approved", "mgr", None)
+    assert isinstance(decided["decidedAt"], int)
+    again = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
+    assert again.status_code == 409
+    assert {k: v for k, v in (await again.get_json()).items() if k in ("code", "requestStatus", "decidedBy")} == \
+        {"code": "already_decided", "requestStatus": "approved", "decidedBy": "mgr"}
+
+    events = await live.rest()
+    await context.__aexit__(None, None, None)
+    statuses = [e["data"]["status"] for e in events if e["type"] == "tool_execution"]
+    assert statuses == ["pending", "running", "success"]
+    assert git(repo, "log", "--format=%s") == "Add feature\nInitial commit"
+    signal = await client.get(f"/aura/hitl/signals/{session_id}", headers=bearer())
+    assert await signal.get_json() == {"type": "approval", "requestId": request_id, "status": "approved",
+                                       "userId": "mgr", "timestamp": decided["decidedAt"]}
+    assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_reject_through_the_api_leaves_the_repository_untouched(app: Quart, workspace: Path) -> None:
+    repo = staged_change(workspace)
+    context, live = await open_stream(app, COMMIT)
+    hitl = await live.until("hitl")
+    request_id = hitl["data"]["requestId"]
+    client = app.test_client()
+    rejected = await client.post(f"/aura/hitl/reject/{request_id}", json={"reason": "not on Fridays"},
+                                 headers=bearer())
+    assert rejected.status_code == 200 and (await rejected.get_json())["reason"] == "not on Fridays"
+    events = await live.rest()
+    await context.__aexit__(None, None, None)
+    tools = [e["data"] for e in events if e["type"] == "tool_execution"]
+    assert [t["status"] for t in tools] == ["pending", "rejected"]
+    assert tools[-1]["error"] == "Rejected: not on Fridays"
+    assert git(repo, "log", "--format=%s") == "Initial commit"
+    assert events[-1]["data"]["status"] == "completed"
+    approve_after = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
+    assert approve_after.status_code == 409
+
+
+async def test_expired_request_answers_410(make_settings: Callable[..., Settings], workspace: Path) -> None:
+    staged_change(workspace)
+    app = create_app(make_settings(hitl={"timeout_seconds": 1, "recheck_seconds": 0.05}))
+    async with app.test_app():
+        context, live = await open_stream(app, COMMIT)
+        hitl = await live.until("hitl")
+        events = await live.rest()
+        await context.__aexit__(None, None, None)
+        assert [e["type"] for e in events][-2:] == ["error", "end"]
+        assert events[-2]["data"]["errorType"] == "hitl_timeout" and events[-1]["data"]["status"] == "timeout"
+        response = await app.test_client().post(f"/aura/hitl/approve/{hitl['data']['requestId']}", headers=bearer())
+        assert response.status_code == 410 and (await response.get_json())["code"] == "approval_expired"
+
+
+async def test_unknown_ids_and_bodies(app: Quart) -> None:
+    client = app.test_client()
+    assert (await client.get("/aura/hitl/requests/req_nope", headers=bearer())).status_code == 404
+    assert (await client.get("/aura/hitl/signals/ses_nope", headers=bearer())).status_code == 404
+    assert (await client.post("/aura/hitl/approve/req_nope", headers=bearer())).status_code == 404
+    bad = await client.post("/aura/hitl/reject/req_nope", data="{oops", headers=bearer())
+    assert bad.status_code == 422 and (await bad.get_json())["code"] == "validation_error"
+    no_token = await client.post("/aura/hitl/approve/req_nope")
+    assert no_token.status_code == 401 and no_token.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_pending_requests_of_the_caller(app: Quart, workspace: Path) -> None:
+    staged_change(workspace)
+    context, live = await open_stream(app, COMMIT)
+    hitl = await live.until("hitl")
+    client = app.test_client()
+    mine = await (await client.get("/aura/hitl/requests", headers=bearer())).get_json()
+    assert [r["requestId"] for r in mine["requests"]] == [hitl["data"]["requestId"]]
+    theirs = await (await client.get("/aura/hitl/requests", headers=bearer("bob"))).get_json()
+    assert theirs == {"requests": []}
+    await client.post(f"/aura/hitl/approve/{hitl['data']['requestId']}", headers=bearer())
+    await live.rest()
+    await context.__aexit__(None, None, None)
