@@ -44,7 +44,8 @@ class RunReader:
 
 
 @asynccontextmanager
-async def open_run(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[RunReader]:
+async def open_run(client: httpx.AsyncClient, body: dict[str, Any],
+                   headers: dict[str, str]) -> AsyncIterator[RunReader]:
     async with aconnect_sse(client, "POST", "/aura/test/stream", json=body, headers=headers) as source:
         if source.response.status_code != 200:
             await source.response.aread()
