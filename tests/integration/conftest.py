@@ -7,8 +7,7 @@ binary fails the run: these tests exist to prove the adapters against the real t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import os
 import selectors
 import shutil
 import socket
@@ -44,24 +43,28 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes]) -> list[str]:
-    """Read the server's log until it says it accepts connections; return what it printed."""
+def _wait_until_ready(process: subprocess.Popen[bytes]) -> None:
+    """Read the server's log until it says it accepts connections.
+
+    Reads the pipe unbuffered: a buffered readline could pull the ready line into Python's
+    buffer, where `select` no longer sees it."""
     assert process.stdout is not None
-    printed: list[str] = []
+    descriptor = process.stdout.fileno()
+    printed = b""
     deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(descriptor, selectors.EVENT_READ)
         while (remaining := deadline - time.monotonic()) > 0:
             if not selector.select(remaining):
                 break
-            line = process.stdout.readline().decode("utf-8", "replace")
-            if not line:  # the process exited
+            chunk = os.read(descriptor, 65536)
+            if not chunk:  # the process exited
                 break
-            printed.append(line)
-            if "Ready to accept connections" in line:
-                return printed
+            printed += chunk
+            if b"Ready to accept connections" in printed:
+                return
     process.kill()
-    pytest.fail("redis-server did not start:\n" + "".join(printed), pytrace=False)
+    pytest.fail("redis-server did not start:\n" + printed.decode("utf-8", "replace"), pytrace=False)
 
 
 def _drain(process: subprocess.Popen[bytes]) -> None:
@@ -147,87 +150,6 @@ async def real_redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-class _Link:
-    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
-        self.client = client
-        self.upstream = upstream
-        self.blackholed = False
-
-    def close(self) -> None:
-        self.client.close()
-        self.upstream.close()
-
-
-class RedisProxy:
-    """A TCP relay in front of the test server that a test can break on purpose: refuse new
-    connections (an outage) or silently swallow the traffic of the open ones (a half-open link)."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target_port = target_port
-        self._server: asyncio.Server | None = None
-        self._links: set[_Link] = set()
-        self._refusing = False
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def refuse_new_connections(self, refuse: bool) -> None:
-        self._refusing = refuse
-
-    def blackhole_open_connections(self) -> None:
-        for link in self._links:
-            link.blackholed = True
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for link in list(self._links):
-            link.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        if self._refusing:
-            client_writer.close()
-            return
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
-        except OSError:
-            client_writer.close()
-            return
-        link = _Link(client_writer, upstream_writer)
-        self._links.add(link)
-        try:
-            await asyncio.gather(
-                self._relay(client_reader, upstream_writer, link),
-                self._relay(upstream_reader, client_writer, link),
-            )
-        finally:
-            self._links.discard(link)
-            link.close()
-
-    @staticmethod
-    async def _relay(source: asyncio.StreamReader, target: asyncio.StreamWriter, link: _Link) -> None:
-        with contextlib.suppress(OSError):
-            while data := await source.read(65536):
-                if link.blackholed:
-                    continue
-                target.write(data)
-                await target.drain()
-        target.close()
-
-
 @pytest.fixture
-async def redis_proxy(redis_server: RedisServer) -> AsyncIterator[RedisProxy]:
-    proxy = RedisProxy(redis_server.port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
+def redis_server_port(redis_server: RedisServer) -> int:
+    return redis_server.port

@@ -1,0 +1,383 @@
+"""RedisSignalBus against fakeredis and a real redis-server: the stored and published signal, the
+one multiplexed Pub/Sub connection, reference-counted channels, and surviving connection loss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from adapters.redis import RedisSignalBus, SignalBusClosed, create_redis
+from domain.approval import Signal
+
+WAIT_SECONDS = 10.0
+APPROVAL = Signal.approval("req_00000000000000000000000000000001", "u1", 1767000000)
+REJECTION = Signal.rejection("req_00000000000000000000000000000002", "u1", 1767000001, "not now")
+
+
+def wire(signal: Signal) -> bytes:
+    return signal.to_json().encode("utf-8")
+
+
+@pytest.fixture
+async def bus(redis_client: Redis) -> AsyncIterator[RedisSignalBus]:
+    signal_bus = RedisSignalBus(redis_client)
+    try:
+        yield signal_bus
+    finally:
+        await signal_bus.close()
+
+
+async def subscriber_counts(client: Redis, *sessions: str) -> list[int]:
+    return [count for _, count in await client.pubsub_numsub(*(f"hitl:channel:{s}" for s in sessions))]
+
+
+async def pubsub_connections(client: Redis) -> int:
+    """Connections the server counts as subscribers (those with at least one channel)."""
+    return len(await client.client_list(_type="pubsub"))
+
+
+async def signal_bus_connections(client: Redis) -> int:
+    """Connections opened by signal buses, subscribed or not (they are named for it)."""
+    return sum(1 for entry in await client.client_list() if entry["name"] == "aura-hitl-signals")
+
+
+async def test_publish_stores_then_publishes_the_exact_json(redis_client: Redis, bus: RedisSignalBus) -> None:
+    receivers = await bus.publish("sess_a", REJECTION)
+
+    assert receivers == 0
+    assert wire(REJECTION) == (
+        b'{"type":"rejection","requestId":"req_00000000000000000000000000000002","status":"rejected",'
+        b'"reason":"not now","userId":"u1","timestamp":1767000001}'
+    )
+    assert await redis_client.get("hitl:signal:sess_a") == wire(REJECTION)
+    assert 298 <= await redis_client.ttl("hitl:signal:sess_a") <= 300
+
+
+async def test_publish_honours_the_configured_ttl(redis_client: Redis) -> None:
+    await RedisSignalBus(redis_client, signal_ttl_seconds=60).publish("sess_a", APPROVAL)
+
+    assert 58 <= await redis_client.ttl("hitl:signal:sess_a") <= 60
+
+
+async def test_a_signal_published_before_subscribing_is_read_through_latest(bus: RedisSignalBus) -> None:
+    assert await bus.latest("sess_a") is None
+    await bus.publish("sess_a", APPROVAL)
+
+    async with bus.subscribe("sess_a"):
+        assert await bus.latest("sess_a") == wire(APPROVAL)
+
+
+async def test_a_signal_published_after_subscribing_is_received(redis_client: Redis, bus: RedisSignalBus) -> None:
+    async with bus.subscribe("sess_a") as subscription:
+        # Subscribed means confirmed by the server: nothing published from here on is missed.
+        assert await subscriber_counts(redis_client, "sess_a") == [1]
+
+        assert await bus.publish("sess_a", APPROVAL) == 1
+
+        assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+        assert await bus.latest("sess_a") == wire(APPROVAL)
+
+
+async def test_a_foreign_publisher_is_received_byte_for_byte(redis_client: Redis, bus: RedisSignalBus) -> None:
+    async with bus.subscribe("sess_a") as subscription:
+        await redis_client.publish("hitl:channel:sess_a", b"\xff not json")
+
+        assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == b"\xff not json"
+
+
+async def test_waits_on_different_sessions_only_see_their_own_signals(bus: RedisSignalBus) -> None:
+    async with bus.subscribe("sess_a") as on_a, bus.subscribe("sess_b") as on_b:
+        await bus.publish("sess_b", REJECTION)
+        await bus.publish("sess_a", APPROVAL)
+
+        assert await asyncio.wait_for(on_a.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+        assert await asyncio.wait_for(on_b.next_message(), WAIT_SECONDS) == wire(REJECTION)
+
+
+async def test_two_waits_on_one_session_share_the_channel_until_the_last_leaves(
+    redis_client: Redis, bus: RedisSignalBus
+) -> None:
+    async with bus.subscribe("sess_a") as first:
+        async with bus.subscribe("sess_a") as second:
+            assert bus.live_channels() == 1
+            assert await subscriber_counts(redis_client, "sess_a") == [1]
+
+            assert await bus.publish("sess_a", APPROVAL) == 1
+
+            assert await asyncio.wait_for(first.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+            assert await asyncio.wait_for(second.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+
+        assert bus.live_channels() == 1
+        assert await subscriber_counts(redis_client, "sess_a") == [1]
+        await bus.publish("sess_a", REJECTION)
+        assert await asyncio.wait_for(first.next_message(), WAIT_SECONDS) == wire(REJECTION)
+
+    assert bus.live_channels() == 0
+    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+
+
+async def test_a_wait_that_fails_releases_its_channel(redis_client: Redis, bus: RedisSignalBus) -> None:
+    with pytest.raises(LookupError, match="boom"):
+        async with bus.subscribe("sess_a"):
+            raise LookupError("boom")
+
+    assert bus.live_channels() == 0
+    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+
+
+async def test_a_session_can_be_waited_on_again_after_its_channel_was_released(
+    redis_client: Redis, bus: RedisSignalBus
+) -> None:
+    async with bus.subscribe("sess_a"):
+        pass
+
+    async with bus.subscribe("sess_a") as again:
+        assert await subscriber_counts(redis_client, "sess_a") == [1]
+        await bus.publish("sess_a", APPROVAL)
+        assert await asyncio.wait_for(again.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+
+
+async def test_500_concurrent_waits_share_one_pubsub_connection_and_leave_no_channel(
+    redis_client: Redis, bus: RedisSignalBus, request: pytest.FixtureRequest
+) -> None:
+    real_server = request.node.callspec.params["redis_client"] == "redis-server"
+    finishing = [f"sess_finish_{i}" for i in range(200)]
+    abandoned = [f"sess_cancel_{i}" for i in range(200)]
+    interrupted = [f"sess_early_{i}" for i in range(100)]
+    subscribed = 0
+    all_subscribed = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def wait(session: str) -> str | bytes | None:
+        nonlocal subscribed
+        async with bus.subscribe(session) as subscription:
+            subscribed += 1
+            if subscribed == len(finishing) + len(abandoned):
+                all_subscribed.set()
+            if session.startswith("sess_finish"):
+                await finish.wait()
+                return None
+            return await subscription.next_message()
+
+    waits = {session: asyncio.create_task(wait(session)) for session in finishing + abandoned}
+    await asyncio.wait_for(all_subscribed.wait(), 60)
+    # A third group is cancelled while subscribing: one loop turn puts each of them inside
+    # subscribe(), before the server could possibly have confirmed.
+    early = [asyncio.create_task(wait(session)) for session in interrupted]
+    await asyncio.sleep(0)
+    for task in early:
+        task.cancel()
+
+    assert bus.live_channels() >= len(finishing) + len(abandoned)
+    assert await subscriber_counts(redis_client, *finishing, *abandoned) == [1] * 400
+    if real_server:
+        assert await pubsub_connections(redis_client) == 1
+        assert await signal_bus_connections(redis_client) == 1
+    await bus.publish(abandoned[0], APPROVAL)
+    assert await asyncio.wait_for(waits[abandoned[0]], WAIT_SECONDS) == wire(APPROVAL)
+
+    for session in abandoned[1:]:
+        waits[session].cancel()
+    finish.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*waits.values(), *early, return_exceptions=True), 60)
+
+    assert sum(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes) == 199 + 100
+    assert bus.live_channels() == 0
+    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+    if real_server:
+        assert await pubsub_connections(redis_client) == 0
+        assert await signal_bus_connections(redis_client) == 1
+
+
+async def test_a_wait_that_never_reads_keeps_only_the_newest_signals(redis_client: Redis) -> None:
+    bus = RedisSignalBus(redis_client, queue_size=2)
+    try:
+        async with bus.subscribe("sess_slow") as slow, bus.subscribe("sess_marker") as marker:
+            signals = [Signal.approval(f"req_{i}", "u1", i) for i in range(3)]
+            for signal in signals:
+                await bus.publish("sess_slow", signal)
+            await bus.publish("sess_marker", APPROVAL)
+            # One connection, one reader, in order: once the marker is here, so are all three.
+            assert await asyncio.wait_for(marker.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+
+            assert await slow.next_message() == wire(signals[1])
+            assert await slow.next_message() == wire(signals[2])
+    finally:
+        await bus.close()
+
+
+async def test_close_ends_open_waits_and_refuses_new_ones(redis_client: Redis) -> None:
+    bus = RedisSignalBus(redis_client)
+    async with bus.subscribe("sess_a") as subscription:
+        pending = asyncio.create_task(subscription.next_message())
+        await bus.close()
+
+        with pytest.raises(SignalBusClosed):
+            await asyncio.wait_for(pending, WAIT_SECONDS)
+        with pytest.raises(SignalBusClosed):
+            await subscription.next_message()
+
+    with pytest.raises(SignalBusClosed):
+        async with bus.subscribe("sess_b"):
+            pass
+
+
+# -- connection loss: real server only -----------------------------------------------------------
+
+
+class _Link:
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.blackholed = False
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+
+
+class RedisProxy:
+    """A TCP relay in front of the test server that a test can break on purpose: refuse new
+    connections (an outage) or silently swallow the traffic of the open ones (a half-open link)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._refusing = False
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def refuse_new_connections(self, refuse: bool) -> None:
+        self._refusing = refuse
+
+    def blackhole_open_connections(self) -> None:
+        for link in self._links:
+            link.blackholed = True
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            link.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            client_writer.close()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            client_writer.close()
+            return
+        link = _Link(client_writer, upstream_writer)
+        self._links.add(link)
+        try:
+            await asyncio.gather(
+                self._relay(client_reader, upstream_writer, link),
+                self._relay(upstream_reader, client_writer, link),
+            )
+        finally:
+            self._links.discard(link)
+            link.close()
+
+    @staticmethod
+    async def _relay(source: asyncio.StreamReader, target: asyncio.StreamWriter, link: _Link) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if link.blackholed:
+                    continue
+                target.write(data)
+                await target.drain()
+        target.close()
+
+
+@pytest.fixture
+async def redis_proxy(redis_server_port: int) -> AsyncIterator[RedisProxy]:
+    proxy = RedisProxy(redis_server_port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.redis_server
+async def test_a_wait_survives_its_pubsub_connection_being_killed(real_redis: Redis) -> None:
+    bus = RedisSignalBus(real_redis, reconnect_initial_delay_seconds=0.01)
+    try:
+        async with bus.subscribe("sess_a") as subscription:
+            assert await real_redis.client_kill_filter(_type="pubsub") == 1
+
+            # Whether the reader has resubscribed yet or not, the signal arrives: live, or
+            # re-read from hitl:signal after the resubscription.
+            await bus.publish("sess_a", APPROVAL)
+
+            assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+            assert bus.live_channels() == 1
+        assert await real_redis.pubsub_channels("hitl:channel:*") == []
+        assert await signal_bus_connections(real_redis) == 1
+    finally:
+        await bus.close()
+
+
+@pytest.fixture
+async def proxied_bus(redis_proxy: RedisProxy) -> AsyncIterator[RedisSignalBus]:
+    client = create_redis(redis_proxy.url)
+    bus = RedisSignalBus(client, reconnect_initial_delay_seconds=0.01, reconnect_max_delay_seconds=0.05)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+        await client.aclose()
+
+
+@pytest.mark.redis_server
+async def test_a_signal_published_while_the_connection_is_down_is_delivered_after_reconnecting(
+    real_redis: Redis, redis_proxy: RedisProxy, proxied_bus: RedisSignalBus
+) -> None:
+    async with proxied_bus.subscribe("sess_a") as subscription, proxied_bus.subscribe("sess_b") as other:
+        redis_proxy.refuse_new_connections(True)
+        assert await real_redis.client_kill_filter(_type="pubsub") == 1
+
+        # Nobody listens now, so only the stored copy can bring it to the waiter.
+        assert await RedisSignalBus(real_redis).publish("sess_a", APPROVAL) == 0
+        redis_proxy.refuse_new_connections(False)
+
+        assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+        # And the resubscribed channels are live again.
+        assert await subscriber_counts(real_redis, "sess_a", "sess_b") == [1, 1]
+        assert await RedisSignalBus(real_redis).publish("sess_b", REJECTION) == 1
+        assert await asyncio.wait_for(other.next_message(), WAIT_SECONDS) == wire(REJECTION)
+
+
+@pytest.mark.redis_server
+async def test_a_silently_dead_connection_is_detected_by_ping_and_replaced(
+    real_redis: Redis, redis_proxy: RedisProxy
+) -> None:
+    client = create_redis(redis_proxy.url)
+    bus = RedisSignalBus(client, idle_ping_seconds=0.1, reconnect_initial_delay_seconds=0.01)
+    try:
+        async with bus.subscribe("sess_a") as subscription:
+            redis_proxy.blackhole_open_connections()
+
+            # The server still counts the old subscriber, but nothing reaches it any more.
+            assert await RedisSignalBus(real_redis).publish("sess_a", APPROVAL) == 1
+
+            assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
+    finally:
+        await bus.close()
+        await client.aclose()
