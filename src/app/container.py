@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import socket
 from pathlib import Path
 
 from dependency_injector import containers, providers
@@ -15,11 +17,14 @@ from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.runs import RedisRunControl, RedisRunDirectory, RedisRunFollower
 from adapters.redis.signals import RedisSignalBus
 from adapters.system import SecureIdFactory, SystemClock
+from adapters.tools.dwp import dwp_tools
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app.settings import Settings
+from domain.access import RunAccess
 from domain.agent import Agent, AgentLimits
 from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
@@ -48,9 +53,17 @@ def _tool_registry(settings: Settings) -> ToolRegistry:
     tools = settings.tools
     workspace = Workspace(Path(tools.workspace_root))
     return ToolRegistry(
-        git_tools(workspace, timeout_seconds=tools.timeout_seconds, max_output_bytes=tools.max_output_bytes),
+        [
+            *git_tools(workspace, timeout_seconds=tools.timeout_seconds, max_output_bytes=tools.max_output_bytes),
+            *dwp_tools(tools.dwp_base_url, timeout_seconds=tools.dwp_timeout_seconds,
+                       max_response_bytes=tools.max_output_bytes),
+        ],
         approval_overrides=tools.approval_overrides,
     )
+
+
+def _instance_id(settings: Settings) -> str:
+    return settings.runs.instance_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
 
 def _chat_model(settings: Settings) -> ChatModel:
@@ -76,6 +89,7 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     clock = providers.Singleton(SystemClock)
+    instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
 
     redis = providers.Singleton(create_redis, settings.provided.redis.url)
@@ -87,6 +101,9 @@ class Container(containers.DeclarativeContainer):
         retention_seconds=settings.provided.events.retention_seconds,
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
+    run_directory = providers.Singleton(RedisRunDirectory, redis)
+    run_follower = providers.Singleton(RedisRunFollower, redis)
+    run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
     token_verifier = providers.Singleton(_token_verifier, settings, clock)
     authenticator = providers.Singleton(RequestAuthenticator, token_verifier,
@@ -113,14 +130,24 @@ class Container(containers.DeclarativeContainer):
         ),
     )
     run_service = providers.Singleton(
-        RunService, agent, clock, ids, event_log,
+        RunService, agent, clock, ids, event_log, run_directory,
         providers.Factory(RunLimits, max_run_seconds=settings.provided.agent.max_run_seconds,
-                          watcher_buffer=settings.provided.stream.watcher_buffer),
+                          watcher_buffer=settings.provided.stream.watcher_buffer,
+                          lease_seconds=settings.provided.runs.lease_seconds,
+                          retention_seconds=settings.provided.events.retention_seconds,
+                          max_runs_per_user=settings.provided.runs.max_per_user,
+                          max_runs_per_tenant=settings.provided.runs.max_per_tenant),
+        instance_id,
     )
+    run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
+                                     clock, lease_seconds=settings.provided.runs.lease_seconds)
     stream_config = providers.Singleton(
         StreamConfig,
         heartbeat_seconds=settings.provided.stream.heartbeat_seconds,
         max_context_bytes=settings.provided.stream.max_context_bytes,
         max_prompt_chars=settings.provided.stream.max_prompt_chars,
         on_disconnect=settings.provided.stream.on_disconnect,
+        max_stream_seconds=settings.provided.stream.max_stream_seconds,
+        reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
+        retention_seconds=settings.provided.events.retention_seconds,
     )

@@ -8,8 +8,9 @@ from quart import Quart
 from quart_schema import QuartSchema
 
 from adapters.http import routes
+from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.problems import register_problem_handlers
-from adapters.http.routes import health, hitl, stream
+from adapters.http.routes import health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -37,16 +38,29 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     register_problem_handlers(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
-    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name, hitl.bp.name})
+    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name})
 
     app.register_blueprint(health.bp)
     app.register_blueprint(stream.bp)
     app.register_blueprint(hitl.bp)
+    app.register_blueprint(runs.bp)
+
+    @app.before_serving
+    async def _start() -> None:
+        run_service = container.run_service()
+        container.run_control().listen(lambda run_id, reason: run_service.cancel(run_id, reason))
 
     @app.after_serving
     async def _shutdown() -> None:
         await container.run_service().shutdown()
+        await container.run_control().aclose()
+        await container.run_follower().aclose()
         await container.event_log().aclose()
         await container.signal_bus().close()
+
+    # Writes to a client that stopped reading must not block forever (hypercorn waits for the
+    # socket to drain); past the timeout the connection is dropped and the run follows its policy.
+    app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign, assignment]
+        app.asgi_app, settings.stream.send_timeout_seconds)
 
     return app

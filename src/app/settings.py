@@ -74,6 +74,7 @@ class ToolSettings(BaseModel):
     approval_overrides: dict[str, bool] = Field(default_factory=dict,
                                                 description="Per-tool override of 'needs approval'.")
     dwp_base_url: str | None = Field(None, description="DWP backend REST base URL; unset disables dwp_request.")
+    dwp_timeout_seconds: float = Field(15.0, gt=0, description="Timeout of one dwp_request call.")
 
 
 class ModelSettings(BaseModel):
@@ -95,7 +96,17 @@ class StreamSettings(BaseModel):
     max_context_bytes: int = Field(262_144, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1)
     on_disconnect: Literal["cancel", "continue"] = "cancel"
-    watcher_buffer: int = Field(4096, ge=16)
+    watcher_buffer: int = Field(4096, ge=16, description="Events buffered per connection before it is dropped.")
+    send_timeout_seconds: float = Field(30.0, gt=0, description="A client that reads nothing this long is dropped.")
+    max_stream_seconds: float = Field(3600.0, gt=0, description="A connection ends after this; the client resumes.")
+    reconnect_hint_ms: int = Field(1000, ge=0, description="The `retry:` hint sent when Aura ends a connection.")
+
+
+class RunSettings(BaseModel):
+    lease_seconds: float = Field(15.0, gt=0, description="Owner lease; followers report run_lost after it lapses.")
+    max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
+    max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
+    instance_id: str | None = Field(None, description="This instance's id; unset = hostname + random suffix.")
 
 
 class HitlSettings(BaseModel):
@@ -133,6 +144,7 @@ class Settings(BaseSettings):
     tools: ToolSettings = Field(default_factory=ToolSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    runs: RunSettings = Field(default_factory=RunSettings)
     hitl: HitlSettings = Field(default_factory=HitlSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     events: EventLogSettings = Field(default_factory=EventLogSettings)

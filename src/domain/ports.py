@@ -6,7 +6,7 @@ Adapters in `adapters/` implement them; the composition root in `app/` picks whi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -97,10 +97,15 @@ class EventLog(ABC):
     """Append-only record of a run's events, read back for resumes on any instance."""
 
     @abstractmethod
-    async def append(self, event: Event) -> None: ...
+    async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
+        """Log the event; when given, store the run's snapshot after it in the same round trip."""
 
     @abstractmethod
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]: ...
+
+    @abstractmethod
+    async def first_seq(self, run_id: str) -> int | None:
+        """The oldest retained seq; None when nothing is retained."""
 
     @abstractmethod
     async def close_run(self, run_id: str) -> None:

@@ -7,7 +7,6 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from domain.agent import Agent
 from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavailable
@@ -16,6 +15,7 @@ from domain.identity import Principal
 from domain.model import ChatMessage
 from domain.ports import Clock, EventLog, IdFactory
 from domain.run import DisconnectPolicy, Run, RunRequest
+from domain.runs import RunDirectory, RunRecord
 
 log = logging.getLogger("aura.runs")
 
@@ -87,17 +87,43 @@ class RunHandle:
 class RunLimits:
     max_run_seconds: float = 900.0
     watcher_buffer: int = 4096
+    lease_seconds: float = 15.0
+    retention_seconds: int = 3600
+    max_runs_per_user: int = 10
+    max_runs_per_tenant: int = 200
+
+
+class TooManyRuns(AuraError):
+    code = "too_many_runs"
+    retryable = True
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"Too many concurrent runs for this {scope} (limit {limit}); retry when one ends.")
+        self.scope = scope
+
+
+class ShuttingDown(AuraError):
+    code = "shutting_down"
+    retryable = True
+
+
+# Content chunks are the bulk of a run's events and change only the answer; the snapshot is saved
+# with every other event (and the final answer), so it costs little and is never far behind.
+_SNAPSHOT_SKIP = frozenset({EventType.CONTENT, EventType.THOUGHT})
 
 
 class RunService:
-    def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog,
-                 limits: RunLimits) -> None:
+    def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
+                 limits: RunLimits, instance_id: str) -> None:
         self._agent = agent
         self._clock = clock
         self._ids = ids
         self._log = event_log
+        self._directory = directory
         self._limits = limits
+        self.instance_id = instance_id
         self._runs: dict[str, RunHandle] = {}
+        self._lease_task: asyncio.Task[None] | None = None
         self.accepting = True
 
     # -- queries ---------------------------------------------------------------------------
@@ -110,22 +136,44 @@ class RunService:
     def new_trace_id(self) -> str:
         return self._ids.new_id("")[-32:]
 
-    # -- life cycle ------------------------------------------------------------------------
-    def start(self, principal: Principal, request: RunRequest, *, trace_id: str | None = None,
-              history: Sequence[ChatMessage] = ()) -> tuple[RunHandle, Subscription]:
-        """Create the run and its first watcher before the agent runs, so no event is missed."""
-        ids = RunIds(
+    def new_ids(self, request: RunRequest, trace_id: str | None = None) -> RunIds:
+        return RunIds(
             run_id=self._ids.new_id("run"),
             session_id=self._ids.new_id("ses"),
             thread_id=request.thread_id or self._ids.new_id("thr"),
             trace_id=trace_id or self.new_trace_id(),
         )
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self, principal: Principal, request: RunRequest, *, ids: RunIds | None = None,
+                    trace_id: str | None = None,
+                    history: Sequence[ChatMessage] = ()) -> tuple[RunHandle, Subscription]:
+        """Admit the run (limits), record it in the directory with this instance's lease, and
+        create its first watcher before the agent runs, so no event is missed."""
+        if not self.accepting:
+            raise ShuttingDown("Aura is shutting down; retry on another instance.")
+        ids = ids or self.new_ids(request, trace_id)
+        full = await self._directory.acquire_slot(
+            principal.tenant_id, principal.user_id, ids.run_id, user_limit=self._limits.max_runs_per_user,
+            tenant_limit=self._limits.max_runs_per_tenant, lease_seconds=self._limits.max_run_seconds)
+        if full is not None:
+            raise TooManyRuns(full, self._limits.max_runs_per_user if full == "user"
+                              else self._limits.max_runs_per_tenant)
+        try:
+            await self._directory.register(RunRecord(
+                run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
+                tenant_id=principal.tenant_id, user_id=principal.user_id, instance_id=self.instance_id,
+                created_at=self._clock.timestamp()), self._limits.lease_seconds)
+        except BaseException:
+            await self._directory.release_slot(principal.tenant_id, principal.user_id, ids.run_id)
+            raise
         watchers: set[Subscription] = set()
-        run = Run(ids, principal, request, self._clock, partial(self._publish, watchers))
+        run = Run(ids, principal, request, self._clock, lambda event: self._publish(run, watchers, event))
         handle = RunHandle(run=run, task=None, watchers=watchers)
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
         handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}")
+        self._ensure_lease_renewal()
         return handle, watcher
 
     def watch(self, handle: RunHandle) -> Subscription:
@@ -154,13 +202,33 @@ class RunService:
         tasks = [h.task for h in handles if h.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+
+    def _ensure_lease_renewal(self) -> None:
+        if self._lease_task is None or self._lease_task.done():
+            self._lease_task = asyncio.create_task(self._renew_leases(), name="run lease renewal")
+
+    async def _renew_leases(self) -> None:
+        """One loop per process renews the leases of all its runs in one round trip."""
+        interval = self._limits.lease_seconds / 3
+        while self._runs:
+            await asyncio.sleep(interval)
+            try:
+                await self._directory.renew_leases(list(self._runs), self.instance_id, self._limits.lease_seconds)
+            except StoreUnavailable:
+                log.warning("could not renew run leases")
 
     # -- internals -------------------------------------------------------------------------
-    async def _publish(self, watchers: set[Subscription], event: Event) -> None:
+    async def _publish(self, run: Run, watchers: set[Subscription], event: Event) -> None:
         """Log first, then feed the in-process watchers directly (no Redis round trip)."""
         failure: Exception | None = None
+        snapshot = None
+        if event.type not in _SNAPSHOT_SKIP or (event.type is EventType.CONTENT and not event.data.get("chunk")):
+            snapshot = run.snapshot()
         try:
-            await self._log.append(event)
+            await self._log.append(event, snapshot)
         except StoreUnavailable as exc:
             failure = exc
         for watcher in tuple(watchers):
@@ -200,8 +268,10 @@ class RunService:
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)
+                await self._directory.finish(run.ids.run_id, run.status.value, self._limits.retention_seconds)
+                await self._directory.release_slot(run.principal.tenant_id, run.principal.user_id, run.ids.run_id)
             except StoreUnavailable:
-                log.warning("could not set the retention of run %s's event log", run.ids.run_id)
+                log.warning("could not record the end of run %s in the directory", run.ids.run_id)
 
     async def _finish(self, run: Run, status: RunStatus, reason: str, message: str,
                       error: tuple[str, bool] | None = None) -> None:

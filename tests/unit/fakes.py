@@ -15,6 +15,7 @@ from domain.errors import ToolFailure
 from domain.events import Event
 from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
 from domain.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
+from domain.runs import IdempotencyClaim, RunControl, RunDirectory, RunFollower, RunRecord
 from domain.tools import Tool, ToolContext, ToolSpec
 
 
@@ -111,16 +112,122 @@ class MemorySignalBus(SignalBus):
 class MemoryEventLog(EventLog):
     def __init__(self) -> None:
         self.events: dict[str, list[Event]] = defaultdict(list)
+        self.snapshots: dict[str, Mapping[str, Any]] = {}
         self.closed: set[str] = set()
 
-    async def append(self, event: Event) -> None:
-        self.events[event.ids.run_id].append(event)
+    async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
+        log = self.events[event.ids.run_id]
+        if log and event.seq <= log[-1].seq:
+            return
+        log.append(event)
+        if snapshot is not None:
+            self.snapshots[event.ids.run_id] = snapshot
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         return [e for e in self.events.get(run_id, []) if e.seq > after_seq][:limit]
 
+    async def first_seq(self, run_id: str) -> int | None:
+        log = self.events.get(run_id)
+        return log[0].seq if log else None
+
+    def trim(self, run_id: str, keep_from_seq: int) -> None:
+        self.events[run_id] = [e for e in self.events[run_id] if e.seq >= keep_from_seq]
+
     async def close_run(self, run_id: str) -> None:
         self.closed.add(run_id)
+
+
+class MemoryRunDirectory(RunDirectory):
+    def __init__(self, log: MemoryEventLog) -> None:
+        self.records: dict[str, RunRecord] = {}
+        self.leases: dict[str, str] = {}
+        self.idempotency: dict[tuple[str, str, str], IdempotencyClaim] = {}
+        self.slots: dict[str, set[str]] = defaultdict(set)
+        self._log = log
+
+    async def register(self, record: RunRecord, lease_seconds: float) -> None:
+        self.records[record.run_id] = record
+        self.leases[record.run_id] = record.instance_id
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        return self.records.get(run_id)
+
+    async def finish(self, run_id: str, status: str, retention_seconds: int) -> None:
+        if run_id in self.records:
+            self.records[run_id] = replace(self.records[run_id], status=status)
+        self.leases.pop(run_id, None)
+
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> None:
+        for run_id in run_ids:
+            self.leases[run_id] = instance_id
+
+    async def lease_holder(self, run_id: str) -> str | None:
+        return self.leases.get(run_id)
+
+    async def claim_idempotency(self, tenant_id: str, user_id: str, key: str, run_id: str, fingerprint: str,
+                                ttl_seconds: int) -> IdempotencyClaim | None:
+        existing = self.idempotency.get((tenant_id, user_id, key))
+        if existing is None:
+            self.idempotency[(tenant_id, user_id, key)] = IdempotencyClaim(run_id, fingerprint)
+        return existing
+
+    async def release_idempotency(self, tenant_id: str, user_id: str, key: str) -> None:
+        self.idempotency.pop((tenant_id, user_id, key), None)
+
+    async def acquire_slot(self, tenant_id: str, user_id: str, run_id: str, *, user_limit: int,
+                           tenant_limit: int, lease_seconds: float) -> str | None:
+        if len(self.slots[f"user:{tenant_id}:{user_id}"]) >= user_limit:
+            return "user"
+        if len(self.slots[f"tenant:{tenant_id}"]) >= tenant_limit:
+            return "tenant"
+        self.slots[f"user:{tenant_id}:{user_id}"].add(run_id)
+        self.slots[f"tenant:{tenant_id}"].add(run_id)
+        return None
+
+    async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None:
+        self.slots[f"user:{tenant_id}:{user_id}"].discard(run_id)
+        self.slots[f"tenant:{tenant_id}"].discard(run_id)
+
+    async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
+        self._log.snapshots[run_id] = snapshot
+
+    async def get_snapshot(self, run_id: str) -> dict[str, Any] | None:
+        snapshot = self._log.snapshots.get(run_id)
+        return None if snapshot is None else dict(snapshot)
+
+
+class LogPollingFollower(RunFollower):
+    """Follows the memory log by polling it; yields None when nothing new arrived."""
+
+    def __init__(self, log: MemoryEventLog) -> None:
+        self._log = log
+
+    async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
+        last = after_seq
+        while True:
+            batch = await self._log.read_after(run_id, last)
+            if not batch:
+                await asyncio.sleep(0.001)
+                yield None
+                continue
+            for event in batch:
+                last = event.seq
+                yield event
+
+    async def append_if_absent(self, event: Event) -> bool:
+        log = self._log.events[event.ids.run_id]
+        if log and log[-1].seq >= event.seq:
+            return False
+        log.append(event)
+        return True
+
+
+class RecordingControl(RunControl):
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str]] = []
+
+    async def request_cancel(self, instance_id: str, run_id: str, reason: str) -> None:
+        self.requests.append((instance_id, run_id, reason))
 
 
 Script = Callable[[ChatRequest], list[ModelChunk]]

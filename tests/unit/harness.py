@@ -16,6 +16,7 @@ from tests.unit.fakes import (
     FakeClock,
     MemoryApprovalStore,
     MemoryEventLog,
+    MemoryRunDirectory,
     MemorySignalBus,
     ScriptedModel,
     SequentialIds,
@@ -39,13 +40,15 @@ class Harness:
         self.store = MemoryApprovalStore()
         self.bus = MemorySignalBus()
         self.log = MemoryEventLog()
+        self.directory = MemoryRunDirectory(self.log)
         self.registry = ToolRegistry(self.tools, approval_overrides=self.approval_overrides)
         self.gate = ApprovalGate(self.store, self.bus, self.clock, self.ids, self.gate_settings)
         self.agent = Agent(self.model, self.registry, self.gate, self.limits)
-        self.service = RunService(self.agent, self.clock, self.ids, self.log, self.run_limits)
+        self.service = RunService(self.agent, self.clock, self.ids, self.log, self.directory, self.run_limits,
+                                  "instance-a")
 
-    def start(self, prompt: str = "Do it", **request: Any) -> tuple[Any, Subscription]:
-        return self.service.start(ALICE, RunRequest(prompt=prompt, **request))
+    async def start(self, prompt: str = "Do it", **request: Any) -> tuple[Any, Subscription]:
+        return await self.service.start(ALICE, RunRequest(prompt=prompt, **request))
 
 
 async def collect(watcher: Subscription, wait_seconds: float = 5.0) -> list[Event]:

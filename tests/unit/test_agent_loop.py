@@ -49,7 +49,7 @@ async def test_multi_step_plan_runs_every_step_in_order_with_exact_events() -> N
         text("Hello", " world"),
     )
     h = Harness(model, tools=[read])
-    handle, watcher = h.start("Please check", context={"title": "Orders", "path": "/orders"})
+    handle, watcher = await h.start("Please check", context={"title": "Orders", "path": "/orders"})
     events = await collect(watcher)
 
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
@@ -95,7 +95,7 @@ async def test_multi_step_plan_runs_every_step_in_order_with_exact_events() -> N
 
 async def test_analysis_thought_names_the_context_it_used_as_sources() -> None:
     h = Harness(ScriptedModel(text('{"steps": []}'), text("direct"), text("ok")))
-    _, watcher = h.start("hi", context={"title": "Orders", "itemId": 7, "custom": "kept"},
+    _, watcher = await h.start("hi", context={"title": "Orders", "itemId": 7, "custom": "kept"},
                          source="FRONTEND")
     events = await collect(watcher)
     analysis = next(e for e in events if e.data.get("thoughtType") == "analysis")
@@ -111,7 +111,7 @@ async def test_analysis_thought_names_the_context_it_used_as_sources() -> None:
 async def test_free_text_plan_falls_back_to_listed_steps() -> None:
     h = Harness(ScriptedModel(text("Sure! Here is my plan:\n1. Read the page\n2. Reply"),
                               text("read"), text("replied"), text("Done.")))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert [s for s in summary(events) if s[0] == "plan_step"] == [
         ("plan_step", "step_1", "Read the page"), ("plan_step", "step_2", "Reply")]
@@ -126,7 +126,7 @@ async def test_failing_tool_is_reported_fed_back_and_the_run_continues() -> None
         text(json.dumps({"steps": [{"description": "Try", "tool": "broken"}]})),
         tool_call("broken", "{}"), text("it failed"), text("Sorry, it failed."),
     ), tools=[broken])
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     tools = [e.data for e in events if e.type.value == "tool_execution"]
     assert [t["status"] for t in tools] == ["pending", "running", "failed"]
@@ -140,7 +140,7 @@ async def test_invalid_tool_arguments_are_refused_and_told_to_the_model() -> Non
     read = RecordingTool("read")
     h = Harness(ScriptedModel(text('{"steps": [{"description": "x"}]}'),
                               tool_call("read", '{"value": 3}'), text("bad args"), text("done")), tools=[read])
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     failed = [e.data for e in events if e.type.value == "tool_execution"]
     assert [f["status"] for f in failed] == ["failed"]
@@ -150,7 +150,7 @@ async def test_invalid_tool_arguments_are_refused_and_told_to_the_model() -> Non
 
 async def test_unknown_tool_in_plan_ends_with_a_clear_error() -> None:
     h = Harness(ScriptedModel(text('{"steps": [{"description": "x", "tool": "rm_rf"}]}')))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert summary(events)[-2:] == [("error", "unknown_tool"), ("end", "failed", "unknown_tool")]
     assert "rm_rf" in events[-2].data["message"]
@@ -159,7 +159,7 @@ async def test_unknown_tool_in_plan_ends_with_a_clear_error() -> None:
 async def test_budget_on_steps_ends_the_run_with_budget_exceeded() -> None:
     plan = json.dumps({"steps": [{"description": f"s{i}"} for i in range(5)]})
     h = Harness(ScriptedModel(text(plan)), limits=AgentLimits(max_steps=4))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert summary(events)[-2:] == [("error", "budget_exceeded"), ("end", "failed", "budget_exceeded")]
     assert events[-2].data["retryable"] is False
@@ -170,7 +170,7 @@ async def test_budget_on_tool_calls_ends_the_run() -> None:
     h = Harness(ScriptedModel(text('{"steps": [{"description": "x"}]}'),
                               tool_calls(("read", "{}", "a"), ("read", "{}", "b"), ("read", "{}", "c"))),
                 tools=[read], limits=AgentLimits(max_tool_calls=2))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert len(read.calls) == 2
     assert summary(events)[-2:] == [("error", "budget_exceeded"), ("end", "failed", "budget_exceeded")]
@@ -178,7 +178,7 @@ async def test_budget_on_tool_calls_ends_the_run() -> None:
 
 async def test_model_failure_maps_to_its_stable_code() -> None:
     h = Harness(ScriptedModel([ModelError("The model timed out.", code="llm_timeout", retryable=True)]))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert summary(events)[-2:] == [("error", "llm_timeout"), ("end", "failed", "llm_timeout")]
     assert events[-2].data == {"errorType": "llm_timeout", "message": "The model timed out.", "retryable": True}
@@ -186,7 +186,7 @@ async def test_model_failure_maps_to_its_stable_code() -> None:
 
 async def test_unexpected_exception_never_leaks_its_text() -> None:
     h = Harness(ScriptedModel([RuntimeError("password=hunter2 at /etc/secret")]))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     error = events[-2].data
     assert error["errorType"] == "internal_error" and "hunter2" not in error["message"]
@@ -196,7 +196,7 @@ async def test_unexpected_exception_never_leaks_its_text() -> None:
 async def test_tokens_stream_in_order_before_the_final_answer() -> None:
     chunks = [f"t{i} " for i in range(30)]
     h = Harness(ScriptedModel(text('{"steps": []}'), text("ok"), text(*chunks)))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     contents = [e.data for e in events if e.type.value == "content"]
     assert [c["content"] for c in contents[:-1]] == chunks
@@ -207,7 +207,7 @@ async def test_tokens_stream_in_order_before_the_final_answer() -> None:
 
 async def test_empty_answer_is_a_bad_model_response() -> None:
     h = Harness(ScriptedModel(text('{"steps": []}'), text("ok"), [ContentDelta("")]))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await collect(watcher)
     assert summary(events)[-2:] == [("error", "llm_bad_response"), ("end", "failed", "llm_bad_response")]
 
@@ -226,7 +226,7 @@ async def test_cancel_ends_the_run_with_a_cancelled_end_event() -> None:
             yield  # pragma: no cover
 
     h = Harness(SlowModel())
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     await asyncio.wait_for(started.wait(), 5)
     assert h.service.cancel(handle.run_id, "user_cancelled") is True
     events = await collect(watcher)
@@ -244,7 +244,7 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
                 yield chunk
 
     h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     h.service.release(handle, watcher, disconnected=True)
     assert handle.task is not None
     await asyncio.wait_for(asyncio.shield(handle.task), 5)
@@ -253,7 +253,7 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
     from domain.run import DisconnectPolicy
 
     h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
-    handle2, watcher2 = h2.start(on_disconnect=DisconnectPolicy.CONTINUE)
+    handle2, watcher2 = await h2.start(on_disconnect=DisconnectPolicy.CONTINUE)
     h2.service.release(handle2, watcher2, disconnected=True)
     gate_open.set()
     assert handle2.task is not None
@@ -264,9 +264,9 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
 async def test_principal_and_seq_are_per_run() -> None:
     h = Harness(ScriptedModel(text('{"steps": []}'), text("a"), text("x"),
                               text('{"steps": []}'), text("b"), text("y")))
-    first, w1 = h.start()
+    first, w1 = await h.start()
     e1 = await collect(w1)
-    second, w2 = h.start()
+    second, w2 = await h.start()
     e2 = await collect(w2)
     assert e1[0].seq == e2[0].seq == 1
     assert first.run.ids.session_id != second.run.ids.session_id

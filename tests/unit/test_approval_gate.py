@@ -39,7 +39,7 @@ async def finish(watcher: Subscription, seen: list[Event]) -> list[Event]:
 
 async def test_approval_runs_the_tool_and_records_the_decider() -> None:
     h, commit = approval_harness()
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     request_id = hitl.data["requestId"]
@@ -73,7 +73,7 @@ async def test_approval_runs_the_tool_and_records_the_decider() -> None:
 
 async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> None:
     h, commit = approval_harness()
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     await h.bus.publish(handle.run.ids.session_id,
@@ -101,7 +101,7 @@ async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> N
 ])
 async def test_signals_that_are_not_a_valid_decision_of_this_request_are_ignored(raw: str) -> None:
     h, commit = approval_harness()
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     request_id = hitl.data["requestId"]
@@ -127,14 +127,14 @@ async def test_a_signal_stored_before_the_wait_is_honoured() -> None:
         h.bus.stored[request.session_id] = Signal.approval(request.request_id, "bob", 1).to_json()
 
     h.store.create = create_and_presign  # type: ignore[method-assign]
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await finish(watcher, [])
     assert commit.calls == [{"value": "v"}] and events[-1].data["status"] == "completed"
 
 
 async def test_a_decision_made_through_the_store_is_seen_without_any_signal() -> None:
     h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     await h.store.decide(hitl.data["requestId"], ApprovalStatus.APPROVED, decided_by="api-user",
@@ -145,7 +145,7 @@ async def test_a_decision_made_through_the_store_is_seen_without_any_signal() ->
 
 async def test_the_second_decision_changes_nothing() -> None:
     h, commit = approval_harness()
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     request_id, session = hitl.data["requestId"], handle.run.ids.session_id
@@ -160,7 +160,7 @@ async def test_the_second_decision_changes_nothing() -> None:
 
 async def test_expiry_ends_with_hitl_timeout_and_never_runs_the_tool() -> None:
     h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
-    _, watcher = h.start()
+    _, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     h.clock.value += 301
@@ -177,7 +177,7 @@ async def test_expiry_ends_with_hitl_timeout_and_never_runs_the_tool() -> None:
 
 async def test_cancel_while_waiting_cancels_the_request_and_releases_the_subscription() -> None:
     h, commit = approval_harness()
-    handle, watcher = h.start()
+    handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     h.service.cancel(handle.run_id, "user_cancelled")
@@ -189,7 +189,7 @@ async def test_cancel_while_waiting_cancels_the_request_and_releases_the_subscri
 
 async def test_approval_override_from_settings_removes_the_gate() -> None:
     h, commit = approval_harness(approval_overrides={"commit": False})
-    _, watcher = h.start()
+    _, watcher = await h.start()
     events = await finish(watcher, [])
     assert not any(e.type.value == "hitl" for e in events)
     assert commit.calls == [{"value": "v"}]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -29,11 +29,20 @@ def event_log_key(run_id: str) -> str:
     return f"aura:run:{run_id}:events"
 
 
+def snapshot_key(run_id: str) -> str:
+    return f"aura:run:{run_id}:snapshot"
+
+
 @dataclass(slots=True)
 class _PendingAppend:
     event: Event
     payload: bytes
+    snapshot: bytes | None
     done: asyncio.Future[None]
+
+    @property
+    def commands(self) -> int:
+        return 1 + (self.event.seq == 1) + (self.snapshot is not None)
 
 
 class RedisEventLog(EventLog):
@@ -49,9 +58,10 @@ class RedisEventLog(EventLog):
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def append(self, event: Event) -> None:
+    async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        pending = _PendingAppend(event, orjson.dumps(event.envelope()), loop.create_future())
+        pending = _PendingAppend(event, orjson.dumps(event.envelope()),
+                                 None if snapshot is None else orjson.dumps(snapshot), loop.create_future())
         self._queue.append(pending)
         self._wakeup.set()
         if self._flusher is None or self._flusher.done():
@@ -74,6 +84,8 @@ class RedisEventLog(EventLog):
                       approximate=True)
             if item.event.seq == 1:
                 pipe.expire(key, self._active_ttl)
+            if item.snapshot is not None:
+                pipe.set(snapshot_key(item.event.ids.run_id), item.snapshot, ex=self._active_ttl)
         try:
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
@@ -85,7 +97,7 @@ class RedisEventLog(EventLog):
         index = 0
         for item in batch:
             result = results[index]
-            index += 2 if item.event.seq == 1 else 1
+            index += item.commands
             if item.done.done():
                 continue
             if isinstance(result, ResponseError) and "equal or smaller" in str(result):
@@ -117,7 +129,10 @@ class RedisEventLog(EventLog):
 
     async def close_run(self, run_id: str) -> None:
         try:
-            await self._redis.expire(event_log_key(run_id), self._retention)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.expire(event_log_key(run_id), self._retention)
+            pipe.expire(snapshot_key(run_id), self._retention)
+            await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Literal
 
@@ -12,15 +13,18 @@ from quart import Blueprint, Response, g, request
 from quart_schema import validate_request
 
 from adapters.http.problems import Problem
-from adapters.http.routes.streaming import StreamConfig, live_frames, sse_response
+from adapters.http.routes.runs import last_event_id
+from adapters.http.routes.streaming import StreamConfig, live_frames, resumed_frames, sse_response
 from adapters.http.web import current_principal
+from domain.access import Attached, RunAccess
 from domain.run import DisconnectPolicy, RunRequest
-from domain.service import RunService
+from domain.service import RunService, ShuttingDown, TooManyRuns
 
 bp = Blueprint("stream", __name__)
 
 SOURCES = ("AURA", "FRONTEND", "INTERNAL", "BATCH")
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 class PageContext(BaseModel):
@@ -73,6 +77,7 @@ def _optional_header(name: str, allowed: tuple[str, ...] | None = None) -> str |
 @validate_request(StreamRequest)
 @inject
 async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
+                 access: RunAccess = Provide["run_access"],
                  config: StreamConfig = Provide["stream_config"]) -> Response:
     """Start an agent run and stream its events as Server-Sent Events."""
     if len(data.prompt) > config.max_prompt_chars:
@@ -82,9 +87,6 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
     if size > config.max_context_bytes:
         raise Problem(422, "context_too_large",
                       f"context is {size} bytes of UTF-8 JSON; at most {config.max_context_bytes} are allowed.")
-    if not runs.accepting:
-        raise Problem(503, "shutting_down", "Aura is shutting down; retry on another instance.",
-                      headers={"Retry-After": "1"})
     run_request = RunRequest(
         prompt=data.prompt,
         context=context,
@@ -95,6 +97,23 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
         on_disconnect=DisconnectPolicy(data.on_disconnect or config.on_disconnect),
         traceparent=g.traceparent,
     )
-    handle, watcher = runs.start(current_principal(), run_request, trace_id=g.trace_id)
-    return sse_response(live_frames(runs, handle, watcher, config.heartbeat_seconds),
-                        {"X-Aura-Run-ID": handle.run_id})
+    idempotency = None
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        if not _IDEMPOTENCY_KEY.match(key):
+            raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII characters.")
+        fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
+                                                  option=orjson.OPT_SORT_KEYS)).hexdigest()
+        idempotency = (key, fingerprint)
+    try:
+        outcome = await access.start(current_principal(), run_request, trace_id=g.trace_id, idempotency=idempotency,
+                                     after_seq=last_event_id(), heartbeat_seconds=config.heartbeat_seconds,
+                                     retention_seconds=config.retention_seconds)
+    except TooManyRuns as error:
+        raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None
+    except ShuttingDown as error:
+        raise Problem(503, error.code, error.message, headers={"Retry-After": "1"}) from None
+    if isinstance(outcome, Attached):
+        return sse_response(resumed_frames(outcome.items, config), {"X-Aura-Run-ID": outcome.run_id})
+    return sse_response(live_frames(runs, outcome.handle, outcome.watcher, config),
+                        {"X-Aura-Run-ID": outcome.handle.run_id})

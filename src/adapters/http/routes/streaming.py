@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import orjson
 from quart import Response, request
 
-from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_run_event
+from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
+from domain.access import Notice, ResumeItem
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 
@@ -17,6 +20,9 @@ class StreamConfig:
     max_context_bytes: int = 262_144
     max_prompt_chars: int = 32_000
     on_disconnect: str = "cancel"
+    max_stream_seconds: float = 3600.0
+    reconnect_hint_ms: int = 1000
+    retention_seconds: int = 3600
 
 
 def sse_headers() -> dict[str, str]:
@@ -30,17 +36,30 @@ def sse_headers() -> dict[str, str]:
     return headers
 
 
+def reconnect_frame(config: StreamConfig, why: str) -> bytes:
+    """Ends a connection the run outlives: the client reconnects with Last-Event-ID and resumes."""
+    return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n\n".encode()
+
+
 async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription,
-                      heartbeat_seconds: float) -> AsyncIterator[bytes]:
+                      config: StreamConfig) -> AsyncIterator[bytes]:
     """Frames of one watcher until `end` + [DONE]. A comment heartbeat whenever the stream was
     quiet for the interval. When the client goes away the generator is cancelled, and `release`
     applies the run's disconnect policy."""
     finished = False
+    deadline = time.monotonic() + config.max_stream_seconds
     try:
         while True:
-            event = await watcher.next(heartbeat_seconds)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # a long run outlives one connection: the client resumes, the run goes on
+                finished = True
+                yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
+                return
+            event = await watcher.next(min(config.heartbeat_seconds, remaining))
             if event is None:
-                yield HEARTBEAT_FRAME
+                if time.monotonic() < deadline:
+                    yield HEARTBEAT_FRAME
                 continue
             yield encode_run_event(event)
             if event.is_terminal:
@@ -48,11 +67,35 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
                 yield DONE_FRAME
                 return
     except SubscriptionOverflow:
-        # The client reads slower than the run writes: drop this connection (not the run's
-        # state); the client resumes from the event log with Last-Event-ID.
-        yield encode_comment("too far behind; reconnect with Last-Event-ID to resume")
+        # The client reads slower than the run writes: drop this connection (not the run); the
+        # client resumes from the event log with Last-Event-ID. Not a disconnect: the run goes on.
+        finished = True
+        yield reconnect_frame(config, "too far behind; reconnect with Last-Event-ID to resume")
     finally:
         runs.release(handle, watcher, disconnected=not finished)
+
+
+def encode_notice(notice: Notice) -> bytes:
+    # No `id:` line: a notice is not part of the run's sequence, so it must not move Last-Event-ID.
+    return encode_event(orjson.dumps(notice.envelope()).decode(), event=notice.type.value)
+
+
+async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig) -> AsyncIterator[bytes]:
+    deadline = time.monotonic() + config.max_stream_seconds
+    async for item in items:
+        if item is None:
+            yield HEARTBEAT_FRAME
+        elif isinstance(item, Notice):
+            yield encode_notice(item)
+        else:
+            yield encode_run_event(item)
+            if item.is_terminal:
+                yield DONE_FRAME
+                return
+        if time.monotonic() >= deadline:
+            yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
+            return
+    yield DONE_FRAME
 
 
 def sse_response(frames: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None) -> Response:

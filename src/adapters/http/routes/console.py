@@ -1,0 +1,132 @@
+"""The Aura console: a static, framework-free page for trying runs and approvals in a browser.
+
+The page and its assets need no authentication (they hold no data); every API call the page makes
+carries the bearer token the user pastes. In dev mode the page may also ask for a dev token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dependency_injector.wiring import Provide, inject
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from quart import Blueprint, Response, request
+from quart_schema import RequestSchemaValidationError, document_request, hide
+
+from adapters.http.problems import Problem
+
+bp = Blueprint("console", __name__)
+
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
+
+# The only files served, so no request path can reach anything else on disk.
+ASSETS: dict[str, str] = {
+    "index.html": "text/html; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+    "aura-client.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+}
+
+# Same-origin scripts, styles and fetches only: no inline code, no third party, no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    # Small files that change with every deploy: revalidate instead of serving a stale console.
+    "Cache-Control": "no-cache",
+}
+_IDENTIFIER = r"^[A-Za-z0-9_.@:\-]{1,128}$"
+
+DEV_USER, DEV_TENANT, DEV_ROLE = "dev-user", "dev-tenant", "admin"
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """What the console may offer. `mint_dev_token(user, tenant, role)` returns a signed token; it
+    is None whenever tokens must not be minted (always outside dev mode)."""
+
+    dev_mode: bool
+    mint_dev_token: Callable[[str, str, str | None], str] | None
+
+    @property
+    def can_mint(self) -> bool:
+        return self.dev_mode and self.mint_dev_token is not None
+
+
+class DevTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    user: str = Field(DEV_USER, pattern=_IDENTIFIER, description="The token's `sub`.")
+    tenant: str = Field(DEV_TENANT, pattern=_IDENTIFIER, description="The token's `tenant_id`.")
+    role: str | None = Field(DEV_ROLE, pattern=_IDENTIFIER, description="The token's `role`, or null for none.")
+
+
+async def _asset(name: str) -> Response:
+    content_type = ASSETS.get(name)
+    if content_type is None:
+        raise Problem(404, "not_found", "The console has no such file.")
+    body = await asyncio.to_thread((CONSOLE_DIR / name).read_bytes)
+    return Response(body, status=200, content_type=content_type, headers=_SECURITY_HEADERS)
+
+
+@bp.get("/aura/console")
+@hide
+async def page() -> Response:
+    """The console page."""
+    return await _asset("index.html")
+
+
+@bp.get("/aura/console/")
+@hide
+async def page_with_slash() -> Response:
+    # A relative Location keeps working behind the gateway's /api prefix; the page's relative
+    # asset URLs only resolve from /aura/console itself.
+    return Response("", status=308, headers={"Location": "../console"})
+
+
+@bp.get("/aura/console/<name>")
+@hide
+async def asset(name: str) -> Response:
+    """The console's scripts and styles."""
+    return await _asset(name)
+
+
+@bp.get("/aura/console/config")
+@inject
+async def console_config(config: ConsoleConfig = Provide["console_config"]) -> dict[str, Any]:
+    """What the console page may offer: `devMode` is true when it may mint dev tokens."""
+    return {"devMode": config.can_mint}
+
+
+async def _dev_token_request() -> DevTokenRequest:
+    """The body is optional: none, empty, or a JSON object overriding user, tenant or role."""
+    raw = await request.get_data(as_text=True)
+    if not raw.strip():
+        return DevTokenRequest()
+    try:
+        return DevTokenRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestSchemaValidationError(exc) from None
+
+
+@bp.post("/aura/console/dev-token")
+@document_request(DevTokenRequest)
+@inject
+async def dev_token(config: ConsoleConfig = Provide["console_config"]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Mint a short-lived token for the console. Dev mode only: 404 otherwise."""
+    if not config.can_mint or config.mint_dev_token is None:
+        raise Problem(404, "not_found", "Dev tokens are only minted when Aura runs in dev mode.")
+    wanted = await _dev_token_request()
+    token = config.mint_dev_token(wanted.user, wanted.tenant, wanted.role)
+    body = {"token": token, "tokenType": "Bearer", "user": wanted.user, "tenant": wanted.tenant, "role": wanted.role}
+    # A token is a credential: never cached by the browser or anything in between.
+    return body, 200, {"Cache-Control": "no-store"}

@@ -1,0 +1,110 @@
+"""What the cluster knows about a run: its record, owner lease, idempotency keys and slots.
+
+A run lives in one process (its owner); every other instance learns about it from the run
+directory and follows it through the event log."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from domain.events import Event
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    run_id: str
+    session_id: str
+    thread_id: str
+    trace_id: str
+    tenant_id: str
+    user_id: str
+    instance_id: str
+    created_at: int
+    status: str = "running"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
+                "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
+                "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RunRecord:
+        return cls(run_id=str(record["runId"]), session_id=str(record["sessionId"]),
+                   thread_id=str(record["threadId"]), trace_id=str(record["traceId"]),
+                   tenant_id=str(record["tenantId"]), user_id=str(record["userId"]),
+                   instance_id=str(record["instanceId"]), created_at=int(record["createdAt"]),
+                   status=str(record.get("status", "running")))
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """The run already bound to an idempotency key, and the fingerprint of the body that made it."""
+
+    run_id: str
+    fingerprint: str
+
+
+class RunDirectory(ABC):
+    @abstractmethod
+    async def register(self, record: RunRecord, lease_seconds: float) -> None:
+        """Record a new run and take its owner lease."""
+
+    @abstractmethod
+    async def get(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def finish(self, run_id: str, status: str, retention_seconds: int) -> None:
+        """The run ended: keep its record (and snapshot) for the retention time, drop the lease."""
+
+    @abstractmethod
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> None: ...
+
+    @abstractmethod
+    async def lease_holder(self, run_id: str) -> str | None: ...
+
+    @abstractmethod
+    async def claim_idempotency(self, tenant_id: str, user_id: str, key: str, run_id: str, fingerprint: str,
+                                ttl_seconds: int) -> IdempotencyClaim | None:
+        """Bind the key to `run_id` unless it is bound already; then return the existing binding."""
+
+    @abstractmethod
+    async def release_idempotency(self, tenant_id: str, user_id: str, key: str) -> None:
+        """Unbind a key whose run could not start, so a retry may start it."""
+
+    @abstractmethod
+    async def acquire_slot(self, tenant_id: str, user_id: str, run_id: str, *, user_limit: int,
+                           tenant_limit: int, lease_seconds: float) -> str | None:
+        """Count the run against its user's and tenant's concurrent runs. None when admitted,
+        else which limit ("user" or "tenant") is full."""
+
+    @abstractmethod
+    async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None: ...
+
+    @abstractmethod
+    async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None: ...
+
+    @abstractmethod
+    async def get_snapshot(self, run_id: str) -> dict[str, Any] | None: ...
+
+
+class RunFollower(ABC):
+    """Follows another instance's run through the event log."""
+
+    @abstractmethod
+    def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
+        """Events after `after_seq` as they are logged; yields None when a poll found nothing
+        (so the caller can send a heartbeat or check the owner's lease)."""
+
+    @abstractmethod
+    async def append_if_absent(self, event: Event) -> bool:
+        """Log an event the follower concluded (e.g. run_lost); False when that seq exists."""
+
+
+class RunControl(ABC):
+    """Tells the instance that owns a run to cancel it."""
+
+    @abstractmethod
+    async def request_cancel(self, instance_id: str, run_id: str, reason: str) -> None: ...
