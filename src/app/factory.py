@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     register_problem_handlers(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
-    install_authentication(app, container.authenticator(), protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name})
+    install_authentication(app, container.authenticator(),
+                           protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name})
 
     app.register_blueprint(health.bp)
     app.register_blueprint(stream.bp)
