@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -58,11 +59,30 @@ async def _serve(settings: Settings) -> None:
     config.graceful_timeout = settings.server.graceful_timeout_seconds
     config.accesslog = None
     config.keep_alive_timeout = 75
-    stop = asyncio.Event()
+    stop_requested = asyncio.Event()
+    stop_serving = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(app, config, shutdown_trigger=stop.wait)
+        loop.add_signal_handler(sig, stop_requested.set)
+
+    async def drain_then_stop() -> None:
+        # hypercorn waits for open responses before it stops, and SSE responses never end by
+        # themselves: end every run first (each stream gets `end` server_shutdown + [DONE]),
+        # then let hypercorn close what is left within its graceful timeout.
+        await stop_requested.wait()
+        run_service = app.extensions["aura_container"].run_service()
+        try:
+            await asyncio.wait_for(run_service.shutdown("server_shutdown"),
+                                   timeout=settings.server.graceful_timeout_seconds / 2)
+        except TimeoutError:
+            logging.getLogger("aura").warning("runs did not all end within half the grace period")
+        stop_serving.set()
+
+    drainer = asyncio.create_task(drain_then_stop())
+    try:
+        await serve(app, config, shutdown_trigger=stop_serving.wait)
+    finally:
+        drainer.cancel()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from domain.errors import AuraError, NotFound
+from domain.errors import InvalidInput, NotFound
 from domain.events import Event, EventType, RunIds
 from domain.identity import Principal
 from domain.ports import Clock, EventLog
@@ -39,7 +39,7 @@ class Notice:
 ResumeItem = Event | Notice | None  # None: nothing happened for a heartbeat interval
 
 
-class IdempotencyKeyReused(AuraError):
+class IdempotencyKeyReused(InvalidInput):
     code = "idempotency_key_reused"
 
 

@@ -264,7 +264,7 @@ function updatePlanProgress() {
   const done = [...view.planStatus.values()].filter((status) => FINISHED_STEP_STATUSES.has(status)).length;
   ui.planProgress.max = Math.max(total, 1);
   ui.planProgress.value = done;
-  ui.planProgressLabel.textContent = `${done} of ${total} steps done`;
+  ui.planProgressLabel.textContent = `${done} of ${total} steps finished`;
 }
 
 /** @param {string} text */

@@ -70,7 +70,19 @@ class DevTokenRequest(BaseModel):
     role: str | None = Field(DEV_ROLE, pattern=_IDENTIFIER, description="The token's `role`, or null for none.")
 
 
+# Kept here rather than as a file: setuptools packages only the console's *.html, *.js and *.css.
+FAVICON = "favicon.svg"
+FAVICON_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+    '<rect width="32" height="32" rx="7" fill="#16202c"/>'
+    '<path d="M9 25 16 7l7 18M11.6 19h8.8" fill="none" stroke="#f0a500" stroke-width="3" stroke-linejoin="round"/>'
+    "</svg>"
+)
+
+
 async def _asset(name: str) -> Response:
+    if name == FAVICON:
+        return Response(FAVICON_SVG, status=200, content_type="image/svg+xml", headers=_SECURITY_HEADERS)
     content_type = ASSETS.get(name)
     if content_type is None:
         raise Problem(404, "not_found", "The console has no such file.")

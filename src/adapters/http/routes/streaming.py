@@ -11,6 +11,7 @@ from quart import Response, request
 
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
 from domain.access import Notice, ResumeItem
+from domain.events import Event
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 
@@ -61,11 +62,11 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
                 if time.monotonic() < deadline:
                     yield HEARTBEAT_FRAME
                 continue
-            yield encode_run_event(event)
             if event.is_terminal:
                 finished = True
-                yield DONE_FRAME
+                yield terminal_frame(event, config)
                 return
+            yield encode_run_event(event)
     except SubscriptionOverflow:
         # The client reads slower than the run writes: drop this connection (not the run); the
         # client resumes from the event log with Last-Event-ID. Not a disconnect: the run goes on.
@@ -73,6 +74,13 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
         yield reconnect_frame(config, "too far behind; reconnect with Last-Event-ID to resume")
     finally:
         runs.release(handle, watcher, disconnected=not finished)
+
+
+def terminal_frame(event: Event, config: StreamConfig) -> bytes:
+    """`end` then [DONE]. When the server is shutting down, the `end` carries a `retry:` hint: the
+    client may start again (on another instance) after that delay."""
+    retry = config.reconnect_hint_ms if event.data.get("reason") == "server_shutdown" else None
+    return encode_run_event(event, retry_ms=retry) + DONE_FRAME
 
 
 def encode_notice(notice: Notice) -> bytes:
@@ -87,11 +95,11 @@ async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig)
             yield HEARTBEAT_FRAME
         elif isinstance(item, Notice):
             yield encode_notice(item)
+        elif item.is_terminal:
+            yield terminal_frame(item, config)
+            return
         else:
             yield encode_run_event(item)
-            if item.is_terminal:
-                yield DONE_FRAME
-                return
         if time.monotonic() >= deadline:
             yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
             return
