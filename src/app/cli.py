@@ -42,9 +42,11 @@ def _dev_banner(settings: Settings) -> str:
     return (f"\nAura dev mode: in-process Redis={'no' if settings.redis.url else 'yes'}, "
             f"model={settings.model.provider}\n"
             f"Dev token (user {DEV_USER}, tenant {DEV_TENANT}, role admin, 12 h):\n\n{token}\n\n"
-            f"Try:\n  curl -N -X POST {base}/aura/test/stream -H 'Authorization: Bearer {token[:12]}…' "
+            f"Try:\n  export AURA_TOKEN={token}\n"
+            f"  curl -N -X POST {base}/aura/test/stream -H \"Authorization: Bearer $AURA_TOKEN\" "
             f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"What changed in this repo?\"}}'\n"
-            f"  export AURA_TOKEN={token}\n  aura stream 'What changed in this repo?'\n")
+            f"  AURA_URL={base} aura stream 'What changed in this repo?'\n"
+            f"  open {base}/aura/console\n")
 
 
 async def _serve(settings: Settings) -> None:

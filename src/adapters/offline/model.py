@@ -182,7 +182,8 @@ class OfflineChatModel(ChatModel):
         findings = [self._describe(m) for m in request.messages if m.role is Role.TOOL]
         context = request.hints.get("context") or {}
         where = context.get("title") or context.get("path") if isinstance(context, Mapping) else None
-        lines = [f"Here is what I found for “{prompt.strip()[:200]}”"
+        asked = " ".join(line for line in prompt.splitlines() if not _DIRECTIVE.match(line)).strip()
+        lines = [(f"Here is what I found for “{asked[:200]}”" if asked else "Here is what I found")
                  + (f" on {where}" if where else "") + ":"]
         if findings:
             lines.extend(f"- {finding}" for finding in findings)
