@@ -1,0 +1,1 @@
+"""The baseline servers the benchmark runs next to Aura (peer and framework floor)."""

@@ -1,0 +1,406 @@
+"""Turn a run's raw measurements into a summary (JSON), a Markdown report and a PNG chart.
+
+Every headline figure is a median over rounds, and every ratio is taken inside a round (Aura and
+its baseline measured minutes apart at most) before the median is taken: the machine is shared and
+noisy, and only same-round ratios cancel that noise out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+GOALS = {
+    "cpu_ratio": 1.25,
+    "ttfe_ratio": 1.5,
+    "parked_connections": 2,
+    "parked_memory_ratio": 1.5,
+    "approval_ratio": 2.0,
+}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _median(values: list[Any]) -> float | None:
+    clean = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return statistics.median(clean) if clean else None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    rows = results["measurements"]
+    summary: dict[str, Any] = {}
+
+    # -- CPU per delivered event --------------------------------------------------------------
+    cpu: dict[str, Any] = {}
+    by = defaultdict(list)
+    for row in rows:
+        if row["phase"] == "cpu_per_event":
+            by[(row["concurrency"], row["round"])].append(row)
+    levels = sorted({c for c, _ in by})
+    for level in levels:
+        per_server: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        ratios, ratios_with_redis, floor_ratios = [], [], []
+        for (c, _round), group in by.items():
+            if c != level:
+                continue
+            found = {r["server"]: r for r in group}
+            for name, r in found.items():
+                for key in ("server_us_per_event", "redis_us_per_event", "client_us_per_event"):
+                    per_server[name][key].append(r[key])
+                per_server[name]["errors"].append(r["errors"])
+                per_server[name]["peak_open"].append(r["peak_open"])
+                per_server[name]["events"].append(r["events"])
+            if "aura" in found and "peer" in found and found["peer"]["server_us_per_event"]:
+                peer = found["peer"]["server_us_per_event"]
+                ratios.append(found["aura"]["server_us_per_event"] / peer)
+                ratios_with_redis.append((found["aura"]["server_us_per_event"]
+                                          + found["aura"]["redis_us_per_event"]) / peer)
+            if "floor" in found and "peer" in found and found["peer"]["server_us_per_event"]:
+                floor_ratios.append(found["floor"]["server_us_per_event"] / found["peer"]["server_us_per_event"])
+        cpu[str(level)] = {
+            "servers": {name: {k: (_median(v) if k not in ("errors", "events") else sum(v)) for k, v in d.items()}
+                        for name, d in per_server.items()},
+            "aura_over_peer": _median(ratios), "aura_with_redis_over_peer": _median(ratios_with_redis),
+            "floor_over_peer": _median(floor_ratios), "rounds": len(ratios),
+        }
+        ratio = cpu[str(level)]["aura_over_peer"]
+        cpu[str(level)]["met"] = None if ratio is None else ratio <= GOALS["cpu_ratio"]
+    summary["cpu_per_event"] = cpu
+
+    # -- time to first event ------------------------------------------------------------------
+    ttfe: dict[str, Any] = {}
+    samples: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+    errors: dict[tuple[int, str], int] = defaultdict(int)
+    for row in rows:
+        if row["phase"] == "ttfe":
+            samples[(row["concurrency"], row["server"], row["round"])].extend(row["ttfe_ms"])
+            errors[(row["concurrency"], row["server"])] += row["errors"]
+    for level in sorted({k[0] for k in samples}):
+        servers: dict[str, Any] = {}
+        for name in sorted({k[1] for k in samples if k[0] == level}):
+            rounds = sorted(k[2] for k in samples if k[0] == level and k[1] == name)
+            p50 = [_pct(samples[(level, name, r)], 50) for r in rounds]
+            p99 = [_pct(samples[(level, name, r)], 99) for r in rounds]
+            pooled = [v for r in rounds for v in samples[(level, name, r)]]
+            servers[name] = {"p50_ms": _median(p50), "p99_ms": _median(p99), "pooled_p50_ms": _pct(pooled, 50),
+                             "pooled_p99_ms": _pct(pooled, 99), "samples": len(pooled),
+                             "errors": errors[(level, name)]}
+        ttfe[str(level)] = {"servers": servers}
+    floor1 = ttfe.get("1", {}).get("servers", {}).get("floor", {})
+    for level, entry in ttfe.items():
+        aura = entry["servers"].get("aura", {})
+        floor_same = entry["servers"].get("floor", {})
+        if aura.get("p99_ms") and floor1.get("p99_ms"):
+            entry["aura_p99_over_floor_c1"] = aura["p99_ms"] / floor1["p99_ms"]
+        if aura.get("p99_ms") and floor_same.get("p99_ms"):
+            entry["aura_p99_over_floor_same_c"] = aura["p99_ms"] / floor_same["p99_ms"]
+            entry["aura_p50_over_floor_same_c"] = aura["p50_ms"] / floor_same["p50_ms"]
+        ratio = entry.get("aura_p99_over_floor_c1")
+        entry["met"] = None if ratio is None else (ratio <= GOALS["ttfe_ratio"] and not aura.get("errors"))
+    summary["ttfe"] = ttfe
+
+    # -- approval latency ---------------------------------------------------------------------
+    approval: dict[str, Any] = {}
+    pooled_lat: dict[str, list[float]] = defaultdict(list)
+    pooled_post: dict[str, list[float]] = defaultdict(list)
+    approval_errors: dict[str, int] = defaultdict(int)
+    round_p99: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["phase"] == "approval":
+            pooled_lat[row["server"]].extend(row["latency_ms"])
+            pooled_post[row["server"]].extend(row["post_ms"])
+            approval_errors[row["server"]] += row["errors"]
+            if row["p99_ms"] is not None:
+                round_p99[row["server"]].append(row["p99_ms"])
+    for name, lat in pooled_lat.items():
+        approval[name] = {"n": len(lat), "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+                          "post_p50_ms": _pct(pooled_post[name], 50), "post_p99_ms": _pct(pooled_post[name], 99),
+                          "errors": approval_errors[name], "round_p99_ms": round_p99[name]}
+    redis = [v for row in rows if row["phase"] == "redis_rtt" for v in row["latency_ms"]]
+    if redis:
+        approval["redis-floor"] = {"n": len(redis), "p50_ms": _pct(redis, 50), "p99_ms": _pct(redis, 99)}
+    if "aura" in approval and "quart-floor" in approval:
+        approval["aura_p99_over_floor"] = approval["aura"]["p99_ms"] / approval["quart-floor"]["p99_ms"]
+        approval["aura_p50_over_floor"] = approval["aura"]["p50_ms"] / approval["quart-floor"]["p50_ms"]
+        approval["met"] = approval["aura_p99_over_floor"] <= GOALS["approval_ratio"] and approval["aura"]["n"] >= 2000
+    summary["approval"] = approval
+
+    # -- parked runs --------------------------------------------------------------------------
+    parked: dict[str, Any] = {}
+    for row in rows:
+        if row["phase"] == "parked":
+            parked.setdefault(str(row["n"]), {})[row["server"]] = row
+    for level, entry in parked.items():
+        aura, floor = entry.get("aura"), entry.get("floor")
+        if aura and floor and floor.get("kib_per_stream_rss"):
+            entry["memory_ratio"] = aura["kib_per_stream_rss"] / floor["kib_per_stream_rss"]
+        if aura:
+            clients = aura["redis_clients_parked"]
+            entry["signal_connections"] = clients.get("signals (Pub/Sub)", 0)
+            entry["aura_connections"] = clients.get("total", 0)
+            entry["met"] = (aura["errors_total"] == 0 and entry["signal_connections"] <= GOALS["parked_connections"]
+                            and entry.get("memory_ratio", math.inf) <= GOALS["parked_memory_ratio"])
+    summary["parked"] = parked
+
+    # -- growth -------------------------------------------------------------------------------
+    growth: dict[str, Any] = defaultdict(dict)
+    cells: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    real_events: dict[int, int] = {}
+    for row in rows:
+        if row["phase"] in ("growth", "cpu_per_event") and row["server"] in ("aura", "peer"):
+            target = row.get("target_events", 200)
+            real_events[target] = row["events_per_run"] or real_events.get(target, 0)
+            cells[(row["server"], target, row["concurrency"])].append(row["server_us_per_event"])
+    for (name, target, level), values in cells.items():
+        growth[name].setdefault(str(target), {})[str(level)] = _median(values)
+    spread = {}
+    for name, by_events in growth.items():
+        values = [v for d in by_events.values() for v in d.values() if v]
+        spread[name] = max(values) / min(values) if values else None
+    summary["growth"] = {"us_per_event": dict(growth), "events_per_run": {str(k): v for k, v in real_events.items()},
+                         "max_over_min": spread}
+
+    # -- options ------------------------------------------------------------------------------
+    options: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["phase"] == "options":
+            options[row["server"]].append(row["server_us_per_event"])
+    summary["options"] = {name: _median(v) for name, v in options.items()}
+    return summary
+
+
+def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) -> str:
+    machine = results["machine"]
+    mode = results["mode"]
+    out = [f"# Aura benchmark — {results['started_at'][:16].replace('T', ' ')} UTC ({mode['name']} mode)", ""]
+    out.append(f"Duration {results['duration_s'] / 60:.1f} min, {mode['rounds']} interleaved rounds. Machine: "
+               f"{machine['cpus']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, Python "
+               f"{machine['python']}, {machine['redis_server'].split(' sha')[0]}, load average at start "
+               f"{', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}. Load generator event loop: "
+               f"{results['client_event_loop']}. Packages: "
+               + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v) + ".")
+    out += ["", f"![Aura vs its baselines]({chart_name})", ""]
+    cal = results.get("calibration", {})
+    out.append(f"An `@answer` run has {cal.get('overhead')} events besides its content chunks; mean frame sizes "
+               f"(bytes by events per run): {cal.get('sizes')}. The baselines stream the same number of events "
+               "of the same mean size.")
+
+    out += ["", "## Server CPU per delivered event (200 events per run)", "",
+            "| concurrent streams | Aura µs/event | Redis µs/event (Aura's) | peer µs/event | floor µs/event | "
+            "Aura ÷ peer | (Aura+Redis) ÷ peer | floor ÷ peer | client µs/event (Aura / peer) | errors (Aura) | "
+            f"goal ≤ {GOALS['cpu_ratio']}× |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for level, entry in summary["cpu_per_event"].items():
+        s = entry["servers"]
+        a, p, f = s.get("aura", {}), s.get("peer", {}), s.get("floor", {})
+        out.append(f"| {level} (peak open {_fmt(a.get('peak_open'), 0)}) | {_fmt(a.get('server_us_per_event'))} | "
+                   f"{_fmt(a.get('redis_us_per_event'))} | {_fmt(p.get('server_us_per_event'))} | "
+                   f"{_fmt(f.get('server_us_per_event'))} | {_fmt(entry['aura_over_peer'], 2)}× | "
+                   f"{_fmt(entry['aura_with_redis_over_peer'], 2)}× | {_fmt(entry['floor_over_peer'], 2)}× | "
+                   f"{_fmt(a.get('client_us_per_event'))} / {_fmt(p.get('client_us_per_event'))} | "
+                   f"{a.get('errors', 0)} | {_verdict(entry['met'])} |")
+
+    out += ["", "## Time to first event", "",
+            "| concurrent new streams | server | p50 ms | p99 ms | samples | errors |", "|---:|---|---:|---:|---:|---:|"]
+    for level, entry in summary["ttfe"].items():
+        for name, s in entry["servers"].items():
+            out.append(f"| {level} | {name} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | {s['samples']} | "
+                       f"{s['errors']} |")
+    for level, entry in summary["ttfe"].items():
+        out.append(f"\nAt {level}: Aura p99 ÷ floor p99 at concurrency 1 = "
+                   f"{_fmt(entry.get('aura_p99_over_floor_c1'), 2)}×; ÷ floor p99 at the same concurrency = "
+                   f"{_fmt(entry.get('aura_p99_over_floor_same_c'), 2)}× (goal ≤ {GOALS['ttfe_ratio']}×: "
+                   f"{_verdict(entry.get('met'))}).")
+
+    ap = summary["approval"]
+    out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
+            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ("aura", "quart-floor", "redis-floor"):
+        if name in ap:
+            s = ap[name]
+            out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
+                       f"{_fmt(s.get('post_p50_ms'), 2)} / {_fmt(s.get('post_p99_ms'), 2)} | {s.get('errors', 0)} |")
+    if "aura_p99_over_floor" in ap:
+        out.append(f"\nAura ÷ bare-Quart floor: p50 {ap['aura_p50_over_floor']:.2f}×, p99 "
+                   f"{ap['aura_p99_over_floor']:.2f}× (goal p99 ≤ {GOALS['approval_ratio']}×: {_verdict(ap['met'])}).")
+
+    out += ["", "## Parked runs (waiting for approval, heartbeats every 5 s)", "",
+            "| N | server | parked | errors | heartbeats min | KiB/stream (RSS) | RSS parked MiB | hold CPU % | "
+            "Redis CPU % | Redis connections | Aura ÷ floor memory | goal |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for level, entry in summary["parked"].items():
+        for name in ("aura", "floor"):
+            row = entry.get(name)
+            if not row:
+                continue
+            clients = row["redis_clients_parked"] if name == "aura" else {}
+            out.append(f"| {level} | {name} | {row['parked']} | {row['errors_total']} | {row['heartbeats_min']} | "
+                       f"{_fmt(row['kib_per_stream_rss'])} | {_fmt(row['rss_parked_mb'])} | "
+                       f"{_fmt(row['hold_cpu_pct'])} | {_fmt(row['hold_redis_cpu_pct']) if name == 'aura' else '–'} | "
+                       f"{', '.join(f'{k} {v}' for k, v in clients.items()) or '–'} | "
+                       f"{_fmt(entry.get('memory_ratio'), 2) + '×' if name == 'aura' else ''} | "
+                       f"{_verdict(entry.get('met')) if name == 'aura' else ''} |")
+
+    g = summary["growth"]
+    out += ["", "## Growth: server µs per event by events per run and concurrency", ""]
+    levels = sorted({int(c) for d in g["us_per_event"].values() for e in d.values() for c in e})
+    out.append("| server | events/run | " + " | ".join(f"c={c}" for c in levels) + " |")
+    out.append("|---|---:|" + "---:|" * len(levels))
+    for name, by_events in g["us_per_event"].items():
+        for target in sorted(by_events, key=int):
+            cells = by_events[target]
+            out.append(f"| {name} | {g['events_per_run'].get(target, target)} | "
+                       + " | ".join(_fmt(cells.get(str(c))) for c in levels) + " |")
+    out.append("\nLargest ÷ smallest cell: " + ", ".join(f"{k} {_fmt(v, 2)}×" for k, v in g["max_over_min"].items()))
+    if summary["options"]:
+        out += ["", "## Options (concurrency 100, 200 events per run, server µs/event)", ""]
+        out += [f"- {name}: {_fmt(v)}" for name, v in summary["options"].items()]
+    return "\n".join(out) + "\n"
+
+
+def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    colors = {"aura": "#6b3fa0", "aura+redis": "#b59ad6", "peer": "#2a9d8f", "floor": "#e9a03b",
+              "quart-floor": "#e9a03b", "redis-floor": "#888888"}
+
+    ax = axes[0][0]
+    levels = list(summary["cpu_per_event"])
+    width = 0.2
+    for i, (name, key) in enumerate((("aura", "server_us_per_event"), ("aura+redis", None), ("peer", "server_us_per_event"),
+                                     ("floor", "server_us_per_event"))):
+        values = []
+        for level in levels:
+            s = summary["cpu_per_event"][level]["servers"]
+            if name == "aura+redis":
+                a = s.get("aura", {})
+                values.append((a.get("server_us_per_event") or 0) + (a.get("redis_us_per_event") or 0))
+            else:
+                values.append(s.get(name, {}).get(key) or 0)
+        ax.bar([x + (i - 1.5) * width for x in range(len(levels))], values, width, label=name, color=colors[name])
+    ax.set_xticks(range(len(levels)), [f"{lv} streams" for lv in levels])
+    ax.set_ylabel("server CPU µs per delivered event")
+    ax.set_title("CPU per event, 200 events/run (lower is better)")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    entries = []
+    for level, entry in summary["ttfe"].items():
+        for name, s in entry["servers"].items():
+            entries.append((f"{name}\nc={level}", s["p50_ms"] or 0, s["p99_ms"] or 0, name))
+    xs = range(len(entries))
+    ax.bar([x - 0.2 for x in xs], [e[1] for e in entries], 0.4, label="p50", color=[colors.get(e[3], "#999") for e in entries])
+    ax.bar([x + 0.2 for x in xs], [e[2] for e in entries], 0.4, label="p99", color=[colors.get(e[3], "#999") for e in entries],
+           alpha=0.5, hatch="//")
+    ax.set_xticks(list(xs), [e[0] for e in entries], fontsize=7)
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.set_title("Time to first event: p50 (solid), p99 (hatched)")
+
+    ax = axes[0][2]
+    ap = summary["approval"]
+    names = [n for n in ("aura", "quart-floor", "redis-floor") if n in ap]
+    ax.bar([x - 0.2 for x in range(len(names))], [ap[n]["p50_ms"] for n in names], 0.4, label="p50",
+           color=[colors[n] for n in names])
+    ax.bar([x + 0.2 for x in range(len(names))], [ap[n]["p99_ms"] for n in names], 0.4, label="p99",
+           color=[colors[n] for n in names], alpha=0.5, hatch="//")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("ms")
+    ax.set_title("Approval latency: p50 (solid), p99 (hatched)")
+
+    ax = axes[1][0]
+    growth = summary["growth"]["us_per_event"]
+    for name, style in (("aura", "-"), ("peer", "--")):
+        for target, cells in sorted(growth.get(name, {}).items(), key=lambda kv: int(kv[0])):
+            points = sorted((int(c), v) for c, v in cells.items() if v)
+            if points:
+                real = summary["growth"]["events_per_run"].get(target, target)
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
+                        label=f"{name}, {real} events/run")
+    ax.set_xscale("log")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("server CPU µs per event")
+    ax.set_title("Growth: cost per event (should stay flat)")
+    ax.legend(fontsize=7)
+
+    ax = axes[1][1]
+    parked = summary["parked"]
+    for name in ("aura", "floor"):
+        points = sorted((int(n), e[name]["kib_per_stream_rss"]) for n, e in parked.items()
+                        if name in e and e[name]["kib_per_stream_rss"])
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}", color=colors[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("parked streams (one process)")
+    ax.set_ylabel("KiB RSS per parked stream")
+    ax.set_title("Memory per parked run vs the floor's idle stream")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][2]
+    client = []
+    for level, entry in summary["cpu_per_event"].items():
+        for name in ("aura", "peer", "floor"):
+            s = entry["servers"].get(name, {})
+            client.append((f"{name}\nc={level}", s.get("server_us_per_event") or 0, s.get("client_us_per_event") or 0,
+                           name))
+    xs = range(len(client))
+    ax.bar([x - 0.2 for x in xs], [c[1] for c in client], 0.4, label="server", color=[colors[c[3]] for c in client])
+    ax.bar([x + 0.2 for x in xs], [c[2] for c in client], 0.4, label="load generator", color="#cccccc")
+    ax.set_xticks(list(xs), [c[0] for c in client], fontsize=7)
+    ax.set_ylabel("CPU µs per event")
+    ax.set_title("Server vs load-generator CPU (grey: client)")
+
+    fig.suptitle(f"Aura benchmark {results['started_at'][:10]} ({results['mode']['name']}, "
+                 f"{results['machine']['cpus']} cores, medians of {results['mode']['rounds']} interleaved rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], folder: Path, stamp: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = summarise(results)
+    results["summary"] = summary
+    json_path, md_path, png_path = folder / f"{stamp}.json", folder / f"{stamp}.md", folder / f"{stamp}.png"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    chart(results, summary, png_path)
+    md_path.write_text(markdown(results, summary, png_path.name))
+    return [json_path, md_path, png_path]
+
+
+def main() -> None:
+    """Re-render the reports of a results JSON: python -m bench.report bench/results/<date>.json"""
+    import sys
+
+    source = Path(sys.argv[1])
+    results = json.loads(source.read_text())
+    print(write_reports(results, source.parent, source.stem))
+
+
+if __name__ == "__main__":
+    main()

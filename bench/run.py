@@ -1,0 +1,492 @@
+"""The benchmark orchestrator: `python -m bench [--quick]`.
+
+Starts a real redis-server, Aura (`aura serve`, hypercorn) twice (instances A and B), the peer
+(Starlette + sse-starlette on uvicorn), the framework floor (bare Quart on hypercorn, twice for the
+approval floor) and one load-generator process; runs every measurement in rounds, interleaving
+Aura with its baselines (the order rotates each round); stops everything it started; writes
+bench/results/<date>.json, <date>.md and <date>.png.
+
+Server CPU is read from /proc (psutil) before and after each load: CPU per delivered event is the
+server's CPU seconds divided by the events the client counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import servers as S
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ANSWER_TEXT = ("Aura streams what it thinks, plans and does as server-sent events; "
+               "a human approves every risky action. ") * 400
+CHUNK_CHARS = 20
+STREAM_PATH = "/aura/test/stream"
+PARK_PROMPT = '@git_commit {"repo_path": "no-such-repo", "message": "bench"}'
+
+
+@dataclass
+class Mode:
+    name: str
+    rounds: int
+    # CPU per event: concurrency -> runs per measurement (200 events per run)
+    throughput: dict[int, int]
+    ttfe_c1_runs: int
+    ttfe_c100_waves: int
+    # growth: events-per-run targets x concurrencies, with an event budget per cell
+    growth_events: list[int]
+    growth_conc: list[int]
+    growth_budget: int
+    growth_max_cell_events: int
+    growth_rounds: int
+    approvals_total: int
+    approval_batch: int
+    redis_rtt_n: int
+    parked_levels: list[int]
+    park_hold_s: float
+    options_runs: int  # uvloop option: runs at concurrency 100
+
+
+MODES = {
+    "quick": Mode("quick", rounds=2, throughput={1: 10, 100: 100, 1000: 1000}, ttfe_c1_runs=30, ttfe_c100_waves=1,
+                  growth_events=[10, 100, 1000], growth_conc=[1, 10, 100, 1000], growth_budget=6000,
+                  growth_max_cell_events=120_000, growth_rounds=1, approvals_total=300, approval_batch=50,
+                  redis_rtt_n=500, parked_levels=[500, 2000], park_hold_s=6.0, options_runs=100),
+    "full": Mode("full", rounds=3, throughput={1: 20, 100: 200, 1000: 1000}, ttfe_c1_runs=100, ttfe_c100_waves=3,
+                 growth_events=[10, 100, 1000], growth_conc=[1, 10, 100, 1000], growth_budget=20000,
+                 growth_max_cell_events=200_000, growth_rounds=2, approvals_total=2100, approval_batch=100,
+                 redis_rtt_n=3000, parked_levels=[1000, 2000, 5000, 10000], park_hold_s=11.0, options_runs=200),
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: list[float]) -> float | None:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(clean) if clean else None
+
+
+class Client:
+    """The load-generator process (bench/client.py), driven over its stdin/stdout."""
+
+    def __init__(self, workdir: Path, use_uvloop: bool) -> None:
+        argv = [sys.executable, "-m", "bench.client"] + (["--uvloop"] if use_uvloop else [])
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=(workdir / "client.log").open("ab"), env=S.base_env(), cwd=S.ROOT,
+                                        text=True, start_new_session=True)
+        self.ps = psutil.Process(self.process.pid)
+
+    def __call__(self, cmd: str, **spec: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"cmd": cmd, **spec}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the load generator exited; see client.log")
+        result: dict[str, Any] = json.loads(line)
+        if "fatal" in result:
+            raise RuntimeError(f"client command {cmd} failed: {result['fatal']}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Target:
+    """One server under load and how to ask it for a stream of a given length."""
+
+    name: str
+    server: S.Server
+    kind: str  # aura | peer | floor
+
+    def stream_spec(self, cal: Calibration, events: int) -> dict[str, Any]:
+        if self.kind == "aura":
+            chunks = cal.chunks_for(events)
+            text = ANSWER_TEXT[: chunks * CHUNK_CHARS]
+            prompt = "@answer " + json.dumps({"text": text, "chunks": chunks})
+            return {"port": self.server.port, "path": STREAM_PATH, "bodies": [{"prompt": prompt}],
+                    "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 1000}}
+        return {"port": self.server.port, "path": "/stream",
+                "bodies": [{"events": cal.events_for(events), "size": cal.frame_size(events)}]}
+
+
+@dataclass
+class Calibration:
+    """Aura's event count for a chunk count, and its mean frame size, measured on the real service."""
+
+    overhead: int = 0  # events of an @answer run besides its content chunks
+    sizes: dict[int, int] = field(default_factory=dict)  # events per run -> mean bytes per event frame
+
+    def chunks_for(self, events: int) -> int:
+        return max(1, events - self.overhead)
+
+    def events_for(self, events: int) -> int:
+        return self.overhead + self.chunks_for(events)
+
+    def frame_size(self, events: int) -> int:
+        return self.sizes[self.events_for(events)]
+
+
+class Bench:
+    def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool) -> None:
+        self.mode = mode
+        self.workdir = workdir
+        self.options = options
+        self.started: list[S.Server] = []
+        self.redis = self._start(S.redis_server(workdir))
+        self.client = Client(workdir, use_uvloop_client)
+        self.cal = Calibration()
+        self.results: dict[str, Any] = {"measurements": []}
+
+    def _start(self, server: S.Server) -> Any:
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        self.client.stop()
+        for server in reversed(self.started):
+            server.stop()
+
+    # -- measuring -------------------------------------------------------------------------
+    def load(self, target: Target, phase: str, round_no: int, spec: dict[str, Any], **labels: Any) -> dict[str, Any]:
+        server = target.server
+        cpu0, redis0, client0 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
+        result = self.client("streams", **spec)
+        cpu1, redis1, client1 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
+        events = result["events"]
+        row = {
+            "phase": phase, "round": round_no, "server": target.name, **labels,
+            "runs": result["ok"], "errors": result["errors"], "error_kinds": result["error_kinds"],
+            "incomplete": result["incomplete"], "events": events, "events_per_run": result["events_max"],
+            "bytes": result["bytes"], "wall_s": result["wall_s"], "peak_open": result["peak_open"],
+            "server_cpu_s": cpu1 - cpu0, "redis_cpu_s": redis1 - redis0,
+            "client_cpu_s": (client1.user + client1.system) - (client0.user + client0.system),
+            "server_us_per_event": (cpu1 - cpu0) / events * 1e6 if events else None,
+            "redis_us_per_event": (redis1 - redis0) / events * 1e6 if events else None,
+            "client_us_per_event": ((client1.user + client1.system) - (client0.user + client0.system)) / events * 1e6
+            if events else None,
+        }
+        if spec.get("ttfe"):
+            row["ttfe_ms"] = result["ttfe_ms"]
+            row["ttfe_p50_ms"], row["ttfe_p99_ms"] = pct(result["ttfe_ms"], 50), pct(result["ttfe_ms"], 99)
+        self.results["measurements"].append(row)
+        extra = f" ttfe p50/p99 {row.get('ttfe_p50_ms') or 0:.2f}/{row.get('ttfe_p99_ms') or 0:.2f} ms" \
+            if spec.get("ttfe") else ""
+        log(f"{phase} r{round_no} {target.name} {labels}: {events} events, "
+            f"{row['server_us_per_event'] or 0:.1f} us/event server, {row['redis_us_per_event'] or 0:.1f} redis, "
+            f"{row['client_us_per_event'] or 0:.1f} client, {result['errors']} errors, {result['wall_s']:.1f} s{extra}")
+        return row
+
+    def calibrate(self, aura: Target) -> None:
+        body = aura.stream_spec(self.cal, 1)
+        first = self.client("streams", **body, total=1, concurrency=1)
+        self.cal.overhead = first["events_max"] - 1
+        targets = sorted({*self.mode.growth_events, 200})
+        for events in targets:
+            result = self.client("streams", **aura.stream_spec(self.cal, events), total=3, concurrency=1)
+            real = result["events_max"]
+            assert real == self.cal.events_for(events), (real, events, self.cal.overhead)
+            done_frame = len(b"data: [DONE]\n\n")
+            self.cal.sizes[real] = round((result["bytes"] / result["ok"] - done_frame) / real)
+        log(f"calibration: an @answer run has {self.cal.overhead} events besides its chunks; "
+            f"mean frame bytes by events per run: {self.cal.sizes}")
+        self.results["calibration"] = asdict(self.cal)
+
+    def rotate(self, targets: list[Target], round_no: int) -> list[Target]:
+        shift = round_no % len(targets)
+        return targets[shift:] + targets[:shift]
+
+    def warm(self, targets: list[Target]) -> None:
+        for target in targets:
+            self.client("streams", **target.stream_spec(self.cal, 200), total=20, concurrency=10)
+
+    # -- phases ----------------------------------------------------------------------------
+    def phase_throughput(self, targets: list[Target], round_no: int) -> None:
+        for concurrency, runs in self.mode.throughput.items():
+            for target in self.rotate(targets, round_no):
+                spec = {**target.stream_spec(self.cal, 200), "total": runs, "concurrency": concurrency,
+                        "connect_limit": min(concurrency, 50)}
+                self.load(target, "cpu_per_event", round_no, spec, concurrency=concurrency)
+
+    def phase_ttfe(self, targets: list[Target], round_no: int) -> None:
+        for target in self.rotate(targets, round_no):
+            spec = {**target.stream_spec(self.cal, 10), "total": self.mode.ttfe_c1_runs, "concurrency": 1,
+                    "ttfe": True}
+            self.load(target, "ttfe", round_no, spec, concurrency=1)
+        for target in self.rotate(targets, round_no):
+            for wave in range(self.mode.ttfe_c100_waves):
+                # 100 new streams at the same instant: no ramp, as a burst of users would do.
+                spec = {**target.stream_spec(self.cal, 10), "total": 100, "concurrency": 100, "ttfe": True}
+                self.load(target, "ttfe", round_no, spec, concurrency=100, wave=wave)
+                time.sleep(0.5)
+
+    def phase_growth(self, targets: list[Target], round_no: int) -> None:
+        for events in self.mode.growth_events:
+            real = self.cal.events_for(events)
+            for concurrency in self.mode.growth_conc:
+                if real * concurrency > self.mode.growth_max_cell_events:
+                    continue
+                runs = max(concurrency, math.ceil(self.mode.growth_budget / real / concurrency) * concurrency)
+                for target in self.rotate(targets, round_no):
+                    spec = {**target.stream_spec(self.cal, events), "total": runs, "concurrency": concurrency,
+                            "connect_limit": min(concurrency, 50)}
+                    self.load(target, "growth", round_no, spec, concurrency=concurrency, target_events=events)
+
+    def phase_approvals(self, pairs: list[tuple[str, S.Server, S.Server]], round_no: int, total: int) -> None:
+        for name, a, b in self.rotate(pairs, round_no):  # type: ignore[arg-type]
+            aura = name.startswith("aura")
+            spec: dict[str, Any] = {"kind": "aura" if aura else "floor", "a_port": a.port, "b_port": b.port,
+                                    "total": total, "batch": self.mode.approval_batch}
+            if aura:
+                spec.update(path=STREAM_PATH, body={"prompt": PARK_PROMPT},
+                            auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
+            cpu0 = a.cpu() + b.cpu()
+            result = self.client("approvals", **spec)
+            lat = result["latency_ms"]
+            row = {"phase": "approval", "round": round_no, "server": name, "approvals": result["approvals"],
+                   "errors": result["errors"], "error_kinds": result["error_kinds"], "latency_ms": lat,
+                   "post_ms": result["post_ms"], "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                   "post_p50_ms": pct(result["post_ms"], 50), "post_p99_ms": pct(result["post_ms"], 99),
+                   "servers_cpu_s": a.cpu() + b.cpu() - cpu0, "client_cpu_s": result["client_cpu_s"],
+                   "wall_s": result["wall_s"]}
+            self.results["measurements"].append(row)
+            log(f"approval r{round_no} {name}: {len(lat)} approvals, p50 {row['p50_ms'] or 0:.2f} ms, "
+                f"p99 {row['p99_ms'] or 0:.2f} ms (POST answered p50 {row['post_p50_ms'] or 0:.2f} ms), "
+                f"{result['errors']} errors, {result['wall_s']:.1f} s")
+
+    def phase_redis_rtt(self, round_no: int, n: int) -> None:
+        result = self.client("redis_rtt", url=self.redis.url, n=n)
+        lat = result["latency_ms"]
+        row = {"phase": "redis_rtt", "round": round_no, "server": "redis-floor", "latency_ms": lat,
+               "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "hiredis": result["hiredis"],
+               "client_cpu_s": result["client_cpu_s"]}
+        self.results["measurements"].append(row)
+        log(f"redis floor r{round_no}: PUBLISH -> subscriber p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms "
+            f"(hiredis={result['hiredis']})")
+
+    def phase_parked(self) -> None:
+        """Fresh processes per level: N streams parked on an approval (Aura) or idle (floor),
+        heartbeats on (5 s); errors, Redis connections and memory per parked stream."""
+        for n in self.mode.parked_levels:
+            ok = True
+            for kind in ("aura", "floor"):
+                row = self._park_level(kind, n)
+                self.results["measurements"].append(row)
+                ok = ok and row["errors_total"] == 0
+            if not ok:
+                log(f"parked: errors at {n}; larger levels are not attempted")
+                break
+
+    def _park_level(self, kind: str, n: int) -> dict[str, Any]:
+        if kind == "aura":
+            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url)
+            spec: dict[str, Any] = {"port": 0, "path": STREAM_PATH, "method": "POST", "until": "hitl",
+                                    "body": {"prompt": PARK_PROMPT},
+                                    "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9},
+                                    "connect_limit": 50}
+        else:
+            server = S.floor_server(f"floor-park-{n}", self.workdir)
+            spec = {"port": 0, "path": "/idle", "method": "GET", "until": "ready", "connect_limit": 50}
+        self._start(server)
+        spec["port"] = server.port
+        try:
+            # warm the code paths (and the allocator) with a small batch first
+            self.client("park", **{**spec, "n": 50})
+            self.client("release")
+            time.sleep(1.0)
+            rss0, uss0 = server.rss(), server.uss()
+            clients0 = self._redis_clients()
+            cpu0 = server.cpu()
+            park = self.client("park", **{**spec, "n": n})
+            park_cpu = server.cpu() - cpu0
+            time.sleep(1.0)
+            rss1, uss1 = server.rss(), server.uss()
+            clients1 = self._redis_clients()
+            cpu_hold0, redis_hold0, t0 = server.cpu(), self.redis.cpu(), time.perf_counter()
+            time.sleep(self.mode.park_hold_s)
+            hold_s = time.perf_counter() - t0
+            hold_cpu, hold_redis = server.cpu() - cpu_hold0, self.redis.cpu() - redis_hold0
+            rss2 = server.rss()
+            released = self.client("release")
+        finally:
+            time.sleep(0.5)
+            server.stop()
+        parked = park["parked"]
+        row = {
+            "phase": "parked", "server": kind, "n": n, "parked": parked, "park_failures": park["failures"],
+            "failure_kinds": park["failure_kinds"], "ended_early": released["ended_early"],
+            "unexpected_events": released["unexpected_events"], "hold_errors": released["errors"],
+            "errors_total": park["failures"] + released["ended_early"] + released["errors"] + (n - parked),
+            "heartbeats_min": released["heartbeats_min"], "hold_s": hold_s,
+            "rss_before_mb": rss0 / 2**20, "rss_parked_mb": rss1 / 2**20, "rss_end_mb": rss2 / 2**20,
+            "kib_per_stream_rss": (rss1 - rss0) / parked / 1024 if parked else None,
+            "kib_per_stream_uss": (uss1 - uss0) / parked / 1024 if parked else None,
+            "park_wall_s": park["wall_s"], "park_cpu_ms_per_stream": park_cpu / parked * 1000 if parked else None,
+            "park_p99_ms": park["park_p99_ms"], "hold_cpu_pct": hold_cpu / hold_s * 100,
+            "hold_redis_cpu_pct": hold_redis / hold_s * 100,
+            "redis_clients_before": clients0, "redis_clients_parked": clients1,
+        }
+        log(f"parked {kind} n={n}: {parked} parked, errors {row['errors_total']}, "
+            f"{row['kib_per_stream_rss'] or 0:.1f} KiB/stream RSS, hold CPU {row['hold_cpu_pct']:.1f} %, "
+            f"heartbeats min {row['heartbeats_min']}, redis clients {clients1}")
+        return row
+
+    def _redis_clients(self) -> dict[str, int]:
+        listing = self.redis.command("CLIENT", "LIST")
+        lines = listing if isinstance(listing, list) else str(listing).splitlines()
+        names: dict[str, int] = {"total": 0}
+        for entry in lines:
+            if isinstance(entry, dict):
+                fields = entry
+            else:
+                fields = dict(part.split("=", 1) for part in str(entry).split() if "=" in part)
+            if fields.get("cmd") == "client|list":
+                continue  # this very look-up
+            names["total"] += 1
+            key = fields.get("name") or "(unnamed)"
+            key = "signals (Pub/Sub)" if "signals" in key else key
+            names[key] = names.get(key, 0) + 1
+        return names
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("quart", "hypercorn", "starlette", "sse-starlette", "uvicorn", "redis", "hiredis", "orjson",
+                    "h11", "uvloop"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:
+            versions[package] = None
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": psutil.cpu_count(), "cpu_model": cpu_model, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "kernel": platform.release(), "packages": versions,
+            "redis_server": redis_version, "loadavg_start": list(psutil.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few minutes, for development")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--phases", default="calibrate,redis,throughput,ttfe,approvals,growth,options,parked",
+                        help="comma-separated subset (calibrate is always run)")
+    parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument("--tag", default="", help="suffix of the result files' name")
+    args = parser.parse_args(argv)
+
+    mode = MODES["quick" if args.quick else "full"]
+    if args.rounds:
+        mode.rounds = args.rounds
+    if args.parked_levels:
+        mode.parked_levels = [int(x) for x in args.parked_levels.split(",")]
+    phases = set(args.phases.split(","))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    began = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc)
+    workdir = Path(tempfile.mkdtemp(prefix="aura-bench-"))
+    log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
+    uvloop = S.uvloop_available()
+    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop)
+    info = machine_info()
+    info["open_files_limit"] = hard
+    bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
+                          "client_event_loop": "uvloop" if uvloop else "asyncio"})
+    try:
+        aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url))
+        aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url))
+        peer = bench._start(S.peer_server(workdir))
+        floor = bench._start(S.floor_server("floor", workdir, bench.redis.url))
+        floor_b = bench._start(S.floor_server("floor-b", workdir, bench.redis.url))
+        targets = [Target("aura", aura_a, "aura"), Target("peer", peer, "peer"), Target("floor", floor, "floor")]
+        bench.calibrate(targets[0])
+        bench.warm(targets)
+        per_round_approvals = math.ceil(mode.approvals_total / mode.rounds)
+        for round_no in range(mode.rounds):
+            log(f"== round {round_no + 1} of {mode.rounds}")
+            if "redis" in phases:
+                bench.phase_redis_rtt(round_no, math.ceil(mode.redis_rtt_n / mode.rounds))
+            if "throughput" in phases:
+                bench.phase_throughput(targets, round_no)
+            if "ttfe" in phases:
+                bench.phase_ttfe(targets, round_no)
+            if "approvals" in phases:
+                bench.phase_approvals([("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)], round_no,
+                                      per_round_approvals)
+            if "growth" in phases and round_no < mode.growth_rounds:
+                bench.phase_growth(targets[:2], round_no)
+        if "options" in phases and bench.options:
+            log("== options: uvloop as the event loop of hypercorn (Aura) and uvicorn (peer)")
+            aura_uv = bench._start(S.aura_server("aura-uvloop", workdir, bench.redis.url, uvloop=True))
+            peer_uv = bench._start(S.peer_server(workdir, uvloop=True))
+            option_targets = [Target("aura", aura_a, "aura"), Target("aura+uvloop", aura_uv, "aura"),
+                              Target("peer", peer, "peer"), Target("peer+uvloop", peer_uv, "peer")]
+            bench.warm(option_targets[1:2] + option_targets[3:])
+            for round_no in range(mode.rounds):
+                for target in bench.rotate(option_targets, round_no):
+                    spec = {**target.stream_spec(bench.cal, 200), "total": mode.options_runs, "concurrency": 100,
+                            "connect_limit": 50}
+                    bench.load(target, "options", round_no, spec, concurrency=100)
+            aura_uv.stop()
+            peer_uv.stop()
+        if "parked" in phases:
+            log("== parked runs")
+            bench.phase_parked()
+    finally:
+        bench.stop_all()
+    bench.results["duration_s"] = time.perf_counter() - began
+    bench.results["machine"]["loadavg_end"] = list(psutil.getloadavg())
+
+    from bench.report import write_reports
+
+    stamp = started_at.strftime("%Y-%m-%d") + (f"-{args.tag}" if args.tag else "") + \
+        ("-quick" if mode.name == "quick" else "")
+    paths = write_reports(bench.results, args.out, stamp)
+    log(f"done in {bench.results['duration_s'] / 60:.1f} min: " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,189 @@
+"""Start and stop everything a benchmark run needs, and read each server's CPU time and memory.
+
+Every process is started here, in its own session, and stopped by its own pid: nothing that was not
+started by this run is ever touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "bench-secret-that-is-long-enough-for-hs256-0123456789"
+TENANT = "bench"
+START_TIMEOUT_SECONDS = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    ps: psutil.Process | None = None
+    health_path: str | None = "/health"
+
+    def start(self) -> Server:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.ps = psutil.Process(self.process.pid)
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start in time; see {self.log_path}")
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}{self.health_path}", timeout=0.5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the server process (and any children it waits for)."""
+        assert self.ps is not None
+        times = self.ps.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def rss(self) -> int:
+        assert self.ps is not None
+        return int(self.ps.memory_info().rss)
+
+    def uss(self) -> int:
+        assert self.ps is not None
+        return int(self.ps.memory_full_info().uss)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class RedisServer(Server):
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self, *args: str) -> Any:
+        import redis
+
+        client = redis.Redis(port=self.port, decode_responses=True)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AURA_", "BENCH_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def redis_server(workdir: Path) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench: redis-server is not on PATH (apt-get install redis-server)")
+    server = RedisServer("redis", [], base_env(), workdir / "redis.log", health_path=None)
+    server.argv = [binary, "--port", str(server.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(workdir), "--daemonize", "no", "--maxclients", "30000", "--tcp-backlog", "4096"]
+    return server
+
+
+def aura_server(name: str, workdir: Path, redis_url: str, *, uvloop: bool = False,
+                extra_env: dict[str, str] | None = None) -> Server:
+    """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables."""
+    workspace = workdir / "workspace"
+    workspace.mkdir(exist_ok=True)
+    env = base_env()
+    server = Server(name, [], env, workdir / f"{name}.log")
+    env.update({
+        "AURA_AUTH__JWT_SECRET": SECRET,
+        "AURA_REDIS__URL": redis_url,
+        "AURA_SERVER__HOST": "127.0.0.1",
+        "AURA_SERVER__PORT": str(server.port),
+        "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
+        "AURA_RUNS__MAX_PER_USER": "1000000",
+        "AURA_RUNS__MAX_PER_TENANT": "1000000",
+        "AURA_RUNS__INSTANCE_ID": name,
+        "AURA_HITL__TIMEOUT_SECONDS": "7200",
+        "AURA_STREAM__HEARTBEAT_SECONDS": "5",
+        # Keep finished runs' logs briefly: a full benchmark writes millions of events.
+        "AURA_EVENTS__RETENTION_SECONDS": "60",
+        "AURA_LOG__LEVEL": "WARNING",
+    })
+    env.update(extra_env or {})
+    if uvloop:
+        server.argv = [sys.executable, "-c",
+                       "import sys, uvloop; uvloop.install(); from app.cli import main; sys.exit(main(['serve']))"]
+    else:
+        server.argv = [sys.executable, "-m", "app.cli", "serve"]
+    return server
+
+
+def peer_server(workdir: Path, *, uvloop: bool = False) -> Server:
+    env = base_env()
+    server = Server("peer", [], env, workdir / "peer.log")
+    server.argv = [sys.executable, "-m", "uvicorn", "bench.apps.peer:app", "--host", "127.0.0.1", "--port",
+                   str(server.port), "--log-level", "warning", "--no-access-log",
+                   "--loop", "uvloop" if uvloop else "asyncio", "--http", "h11", "--timeout-keep-alive", "75"]
+    return server
+
+
+def floor_server(name: str, workdir: Path, redis_url: str | None = None, *, uvloop: bool = False) -> Server:
+    env = base_env()
+    if redis_url:
+        env["BENCH_FLOOR_REDIS"] = redis_url
+    server = Server(name, [], env, workdir / f"{name}.log")
+    server.argv = [sys.executable, "-m", "bench.apps.floor", "--port", str(server.port)]
+    if uvloop:
+        server.argv.append("--uvloop")
+    return server
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
