@@ -126,6 +126,7 @@ class Parked:
     ended_early: int = 0
     unexpected_events: int = 0
     errors: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
 
 
 PARKED = Parked()
@@ -144,14 +145,18 @@ async def cmd_park(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def hold(stream: SSEStream) -> None:
         before = stream.events
+        last: list[bytes] = []
         try:
-            while await stream.next_frame() is not None:
-                pass
+            while (frame := await stream.next_frame()) is not None:
+                if not frame.startswith(b":"):
+                    last = [*last[-2:], frame]
         except Exception as exc:
             PARKED.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             if not getattr(stream, "released", False):
                 PARKED.ended_early += 1
+                if len(PARKED.samples) < 6:  # how the stream ended, for the report
+                    PARKED.samples.append(" || ".join(f[-300:].decode("utf-8", "replace") for f in last))
             PARKED.unexpected_events += stream.events - before
 
     async def one(index: int) -> None:
@@ -192,7 +197,8 @@ async def cmd_release(spec: dict[str, Any]) -> dict[str, Any]:
     heartbeats = [s.comments for s in streams]
     result = {"held": len(streams), "ended_early": PARKED.ended_early, "unexpected_events": PARKED.unexpected_events,
               "errors": len(PARKED.errors), "error_kinds": _errors_summary(PARKED.errors),
-              "heartbeats_min": min(heartbeats, default=0), "heartbeats_total": sum(heartbeats)}
+              "heartbeats_min": min(heartbeats, default=0), "heartbeats_total": sum(heartbeats),
+              "unexpected_samples": PARKED.samples}
     for stream in streams:
         stream.released = True  # type: ignore[attr-defined]
         stream.response.close()
