@@ -7,7 +7,8 @@
 // What the client guarantees to its caller:
 //   - every envelope is delivered once, in `seq` order (duplicates after a resume are dropped);
 //   - the run is over when the promise of `streamRun` resolves (Aura sent `data: [DONE]`);
-//   - a dropped connection is resumed with `GET <resumeUrl>` and `Last-Event-ID: <last seq>`;
+//   - a dropped connection is resumed with `GET <resumeUrl>` and `Last-Event-ID: <last seq>`
+//     (before `start` arrived: the POST again, with the same `Idempotency-Key`);
 //   - HTTP errors become `AuraProblem` (RFC 9457 problem details with Aura's stable `code`).
 //
 // Usage:
@@ -18,6 +19,7 @@
 //     { onEvent: (envelope) => render(envelope) });
 //   // outcome = { runId, status: "completed" | "failed" | "cancelled" | "timeout" | null, lastSeq }
 //   await aura.approve(requestId);                 // or aura.reject(requestId, "not now")
+//   await aura.cancel(runId);                      // stop the run; its stream ends with `end`
 
 /** The data of the frame that ends every stream. */
 export const DONE = "[DONE]";
@@ -56,9 +58,10 @@ export class AuraStreamError extends Error {
 }
 
 /**
- * One server-sent event. `id` is the id field of this frame (null when it had none); comments
- * (heartbeats such as `: ping`) are reported as frames with `comment` set.
- * @typedef {{ id: string | null, event: string, data: string, retry: number | null, comment: string | null }} SseFrame
+ * One server-sent event. `id` is the id field of this frame (null when it had none: Aura sends
+ * `[DONE]` and out-of-sequence notices without one); comments (heartbeats such as `: ping`) are
+ * frames with `comment` set.
+ * @typedef {{ id: string | null, event: string, data: string, comment: string | null }} SseFrame
  */
 
 /**
@@ -66,13 +69,16 @@ export class AuraStreamError extends Error {
  * Lines end with CRLF, LF or CR (a CR at the end of one chunk may pair with an LF in the next);
  * `data` lines of one event are joined with LF; a single space after the colon is dropped;
  * a leading byte-order mark is ignored; an event is dispatched at a blank line, and only if it
- * had data (an unterminated event at the end of the stream is discarded, as the spec says).
+ * had a data line (an unterminated event at the end of the stream is discarded, as the spec says).
+ * A `retry:` field sets `reconnectionTimeMs` at once, whether or not an event is dispatched.
  */
 export class SseParser {
   constructor() {
     this.buffer = "";
     this.started = false;
     this.pendingCR = false;
+    /** @type {number | null} the server's reconnection time, from the last `retry:` field */
+    this.reconnectionTimeMs = null;
     this.resetEvent();
   }
 
@@ -82,8 +88,6 @@ export class SseParser {
     this.eventType = "";
     /** @type {string | null} */
     this.eventId = null;
-    /** @type {number | null} */
-    this.retry = null;
   }
 
   /**
@@ -104,10 +108,8 @@ export class SseParser {
     let lineStart = 0;
     let match;
     while ((match = lineBreak.exec(this.buffer)) !== null) {
-      if (match[0] === "\r" && match.index === this.buffer.length - 1) {
-        // A CR at the very end: a line ends here, but the next chunk may start with its LF.
-        this.pendingCR = true;
-      }
+      // A CR at the very end ends a line, but the next chunk may start with its LF.
+      if (match[0] === "\r" && match.index === this.buffer.length - 1) this.pendingCR = true;
       this.line(this.buffer.slice(lineStart, match.index), frames);
       lineStart = lineBreak.lastIndex;
     }
@@ -120,13 +122,13 @@ export class SseParser {
     if (line === "") {
       if (this.dataLines.length > 0) {
         frames.push({ id: this.eventId, event: this.eventType || "message", data: this.dataLines.join("\n"),
-                      retry: this.retry, comment: null });
+                      comment: null });
       }
       this.resetEvent();
       return;
     }
     if (line.startsWith(":")) {
-      frames.push({ id: null, event: "", data: "", retry: null, comment: line.slice(1).replace(/^ /, "") });
+      frames.push({ id: null, event: "", data: "", comment: line.slice(1).replace(/^ /, "") });
       return;
     }
     const colon = line.indexOf(":");
@@ -136,19 +138,23 @@ export class SseParser {
     if (field === "data") this.dataLines.push(value);
     else if (field === "event") this.eventType = value;
     else if (field === "id" && !value.includes("\0")) this.eventId = value;
-    else if (field === "retry" && /^\d+$/.test(value)) this.retry = Number(value);
+    else if (field === "retry" && /^\d+$/.test(value)) this.reconnectionTimeMs = Number(value);
     // any other field is ignored, as the spec says
   }
 }
 
 /**
  * @typedef {Object} RunHandlers
- * @property {(envelope: Record<string, any>) => void} [onEvent] each envelope, once, in seq order
- * @property {() => void} [onHeartbeat] a `: ping` comment arrived (the connection is alive)
+ * @property {(envelope: Record<string, any>) => void} [onEvent] each envelope once: the run's
+ *           events in seq order, plus notices (seq 0, no SSE id) such as an `error` events_lost
+ *           followed by a `snapshot` of the run's state when the server no longer has the gap
+ * @property {() => void} [onHeartbeat] a comment (`: ping`) arrived: the connection is alive
  * @property {(info: { attempt: number, lastSeq: number, delayMs: number }) => void} [onReconnect]
- *           the connection dropped; the client resumes after `delayMs`
- * @property {() => void} [onResumed] a resume request was answered with a stream
- * @property {AbortSignal} [signal] abort to stop reading (the run follows its onDisconnect policy)
+ *           the connection dropped; the client reconnects after `delayMs`
+ * @property {() => void} [onResumed] a reconnection was answered with a stream
+ * @property {AbortSignal} [signal] abort to stop reading (the run follows its onDisconnect policy;
+ *           to stop the run itself, call `cancel(runId)`)
+ * @property {string} [idempotencyKey] the POST's Idempotency-Key (default: 128 random bits)
  */
 
 /**
@@ -158,7 +164,13 @@ export class SseParser {
  * @property {number} lastSeq the seq of the last event delivered
  */
 
-const RESUMABLE_STATUSES = new Set([502, 503, 504]);
+const RETRIED_STATUSES = new Set([502, 503, 504]);
+
+/** 128 random bits as hex: works outside secure contexts too, unlike crypto.randomUUID. */
+function newIdempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 export class AuraClient {
   /**
@@ -169,9 +181,9 @@ export class AuraClient {
    * @param {string | (() => string | Promise<string>)} options.token the bearer token, or a function
    *        returning the current one (called for every request, so a refreshed token is picked up)
    * @param {typeof fetch} [options.fetch] the fetch to use (tests pass a fake)
-   * @param {number} [options.maxReconnects] resume attempts in a row without progress before giving up
-   * @param {number} [options.reconnectDelayMs] the first resume delay; doubles per attempt, up to 10 s;
-   *        a `retry:` field sent by the server replaces it
+   * @param {number} [options.maxReconnects] reconnections in a row without a new event before giving up
+   * @param {number} [options.reconnectDelayMs] the first reconnection delay; doubles per attempt, up to
+   *        10 s; a `retry:` field sent by the server replaces it
    * @param {number} [options.idleTimeoutMs] no byte for this long (heartbeats included) counts as a
    *        dropped connection; Aura pings every 15 s by default. 0 disables it.
    */
@@ -238,10 +250,16 @@ export class AuraClient {
     return this.json("POST", `hitl/reject/${encodeURIComponent(requestId)}`, reason ? { reason } : {});
   }
 
+  /** Cancel a run wherever it runs; its streams then end with `end` (cancelled) and `[DONE]`. */
+  cancel(runId) {
+    return this.json("POST", `runs/${encodeURIComponent(runId)}/cancel`);
+  }
+
   /**
-   * Start a run and deliver its events until `[DONE]`, resuming after dropped connections.
-   * The POST itself is never retried (it would start a second run): its failures reject with
-   * `AuraProblem` (HTTP errors) or `TypeError` (network).
+   * Start a run and deliver its events until `[DONE]`, reconnecting after dropped connections:
+   * with `GET resumeUrl` + `Last-Event-ID` once the `start` event named it, before that by sending
+   * the POST again with the same Idempotency-Key (Aura attaches to the run that key started instead
+   * of starting a second one). An HTTP error answer to the first POST rejects with `AuraProblem`.
    * @param {{ prompt: string, context?: Record<string, any>, thread_id?: string,
    *           onDisconnect?: "cancel" | "continue" }} request
    * @param {RunHandlers} [handlers]
@@ -249,44 +267,61 @@ export class AuraClient {
    */
   async streamRun(request, handlers = {}) {
     const { signal } = handlers;
-    const state = { runId: null, status: null, lastSeq: 0, resumeUrl: null, retryMs: null, done: false };
-    const headers = await this.headers({ "Content-Type": "application/json", Accept: "text/event-stream" });
-    let response = await this.fetch(this.url("test/stream"), {
-      method: "POST", headers, body: JSON.stringify(request), signal, cache: "no-store",
-    });
-    if (!response.ok) throw await problemOf(response);
+    const state = { runId: null, status: null, lastSeq: 0, resumeUrl: null, retryMs: null, done: false,
+                    body: JSON.stringify(request), idempotencyKey: handlers.idempotencyKey || newIdempotencyKey() };
+    /** @type {Response | null} */
+    let response = null;
+    try {
+      response = await this.open(state, signal);
+    } catch (error) {
+      // Offline, or the answer was lost: whether or not the run started, the same key is safe to send again.
+      if (signal?.aborted || !(error instanceof TypeError)) throw error;
+    }
+    if (response && !response.ok) throw await problemOf(response);
     let failedAttempts = 0;
     for (;;) {
-      const seqBefore = state.lastSeq;
-      await this.consume(response, state, handlers);
-      if (state.done) return { runId: state.runId, status: state.status, lastSeq: state.lastSeq };
-      if (state.lastSeq > seqBefore) failedAttempts = 0; // that connection made progress
-      response = await this.resume(state, handlers, () => ++failedAttempts);
+      if (response) {
+        const seqBefore = state.lastSeq;
+        await this.consume(response, state, handlers);
+        if (state.done) return { runId: state.runId, status: state.status, lastSeq: state.lastSeq };
+        if (state.lastSeq > seqBefore) failedAttempts = 0; // that connection made progress
+      }
+      response = await this.reconnect(state, handlers, () => ++failedAttempts);
     }
   }
 
+  /** The request that opens (or reopens) the stream of `state`'s run. */
+  async open(state, signal) {
+    const extra = { Accept: "text/event-stream" };
+    if (state.lastSeq > 0) extra["Last-Event-ID"] = String(state.lastSeq);
+    if (state.resumeUrl) {
+      const headers = await this.headers(extra);
+      return this.fetch(this.url(state.resumeUrl), { method: "GET", headers, signal, cache: "no-store" });
+    }
+    const headers = await this.headers({ ...extra, "Content-Type": "application/json",
+                                          "Idempotency-Key": state.idempotencyKey });
+    return this.fetch(this.url("test/stream"), { method: "POST", headers, body: state.body, signal,
+                                                 cache: "no-store" });
+  }
+
   /**
-   * Reconnect to `resumeUrl` with `Last-Event-ID` until a stream answers.
+   * Reopen the stream after a drop, waiting between attempts, until a stream answers.
    * @returns {Promise<Response>}
    */
-  async resume(state, handlers, nextAttempt) {
+  async reconnect(state, handlers, nextAttempt) {
     const { signal } = handlers;
-    if (!state.resumeUrl) {
-      throw new AuraStreamError("The connection dropped before the run started; there is nothing to resume.",
-                                state.lastSeq);
-    }
     for (;;) {
       const attempt = nextAttempt();
       if (attempt > this.maxReconnects) {
-        throw new AuraStreamError(`The connection dropped and ${this.maxReconnects} resumes failed.`, state.lastSeq);
+        throw new AuraStreamError(`The connection dropped and ${this.maxReconnects} reconnections failed.`,
+                                  state.lastSeq);
       }
       const delayMs = state.retryMs ?? Math.min(this.reconnectDelayMs * 2 ** (attempt - 1), 10_000);
       handlers.onReconnect?.({ attempt, lastSeq: state.lastSeq, delayMs });
       await delay(delayMs, signal);
-      const headers = await this.headers({ Accept: "text/event-stream", "Last-Event-ID": String(state.lastSeq) });
       let response;
       try {
-        response = await this.fetch(this.url(state.resumeUrl), { method: "GET", headers, signal, cache: "no-store" });
+        response = await this.open(state, signal);
       } catch (error) {
         if (signal?.aborted) throw error;
         continue; // still offline: try again
@@ -295,7 +330,7 @@ export class AuraClient {
         handlers.onResumed?.();
         return response;
       }
-      if (!RESUMABLE_STATUSES.has(response.status)) throw await problemOf(response); // e.g. 404: run expired
+      if (!RETRIED_STATUSES.has(response.status)) throw await problemOf(response); // e.g. 404: run expired
       await response.body?.cancel();
     }
   }
@@ -326,25 +361,28 @@ export class AuraClient {
           chunk = await reader.read();
         } catch (error) {
           if (signal?.aborted) throw abortError(signal);
-          return; // network error mid-stream: resume
+          return; // network error mid-stream: reconnect
         }
         if (signal?.aborted) throw abortError(signal);
-        if (chunk.done) return; // closed without [DONE]: resume
+        if (chunk.done) return; // closed without [DONE] (dropped, or Aura asked us to reconnect)
         armIdleTimer();
-        for (const frame of parser.push(chunk.value)) {
+        const frames = parser.push(chunk.value);
+        if (parser.reconnectionTimeMs !== null) state.retryMs = parser.reconnectionTimeMs;
+        for (const frame of frames) {
           if (frame.comment !== null) {
             onHeartbeat?.();
             continue;
           }
-          if (frame.retry !== null) state.retryMs = frame.retry;
           if (frame.data === DONE) {
             state.done = true;
             return;
           }
           const envelope = JSON.parse(frame.data);
-          const seq = frame.id !== null ? Number(frame.id) : Number(envelope.seq);
-          if (seq <= state.lastSeq) continue; // already delivered before a resume
-          state.lastSeq = seq;
+          if (frame.id !== null) {
+            const seq = Number(frame.id);
+            if (seq <= state.lastSeq) continue; // delivered before the reconnection
+            state.lastSeq = seq;
+          } // no id: a notice outside the run's sequence; it never moves Last-Event-ID
           if (envelope.type === "start") {
             state.runId = envelope.runId;
             state.resumeUrl = envelope.data.resumeUrl || null;

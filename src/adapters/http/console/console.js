@@ -23,6 +23,7 @@ const ui = {
   runId: byId("run-id"),
   threadId: byId("thread-id"),
   eventCount: byId("event-count"),
+  lastSeq: byId("last-seq"),
   connection: byId("connection"),
   approval: byId("approval"),
   approvalMessage: byId("approval-message"),
@@ -64,6 +65,7 @@ function freshView() {
     /** @type {Map<string, HTMLLIElement>} */ plan: new Map(),
     /** @type {Map<string, string>} */ planStatus: new Map(),
     /** @type {Map<string, HTMLLIElement>} */ tools: new Map(),
+    /** @type {string | null} */ runId: null,
     /** @type {string | null} */ pendingRequestId: null,
     answerFinal: false,
   };
@@ -113,6 +115,7 @@ function clock(epochSeconds) {
 
 const render = {
   start(envelope) {
+    view.runId = envelope.runId;
     setBadge(ui.runStatus, "running");
     ui.runMessage.textContent = envelope.data.message;
     ui.runId.textContent = envelope.runId;
@@ -249,6 +252,24 @@ const render = {
     if (errorType === "hitl_timeout") settleApproval("expired", "no decision in time");
   },
 
+  // After a gap the server no longer holds (notice `error` events_lost), the run's whole state.
+  snapshot(envelope) {
+    const state = envelope.data;
+    view.plan.clear();
+    view.planStatus.clear();
+    ui.plan.replaceChildren();
+    for (const step of state.plan ?? []) {
+      render.plan_step({ data: step });
+      render.plan_step_update({ data: step });
+    }
+    view.timeline.clear();
+    ui.timeline.replaceChildren();
+    for (const entry of state.timeline ?? []) render.timeline_step_update({ data: entry });
+    ui.answer.textContent = state.answer ?? "";
+    if (state.pendingApproval?.status === "pending") render.hitl({ data: state.pendingApproval });
+    if (state.status) setBadge(ui.runStatus, state.status);
+  },
+
   end(envelope) {
     const { status, message } = envelope.data;
     setBadge(ui.runStatus, status);
@@ -347,6 +368,7 @@ function resetView() {
   ui.runId.textContent = "—";
   ui.threadId.textContent = "—";
   ui.eventCount.textContent = "0";
+  ui.lastSeq.textContent = "—";
   updatePlanProgress();
 }
 
@@ -395,6 +417,7 @@ async function startRun(event) {
         onEvent(envelope) {
           view.events += 1;
           ui.eventCount.textContent = String(view.events);
+          if (envelope.seq > 0) ui.lastSeq.textContent = String(envelope.seq); // notices have seq 0
           ui.connection.textContent = "streaming";
           render[envelope.type]?.(envelope); // unknown types: a newer server; ignore them
         },
@@ -430,8 +453,25 @@ async function startRun(event) {
   }
 }
 
+/** Stop cancels the run itself (its stream then ends with `end` cancelled); before the run has
+ * an id, closing the connection is all there is to do. */
+async function stopRun() {
+  if (!running) return;
+  if (!view.runId) {
+    running.abort();
+    return;
+  }
+  ui.connection.textContent = "cancelling";
+  try {
+    await aura.cancel(view.runId);
+  } catch (error) {
+    addError(describeError(error));
+    running?.abort();
+  }
+}
+
 ui.form.addEventListener("submit", startRun);
-ui.stop.addEventListener("click", () => running?.abort());
+ui.stop.addEventListener("click", stopRun);
 
 // ---- dev mode: mint a token ----------------------------------------------------------------
 
