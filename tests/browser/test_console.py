@@ -118,6 +118,14 @@ async def test_dev_tokens_for_another_user_and_bad_names(console_app: Callable[[
     assert (await refused.get_json())["code"] == "validation_error"
 
 
+def test_the_frontend_guide_shows_the_sse_parser_of_aura_client_verbatim() -> None:
+    client = (CONSOLE_DIR / "aura-client.js").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "frontend.md").read_text()
+    parser = re.search(r"^export class SseParser \{.*?^\}\n", client, re.S | re.M)
+    assert parser is not None
+    assert f"```js\n{parser.group(0)}```" in guide
+
+
 # ---- the page in Chromium against the real service -------------------------------------------
 
 def stage(workspace: Path, name: str) -> None:
