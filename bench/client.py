@@ -233,7 +233,8 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
         size = min(batch, total - done)
         connect = asyncio.Semaphore(50)
 
-        async def open_wait(index: int) -> tuple[SSEStream, str, int] | None:
+        async def open_wait(index: int, done: int = done,
+                            connect: asyncio.Semaphore = connect) -> tuple[SSEStream, str, int] | None:
             user = user_base + done + index
             wait_path = spec["path"] if aura else f"/wait/w{user}-{random.getrandbits(64):x}"
             try:
@@ -323,7 +324,7 @@ async def cmd_redis_rtt(spec: dict[str, Any]) -> dict[str, Any]:
                 break
         latencies.append((time.perf_counter() - started) * 1000.0)
     cpu = cpu_seconds() - cpu0
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     await publisher.aclose()
     await subscriber.aclose()
     return {"latency_ms": latencies, "hiredis": HIREDIS_AVAILABLE, "client_cpu_s": cpu}

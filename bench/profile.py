@@ -1,6 +1,7 @@
 """Profile Aura under one of the benchmark's loads with py-spy (sampling, no code change).
 
     python -m bench.profile stream      # 100 concurrent @answer streams of 200 events
+    python -m bench.profile stream1000  # 1,000 concurrent @answer streams of 200 events
     python -m bench.profile short       # 1 stream at a time of the shortest run (per-run cost)
     python -m bench.profile approval    # approve on B -> running event on A (profiles A and B)
     python -m bench.profile summarise bench/results/profiles/*.txt   # re-print the summaries
@@ -75,7 +76,7 @@ def main() -> None:
             print(summary)
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["stream", "short", "approval"])
+    parser.add_argument("scenario", choices=["stream", "stream1000", "short", "approval"])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
@@ -100,6 +101,7 @@ def main() -> None:
             if server is None:
                 continue
             path = OUT / f"{args.scenario}-{server.name}.txt"
+            assert server.process is not None
             recorders.append((path, subprocess.Popen(
                 [py_spy, "record", "--pid", str(server.process.pid), "--format", "raw", "--rate", "200",
                  "--duration", str(int(args.seconds)), "--output", str(path), "--nonblocking"],
@@ -109,6 +111,9 @@ def main() -> None:
         while time.monotonic() < deadline:
             if args.scenario == "stream":
                 result = client("streams", **target.stream_spec(cal, 200), total=100, concurrency=100,
+                                connect_limit=50)
+            elif args.scenario == "stream1000":
+                result = client("streams", **target.stream_spec(cal, 200), total=1000, concurrency=1000,
                                 connect_limit=50)
             elif args.scenario == "short":
                 result = client("streams", **target.stream_spec(cal, 10), total=50, concurrency=1)

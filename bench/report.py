@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (the Markdown report uses the multiplication sign and the en dash on purpose)
 """Turn a run's raw measurements into a summary (JSON), a Markdown report and a PNG chart.
 
 Every headline figure is a median over rounds, and every ratio is taken inside a round (Aura and
@@ -108,7 +109,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                              "errors": errors[(level, name)]}
         ttfe[str(level)] = {"servers": servers}
     floor1 = ttfe.get("1", {}).get("servers", {}).get("floor", {})
-    for level, entry in ttfe.items():
+    for entry in ttfe.values():
         aura = entry["servers"].get("aura", {})
         floor_same = entry["servers"].get("floor", {})
         if aura.get("p99_ms") and floor1.get("p99_ms"):
@@ -151,7 +152,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for row in rows:
         if row["phase"] == "parked":
             parked.setdefault(str(row["n"]), {})[row["server"]] = row
-    for level, entry in parked.items():
+    for entry in parked.values():
         aura, floor = entry.get("aura"), entry.get("floor")
         if aura and floor and floor.get("kib_per_stream_rss"):
             entry["memory_ratio"] = aura["kib_per_stream_rss"] / floor["kib_per_stream_rss"]
@@ -222,7 +223,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    f"{a.get('errors', 0)} | {_verdict(entry['met'])} |")
 
     out += ["", "## Time to first event", "",
-            "| concurrent new streams | server | p50 ms | p99 ms | samples | errors |", "|---:|---|---:|---:|---:|---:|"]
+            "| concurrent new streams | server | p50 ms | p99 ms | samples | errors |",
+            "|---:|---|---:|---:|---:|---:|"]
     for level, entry in summary["ttfe"].items():
         for name, s in entry["servers"].items():
             out.append(f"| {level} | {name} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | {s['samples']} | "
@@ -235,7 +237,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
 
     ap = summary["approval"]
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
-            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|"]
     for name in ("aura", "quart-floor", "redis-floor"):
         if name in ap:
             s = ap[name]
@@ -292,8 +295,9 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax = axes[0][0]
     levels = list(summary["cpu_per_event"])
     width = 0.2
-    for i, (name, key) in enumerate((("aura", "server_us_per_event"), ("aura+redis", None), ("peer", "server_us_per_event"),
-                                     ("floor", "server_us_per_event"))):
+    series = (("aura", "server_us_per_event"), ("aura+redis", None), ("peer", "server_us_per_event"),
+              ("floor", "server_us_per_event"))
+    for i, (name, key) in enumerate(series):
         values = []
         for level in levels:
             s = summary["cpu_per_event"][level]["servers"]
@@ -314,9 +318,9 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         for name, s in entry["servers"].items():
             entries.append((f"{name}\nc={level}", s["p50_ms"] or 0, s["p99_ms"] or 0, name))
     xs = range(len(entries))
-    ax.bar([x - 0.2 for x in xs], [e[1] for e in entries], 0.4, label="p50", color=[colors.get(e[3], "#999") for e in entries])
-    ax.bar([x + 0.2 for x in xs], [e[2] for e in entries], 0.4, label="p99", color=[colors.get(e[3], "#999") for e in entries],
-           alpha=0.5, hatch="//")
+    shades = [colors.get(e[3], "#999") for e in entries]
+    ax.bar([x - 0.2 for x in xs], [e[1] for e in entries], 0.4, label="p50", color=shades)
+    ax.bar([x + 0.2 for x in xs], [e[2] for e in entries], 0.4, label="p99", color=shades, alpha=0.5, hatch="//")
     ax.set_xticks(list(xs), [e[0] for e in entries], fontsize=7)
     ax.set_ylabel("ms")
     ax.set_yscale("log")
@@ -335,13 +339,15 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
 
     ax = axes[1][0]
     growth = summary["growth"]["us_per_event"]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    targets = sorted({t for d in growth.values() for t in d}, key=int)
     for name, style in (("aura", "-"), ("peer", "--")):
         for target, cells in sorted(growth.get(name, {}).items(), key=lambda kv: int(kv[0])):
             points = sorted((int(c), v) for c, v in cells.items() if v)
             if points:
                 real = summary["growth"]["events_per_run"].get(target, target)
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
-                        label=f"{name}, {real} events/run")
+                        color=palette[targets.index(target) % len(palette)], label=f"{name}, {real} events/run")
     ax.set_xscale("log")
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("server CPU µs per event")
@@ -351,14 +357,19 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax = axes[1][1]
     parked = summary["parked"]
     for name in ("aura", "floor"):
-        points = sorted((int(n), e[name]["kib_per_stream_rss"]) for n, e in parked.items()
-                        if name in e and e[name]["kib_per_stream_rss"])
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}", color=colors[name])
+        measured = sorted((int(n), e[name]["kib_per_stream_rss"], e[name]["errors_total"]) for n, e in parked.items()
+                          if name in e and e[name]["kib_per_stream_rss"])
+        clean = [p for p in measured if p[2] == 0]
+        if clean:
+            ax.plot([p[0] for p in clean], [p[1] for p in clean], marker="o", label=f"{name}", color=colors[name])
+        for n, kib, errors in measured:  # levels where streams failed: shown, but not part of the line
+            if errors:
+                ax.plot([n], [kib], marker="x", color=colors[name], markersize=10)
+                ax.annotate(f"{errors} errors", (n, kib), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("parked streams (one process)")
     ax.set_ylabel("KiB RSS per parked stream")
-    ax.set_title("Memory per parked run vs the floor's idle stream")
+    ax.set_title("Memory per parked run vs the floor's idle stream (x: level with errors)")
     ax.legend(fontsize=8)
 
     ax = axes[1][2]

@@ -25,12 +25,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 from bench import servers as S
 
+_T = TypeVar("_T")
 RESULTS = Path(__file__).resolve().parent / "results"
 ANSWER_TEXT = ("Aura streams what it thinks, plans and does as server-sent events; "
                "a human approves every risky action. ") * 400
@@ -227,7 +228,7 @@ class Bench:
             f"mean frame bytes by events per run: {self.cal.sizes}")
         self.results["calibration"] = asdict(self.cal)
 
-    def rotate(self, targets: list[Target], round_no: int) -> list[Target]:
+    def rotate(self, targets: list[_T], round_no: int) -> list[_T]:
         shift = round_no % len(targets)
         return targets[shift:] + targets[:shift]
 
@@ -270,7 +271,7 @@ class Bench:
                     self.load(target, "growth", round_no, spec, concurrency=concurrency, target_events=events)
 
     def phase_approvals(self, pairs: list[tuple[str, S.Server, S.Server]], round_no: int, total: int) -> None:
-        for name, a, b in self.rotate(pairs, round_no):  # type: ignore[arg-type]
+        for name, a, b in self.rotate(pairs, round_no):
             aura = name.startswith("aura")
             spec: dict[str, Any] = {"kind": "aura" if aura else "floor", "a_port": a.port, "b_port": b.port,
                                     "total": total, "batch": self.mode.approval_batch}
@@ -401,7 +402,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("quart", "hypercorn", "starlette", "sse-starlette", "uvicorn", "redis", "hiredis", "orjson",
                     "h11", "uvloop"):
         try:
@@ -411,7 +412,8 @@ def machine_info() -> dict[str, Any]:
         except Exception:
             versions[package] = None
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
-    return {"cpus": psutil.cpu_count(), "cpu_model": cpu_model, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    return {"cpus": psutil.cpu_count(), "cpu_model": cpu_model, "memory_gib": memory_gib,
             "python": platform.python_version(), "kernel": platform.release(), "packages": versions,
             "redis_server": redis_version, "loadavg_start": list(psutil.getloadavg())}
 
@@ -434,11 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.parked_levels:
         mode.parked_levels = [int(x) for x in args.parked_levels.split(",")]
     phases = set(args.phases.split(","))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     began = time.perf_counter()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     workdir = Path(tempfile.mkdtemp(prefix="aura-bench-"))
     log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
     uvloop = S.uvloop_available()

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -44,7 +44,7 @@ class Server:
     ps: psutil.Process | None = None
     health_path: str | None = "/health"
 
-    def start(self) -> Server:
+    def start(self) -> Self:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -69,7 +69,7 @@ class Server:
         """User + system CPU seconds of the server process (and any children it waits for)."""
         assert self.ps is not None
         times = self.ps.cpu_times()
-        return times.user + times.system + times.children_user + times.children_system
+        return float(times.user + times.system + times.children_user + times.children_system)
 
     def rss(self) -> int:
         assert self.ps is not None
@@ -108,7 +108,7 @@ class RedisServer(Server):
 
         client = redis.Redis(port=self.port, decode_responses=True)
         try:
-            return client.execute_command(*args)
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
 

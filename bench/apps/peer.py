@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
