@@ -9,12 +9,14 @@ from pathlib import Path
 from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
+from adapters.http.routes.console import ConsoleConfig
 from adapters.http.routes.streaming import StreamConfig
-from adapters.jwt import JoseTokenVerifier
+from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
+from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
 from adapters.redis.runs import RedisRunControl, RedisRunDirectory, RedisRunFollower
@@ -62,6 +64,21 @@ def _tool_registry(settings: Settings) -> ToolRegistry:
     )
 
 
+def _console_config(settings: Settings) -> ConsoleConfig:
+    """The console mints dev tokens only in dev mode, and only with an HS* secret to sign them."""
+    auth = settings.auth
+    if not auth.dev_mode or auth.jwt_secret is None or not auth.algorithm.startswith("HS"):
+        return ConsoleConfig(dev_mode=auth.dev_mode, mint_dev_token=None)
+    secret = auth.jwt_secret.get_secret_value()
+
+    def mint(user: str, tenant: str, role: str | None) -> str:
+        return mint_token(key=secret, algorithm=auth.algorithm, sub=user, tenant_id=tenant, role=role,
+                          ttl_seconds=3600, issuer=auth.issuer or None, audience=auth.audience or None,
+                          key_id=auth.key_id or None)
+
+    return ConsoleConfig(dev_mode=True, mint_dev_token=mint)
+
+
 def _instance_id(settings: Settings) -> str:
     return settings.runs.instance_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
@@ -102,6 +119,9 @@ class Container(containers.DeclarativeContainer):
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
     run_directory = providers.Singleton(RedisRunDirectory, redis)
+    conversations = providers.Singleton(RedisConversationStore, redis,
+                                        ttl_seconds=settings.provided.threads.ttl_seconds,
+                                        max_turns=settings.provided.threads.max_turns)
     run_follower = providers.Singleton(RedisRunFollower, redis)
     run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
@@ -138,9 +158,12 @@ class Container(containers.DeclarativeContainer):
                           max_runs_per_user=settings.provided.runs.max_per_user,
                           max_runs_per_tenant=settings.provided.runs.max_per_tenant),
         instance_id,
+        conversations,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
-                                     clock, lease_seconds=settings.provided.runs.lease_seconds)
+                                     clock, lease_seconds=settings.provided.runs.lease_seconds,
+                                     conversations=conversations)
+    console_config = providers.Singleton(_console_config, settings)
     stream_config = providers.Singleton(
         StreamConfig,
         heartbeat_seconds=settings.provided.stream.heartbeat_seconds,

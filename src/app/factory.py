@@ -10,7 +10,7 @@ from quart_schema import QuartSchema
 from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.problems import register_problem_handlers
-from adapters.http.routes import health, hitl, runs, stream
+from adapters.http.routes import console, health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
                            protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name})
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(console.bp)  # public: the page holds no data; its API calls carry a token
     app.register_blueprint(stream.bp)
     app.register_blueprint(hitl.bp)
     app.register_blueprint(runs.bp)

@@ -125,6 +125,11 @@ class AgentSettings(BaseModel):
     tool_timeout_seconds: float = Field(30.0, gt=0)
 
 
+class ThreadSettings(BaseModel):
+    ttl_seconds: int = Field(7 * 86_400, ge=60, description="A thread's memory lives this long after its last turn.")
+    max_turns: int = Field(20, ge=1, description="Turns of history kept per thread.")
+
+
 class EventLogSettings(BaseModel):
     retention_seconds: int = Field(3600, ge=1)
     max_length: int = Field(10_000, ge=100)
@@ -145,6 +150,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     runs: RunSettings = Field(default_factory=RunSettings)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
     hitl: HitlSettings = Field(default_factory=HitlSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     events: EventLogSettings = Field(default_factory=EventLogSettings)

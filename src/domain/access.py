@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from domain.agent import Agent
 from domain.errors import InvalidInput, NotFound
 from domain.events import Event, EventType, RunIds
 from domain.identity import Principal
-from domain.ports import Clock, EventLog
+from domain.ports import Clock, ConversationStore, EventLog
 from domain.run import RunRequest
 from domain.runs import RunControl, RunDirectory, RunFollower, RunRecord
 from domain.service import RunHandle, RunService, Subscription
@@ -61,8 +62,10 @@ class Attached:
 
 class RunAccess:
     def __init__(self, runs: RunService, directory: RunDirectory, event_log: EventLog, follower: RunFollower,
-                 control: RunControl, clock: Clock, *, lease_seconds: float) -> None:
+                 control: RunControl, clock: Clock, *, lease_seconds: float,
+                 conversations: ConversationStore | None = None) -> None:
         self._runs = runs
+        self._conversations = conversations
         self._directory = directory
         self._log = event_log
         self._follower = follower
@@ -86,7 +89,11 @@ class RunAccess:
                 await self.record_for(principal, claim.run_id)
                 return Attached(claim.run_id, self.resume(principal, claim.run_id, after_seq, heartbeat_seconds))
         try:
-            handle, watcher = await self._runs.start(principal, request, ids=ids)
+            history = []
+            if self._conversations is not None:
+                turns = await self._conversations.open(principal.tenant_id, principal.user_id, ids.thread_id)
+                history = Agent.history_messages(turns)
+            handle, watcher = await self._runs.start(principal, request, ids=ids, history=history)
         except BaseException:
             if idempotency is not None:
                 await self._directory.release_idempotency(principal.tenant_id, principal.user_id, idempotency[0])

@@ -49,6 +49,19 @@ class Agent:
         self._gate = gate
         self._limits = limits
 
+    @staticmethod
+    def history_messages(turns: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
+        """Earlier turns of the thread as chat messages: the prompt, then the answer with what the
+        tools did in summary."""
+        messages: list[ChatMessage] = []
+        for turn in turns:
+            messages.append(ChatMessage(Role.USER, str(turn.get("prompt", ""))))
+            notes = "; ".join(f"{n.get('tool')} {n.get('status')}: {n.get('summary')}"
+                              for n in turn.get("tools", []) if isinstance(n, Mapping))
+            answer = str(turn.get("answer", ""))
+            messages.append(ChatMessage(Role.ASSISTANT, f"{answer}\n(Tools used: {notes})" if notes else answer))
+        return messages
+
     async def execute(self, run: Run, history: Sequence[ChatMessage] = ()) -> str:
         """Drive the run to its answer and return it. Raises AuraError subclasses on failure;
         the caller turns those into `error` + `end` events."""
@@ -185,6 +198,7 @@ class Agent:
                 f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
             if decided.status is ApprovalStatus.REJECTED:
                 outcome.rejected += 1
+                run.tool_notes.append({"tool": call.name, "status": "rejected", "summary": decided.reason or ""})
                 reason = decided.reason or "no reason given"
                 await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "rejected", "result": None,
                                                           "error": f"Rejected: {reason}"})
@@ -204,9 +218,13 @@ class Agent:
             failure = exc
         else:
             outcome.succeeded += 1
+            summary = result.get("summary") if isinstance(result, dict) else None
+            run.tool_notes.append({"tool": call.name, "status": "success",
+                                   "summary": summary if isinstance(summary, str) else _result_text(result)[:300]})
             await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "success", "result": result, "error": None})
             return _result_text(result)
         outcome.failed += 1
+        run.tool_notes.append({"tool": call.name, "status": "failed", "summary": failure.message})
         await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "failed", "result": None,
                                                   "error": failure.message})
         return f"Error ({failure.code}): {failure.message}"

@@ -113,11 +113,12 @@ class EventLog(ABC):
 
 
 class ConversationStore(ABC):
-    """History of a thread, per tenant, user and thread."""
+    """History of a thread, kept per tenant, user and thread."""
 
     @abstractmethod
-    async def load(self, tenant_id: str, user_id: str, thread_id: str) -> list[dict[str, Any]] | None:
-        """The thread's turns, oldest first; None when this user owns no such thread."""
+    async def open(self, tenant_id: str, user_id: str, thread_id: str) -> list[dict[str, Any]]:
+        """The thread's turns, oldest first (empty for a new thread, which this user now owns).
+        Raises NotFound when the thread belongs to another user or tenant."""
 
     @abstractmethod
     async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> None: ...

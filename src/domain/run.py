@@ -60,6 +60,7 @@ class Run:
         self.pending_approval: ApprovalRequest | None = None
         self.answer_parts: list[str] = []
         self.tool_calls = 0
+        self.tool_notes: list[dict[str, Any]] = []  # what each tool call did, for the thread's memory
         self.cancel_reason: str | None = None
         self.created_at = clock.timestamp()
         self.end_data: dict[str, Any] | None = None

@@ -13,7 +13,7 @@ from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavail
 from domain.events import Event, EventType, RunIds, RunStatus
 from domain.identity import Principal
 from domain.model import ChatMessage
-from domain.ports import Clock, EventLog, IdFactory
+from domain.ports import Clock, ConversationStore, EventLog, IdFactory
 from domain.run import DisconnectPolicy, Run, RunRequest
 from domain.runs import RunDirectory, RunRecord
 
@@ -114,8 +114,9 @@ _SNAPSHOT_SKIP = frozenset({EventType.CONTENT, EventType.THOUGHT})
 
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
-                 limits: RunLimits, instance_id: str) -> None:
+                 limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None) -> None:
         self._agent = agent
+        self._conversations = conversations
         self._clock = clock
         self._ids = ids
         self._log = event_log
@@ -245,7 +246,8 @@ class RunService:
                 "resumeUrl": f"/aura/runs/{run.ids.run_id}/events",
             })
             async with asyncio.timeout(self._limits.max_run_seconds):
-                await self._agent.execute(run, history)
+                answer = await self._agent.execute(run, history)
+            await self._remember(run, answer)
             await run.end(RunStatus.COMPLETED, "completed", "The run completed.")
         except asyncio.CancelledError:
             reason = run.cancel_reason or "cancelled"
@@ -272,6 +274,16 @@ class RunService:
                 await self._directory.release_slot(run.principal.tenant_id, run.principal.user_id, run.ids.run_id)
             except StoreUnavailable:
                 log.warning("could not record the end of run %s in the directory", run.ids.run_id)
+
+    async def _remember(self, run: Run, answer: str) -> None:
+        if self._conversations is None:
+            return
+        turn = {"runId": run.ids.run_id, "prompt": run.request.prompt, "answer": answer,
+                "tools": run.tool_notes, "at": self._clock.timestamp()}
+        try:
+            await self._conversations.append(run.principal.tenant_id, run.principal.user_id, run.ids.thread_id, turn)
+        except StoreUnavailable:
+            log.warning("could not store the turn of run %s in its thread", run.ids.run_id)
 
     async def _finish(self, run: Run, status: RunStatus, reason: str, message: str,
                       error: tuple[str, bool] | None = None) -> None:

@@ -7,9 +7,7 @@ a skipped browser test would hide a broken console.
 
 from __future__ import annotations
 
-import os
 import re
-import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +18,6 @@ from dependency_injector import providers
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, sync_playwright
 from quart import Quart
 
-from adapters.http.routes import console
 from adapters.http.routes.console import ConsoleConfig
 from app.container import Container
 from app.factory import create_app
@@ -32,48 +29,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-
-# Until app/factory.py registers the console and app/container.py provides `console_config`, the
-# service under test gets both from this sitecustomize (found first on the child's PYTHONPATH).
-# It does nothing once the container has `console_config`; delete it after that integration.
-_CONSOLE_SHIM = textwrap.dedent('''
-    import app.factory as factory
-    from dependency_injector import providers
-    from adapters.http.routes import console
-    from adapters.jwt import mint_token
-
-    def _console_config(settings):
-        auth = settings.auth
-        if not auth.dev_mode or auth.jwt_secret is None or not auth.algorithm.startswith("HS"):
-            return console.ConsoleConfig(dev_mode=auth.dev_mode, mint_dev_token=None)
-        secret = auth.jwt_secret.get_secret_value()
-
-        def mint(user, tenant, role):
-            return mint_token(key=secret, algorithm=auth.algorithm, sub=user, tenant_id=tenant, role=role,
-                              ttl_seconds=3600, issuer=auth.issuer or None, audience=auth.audience or None,
-                              key_id=auth.key_id or None)
-
-        return console.ConsoleConfig(dev_mode=True, mint_dev_token=mint)
-
-    class _ContainerWithConsole(factory.Container):
-        console_config = providers.Singleton(_console_config, factory.Container.settings)
-
-    _create_app = factory.create_app
-
-    def create_app(settings=None, container=None):
-        settings = settings or factory.load_settings()
-        app = _create_app(settings, container or _ContainerWithConsole(settings=settings))
-        if console.bp.name not in app.blueprints:
-            app.register_blueprint(console.bp)
-        return app
-
-    factory.create_app = create_app
-''')
-
-
-def console_integrated() -> bool:
-    return "console_config" in Container.providers
-
 
 # ---- the app in process (routes) ---------------------------------------------------------------
 
@@ -90,16 +45,8 @@ def console_app(workspace: Path) -> Callable[[ConsoleConfig], Quart]:
 
     def build(config: ConsoleConfig) -> Quart:
         settings = Settings(auth={"jwt_secret": SECRET}, tools={"workspace_root": str(workspace)})
-        if console_integrated():
-            container = Container(settings=settings)
-        else:
-            class ContainerWithConsole(Container):
-                console_config = providers.Object(config)
-
-            container = ContainerWithConsole(settings=settings)
+        container = Container(settings=settings)
         app = create_app(settings, container)
-        if console.bp.name not in app.blueprints:
-            app.register_blueprint(console.bp)
         container.console_config.override(providers.Object(config))
         return app
 
@@ -111,11 +58,6 @@ def console_app(workspace: Path) -> Callable[[ConsoleConfig], Quart]:
 def start_service(workspace: Path, log_dir: Path, name: str, env: dict[str, str] | None = None) -> AuraProcess:
     """`aura serve` on a free port with `workspace` as the tools' root, serving the console."""
     child_env = dict(env or {})
-    if not console_integrated():
-        shim_dir = log_dir / "console-shim"
-        shim_dir.mkdir(exist_ok=True)
-        (shim_dir / "sitecustomize.py").write_text(_CONSOLE_SHIM)
-        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim_dir), os.environ.get("PYTHONPATH")]))
     return AuraProcess(workspace=workspace, log_path=log_dir / f"{name}.log", env=child_env).start()
 
 
