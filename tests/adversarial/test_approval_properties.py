@@ -1,0 +1,164 @@
+"""Property: no interleaving of signals (published, malformed, for other requests), API decisions
+(by the owner, an approver, a stranger, another tenant), expiries, store-only decisions (a lost
+publish) and cancels decides a request twice or runs a tool that was not approved.
+
+The scenario runs the real ApprovalGate, ApprovalDesk, Agent and RunService over two stores: the
+in-memory fake and the real RedisApprovalStore (WATCH/MULTI compare-and-set) on fakeredis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import fakeredis
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.redis.approvals import RedisApprovalStore
+from domain.agent import Agent
+from domain.approval import ApprovalStatus, DecisionResult, Signal
+from domain.desk import ApprovalDesk
+from domain.errors import AuraError
+from domain.gate import ApprovalGate, GateSettings
+from domain.identity import Principal
+from domain.ports import ApprovalStore
+from domain.service import RunService
+from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+from tests.unit.harness import Harness
+
+PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
+OWNER = Principal("alice", "acme", "alice", "user")
+PEOPLE = {
+    "owner": OWNER,
+    "approver": Principal("mgr", "acme", "mgr", "manager"),
+    "stranger": Principal("carol", "acme", "carol", "user"),
+    "other_tenant": Principal("alice", "globex", "alice", "admin"),
+}
+ALLOWED = {"owner", "approver"}
+
+
+class CountingStore(ApprovalStore):
+    """Wraps a store and records every applied decision."""
+
+    def __init__(self, inner: ApprovalStore) -> None:
+        self.inner = inner
+        self.applied: list[tuple[str, ApprovalStatus]] = []
+
+    async def create(self, request: Any) -> None:
+        await self.inner.create(request)
+
+    async def get(self, request_id: str) -> Any:
+        return await self.inner.get(request_id)
+
+    async def pending_for_user(self, tenant_id: str, user_id: str) -> Any:
+        return await self.inner.pending_for_user(tenant_id, user_id)
+
+    async def decide(self, request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
+        result = await self.inner.decide(request_id, status, **kw)
+        if result is not None and result.applied:
+            self.applied.append((request_id, status))
+        return result
+
+
+ACTION = st.one_of(
+    st.tuples(st.just("signal"), st.sampled_from(["approval", "rejection"]),
+              st.sampled_from(["right", "other_request", "malformed", "contradicting"])),
+    st.tuples(st.just("api"), st.booleans(), st.sampled_from(sorted(PEOPLE))),
+    st.tuples(st.just("store_only"), st.sampled_from([ApprovalStatus.APPROVED, ApprovalStatus.REJECTED])),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("cancel")),
+    st.tuples(st.just("yield"), st.integers(1, 20)),
+)
+
+
+async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
+    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
+    h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.005))
+    inner: ApprovalStore = h.store
+    if backend == "redis":
+        inner = RedisApprovalStore(fakeredis.FakeAsyncRedis())
+    store = CountingStore(inner)
+    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings)
+    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
+    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    desk = ApprovalDesk(store, h.bus, h.clock, ["manager"])
+
+    handle, watcher = await h.start()
+    while True:
+        event = await watcher.next(5)
+        assert event is not None
+        if event.type.value == "hitl":
+            break
+    request_id, session = event.data["requestId"], event.data["sessionId"]
+    api_wins: list[tuple[str, bool]] = []
+    for action in actions:
+        match action:
+            case ("signal", kind, variant):
+                record: dict[str, Any] = {"type": kind, "requestId": request_id, "userId": "ext", "timestamp": 1}
+                if variant == "other_request":
+                    record["requestId"] = "req_someone_else"
+                elif variant == "contradicting":
+                    record["status"] = "rejected" if kind == "approval" else "approved"
+                raw = "{not json" if variant == "malformed" else json.dumps(record)
+                await h.bus.publish_raw(session, raw)
+            case ("api", approve, who):
+                try:
+                    await desk.decide(PEOPLE[who], request_id, approve=approve, reason="r")
+                    assert who in ALLOWED, f"{who} decided a request"
+                    api_wins.append((who, approve))
+                except AuraError as refused:
+                    assert refused.code in {"approval_not_found", "not_an_approver", "already_decided",
+                                            "approval_expired"}, refused.code
+            case ("store_only", status):  # another instance decided, but its PUBLISH was lost
+                await store.decide(request_id, status, decided_by="ext", decided_at=h.clock.timestamp(), reason=None)
+            case ("expire",):
+                h.clock.value += 301
+            case ("cancel",):
+                handle.cancel("test")
+            case ("yield", n):
+                for _ in range(n):
+                    await asyncio.sleep(0)
+    h.clock.value += 10_000  # whatever is still pending expires now
+    events = []
+    while True:
+        event = await watcher.next(5)
+        assert event is not None, "the run did not end"
+        events.append(event)
+        if event.is_terminal:
+            break
+    await asyncio.sleep(0)
+
+    final = await store.get(request_id)
+    assert final is not None and final.status.is_decided
+    assert store.applied == [(request_id, final.status)], store.applied  # decided exactly once
+    assert len(api_wins) <= 1
+    if api_wins:
+        assert final.status is (ApprovalStatus.APPROVED if api_wins[0][1] else ApprovalStatus.REJECTED)
+    statuses = [e.data["status"] for e in events if e.type.value == "tool_execution"]
+    if final.status is ApprovalStatus.APPROVED:
+        # an approved tool runs once — unless the run was cancelled between the decision and the call
+        cancelled = ("cancel",) in actions
+        assert commit.calls == [{"value": "v"}] or (cancelled and commit.calls == [])
+        assert ("success" in statuses) == bool(commit.calls)
+    else:
+        assert commit.calls == []
+        assert "running" not in statuses and "success" not in statuses
+    assert h.bus.subscribers == {}  # the subscription was released on every path
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_no_interleaving_decides_twice_or_runs_an_unapproved_tool(backend: str) -> None:
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(actions=st.lists(ACTION, max_size=12))
+    def check(actions: list[tuple[Any, ...]]) -> None:
+        asyncio.run(scenario(backend, actions))
+
+    check()
+
+
+def test_a_signal_contradicting_its_type_is_never_read_as_a_decision() -> None:
+    assert Signal.parse(json.dumps({"type": "rejection", "requestId": "r", "status": "approved"})) is None
+    assert Signal.parse(json.dumps({"type": "approval", "requestId": "r", "status": "rejected"})) is None
