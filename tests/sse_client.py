@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, aconnect_sse
 
+from tests.support import check_event
+
 
 class RunReader:
     def __init__(self, source: EventSource) -> None:
@@ -27,6 +29,7 @@ class RunReader:
             return None
         envelope: dict[str, Any] = json.loads(sse.data)
         assert sse.id == str(envelope["seq"]) and sse.event == envelope["type"]
+        check_event(envelope)
         self.events.append(envelope)
         return envelope
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from adapters.http.event_schema import events_json_schema
 from adapters.jwt import mint_token
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -71,6 +74,15 @@ def parse_sse(body: str) -> list[Frame]:
     return frames
 
 
+EVENT_SCHEMA = Draft202012Validator(events_json_schema())
+
+
+def check_event(envelope: dict[str, Any]) -> None:
+    """Every event the service emits must validate against the schema it publishes."""
+    errors = sorted(EVENT_SCHEMA.iter_errors(envelope), key=str)
+    assert not errors, f"{envelope['type']} event does not match /aura/schema/events.json: {errors[0].message}"
+
+
 def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
     """Envelopes of the event frames, checking the framing rules on the way."""
     real = [f for f in frames if not f.comment]
@@ -79,6 +91,7 @@ def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
     for frame in real[:-1]:
         envelope = frame.payload
         assert frame.id == str(envelope["seq"]) and frame.event == envelope["type"]
+        check_event(envelope)
         envelopes.append(envelope)
     assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1))
     assert envelopes[-1]["type"] == "end"

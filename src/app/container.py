@@ -12,6 +12,7 @@ from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
 from adapters.http.routes.streaming import StreamConfig
 from adapters.jwt import JoseTokenVerifier, mint_token
+from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
@@ -106,6 +107,8 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     clock = providers.Singleton(SystemClock)
+    metrics = providers.Singleton(PrometheusMetrics)
+    metrics_require_auth = providers.Callable(lambda settings: settings.server.metrics_require_auth, settings)
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
 
@@ -136,6 +139,7 @@ class Container(containers.DeclarativeContainer):
         ApprovalGate, approval_store, signal_bus, clock, ids,
         providers.Factory(GateSettings, timeout_seconds=settings.provided.hitl.timeout_seconds,
                           recheck_seconds=settings.provided.hitl.recheck_seconds),
+        metrics,
     )
     approval_desk = providers.Singleton(ApprovalDesk, approval_store, signal_bus, clock,
                                         settings.provided.hitl.approver_roles)
@@ -148,6 +152,7 @@ class Container(containers.DeclarativeContainer):
             max_tool_calls_per_step=settings.provided.agent.max_tool_calls_per_step,
             tool_timeout_seconds=settings.provided.agent.tool_timeout_seconds,
         ),
+        metrics,
     )
     run_service = providers.Singleton(
         RunService, agent, clock, ids, event_log, run_directory,
@@ -159,6 +164,7 @@ class Container(containers.DeclarativeContainer):
                           max_runs_per_tenant=settings.provided.runs.max_per_tenant),
         instance_id,
         conversations,
+        metrics,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock, lease_seconds=settings.provided.runs.lease_seconds,
@@ -173,4 +179,5 @@ class Container(containers.DeclarativeContainer):
         max_stream_seconds=settings.provided.stream.max_stream_seconds,
         reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
         retention_seconds=settings.provided.events.retention_seconds,
+        metrics=metrics,
     )

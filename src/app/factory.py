@@ -38,8 +38,11 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     )
     register_problem_handlers(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
+    metrics = container.metrics()
+    app.extensions["aura_authenticator"] = container.authenticator()
     install_authentication(app, container.authenticator(),
-                           protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name})
+                           protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name},
+                           on_failure=lambda code: metrics.auth_failures.labels(code).inc())
 
     app.register_blueprint(health.bp)
     app.register_blueprint(console.bp)  # public: the page holds no data; its API calls carry a token

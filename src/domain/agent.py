@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from domain.model import ChatMessage, ChatRequest, ContentDelta, ModelTurn, Purp
 from domain.plan import PlannedStep, PlanStep, StepStatus, parse_plan
 from domain.ports import ChatModel
 from domain.run import Run
+from domain.telemetry import Telemetry
 from domain.tools import ToolContext, ToolRegistry
 
 RESULT_FOR_MODEL_CHARS = 8000
@@ -43,7 +45,9 @@ def _result_text(result: Any) -> str:
 
 
 class Agent:
-    def __init__(self, model: ChatModel, tools: ToolRegistry, gate: ApprovalGate, limits: AgentLimits) -> None:
+    def __init__(self, model: ChatModel, tools: ToolRegistry, gate: ApprovalGate, limits: AgentLimits,
+                 telemetry: Telemetry | None = None) -> None:
+        self._telemetry = telemetry or Telemetry()
         self._model = model
         self._tools = tools
         self._gate = gate
@@ -184,6 +188,7 @@ class Agent:
             args = self._tools.validate(call.name, raw_args)
         except (InvalidInput, UnknownTool) as exc:
             outcome.failed += 1
+            self._telemetry.tool_call(call.name, "failed")
             await run.emit(EventType.TOOL_EXECUTION, {**base, "toolArgs": raw_args if isinstance(raw_args, dict)
                                                       else {}, "status": "failed", "result": None,
                                                       "error": exc.message, "requiresApproval": False})
@@ -198,6 +203,7 @@ class Agent:
                 f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
             if decided.status is ApprovalStatus.REJECTED:
                 outcome.rejected += 1
+                self._telemetry.tool_call(call.name, "rejected")
                 run.tool_notes.append({"tool": call.name, "status": "rejected", "summary": decided.reason or ""})
                 reason = decided.reason or "no reason given"
                 await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "rejected", "result": None,
@@ -218,12 +224,14 @@ class Agent:
             failure = exc
         else:
             outcome.succeeded += 1
+            self._telemetry.tool_call(call.name, "success")
             summary = result.get("summary") if isinstance(result, dict) else None
             run.tool_notes.append({"tool": call.name, "status": "success",
                                    "summary": summary if isinstance(summary, str) else _result_text(result)[:300]})
             await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "success", "result": result, "error": None})
             return _result_text(result)
         outcome.failed += 1
+        self._telemetry.tool_call(call.name, "failed")
         run.tool_notes.append({"tool": call.name, "status": "failed", "summary": failure.message})
         await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "failed", "result": None,
                                                   "error": failure.message})
@@ -234,10 +242,16 @@ class Agent:
         request = ChatRequest(messages=[*messages, ChatMessage(Role.USER, prompts.answer_prompt())],
                               purpose=Purpose.ANSWER, hints=hints, trace_headers=self._trace_headers(run))
         parts: list[str] = []
-        async for chunk in self._model.stream(request):
-            if isinstance(chunk, ContentDelta) and chunk.text:
-                parts.append(chunk.text)
-                await run.content(chunk.text, chunk=True)
+        started = time.monotonic()
+        try:
+            async for chunk in self._model.stream(request):
+                if isinstance(chunk, ContentDelta) and chunk.text:
+                    parts.append(chunk.text)
+                    await run.content(chunk.text, chunk=True)
+        except ModelError as exc:
+            self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
+            raise
+        self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
         answer = "".join(parts)
         if not answer.strip():
             raise ModelError("The model returned an empty answer.", code="llm_bad_response")
@@ -247,8 +261,14 @@ class Agent:
 
     async def _complete(self, request: ChatRequest) -> ModelTurn:
         turn = ModelTurn()
-        async for chunk in self._model.stream(request):
-            turn.add(chunk)
+        started = time.monotonic()
+        try:
+            async for chunk in self._model.stream(request):
+                turn.add(chunk)
+        except ModelError as exc:
+            self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
+            raise
+        self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
         return turn
 
     @staticmethod

@@ -14,6 +14,7 @@ from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
 from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus
 from domain.run import Run
+from domain.telemetry import Telemetry
 
 log = logging.getLogger("aura.hitl")
 audit = logging.getLogger("aura.audit")
@@ -42,7 +43,8 @@ def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
 
 class ApprovalGate:
     def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, ids: IdFactory,
-                 settings: GateSettings) -> None:
+                 settings: GateSettings, telemetry: Telemetry | None = None) -> None:
+        self._telemetry = telemetry or Telemetry()
         self._store = store
         self._bus = bus
         self._clock = clock
@@ -63,6 +65,9 @@ class ApprovalGate:
         await self._store.create(request)
         audit_line("requested", request, actorId=run.principal.actor_id)
         timeline_id = f"approval_{step.index}_{run.tool_calls}"
+        self._telemetry.approval_wait_started()
+        waited_from = self._clock.now()
+        outcome = "cancelled"
         timeline_title = f"Approval: {tool_name}"
         try:
             async with self._bus.subscribe(run.ids.session_id) as subscription:
@@ -78,10 +83,12 @@ class ApprovalGate:
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
                 decided = await self._wait(request, stored, subscription)
+                outcome = decided.status.value
         except asyncio.CancelledError:
             await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
             raise
         finally:
+            self._telemetry.approval_wait_ended(outcome, self._clock.now() - waited_from)
             run.pending_approval = None
             if run.status is RunStatus.WAITING_APPROVAL:
                 run.status = RunStatus.RUNNING

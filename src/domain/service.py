@@ -16,6 +16,7 @@ from domain.model import ChatMessage
 from domain.ports import Clock, ConversationStore, EventLog, IdFactory
 from domain.run import DisconnectPolicy, Run, RunRequest
 from domain.runs import RunDirectory, RunRecord
+from domain.telemetry import Telemetry, bind_log_context
 
 log = logging.getLogger("aura.runs")
 
@@ -114,7 +115,9 @@ _SNAPSHOT_SKIP = frozenset({EventType.CONTENT, EventType.THOUGHT})
 
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
-                 limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None) -> None:
+                 limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None,
+                 telemetry: Telemetry | None = None) -> None:
+        self._telemetry = telemetry or Telemetry()
         self._agent = agent
         self._conversations = conversations
         self._clock = clock
@@ -231,6 +234,7 @@ class RunService:
         try:
             await self._log.append(event, snapshot)
         except StoreUnavailable as exc:
+            self._telemetry.store_error()
             failure = exc
         for watcher in tuple(watchers):
             watcher.push(event)
@@ -240,6 +244,9 @@ class RunService:
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
         run = handle.run
         handle.started = True
+        bind_log_context(runId=run.ids.run_id, sessionId=run.ids.session_id, traceId=run.ids.trace_id,
+                         tenantId=run.principal.tenant_id, userId=run.principal.user_id)
+        self._telemetry.run_started()
         try:
             await run.emit(EventType.START, {
                 "message": "Aura started working on your request.",
@@ -267,6 +274,7 @@ class RunService:
             await self._finish(run, RunStatus.FAILED, "internal_error", SAFE_INTERNAL_MESSAGE,
                                error=("internal_error", True))
         finally:
+            self._telemetry.run_ended(run.status.value)
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)

@@ -18,7 +18,7 @@ import redis
 from tests.aura_process import AuraProcess
 from tests.redis_server import RedisServer
 from tests.sse_client import open_run
-from tests.support import bearer, git
+from tests.support import bearer, check_event, git
 
 COMMIT = '@git_commit {"repo_path": "repo", "message": "Add feature"}'
 
@@ -53,7 +53,9 @@ def frames_to_events(body: str) -> list[dict[str, Any]]:
     for block in body.split("\n\n"):
         data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
         if data and data[0] != "[DONE]":
-            events.append(json.loads("\n".join(data)))
+            envelope = json.loads("\n".join(data))
+            check_event(envelope)
+            events.append(envelope)
     return events
 
 

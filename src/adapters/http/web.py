@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from quart import Quart, Response, g, request
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.problems import Problem
+from domain.errors import AuthError
 from domain.identity import Principal
+from domain.telemetry import bind_log_context
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -44,6 +46,7 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
         g.traceparent = f"00-{g.trace_id}-{secrets.token_hex(8)}-01"
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        bind_log_context(traceId=g.trace_id, requestId=g.request_id)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             origin = request.headers.get("Origin")
             if not cors.allows(origin):
@@ -69,7 +72,8 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
 
 
 def install_authentication(app: Quart, authenticator: RequestAuthenticator,
-                           protected_blueprints: Collection[str]) -> None:
+                           protected_blueprints: Collection[str],
+                           on_failure: Callable[[str], None] | None = None) -> None:
     """Authenticate every request to a protected blueprint before its body is read or validated."""
     protected = frozenset(protected_blueprints)
 
@@ -77,7 +81,13 @@ def install_authentication(app: Quart, authenticator: RequestAuthenticator,
     async def _authenticate() -> None:
         if request.blueprint not in protected or request.method == "OPTIONS":
             return
-        g.principal = authenticator.authenticate(request)
+        try:
+            g.principal = authenticator.authenticate(request)
+        except AuthError as error:
+            if on_failure is not None:
+                on_failure(error.code)
+            raise
+        bind_log_context(traceId=g.trace_id, tenantId=g.principal.tenant_id, userId=g.principal.user_id)
         g.bearer_token = authenticator.bearer_token(request)
 
 

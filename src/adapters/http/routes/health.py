@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from dependency_injector.wiring import Provide, inject
-from quart import Blueprint
+from typing import Any
 
+from dependency_injector.wiring import Provide, inject
+from quart import Blueprint, Response
+
+from adapters.http.event_schema import events_json_schema
 from adapters.http.problems import Problem
+from adapters.metrics.prometheus import PrometheusMetrics
 from domain.ports import HealthProbe
 from domain.service import RunService
 
 bp = Blueprint("health", __name__)
+
+
+def require_token() -> None:
+    """/metrics behind a token when configured: any valid Aura token may scrape."""
+    from quart import current_app, request
+
+    current_app.extensions["aura_authenticator"].authenticate(request)
 
 
 @bp.get("/health")
@@ -29,3 +40,19 @@ async def ready(probe: HealthProbe = Provide["health_probe"],
     if reason is not None:
         raise Problem(503, "not_ready", reason, headers={"Retry-After": "5"})
     return {"status": "ready"}
+
+
+@bp.get("/metrics")
+@inject
+async def metrics(exposition: PrometheusMetrics = Provide["metrics"],
+                  protected: bool = Provide["metrics_require_auth"]) -> Response:
+    """Prometheus exposition of Aura's metrics."""
+    if protected:
+        require_token()
+    return Response(exposition.exposition(), content_type=exposition.content_type)
+
+
+@bp.get("/aura/schema/events.json")
+async def event_schema() -> dict[str, Any]:
+    """JSON Schema of the SSE envelope and of every event type's `data`."""
+    return events_json_schema()

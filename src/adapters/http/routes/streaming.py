@@ -10,6 +10,7 @@ import orjson
 from quart import Response, request
 
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
+from adapters.metrics.prometheus import PrometheusMetrics
 from domain.access import Notice, ResumeItem
 from domain.events import Event
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
@@ -24,6 +25,37 @@ class StreamConfig:
     max_stream_seconds: float = 3600.0
     reconnect_hint_ms: int = 1000
     retention_seconds: int = 3600
+    metrics: PrometheusMetrics | None = None
+
+
+class StreamMeter:
+    """Counts what one SSE response writes (events by type, heartbeats, time to first event)."""
+
+    def __init__(self, metrics: PrometheusMetrics | None, kind: str) -> None:
+        self._metrics = metrics
+        self._kind = kind
+        self._started = time.monotonic()
+        self._first = True
+        if metrics is not None:
+            metrics.open_streams.labels(kind).inc()
+            if kind == "resume":
+                metrics.resumes.inc()
+
+    def event(self, type_: str) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.events_sent.labels(type_).inc()
+        if self._first and self._kind == "run":
+            self._first = False
+            self._metrics.first_event.observe(time.monotonic() - self._started)
+
+    def heartbeat(self) -> None:
+        if self._metrics is not None:
+            self._metrics.heartbeats.inc()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.open_streams.labels(self._kind).dec()
 
 
 def sse_headers() -> dict[str, str]:
@@ -49,6 +81,7 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
     applies the run's disconnect policy."""
     finished = False
     deadline = time.monotonic() + config.max_stream_seconds
+    meter = StreamMeter(config.metrics, "run")
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -60,8 +93,10 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
             event = await watcher.next(min(config.heartbeat_seconds, remaining))
             if event is None:
                 if time.monotonic() < deadline:
+                    meter.heartbeat()
                     yield HEARTBEAT_FRAME
                 continue
+            meter.event(event.type.value)
             if event.is_terminal:
                 finished = True
                 yield terminal_frame(event, config)
@@ -73,6 +108,7 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
         finished = True
         yield reconnect_frame(config, "too far behind; reconnect with Last-Event-ID to resume")
     finally:
+        meter.close()
         runs.release(handle, watcher, disconnected=not finished)
 
 
@@ -90,20 +126,27 @@ def encode_notice(notice: Notice) -> bytes:
 
 async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig) -> AsyncIterator[bytes]:
     deadline = time.monotonic() + config.max_stream_seconds
-    async for item in items:
-        if item is None:
-            yield HEARTBEAT_FRAME
-        elif isinstance(item, Notice):
-            yield encode_notice(item)
-        elif item.is_terminal:
-            yield terminal_frame(item, config)
-            return
-        else:
-            yield encode_run_event(item)
-        if time.monotonic() >= deadline:
-            yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
-            return
-    yield DONE_FRAME
+    meter = StreamMeter(config.metrics, "resume")
+    try:
+        async for item in items:
+            if item is None:
+                meter.heartbeat()
+                yield HEARTBEAT_FRAME
+                continue
+            meter.event(item.type.value)
+            if isinstance(item, Notice):
+                yield encode_notice(item)
+            elif item.is_terminal:
+                yield terminal_frame(item, config)
+                return
+            else:
+                yield encode_run_event(item)
+            if time.monotonic() >= deadline:
+                yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
+                return
+        yield DONE_FRAME
+    finally:
+        meter.close()
 
 
 def sse_response(frames: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None) -> Response:

@@ -1,0 +1,69 @@
+"""Aura's metrics in a registry of their own (one per app, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from domain.telemetry import Telemetry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DECISION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+class PrometheusMetrics(Telemetry):
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.open_streams = Gauge("aura_open_streams", "SSE responses currently open", ["kind"], registry=r)
+        self.runs_active = Gauge("aura_runs_active", "Runs executing in this process", registry=r)
+        self.runs = Counter("aura_runs", "Runs by final status", ["status"], registry=r)
+        self.events_sent = Counter("aura_events_sent", "Events written to clients, by type", ["type"], registry=r)
+        self.first_event = Histogram("aura_time_to_first_event_seconds", "Request start to the first event written",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.approval_waits = Gauge("aura_approval_waits_open", "Runs waiting for a human decision", registry=r)
+        self.approval_decisions = Counter("aura_approval_decisions", "Approval waits by outcome", ["outcome"],
+                                          registry=r)
+        self.approval_latency = Histogram("aura_approval_decision_seconds", "From the hitl event to the decision",
+                                          ["outcome"], buckets=DECISION_BUCKETS, registry=r)
+        self.model_latency = Histogram("aura_model_call_seconds", "Model calls by purpose", ["purpose"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.model_errors = Counter("aura_model_errors", "Model failures by code", ["code"], registry=r)
+        self.tool_calls = Counter("aura_tool_calls", "Tool calls by tool and final status", ["tool", "status"],
+                                  registry=r)
+        self.auth_failures = Counter("aura_auth_failures", "Refused callers by problem code", ["code"], registry=r)
+        self.redis_errors = Counter("aura_redis_errors", "Failed Redis operations", registry=r)
+        self.heartbeats = Counter("aura_heartbeats_sent", "Heartbeat comments written", registry=r)
+        self.resumes = Counter("aura_resumes_served", "Resumed streams (GET events or a retried POST)", registry=r)
+
+    # -- Telemetry port --------------------------------------------------------------------
+    def run_started(self) -> None:
+        self.runs_active.inc()
+
+    def run_ended(self, status: str) -> None:
+        self.runs_active.dec()
+        self.runs.labels(status).inc()
+
+    def approval_wait_started(self) -> None:
+        self.approval_waits.inc()
+
+    def approval_wait_ended(self, outcome: str, seconds: float) -> None:
+        self.approval_waits.dec()
+        self.approval_decisions.labels(outcome).inc()
+        self.approval_latency.labels(outcome).observe(seconds)
+
+    def model_call(self, purpose: str, seconds: float, error_code: str | None) -> None:
+        self.model_latency.labels(purpose).observe(seconds)
+        if error_code is not None:
+            self.model_errors.labels(error_code).inc()
+
+    def tool_call(self, tool: str, status: str) -> None:
+        self.tool_calls.labels(tool, status).inc()
+
+    def store_error(self) -> None:
+        self.redis_errors.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,39 @@
+"""What the domain reports about itself: a port with do-nothing defaults, and the log context.
+
+Adapters turn the reports into metrics (Prometheus); the log context puts run and caller ids on
+every log line written while a request or a run is being handled."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+_log_context: ContextVar[dict[str, Any] | None] = ContextVar("aura_log_context", default=None)
+
+
+def bind_log_context(**fields: Any) -> None:
+    """Add fields to the log context of the current task (tasks started later inherit it)."""
+    current = _log_context.get() or {}
+    _log_context.set({**current, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def log_context() -> dict[str, Any]:
+    return dict(_log_context.get() or {})
+
+
+class Telemetry:
+    """Observations of runs, approvals, models and tools. The defaults record nothing."""
+
+    def run_started(self) -> None: ...
+
+    def run_ended(self, status: str) -> None: ...
+
+    def approval_wait_started(self) -> None: ...
+
+    def approval_wait_ended(self, outcome: str, seconds: float) -> None: ...
+
+    def model_call(self, purpose: str, seconds: float, error_code: str | None) -> None: ...
+
+    def tool_call(self, tool: str, status: str) -> None: ...
+
+    def store_error(self) -> None: ...

@@ -1,0 +1,68 @@
+"""Prometheus exposition at /metrics, fed by real runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from quart.typing import TestClientProtocol
+
+from app.factory import create_app
+from tests.support import bearer
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one sample line, e.g. `aura_runs_total{status="completed"}`."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ")[-1])
+    raise AssertionError(f"{name} not in the exposition")
+
+
+async def test_metrics_count_runs_events_tools_and_auth_failures(client: TestClientProtocol) -> None:
+    response = await client.post("/aura/test/stream", headers=bearer(),
+                                 json={"prompt": '@git_status {"repo_path": "repo"}'})
+    body = await response.get_data(as_text=True)
+    events = body.count("\nevent: ") + body.startswith("event: ")
+    await client.post("/aura/test/stream", json={"prompt": "x"})  # no token
+    await client.post("/aura/test/stream", json={"prompt": "x"}, headers={"Authorization": "Bearer junk"})
+
+    exposition = await client.get("/metrics")
+    assert exposition.status_code == 200
+    assert exposition.headers["Content-Type"].startswith("text/plain")
+    text = await exposition.get_data(as_text=True)
+    assert sample(text, 'aura_runs_total{status="completed"}') == 1
+    assert sample(text, 'aura_tool_calls_total{status="success",tool="git_status"}') == 1
+    assert sample(text, 'aura_auth_failures_total{code="missing_token"}') == 1
+    assert sample(text, 'aura_auth_failures_total{code="malformed_token"}') == 1
+    assert sample(text, 'aura_events_sent_total{type="start"}') == 1
+    assert sample(text, 'aura_events_sent_total{type="end"}') == 1
+    sent = sum(float(line.split(" ")[-1]) for line in text.splitlines()
+               if line.startswith("aura_events_sent_total{"))
+    assert sent == events
+    assert sample(text, "aura_time_to_first_event_seconds_count") == 1
+    assert sample(text, 'aura_model_call_seconds_count{purpose="plan"}') == 1
+    assert sample(text, 'aura_open_streams{kind="run"}') == 0
+    assert sample(text, "aura_runs_active") == 0
+
+
+async def test_metrics_can_require_a_token(make_settings: Callable[..., Any]) -> None:
+    app = create_app(make_settings(server={"metrics_require_auth": True}))
+    client = app.test_client()
+    assert (await client.get("/metrics")).status_code == 401
+    assert (await client.get("/metrics", headers=bearer())).status_code == 200
+
+
+async def test_the_event_schema_is_published(client: TestClientProtocol) -> None:
+    from jsonschema import Draft202012Validator
+
+    response = await client.get("/aura/schema/events.json")
+    schema = await response.get_json()
+    Draft202012Validator.check_schema(schema)
+    assert len(schema["oneOf"]) == 11
+    validator = Draft202012Validator(schema)
+    good = {"type": "end", "version": "1.0", "seq": 3, "runId": "r", "sessionId": "s", "threadId": "t",
+            "traceId": "x", "timestamp": 1767000000, "data": {"status": "completed", "reason": "r", "message": "m"}}
+    assert validator.is_valid(good)
+    assert not validator.is_valid({**good, "data": {**good["data"], "status": "finished"}})
+    assert not validator.is_valid({**good, "timestamp": 1767000000.5})
