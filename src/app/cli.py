@@ -189,6 +189,63 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0 if status == "completed" else 1
 
 
+def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {_token_for_client(args)}"}
+    try:
+        response = httpx.request(method, f"{args.url}{path}", json=body, headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        raise SystemExit(f"aura: cannot reach {args.url}: {type(exc).__name__}") from None
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"detail": response.text[:200]}
+
+
+def _problem_line(status: int, body: Any) -> str:
+    return f"aura: HTTP {status} {body.get('code', '')}: {body.get('detail', '')}".rstrip()
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    status, body = _api(args, "GET", "/aura/hitl/requests")
+    if status != 200:
+        print(_problem_line(status, body), file=sys.stderr)
+        return 1
+    requests = body["requests"]
+    if not requests:
+        print("No pending approvals.")
+    for item in requests:
+        print(f"{item['requestId']}  {item['toolName']}  expires {item['expiresAt']}  {item['message']}")
+    return 0
+
+
+def _decide(args: argparse.Namespace, approve: bool) -> int:
+    path = f"/aura/hitl/{'approve' if approve else 'reject'}/{args.request_id}"
+    status, body = _api(args, "POST", path, None if approve else {"reason": args.reason})
+    if status == 200:
+        print(f"{body['requestId']} {body['status']} by {body['decidedBy']}")
+        return 0
+    print(_problem_line(status, body) + (f" (already {body['requestStatus']})" if status == 409 else ""),
+          file=sys.stderr)
+    return {404: 3, 409: 4, 410: 5}.get(status, 1)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, approve=True)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _decide(args, approve=False)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("AURA_URL", "http://127.0.0.1:9000"))
+    parser.add_argument("--token", help="bearer token (default: $AURA_TOKEN, or minted from the secret)")
+    parser.add_argument("--user", default=DEV_USER)
+    parser.add_argument("--tenant", default=DEV_TENANT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aura", description="Aura, the agent service of the DWP.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,11 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("prompt")
     stream.add_argument("--context", help="page context as JSON")
     stream.add_argument("--thread")
-    stream.add_argument("--url", default=os.environ.get("AURA_URL", "http://127.0.0.1:9000"))
-    stream.add_argument("--token")
-    stream.add_argument("--user", default=DEV_USER)
-    stream.add_argument("--tenant", default=DEV_TENANT)
+    _client_options(stream)
     stream.set_defaults(func=cmd_stream)
+
+    pending = sub.add_parser("requests", help="list your pending approvals")
+    _client_options(pending)
+    pending.set_defaults(func=cmd_requests)
+
+    approve = sub.add_parser("approve", help="approve a pending request (exit 4 if decided, 5 if expired)")
+    approve.add_argument("request_id")
+    _client_options(approve)
+    approve.set_defaults(func=cmd_approve)
+
+    reject = sub.add_parser("reject", help="reject a pending request")
+    reject.add_argument("request_id")
+    reject.add_argument("--reason", default=None)
+    _client_options(reject)
+    reject.set_defaults(func=cmd_reject)
     return parser
 
 
