@@ -9,6 +9,7 @@ from quart_schema import QuartSchema
 
 from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
+from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
               "description": "The agent service of the DWP: streamed runs, tools and human approvals."},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
+        openapi_provider_class=AuraOpenAPIProvider,
     )
     register_problem_handlers(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))

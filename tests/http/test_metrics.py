@@ -66,3 +66,23 @@ async def test_the_event_schema_is_published(client: TestClientProtocol) -> None
     assert validator.is_valid(good)
     assert not validator.is_valid({**good, "data": {**good["data"], "status": "finished"}})
     assert not validator.is_valid({**good, "timestamp": 1767000000.5})
+
+
+async def test_openapi_covers_every_route_with_problem_responses(app: Any) -> None:
+    from openapi_spec_validator import validate
+
+    spec = await (await app.test_client().get("/openapi.json")).get_json()
+    validate(spec)
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    routes = {(rule.rule.replace("<", "{").replace(">", "}"), method.lower())
+              for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}
+              if not rule.rule.startswith(("/static", "/openapi.json", "/docs"))
+              and not rule.rule.startswith("/aura/console/<")
+              and rule.rule not in ("/aura/console", "/aura/console/")}  # the HTML page itself
+    assert routes <= documented
+    stream = spec["paths"]["/aura/test/stream"]["post"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
+    for status in ("401", "413", "422", "429"):
+        assert stream["responses"][status]["content"]["application/problem+json"]
+    assert stream["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/health"]["get"]
