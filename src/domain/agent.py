@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from domain.approval import ApprovalStatus
 from domain.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
 from domain.events import EventType, ThoughtType
 from domain.gate import ApprovalGate
-from domain.model import ChatMessage, ChatRequest, ContentDelta, ModelTurn, Purpose, Role, ToolCall
+from domain.model import ChatMessage, ChatRequest, ContentDelta, ModelChunk, ModelTurn, Purpose, Role, ToolCall
 from domain.plan import PlannedStep, PlanStep, StepStatus, parse_plan
 from domain.ports import ChatModel
 from domain.run import Run
@@ -242,16 +242,10 @@ class Agent:
         request = ChatRequest(messages=[*messages, ChatMessage(Role.USER, prompts.answer_prompt())],
                               purpose=Purpose.ANSWER, hints=hints, trace_headers=self._trace_headers(run))
         parts: list[str] = []
-        started = time.monotonic()
-        try:
-            async for chunk in self._model.stream(request):
-                if isinstance(chunk, ContentDelta) and chunk.text:
-                    parts.append(chunk.text)
-                    await run.content(chunk.text, chunk=True)
-        except ModelError as exc:
-            self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
-            raise
-        self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
+        async for chunk in self._stream(request):
+            if isinstance(chunk, ContentDelta) and chunk.text:
+                parts.append(chunk.text)
+                await run.content(chunk.text, chunk=True)
         answer = "".join(parts)
         if not answer.strip():
             raise ModelError("The model returned an empty answer.", code="llm_bad_response")
@@ -261,15 +255,20 @@ class Agent:
 
     async def _complete(self, request: ChatRequest) -> ModelTurn:
         turn = ModelTurn()
+        async for chunk in self._stream(request):
+            turn.add(chunk)
+        return turn
+
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        """The model's chunks, with the call's latency and failure code reported."""
         started = time.monotonic()
         try:
             async for chunk in self._model.stream(request):
-                turn.add(chunk)
+                yield chunk
         except ModelError as exc:
             self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
             raise
         self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
-        return turn
 
     @staticmethod
     def _trace_headers(run: Run) -> dict[str, str]:
