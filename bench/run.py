@@ -164,8 +164,10 @@ class Calibration:
 
 
 class Bench:
-    def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool) -> None:
+    def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool,
+                 whatif: str | None = None) -> None:
         self.mode = mode
+        self.whatif = whatif
         self.workdir = workdir
         self.options = options
         self.started: list[S.Server] = []
@@ -318,7 +320,7 @@ class Bench:
 
     def _park_level(self, kind: str, n: int) -> dict[str, Any]:
         if kind == "aura":
-            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url)
+            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url, whatif=self.whatif)
             spec: dict[str, Any] = {"port": 0, "path": STREAM_PATH, "method": "POST", "until": "hitl",
                                     "body": {"prompt": PARK_PROMPT},
                                     "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9},
@@ -428,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument("--tag", default="", help="suffix of the result files' name")
+    parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
+                                         "the files get a whatif-<fix> tag")
     args = parser.parse_args(argv)
 
     mode = MODES["quick" if args.quick else "full"]
@@ -444,14 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="aura-bench-"))
     log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
     uvloop = S.uvloop_available()
-    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop)
+    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif)
+    if args.whatif:
+        args.tag = "-".join(filter(None, [args.tag, "whatif-" + args.whatif.replace(",", "+")]))
     info = machine_info()
     info["open_files_limit"] = hard
     bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
+                          "whatif": args.whatif,
                           "client_event_loop": "uvloop" if uvloop else "asyncio"})
     try:
-        aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url))
-        aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url))
+        aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url, whatif=args.whatif))
+        aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url, whatif=args.whatif))
         peer = bench._start(S.peer_server(workdir))
         floor = bench._start(S.floor_server("floor", workdir, bench.redis.url))
         floor_b = bench._start(S.floor_server("floor-b", workdir, bench.redis.url))

@@ -131,7 +131,7 @@ def redis_server(workdir: Path) -> RedisServer:
 
 
 def aura_server(name: str, workdir: Path, redis_url: str, *, uvloop: bool = False,
-                extra_env: dict[str, str] | None = None) -> Server:
+                extra_env: dict[str, str] | None = None, whatif: str | None = None) -> Server:
     """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables."""
     workspace = workdir / "workspace"
     workspace.mkdir(exist_ok=True)
@@ -153,7 +153,9 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, uvloop: bool = Fals
         "AURA_LOG__LEVEL": "WARNING",
     })
     env.update(extra_env or {})
-    if uvloop:
+    if whatif:
+        server.argv = [sys.executable, "-m", "bench.whatif", whatif]
+    elif uvloop:
         server.argv = [sys.executable, "-c",
                        "import sys, uvloop; uvloop.install(); from app.cli import main; sys.exit(main(['serve']))"]
     else:
