@@ -100,6 +100,12 @@ def register_problem_handlers(app: Quart) -> None:
         return problem_response(Problem(422, "validation_error", "The request body is not valid.",
                                         extra={"errors": _validation_errors(error.validation_error)}))
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def _undecodable(error: UnicodeDecodeError) -> Response:
+        # Quart's get_data(as_text=True) / get_json() decode the body as UTF-8 and raise this
+        # unhandled; a body that is not UTF-8 is the caller's error, not ours.
+        return problem_response(Problem(400, "bad_request", "The request body is not valid UTF-8."))
+
     @app.errorhandler(HTTPException)
     async def _http(error: HTTPException) -> Response:
         status = error.code or 500
