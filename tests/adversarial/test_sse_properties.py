@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from httpx_sse import EventSource, ServerSentEvent
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from httpx_sse import EventSource, ServerSentEvent
 
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event
 
