@@ -17,6 +17,7 @@ from tests.redis_server import free_port
 from tests.support import SECRET
 
 START_TIMEOUT_SECONDS = 20.0
+SOURCE_ROOT = Path(__file__).resolve().parents[1] / "src"
 
 
 @dataclass
@@ -40,6 +41,8 @@ class AuraProcess:
             "AURA_SERVER__HOST": "127.0.0.1",
             "AURA_SERVER__PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
+            # the service under test is this checkout's, whichever checkout pip installed last
+            "PYTHONPATH": os.pathsep.join([str(SOURCE_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         })
         if self.redis_url:
             env["AURA_REDIS__URL"] = self.redis_url

@@ -112,7 +112,9 @@ class Container(containers.DeclarativeContainer):
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
 
-    redis = providers.Singleton(create_redis, settings.provided.redis.url)
+    redis = providers.Singleton(create_redis, settings.provided.redis.url,
+                                max_connections=settings.provided.redis.max_connections,
+                                pool_timeout_seconds=settings.provided.redis.pool_timeout_seconds)
     approval_store = providers.Singleton(RedisApprovalStore, redis)
     signal_bus = providers.Singleton(RedisSignalBus, redis)
     event_log = providers.Singleton(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal
-from domain.errors import ApprovalTimeout, RunCancelled
+from domain.errors import ApprovalTimeout, RunCancelled, StoreUnavailable
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
 from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus
@@ -119,7 +119,13 @@ class ApprovalGate:
                 raw = await asyncio.wait_for(subscription.next_message(),
                                              timeout=min(remaining, self._settings.recheck_seconds))
             except TimeoutError:
-                current = await self._store.get(request.request_id)
+                try:
+                    current = await self._store.get(request.request_id)
+                except StoreUnavailable:
+                    # The re-check is a safety net; an outage does not end the wait (the signal
+                    # bus re-reads stored signals when Redis is back).
+                    log.warning("could not re-check approval %s; still waiting", request.request_id)
+                    continue
                 if current is not None and current.status.is_decided:
                     return current
                 continue

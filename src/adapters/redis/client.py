@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 import fakeredis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.utils import HIREDIS_AVAILABLE
@@ -29,6 +29,8 @@ DEFAULT_HEALTH_CHECK_INTERVAL_SECONDS = 30
 # A command that hits a dropped connection or a timeout is retried this often (jittered
 # backoff) before the error reaches the caller; the approval writes are compare-and-set.
 DEFAULT_COMMAND_RETRIES = 2
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 
 
 def _hiredis_options() -> dict[str, Any]:
@@ -48,7 +50,8 @@ def create_redis(
     socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
     health_check_interval_seconds: int = DEFAULT_HEALTH_CHECK_INTERVAL_SECONDS,
-    max_connections: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    pool_timeout_seconds: float = DEFAULT_POOL_TIMEOUT_SECONDS,
 ) -> Redis:
     """A Redis client for `url`, or an in-process fakeredis server when `url` is None.
 
@@ -61,8 +64,13 @@ def create_redis(
             decode_responses=False,
             protocol=RESP_PROTOCOL,
         )
-    return Redis.from_url(
+    # A blocking pool: when every connection is busy a command waits for one (up to the pool
+    # timeout) instead of failing at once, which is what redis-py's default pool does past its
+    # cap. The benchmark's bursts of new streams and thousands of parked runs hit exactly that.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout_seconds,
         decode_responses=False,
         protocol=RESP_PROTOCOL,
         socket_timeout=socket_timeout_seconds,
@@ -70,6 +78,6 @@ def create_redis(
         socket_keepalive=True,
         health_check_interval=health_check_interval_seconds,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), DEFAULT_COMMAND_RETRIES),
-        max_connections=max_connections,
         **_hiredis_options(),
     )
+    return Redis(connection_pool=pool)
