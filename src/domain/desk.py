@@ -7,14 +7,17 @@ is compare-and-set in the store, then published exactly as the DWP backend publi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal
-from domain.errors import Conflict, Forbidden, Gone, NotFound
+from domain.errors import Conflict, Forbidden, Gone, NotFound, StoreUnavailable
 from domain.gate import audit_line
 from domain.identity import Principal
 from domain.ports import ApprovalStore, Clock, SignalBus
+
+log = logging.getLogger("aura.hitl")
 
 
 class AlreadyDecided(Conflict):
@@ -89,6 +92,12 @@ class ApprovalDesk:
             raise AlreadyDecided(result.request)
         signal = (Signal.approval(request_id, principal.user_id, now) if approve
                   else Signal.rejection(request_id, principal.user_id, now, reason))
-        await self._bus.publish(request.session_id, signal)
+        try:
+            await self._bus.publish(request.session_id, signal)
+        except StoreUnavailable:
+            # The decision is already stored (compare-and-set above) and final: answering an error
+            # would make the caller retry into 409. The waiting run re-reads the store every
+            # recheck_seconds, so it still sees the decision without the published signal.
+            log.warning("decided %s but could not publish its signal; the run's recheck will see it", request_id)
         audit_line("decided", result.request, via="api", actorId=principal.actor_id)
         return result.request
