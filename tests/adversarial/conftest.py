@@ -41,7 +41,7 @@ class RawStream:
         self.body = ""
         self._chunks = response.aiter_text().__aiter__()
 
-    async def until(self, needle: str, timeout: float) -> str:
+    async def until(self, needle: str, timeout: float) -> str:  # noqa: ASYNC109
         """Read until `needle` is in the body; fails after `timeout` seconds."""
         async def read() -> None:
             while needle not in self.body:
@@ -52,7 +52,7 @@ class RawStream:
         await asyncio.wait_for(read(), timeout)
         return self.body
 
-    async def done(self, timeout: float) -> list[dict[str, Any]]:
+    async def done(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
         await self.until("data: [DONE]\n\n", timeout)
         assert self.body.endswith("data: [DONE]\n\n")
         return envelopes(self.body)

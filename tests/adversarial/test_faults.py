@@ -85,7 +85,8 @@ async def test_redis_restarted_during_an_approval_wait_the_wait_survives_and_app
     aura = start_aura(redis_url=own_redis[0].url, env={"AURA_HITL__RECHECK_SECONDS": "0.5"})
     async with httpx.AsyncClient(base_url=aura.url, timeout=30) as client:
         async with raw_stream(client, {"prompt": COMMIT}, bearer()) as stream:
-            hitl = (await stream.until("event: hitl", 10)) and [e for e in stream.events if e["type"] == "hitl"][0]
+            await stream.until("event: hitl", 10)
+            hitl = next(e for e in stream.events if e["type"] == "hitl")
             request_id = hitl["data"]["requestId"]
             before = redis.Redis.from_url(own_redis[0].url)
             saved = {key: (before.dump(key), max(before.pttl(key), 0)) for key in before.keys("*")}
@@ -125,7 +126,7 @@ def model_env(chat: ChatServer, **extra: str) -> dict[str, str]:
 
 
 async def run_against_model(start_aura: Callable[..., AuraProcess], redis_url: str, chat: ChatServer,
-                            timeout: float, **env: str) -> tuple[RawStream, float]:
+                            timeout: float, **env: str) -> tuple[RawStream, float]:  # noqa: ASYNC109
     aura = start_aura(redis_url=redis_url, env=model_env(chat, **env))
     async with httpx.AsyncClient(base_url=aura.url, timeout=30) as client:
         started = time.monotonic()

@@ -1,5 +1,6 @@
 """schemathesis against the running service's own /openapi.json: every operation, a bounded budget of
-generated requests each, valid and invalid (schemathesis positive and negative modes, valid bearer token), no 5xx, and every error a valid problem document."""
+generated requests each, valid and invalid ones (positive and negative modes, with a valid bearer
+token): no 5xx, and every error a valid problem document."""
 
 from __future__ import annotations
 

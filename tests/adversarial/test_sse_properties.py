@@ -3,6 +3,8 @@ is exactly what was sent — for arbitrary unicode, CR, LF and CRLF in data, spl
 
 from __future__ import annotations
 
+import itertools
+
 import httpx
 import pytest
 from httpx_sse import EventSource, ServerSentEvent
@@ -22,7 +24,7 @@ PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthC
 def parse(body: bytes, cuts: list[int]) -> list[ServerSentEvent]:
     """Feed `body` through httpx + httpx-sse in chunks cut at the given byte offsets."""
     bounds = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
-    chunks = [body[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    chunks = [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
     response = httpx.Response(200, headers={"content-type": "text/event-stream"},
                               stream=httpx.ByteStream(b"") if not chunks else _Chunks(chunks))
     return list(EventSource(response).iter_sse())
