@@ -90,7 +90,7 @@ class RunAccess:
                 return Attached(claim.run_id, self.resume(principal, claim.run_id, after_seq, heartbeat_seconds))
         try:
             history = []
-            if self._conversations is not None:
+            if self._conversations is not None and request.thread_id is not None:
                 turns = await self._conversations.open(principal.tenant_id, principal.user_id, ids.thread_id)
                 history = Agent.history_messages(turns)
             handle, watcher = await self._runs.start(principal, request, ids=ids, history=history)

@@ -51,12 +51,20 @@ class Subscription:
         if not self._events and not self.overflowed:
             self._ready.clear()
             try:
-                await asyncio.wait_for(self._ready.wait(), wait_seconds)
+                async with asyncio.timeout(wait_seconds):  # a timer, not a task per wait
+                    await self._ready.wait()
             except TimeoutError:
                 return None
         if self.overflowed:
             raise SubscriptionOverflow
         return self._events.popleft()
+
+    def take_buffered(self, limit: int) -> list[Event]:
+        """Events already buffered (no waiting), so a writer can send them in one write."""
+        taken: list[Event] = []
+        while self._events and len(taken) < limit and not self.overflowed:
+            taken.append(self._events.popleft())
+        return taken
 
 
 @dataclass(slots=True)

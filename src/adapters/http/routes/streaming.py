@@ -15,6 +15,8 @@ from domain.access import Notice, ResumeItem
 from domain.events import Event
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
+BATCH_EVENTS = 64
+
 
 @dataclass(frozen=True, slots=True)
 class StreamConfig:
@@ -96,12 +98,19 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
                     meter.heartbeat()
                     yield HEARTBEAT_FRAME
                 continue
-            meter.event(event.type.value)
-            if event.is_terminal:
-                finished = True
-                yield terminal_frame(event, config)
+            # Whatever else is already buffered goes out in the same write: under load a
+            # connection sends a batch per wake-up instead of one frame per event.
+            batch: list[bytes] = []
+            for item in (event, *watcher.take_buffered(BATCH_EVENTS)):
+                meter.event(item.type.value)
+                if item.is_terminal:
+                    finished = True
+                    batch.append(terminal_frame(item, config))
+                    break
+                batch.append(encode_run_event(item))
+            yield b"".join(batch)
+            if finished:
                 return
-            yield encode_run_event(event)
     except SubscriptionOverflow:
         # The client reads slower than the run writes: drop this connection (not the run); the
         # client resumes from the event log with Last-Event-ID. Not a disconnect: the run goes on.
