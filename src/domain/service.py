@@ -81,8 +81,9 @@ class RunHandle:
     def cancel(self, reason: str) -> bool:
         if self.task is None or self.task.done():
             return False
-        if self.run.cancel_reason is None:
-            self.run.cancel_reason = reason
+        if self.run.cancel_reason is not None:
+            return True  # already cancelling: a second cancel would interrupt the clean-up
+        self.run.cancel_reason = reason
         if self.started:
             self.task.cancel()
         else:
