@@ -169,7 +169,7 @@ class Container(containers.DeclarativeContainer):
         metrics,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
-                                     clock, lease_seconds=settings.provided.runs.lease_seconds,
+                                     clock,
                                      conversations=conversations)
     console_config = providers.Singleton(_console_config, settings)
     stream_config = providers.Singleton(

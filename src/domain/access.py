@@ -62,7 +62,7 @@ class Attached:
 
 class RunAccess:
     def __init__(self, runs: RunService, directory: RunDirectory, event_log: EventLog, follower: RunFollower,
-                 control: RunControl, clock: Clock, *, lease_seconds: float,
+                 control: RunControl, clock: Clock, *,
                  conversations: ConversationStore | None = None) -> None:
         self._runs = runs
         self._conversations = conversations
@@ -71,7 +71,6 @@ class RunAccess:
         self._follower = follower
         self._control = control
         self._clock = clock
-        self._lease_seconds = lease_seconds
 
     async def start(self, principal: Principal, request: RunRequest, *, trace_id: str | None,
                     idempotency: tuple[str, str] | None = None, after_seq: int = 0,

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from quart import Blueprint, Response, request
-from quart_schema import RequestSchemaValidationError, document_request, hide
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response
+from quart_schema import document_request, hide
 
+from adapters.http.bodies import optional_body
 from adapters.http.problems import Problem
 
 bp = Blueprint("console", __name__)
@@ -119,17 +120,6 @@ async def console_config(config: ConsoleConfig = Provide["console_config"]) -> d
     return {"devMode": config.can_mint}
 
 
-async def _dev_token_request() -> DevTokenRequest:
-    """The body is optional: none, empty, or a JSON object overriding user, tenant or role."""
-    raw = await request.get_data(as_text=True)
-    if not raw.strip():
-        return DevTokenRequest()
-    try:
-        return DevTokenRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestSchemaValidationError(exc) from None
-
-
 @bp.post("/aura/console/dev-token")
 @document_request(DevTokenRequest)
 @inject
@@ -137,7 +127,7 @@ async def dev_token(config: ConsoleConfig = Provide["console_config"]) -> tuple[
     """Mint a short-lived token for the console. Dev mode only: 404 otherwise."""
     if not config.can_mint or config.mint_dev_token is None:
         raise Problem(404, "not_found", "Dev tokens are only minted when Aura runs in dev mode.")
-    wanted = await _dev_token_request()
+    wanted = await optional_body(DevTokenRequest)
     token = config.mint_dev_token(wanted.user, wanted.tenant, wanted.role)
     body = {"token": token, "tokenType": "Bearer", "user": wanted.user, "tenant": wanted.tenant, "role": wanted.role}
     # A token is a credential: never cached by the browser or anything in between.

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from quart import Blueprint, request
-from quart_schema import RequestSchemaValidationError, document_request
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint
+from quart_schema import document_request
 
+from adapters.http.bodies import optional_body
 from adapters.http.problems import Problem
 from adapters.http.web import current_principal
 from domain.desk import AlreadyDecided, ApprovalDesk
@@ -53,23 +54,12 @@ async def get_signal(session_id: str, desk: ApprovalDesk = Provide["approval_des
     return await desk.latest_signal(current_principal(), session_id)
 
 
-async def _optional_body(model: type[BaseModel]) -> Any:
-    """Approve and reject take an optional JSON body: none, empty or an object."""
-    raw = await request.get_data(as_text=True)
-    if not raw.strip():
-        return model()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise RequestSchemaValidationError(exc) from None
-
-
 @bp.post("/aura/hitl/approve/<request_id>")
 @document_request(ApproveBody)
 @inject
 async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
     """Approve a pending request; the waiting run carries on with the action."""
-    await _optional_body(ApproveBody)
+    await optional_body(ApproveBody)
     try:
         return (await desk.decide(current_principal(), request_id, approve=True)).to_record()
     except AlreadyDecided as error:
@@ -81,7 +71,7 @@ async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]
 @inject
 async def reject(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
     """Reject a pending request with an optional reason; the action does not run."""
-    body: RejectBody = await _optional_body(RejectBody)
+    body = await optional_body(RejectBody)
     try:
         return (await desk.decide(current_principal(), request_id, approve=False, reason=body.reason)).to_record()
     except AlreadyDecided as error:
