@@ -22,6 +22,7 @@ from tests.support import bearer, git
 COMMIT = '@git_commit {"repo_path": "repo", "message": "Never"}'
 TOTAL, CONCURRENCY = 1000, 25
 RSS_GROWTH_LIMIT_KIB = 64 * 1024
+POOL_SIZE = 40
 
 
 def rss_kib(pid: int) -> int:
@@ -61,17 +62,19 @@ async def churn(client: httpx.AsyncClient, count: int, headers: dict[str, str]) 
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "FOUND, not fixed: a client that hangs up just after the first frames (`start`) sometimes leaves "
-    "its stream open in the server: hypercorn keeps accepting the heartbeats for the gone client, "
-    "so live_frames never sees a disconnect and the run (and its approval wait and run slot) lives "
-    "until max_stream_seconds. 2-13 of 25 such hang-ups leaked in probes; see docs/reliability.md."))
+    "FOUND, partly fixed: a hang-up while the response headers were being sent left the run behind "
+    "(its body generator never started, so no `finally` released the watcher); the watcher is now also "
+    "released when the request task ends. A rarer leak remains (about 1 run in 5 of these 1,000-hang-up "
+    "rounds keeps its approval wait and Pub/Sub channel with no stream open); suspected in the signal "
+    "bus's shielded unsubscribe on cancellation. See docs/reliability.md."))
 async def test_a_thousand_rapid_connect_disconnects_leak_nothing(
         start_aura: Callable[..., AuraProcess], own_redis: list[RedisServer], e2e_workspace: Path) -> None:
     repo = e2e_workspace / "repo"
     (repo / "f.txt").write_text("x\n")
     git(repo, "add", "f.txt")
     aura = start_aura(redis_url=own_redis[0].url, env={
-        "AURA_RUNS__MAX_PER_USER": "5000", "AURA_RUNS__MAX_PER_TENANT": "5000", "AURA_LOG__LEVEL": "WARNING"})
+        "AURA_RUNS__MAX_PER_USER": "5000", "AURA_RUNS__MAX_PER_TENANT": "5000", "AURA_LOG__LEVEL": "WARNING",
+        "AURA_REDIS__MAX_CONNECTIONS": str(POOL_SIZE)})
     assert aura.process is not None
     store = redis.Redis.from_url(own_redis[0].url)
     headers = bearer()
@@ -95,7 +98,8 @@ async def test_a_thousand_rapid_connect_disconnects_leak_nothing(
             assert time.monotonic() < deadline, (left, slots, len(channels))
             await asyncio.sleep(0.2)
         rss_end = rss_kib(aura.process.pid)
-    assert len(store.client_list()) <= baseline_clients + 2
+    # the pool may keep up to POOL_SIZE idle connections; anything beyond that would be a leak
+    assert len(store.client_list()) <= max(baseline_clients, POOL_SIZE) + 3
     requests = [json.loads(store.get(k)) for k in store.scan_iter("hitl:request:*", count=1000)]
     assert len(requests) >= outcomes["after_hitl"]
     assert {r["status"] for r in requests} == {"cancelled"}  # no abandoned approval stays pending

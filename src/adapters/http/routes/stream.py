@@ -14,7 +14,7 @@ from quart_schema import validate_request
 
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
-from adapters.http.routes.streaming import StreamConfig, live_frames, resumed_frames, sse_response
+from adapters.http.routes.streaming import StreamConfig, WatcherRelease, live_frames, resumed_frames, sse_response
 from adapters.http.web import current_principal
 from domain.access import Attached, RunAccess
 from domain.run import DisconnectPolicy, RunRequest
@@ -115,5 +115,7 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
         raise Problem(503, error.code, error.message, headers={"Retry-After": "1"}) from None
     if isinstance(outcome, Attached):
         return sse_response(resumed_frames(outcome.items, config), {"X-Aura-Run-ID": outcome.run_id})
-    return sse_response(live_frames(runs, outcome.handle, outcome.watcher, config),
+    release = WatcherRelease(runs, outcome.handle, outcome.watcher)
+    release.bind_to_current_task()  # released even if the body never starts (client gone during headers)
+    return sse_response(live_frames(release, outcome.watcher, config),
                         {"X-Aura-Run-ID": outcome.handle.run_id})

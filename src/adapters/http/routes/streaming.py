@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -76,8 +77,31 @@ def reconnect_frame(config: StreamConfig, why: str) -> bytes:
     return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n\n".encode()
 
 
-async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription,
-                      config: StreamConfig) -> AsyncIterator[bytes]:
+class WatcherRelease:
+    """Releases a watcher exactly once, whichever comes first: the frames generator ending, or the
+    request's task ending. The second matters: a client that hangs up while the response headers
+    are being sent cancels the task before the body generator ever starts, and an unstarted
+    generator runs no `finally`."""
+
+    def __init__(self, runs: RunService, handle: RunHandle, watcher: Subscription) -> None:
+        self._runs = runs
+        self._handle = handle
+        self._watcher = watcher
+        self.finished = False
+        self._released = False
+
+    def __call__(self, *_: object) -> None:
+        if not self._released:
+            self._released = True
+            self._runs.release(self._handle, self._watcher, disconnected=not self.finished)
+
+    def bind_to_current_task(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(self)
+
+
+async def live_frames(release: WatcherRelease, watcher: Subscription, config: StreamConfig) -> AsyncIterator[bytes]:
     """Frames of one watcher until `end` + [DONE]. A comment heartbeat whenever the stream was
     quiet for the interval. When the client goes away the generator is cancelled, and `release`
     applies the run's disconnect policy."""
@@ -118,7 +142,8 @@ async def live_frames(runs: RunService, handle: RunHandle, watcher: Subscription
         yield reconnect_frame(config, "too far behind; reconnect with Last-Event-ID to resume")
     finally:
         meter.close()
-        runs.release(handle, watcher, disconnected=not finished)
+        release.finished = finished
+        release()
 
 
 def terminal_frame(event: Event, config: StreamConfig) -> bytes:
