@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from bench.stats import median, pct
 
 GOALS = {
     "cpu_ratio": 1.25,
@@ -22,20 +23,6 @@ GOALS = {
     "parked_memory_ratio": 1.5,
     "approval_ratio": 2.0,
 }
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _median(values: list[Any]) -> float | None:
-    clean = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    return statistics.median(clean) if clean else None
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -80,10 +67,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             if "floor" in found and "peer" in found and found["peer"]["server_us_per_event"]:
                 floor_ratios.append(found["floor"]["server_us_per_event"] / found["peer"]["server_us_per_event"])
         cpu[str(level)] = {
-            "servers": {name: {k: (_median(v) if k not in ("errors", "events") else sum(v)) for k, v in d.items()}
+            "servers": {name: {k: (median(v) if k not in ("errors", "events") else sum(v)) for k, v in d.items()}
                         for name, d in per_server.items()},
-            "aura_over_peer": _median(ratios), "aura_with_redis_over_peer": _median(ratios_with_redis),
-            "floor_over_peer": _median(floor_ratios), "rounds": len(ratios),
+            "aura_over_peer": median(ratios), "aura_with_redis_over_peer": median(ratios_with_redis),
+            "floor_over_peer": median(floor_ratios), "rounds": len(ratios),
         }
         ratio = cpu[str(level)]["aura_over_peer"]
         cpu[str(level)]["met"] = None if ratio is None else ratio <= GOALS["cpu_ratio"]
@@ -101,11 +88,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         servers: dict[str, Any] = {}
         for name in sorted({k[1] for k in samples if k[0] == level}):
             rounds = sorted(k[2] for k in samples if k[0] == level and k[1] == name)
-            p50 = [_pct(samples[(level, name, r)], 50) for r in rounds]
-            p99 = [_pct(samples[(level, name, r)], 99) for r in rounds]
+            p50 = [pct(samples[(level, name, r)], 50) for r in rounds]
+            p99 = [pct(samples[(level, name, r)], 99) for r in rounds]
             pooled = [v for r in rounds for v in samples[(level, name, r)]]
-            servers[name] = {"p50_ms": _median(p50), "p99_ms": _median(p99), "pooled_p50_ms": _pct(pooled, 50),
-                             "pooled_p99_ms": _pct(pooled, 99), "samples": len(pooled),
+            servers[name] = {"p50_ms": median(p50), "p99_ms": median(p99), "pooled_p50_ms": pct(pooled, 50),
+                             "pooled_p99_ms": pct(pooled, 99), "samples": len(pooled),
                              "errors": errors[(level, name)]}
         ttfe[str(level)] = {"servers": servers}
     floor1 = ttfe.get("1", {}).get("servers", {}).get("floor", {})
@@ -135,12 +122,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             if row["p99_ms"] is not None:
                 round_p99[row["server"]].append(row["p99_ms"])
     for name, lat in pooled_lat.items():
-        approval[name] = {"n": len(lat), "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
-                          "post_p50_ms": _pct(pooled_post[name], 50), "post_p99_ms": _pct(pooled_post[name], 99),
+        approval[name] = {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                          "post_p50_ms": pct(pooled_post[name], 50), "post_p99_ms": pct(pooled_post[name], 99),
                           "errors": approval_errors[name], "round_p99_ms": round_p99[name]}
     redis = [v for row in rows if row["phase"] == "redis_rtt" for v in row["latency_ms"]]
     if redis:
-        approval["redis-floor"] = {"n": len(redis), "p50_ms": _pct(redis, 50), "p99_ms": _pct(redis, 99)}
+        approval["redis-floor"] = {"n": len(redis), "p50_ms": pct(redis, 50), "p99_ms": pct(redis, 99)}
     if "aura" in approval and "quart-floor" in approval:
         approval["aura_p99_over_floor"] = approval["aura"]["p99_ms"] / approval["quart-floor"]["p99_ms"]
         approval["aura_p50_over_floor"] = approval["aura"]["p50_ms"] / approval["quart-floor"]["p50_ms"]
@@ -174,7 +161,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             real_events[target] = row["events_per_run"] or real_events.get(target, 0)
             cells[(row["server"], target, row["concurrency"])].append(row["server_us_per_event"])
     for (name, target, level), values in cells.items():
-        growth[name].setdefault(str(target), {})[str(level)] = _median(values)
+        growth[name].setdefault(str(target), {})[str(level)] = median(values)
     spread = {}
     for name, by_events in growth.items():
         values = [v for d in by_events.values() for v in d.values() if v]
@@ -187,7 +174,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for row in rows:
         if row["phase"] == "options":
             options[row["server"]].append(row["server_us_per_event"])
-    summary["options"] = {name: _median(v) for name, v in options.items()}
+    summary["options"] = {name: median(v) for name, v in options.items()}
     return summary
 
 

@@ -18,7 +18,6 @@ import json
 import math
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import psutil
 
 from bench import servers as S
+from bench.stats import pct
 
 _T = TypeVar("_T")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,20 +77,6 @@ MODES = {
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def median(values: list[float]) -> float | None:
-    clean = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(clean) if clean else None
 
 
 class Client:
