@@ -186,9 +186,20 @@ class Signal:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredApproval:
+    """A request as a store read or wrote it. `version` is the store's exact stored form (opaque to
+    the domain): a decision based on it applies only while the store still holds exactly that."""
+
+    request: ApprovalRequest
+    version: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DecisionResult:
     """Outcome of an atomic decide: `applied` is False when another decision had already won;
-    `request` is then that winning state."""
+    `request` is then that winning state. `signalled` is True when the decision's signal was
+    stored and published in the same step (only when one was asked for and the decision applied)."""
 
     applied: bool
     request: ApprovalRequest
+    signalled: bool = False

@@ -2,7 +2,8 @@
 
 Rules: a request is visible only inside its tenant (another tenant gets "not found", so ids leak
 nothing); only its own user or an approver role of that tenant may read or decide it; a decision
-is compare-and-set in the store, then published exactly as the DWP backend publishes it.
+is compare-and-set in the store and published exactly as the DWP backend publishes it, both in
+one step of the store (after the read that checks who may act: two round trips in all).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Collection
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal
-from domain.errors import Conflict, Forbidden, Gone, NotFound, StoreUnavailable
+from domain.errors import Conflict, Forbidden, Gone, NotFound
 from domain.gate import audit_line
 from domain.identity import Principal
 from domain.ports import ApprovalStore, Clock, SignalBus
@@ -43,14 +44,16 @@ class ApprovalDesk:
         return principal.user_id == request.user_id or (
             principal.role is not None and principal.role in self._approver_roles)
 
-    async def get(self, principal: Principal, request_id: str) -> ApprovalRequest:
-        request = await self._store.get(request_id)
+    def _visible(self, principal: Principal, request: ApprovalRequest | None) -> ApprovalRequest:
         if request is None or request.tenant_id != principal.tenant_id:
             raise NotFound("No such approval request.", code="approval_not_found")
         if not self._may_act(principal, request):
             raise Forbidden("Only the requesting user or an approver may see or decide this request.",
                             code="not_an_approver")
         return request
+
+    async def get(self, principal: Principal, request_id: str) -> ApprovalRequest:
+        return self._visible(principal, await self._store.get(request_id))
 
     async def pending(self, principal: Principal) -> list[ApprovalRequest]:
         now = self._clock.now()
@@ -70,11 +73,12 @@ class ApprovalDesk:
 
     async def decide(self, principal: Principal, request_id: str, *, approve: bool,
                      reason: str | None = None) -> ApprovalRequest:
-        request = await self.get(principal, request_id)
+        seen = await self._store.read(request_id)
+        request = self._visible(principal, None if seen is None else seen.request)
         now = self._clock.timestamp()
         if request.status is ApprovalStatus.PENDING and request.is_expired_at(now):
             result = await self._store.decide(request_id, ApprovalStatus.EXPIRED, decided_by=None,
-                                              decided_at=now, reason=None)
+                                              decided_at=now, reason=None, expected=seen)
             if result is not None:
                 request = result.request
         if request.status is ApprovalStatus.EXPIRED:
@@ -82,22 +86,19 @@ class ApprovalDesk:
         if request.status.is_decided:
             raise AlreadyDecided(request)
         status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
+        signal = (Signal.approval(request_id, principal.user_id, now) if approve
+                  else Signal.rejection(request_id, principal.user_id, now, reason))
         result = await self._store.decide(request_id, status, decided_by=principal.user_id, decided_at=now,
-                                          reason=None if approve else reason)
+                                          reason=None if approve else reason, expected=seen, signal=signal)
         if result is None:
             raise NotFound("No such approval request.", code="approval_not_found")
         if not result.applied:
             if result.request.status is ApprovalStatus.EXPIRED:
                 raise ApprovalExpired("The approval request has expired.")
             raise AlreadyDecided(result.request)
-        signal = (Signal.approval(request_id, principal.user_id, now) if approve
-                  else Signal.rejection(request_id, principal.user_id, now, reason))
-        try:
-            await self._bus.publish(request.session_id, signal)
-        except StoreUnavailable:
-            # The decision is already stored (compare-and-set above) and final: answering an error
-            # would make the caller retry into 409. The waiting run re-reads the store every
-            # recheck_seconds, so it still sees the decision without the published signal.
+        if not result.signalled:
+            # The decision is stored and final: answering an error would make the caller retry into
+            # 409. The waiting run re-reads the store every recheck_seconds, so it still sees it.
             log.warning("decided %s but could not publish its signal; the run's recheck will see it", request_id)
         audit_line("decided", result.request, via="api", actorId=principal.actor_id)
         return result.request

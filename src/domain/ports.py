@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.events import Event
 from domain.identity import Claims
 from domain.model import ChatRequest, ModelChunk
@@ -48,11 +48,15 @@ class ApprovalStore(ABC):
     """Durable approval requests. Decisions are compare-and-set: the first one wins."""
 
     @abstractmethod
-    async def create(self, request: ApprovalRequest) -> None:
-        """Store a pending request and point its session at it."""
+    async def create(self, request: ApprovalRequest) -> StoredApproval:
+        """Store a pending request and point its session at it; return it as stored."""
 
     @abstractmethod
     async def get(self, request_id: str) -> ApprovalRequest | None: ...
+
+    @abstractmethod
+    async def read(self, request_id: str) -> StoredApproval | None:
+        """The request with its exact stored form, to decide on with `decide(expected=...)`."""
 
     @abstractmethod
     async def decide(
@@ -63,8 +67,16 @@ class ApprovalStore(ABC):
         decided_by: str | None,
         decided_at: int,
         reason: str | None,
+        expected: StoredApproval | None = None,
+        signal: Signal | None = None,
     ) -> DecisionResult | None:
-        """Atomically move a pending request to `status`. None when the request does not exist."""
+        """Atomically move a pending request to `status`. None when the request does not exist.
+
+        `expected` is the request as the caller last read or created it: while the store still
+        holds exactly that, the decision takes one step (without it, the store reads first). With a
+        `signal`, an applied decision also stores and publishes that signal for the request's
+        session, as `SignalBus.publish` does, in the same step; a failure of that part alone
+        leaves the decision standing (`signalled` False)."""
 
     @abstractmethod
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:

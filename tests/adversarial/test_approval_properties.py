@@ -3,7 +3,7 @@
 publish) and cancels decides a request twice or runs a tool that was not approved.
 
 The scenario runs the real ApprovalGate, ApprovalDesk, Agent and RunService over two stores: the
-in-memory fake and the real RedisApprovalStore (WATCH/MULTI compare-and-set) on fakeredis."""
+in-memory fake and the real RedisApprovalStore (Lua compare-and-set) on fakeredis."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 
 from adapters.redis.approvals import RedisApprovalStore
 from domain.agent import Agent
-from domain.approval import ApprovalStatus, DecisionResult, Signal
+from domain.approval import ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.desk import ApprovalDesk
 from domain.errors import AuraError
 from domain.gate import ApprovalGate, GateSettings
 from domain.identity import Principal
 from domain.ports import ApprovalStore
 from domain.service import RunService
-from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
 
 PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
@@ -40,17 +40,23 @@ ALLOWED = {"owner", "approver"}
 
 
 class CountingStore(ApprovalStore):
-    """Wraps a store and records every applied decision."""
+    """Wraps a store and records every applied decision. `relay` gets the signal of an applied
+    decision that the inner store published where this scenario's bus does not listen (the Redis
+    store publishes on fakeredis), so the run hears it as it would in production."""
 
-    def __init__(self, inner: ApprovalStore) -> None:
+    def __init__(self, inner: ApprovalStore, relay: MemorySignalBus | None = None) -> None:
         self.inner = inner
+        self.relay = relay
         self.applied: list[tuple[str, ApprovalStatus]] = []
 
-    async def create(self, request: Any) -> None:
-        await self.inner.create(request)
+    async def create(self, request: Any) -> StoredApproval:
+        return await self.inner.create(request)
 
     async def get(self, request_id: str) -> Any:
         return await self.inner.get(request_id)
+
+    async def read(self, request_id: str) -> StoredApproval | None:
+        return await self.inner.read(request_id)
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> Any:
         return await self.inner.pending_for_user(tenant_id, user_id)
@@ -59,6 +65,9 @@ class CountingStore(ApprovalStore):
         result = await self.inner.decide(request_id, status, **kw)
         if result is not None and result.applied:
             self.applied.append((request_id, status))
+            signal = kw.get("signal")
+            if self.relay is not None and signal is not None and result.signalled:
+                await self.relay.publish(result.request.session_id, signal)
         return result
 
 
@@ -78,9 +87,11 @@ async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
     h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.005))
     inner: ApprovalStore = h.store
+    relay = None
     if backend == "redis":
         inner = RedisApprovalStore(fakeredis.FakeAsyncRedis())
-    store = CountingStore(inner)
+        relay = h.bus
+    store = CountingStore(inner, relay)
     h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings)
     h.agent = Agent(h.model, h.registry, h.gate, h.limits)
     h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
@@ -171,9 +182,10 @@ def test_a_signal_contradicting_its_type_is_never_read_as_a_decision() -> None:
 
 async def test_an_api_decision_stands_when_its_publish_fails() -> None:
     """Found by the soak: under load the PUBLISH after a stored decision failed and the API answered
-    503 although the decision was made (a retry would get 409). The run sees it by its recheck."""
+    503 although the decision was made (a retry would get 409). The publish is now part of the
+    store's decision step; when only that part fails, the decision still stands and the run sees
+    it by its recheck."""
     from domain.errors import StoreUnavailable
-    from tests.unit.fakes import MemorySignalBus
 
     class DeadPublish(MemorySignalBus):
         async def publish(self, session_id: str, signal: Signal) -> int:
@@ -183,6 +195,7 @@ async def test_an_api_decision_stands_when_its_publish_fails() -> None:
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
     h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
     h.bus = DeadPublish()
+    h.store.bus = h.bus
     h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings)
     h.agent = Agent(h.model, h.registry, h.gate, h.limits)
     h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from adapters.redis import RedisApprovalStore, RedisHealthProbe, create_redis
+from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus, create_redis
 from adapters.redis.approvals import pending_index_key
-from domain.approval import ApprovalRequest, ApprovalStatus
+from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
 
 CREATED_AT = 1767000000
 
@@ -59,6 +59,45 @@ def assert_ttl_near(ttl: int, expected: int) -> None:
 @pytest.fixture
 def store(redis_client: Redis) -> RedisApprovalStore:
     return RedisApprovalStore(redis_client)
+
+
+class CommandLog:
+    """Records every command the client sends (one entry per round trip; a pipeline is one)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.commands: list[str] = []
+        send = client.execute_command
+        pipeline = client.pipeline
+
+        async def recorded(*args: Any, **options: Any) -> Any:
+            self.commands.append(str(args[0]).upper())
+            return await send(*args, **options)
+
+        def recorded_pipeline(*args: Any, **kwargs: Any) -> Any:
+            self.commands.append("PIPELINE")
+            return pipeline(*args, **kwargs)
+
+        client.execute_command = recorded  # type: ignore[method-assign]
+        client.pipeline = recorded_pipeline  # type: ignore[method-assign]
+
+    def take(self) -> list[str]:
+        taken, self.commands = self.commands, []
+        return taken
+
+
+async def load_the_script(store: RedisApprovalStore) -> None:
+    """Decide a throw-away request, so the server knows the script (EVALSHA succeeds at once)."""
+    warm_up = approval_request(99, session="sess_warm_up", user="warm-up")
+    await store.create(warm_up)
+    await store.decide(warm_up.request_id, ApprovalStatus.EXPIRED, decided_by=None, decided_at=1, reason=None)
+
+
+async def next_message(pubsub: Any) -> Any:
+    for _ in range(100):
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            return message
+    return None
 
 
 async def test_create_writes_the_exact_records_with_their_ttls(redis_client: Redis, store: RedisApprovalStore) -> None:
@@ -252,6 +291,150 @@ async def test_decide_leaves_a_session_that_moved_on_to_another_request(
     await store.decide(first.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=3, reason=None)
 
     assert await redis_client.get("hitl:session:sess_shared") == compact_json(second.session_record())
+
+
+async def test_create_and_read_return_the_exact_stored_bytes(redis_client: Redis, store: RedisApprovalStore) -> None:
+    request = approval_request(context={"empty": {}, "big": 2**64 + 1})
+
+    created = await store.create(request)
+
+    raw = await stored(redis_client, "hitl:request:" + request.request_id)
+    assert created == StoredApproval(request, raw)
+    assert raw == compact_json(request.to_record())
+    assert await store.read(request.request_id) == created
+    assert await store.read("req_unknown") is None
+
+
+async def test_an_api_decision_with_its_signal_is_one_round_trip_with_exact_records(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    await load_the_script(store)
+    request = approval_request()
+    await store.create(request)
+    await redis_client.expire("hitl:request:" + request.request_id, 100)
+    await redis_client.expire("hitl:session:" + request.session_id, 200)
+    seen = await store.read(request.request_id)
+    signal = Signal.rejection(request.request_id, "boss", CREATED_AT + 20, "not now")
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe("hitl:channel:" + request.session_id)
+    log = CommandLog(redis_client)
+    try:
+        result = await store.decide(request.request_id, ApprovalStatus.REJECTED, decided_by="boss",
+                                    decided_at=CREATED_AT + 20, reason="not now", expected=seen, signal=signal)
+
+        assert log.take() == ["EVALSHA"]
+        rejected = request.decide(ApprovalStatus.REJECTED, by="boss", at=CREATED_AT + 20, reason="not now")
+        assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
+        assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(rejected.to_record())
+        assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(rejected.session_record())
+        assert_ttl_near(await redis_client.ttl("hitl:request:" + request.request_id), 100)
+        assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 200)
+        assert await redis_client.zrange(pending_index_key("acme", "u1"), 0, -1) == []
+        wire = b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"boss",' \
+               b'"timestamp":%d}' % (request.request_id.encode(), CREATED_AT + 20)
+        assert signal.to_json().encode("utf-8") == wire
+        assert await redis_client.get("hitl:signal:" + request.session_id) == wire
+        assert_ttl_near(await redis_client.ttl("hitl:signal:" + request.session_id), 300)
+        message = await next_message(pubsub)
+        assert message is not None
+        assert (message["channel"], message["data"]) == (b"hitl:channel:" + request.session_id.encode(), wire)
+    finally:
+        await pubsub.aclose()
+
+
+async def test_the_signal_is_byte_identical_to_the_signal_bus_publish(redis_client: Redis) -> None:
+    store = RedisApprovalStore(redis_client, signal_ttl_seconds=60)
+    request = approval_request()
+    await store.create(request)
+    signal = Signal.approval(request.request_id, "u1", CREATED_AT + 5)
+
+    await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=CREATED_AT + 5,
+                       reason=None, signal=signal)
+    await RedisSignalBus(redis_client, signal_ttl_seconds=60).publish("sess_other", signal)
+
+    assert await redis_client.get("hitl:signal:" + request.session_id) == \
+        await redis_client.get("hitl:signal:sess_other")
+    assert_ttl_near(await redis_client.ttl("hitl:signal:" + request.session_id), 60)
+
+
+async def test_a_stale_read_of_a_decided_request_returns_the_winner_and_writes_nothing(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    await load_the_script(store)
+    request = approval_request()
+    seen = await store.create(request)
+    winner = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                decided_at=CREATED_AT + 1, reason=None, expected=seen)
+    assert winner is not None and winner.applied
+    before = await redis_client.get("hitl:request:" + request.request_id)
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe("hitl:channel:" + request.session_id)
+    log = CommandLog(redis_client)
+    try:
+        late = await store.decide(request.request_id, ApprovalStatus.REJECTED, decided_by="boss",
+                                  decided_at=CREATED_AT + 2, reason="no", expected=seen,
+                                  signal=Signal.rejection(request.request_id, "boss", CREATED_AT + 2, "no"))
+
+        assert log.take() == ["EVALSHA"]  # one round trip, also when another decision won
+        assert late is not None and (late.applied, late.request, late.signalled) == (False, winner.request, False)
+        assert await redis_client.get("hitl:request:" + request.request_id) == before
+        assert json.loads(await stored(redis_client, "hitl:session:" + request.session_id))["status"] == "approved"
+        assert await redis_client.exists("hitl:signal:" + request.session_id) == 0
+        assert await next_message(pubsub) is None
+    finally:
+        await pubsub.aclose()
+
+
+async def test_a_pending_record_rewritten_since_the_read_is_decided_as_it_now_is(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    await load_the_script(store)
+    request = approval_request()
+    seen = await store.create(request)
+    # Another writer stored the same pending request in another form (key order, spacing).
+    rewritten = json.dumps(dict(reversed(list(request.to_record().items())))).encode()
+    await redis_client.set("hitl:request:" + request.request_id, rewritten, keepttl=True)
+    log = CommandLog(redis_client)
+
+    result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=7,
+                                reason=None, expected=seen)
+
+    assert log.take() == ["EVALSHA", "EVALSHA"]  # the first compare failed and returned the new bytes
+    approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=7, reason=None)
+    assert result is not None and (result.applied, result.request) == (True, approved)
+    assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+
+
+async def test_a_request_that_expired_after_the_read_is_not_resurrected(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    request = approval_request()
+    seen = await store.create(request)
+    await redis_client.delete("hitl:request:" + request.request_id)
+
+    result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=7,
+                                reason=None, expected=seen,
+                                signal=Signal.approval(request.request_id, "u1", 7))
+
+    assert result is None
+    assert await redis_client.exists("hitl:request:" + request.request_id) == 0
+    assert await redis_client.exists("hitl:signal:" + request.session_id) == 0
+    assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(request.session_record())
+
+
+async def test_decide_loads_the_script_again_after_a_script_flush(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    first, second = approval_request(1), approval_request(2)
+    await store.create(first)
+    await store.create(second)
+    await store.decide(first.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=3, reason=None)
+    await redis_client.script_flush()
+
+    result = await store.decide(second.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=3,
+                                reason=None)
+
+    assert result is not None and result.applied
 
 
 async def test_pending_for_user_lists_live_pending_requests_and_cleans_the_rest(

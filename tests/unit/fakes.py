@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal
-from domain.errors import ToolFailure
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.errors import StoreUnavailable, ToolFailure
 from domain.events import Event
 from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
 from domain.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
@@ -36,18 +37,35 @@ class SequentialIds(IdFactory):
 
 
 class MemoryApprovalStore(ApprovalStore):
-    def __init__(self) -> None:
+    """Requests in a dict. A decision with a signal publishes it on `bus` (when given), as the
+    Redis store does in the same step; a failing publish leaves the decision standing."""
+
+    def __init__(self, bus: MemorySignalBus | None = None) -> None:
         self.requests: dict[str, ApprovalRequest] = {}
         self.decisions: list[tuple[str, ApprovalStatus, bool]] = []
+        self.bus = bus
 
-    async def create(self, request: ApprovalRequest) -> None:
+    @staticmethod
+    def _stored(request: ApprovalRequest) -> StoredApproval:
+        return StoredApproval(request, json.dumps(request.to_record()).encode())
+
+    async def create(self, request: ApprovalRequest) -> StoredApproval:
         self.requests[request.request_id] = request
+        return self._stored(request)
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         return self.requests.get(request_id)
 
+    async def read(self, request_id: str) -> StoredApproval | None:
+        request = self.requests.get(request_id)
+        return None if request is None else self._stored(request)
+
     async def decide(self, request_id: str, status: ApprovalStatus, *, decided_by: str | None,
-                     decided_at: int, reason: str | None) -> DecisionResult | None:
+                     decided_at: int, reason: str | None, expected: StoredApproval | None = None,
+                     signal: Signal | None = None) -> DecisionResult | None:
+        # Like the Redis store: a stale `expected` only costs a retry there, so the outcome
+        # depends on the current state alone.
+        assert expected is None or expected.request.request_id == request_id
         current = self.requests.get(request_id)
         if current is None:
             return None
@@ -57,7 +75,14 @@ class MemoryApprovalStore(ApprovalStore):
         decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
         self.requests[request_id] = decided
         self.decisions.append((request_id, status, True))
-        return DecisionResult(True, decided)
+        signalled = False
+        if signal is not None and self.bus is not None:
+            try:
+                await self.bus.publish(decided.session_id, signal)
+                signalled = True
+            except StoreUnavailable:
+                pass
+        return DecisionResult(True, decided, signalled)
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         return [r for r in self.requests.values()

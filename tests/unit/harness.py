@@ -37,8 +37,8 @@ class Harness:
     def __post_init__(self) -> None:
         self.clock = FakeClock()
         self.ids = SequentialIds()
-        self.store = MemoryApprovalStore()
         self.bus = MemorySignalBus()
+        self.store = MemoryApprovalStore(self.bus)
         self.log = MemoryEventLog()
         self.directory = MemoryRunDirectory(self.log)
         self.registry = ToolRegistry(self.tools, approval_overrides=self.approval_overrides)

@@ -8,9 +8,15 @@ Keys:
   percent-encoded so that ids containing `:` can never collide. Its TTL is pushed to the request
   TTL on every create, so it never outlives the newest request it names.
 
-Decisions are compare-and-set with WATCH/MULTI and the JSON is written from Python: a Lua script
-would have to round-trip the record through cjson, which turns `{}` into `[]` and reformats large
-numbers, and the record must stay byte-for-byte what `ApprovalRequest.to_record()` says.
+A decision is one round trip: a Lua script (`_DECIDE`, loaded once, run by EVALSHA) compares the
+request's current bytes with the bytes the caller read (or created) and, only when they are equal,
+writes the decided request and session records (XX, KEEPTTL), removes the request from the pending
+index and, for a decision with a signal, stores and publishes that signal (`hitl:signal:*` with its
+TTL, `hitl:channel:*`, exactly as `RedisSignalBus.publish` does). Python computes every new record;
+Lua only compares and copies bytes: decoding and re-encoding with cjson would turn `{}` into `[]`
+and reformat large numbers, and the records must stay byte-for-byte what `to_record()` says. The
+session record is updated only while it is still exactly the pending record Aura wrote for this
+request (a session that moved on to a later request is left alone).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult
+from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.errors import StoreUnavailable
 from domain.ports import ApprovalStore
 
@@ -32,9 +39,34 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TTL_SECONDS = 1800
 DEFAULT_SESSION_TTL_SECONDS = 3600
-# Each failed attempt means another writer changed the request or its session in between; the
-# next attempt then normally sees the decided state and stops. This only bounds a pathology.
+# A failed compare means another writer changed the request in between; the reply then carries
+# the new bytes, which are normally decided, and the loop stops. This only bounds a pathology.
 MAX_DECIDE_ATTEMPTS = 32
+
+# KEYS: request, session, pending index[, signal]
+# ARGV: expected request bytes, decided request bytes, expected session bytes, decided session
+#       bytes, request id[, signal bytes, signal TTL, channel]
+# Reply: 0 when the request does not exist; its current bytes when they are not the expected
+# ones (nothing written); 1 when decided (and signalled); 2 when decided but the signal part
+# failed (the decision stands: writes of a script are never rolled back, and pcall keeps going).
+_DECIDE = """
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if current ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[2], 'XX', 'KEEPTTL')
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[2], ARGV[4], 'XX', 'KEEPTTL')
+end
+redis.call('ZREM', KEYS[3], ARGV[5])
+if #KEYS < 4 then return 1 end
+local stored = redis.pcall('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+if type(stored) == 'table' and stored.err then return 2 end
+local published = redis.pcall('PUBLISH', ARGV[8], ARGV[6])
+if type(published) == 'table' and published.err then return 2 end
+return 1
+"""
+_DECIDED = 1
+_DECIDED_SIGNAL_FAILED = 2
 
 
 def request_key(request_id: str) -> str:
@@ -75,18 +107,21 @@ class RedisApprovalStore(ApprovalStore):
         *,
         request_ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS,
+        signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
     ) -> None:
         self._redis = redis
         self._request_ttl_seconds = request_ttl_seconds
         self._session_ttl_seconds = session_ttl_seconds
+        self._signal_ttl_seconds = signal_ttl_seconds
+        # EVALSHA, with SCRIPT LOAD and a retry when the server does not know the script yet.
+        self._decide_script = redis.register_script(_DECIDE)
 
-    async def create(self, request: ApprovalRequest) -> None:
+    async def create(self, request: ApprovalRequest) -> StoredApproval:
         index_key = pending_index_key(request.tenant_id, request.user_id)
+        record = encode_json(request.to_record())
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(
-                    request_key(request.request_id), encode_json(request.to_record()), ex=self._request_ttl_seconds
-                )
+                pipe.set(request_key(request.request_id), record, ex=self._request_ttl_seconds)
                 pipe.set(
                     session_key(request.session_id), encode_json(request.session_record()), ex=self._session_ttl_seconds
                 )
@@ -96,14 +131,19 @@ class RedisApprovalStore(ApprovalStore):
                 await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
+        return StoredApproval(request, record)
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
+        stored = await self.read(request_id)
+        return None if stored is None else stored.request
+
+    async def read(self, request_id: str) -> StoredApproval | None:
         key = request_key(request_id)
         try:
             raw = await self._redis.get(key)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
-        return None if raw is None else _decode_request(raw, key)
+        return None if raw is None else _stored(raw, key)
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         index_key = pending_index_key(tenant_id, user_id)
@@ -135,69 +175,50 @@ class RedisApprovalStore(ApprovalStore):
         decided_by: str | None,
         decided_at: int,
         reason: str | None,
+        expected: StoredApproval | None = None,
+        signal: Signal | None = None,
     ) -> DecisionResult | None:
         if not status.is_decided:
             raise ValueError("a decision must leave the pending state")
+        if expected is not None and expected.request.request_id != request_id:
+            raise ValueError(f"expected a record of {request_id}, got {expected.request.request_id}")
+        seen = expected if expected is not None else await self.read(request_id)
+        key = request_key(request_id)
         try:
             for _ in range(MAX_DECIDE_ATTEMPTS):
-                try:
-                    return await self._try_decide(request_id, status, decided_by, decided_at, reason)
-                except WatchError:
+                if seen is None:
+                    return None
+                current = seen.request
+                if current.status.is_decided:
+                    return DecisionResult(applied=False, request=current)
+                decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
+                keys = [key, session_key(current.session_id), pending_index_key(current.tenant_id, current.user_id)]
+                args: list[bytes | str | int] = [
+                    seen.version,
+                    encode_json(decided.to_record()),
+                    encode_json(current.session_record()),
+                    encode_json(decided.session_record()),
+                    request_id,
+                ]
+                if signal is not None:
+                    keys.append(signal_key(current.session_id))
+                    args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds,
+                             channel_name(current.session_id)]
+                reply = await self._decide_script(keys=keys, args=args)
+                if isinstance(reply, bytes | str):
+                    seen = _stored(reply, key)  # changed since it was read: decide on what is there now
                     continue
+                if not reply:
+                    return None  # expired (or deleted) since it was read: there is nothing to decide
+                if signal is not None and reply == _DECIDED_SIGNAL_FAILED:
+                    _log.warning("decided %s but could not store or publish its signal", request_id)
+                return DecisionResult(applied=True, request=decided,
+                                      signalled=signal is not None and reply == _DECIDED)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         raise StoreUnavailable(f"approval {request_id} is changing too often to decide")
 
-    async def _try_decide(
-        self,
-        request_id: str,
-        status: ApprovalStatus,
-        decided_by: str | None,
-        decided_at: int,
-        reason: str | None,
-    ) -> DecisionResult | None:
-        """One optimistic attempt; raises WatchError when another writer got in between."""
-        key = request_key(request_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(key)
-            raw = await pipe.get(key)
-            current = None if raw is None else _decode_request(raw, key)
-            if current is None:
-                return None
-            if current.status.is_decided:
-                return DecisionResult(applied=False, request=current)
-            decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
 
-            # The session points at its latest request; only update it while it still points here.
-            sess_key = session_key(current.session_id)
-            await pipe.watch(sess_key)
-            session_raw = await pipe.get(sess_key)
-            session_update = (
-                None if session_raw is None else _session_with_status(session_raw, request_id, decided.status, sess_key)
-            )
-
-            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-            # XX: never resurrect a key that expired after WATCH; KEEPTTL: the decision does not
-            # extend the request's life.
-            pipe.set(key, encode_json(decided.to_record()), xx=True, keepttl=True)
-            if session_update is not None:
-                pipe.set(sess_key, session_update, xx=True, keepttl=True)
-            pipe.zrem(pending_index_key(current.tenant_id, current.user_id), request_id)
-            request_written = (await pipe.execute())[0]
-        if not request_written:
-            return None  # expired between our read and the write: there is nothing to decide
-        return DecisionResult(applied=True, request=decided)
-
-
-def _session_with_status(raw: bytes | str, request_id: str, status: ApprovalStatus, key: str) -> bytes | None:
-    """The session record with its status replaced (other fields kept as they are), or None when
-    it no longer refers to this request or cannot be read."""
-    try:
-        record = json.loads(raw)
-    except ValueError as exc:
-        _log.warning("unreadable session record at %s: %s", key, exc)
-        return None
-    if not isinstance(record, dict) or record.get("requestId") != request_id:
-        return None
-    record["status"] = status.value
-    return encode_json(record)
+def _stored(raw: bytes | str, key: str) -> StoredApproval | None:
+    request = _decode_request(raw, key)
+    return None if request is None else StoredApproval(request, raw.encode("utf-8") if isinstance(raw, str) else raw)

@@ -1,0 +1,185 @@
+"""The approval desk with fake ports: one read for the ownership check, then one compare-and-set
+step that also publishes the signal; 404/403/409/410 and a decision that stands without its signal."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.desk import AlreadyDecided, ApprovalDesk, ApprovalExpired
+from domain.errors import Forbidden, NotFound, StoreUnavailable
+from domain.identity import Principal
+from tests.unit.fakes import FakeClock, MemoryApprovalStore, MemorySignalBus
+
+OWNER = Principal("alice", "acme", "alice", "user")
+MANAGER = Principal("mgr", "acme", "mgr", "manager")
+NOW = 1_767_000_000
+
+
+class RecordingStore(MemoryApprovalStore):
+    """Records each store call the desk makes, with the arguments that matter here."""
+
+    def __init__(self, bus: MemorySignalBus | None = None) -> None:
+        super().__init__(bus)
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def get(self, request_id: str) -> ApprovalRequest | None:
+        self.calls.append(("get", request_id))
+        return await super().get(request_id)
+
+    async def read(self, request_id: str) -> StoredApproval | None:
+        self.calls.append(("read", request_id))
+        return await super().read(request_id)
+
+    async def decide(self, request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
+        self.calls.append(("decide", request_id, status, kw.get("expected"), kw.get("signal")))
+        return await super().decide(request_id, status, **kw)
+
+
+def pending(number: int = 1, *, expires_at: int = NOW + 300) -> ApprovalRequest:
+    return ApprovalRequest(
+        request_id=f"req_{number:032x}", session_id=f"ses_{number:032x}", run_id=f"run_{number:032x}",
+        action_type="commit", tool_name="commit", message="Commit?", context={"value": "v"},
+        user_id="alice", tenant_id="acme", created_at=NOW - 10, expires_at=expires_at,
+    )
+
+
+@pytest.fixture
+def bus() -> MemorySignalBus:
+    return MemorySignalBus()
+
+
+@pytest.fixture
+def store(bus: MemorySignalBus) -> RecordingStore:
+    return RecordingStore(bus)
+
+
+@pytest.fixture
+def desk(store: RecordingStore, bus: MemorySignalBus) -> ApprovalDesk:
+    return ApprovalDesk(store, bus, FakeClock(float(NOW)), ["manager"])
+
+
+async def test_an_approval_is_one_read_then_one_decision_that_carries_its_signal(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
+) -> None:
+    request = pending()
+    created = await store.create(request)
+
+    decided = await desk.decide(MANAGER, request.request_id, approve=True)
+
+    signal = Signal.approval(request.request_id, "mgr", NOW)
+    assert store.calls == [("read", request.request_id),
+                           ("decide", request.request_id, ApprovalStatus.APPROVED, created, signal)]
+    assert decided == request.decide(ApprovalStatus.APPROVED, by="mgr", at=NOW, reason=None)
+    assert store.requests[request.request_id] == decided
+    assert bus.stored == {request.session_id: signal.to_json()}
+
+
+async def test_a_rejection_keeps_its_reason_in_the_record_and_the_signal(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
+) -> None:
+    request = pending()
+    await store.create(request)
+
+    decided = await desk.decide(OWNER, request.request_id, approve=False, reason="not now")
+
+    assert (decided.status, decided.decided_by, decided.reason) == (ApprovalStatus.REJECTED, "alice", "not now")
+    assert bus.stored[request.session_id] == Signal.rejection(request.request_id, "alice", NOW, "not now").to_json()
+
+
+async def test_a_decided_request_answers_409_with_the_winner_and_publishes_nothing(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
+) -> None:
+    request = pending()
+    await store.create(request)
+    winner = await desk.decide(MANAGER, request.request_id, approve=False, reason="no")
+    store.calls.clear()
+    bus.stored.clear()
+
+    with pytest.raises(AlreadyDecided) as refused:
+        await desk.decide(OWNER, request.request_id, approve=True)
+
+    assert refused.value.request == winner
+    assert store.calls == [("read", request.request_id)]  # no write at all
+    assert bus.stored == {}
+
+
+async def test_a_decision_that_loses_the_race_answers_409_with_the_winner(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
+) -> None:
+    request = pending()
+    await store.create(request)
+    original_read = store.read
+
+    async def read_then_lose(request_id: str) -> StoredApproval | None:
+        seen = await original_read(request_id)
+        # another instance decides between this read and the desk's decision
+        await MemoryApprovalStore.decide(store, request_id, ApprovalStatus.REJECTED, decided_by="other",
+                                         decided_at=NOW, reason="late")
+        return seen
+
+    store.read = read_then_lose  # type: ignore[method-assign]
+    bus.stored.clear()
+
+    with pytest.raises(AlreadyDecided) as refused:
+        await desk.decide(OWNER, request.request_id, approve=True)
+
+    assert (refused.value.request.status, refused.value.request.decided_by) == (ApprovalStatus.REJECTED, "other")
+    assert bus.stored == {}
+
+
+async def test_an_expired_request_is_recorded_as_expired_and_answers_410_without_a_signal(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
+) -> None:
+    request = pending(expires_at=NOW)
+    created = await store.create(request)
+
+    with pytest.raises(ApprovalExpired):
+        await desk.decide(OWNER, request.request_id, approve=True)
+
+    assert store.calls == [("read", request.request_id),
+                           ("decide", request.request_id, ApprovalStatus.EXPIRED, created, None)]
+    assert store.requests[request.request_id].status is ApprovalStatus.EXPIRED
+    assert bus.stored == {}
+    with pytest.raises(ApprovalExpired):  # and stays expired
+        await desk.decide(MANAGER, request.request_id, approve=True)
+
+
+async def test_unknown_other_tenant_and_strangers_are_refused_before_any_write(
+    desk: ApprovalDesk, store: RecordingStore
+) -> None:
+    request = pending()
+    await store.create(request)
+
+    with pytest.raises(NotFound):
+        await desk.decide(OWNER, "req_unknown", approve=True)
+    with pytest.raises(NotFound):
+        await desk.decide(Principal("alice", "globex", "alice", "admin"), request.request_id, approve=True)
+    with pytest.raises(Forbidden):
+        await desk.decide(Principal("carol", "acme", "carol", "user"), request.request_id, approve=True)
+    assert [call[0] for call in store.calls] == ["read", "read", "read"]
+    assert store.requests[request.request_id] == request
+
+
+async def test_the_decision_stands_when_its_signal_could_not_be_published(
+    store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    class DeadPublish(MemorySignalBus):
+        async def publish(self, session_id: str, signal: Signal) -> int:
+            raise StoreUnavailable("the signal store is unavailable")
+
+    dead = DeadPublish()
+    store.bus = dead
+    request = pending()
+    await store.create(request)
+    desk = ApprovalDesk(store, dead, FakeClock(float(NOW)), ["manager"])
+
+    with caplog.at_level(logging.WARNING, logger="aura.hitl"):
+        decided = await desk.decide(OWNER, request.request_id, approve=True)
+
+    assert decided.status is ApprovalStatus.APPROVED
+    assert store.requests[request.request_id] == decided
+    assert "could not publish its signal" in caplog.text
