@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Signal
+from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
 from domain.errors import ApprovalTimeout, RunCancelled, StoreUnavailable
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
@@ -62,7 +62,7 @@ class ApprovalGate:
             user_id=run.principal.user_id, tenant_id=run.principal.tenant_id,
             created_at=now, expires_at=now + int(self._settings.timeout_seconds),
         )
-        await self._store.create(request)
+        created = await self._store.create(request)
         audit_line("requested", request, actorId=run.principal.actor_id)
         timeline_id = f"approval_{step.index}_{run.tool_calls}"
         self._telemetry.approval_wait_started()
@@ -82,10 +82,10 @@ class ApprovalGate:
                 await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
-                decided = await self._wait(request, stored, subscription)
+                decided = await self._wait(created, stored, subscription)
                 outcome = decided.status.value
         except asyncio.CancelledError:
-            await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
+            await asyncio.shield(self._close(created, ApprovalStatus.CANCELLED, None))
             raise
         finally:
             self._telemetry.approval_wait_ended(outcome, self._clock.now() - waited_from)
@@ -105,16 +105,17 @@ class ApprovalGate:
             raise RunCancelled("The run was cancelled while it waited for approval.")
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
 
-    async def _wait(self, request: ApprovalRequest, stored: str | bytes | None,
+    async def _wait(self, created: StoredApproval, stored: str | bytes | None,
                     subscription: Any) -> ApprovalRequest:
+        request = created.request
         if stored is not None:
-            decided = await self._consider(request, stored)
+            decided = await self._consider(created, stored)
             if decided is not None:
                 return decided
         while True:
             remaining = request.expires_at - self._clock.now()
             if remaining <= 0:
-                return await self._close(request, ApprovalStatus.EXPIRED, None)
+                return await self._close(created, ApprovalStatus.EXPIRED, None)
             try:
                 raw = await asyncio.wait_for(subscription.next_message(),
                                              timeout=min(remaining, self._settings.recheck_seconds))
@@ -129,11 +130,12 @@ class ApprovalGate:
                 if current is not None and current.status.is_decided:
                     return current
                 continue
-            decided = await self._consider(request, raw)
+            decided = await self._consider(created, raw)
             if decided is not None:
                 return decided
 
-    async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> ApprovalRequest | None:
+    async def _consider(self, created: StoredApproval, raw: str | bytes) -> ApprovalRequest | None:
+        request = created.request
         signal = Signal.parse(raw)
         if signal is None:
             log.warning("ignored a malformed signal on session %s", request.session_id)
@@ -142,13 +144,18 @@ class ApprovalGate:
             log.info("ignored a signal for request %s while waiting for %s", signal.request_id,
                      request.request_id)
             return None
-        return await self._close(request, signal.status, signal.user_id, signal.reason)
+        return await self._close(created, signal.status, signal.user_id, signal.reason)
 
-    async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
+    async def _close(self, created: StoredApproval, status: ApprovalStatus, by: str | None,
                      reason: str | None = None) -> ApprovalRequest:
-        """Decide atomically; when another decision won first, that one stands."""
+        """Decide atomically; when another decision won first, that one stands. One store step
+        either way: the store compares against the request as this gate created it and, when it
+        was decided meanwhile (by Aura's API, which also published the signal this reacts to),
+        answers with that decision instead. A signal the DWP backend published without touching
+        the request is recorded here."""
+        request = created.request
         result = await self._store.decide(request.request_id, status, decided_by=by,
-                                          decided_at=self._clock.timestamp(), reason=reason)
+                                          decided_at=self._clock.timestamp(), reason=reason, expected=created)
         if result is None:  # the request vanished from the store (flushed): treat as expired
             return request.decide(ApprovalStatus.EXPIRED, by=None, at=self._clock.timestamp(), reason=None)
         if result.applied:

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus, create_redis
 from adapters.redis.approvals import pending_index_key
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
+from tests.integration.commands import CommandLog
 
 CREATED_AT = 1767000000
 
@@ -59,30 +60,6 @@ def assert_ttl_near(ttl: int, expected: int) -> None:
 @pytest.fixture
 def store(redis_client: Redis) -> RedisApprovalStore:
     return RedisApprovalStore(redis_client)
-
-
-class CommandLog:
-    """Records every command the client sends (one entry per round trip; a pipeline is one)."""
-
-    def __init__(self, client: Redis) -> None:
-        self.commands: list[str] = []
-        send = client.execute_command
-        pipeline = client.pipeline
-
-        async def recorded(*args: Any, **options: Any) -> Any:
-            self.commands.append(str(args[0]).upper())
-            return await send(*args, **options)
-
-        def recorded_pipeline(*args: Any, **kwargs: Any) -> Any:
-            self.commands.append("PIPELINE")
-            return pipeline(*args, **kwargs)
-
-        client.execute_command = recorded  # type: ignore[method-assign]
-        client.pipeline = recorded_pipeline  # type: ignore[method-assign]
-
-    def take(self) -> list[str]:
-        taken, self.commands = self.commands, []
-        return taken
 
 
 async def load_the_script(store: RedisApprovalStore) -> None:

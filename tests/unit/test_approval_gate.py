@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Signal
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.events import Event
 from domain.gate import GateSettings
 from domain.service import Subscription
@@ -71,6 +72,31 @@ async def test_approval_runs_the_tool_and_records_the_decider() -> None:
     assert h.bus.subscribers == {}  # subscription released
 
 
+async def test_a_signal_is_one_store_decision_against_the_request_as_created() -> None:
+    h, _ = approval_harness()
+    created: list[StoredApproval] = []
+    decisions: list[dict[str, Any]] = []
+    create, decide = h.store.create, h.store.decide
+
+    async def recording_create(request: ApprovalRequest) -> StoredApproval:
+        created.append(await create(request))
+        return created[-1]
+
+    async def recording_decide(request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
+        decisions.append({"status": status, **kw})
+        return await decide(request_id, status, **kw)
+
+    h.store.create = recording_create  # type: ignore[method-assign]
+    h.store.decide = recording_decide  # type: ignore[method-assign]
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    await finish(watcher, seen)
+    assert decisions == [{"status": ApprovalStatus.APPROVED, "decided_by": "bob", "decided_at": 1_767_000_000,
+                          "reason": None, "expected": created[0]}]
+
+
 async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> None:
     h, commit = approval_harness()
     handle, watcher = await h.start()
@@ -121,10 +147,11 @@ async def test_a_signal_stored_before_the_wait_is_honoured() -> None:
     h, commit = approval_harness()
     original_create = h.store.create
 
-    async def create_and_presign(request: ApprovalRequest) -> None:
-        await original_create(request)
+    async def create_and_presign(request: ApprovalRequest) -> StoredApproval:
+        created = await original_create(request)
         # the DWP backend decides before Aura even subscribed: only the stored copy exists
         h.bus.stored[request.session_id] = Signal.approval(request.request_id, "bob", 1).to_json()
+        return created
 
     h.store.create = create_and_presign  # type: ignore[method-assign]
     _, watcher = await h.start()

@@ -1,0 +1,134 @@
+"""The approval gate and desk over the real Redis adapters (fakeredis and redis-server): exact
+records after each kind of decision, and the round trips each side makes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from adapters.redis import RedisApprovalStore, RedisSignalBus
+from adapters.redis.approvals import pending_index_key
+from domain.agent import Agent
+from domain.approval import ApprovalRequest, ApprovalStatus
+from domain.desk import ApprovalDesk
+from domain.events import Event
+from domain.gate import ApprovalGate, GateSettings
+from domain.identity import Principal
+from domain.service import RunService, Subscription
+from tests.integration.commands import CommandLog
+from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+from tests.unit.harness import Harness
+
+PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
+MANAGER = Principal("mgr", "acme", "mgr", "manager")
+
+
+def compact_json(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def redis_harness(redis_client: Redis, *, recheck_seconds: float = 60.0) -> tuple[Harness, RecordingTool]:
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
+    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
+    h = Harness(model, tools=[commit],
+                gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=recheck_seconds))
+    h.store = RedisApprovalStore(redis_client)  # type: ignore[assignment]
+    h.bus = RedisSignalBus(redis_client)  # type: ignore[assignment]
+    h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings)
+    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
+    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    return h, commit
+
+
+@pytest.fixture
+async def harness(redis_client: Redis) -> AsyncIterator[tuple[Harness, RecordingTool]]:
+    h, commit = redis_harness(redis_client)
+    # The server learns the decision script once; every test here counts steady-state round trips.
+    await redis_client.script_load(h.store._decide_script.script)  # type: ignore[attr-defined]
+    try:
+        yield h, commit
+    finally:
+        await h.bus.close()  # type: ignore[attr-defined]
+
+
+async def until(watcher: Subscription, matches: Any) -> Event:
+    while True:
+        event = await watcher.next(10)
+        assert event is not None, "the run went quiet"
+        if matches(event):
+            return event
+
+
+def is_type(kind: str) -> Any:
+    return lambda event: event.type.value == kind
+
+
+def tool_status(status: str) -> Any:
+    return lambda event: event.type.value == "tool_execution" and event.data["status"] == status
+
+
+async def request_of(redis_client: Redis, request_id: str) -> ApprovalRequest:
+    raw = await redis_client.get("hitl:request:" + request_id)
+    assert isinstance(raw, bytes)
+    return ApprovalRequest.from_record(json.loads(raw))
+
+
+async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
+    redis_client: Redis, harness: tuple[Harness, RecordingTool]
+) -> None:
+    h, commit = harness
+    _, watcher = await h.start()
+    hitl = await until(watcher, is_type("hitl"))
+    request_id, session = hitl.data["requestId"], hitl.data["sessionId"]
+    pending = await request_of(redis_client, request_id)
+    payload = b'{"type":"approval","requestId":"%s","userId":"dwp-user","timestamp":1767000005}' % request_id.encode()
+    # The DWP backend: SET + PUBLISH, without touching the request record.
+    await redis_client.set("hitl:signal:" + session, payload, ex=300)
+    log = CommandLog(redis_client)
+    await redis_client.publish("hitl:channel:" + session, payload)
+
+    await until(watcher, tool_status("running"))
+
+    assert log.take() == ["PUBLISH", "EVALSHA"]  # the gate: one compare-and-set
+    approved = pending.decide(ApprovalStatus.APPROVED, by="dwp-user", at=h.clock.timestamp(), reason=None)
+    assert await redis_client.get("hitl:request:" + request_id) == compact_json(approved.to_record())
+    assert await redis_client.get("hitl:session:" + session) == compact_json(approved.session_record())
+    assert 1798 <= await redis_client.ttl("hitl:request:" + request_id) <= 1800
+    assert 3598 <= await redis_client.ttl("hitl:session:" + session) <= 3600
+    assert await redis_client.zrange(pending_index_key("acme", "alice"), 0, -1) == []
+    assert await redis_client.get("hitl:signal:" + session) == payload  # the gate publishes nothing
+    await until(watcher, is_type("end"))
+    assert commit.calls == [{"value": "v"}]
+
+
+async def test_an_api_decision_costs_two_round_trips_on_the_desk_and_one_on_the_gate(
+    redis_client: Redis, harness: tuple[Harness, RecordingTool]
+) -> None:
+    h, commit = harness
+    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"])
+    _, watcher = await h.start()
+    hitl = await until(watcher, is_type("hitl"))
+    request_id, session = hitl.data["requestId"], hitl.data["sessionId"]
+    pending = await request_of(redis_client, request_id)
+    log = CommandLog(redis_client)
+
+    decided = await desk.decide(MANAGER, request_id, approve=False, reason="not now")
+    desk_commands = log.take()
+    events = [await until(watcher, tool_status("rejected"))]
+
+    assert desk_commands == ["GET", "EVALSHA"]
+    assert log.take() == ["EVALSHA"]  # the gate, on the signal: finds the desk's decision, writes nothing
+    rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
+    assert decided == rejected
+    assert await redis_client.get("hitl:request:" + request_id) == compact_json(rejected.to_record())
+    assert await redis_client.get("hitl:session:" + session) == compact_json(rejected.session_record())
+    assert await redis_client.get("hitl:signal:" + session) == (
+        b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"mgr",'
+        b'"timestamp":%d}' % (request_id.encode(), h.clock.timestamp()))
+    assert events[0].data["error"] == "Rejected: not now"
+    await until(watcher, is_type("end"))
+    assert commit.calls == []
