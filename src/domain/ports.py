@@ -5,8 +5,9 @@ Adapters in `adapters/` implement them; the composition root in `app/` picks whi
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -109,8 +110,27 @@ class EventLog(ABC):
     """Append-only record of a run's events, read back for resumes on any instance."""
 
     @abstractmethod
+    def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
+               logged: Callable[[Exception | None], None]) -> None:
+        """Queue the event (and, when given, the run's snapshot after it) without waiting.
+        `logged` is called once the event is stored (None) or could not be (the error), in the
+        order the events were submitted, so a caller can deliver each event only once it is
+        logged without suspending for every write."""
+
     async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
-        """Log the event; when given, store the run's snapshot after it in the same round trip."""
+        """Log one event and wait until it is stored."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def logged(error: Exception | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        self.submit(event, snapshot, logged)
+        await done
 
     @abstractmethod
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]: ...

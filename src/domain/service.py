@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from domain.agent import Agent
 from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavailable
@@ -67,16 +69,90 @@ class Subscription:
         return taken
 
 
+# A run waits for these to be logged before it goes on: before it parks on an approval (a resumer
+# must see the `hitl`), before a tool acts on the world, and before it ends (the log is complete
+# when the run's retention starts). Everything else is delivered as soon as it is logged, while
+# the run keeps working.
+_SETTLE = frozenset({EventType.HITL, EventType.TOOL_EXECUTION, EventType.END})
+_ALWAYS_SENT = frozenset({EventType.ERROR, EventType.END})
+
+
+class RunFeed:
+    """A run's way out: each event is logged, then handed to the run's watchers, in order.
+
+    The run does not suspend for every log write: events are submitted to the event log, which
+    writes many at once and reports each back in order; only then does an event reach a watcher
+    ("logged before it is written to any client"). A failed write is raised to the run at its next
+    event (the failed event itself is still delivered, as is every `error` and `end` after it)."""
+
+    def __init__(self, event_log: EventLog, telemetry: Telemetry, on_failure: Callable[[Exception], None],
+                 max_unlogged: int = 512) -> None:
+        self.watchers: set[Subscription] = set()
+        self._on_failure = on_failure
+        self._log = event_log
+        self._telemetry = telemetry
+        self._max_unlogged = max_unlogged
+        self._unlogged = 0
+        self._failure: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._wait_until = 0
+
+    async def publish(self, event: Event, snapshot: Mapping[str, Any] | None) -> None:
+        if self._failure is not None and event.type not in _ALWAYS_SENT:
+            raise self._failure
+        self._unlogged += 1
+        self._log.submit(event, snapshot, partial(self._logged, event))
+        if event.type in _SETTLE:
+            await self._until_unlogged(0)
+        elif self._unlogged >= self._max_unlogged:
+            await self._until_unlogged(self._max_unlogged // 2)  # the log is slower than the run
+        else:
+            return
+        if self._failure is not None and event.type not in _ALWAYS_SENT:
+            raise self._failure
+
+    def _logged(self, event: Event, error: Exception | None) -> None:
+        self._unlogged -= 1
+        first_failure = error is not None and self._failure is None
+        if error is not None:
+            self._telemetry.store_error()
+            self._failure = self._failure or error
+        for watcher in tuple(self.watchers):
+            watcher.push(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
+            waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
+        elif first_failure and waiter is None and event.type not in _ALWAYS_SENT:
+            assert error is not None
+            self._on_failure(error)  # the run is elsewhere (waiting for approval, say): stop it
+
+    async def _until_unlogged(self, count: int) -> None:
+        while self._unlogged > count:
+            self._waiter = asyncio.get_running_loop().create_future()
+            self._wait_until = count
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
 @dataclass(slots=True)
 class RunHandle:
     run: Run
     task: asyncio.Task[None] | None
     watchers: set[Subscription]
     started: bool = False
+    failure: Exception | None = None  # the store failed while the run was not writing to it
 
     @property
     def run_id(self) -> str:
         return self.run.ids.run_id
+
+    def fail(self, error: Exception) -> None:
+        """Stop the run because its events can no longer be logged; it ends `failed` with the error."""
+        if self.failure is None:
+            self.failure = error
+            self.cancel("store_unavailable")
 
     def cancel(self, reason: str) -> bool:
         if self.task is None or self.task.done():
@@ -180,9 +256,9 @@ class RunService:
         except BaseException:
             await self._directory.release_slot(principal.tenant_id, principal.user_id, ids.run_id)
             raise
-        watchers: set[Subscription] = set()
-        run = Run(ids, principal, request, self._clock, lambda event: self._publish(run, watchers, event))
-        handle = RunHandle(run=run, task=None, watchers=watchers)
+        feed = RunFeed(self._log, self._telemetry, on_failure=lambda error: handle.fail(error))
+        run = Run(ids, principal, request, self._clock, lambda event: self._publish(run, feed, event))
+        handle = RunHandle(run=run, task=None, watchers=feed.watchers)
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
         handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}")
@@ -234,21 +310,11 @@ class RunService:
                 log.warning("could not renew run leases")
 
     # -- internals -------------------------------------------------------------------------
-    async def _publish(self, run: Run, watchers: set[Subscription], event: Event) -> None:
-        """Log first, then feed the in-process watchers directly (no Redis round trip)."""
-        failure: Exception | None = None
+    async def _publish(self, run: Run, feed: RunFeed, event: Event) -> None:
         snapshot = None
         if event.type not in _SNAPSHOT_SKIP or (event.type is EventType.CONTENT and not event.data.get("chunk")):
             snapshot = run.snapshot()
-        try:
-            await self._log.append(event, snapshot)
-        except StoreUnavailable as exc:
-            self._telemetry.store_error()
-            failure = exc
-        for watcher in tuple(watchers):
-            watcher.push(event)
-        if failure is not None and event.type not in (EventType.ERROR, EventType.END):
-            raise failure
+        await feed.publish(event, snapshot)
 
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
         run = handle.run
@@ -266,8 +332,14 @@ class RunService:
             await self._remember(run, answer)
             await run.end(RunStatus.COMPLETED, "completed", "The run completed.")
         except asyncio.CancelledError:
-            reason = run.cancel_reason or "cancelled"
-            await self._finish(run, RunStatus.CANCELLED, reason, "The run was cancelled.")
+            if handle.failure is not None:
+                error = handle.failure
+                code, message = (error.code, error.message) if isinstance(error, AuraError) else (
+                    StoreUnavailable.code, "The event log is unavailable.")
+                await self._finish(run, RunStatus.FAILED, code, message, error=(code, True))
+            else:
+                reason = run.cancel_reason or "cancelled"
+                await self._finish(run, RunStatus.CANCELLED, reason, "The run was cancelled.")
         except TimeoutError:
             await self._finish(run, RunStatus.FAILED, "budget_exceeded",
                                f"The run took longer than {self._limits.max_run_seconds:g} s.",

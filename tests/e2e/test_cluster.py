@@ -286,9 +286,10 @@ async def test_per_user_limit_answers_429_with_retry_after(
 async def test_a_client_that_never_reads_is_dropped_while_others_flow(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]]) -> None:
     a, _ = cluster(AURA_STREAM__SEND_TIMEOUT_SECONDS="1")
-    # 30,000 events of ~300 bytes: far more than the socket buffers of both ends can hold
+    # 30,000 events of ~300 bytes, one per millisecond: the run lasts over 30 s, and the ~4 MiB the
+    # socket buffers of both ends hold fill up well before that, so the drop comes mid-run
     big = "x" * 30_000
-    body = json.dumps({"prompt": f'@answer {{"text": "{big}", "chunks": 30000}}'}).encode()
+    body = json.dumps({"prompt": f'@answer {{"text": "{big}", "chunks": 30000, "intervalMs": 1}}'}).encode()
     slow = socket.create_connection(("127.0.0.1", a.port))
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     headers = bearer()
@@ -305,7 +306,7 @@ async def test_a_client_that_never_reads_is_dropped_while_others_flow(
             flowing = await client.post("/aura/test/stream", headers=bearer("bob"),
                                         json={"prompt": '@answer {"text": "still flowing", "chunks": 3}'})
             assert flowing.text.endswith("data: [DONE]\n\n")
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while True:
                 snapshot = (await client.get(f"/aura/runs/{run_id}", headers=bearer())).json()
                 if snapshot["status"] != "running" or time.monotonic() > deadline:

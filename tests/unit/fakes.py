@@ -140,13 +140,14 @@ class MemoryEventLog(EventLog):
         self.snapshots: dict[str, Mapping[str, Any]] = {}
         self.closed: set[str] = set()
 
-    async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
+    def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
+               logged: Callable[[Exception | None], None]) -> None:
         log = self.events[event.ids.run_id]
-        if log and event.seq <= log[-1].seq:
-            return
-        log.append(event)
-        if snapshot is not None:
-            self.snapshots[event.ids.run_id] = snapshot
+        if not log or event.seq > log[-1].seq:
+            log.append(event)
+            if snapshot is not None:
+                self.snapshots[event.ids.run_id] = snapshot
+        logged(None)
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         return [e for e in self.events.get(run_id, []) if e.seq > after_seq][:limit]

@@ -6,10 +6,15 @@ Directives in the prompt, one per line, make a run fully scripted:
 
     @git_status {"repo_path": "."}        run that tool as a plan step
     @answer {"text": "...", "chunks": 20}  answer with exactly this text in that many chunks
+    @answer {"text": "...", "chunks": 20, "intervalMs": 50}   ... paced like a slow model
+
+Like a model read from the network, the answer suspends between chunks (at least a bare yield to
+the event loop), so a run's events interleave with other work as they would in production.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -32,6 +37,7 @@ from domain.ports import ChatModel
 
 _DIRECTIVE = re.compile(r"^\s*@([A-Za-z_][A-Za-z0-9_]*)\s*(.*?)\s*$")
 ANSWER_DIRECTIVE = "answer"
+MAX_INTERVAL_MS = 10_000
 MAX_SCRIPTED_CHUNKS = 100_000
 
 
@@ -98,7 +104,13 @@ class OfflineChatModel(ChatModel):
                 yield chunk
             return
         else:
-            chunks = self._answer(request)
+            chunks, interval = self._answer(request)
+            for text in chunks:
+                yield ContentDelta(text)
+                await asyncio.sleep(interval)
+            yield Finish("stop", Usage(prompt_tokens=sum(len(m.content) for m in request.messages) // 4,
+                                       completion_tokens=sum(len(c) for c in chunks) // 4))
+            return
         for text in chunks:
             yield ContentDelta(text)
         yield Finish("stop", Usage(prompt_tokens=sum(len(m.content) for m in request.messages) // 4,
@@ -168,17 +180,21 @@ class OfflineChatModel(ChatModel):
         return f"{message.name}: {json.dumps(value, ensure_ascii=False)[:300]}"
 
     # -- answer --------------------------------------------------------------------------
-    def _answer(self, request: ChatRequest) -> list[str]:
+    def _answer(self, request: ChatRequest) -> tuple[list[str], float]:
         prompt = str(request.hints.get("prompt", ""))
         scripted = [d for d in parse_directives(prompt) if d.name == ANSWER_DIRECTIVE]
         if scripted:
             args = scripted[-1].args
             text = str(args.get("text", ""))
             chunks = args.get("chunks", 1)
-            if not text or not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-                raise ModelError('@answer needs {"text": non-empty string, "chunks": positive integer}.',
+            interval_ms = args.get("intervalMs", 0)
+            if (not text or not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1
+                    or not isinstance(interval_ms, int | float) or isinstance(interval_ms, bool)
+                    or not 0 <= interval_ms <= MAX_INTERVAL_MS):
+                raise ModelError('@answer needs {"text": non-empty string, "chunks": positive integer, '
+                                 f'"intervalMs": optional number from 0 to {MAX_INTERVAL_MS}}}.',
                                  code="invalid_directive")
-            return _even_chunks(text, chunks)
+            return _even_chunks(text, chunks), interval_ms / 1000
         findings = [self._describe(m) for m in request.messages if m.role is Role.TOOL]
         context = request.hints.get("context") or {}
         where = context.get("title") or context.get("path") if isinstance(context, Mapping) else None
@@ -190,4 +206,4 @@ class OfflineChatModel(ChatModel):
         else:
             lines.append("- No tool was needed; I reviewed your request and the page context.")
         lines.append("(Answered by Aura's offline model.)")
-        return _words("\n".join(lines))
+        return _words("\n".join(lines)), 0.0

@@ -3,14 +3,16 @@
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
 first retained id. Appends from all runs of the process are gathered into one pipeline per round
-trip: under load many events cost one network exchange; alone, an event costs one.
+trip: under load many events cost one network exchange; alone, an event costs one. Appends are
+submitted without waiting; each caller learns, through its callback and in order, when its event
+is stored, and only then hands it to clients ("logged before it is written to any client").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,7 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from domain.errors import StoreUnavailable
-from domain.events import Event
+from domain.events import Event, EventType
 from domain.ports import EventLog
 
 log = logging.getLogger("aura.eventlog")
@@ -33,12 +35,18 @@ def snapshot_key(run_id: str) -> str:
     return f"aura:run:{run_id}:snapshot"
 
 
+# A run whose append failed gets only its closing events written after that: anything else would
+# leave a silent hole in its log that a resume could not see.
+_ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
+
+
 @dataclass(slots=True)
 class _PendingAppend:
     event: Event
     payload: bytes
     snapshot: bytes | None
-    done: asyncio.Future[None]
+    logged: Callable[[Exception | None], None]
+    reported: bool = False
 
     @property
     def commands(self) -> int:
@@ -57,16 +65,15 @@ class RedisEventLog(EventLog):
         self._queue: list[_PendingAppend] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._broken: set[str] = set()  # runs with a failed append, until they are closed
 
-    async def append(self, event: Event, snapshot: Mapping[str, Any] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        pending = _PendingAppend(event, orjson.dumps(event.envelope()),
-                                 None if snapshot is None else orjson.dumps(snapshot), loop.create_future())
-        self._queue.append(pending)
+    def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
+               logged: Callable[[Exception | None], None]) -> None:
+        self._queue.append(_PendingAppend(event, orjson.dumps(event.envelope()),
+                                          None if snapshot is None else orjson.dumps(snapshot), logged))
         self._wakeup.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever(), name="event-log flusher")
-        await asyncio.shield(pending.done)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -78,34 +85,45 @@ class RedisEventLog(EventLog):
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        written: list[_PendingAppend] = []
         for item in batch:
-            key = event_log_key(item.event.ids.run_id)
+            run_id = item.event.ids.run_id
+            if run_id in self._broken and item.event.type not in _ALWAYS_ATTEMPTED:
+                _report(item, StoreUnavailable("The event log is unavailable."))
+                continue
+            written.append(item)
+            key = event_log_key(run_id)
             pipe.xadd(key, {"e": item.payload}, id=f"{item.event.seq}-1", maxlen=self._max_length,
                       approximate=True)
             if item.event.seq == 1:
                 pipe.expire(key, self._active_ttl)
             if item.snapshot is not None:
-                pipe.set(snapshot_key(item.event.ids.run_id), item.snapshot, ex=self._active_ttl)
+                pipe.set(snapshot_key(run_id), item.snapshot, ex=self._active_ttl)
+        if not written:
+            return
         try:
             results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for item in written:
+                _report(item, StoreUnavailable("The event log is closed."))
+            raise
         except (RedisError, OSError) as exc:
             log.warning("event log append failed: %s", type(exc).__name__)
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(StoreUnavailable("The event log is unavailable."))
+            for item in written:
+                self._broken.add(item.event.ids.run_id)
+                _report(item, StoreUnavailable("The event log is unavailable."))
             return
         index = 0
-        for item in batch:
+        for item in written:
             result = results[index]
             index += item.commands
-            if item.done.done():
-                continue
             if isinstance(result, ResponseError) and "equal or smaller" in str(result):
-                item.done.set_result(None)  # already logged (a retried append): nothing lost
+                _report(item, None)  # already logged (a retried append): nothing lost
             elif isinstance(result, Exception):
-                item.done.set_exception(StoreUnavailable("The event log refused an event."))
+                self._broken.add(item.event.ids.run_id)
+                _report(item, StoreUnavailable("The event log refused an event."))
             else:
-                item.done.set_result(None)
+                _report(item, None)
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
@@ -128,6 +146,7 @@ class RedisEventLog(EventLog):
         return int(text.split("-", 1)[0])
 
     async def close_run(self, run_id: str) -> None:
+        self._broken.discard(run_id)
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.expire(event_log_key(run_id), self._retention)
@@ -140,3 +159,16 @@ class RedisEventLog(EventLog):
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
+        queued, self._queue = self._queue, []
+        for item in queued:  # nobody may wait forever for an append that will never be tried
+            _report(item, StoreUnavailable("The event log is closed."))
+
+
+def _report(item: _PendingAppend, error: Exception | None) -> None:
+    if item.reported:
+        return
+    item.reported = True
+    try:
+        item.logged(error)
+    except Exception:  # one caller's failure must not stop the flusher for every other run
+        log.exception("event-log callback failed for run %s", item.event.ids.run_id)

@@ -1,0 +1,141 @@
+"""A run's events are logged, then delivered, in order — without the run waiting for each write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+
+from domain.errors import StoreUnavailable
+from domain.events import Event, EventType, RunIds
+from domain.service import RunFeed, RunService, Subscription
+from domain.telemetry import Telemetry
+from tests.unit.fakes import MemoryEventLog, RecordingTool, ScriptedModel, text, tool_call
+from tests.unit.harness import Harness, summary
+
+IDS = RunIds("run_1", "ses_1", "thr_1", "t" * 32)
+PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
+
+
+class HeldEventLog(MemoryEventLog):
+    """Holds every submitted event until the test lets the writes complete (or fail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Event, Mapping[str, Any] | None, Callable[[Exception | None], None]]] = []
+
+    def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
+               logged: Callable[[Exception | None], None]) -> None:
+        self.held.append((event, snapshot, logged))
+
+    def complete(self, error: Exception | None = None) -> list[EventType]:
+        held, self.held = self.held, []
+        for event, snapshot, logged in held:
+            if error is None:
+                super().submit(event, snapshot, lambda _: None)
+            logged(error)
+        return [event.type for event, _, _ in held]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the other tasks run until `condition` holds (bounded in steps, not in time)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def harness_with(log: HeldEventLog, *model_turns: Any, tools: list[Any] | None = None) -> Harness:
+    h = Harness(ScriptedModel(*model_turns), tools=tools or [])
+    h.log = log
+    h.service = RunService(h.agent, h.clock, h.ids, log, h.directory, h.run_limits, "instance-a")
+    return h
+
+
+def content(seq: int) -> Event:
+    return Event(EventType.CONTENT, seq, IDS, 0, {"content": "x", "chunk": True})
+
+
+async def test_no_event_reaches_a_watcher_before_it_is_logged_and_the_run_does_not_wait_for_each() -> None:
+    log = HeldEventLog()
+    h = harness_with(log, text('{"steps": []}'), text("direct"), text("Done."))
+    handle, watcher = await h.start()
+    # The run produces every event up to `end` while none of them is written yet ...
+    await until(lambda: bool(log.held) and log.held[-1][0].type is EventType.END)
+    assert [event.seq for event, _, _ in log.held] == list(range(1, len(log.held) + 1))
+    assert watcher.take_buffered(1000) == []
+    assert handle.task is not None and not handle.task.done()  # ... and waits for its `end` to be logged
+    written = log.complete()
+    delivered = watcher.take_buffered(1000)
+    assert [e.type for e in delivered] == written
+    assert [e.seq for e in delivered] == [e.seq for e in log.events[handle.run_id]]
+    await handle.task
+    assert delivered[-1].data["status"] == "completed"
+
+
+async def test_a_log_failure_while_the_run_waits_for_approval_ends_it_with_a_typed_error() -> None:
+    log = HeldEventLog()
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
+    h = harness_with(log, text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."),
+                     tools=[commit])
+    handle, watcher = await h.start()
+    written: list[EventType] = []
+    while EventType.HITL not in written:  # let every write succeed up to the `hitl`
+        await until(lambda: bool(log.held))
+        written += log.complete()
+    await until(lambda: len(log.held) == 2)  # the run parks after two more events
+    assert [t.value for t in log.complete(StoreUnavailable("Redis went away."))] == [
+        "plan_step_update", "timeline_step_update"]
+    await until(lambda: bool(log.held) and log.held[-1][0].type is EventType.END)
+    log.complete()
+    assert handle.task is not None
+    await handle.task
+    events = watcher.take_buffered(1000)
+    assert summary(events[-4:]) == [
+        ("step", "step_1", "waiting_approval", 0.0), ("timeline", "approval_1_1", "waiting_approval"),
+        ("error", "store_unavailable"), ("end", "failed", "store_unavailable")]
+    assert events[-2].data["retryable"] is True
+    assert commit.calls == []
+    (request,) = h.store.requests.values()
+    assert request.status.value == "cancelled"
+
+
+async def test_a_failed_write_is_raised_at_the_runs_next_event_but_error_and_end_still_go_out() -> None:
+    log = HeldEventLog()
+    failures: list[Exception] = []
+    feed = RunFeed(log, Telemetry(), on_failure=failures.append)
+    watcher = Subscription(100)
+    feed.watchers.add(watcher)
+    await feed.publish(content(1), None)
+    log.complete(StoreUnavailable("down"))
+    assert [e.seq for e in watcher.take_buffered(10)] == [1]  # delivered all the same
+    assert [type(f) for f in failures] == [StoreUnavailable]  # the run is told once
+    with pytest.raises(StoreUnavailable):
+        await feed.publish(content(2), None)
+    error = Event(EventType.ERROR, 2, IDS, 0, {"errorType": "store_unavailable", "message": "m", "retryable": True})
+    end = Event(EventType.END, 3, IDS, 0, {"status": "failed", "reason": "store_unavailable", "message": "m"})
+    await feed.publish(error, None)
+    ending = asyncio.create_task(feed.publish(end, None))
+    await until(lambda: len(log.held) == 2)
+    log.complete(StoreUnavailable("still down"))
+    await ending  # `end` is never refused
+    assert [e.type for e in watcher.take_buffered(10)] == [EventType.ERROR, EventType.END]
+    assert len(failures) == 1
+
+
+async def test_a_run_far_ahead_of_its_log_waits_until_half_of_it_is_written() -> None:
+    log = HeldEventLog()
+    feed = RunFeed(log, Telemetry(), on_failure=lambda _: None, max_unlogged=4)
+    for seq in range(1, 4):
+        await feed.publish(content(seq), None)  # no waiting below the bound
+    fourth = asyncio.create_task(feed.publish(content(4), None))
+    await until(lambda: len(log.held) == 4)
+    await asyncio.sleep(0)
+    assert not fourth.done()
+    log.complete()
+    await fourth
+    assert [e.seq for e in log.events["run_1"]] == [1, 2, 3, 4]
