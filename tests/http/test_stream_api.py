@@ -162,6 +162,17 @@ async def test_context_limit_counts_real_utf8_bytes(make_settings: Any) -> None:
     assert problem["code"] == "context_too_large" and "102 bytes" in problem["detail"]
 
 
+async def test_context_integers_beyond_64_bits_are_a_typed_422_not_a_500(client: Any) -> None:
+    """Found by schemathesis: orjson, which encodes every event, refuses such integers."""
+    body = '{"prompt": "x", "context": {"itemId": 18446744073709551616}}'
+    refused = await client.post(STREAM, data=body, headers={**bearer(), "Content-Type": "application/json"})
+    assert refused.status_code == 422
+    assert (await refused.get_json())["code"] == "invalid_context"
+    fits = await client.post(STREAM, json={"prompt": "x", "context": {"itemId": 2**63 - 1}}, headers=bearer())
+    assert fits.status_code == 200
+    await fits.get_data()
+
+
 async def test_body_larger_than_the_limit_is_413(make_settings: Any) -> None:
     from app.factory import create_app
 

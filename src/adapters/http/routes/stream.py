@@ -83,7 +83,11 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
     if len(data.prompt) > config.max_prompt_chars:
         raise Problem(422, "prompt_too_long", f"prompt is longer than {config.max_prompt_chars} characters.")
     context = data.context.model_dump(exclude_unset=True)
-    size = len(orjson.dumps(context))
+    try:
+        size = len(orjson.dumps(context))
+    except TypeError:  # orjson, which writes every event, takes integers of up to 64 bits only
+        raise Problem(422, "invalid_context", "context numbers must be integers of at most 64 bits "
+                      "or floating point; send larger values as strings.") from None
     if size > config.max_context_bytes:
         raise Problem(422, "context_too_large",
                       f"context is {size} bytes of UTF-8 JSON; at most {config.max_context_bytes} are allowed.")
