@@ -32,6 +32,7 @@ from domain.agent import Agent, AgentLimits
 from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
 from domain.ports import ChatModel, Clock
+from domain.recheck import ApprovalRecheck
 from domain.service import RunLimits, RunService
 from domain.tools import ToolRegistry
 
@@ -137,11 +138,15 @@ class Container(containers.DeclarativeContainer):
     tools = providers.Singleton(_tool_registry, settings)
     model = providers.Singleton(_chat_model, settings)
 
+    # One re-check of every waiting run's request per interval for the whole process.
+    approval_recheck = providers.Singleton(ApprovalRecheck, approval_store, clock,
+                                           settings.provided.hitl.recheck_seconds)
     gate = providers.Singleton(
         ApprovalGate, approval_store, signal_bus, clock, ids,
         providers.Factory(GateSettings, timeout_seconds=settings.provided.hitl.timeout_seconds,
                           recheck_seconds=settings.provided.hitl.recheck_seconds),
         metrics,
+        recheck=approval_recheck,
     )
     approval_desk = providers.Singleton(ApprovalDesk, approval_store, signal_bus, clock,
                                         settings.provided.hitl.approver_roles)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
-from domain.errors import ApprovalTimeout, RunCancelled, StoreUnavailable
+from domain.errors import ApprovalTimeout, RunCancelled
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
 from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus
+from domain.recheck import ApprovalRecheck
 from domain.run import Run
 from domain.telemetry import Telemetry
 
@@ -23,8 +24,9 @@ audit = logging.getLogger("aura.audit")
 @dataclass(frozen=True, slots=True)
 class GateSettings:
     timeout_seconds: float = 300.0
-    # How often a waiting run re-reads its request from the store, so a decision whose signal was
-    # lost (publisher crashed between SET and PUBLISH, Pub/Sub outage) is still seen.
+    # How often the waiting runs' requests are re-read from the store (all of a process's at once,
+    # by its ApprovalRecheck), so a decision whose signal was lost (publisher crashed between SET
+    # and PUBLISH, Pub/Sub outage) is still seen.
     recheck_seconds: float = 5.0
 
 
@@ -43,13 +45,16 @@ def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
 
 class ApprovalGate:
     def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, ids: IdFactory,
-                 settings: GateSettings, telemetry: Telemetry | None = None) -> None:
+                 settings: GateSettings, telemetry: Telemetry | None = None,
+                 recheck: ApprovalRecheck | None = None) -> None:
         self._telemetry = telemetry or Telemetry()
         self._store = store
         self._bus = bus
         self._clock = clock
         self._ids = ids
         self._settings = settings
+        # One per process (the composition root shares it); a gate built alone gets its own.
+        self._recheck = recheck or ApprovalRecheck(store, clock, settings.recheck_seconds)
 
     async def await_decision(self, run: Run, step: PlanStep, tool_name: str, action_type: str,
                              args: Mapping[str, Any], message: str) -> ApprovalRequest:
@@ -112,27 +117,36 @@ class ApprovalGate:
             decided = await self._consider(created, stored)
             if decided is not None:
                 return decided
-        while True:
-            remaining = request.expires_at - self._clock.now()
-            if remaining <= 0:
-                return await self._close(created, ApprovalStatus.EXPIRED, None)
-            try:
-                raw = await asyncio.wait_for(subscription.next_message(),
-                                             timeout=min(remaining, self._settings.recheck_seconds))
-            except TimeoutError:
-                try:
-                    current = await self._store.get(request.request_id)
-                except StoreUnavailable:
-                    # The re-check is a safety net; an outage does not end the wait (the signal
-                    # bus re-reads stored signals when Redis is back).
-                    log.warning("could not re-check approval %s; still waiting", request.request_id)
-                    continue
-                if current is not None and current.status.is_decided:
-                    return current
-                continue
-            decided = await self._consider(created, raw)
-            if decided is not None:
-                return decided
+        # Three ways out: a signal on the channel; the process's re-check, which wakes this wait
+        # when the stored request was decided without a signal reaching it, vanished, or passed
+        # its expiry by the clock; and this wait's own timer at its expiry.
+        rechecked = self._recheck.watch(request)
+        message = asyncio.ensure_future(subscription.next_message())
+        try:
+            while True:
+                remaining = request.expires_at - self._clock.now()
+                if remaining <= 0:
+                    return await self._close(created, ApprovalStatus.EXPIRED, None)
+                await asyncio.wait((message, rechecked), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if rechecked.done():
+                    current = rechecked.result()
+                    if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
+                        return await self._close(created, ApprovalStatus.EXPIRED, None)
+                    if current.status.is_decided:
+                        return current
+                    rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
+                if message.done():
+                    raw = message.result()
+                    message = asyncio.ensure_future(subscription.next_message())
+                    decided = await self._consider(created, raw)
+                    if decided is not None:
+                        return decided
+        finally:
+            self._recheck.unwatch(request.request_id, rechecked)
+            if not message.done():
+                message.cancel()
+            elif not message.cancelled():
+                message.exception()  # a failure after the wait ended is not news
 
     async def _consider(self, created: StoredApproval, raw: str | bytes) -> ApprovalRequest | None:
         request = created.request

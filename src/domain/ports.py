@@ -60,6 +60,11 @@ class ApprovalStore(ABC):
         """The request with its exact stored form, to decide on with `decide(expected=...)`."""
 
     @abstractmethod
+    async def get_many(self, request_ids: Sequence[str]) -> list[ApprovalRequest | None]:
+        """The requests of `request_ids`, in that order, in one read (None where absent or
+        unreadable)."""
+
+    @abstractmethod
     async def decide(
         self,
         request_id: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import fakeredis
@@ -57,6 +58,9 @@ class CountingStore(ApprovalStore):
 
     async def read(self, request_id: str) -> StoredApproval | None:
         return await self.inner.read(request_id)
+
+    async def get_many(self, request_ids: Sequence[str]) -> Any:
+        return await self.inner.get_many(request_ids)
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> Any:
         return await self.inner.pending_for_user(tenant_id, user_id)

@@ -3,6 +3,7 @@ records after each kind of decision, and the round trips each side makes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,12 +13,14 @@ from redis.asyncio import Redis
 
 from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
+from adapters.system import SecureIdFactory
 from domain.agent import Agent
 from domain.approval import ApprovalRequest, ApprovalStatus
 from domain.desk import ApprovalDesk
 from domain.events import Event
 from domain.gate import ApprovalGate, GateSettings
 from domain.identity import Principal
+from domain.recheck import ApprovalRecheck
 from domain.service import RunService, Subscription
 from tests.integration.commands import CommandLog
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
@@ -132,3 +135,52 @@ async def test_an_api_decision_costs_two_round_trips_on_the_desk_and_one_on_the_
     assert events[0].data["error"] == "Rejected: not now"
     await until(watcher, is_type("end"))
     assert commit.calls == []
+
+
+async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per_chunk(
+    redis_client: Redis,
+) -> None:
+    runs = [redis_harness(redis_client) for _ in range(3)]
+    first = runs[0][0]
+    recheck = ApprovalRecheck(first.store, first.clock, interval_seconds=3600, chunk_size=2)
+    for h, _ in runs:  # one process: every gate shares the re-check
+        h.ids = SecureIdFactory()  # type: ignore[assignment]  # distinct request ids across the runs
+        h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings, recheck=recheck)
+        h.agent = Agent(h.model, h.registry, h.gate, h.limits)
+        h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    try:
+        watchers: list[Subscription] = []
+        request_ids: list[str] = []
+        for h, _ in runs:
+            _, watcher = await h.start()
+            request_ids.append((await until(watcher, is_type("hitl"))).data["requestId"])
+            watchers.append(watcher)
+        assert recheck.watching() == 3
+        log = CommandLog(redis_client)
+
+        await recheck.check()
+        assert log.take() == ["MGET", "MGET"]  # 3 waits in chunks of 2; nothing decided, nobody woken
+
+        # Another instance decided the second request, and its signal was lost.
+        other = RedisApprovalStore(redis_client)
+        await other.decide(request_ids[1], ApprovalStatus.APPROVED, decided_by="elsewhere", decided_at=5, reason=None)
+        stored = await redis_client.get("hitl:request:" + request_ids[1])
+        log.take()
+        await recheck.check()
+        await until(watchers[1], tool_status("running"))
+
+        assert log.take() == ["MGET", "MGET"]  # the woken run takes the stored decision as it is
+        assert await redis_client.get("hitl:request:" + request_ids[1]) == stored
+        await until(watchers[1], is_type("end"))
+        assert runs[1][1].calls == [{"value": "v"}]
+        assert runs[0][1].calls == [] and runs[2][1].calls == []
+        assert recheck.watching() == 2
+        pending = await RedisApprovalStore(redis_client).get_many(request_ids)
+        assert [request.status if request else None for request in pending] == [
+            ApprovalStatus.PENDING, ApprovalStatus.APPROVED, ApprovalStatus.PENDING]
+    finally:
+        for h, _ in runs:
+            for handle in h.service.active():
+                handle.cancel("test over")
+            await asyncio.sleep(0.05)
+            await h.bus.close()  # type: ignore[attr-defined]

@@ -43,6 +43,7 @@ class MemoryApprovalStore(ApprovalStore):
     def __init__(self, bus: MemorySignalBus | None = None) -> None:
         self.requests: dict[str, ApprovalRequest] = {}
         self.decisions: list[tuple[str, ApprovalStatus, bool]] = []
+        self.get_many_calls: list[list[str]] = []
         self.bus = bus
 
     @staticmethod
@@ -59,6 +60,10 @@ class MemoryApprovalStore(ApprovalStore):
     async def read(self, request_id: str) -> StoredApproval | None:
         request = self.requests.get(request_id)
         return None if request is None else self._stored(request)
+
+    async def get_many(self, request_ids: Sequence[str]) -> list[ApprovalRequest | None]:
+        self.get_many_calls.append(list(request_ids))
+        return [self.requests.get(request_id) for request_id in request_ids]
 
     async def decide(self, request_id: str, status: ApprovalStatus, *, decided_by: str | None,
                      decided_at: int, reason: str | None, expected: StoredApproval | None = None,

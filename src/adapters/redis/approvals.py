@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -144,6 +144,16 @@ class RedisApprovalStore(ApprovalStore):
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return None if raw is None else _stored(raw, key)
+
+    async def get_many(self, request_ids: Sequence[str]) -> list[ApprovalRequest | None]:
+        if not request_ids:
+            return []
+        keys = [request_key(request_id) for request_id in request_ids]
+        try:
+            raws = await self._redis.mget(keys)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
+        return [None if raw is None else _decode_request(raw, key) for key, raw in zip(keys, raws, strict=True)]
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         index_key = pending_index_key(tenant_id, user_id)
