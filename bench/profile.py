@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", choices=["stream", "stream1000", "short", "approval"])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--asyncio", action="store_true", help="run Aura on plain asyncio instead of its default")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy")
     if py_spy is None:
@@ -86,7 +86,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="aura-profile-"))
     redis = S.redis_server(workdir).start()
-    a = S.aura_server("aura-a", workdir, redis.url, uvloop=args.uvloop).start()
+    a = S.aura_server("aura-a", workdir, redis.url, event_loop="asyncio" if args.asyncio else "auto").start()
     b = S.aura_server("aura-b", workdir, redis.url).start() if args.scenario == "approval" else None
     client = Client(workdir, S.uvloop_available())
     try:

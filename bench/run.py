@@ -466,19 +466,19 @@ def main(argv: list[str] | None = None) -> int:
             if "growth" in phases and round_no < mode.growth_rounds:
                 bench.phase_growth(targets[:2], round_no)
         if "options" in phases and bench.options:
-            log("== options: uvloop as the event loop of hypercorn (Aura) and uvicorn (peer)")
-            aura_uv = bench._start(S.aura_server("aura-uvloop", workdir, bench.redis.url, uvloop=True))
-            peer_uv = bench._start(S.peer_server(workdir, uvloop=True))
-            option_targets = [Target("aura", aura_a, "aura"), Target("aura+uvloop", aura_uv, "aura"),
-                              Target("peer", peer, "peer"), Target("peer+uvloop", peer_uv, "peer")]
+            log("== options: plain asyncio instead of uvloop as the event loop of Aura and the peer")
+            aura_aio = bench._start(S.aura_server("aura-asyncio", workdir, bench.redis.url, event_loop="asyncio"))
+            peer_aio = bench._start(S.peer_server(workdir, event_loop="asyncio"))
+            option_targets = [Target("aura (uvloop)", aura_a, "aura"), Target("aura (asyncio)", aura_aio, "aura"),
+                              Target("peer (uvloop)", peer, "peer"), Target("peer (asyncio)", peer_aio, "peer")]
             bench.warm(option_targets[1:2] + option_targets[3:])
             for round_no in range(mode.rounds):
                 for target in bench.rotate(option_targets, round_no):
                     spec = {**target.stream_spec(bench.cal, 200), "total": mode.options_runs, "concurrency": 100,
                             "connect_limit": 50}
                     bench.load(target, "options", round_no, spec, concurrency=100)
-            aura_uv.stop()
-            peer_uv.stop()
+            aura_aio.stop()
+            peer_aio.stop()
         if "parked" in phases:
             log("== parked runs (the other servers are stopped first)")
             for server in (aura_a, aura_b, peer, floor, floor_b):

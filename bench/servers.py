@@ -130,9 +130,10 @@ def redis_server(workdir: Path) -> RedisServer:
     return server
 
 
-def aura_server(name: str, workdir: Path, redis_url: str, *, uvloop: bool = False,
+def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "auto",
                 extra_env: dict[str, str] | None = None, whatif: str | None = None) -> Server:
-    """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables."""
+    """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables. Its
+    event loop is its default (`auto`: uvloop when installed) unless `event_loop` says otherwise."""
     workspace = workdir / "workspace"
     workspace.mkdir(exist_ok=True)
     env = base_env()
@@ -151,28 +152,30 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, uvloop: bool = Fals
         # Keep finished runs' logs briefly: a full benchmark writes millions of events.
         "AURA_EVENTS__RETENTION_SECONDS": "60",
         "AURA_LOG__LEVEL": "WARNING",
+        "AURA_SERVER__EVENT_LOOP": event_loop,
     })
     env.update(extra_env or {})
     if whatif:
         server.argv = [sys.executable, "-m", "bench.whatif", whatif]
-    elif uvloop:
-        server.argv = [sys.executable, "-c",
-                       "import sys, uvloop; uvloop.install(); from app.cli import main; sys.exit(main(['serve']))"]
     else:
         server.argv = [sys.executable, "-m", "app.cli", "serve"]
     return server
 
 
-def peer_server(workdir: Path, *, uvloop: bool = False) -> Server:
+def peer_server(workdir: Path, *, event_loop: str = "auto") -> Server:
+    """uvicorn's own default loop is `auto` too: uvloop when installed."""
     env = base_env()
     server = Server("peer", [], env, workdir / "peer.log")
     server.argv = [sys.executable, "-m", "uvicorn", "bench.apps.peer:app", "--host", "127.0.0.1", "--port",
                    str(server.port), "--log-level", "warning", "--no-access-log",
-                   "--loop", "uvloop" if uvloop else "asyncio", "--http", "h11", "--timeout-keep-alive", "75"]
+                   "--loop", event_loop, "--http", "h11", "--timeout-keep-alive", "75"]
     return server
 
 
-def floor_server(name: str, workdir: Path, redis_url: str | None = None, *, uvloop: bool = False) -> Server:
+def floor_server(name: str, workdir: Path, redis_url: str | None = None, *, uvloop: bool | None = None) -> Server:
+    """On the same loop as Aura's default (uvloop when installed) unless told otherwise."""
+    if uvloop is None:
+        uvloop = uvloop_available()
     env = base_env()
     if redis_url:
         env["BENCH_FLOOR_REDIS"] = redis_url

@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.format)
     if settings.auth.dev_mode:
         print(_dev_banner(settings), file=sys.stderr, flush=True)
-    asyncio.run(_serve(settings))
+    try:
+        loop_factory = _loop_factory(settings.server.event_loop)
+    except ImportError:
+        print("aura: cannot start: AURA_SERVER__EVENT_LOOP=uvloop but uvloop is not installed", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(settings))
     return 0
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop runs the same asyncio code on libuv with about a fifth less CPU under load
+    (bench: options); `auto` uses it where it is installed, plain asyncio elsewhere."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 
 import httpx
+import orjson
 import pytest
 from httpx_sse import EventSource, ServerSentEvent
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event
+from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
+from domain.events import Event, EventType, RunIds
 
 # Any unicode (hypothesis' text() has no lone surrogates, which UTF-8 cannot carry anyway), with
 # line breaks of every kind mixed in often.
@@ -110,3 +112,22 @@ def test_line_breaks_or_nul_in_single_line_fields_are_refused(before: str, bad: 
 def test_a_negative_retry_is_refused() -> None:
     with pytest.raises(ValueError, match="retry must not be negative"):
         encode_event("x", retry_ms=-1)
+
+
+ENVELOPE_TEXT = st.text() | TEXT
+
+
+@PROPS
+@given(type_=st.sampled_from(list(EventType)), seq=st.integers(0, 2**63 - 1), content=ENVELOPE_TEXT,
+       extra=st.dictionaries(st.text(max_size=8), ENVELOPE_TEXT, max_size=3),
+       retry=st.none() | st.integers(0, 10**9))
+@example(type_=EventType.CONTENT, seq=1, content="a\nb\r\nc\u2028\0", extra={}, retry=None)
+def test_the_run_event_fast_path_gives_the_general_encoders_bytes(
+        type_: EventType, seq: int, content: str, extra: dict[str, str], retry: int | None) -> None:
+    event = Event(type_, seq, RunIds("run_1", "ses_1", "thr_1", "t" * 32), 1767000000000,
+                  {**extra, "content": content})
+    general = encode_event(orjson.dumps(event.envelope()).decode(), event=type_.value, event_id=seq,
+                           retry_ms=retry)
+    assert encode_run_event(event, retry_ms=retry) == general
+    (parsed,) = parse(general + DONE_FRAME, [])[:1]
+    assert orjson.loads(parsed.data)["data"]["content"] == content

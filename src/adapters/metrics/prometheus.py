@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -37,6 +39,15 @@ class PrometheusMetrics(Telemetry):
         self.redis_errors = Counter("aura_redis_errors", "Failed Redis operations", registry=r)
         self.heartbeats = Counter("aura_heartbeats_sent", "Heartbeat comments written", registry=r)
         self.resumes = Counter("aura_resumes_served", "Resumed streams (GET events or a retried POST)", registry=r)
+        self._events_sent_by_type: dict[str, Any] = {}
+
+    def events_written(self, type_: str) -> None:
+        """One event written to a client. The labelled child is looked up once per type: this runs
+        for every event of every stream."""
+        child = self._events_sent_by_type.get(type_)
+        if child is None:
+            child = self._events_sent_by_type[type_] = self.events_sent.labels(type_)
+        child.inc()
 
     # -- Telemetry port --------------------------------------------------------------------
     def run_started(self) -> None:

@@ -44,13 +44,10 @@ _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 class _PendingAppend:
     event: Event
     payload: bytes
-    snapshot: bytes | None
+    snapshot: Mapping[str, Any] | None
     logged: Callable[[Exception | None], None]
     reported: bool = False
-
-    @property
-    def commands(self) -> int:
-        return 1 + (self.event.seq == 1) + (self.snapshot is not None)
+    commands: int = 0
 
 
 class RedisEventLog(EventLog):
@@ -69,8 +66,7 @@ class RedisEventLog(EventLog):
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
-        self._queue.append(_PendingAppend(event, orjson.dumps(event.envelope()),
-                                          None if snapshot is None else orjson.dumps(snapshot), logged))
+        self._queue.append(_PendingAppend(event, orjson.dumps(event.envelope()), snapshot, logged))
         self._wakeup.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever(), name="event-log flusher")
@@ -86,6 +82,9 @@ class RedisEventLog(EventLog):
     async def _flush(self, batch: list[_PendingAppend]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         written: list[_PendingAppend] = []
+        # A snapshot is the run's state after its event; within one batch only each run's last
+        # one needs writing, since the whole batch is sent at once.
+        last_snapshot = {item.event.ids.run_id: item for item in batch if item.snapshot is not None}
         for item in batch:
             run_id = item.event.ids.run_id
             if run_id in self._broken and item.event.type not in _ALWAYS_ATTEMPTED:
@@ -95,10 +94,13 @@ class RedisEventLog(EventLog):
             key = event_log_key(run_id)
             pipe.xadd(key, {"e": item.payload}, id=f"{item.event.seq}-1", maxlen=self._max_length,
                       approximate=True)
+            item.commands = 1
             if item.event.seq == 1:
                 pipe.expire(key, self._active_ttl)
-            if item.snapshot is not None:
-                pipe.set(snapshot_key(run_id), item.snapshot, ex=self._active_ttl)
+                item.commands += 1
+            if item.snapshot is not None and last_snapshot[run_id] is item:
+                pipe.set(snapshot_key(run_id), orjson.dumps(item.snapshot), ex=self._active_ttl)
+                item.commands += 1
         if not written:
             return
         try:

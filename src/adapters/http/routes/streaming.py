@@ -47,7 +47,7 @@ class StreamMeter:
     def event(self, type_: str) -> None:
         if self._metrics is None:
             return
-        self._metrics.events_sent.labels(type_).inc()
+        self._metrics.events_written(type_)
         if self._first and self._kind == "run":
             self._first = False
             self._metrics.first_event.observe(time.monotonic() - self._started)

@@ -1,0 +1,107 @@
+"""The Redis Stream event log: exact keys, ids, fields and TTLs; callbacks in submission order only
+after the write; one snapshot per run per batch; a run with a failed append gets nothing but its
+closing events written after it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from adapters.redis.client import create_redis
+from adapters.redis.events import RedisEventLog
+from domain.errors import StoreUnavailable
+from domain.events import Event, EventType, RunIds
+
+IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
+OTHER = RunIds("run_b", "ses_b", "thr_b", "u" * 32)
+
+
+def event(seq: int, type_: EventType = EventType.CONTENT, ids: RunIds = IDS) -> Event:
+    data: dict[str, Any] = {"content": f"c{seq}", "chunk": True}
+    if type_ is EventType.END:
+        data = {"status": "failed", "reason": "store_unavailable", "message": "m"}
+    elif type_ is EventType.ERROR:
+        data = {"errorType": "store_unavailable", "message": "m", "retryable": True}
+    return Event(type_, seq, ids, 1767000000000 + seq, data)
+
+
+@pytest.fixture
+async def event_log(redis_client: Redis) -> AsyncIterator[RedisEventLog]:
+    log = RedisEventLog(redis_client, retention_seconds=60, active_ttl_seconds=600)
+    try:
+        yield log
+    finally:
+        await log.aclose()
+
+
+async def test_appends_land_as_seq_ids_with_the_exact_envelope_and_the_latest_snapshot(
+        event_log: RedisEventLog, redis_client: Redis) -> None:
+    reports: list[tuple[str, int, Exception | None]] = []
+    for seq, ids in [(1, IDS), (1, OTHER), (2, IDS), (3, IDS), (2, OTHER)]:
+        event_log.submit(event(seq, ids=ids), {"lastSeq": seq, "run": ids.run_id},
+                         lambda error, s=seq, r=ids.run_id: reports.append((r, s, error)))
+    assert reports == []  # nothing is reported before it is written
+    await event_log.append(event(4), {"lastSeq": 4, "run": "run_a"})  # waits for everything before it too
+    assert reports == [("run_a", 1, None), ("run_b", 1, None), ("run_a", 2, None), ("run_a", 3, None),
+                       ("run_b", 2, None)]
+    entries = await redis_client.xrange("aura:run:run_a:events")
+    assert [entry_id for entry_id, _ in entries] == [b"1-1", b"2-1", b"3-1", b"4-1"]
+    assert entries[0][1] == {b"e": orjson.dumps(event(1).envelope())}
+    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 4, "run": "run_a"}
+    assert orjson.loads(await redis_client.get("aura:run:run_b:snapshot")) == {"lastSeq": 2, "run": "run_b"}
+    assert 590 < await redis_client.ttl("aura:run:run_a:events") <= 600
+    assert 590 < await redis_client.ttl("aura:run:run_a:snapshot") <= 600
+    assert [e.seq for e in await event_log.read_after("run_a", 2)] == [3, 4]
+    assert await event_log.read_after("run_a", 1) == [event(2), event(3), event(4)]
+    assert await event_log.first_seq("run_a") == 1
+
+    await event_log.close_run("run_a")
+    assert 50 < await redis_client.ttl("aura:run:run_a:events") <= 60
+    assert 50 < await redis_client.ttl("aura:run:run_a:snapshot") <= 60
+
+
+async def test_a_repeated_append_is_not_an_error(event_log: RedisEventLog, redis_client: Redis) -> None:
+    await event_log.append(event(1))
+    await event_log.append(event(1))  # a retry after an unclear outcome: already logged, nothing lost
+    assert await redis_client.xlen("aura:run:run_a:events") == 1
+
+
+async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unused_port: int) -> None:
+    down = create_redis(f"redis://127.0.0.1:{unused_port}")
+    log = RedisEventLog(down)
+    reports: list[tuple[int, str | None]] = []
+
+    def report(seq: int) -> Any:
+        return lambda error: reports.append((seq, None if error is None else type(error).__name__))
+
+    log.submit(event(1), None, report(1))
+    with pytest.raises(StoreUnavailable):
+        await log.append(event(2))
+    assert reports == [(1, "StoreUnavailable")]
+    await down.aclose()
+
+    # The same log object once Redis answers again (the client is swapped for one that works).
+    import fakeredis
+
+    log._redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    log.submit(event(3), None, report(3))  # would leave a hole after the lost 1 and 2: refused
+    log.submit(event(4, EventType.ERROR), None, report(4))
+    await log.append(event(5, EventType.END))
+    assert reports[1:] == [(3, "StoreUnavailable"), (4, None)]
+    assert [e.seq for e in await log.read_after("run_a", 0)] == [4, 5]
+    await log.close_run("run_a")  # a closed run starts afresh if its id were ever reused
+    await log.append(event(6))
+    await log.aclose()
+
+
+async def test_closing_the_log_reports_every_queued_append(redis_client: Redis) -> None:
+    log = RedisEventLog(redis_client)
+    reports: list[str | None] = []
+    for seq in (1, 2):
+        log.submit(event(seq), None, lambda error: reports.append(None if error is None else str(error)))
+    await log.aclose()  # before the flusher ran: nobody may wait forever
+    assert reports == ["The event log is closed.", "The event log is closed."]
