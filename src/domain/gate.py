@@ -67,7 +67,14 @@ class ApprovalGate:
             user_id=run.principal.user_id, tenant_id=run.principal.tenant_id,
             created_at=now, expires_at=now + int(self._settings.timeout_seconds),
         )
-        created = await self._store.create(request)
+        try:
+            created = await self._store.create(request)
+        except asyncio.CancelledError:
+            # The write may have reached the store before the cancellation did: a request left
+            # pending there would wait for a decision nobody waits for.
+            await asyncio.shield(self._store.decide(request.request_id, ApprovalStatus.CANCELLED, decided_by=None,
+                                                    decided_at=self._clock.timestamp(), reason=None))
+            raise
         audit_line("requested", request, actorId=run.principal.actor_id)
         timeline_id = f"approval_{step.index}_{run.tool_calls}"
         self._telemetry.approval_wait_started()

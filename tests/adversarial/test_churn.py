@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
 
 from tests.aura_process import AuraProcess
@@ -61,12 +60,6 @@ async def churn(client: httpx.AsyncClient, count: int, headers: dict[str, str]) 
     return outcomes
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "FOUND, partly fixed: a hang-up while the response headers were being sent left the run behind "
-    "(its body generator never started, so no `finally` released the watcher); the watcher is now also "
-    "released when the request task ends. A rarer leak remains (about 1 run in 5 of these 1,000-hang-up "
-    "rounds keeps its approval wait and Pub/Sub channel with no stream open); suspected in the signal "
-    "bus's shielded unsubscribe on cancellation. See docs/reliability.md."))
 async def test_a_thousand_rapid_connect_disconnects_leak_nothing(
         start_aura: Callable[..., AuraProcess], own_redis: list[RedisServer], e2e_workspace: Path) -> None:
     repo = e2e_workspace / "repo"

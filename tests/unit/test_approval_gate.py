@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from domain.agent import Agent
 from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.events import Event
-from domain.gate import GateSettings
-from domain.service import Subscription
-from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+from domain.gate import ApprovalGate, GateSettings
+from domain.service import RunService, Subscription
+from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 
 PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
@@ -211,6 +212,39 @@ async def test_cancel_while_waiting_cancels_the_request_and_releases_the_subscri
     events = await finish(watcher, seen)
     assert summary(events)[-1] == ("end", "cancelled", "user_cancelled")
     assert h.store.requests[hitl.data["requestId"]].status is ApprovalStatus.CANCELLED
+    assert h.bus.subscribers == {} and commit.calls == []
+
+
+class StoreAwaitingItsReply(MemoryApprovalStore):
+    """Writes the request at once and then waits for a reply that never comes, as a store whose
+    write reached the server does while its reply is on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = asyncio.Event()
+
+    async def create(self, request: ApprovalRequest) -> StoredApproval:
+        await super().create(request)
+        self.written.set()
+        reply: asyncio.Future[StoredApproval] = asyncio.get_running_loop().create_future()
+        return await reply  # never set: only a cancellation ends this
+
+
+async def test_cancel_while_the_request_is_being_stored_leaves_it_cancelled_not_pending() -> None:
+    h, commit = approval_harness()
+    store = StoreAwaitingItsReply()
+    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings)
+    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
+    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    handle, watcher = await h.start()
+    async with asyncio.timeout(5):
+        await store.written.wait()
+    h.service.cancel(handle.run_id, "client_disconnected")
+    events = await finish(watcher, [])
+    assert summary(events)[-1] == ("end", "cancelled", "client_disconnected")
+    assert "hitl" not in [event.type.value for event in events]
+    [request] = store.requests.values()
+    assert request.status is ApprovalStatus.CANCELLED  # not left pending with nobody waiting for it
     assert h.bus.subscribers == {} and commit.calls == []
 
 

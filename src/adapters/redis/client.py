@@ -11,11 +11,14 @@ and the pub/sub reader in `signals.py` parses RESP2 replies.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import fakeredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.utils import HIREDIS_AVAILABLE
@@ -42,6 +45,37 @@ def _hiredis_options() -> dict[str, Any]:
     from redis._parsers import _AsyncHiredisParser
 
     return {"parser_class": _AsyncHiredisParser}
+
+
+class _CancellationSafeWrites(AbstractConnection):
+    """redis-py writes every command under `asyncio.wait_for(..., socket_timeout)`. Before Python
+    3.12, `wait_for` loses a cancellation that arrives after the write has finished but before the
+    waiting task resumed (CPython issue 86296): it returns normally, the caller reads the reply and
+    carries on as if it had never been cancelled. A run cancelled while it stored its approval
+    request then went on to wait for the approval with nobody watching, and stayed there.
+
+    Here such a lost cancellation is raised after all: when a cancellation of the current task was
+    requested during the write and none came out, raise it, dropping the connection first (its
+    reply is unread), exactly as redis-py does when a cancellation interrupts a write."""
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        task = asyncio.current_task()
+        requested = task.cancelling() if task is not None else 0
+        await super().send_packed_command(command, check_health)
+        if task is not None and task.cancelling() > requested:
+            await self.disconnect(nowait=True)
+            raise asyncio.CancelledError
+
+
+_CANCELLATION_SAFE: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def cancellation_safe(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` (TCP, TLS or Unix socket, as the URL chose) with cancellation-safe writes."""
+    if connection_class not in _CANCELLATION_SAFE:
+        _CANCELLATION_SAFE[connection_class] = type(
+            f"CancellationSafe{connection_class.__name__}", (_CancellationSafeWrites, connection_class), {})
+    return _CANCELLATION_SAFE[connection_class]
 
 
 def create_redis(
@@ -80,4 +114,5 @@ def create_redis(
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), DEFAULT_COMMAND_RETRIES),
         **_hiredis_options(),
     )
+    pool.connection_class = cancellation_safe(pool.connection_class)
     return Redis(connection_pool=pool)
