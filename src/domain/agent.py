@@ -216,7 +216,10 @@ class Agent:
         context = ToolContext(principal=run.principal, trace_id=run.ids.trace_id, run_id=run.ids.run_id,
                               bearer_token=run.request.bearer_token, extra_headers=self._trace_headers(run))
         try:
-            result = await asyncio.wait_for(tool.run(args, context), timeout=self._limits.tool_timeout_seconds)
+            # Not asyncio.wait_for: on Python 3.11 it returns the result when the run is cancelled
+            # as the tool finishes (CPython issue 86296), and the run would go on.
+            async with asyncio.timeout(self._limits.tool_timeout_seconds):
+                result = await tool.run(args, context)
         except TimeoutError:
             failure = ToolFailure(f"{call.name} took longer than {self._limits.tool_timeout_seconds:g} s.",
                                   code="tool_timeout")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from domain.agent import AgentLimits
 from domain.errors import ModelError
 from domain.model import ContentDelta, Purpose, Role
+from domain.tools import ToolContext
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call, tool_calls
 from tests.unit.harness import ALICE, Harness, collect, summary
 
@@ -271,3 +274,34 @@ async def test_principal_and_seq_are_per_run() -> None:
     assert e1[0].seq == e2[0].seq == 1
     assert first.run.ids.session_id != second.run.ids.session_id
     assert first.run.principal == ALICE
+
+
+class ToolAwaitingItsReply(RecordingTool):
+    """Runs until the test hands it its result."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.running = asyncio.Event()
+        self.reply: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> Any:
+        self.calls.append(dict(args))
+        self.running.set()
+        return await self.reply
+
+
+async def test_a_cancel_that_comes_as_the_tool_finishes_still_cancels_the_run() -> None:
+    # asyncio.wait_for on Python 3.11 returned the tool's result instead of raising the cancel that
+    # came in the same loop step (CPython issue 86296): the run went on as if never cancelled.
+    read = ToolAwaitingItsReply("read")
+    h = Harness(ScriptedModel(text(json.dumps({"steps": [{"description": "Look", "tool": "read"}]})),
+                              tool_call("read", "{}"), text("looked"), text("Here it is.")), tools=[read])
+    handle, watcher = await h.start()
+    async with asyncio.timeout(5):
+        await read.running.wait()
+    read.reply.set_result({"summary": "read ok"})
+    assert h.service.cancel(handle.run_id, "user_cancelled") is True  # in the same loop step
+    events = await collect(watcher)
+    assert summary(events)[-1] == ("end", "cancelled", "user_cancelled")
+    assert [e.data["status"] for e in events if e.type.value == "tool_execution"] == ["pending", "running"]
+    assert len(h.model.requests) == 2  # plan and tool call; the model never saw a tool result
