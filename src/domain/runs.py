@@ -83,6 +83,26 @@ class RunDirectory(ABC):
     @abstractmethod
     async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None: ...
 
+    async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
+                    lease_seconds: float) -> str | None:
+        """Take the run's slots and, when admitted, register it with its owner lease — one step
+        where the store can do it atomically. None when admitted, else which limit is full."""
+        full = await self.acquire_slot(record.tenant_id, record.user_id, record.run_id, user_limit=user_limit,
+                                       tenant_limit=tenant_limit, lease_seconds=slot_seconds)
+        if full is not None:
+            return full
+        try:
+            await self.register(record, lease_seconds)
+        except BaseException:
+            await self.release_slot(record.tenant_id, record.user_id, record.run_id)
+            raise
+        return None
+
+    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
+        """The owner's run ended: `finish` it and release its slots, in one step where possible."""
+        await self.finish(record.run_id, status, retention_seconds)
+        await self.release_slot(record.tenant_id, record.user_id, record.run_id)
+
     @abstractmethod
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None: ...
 

@@ -141,6 +141,7 @@ class RunHandle:
     run: Run
     task: asyncio.Task[None] | None
     watchers: set[Subscription]
+    record: RunRecord
     started: bool = False
     failure: Exception | None = None  # the store failed while the run was not writing to it
 
@@ -242,23 +243,19 @@ class RunService:
         if not self.accepting:
             raise ShuttingDown("Aura is shutting down; retry on another instance.")
         ids = ids or self.new_ids(request, trace_id)
-        full = await self._directory.acquire_slot(
-            principal.tenant_id, principal.user_id, ids.run_id, user_limit=self._limits.max_runs_per_user,
-            tenant_limit=self._limits.max_runs_per_tenant, lease_seconds=self._limits.max_run_seconds)
+        record = RunRecord(
+            run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
+            tenant_id=principal.tenant_id, user_id=principal.user_id, instance_id=self.instance_id,
+            created_at=self._clock.timestamp())
+        full = await self._directory.admit(
+            record, user_limit=self._limits.max_runs_per_user, tenant_limit=self._limits.max_runs_per_tenant,
+            slot_seconds=self._limits.max_run_seconds, lease_seconds=self._limits.lease_seconds)
         if full is not None:
             raise TooManyRuns(full, self._limits.max_runs_per_user if full == "user"
                               else self._limits.max_runs_per_tenant)
-        try:
-            await self._directory.register(RunRecord(
-                run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
-                tenant_id=principal.tenant_id, user_id=principal.user_id, instance_id=self.instance_id,
-                created_at=self._clock.timestamp()), self._limits.lease_seconds)
-        except BaseException:
-            await self._directory.release_slot(principal.tenant_id, principal.user_id, ids.run_id)
-            raise
         feed = RunFeed(self._log, self._telemetry, on_failure=lambda error: handle.fail(error))
         run = Run(ids, principal, request, self._clock, lambda event: self._publish(run, feed, event))
-        handle = RunHandle(run=run, task=None, watchers=feed.watchers)
+        handle = RunHandle(run=run, task=None, watchers=feed.watchers, record=record)
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
         handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}")
@@ -359,8 +356,7 @@ class RunService:
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)
-                await self._directory.finish(run.ids.run_id, run.status.value, self._limits.retention_seconds)
-                await self._directory.release_slot(run.principal.tenant_id, run.principal.user_id, run.ids.run_id)
+                await self._directory.close(handle.record, run.status.value, self._limits.retention_seconds)
             except StoreUnavailable:
                 log.warning("could not record the end of run %s in the directory", run.ids.run_id)
 

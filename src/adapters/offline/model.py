@@ -97,6 +97,9 @@ class OfflineChatModel(ChatModel):
         self._default_repo = default_repo
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+        # A model call is network I/O: the caller always suspends at least once, so a run never
+        # keeps the event loop (and the first events it already produced) to itself.
+        await asyncio.sleep(0)
         if request.purpose is Purpose.PLAN:
             chunks = [json.dumps({"steps": self._plan(request)}, ensure_ascii=False)]
         elif request.purpose is Purpose.STEP:

@@ -44,6 +44,14 @@ def lease_key(run_id: str) -> str:
     return f"aura:run:{run_id}:lease"
 
 
+def _user_slots(tenant_id: str, user_id: str) -> str:
+    return f"aura:slots:user:{tenant_id}:{user_id}"
+
+
+def _tenant_slots(tenant_id: str) -> str:
+    return f"aura:slots:tenant:{tenant_id}"
+
+
 def control_channel(instance_id: str) -> str:
     return f"aura:instance:{instance_id}:control"
 
@@ -61,6 +69,15 @@ return 'ok'
 """
 
 
+# The slot check of _ACQUIRE_SLOT, then (when admitted) the run's record and owner lease: one
+# round trip and one atomic step for a run's admission.
+_ADMIT = _ACQUIRE_SLOT.replace("return 'ok'\n", "") + """
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('SET', KEYS[4], ARGV[9], 'PX', ARGV[10])
+return 'ok'
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -69,6 +86,7 @@ class RedisRunDirectory(RunDirectory):
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE_SLOT)
+        self._admit = redis.register_script(_ADMIT)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -129,15 +147,38 @@ class RedisRunDirectory(RunDirectory):
                            tenant_limit: int, lease_seconds: float) -> str | None:
         now = time.time()
         result = await self._call(self._acquire(
-            keys=[f"aura:slots:user:{tenant_id}:{user_id}", f"aura:slots:tenant:{tenant_id}"],
+            keys=[_user_slots(tenant_id, user_id), _tenant_slots(tenant_id)],
             args=[now, now + lease_seconds, run_id, user_limit, tenant_limit, int(lease_seconds) + 60]))
         text = _text(result)
         return None if text == "ok" else text
 
+    async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
+                    lease_seconds: float) -> str | None:
+        now = time.time()
+        result = await self._call(self._admit(
+            keys=[_user_slots(record.tenant_id, record.user_id), _tenant_slots(record.tenant_id),
+                  meta_key(record.run_id), lease_key(record.run_id)],
+            args=[now, now + slot_seconds, record.run_id, user_limit, tenant_limit, int(slot_seconds) + 60,
+                  orjson.dumps(record.to_record()), ACTIVE_TTL_SECONDS, record.instance_id,
+                  int(lease_seconds * 1000)]))
+        text = _text(result)
+        return None if text == "ok" else text
+
+    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
+        """`finish` + `release_slot` in one pipeline; the record is the one this owner registered,
+        so it is rewritten without being read first."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(meta_key(record.run_id), orjson.dumps({**record.to_record(), "status": status}),
+                 ex=retention_seconds)
+        pipe.delete(lease_key(record.run_id))
+        pipe.zrem(_user_slots(record.tenant_id, record.user_id), record.run_id)
+        pipe.zrem(_tenant_slots(record.tenant_id), record.run_id)
+        await self._call(pipe.execute())
+
     async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(f"aura:slots:user:{tenant_id}:{user_id}", run_id)
-        pipe.zrem(f"aura:slots:tenant:{tenant_id}", run_id)
+        pipe.zrem(_user_slots(tenant_id, user_id), run_id)
+        pipe.zrem(_tenant_slots(tenant_id), run_id)
         await self._call(pipe.execute())
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
@@ -175,7 +216,10 @@ class RedisRunFollower(RunFollower):
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(follow.queue.get(), timeout=self._block_ms / 1000)
+                    # Not asyncio.wait_for: on Python 3.11 it can swallow the cancel of a client
+                    # that leaves just as an event arrives, and the follow would outlive it.
+                    async with asyncio.timeout(self._block_ms / 1000):
+                        event = await follow.queue.get()
                 except TimeoutError:
                     yield None
                     continue
