@@ -62,6 +62,9 @@ class Event:
     ids: RunIds
     timestamp: int
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Where adapters keep the event's serialised envelope: an event never changes once made, so
+    # one logged and written to several clients is encoded once.
+    encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:

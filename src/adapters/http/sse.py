@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import re
 
-import orjson
-
+from adapters.wire import envelope_bytes
 from domain.events import Event
 
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -53,7 +52,7 @@ def encode_run_event(event: Event, *, retry_ms: int | None = None) -> bytes:
     """One envelope as one frame. orjson escapes every control character, so its output is a
     single line, and event types are fixed names: the frame needs no splitting or checking (the
     general `encode_event` gives the same bytes; a test holds them equal)."""
-    payload = orjson.dumps(event.envelope())
+    payload = envelope_bytes(event)
     frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.type.value.encode(), payload)
     if retry_ms is None:
         return frame

@@ -20,6 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType
 from domain.ports import EventLog
@@ -66,7 +67,7 @@ class RedisEventLog(EventLog):
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
-        self._queue.append(_PendingAppend(event, orjson.dumps(event.envelope()), snapshot, logged))
+        self._queue.append(_PendingAppend(event, envelope_bytes(event), snapshot, logged))
         self._wakeup.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever(), name="event-log flusher")
@@ -133,7 +134,7 @@ class RedisEventLog(EventLog):
                 event_log_key(run_id), min=f"{after_seq + 1}-0", max="+", count=limit))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
-        return [Event.from_envelope(orjson.loads(fields.get(b"e") or fields["e"])) for _entry_id, fields in entries]
+        return [event_from_bytes(fields.get(b"e") or fields["e"]) for _entry_id, fields in entries]
 
     async def first_seq(self, run_id: str) -> int | None:
         """The oldest retained seq (None for an unknown or expired run)."""

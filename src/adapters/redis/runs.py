@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from adapters.redis.events import event_log_key, snapshot_key
+from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event
 from domain.runs import IdempotencyClaim, RunControl, RunDirectory, RunFollower, RunRecord
@@ -251,14 +252,14 @@ class RedisRunFollower(RunFollower):
             for key, entries in replies or []:
                 run_id = _text(key).split(":")[2]
                 for _entry_id, fields in entries:
-                    event = Event.from_envelope(orjson.loads(fields.get(b"e") or fields["e"]))
+                    event = event_from_bytes(fields.get(b"e") or fields["e"])
                     self._positions[run_id] = max(self._positions.get(run_id, 0), event.seq)
                     for follow in tuple(self._follows.get(run_id, ())):
                         follow.queue.put_nowait(event)
 
     async def append_if_absent(self, event: Event) -> bool:
         try:
-            await self._redis.xadd(event_log_key(event.ids.run_id), {"e": orjson.dumps(event.envelope())},
+            await self._redis.xadd(event_log_key(event.ids.run_id), {"e": envelope_bytes(event)},
                                    id=f"{event.seq}-1")
         except ResponseError:
             return False  # that seq exists: the owner (or another follower) got there first
