@@ -15,6 +15,7 @@ from adapters.redis.client import create_redis
 from adapters.redis.events import RedisEventLog
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType, RunIds
+from tests.integration.commands import CommandLog
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
 OTHER = RunIds("run_b", "ses_b", "thr_b", "u" * 32)
@@ -105,3 +106,18 @@ async def test_closing_the_log_reports_every_queued_append(redis_client: Redis) 
         log.submit(event(seq), None, lambda error: reports.append(None if error is None else str(error)))
     await log.aclose()  # before the flusher ran: nobody may wait forever
     assert reports == ["The event log is closed.", "The event log is closed."]
+
+
+async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
+        event_log: RedisEventLog, redis_client: Redis) -> None:
+    commands = CommandLog(redis_client)
+    event_log.submit(event(1), {"lastSeq": 1}, lambda _: None)
+    await event_log.append(event(2, EventType.END), {"lastSeq": 2, "end": True})
+    assert 50 < await redis_client.ttl("aura:run:run_a:events") <= 60
+    assert 50 < await redis_client.ttl("aura:run:run_a:snapshot") <= 60
+    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 2, "end": True}
+    commands.take()
+    await event_log.close_run("run_a")
+    assert commands.take() == []
+    await event_log.close_run("run_a")  # a second close (or one after an unlogged end) does expire
+    assert commands.take() == ["PIPELINE"]

@@ -64,6 +64,7 @@ class RedisEventLog(EventLog):
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._broken: set[str] = set()  # runs with a failed append, until they are closed
+        self._closed: set[str] = set()  # runs whose `end` was logged, until close_run is called
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
@@ -99,9 +100,15 @@ class RedisEventLog(EventLog):
             if item.event.seq == 1:
                 pipe.expire(key, self._active_ttl)
                 item.commands += 1
+            ending = item.event.type is EventType.END
             if item.snapshot is not None and last_snapshot[run_id] is item:
-                pipe.set(snapshot_key(run_id), orjson.dumps(item.snapshot), ex=self._active_ttl)
+                pipe.set(snapshot_key(run_id), orjson.dumps(item.snapshot),
+                         ex=self._retention if ending else self._active_ttl)
                 item.commands += 1
+            if ending:  # the run's last event starts its retention: no separate round trip to close
+                pipe.expire(key, self._retention)
+                pipe.expire(snapshot_key(run_id), self._retention)
+                item.commands += 2
         if not written:
             return
         try:
@@ -126,6 +133,8 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log refused an event."))
             else:
+                if item.event.type is EventType.END:
+                    self._closed.add(item.event.ids.run_id)
                 _report(item, None)
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
@@ -150,6 +159,9 @@ class RedisEventLog(EventLog):
 
     async def close_run(self, run_id: str) -> None:
         self._broken.discard(run_id)
+        if run_id in self._closed:  # its logged `end` already set the retention
+            self._closed.discard(run_id)
+            return
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.expire(event_log_key(run_id), self._retention)
