@@ -30,13 +30,21 @@ class SubscriptionOverflow(Exception):
 
 
 class Subscription:
-    """One watcher's bounded buffer of a run's live events."""
+    """One watcher's bounded buffer of a run's live events.
+
+    A quiet stream needs a heartbeat, so every wait has a deadline; but a busy stream waits
+    thousands of times per heartbeat interval. Instead of a timer per wait (created, then cancelled
+    a moment later, filling the loop's timer heap at a thousand streams), a subscription keeps at
+    most one timer, which fires at the earliest deadline it was armed for and re-arms itself for
+    the current one when the stream was not quiet after all."""
 
     def __init__(self, max_buffered: int) -> None:
         self._events: deque[Event] = deque()
         self._max = max_buffered
         self._ready = asyncio.Event()
         self.overflowed = False
+        self._deadline: float | None = None  # when the current wait becomes a heartbeat
+        self._timer: asyncio.TimerHandle | None = None
 
     def push(self, event: Event) -> None:
         if self.overflowed:
@@ -52,14 +60,38 @@ class Subscription:
         """The next event, or None when nothing came within `wait_seconds` (time for a heartbeat)."""
         if not self._events and not self.overflowed:
             self._ready.clear()
-            try:
-                async with asyncio.timeout(wait_seconds):  # a timer, not a task per wait
-                    await self._ready.wait()
-            except TimeoutError:
-                return None
+            if wait_seconds is None:
+                self._deadline = None
+            else:
+                loop = asyncio.get_running_loop()
+                self._deadline = loop.time() + wait_seconds
+                if self._timer is None:
+                    self._timer = loop.call_at(self._deadline, self._deadline_reached)
+            await self._ready.wait()
+            if not self._events and not self.overflowed:
+                return None  # only the timer wakes a wait without an event: heartbeat time
         if self.overflowed:
             raise SubscriptionOverflow
         return self._events.popleft()
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            if not self._events:
+                self._ready.set()
+        else:  # the stream was busy since this timer was armed: wait for the current deadline
+            self._timer = loop.call_at(deadline, self._deadline_reached)
+
+    def close(self) -> None:
+        """The watcher left: drop the timer now rather than when it would have fired."""
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def take_buffered(self, limit: int) -> list[Event]:
         """Events already buffered (no waiting), so a writer can send them in one write."""
@@ -271,6 +303,7 @@ class RunService:
         """A watcher left. When the client went away mid-run and the run's policy is `cancel`,
         and nobody else watches, the run stops (its pending approval is cancelled)."""
         handle.watchers.discard(watcher)
+        watcher.close()
         if (disconnected and not handle.watchers
                 and handle.run.request.on_disconnect is DisconnectPolicy.CANCEL):
             handle.cancel("client_disconnected")

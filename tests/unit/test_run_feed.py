@@ -139,3 +139,46 @@ async def test_a_run_far_ahead_of_its_log_waits_until_half_of_it_is_written() ->
     log.complete()
     await fourth
     assert [e.seq for e in log.events["run_1"]] == [1, 2, 3, 4]
+
+
+async def test_a_busy_watcher_keeps_one_heartbeat_timer_however_many_times_it_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
+    watcher = Subscription(10)
+
+    async def produce() -> None:
+        for seq in range(1, 1001):
+            await asyncio.sleep(0)
+            watcher.push(content(seq))
+
+    producer = asyncio.create_task(produce())
+    received = [await watcher.next(30) for _ in range(1000)]
+    await producer
+    assert [e.seq for e in received if e is not None] == list(range(1, 1001))
+    assert len(timers) == 1  # a timer per wait would be 1,000
+    watcher.close()
+
+
+async def test_a_quiet_watcher_gets_its_heartbeat_after_the_interval_even_after_a_busy_spell() -> None:
+    loop = asyncio.get_running_loop()
+    watcher = Subscription(10)
+    watcher.push(content(1))
+    assert (await watcher.next(0.2)) == content(1)
+    began = loop.time()
+    waiting = asyncio.create_task(watcher.next(0.2))
+    await asyncio.sleep(0.1)
+    watcher.push(content(2))  # activity halfway: the first deadline must not become a heartbeat
+    assert (await waiting) == content(2)
+    rearmed = loop.time()
+    assert await watcher.next(0.2) is None  # the quiet interval after the last event
+    assert loop.time() - rearmed >= 0.2
+    assert loop.time() - began < 5
+    watcher.close()
