@@ -77,6 +77,12 @@ def _not_found(path: str) -> FakeResponse:
     return FakeResponse.of_json({"status": 404, "error": "Not Found", "path": path}, status=404)
 
 
+class _BackloggedServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of tool calls from many concurrent runs
+    # overflowed it and some connections were reset (httpx ReadError) before being accepted.
+    request_queue_size = 1024
+
+
 class FakeDwp:
     """The fake backend. Script answers per method and path with `respond`; a route answers its
     queued responses in order and then keeps repeating the last one. Unscripted routes answer 404."""
@@ -96,7 +102,7 @@ class FakeDwp:
         if self._server is not None:
             raise RuntimeError("the fake DWP backend is already running")
         self._stopping.clear()
-        server = ThreadingHTTPServer((self._host, 0), _handler_class(self))
+        server = _BackloggedServer((self._host, 0), _handler_class(self))
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(

@@ -101,11 +101,12 @@ class Subscription:
         return taken
 
 
-# A run waits for these to be logged before it goes on: before it parks on an approval (a resumer
-# must see the `hitl`), before a tool acts on the world, and before it ends (the log is complete
-# when the run's retention starts). Everything else is delivered as soon as it is logged, while
-# the run keeps working.
-_SETTLE = frozenset({EventType.HITL, EventType.TOOL_EXECUTION, EventType.END})
+# A run waits for these to be logged before it goes on: its `start` (so the client's first event
+# goes out before the run's own work takes the loop: one round trip of waiting, no CPU), before it
+# parks on an approval (a resumer must see the `hitl`), before a tool acts on the world, and before
+# it ends (the log is complete when the run's retention starts). Everything else is delivered as
+# soon as it is logged, while the run keeps working.
+_SETTLE = frozenset({EventType.START, EventType.HITL, EventType.TOOL_EXECUTION, EventType.END})
 _ALWAYS_SENT = frozenset({EventType.ERROR, EventType.END})
 
 

@@ -121,3 +121,31 @@ async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
     assert commands.take() == []
     await event_log.close_run("run_a")  # a second close (or one after an unlogged end) does expire
     assert commands.take() == ["PIPELINE"]
+
+
+async def test_a_batch_of_events_of_several_runs_is_one_command(event_log: RedisEventLog, redis_client: Redis) -> None:
+    await event_log.append(event(1, ids=RunIds("run_c", "s", "t", "x")))  # the script is loaded now
+    commands = CommandLog(redis_client)
+    for seq in range(1, 51):
+        event_log.submit(event(seq), {"lastSeq": seq} if seq % 10 == 0 else None, lambda _: None)
+        event_log.submit(event(seq, ids=OTHER), None, lambda _: None)
+    await event_log.append(event(51))
+    assert commands.take() == ["EVALSHA"]  # all 101 were queued before the flusher ran
+    assert await redis_client.xlen("aura:run:run_a:events") == 51
+    assert await redis_client.xlen("aura:run:run_b:events") == 50
+    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 50}
+
+
+async def test_an_event_the_store_refuses_fails_its_run_and_no_other(event_log: RedisEventLog,
+                                                                      redis_client: Redis) -> None:
+    await redis_client.set("aura:run:run_b:events", b"not a stream")  # WRONGTYPE for run_b
+    reports: list[tuple[str, str | None]] = []
+    for ids in (IDS, OTHER):
+        event_log.submit(event(1, ids=ids), None,
+                         lambda error, r=ids.run_id: reports.append((r, None if error is None else str(error))))
+    await event_log.append(event(2))
+    assert reports == [("run_a", None), ("run_b", "The event log refused an event.")]
+    with pytest.raises(StoreUnavailable):
+        await event_log.append(event(2, ids=OTHER))  # nothing more of run_b is written
+    assert await redis_client.get("aura:run:run_b:events") == b"not a stream"
+    assert await redis_client.xlen("aura:run:run_a:events") == 2

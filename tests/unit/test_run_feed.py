@@ -64,15 +64,21 @@ async def test_no_event_reaches_a_watcher_before_it_is_logged_and_the_run_does_n
     log = HeldEventLog()
     h = harness_with(log, text('{"steps": []}'), text("direct"), text("Done."))
     handle, watcher = await h.start()
-    # The run produces every event up to `end` while none of them is written yet ...
+    # The run waits for its `start` to be logged (so the client's first event goes out first) ...
+    await until(lambda: bool(log.held))
+    await asyncio.sleep(0)
+    assert [event.type for event, _, _ in log.held] == [EventType.START]
+    assert log.complete() == [EventType.START]
+    assert [e.type for e in watcher.take_buffered(10)] == [EventType.START]
+    # ... then produces every event up to `end` while none of them is written yet ...
     await until(lambda: bool(log.held) and log.held[-1][0].type is EventType.END)
-    assert [event.seq for event, _, _ in log.held] == list(range(1, len(log.held) + 1))
+    assert [event.seq for event, _, _ in log.held] == list(range(2, len(log.held) + 2))
     assert watcher.take_buffered(1000) == []
     assert handle.task is not None and not handle.task.done()  # ... and waits for its `end` to be logged
     written = log.complete()
     delivered = watcher.take_buffered(1000)
     assert [e.type for e in delivered] == written
-    assert [e.seq for e in delivered] == [e.seq for e in log.events[handle.run_id]]
+    assert [e.seq for e in delivered] == [e.seq for e in log.events[handle.run_id]][1:]
     await handle.task
     assert delivered[-1].data["status"] == "completed"
 

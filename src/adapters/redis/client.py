@@ -21,6 +21,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
 _log = logging.getLogger(__name__)
@@ -52,19 +54,37 @@ class _CancellationSafeWrites(AbstractConnection):
     3.12, `wait_for` loses a cancellation that arrives after the write has finished but before the
     waiting task resumed (CPython issue 86296): it returns normally, the caller reads the reply and
     carries on as if it had never been cancelled. A run cancelled while it stored its approval
-    request then went on to wait for the approval with nobody watching, and stayed there.
+    request then went on to wait for the approval with nobody watching, and stayed there. And
+    `wait_for` runs the write in a task of its own: one more task per command.
 
-    Here such a lost cancellation is raised after all: when a cancellation of the current task was
-    requested during the write and none came out, raise it, dropping the connection first (its
-    reply is unread), exactly as redis-py does when a cancellation interrupts a write."""
+    Here the write is bounded by `asyncio.timeout` instead (no task, and it never swallows a
+    cancellation); errors are handled as redis-py handles them."""
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
-        task = asyncio.current_task()
-        requested = task.cancelling() if task is not None else 0
-        await super().send_packed_command(command, check_health)
-        if task is not None and task.cancelling() > requested:
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        writer = self._writer
+        assert writer is not None  # connected above
+        try:
+            if isinstance(command, str):
+                command = command.encode()
+            if isinstance(command, bytes):
+                command = [command]
+            writer.writelines(command)
+            async with asyncio.timeout(self.socket_timeout):
+                await writer.drain()  # waits only while the socket buffer is full
+        except TimeoutError:
             await self.disconnect(nowait=True)
-            raise asyncio.CancelledError
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            # Part of the command may be on the wire; the connection cannot be reused.
+            await self.disconnect(nowait=True)
+            raise
 
 
 _CANCELLATION_SAFE: dict[type[AbstractConnection], type[AbstractConnection]] = {}
