@@ -2,8 +2,8 @@
 
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
-first retained id. Appends from all runs of the process are gathered into one script call per
-round trip: under load many events cost one command and one reply; alone, an event costs one. Appends are
+first retained id. Appends from all runs of the process are gathered into one pipeline per round
+trip: under load many events cost one network exchange; alone, an event costs one. Appends are
 submitted without waiting; each caller learns, through its callback and in order, when its event
 is stored, and only then hands it to clients ("logged before it is written to any client").
 """
@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
@@ -36,36 +36,6 @@ def snapshot_key(run_id: str) -> str:
     return f"aura:run:{run_id}:snapshot"
 
 
-# Appends a batch of events, of any runs, in one command: a pipeline of XADDs costs the client a
-# command to encode and a reply to parse per event, this one command and one reply per batch.
-# Per event: KEYS log, snapshot; ARGV id, envelope, flag (F: the run's first event, the log gets
-# its active TTL; E: its end, log and snapshot get the retention), snapshot ("" for none).
-# Replies per event: 1 appended, 0 already there (a retried append), or the error's text.
-_APPEND_BATCH = """
-local maxlen, active, retention = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
-for i = 1, #KEYS / 2 do
-  local log, snap, a = KEYS[2 * i - 1], KEYS[2 * i], 3 + (i - 1) * 4
-  local added = redis.pcall('XADD', log, 'MAXLEN', '~', maxlen, ARGV[a + 1], 'e', ARGV[a + 2])
-  if type(added) == 'table' and added.err then
-    local err = tostring(added.err)
-    if string.find(err, 'equal or smaller', 1, true) then out[i] = 0 else out[i] = err end
-  else
-    out[i] = 1
-    local flag, snapshot = ARGV[a + 3], ARGV[a + 4]
-    local ttl = active
-    if flag == 'E' then ttl = retention end
-    if flag == 'F' then redis.call('EXPIRE', log, active) end
-    if snapshot ~= '' then redis.call('SET', snap, snapshot, 'EX', ttl) end
-    if flag == 'E' then
-      redis.call('EXPIRE', log, retention)
-      redis.call('EXPIRE', snap, retention)
-    end
-  end
-end
-return out
-"""
-
 # A run whose append failed gets only its closing events written after that: anything else would
 # leave a silent hole in its log that a resume could not see.
 _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
@@ -78,6 +48,7 @@ class _PendingAppend:
     snapshot: Mapping[str, Any] | None
     logged: Callable[[Exception | None], None]
     reported: bool = False
+    commands: int = 0
 
 
 class RedisEventLog(EventLog):
@@ -94,7 +65,6 @@ class RedisEventLog(EventLog):
         self._flusher: asyncio.Task[None] | None = None
         self._broken: set[str] = set()  # runs with a failed append, until they are closed
         self._closed: set[str] = set()  # runs whose `end` was logged, until close_run is called
-        self._append = redis.register_script(_APPEND_BATCH)
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
@@ -112,11 +82,10 @@ class RedisEventLog(EventLog):
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
-        keys: list[str] = []
-        args: list[Any] = [self._max_length, self._active_ttl, self._retention]
+        pipe = self._redis.pipeline(transaction=False)
         written: list[_PendingAppend] = []
         # A snapshot is the run's state after its event; within one batch only each run's last
-        # one needs writing, since the whole batch is written at once.
+        # one needs writing, since the whole batch is sent at once.
         last_snapshot = {item.event.ids.run_id: item for item in batch if item.snapshot is not None}
         for item in batch:
             run_id = item.event.ids.run_id
@@ -124,15 +93,26 @@ class RedisEventLog(EventLog):
                 _report(item, StoreUnavailable("The event log is unavailable."))
                 continue
             written.append(item)
-            snapshot = item.snapshot if item.snapshot is not None and last_snapshot[run_id] is item else None
-            keys += (event_log_key(run_id), snapshot_key(run_id))
-            args += (f"{item.event.seq}-1", item.payload,
-                     "E" if item.event.type is EventType.END else "F" if item.event.seq == 1 else "",
-                     b"" if snapshot is None else orjson.dumps(snapshot))
+            key = event_log_key(run_id)
+            pipe.xadd(key, {"e": item.payload}, id=f"{item.event.seq}-1", maxlen=self._max_length,
+                      approximate=True)
+            item.commands = 1
+            if item.event.seq == 1:
+                pipe.expire(key, self._active_ttl)
+                item.commands += 1
+            ending = item.event.type is EventType.END
+            if item.snapshot is not None and last_snapshot[run_id] is item:
+                pipe.set(snapshot_key(run_id), orjson.dumps(item.snapshot),
+                         ex=self._retention if ending else self._active_ttl)
+                item.commands += 1
+            if ending:  # the run's last event starts its retention: no separate round trip to close
+                pipe.expire(key, self._retention)
+                pipe.expire(snapshot_key(run_id), self._retention)
+                item.commands += 2
         if not written:
             return
         try:
-            results = await self._append(keys=keys, args=args, client=self._redis)
+            results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -143,17 +123,19 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log is unavailable."))
             return
-        for item, result in zip(written, results, strict=True):
-            if result == 1:
+        index = 0
+        for item in written:
+            result = results[index]
+            index += item.commands
+            if isinstance(result, ResponseError) and "equal or smaller" in str(result):
+                _report(item, None)  # already logged (a retried append): nothing lost
+            elif isinstance(result, Exception):
+                self._broken.add(item.event.ids.run_id)
+                _report(item, StoreUnavailable("The event log refused an event."))
+            else:
                 if item.event.type is EventType.END:
                     self._closed.add(item.event.ids.run_id)
                 _report(item, None)
-            elif result == 0:
-                _report(item, None)  # already logged (a retried append): nothing lost
-            else:
-                log.warning("the event log refused an event: %s", result)
-                self._broken.add(item.event.ids.run_id)
-                _report(item, StoreUnavailable("The event log refused an event."))
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
