@@ -49,10 +49,6 @@ class IdempotencyClaim:
 
 class RunDirectory(ABC):
     @abstractmethod
-    async def register(self, record: RunRecord, lease_seconds: float) -> None:
-        """Record a new run and take its owner lease."""
-
-    @abstractmethod
     async def get(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod
@@ -75,33 +71,15 @@ class RunDirectory(ABC):
         """Unbind a key whose run could not start, so a retry may start it."""
 
     @abstractmethod
-    async def acquire_slot(self, tenant_id: str, user_id: str, run_id: str, *, user_limit: int,
-                           tenant_limit: int, lease_seconds: float) -> str | None:
-        """Count the run against its user's and tenant's concurrent runs. None when admitted,
-        else which limit ("user" or "tenant") is full."""
-
-    @abstractmethod
-    async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None: ...
-
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
-        """Take the run's slots and, when admitted, register it with its owner lease — one step
-        where the store can do it atomically. None when admitted, else which limit is full."""
-        full = await self.acquire_slot(record.tenant_id, record.user_id, record.run_id, user_limit=user_limit,
-                                       tenant_limit=tenant_limit, lease_seconds=slot_seconds)
-        if full is not None:
-            return full
-        try:
-            await self.register(record, lease_seconds)
-        except BaseException:
-            await self.release_slot(record.tenant_id, record.user_id, record.run_id)
-            raise
-        return None
+        """Count the run against its user's and tenant's concurrent runs and, when admitted,
+        record it with its owner lease, in one atomic step. None when admitted, else which limit
+        ("user" or "tenant") is full."""
 
+    @abstractmethod
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
-        """The owner's run ended: `finish` it and release its slots, in one step where possible."""
-        await self.finish(record.run_id, status, retention_seconds)
-        await self.release_slot(record.tenant_id, record.user_id, record.run_id)
+        """The owner's run ended: `finish` it and release its slots, in one step."""
 
     @abstractmethod
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None: ...

@@ -176,10 +176,6 @@ class MemoryRunDirectory(RunDirectory):
         self.slots: dict[str, set[str]] = defaultdict(set)
         self._log = log
 
-    async def register(self, record: RunRecord, lease_seconds: float) -> None:
-        self.records[record.run_id] = record
-        self.leases[record.run_id] = record.instance_id
-
     async def get(self, run_id: str) -> RunRecord | None:
         return self.records.get(run_id)
 
@@ -205,19 +201,23 @@ class MemoryRunDirectory(RunDirectory):
     async def release_idempotency(self, tenant_id: str, user_id: str, key: str) -> None:
         self.idempotency.pop((tenant_id, user_id, key), None)
 
-    async def acquire_slot(self, tenant_id: str, user_id: str, run_id: str, *, user_limit: int,
-                           tenant_limit: int, lease_seconds: float) -> str | None:
-        if len(self.slots[f"user:{tenant_id}:{user_id}"]) >= user_limit:
+    async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
+                    lease_seconds: float) -> str | None:
+        user, tenant = f"user:{record.tenant_id}:{record.user_id}", f"tenant:{record.tenant_id}"
+        if len(self.slots[user]) >= user_limit:
             return "user"
-        if len(self.slots[f"tenant:{tenant_id}"]) >= tenant_limit:
+        if len(self.slots[tenant]) >= tenant_limit:
             return "tenant"
-        self.slots[f"user:{tenant_id}:{user_id}"].add(run_id)
-        self.slots[f"tenant:{tenant_id}"].add(run_id)
+        self.slots[user].add(record.run_id)
+        self.slots[tenant].add(record.run_id)
+        self.records[record.run_id] = record
+        self.leases[record.run_id] = record.instance_id
         return None
 
-    async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None:
-        self.slots[f"user:{tenant_id}:{user_id}"].discard(run_id)
-        self.slots[f"tenant:{tenant_id}"].discard(run_id)
+    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
+        await self.finish(record.run_id, status, retention_seconds)
+        self.slots[f"user:{record.tenant_id}:{record.user_id}"].discard(record.run_id)
+        self.slots[f"tenant:{record.tenant_id}"].discard(record.run_id)
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         self._log.snapshots[run_id] = snapshot

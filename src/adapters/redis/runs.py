@@ -57,7 +57,9 @@ def control_channel(instance_id: str) -> str:
     return f"aura:instance:{instance_id}:control"
 
 
-_ACQUIRE_SLOT = """
+# A run's admission in one atomic step: drop lapsed slots, refuse when the user's or the tenant's
+# limit is reached, else take both slots and write the run's record and owner lease.
+_ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'user' end
@@ -66,13 +68,6 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return 'ok'
-"""
-
-
-# The slot check of _ACQUIRE_SLOT, then (when admitted) the run's record and owner lease: one
-# round trip and one atomic step for a run's admission.
-_ADMIT = _ACQUIRE_SLOT.replace("return 'ok'\n", "") + """
 redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
 redis.call('SET', KEYS[4], ARGV[9], 'PX', ARGV[10])
 return 'ok'
@@ -86,7 +81,6 @@ def _text(value: bytes | str) -> str:
 class RedisRunDirectory(RunDirectory):
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._acquire = redis.register_script(_ACQUIRE_SLOT)
         self._admit = redis.register_script(_ADMIT)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
@@ -94,12 +88,6 @@ class RedisRunDirectory(RunDirectory):
             return await operation
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The run directory is unavailable.") from exc
-
-    async def register(self, record: RunRecord, lease_seconds: float) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(meta_key(record.run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
-        pipe.set(lease_key(record.run_id), record.instance_id, px=int(lease_seconds * 1000))
-        await self._call(pipe.execute())
 
     async def get(self, run_id: str) -> RunRecord | None:
         raw = await self._call(self._redis.get(meta_key(run_id)))
@@ -144,15 +132,6 @@ class RedisRunDirectory(RunDirectory):
         existing = orjson.loads(raw)
         return IdempotencyClaim(run_id=existing["runId"], fingerprint=existing["fingerprint"])
 
-    async def acquire_slot(self, tenant_id: str, user_id: str, run_id: str, *, user_limit: int,
-                           tenant_limit: int, lease_seconds: float) -> str | None:
-        now = time.time()
-        result = await self._call(self._acquire(
-            keys=[_user_slots(tenant_id, user_id), _tenant_slots(tenant_id)],
-            args=[now, now + lease_seconds, run_id, user_limit, tenant_limit, int(lease_seconds) + 60]))
-        text = _text(result)
-        return None if text == "ok" else text
-
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
         now = time.time()
@@ -166,20 +145,14 @@ class RedisRunDirectory(RunDirectory):
         return None if text == "ok" else text
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
-        """`finish` + `release_slot` in one pipeline; the record is the one this owner registered,
-        so it is rewritten without being read first."""
+        """`finish` and the slots' release in one MULTI; the record is the one this owner
+        registered, so it is rewritten without being read first."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(meta_key(record.run_id), orjson.dumps({**record.to_record(), "status": status}),
                  ex=retention_seconds)
         pipe.delete(lease_key(record.run_id))
         pipe.zrem(_user_slots(record.tenant_id, record.user_id), record.run_id)
         pipe.zrem(_tenant_slots(record.tenant_id), record.run_id)
-        await self._call(pipe.execute())
-
-    async def release_slot(self, tenant_id: str, user_id: str, run_id: str) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(_user_slots(tenant_id, user_id), run_id)
-        pipe.zrem(_tenant_slots(tenant_id), run_id)
         await self._call(pipe.execute())
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
