@@ -100,6 +100,7 @@ class OfflineChatModel(ChatModel):
         # A model call is network I/O: the caller always suspends at least once, so a run never
         # keeps the event loop (and the first events it already produced) to itself.
         await asyncio.sleep(0)
+        interval: float | None = None  # the answer suspends between its chunks, like a stream
         if request.purpose is Purpose.PLAN:
             chunks = [json.dumps({"steps": self._plan(request)}, ensure_ascii=False)]
         elif request.purpose is Purpose.STEP:
@@ -108,14 +109,10 @@ class OfflineChatModel(ChatModel):
             return
         else:
             chunks, interval = self._answer(request)
-            for text in chunks:
-                yield ContentDelta(text)
-                await asyncio.sleep(interval)
-            yield Finish("stop", Usage(prompt_tokens=sum(len(m.content) for m in request.messages) // 4,
-                                       completion_tokens=sum(len(c) for c in chunks) // 4))
-            return
         for text in chunks:
             yield ContentDelta(text)
+            if interval is not None:
+                await asyncio.sleep(interval)
         yield Finish("stop", Usage(prompt_tokens=sum(len(m.content) for m in request.messages) // 4,
                                    completion_tokens=sum(len(c) for c in chunks) // 4))
 
