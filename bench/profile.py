@@ -2,6 +2,7 @@
 
     python -m bench.profile stream      # 100 concurrent @answer streams of 200 events
     python -m bench.profile stream1000  # 1,000 concurrent @answer streams of 200 events
+    python -m bench.profile stream1     # 1 @answer stream of 200 events at a time
     python -m bench.profile short       # 1 stream at a time of the shortest run (per-run cost)
     python -m bench.profile approval    # approve on B -> running event on A (profiles A and B)
     python -m bench.profile summarise bench/results/profiles/*.txt   # re-print the summaries
@@ -76,7 +77,7 @@ def main() -> None:
             print(summary)
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["stream", "stream1000", "short", "approval"])
+    parser.add_argument("scenario", choices=["stream", "stream1000", "stream1", "short", "approval"])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--asyncio", action="store_true", help="run Aura on plain asyncio instead of its default")
     args = parser.parse_args()
@@ -115,6 +116,8 @@ def main() -> None:
             elif args.scenario == "stream1000":
                 result = client("streams", **target.stream_spec(cal, 200), total=1000, concurrency=1000,
                                 connect_limit=50)
+            elif args.scenario == "stream1":
+                result = client("streams", **target.stream_spec(cal, 200), total=20, concurrency=1)
             elif args.scenario == "short":
                 result = client("streams", **target.stream_spec(cal, 10), total=50, concurrency=1)
             else:

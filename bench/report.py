@@ -175,6 +175,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         if row["phase"] == "options":
             options[row["server"]].append(row["server_us_per_event"])
     summary["options"] = {name: median(v) for name, v in options.items()}
+
+    # -- against (the working tree's Aura vs another revision's, same run) ------------------------
+    against: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        if row["phase"] == "against":
+            cell = against[row["load"]].setdefault(row["server"], {"us_per_event": [], "ttfe_p99_ms": []})
+            cell["us_per_event"].append(row["server_us_per_event"])
+            if row.get("ttfe_p99_ms") is not None:
+                cell["ttfe_p99_ms"].append(row["ttfe_p99_ms"])
+    summary["against"] = {load: {name: {k: median(v) if v else None for k, v in cell.items()} | {
+        "samples": len(cell["us_per_event"])} for name, cell in servers.items()} for load, servers in against.items()}
     return summary
 
 
@@ -263,6 +274,19 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
             out.append(f"| {name} | {g['events_per_run'].get(target, target)} | "
                        + " | ".join(_fmt(cells.get(str(c))) for c in levels) + " |")
     out.append("\nLargest ÷ smallest cell: " + ", ".join(f"{k} {_fmt(v, 2)}×" for k, v in g["max_over_min"].items()))
+    if summary.get("against"):
+        out += ["", "## Against another revision (same run, interleaved; medians)", "",
+                "| load | server | server µs/event | ttfe p99 ms | samples | ÷ the other revision |",
+                "|---|---|---:|---:|---:|---:|"]
+        for load, servers in summary["against"].items():
+            names = list(servers)
+            for name in names:
+                cell = servers[name]
+                other = next((servers[n] for n in names if n != name), None)
+                key = "ttfe_p99_ms" if load.startswith("ttfe") else "us_per_event"
+                ratio = cell[key] / other[key] if other and cell[key] and other[key] else None
+                out.append(f"| {load} | {name} | {_fmt(cell['us_per_event'])} | {_fmt(cell['ttfe_p99_ms'])} | "
+                           f"{cell['samples']} | {_fmt(ratio, 2)}× |")
     if summary["options"]:
         out += ["", "## Options (concurrency 100, 200 events per run, server µs/event)", ""]
         out += [f"- {name}: {_fmt(v)}" for name, v in summary["options"].items()]

@@ -225,6 +225,37 @@ class Bench:
             self.client("streams", **target.stream_spec(self.cal, 200), total=20, concurrency=10)
 
     # -- phases ----------------------------------------------------------------------------
+    def phase_against(self, current: S.Server, revision: str) -> None:
+        """The working tree's Aura against another revision's, interleaved, on the loads where a
+        per-run or per-batch change shows: one stream of 200 events, 100 of 200, one stream of the
+        shortest run, and 100 new streams at once (time to first event)."""
+        checkout = self.workdir / "against"
+        subprocess.run(["git", "-C", str(S.ROOT), "worktree", "add", "--detach", str(checkout), revision],
+                       check=True, capture_output=True)
+        try:
+            label = f"aura@{revision}"
+            other = self._start(S.aura_server("aura-against", self.workdir, self.redis.url, source=checkout))
+            targets = [Target("aura", current, "aura"), Target(label, other, "aura")]
+            self.warm(targets[1:])
+            log(f"== against {revision}")
+            loads = [("c1x200", 200, 1, self.mode.throughput[1] * 2), ("c100x200", 200, 100, self.mode.throughput[100]),
+                     ("c1x19", 10, 1, self.mode.ttfe_c1_runs * 3)]
+            for round_no in range(self.mode.rounds * 2):
+                for name, size, concurrency, runs in loads:
+                    for target in self.rotate(targets, round_no):
+                        spec = {**target.stream_spec(self.cal, size), "total": runs, "concurrency": concurrency,
+                                "connect_limit": min(concurrency, 50)}
+                        self.load(target, "against", round_no, spec, load=name, concurrency=concurrency)
+                for target in self.rotate(targets, round_no):
+                    # 100 new streams at the same instant, as in the ttfe phase
+                    spec = {**target.stream_spec(self.cal, 10), "total": 100, "concurrency": 100, "ttfe": True}
+                    self.load(target, "against", round_no, spec, load="ttfe100", concurrency=100)
+                    time.sleep(0.5)
+            other.stop()
+        finally:
+            subprocess.run(["git", "-C", str(S.ROOT), "worktree", "remove", "--force", str(checkout)],
+                           check=False, capture_output=True)
+
     def phase_throughput(self, targets: list[Target], round_no: int) -> None:
         for concurrency, runs in self.mode.throughput.items():
             if concurrency >= 1000 and round_no >= self.mode.big_rounds:
@@ -416,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument("--tag", default="", help="suffix of the result files' name")
+    parser.add_argument("--against", metavar="REV",
+                        help="also run Aura at git revision REV (a worktree) and compare it with the working "
+                             "tree's Aura in the same run: CPU per event at 1 and 100 streams, 19-event runs, "
+                             "time to first event (phase 'against'; the files get an against-<rev> tag)")
     parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
                                          "the files get a whatif-<fix> tag")
     args = parser.parse_args(argv)
@@ -437,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif)
     if args.whatif:
         args.tag = "-".join(filter(None, [args.tag, "whatif-" + args.whatif.replace(",", "+")]))
+    if args.against:
+        phases.add("against")
+        args.tag = "-".join(filter(None, [args.tag, "against-" + args.against.replace("/", "_").replace("~", "_")]))
     info = machine_info()
     info["open_files_limit"] = hard
     bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
@@ -465,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                                       per_round_approvals)
             if "growth" in phases and round_no < mode.growth_rounds:
                 bench.phase_growth(targets[:2], round_no)
+        if "against" in phases and args.against:
+            bench.phase_against(aura_a, args.against)
         if "options" in phases and bench.options:
             log("== options: plain asyncio instead of uvloop as the event loop of Aura and the peer")
             aura_aio = bench._start(S.aura_server("aura-asyncio", workdir, bench.redis.url, event_loop="asyncio"))

@@ -131,9 +131,11 @@ def redis_server(workdir: Path) -> RedisServer:
 
 
 def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "auto",
-                extra_env: dict[str, str] | None = None, whatif: str | None = None) -> Server:
+                extra_env: dict[str, str] | None = None, whatif: str | None = None,
+                source: Path | None = None) -> Server:
     """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables. Its
-    event loop is its default (`auto`: uvloop when installed) unless `event_loop` says otherwise."""
+    event loop is its default (`auto`: uvloop when installed) unless `event_loop` says otherwise.
+    `source` is another checkout's root (an older revision, for an A/B in the same run)."""
     workspace = workdir / "workspace"
     workspace.mkdir(exist_ok=True)
     env = base_env()
@@ -155,6 +157,8 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "
         "AURA_SERVER__EVENT_LOOP": event_loop,
     })
     env.update(extra_env or {})
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source / "src"), env["PYTHONPATH"]])
     if whatif:
         server.argv = [sys.executable, "-m", "bench.whatif", whatif]
     else:

@@ -6,14 +6,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from adapters.redis.client import DedicatedConnection
+
 
 class CommandLog:
     """Records every command the client sends (one entry per round trip; a pipeline is one entry,
     PIPELINE, however many commands it carries). Connections the client does not send through
-    (the signal bus's own Pub/Sub connection) are not seen."""
+    (the signal bus's own Pub/Sub connection) are not seen, unless they are `dedicated` connections
+    given here: each batch they send is one entry, BATCH."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *dedicated: DedicatedConnection) -> None:
         self.commands: list[str] = []
+        for connection in dedicated:
+            self._record_batches(connection)
         send = client.execute_command
         pipeline = client.pipeline
 
@@ -27,6 +32,15 @@ class CommandLog:
 
         client.execute_command = recorded  # type: ignore[method-assign]
         client.pipeline = recorded_pipeline  # type: ignore[method-assign]
+
+    def _record_batches(self, connection: DedicatedConnection) -> None:
+        execute = connection.execute
+
+        async def recorded(packed: bytes, replies: int) -> list[Any]:
+            self.commands.append("BATCH")
+            return await execute(packed, replies)
+
+        connection.execute = recorded  # type: ignore[method-assign]
 
     def take(self) -> list[str]:
         taken, self.commands = self.commands, []

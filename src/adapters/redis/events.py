@@ -2,10 +2,11 @@
 
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
-first retained id. Appends from all runs of the process are gathered into one pipeline per round
-trip: under load many events cost one network exchange; alone, an event costs one. Appends are
-submitted without waiting; each caller learns, through its callback and in order, when its event
-is stored, and only then hands it to clients ("logged before it is written to any client").
+first retained id. Appends from all runs of the process are gathered into one batch per round
+trip, written on a connection of its own: under load many events cost one network exchange; alone,
+an event costs one. Appends are submitted without waiting; each caller learns, through its
+callback and in order, when its event is stored, and only then hands it to clients ("logged before
+it is written to any client").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from adapters.redis.client import DedicatedConnection, pack
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType
@@ -55,10 +57,14 @@ class RedisEventLog(EventLog):
     def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
                  active_ttl_seconds: int = 86_400, max_batch: int = 512) -> None:
         self._redis = redis
+        self._connection = DedicatedConnection(redis)  # the flusher's own: batches are sequential
         self._max_length = max_length
+        self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
+        self._retention_arg = b"%d" % retention_seconds
         # A log whose owner died without closing it still expires, a day later by default.
         self._active_ttl = active_ttl_seconds
+        self._active_ttl_arg = b"%d" % active_ttl_seconds
         self._max_batch = max_batch
         self._queue: list[_PendingAppend] = []
         self._wakeup = asyncio.Event()
@@ -82,7 +88,7 @@ class RedisEventLog(EventLog):
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        commands: list[bytes] = []
         written: list[_PendingAppend] = []
         # A snapshot is the run's state after its event; within one batch only each run's last
         # one needs writing, since the whole batch is sent at once.
@@ -93,26 +99,26 @@ class RedisEventLog(EventLog):
                 _report(item, StoreUnavailable("The event log is unavailable."))
                 continue
             written.append(item)
-            key = event_log_key(run_id)
-            pipe.xadd(key, {"e": item.payload}, id=f"{item.event.seq}-1", maxlen=self._max_length,
-                      approximate=True)
+            key = event_log_key(run_id).encode()
+            commands.append(pack(b"XADD", key, b"MAXLEN", b"~", self._max_length_arg,
+                                 b"%d-1" % item.event.seq, b"e", item.payload))
             item.commands = 1
             if item.event.seq == 1:
-                pipe.expire(key, self._active_ttl)
+                commands.append(pack(b"EXPIRE", key, self._active_ttl_arg))
                 item.commands += 1
             ending = item.event.type is EventType.END
             if item.snapshot is not None and last_snapshot[run_id] is item:
-                pipe.set(snapshot_key(run_id), orjson.dumps(item.snapshot),
-                         ex=self._retention if ending else self._active_ttl)
+                commands.append(pack(b"SET", snapshot_key(run_id).encode(), orjson.dumps(item.snapshot), b"EX",
+                                     self._retention_arg if ending else self._active_ttl_arg))
                 item.commands += 1
             if ending:  # the run's last event starts its retention: no separate round trip to close
-                pipe.expire(key, self._retention)
-                pipe.expire(snapshot_key(run_id), self._retention)
+                commands.append(pack(b"EXPIRE", key, self._retention_arg))
+                commands.append(pack(b"EXPIRE", snapshot_key(run_id).encode(), self._retention_arg))
                 item.commands += 2
         if not written:
             return
         try:
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._connection.execute(b"".join(commands), len(commands))
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -174,6 +180,7 @@ class RedisEventLog(EventLog):
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._connection.aclose()
         queued, self._queue = self._queue, []
         for item in queued:  # nobody may wait forever for an append that will never be tried
             _report(item, StoreUnavailable("The event log is closed."))

@@ -1,0 +1,98 @@
+"""The event log's own connection: pre-packed commands in one write, every reply in order (error
+replies as values), a reconnect and retry when the server drops it, and a connection that stays in
+step with the server after a cancelled batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from adapters.redis.client import DedicatedConnection, create_redis, pack
+from tests.redis_server import RedisServer
+
+
+def test_pack_is_the_resp_array_of_its_arguments() -> None:
+    assert pack(b"SET", b"k", b"v\r\n") == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n"
+    assert pack(b"PING") == b"*1\r\n$4\r\nPING\r\n"
+
+
+async def test_a_batch_gets_every_reply_in_order_with_error_replies_as_values(redis_client: Redis) -> None:
+    await redis_client.set(b"aura:test:string", b"s")
+    connection = DedicatedConnection(redis_client)
+    try:
+        replies = await connection.execute(b"".join([
+            pack(b"SET", b"aura:test:a", b"1"),
+            pack(b"XADD", b"aura:test:string", b"1-1", b"e", b"x"),  # WRONGTYPE
+            pack(b"XADD", b"aura:test:stream", b"1-1", b"e", b"x"),
+            pack(b"XADD", b"aura:test:stream", b"1-1", b"e", b"x"),  # not after the last id
+            pack(b"GET", b"aura:test:a"),
+        ]), 5)
+        assert replies[0] in (b"OK", True)
+        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert replies[2] == b"1-1"
+        assert isinstance(replies[3], ResponseError) and "equal or smaller" in str(replies[3])
+        assert replies[4] == b"1"
+        # the next batch's replies are its own: nothing was left unread
+        assert await connection.execute(pack(b"GET", b"aura:test:a"), 1) == [b"1"]
+    finally:
+        await connection.aclose()
+
+
+async def test_a_connection_the_server_dropped_is_reopened_and_the_batch_retried(
+        redis_server: RedisServer) -> None:
+    client = create_redis(redis_server.url)
+    connection = DedicatedConnection(client)
+    try:
+        await client.flushall()
+        await connection.execute(pack(b"CLIENT", b"SETNAME", b"aura-test-dedicated"), 1)
+        listed = await client.client_list()
+        victim = next(c for c in listed if c["name"] == "aura-test-dedicated")
+        assert await client.client_kill_filter(_id=victim["id"]) == 1
+        replies = await connection.execute(pack(b"INCR", b"aura:test:counter"), 1)
+        assert replies == [1]  # written once, on a fresh connection
+        assert await client.get("aura:test:counter") == b"1"
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
+async def test_a_batch_to_a_stopped_server_fails_typed(unused_port: int) -> None:
+    client = create_redis(f"redis://127.0.0.1:{unused_port}/0", connect_timeout_seconds=0.2)
+    connection = DedicatedConnection(client)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await connection.execute(pack(b"PING"), 1)
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
+async def test_a_batch_cancelled_at_any_loop_step_leaves_the_connection_in_step(redis_server: RedisServer) -> None:
+    client = create_redis(redis_server.url)
+    connection = DedicatedConnection(client)
+    try:
+        await client.flushall()
+        await connection.execute(pack(b"PING"), 1)
+        step = 0
+        while True:  # cancel after 0, 1, 2, ... loop steps until the batch completes first
+            assert step < 500
+            batch = asyncio.create_task(connection.execute(
+                pack(b"SET", b"aura:test:step", b"%d" % step) + pack(b"GET", b"aura:test:step"), 2))
+            for _ in range(step):
+                await asyncio.sleep(0)
+            if not batch.cancel():
+                assert (await batch)[1] == b"%d" % step
+                break
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+            # whatever was cut off, the next batch reads its own replies
+            assert await connection.execute(pack(b"ECHO", b"step-%d" % step), 1) == [b"step-%d" % step]
+            step += 1
+        assert step > 1
+    finally:
+        await connection.aclose()
+        await client.aclose()
