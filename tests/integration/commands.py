@@ -6,16 +6,16 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from adapters.redis.client import DedicatedConnection
+from adapters.redis.client import SharedConnection
 
 
 class CommandLog:
     """Records every command the client sends (one entry per round trip; a pipeline is one entry,
     PIPELINE, however many commands it carries). Connections the client does not send through
-    (the signal bus's own Pub/Sub connection) are not seen, unless they are `dedicated` connections
-    given here: each batch they send is one entry, BATCH."""
+    (the signal bus's own Pub/Sub connection) are not seen, unless they are shared connections given
+    here: each caller's commands sent through it are one entry, BATCH."""
 
-    def __init__(self, client: Redis, *dedicated: DedicatedConnection) -> None:
+    def __init__(self, client: Redis, *dedicated: SharedConnection) -> None:
         self.commands: list[str] = []
         for connection in dedicated:
             self._record_batches(connection)
@@ -33,7 +33,7 @@ class CommandLog:
         client.execute_command = recorded  # type: ignore[method-assign]
         client.pipeline = recorded_pipeline  # type: ignore[method-assign]
 
-    def _record_batches(self, connection: DedicatedConnection) -> None:
+    def _record_batches(self, connection: SharedConnection) -> None:
         execute = connection.execute
 
         async def recorded(packed: bytes, replies: int) -> list[Any]:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from adapters.redis.client import DedicatedConnection, create_redis
+from adapters.redis.client import create_redis, shared_connection
 from adapters.redis.events import RedisEventLog
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType, RunIds
@@ -89,7 +89,7 @@ async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unu
     import fakeredis
 
     log._redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    log._connection = DedicatedConnection(log._redis)
+    log._connection = shared_connection(log._redis)
     log.submit(event(3), None, report(3))  # would leave a hole after the lost 1 and 2: refused
     log.submit(event(4, EventType.ERROR), None, report(4))
     await log.append(event(5, EventType.END))

@@ -12,8 +12,11 @@ and the pub/sub reader in `signals.py` parses RESP2 replies.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import fakeredis
@@ -22,7 +25,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -134,7 +137,8 @@ class DedicatedConnection:
     so commands come here packed by the caller (`pack`) and go out in one write.
 
     A dropped connection or a timeout is retried as the client's own commands are (the caller's
-    commands must be safe to repeat); an error reply is a value in the result, not an exception."""
+    commands must be safe to repeat); an error reply is a value in the result, not an exception.
+    The connection is taken from the client's pool and kept: closing the client closes it too."""
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
@@ -143,7 +147,7 @@ class DedicatedConnection:
     async def execute(self, packed: bytes, replies: int) -> list[Any]:
         connection = self._connection
         if connection is None:
-            connection = self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
 
         async def attempt() -> list[Any]:
             await connection.send_packed_command(packed)
@@ -159,8 +163,8 @@ class DedicatedConnection:
 
     async def aclose(self) -> None:
         if self._connection is not None:
-            await self._connection.disconnect(nowait=True)
-            self._connection = None
+            connection, self._connection = self._connection, None
+            await self._pool.release(connection)
 
 
 async def _read_each(connection: AbstractConnection, count: int) -> list[Any]:
@@ -171,6 +175,140 @@ async def _read_each(connection: AbstractConnection, count: int) -> list[Any]:
         except ResponseError as error:
             replies.append(error)
     return replies
+
+
+@dataclass(slots=True)
+class _Queued:
+    packed: bytes
+    replies: int
+    future: asyncio.Future[list[Any]]
+
+
+class SharedConnection:
+    """One connection shared by every caller of the hot path's small commands (the event log's
+    batches, a run's admission and close, the conversation append, approval decisions). What all
+    callers queue while a batch is on the wire goes out together in the next write, and each caller
+    gets its own replies: under load a run's admission or close rides in the same round trip as
+    other runs' events, and alone a command costs one exchange without redis-py's pool checkout
+    and per-argument packing (the bench's `against` phase measures the difference).
+
+    Commands come packed (`pack`), must be quick (no blocking commands, no large reads: one slow
+    reply would hold up everyone's) and safe to repeat (a dropped connection is retried, see
+    `DedicatedConnection`). An error reply is a value in the caller's result. A caller cancelled
+    before its commands were written has them dropped; after, they run, as with redis-py."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._connection = DedicatedConnection(redis)
+        self._queue: list[_Queued] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def execute(self, packed: bytes, replies: int) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(packed, replies, future))
+        if self._sender is None:  # it ends when the queue is empty: no task lingers while idle
+            self._sender = asyncio.create_task(self._send_queued(), name="redis shared connection")
+        return await future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = [item for item in self._queue if not item.future.cancelled()], []
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        try:
+            results = await self._connection.execute(b"".join(item.packed for item in batch),
+                                                     sum(item.replies for item in batch))
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(RedisConnectionError("The Redis connection was closed."))
+            raise
+        except Exception as exc:  # every caller of the batch gets the failure, typed as redis-py's
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        index = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(results[index:index + item.replies])
+            index += item.replies
+
+    async def transaction(self, *commands: bytes) -> list[Any]:
+        """`commands` (each packed) as one MULTI ... EXEC; their results, the first error raised."""
+        replies = await self.execute(pack(b"MULTI") + b"".join(commands) + pack(b"EXEC"), len(commands) + 2)
+        for reply in replies[:-1]:  # OK, then QUEUED for each command (or the error refusing it)
+            raise_error(reply)
+        results = raise_error(replies[-1])
+        if results is None:
+            raise ResponseError("EXEC returned no results: the transaction was discarded")
+        for result in results:
+            raise_error(result)
+        return list(results)
+
+    async def aclose(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        queued, self._queue = self._queue, []
+        for item in queued:
+            if not item.future.done():
+                item.future.set_exception(RedisConnectionError("The Redis connection was closed."))
+        await self._connection.aclose()
+
+
+def arg(value: bytes | str | int | float) -> bytes:
+    """One command argument as redis-py would send it."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int):
+        return b"%d" % value
+    return repr(value).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script called through `SharedConnection`: by its SHA1, and with its body once when the
+    server does not know it yet (a restart, a flushed script cache), as redis-py's `Script` does."""
+
+    body: bytes
+    sha: bytes
+
+    @classmethod
+    def of(cls, body: str) -> LuaScript:
+        return cls(body.encode(), hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest().encode())
+
+    async def run(self, shared: SharedConnection, keys: Sequence[str],
+                  args: Sequence[bytes | str | int | float]) -> Any:
+        tail = [b"%d" % len(keys), *(arg(k) for k in keys), *(arg(a) for a in args)]
+        (reply,) = await shared.execute(pack(b"EVALSHA", self.sha, *tail), 1)
+        if isinstance(reply, NoScriptError):
+            (reply,) = await shared.execute(pack(b"EVAL", self.body, *tail), 1)
+        return raise_error(reply)
+
+
+def raise_error(reply: Any) -> Any:
+    """`reply`, or the error it is: for callers of `SharedConnection` that want redis-py's raising."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
+
+
+_SHARED: weakref.WeakKeyDictionary[Redis, SharedConnection] = weakref.WeakKeyDictionary()
+
+
+def shared_connection(redis: Redis) -> SharedConnection:
+    """The one `SharedConnection` of `redis`: every adapter of a client shares it."""
+    shared = _SHARED.get(redis)
+    if shared is None:
+        shared = _SHARED[redis] = SharedConnection(redis)
+    return shared
 
 
 def create_redis(

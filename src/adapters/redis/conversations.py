@@ -12,6 +12,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from adapters.redis.client import arg, pack, shared_connection
 from domain.errors import NotFound, StoreUnavailable
 from domain.ports import ConversationStore
 
@@ -27,6 +28,7 @@ def turns_key(tenant_id: str, user_id: str, thread_id: str) -> str:
 class RedisConversationStore(ConversationStore):
     def __init__(self, redis: Redis, *, ttl_seconds: int = 7 * 86_400, max_turns: int = 20) -> None:
         self._redis = redis
+        self._shared = shared_connection(redis)  # the append is on every run's path
         self._ttl = ttl_seconds
         self._max_turns = max_turns
 
@@ -46,13 +48,13 @@ class RedisConversationStore(ConversationStore):
         return [cast(dict[str, Any], orjson.loads(turn)) for turn in turns]
 
     async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> None:
-        key = turns_key(tenant_id, user_id, thread_id)
+        key = turns_key(tenant_id, user_id, thread_id).encode()
+        ttl = arg(self._ttl)
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.rpush(key, orjson.dumps(turn))
-            pipe.ltrim(key, -self._max_turns, -1)
-            pipe.expire(key, self._ttl)
-            pipe.expire(owner_key(thread_id), self._ttl)
-            await pipe.execute()
+            await self._shared.transaction(
+                pack(b"RPUSH", key, orjson.dumps(turn)),
+                pack(b"LTRIM", key, arg(-self._max_turns), b"-1"),
+                pack(b"EXPIRE", key, ttl),
+                pack(b"EXPIRE", owner_key(thread_id).encode(), ttl))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("Conversation memory is unavailable.") from exc

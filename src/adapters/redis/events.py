@@ -3,10 +3,10 @@
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
 first retained id. Appends from all runs of the process are gathered into one batch per round
-trip, written on a connection of its own: under load many events cost one network exchange; alone,
-an event costs one. Appends are submitted without waiting; each caller learns, through its
-callback and in order, when its event is stored, and only then hands it to clients ("logged before
-it is written to any client").
+trip, written on the client's shared connection (with other runs' admissions and closes): under
+load many events cost one network exchange; alone, an event costs one. Appends are submitted
+without waiting; each caller learns, through its callback and in order, when its event is stored,
+and only then hands it to clients ("logged before it is written to any client").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from adapters.redis.client import DedicatedConnection, pack
+from adapters.redis.client import pack, shared_connection
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType
@@ -57,7 +57,7 @@ class RedisEventLog(EventLog):
     def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
                  active_ttl_seconds: int = 86_400, max_batch: int = 512) -> None:
         self._redis = redis
-        self._connection = DedicatedConnection(redis)  # the flusher's own: batches are sequential
+        self._connection = shared_connection(redis)
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
@@ -180,7 +180,6 @@ class RedisEventLog(EventLog):
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
-        await self._connection.aclose()
         queued, self._queue = self._queue, []
         for item in queued:  # nobody may wait forever for an append that will never be tried
             _report(item, StoreUnavailable("The event log is closed."))

@@ -26,6 +26,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from adapters.redis.client import LuaScript, arg, pack, shared_connection
 from adapters.redis.events import event_log_key, snapshot_key
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
@@ -81,7 +82,9 @@ def _text(value: bytes | str) -> str:
 class RedisRunDirectory(RunDirectory):
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._admit = redis.register_script(_ADMIT)
+        # Admission and close are on every run's path: they go through the shared connection.
+        self._shared = shared_connection(redis)
+        self._admit = LuaScript.of(_ADMIT)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -135,7 +138,8 @@ class RedisRunDirectory(RunDirectory):
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
         now = time.time()
-        result = await self._call(self._admit(
+        result = await self._call(self._admit.run(
+            self._shared,
             keys=[_user_slots(record.tenant_id, record.user_id), _tenant_slots(record.tenant_id),
                   meta_key(record.run_id), lease_key(record.run_id)],
             args=[now, now + slot_seconds, record.run_id, user_limit, tenant_limit, int(slot_seconds) + 60,
@@ -147,13 +151,12 @@ class RedisRunDirectory(RunDirectory):
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
         """`finish` and the slots' release in one MULTI; the record is the one this owner
         registered, so it is rewritten without being read first."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(meta_key(record.run_id), orjson.dumps({**record.to_record(), "status": status}),
-                 ex=retention_seconds)
-        pipe.delete(lease_key(record.run_id))
-        pipe.zrem(_user_slots(record.tenant_id, record.user_id), record.run_id)
-        pipe.zrem(_tenant_slots(record.tenant_id), record.run_id)
-        await self._call(pipe.execute())
+        await self._call(self._shared.transaction(
+            pack(b"SET", meta_key(record.run_id).encode(), orjson.dumps({**record.to_record(), "status": status}),
+                 b"EX", arg(retention_seconds)),
+            pack(b"DEL", lease_key(record.run_id).encode()),
+            pack(b"ZREM", _user_slots(record.tenant_id, record.user_id).encode(), record.run_id.encode()),
+            pack(b"ZREM", _tenant_slots(record.tenant_id).encode(), record.run_id.encode())))
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))

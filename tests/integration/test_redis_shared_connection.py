@@ -1,6 +1,6 @@
-"""The event log's own connection: pre-packed commands in one write, every reply in order (error
-replies as values), a reconnect and retry when the server drops it, and a connection that stays in
-step with the server after a cancelled batch."""
+"""The hot path's shared connection: pre-packed commands of concurrent callers in one write, each
+caller's replies in order (error replies as values), a reconnect and retry when the server drops it,
+a connection in step with the server after a cancelled batch, MULTI/EXEC and Lua scripts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from adapters.redis.client import DedicatedConnection, create_redis, pack
+from adapters.redis.client import (
+    DedicatedConnection,
+    LuaScript,
+    SharedConnection,
+    create_redis,
+    pack,
+    shared_connection,
+)
 from tests.redis_server import RedisServer
 
 
@@ -96,3 +103,72 @@ async def test_a_batch_cancelled_at_any_loop_step_leaves_the_connection_in_step(
     finally:
         await connection.aclose()
         await client.aclose()
+
+
+async def test_callers_queued_while_a_batch_is_out_share_the_next_write(redis_client: Redis) -> None:
+    shared = SharedConnection(redis_client)
+    writes: list[int] = []
+    execute = shared._connection.execute
+
+    async def counted(packed: bytes, replies: int) -> list[object]:
+        writes.append(replies)
+        return await execute(packed, replies)
+
+    shared._connection.execute = counted  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(
+            shared.execute(pack(b"SET", b"aura:test:one", b"1"), 1),
+            shared.execute(pack(b"INCR", b"aura:test:one") + pack(b"INCR", b"aura:test:one"), 2),
+            shared.execute(pack(b"GET", b"aura:test:one"), 1))
+        assert [r[-1] for r in results] == [results[0][0], 3, b"3"]
+        assert writes == [4]  # all three callers queued before the sender ran: one write
+        assert shared._sender is None  # nothing lingers once the queue is empty
+    finally:
+        await shared.aclose()
+
+
+async def test_a_caller_cancelled_before_the_write_has_its_commands_dropped(redis_client: Redis) -> None:
+    shared = SharedConnection(redis_client)
+    try:
+        first = asyncio.create_task(shared.execute(pack(b"SET", b"aura:test:kept", b"1"), 1))
+        dropped = asyncio.create_task(shared.execute(pack(b"SET", b"aura:test:dropped", b"1"), 1))
+        await asyncio.sleep(0)  # both queued; the sender has not written yet
+        dropped.cancel()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        assert await redis_client.get("aura:test:kept") == b"1"
+        assert await redis_client.exists("aura:test:dropped") == 0
+    finally:
+        await shared.aclose()
+
+
+async def test_every_caller_of_a_failed_batch_gets_a_typed_error(unused_port: int) -> None:
+    client = create_redis(f"redis://127.0.0.1:{unused_port}/0", connect_timeout_seconds=0.2)
+    shared = SharedConnection(client)
+    try:
+        results = await asyncio.gather(shared.execute(pack(b"PING"), 1), shared.execute(pack(b"PING"), 1),
+                                       return_exceptions=True)
+        assert [type(r) for r in results] == [RedisConnectionError, RedisConnectionError]
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
+async def test_a_transaction_returns_its_results_and_raises_its_first_error(redis_client: Redis) -> None:
+    shared = shared_connection(redis_client)
+    assert shared_connection(redis_client) is shared  # one per client
+    assert await shared.transaction(pack(b"SET", b"aura:test:t", b"1"), pack(b"INCR", b"aura:test:t"),
+                                    pack(b"GET", b"aura:test:t")) in ([b"OK", 2, b"2"], [True, 2, b"2"])
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await shared.transaction(pack(b"INCR", b"aura:test:t"), pack(b"LPUSH", b"aura:test:t", b"x"))
+    assert await redis_client.get("aura:test:t") == b"3"  # EXEC ran the commands before the refused one
+
+
+async def test_a_script_the_server_does_not_know_is_sent_with_its_body(redis_client: Redis) -> None:
+    script = LuaScript.of("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    shared = shared_connection(redis_client)
+    assert await script.run(shared, ["aura:test:n"], [2]) == 2
+    assert await script.run(shared, ["aura:test:n"], [3]) == 5  # by SHA1 now
+    await redis_client.script_flush()
+    assert await script.run(shared, ["aura:test:n"], [4]) == 9
