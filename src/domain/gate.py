@@ -174,6 +174,12 @@ class ApprovalGate:
         was decided meanwhile (by Aura's API, which also published the signal this reacts to),
         answers with that decision instead. A signal the DWP backend published without touching
         the request is recorded here."""
+        # Shielded: a run cancelled while its decision is on the way to the store may still see it
+        # applied there; the decision is then finished and audited, not left unaccounted for.
+        return await asyncio.shield(self._record(created, status, by, reason))
+
+    async def _record(self, created: StoredApproval, status: ApprovalStatus, by: str | None,
+                      reason: str | None) -> ApprovalRequest:
         request = created.request
         result = await self._store.decide(request.request_id, status, decided_by=by,
                                           decided_at=self._clock.timestamp(), reason=reason, expected=created)

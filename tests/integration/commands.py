@@ -6,19 +6,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from adapters.redis.client import SharedConnection
+from adapters.redis.client import SharedConnection, shared_connection
 
 
 class CommandLog:
     """Records every command the client sends (one entry per round trip; a pipeline is one entry,
     PIPELINE, however many commands it carries). Connections the client does not send through
-    (the signal bus's own Pub/Sub connection) are not seen, unless they are shared connections given
-    here: each caller's commands sent through it are one entry, BATCH."""
+    (the signal bus's own Pub/Sub connection) are not seen. What a caller sends through the
+    client's shared connection is one entry too, named by its first command (XADD for an event-log
+    batch, MULTI for a transaction, EVALSHA for a script)."""
 
-    def __init__(self, client: Redis, *dedicated: SharedConnection) -> None:
+    def __init__(self, client: Redis) -> None:
         self.commands: list[str] = []
-        for connection in dedicated:
-            self._record_batches(connection)
+        self._record_shared(shared_connection(client))
         send = client.execute_command
         pipeline = client.pipeline
 
@@ -33,11 +33,11 @@ class CommandLog:
         client.execute_command = recorded  # type: ignore[method-assign]
         client.pipeline = recorded_pipeline  # type: ignore[method-assign]
 
-    def _record_batches(self, connection: SharedConnection) -> None:
+    def _record_shared(self, connection: SharedConnection) -> None:
         execute = connection.execute
 
         async def recorded(packed: bytes, replies: int) -> list[Any]:
-            self.commands.append("BATCH")
+            self.commands.append(packed.split(b"\r\n", 3)[2].decode().upper())  # *<n> $<len> <name>
             return await execute(packed, replies)
 
         connection.execute = recorded  # type: ignore[method-assign]

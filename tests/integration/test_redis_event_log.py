@@ -111,7 +111,7 @@ async def test_closing_the_log_reports_every_queued_append(redis_client: Redis) 
 
 async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
         event_log: RedisEventLog, redis_client: Redis) -> None:
-    commands = CommandLog(redis_client, event_log._connection)
+    commands = CommandLog(redis_client)
     event_log.submit(event(1), {"lastSeq": 1}, lambda _: None)
     await event_log.append(event(2, EventType.END), {"lastSeq": 2, "end": True})
     assert 50 < await redis_client.ttl("aura:run:run_a:events") <= 60
@@ -126,12 +126,12 @@ async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
 
 async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: RedisEventLog,
                                                                     redis_client: Redis) -> None:
-    commands = CommandLog(redis_client, event_log._connection)
+    commands = CommandLog(redis_client)
     for seq in range(1, 51):
         event_log.submit(event(seq), {"lastSeq": seq} if seq % 10 == 0 else None, lambda _: None)
         event_log.submit(event(seq, ids=OTHER), None, lambda _: None)
     await event_log.append(event(51))
-    assert commands.take() == ["BATCH"]  # all 101 were queued before the flusher ran: one round trip
+    assert commands.take() == ["XADD"]  # all 101 were queued before the flusher ran: one round trip
     assert await redis_client.xlen("aura:run:run_a:events") == 51
     assert await redis_client.xlen("aura:run:run_b:events") == 50
     assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 50}

@@ -51,7 +51,7 @@ def redis_harness(redis_client: Redis, *, recheck_seconds: float = 60.0) -> tupl
 async def harness(redis_client: Redis) -> AsyncIterator[tuple[Harness, RecordingTool]]:
     h, commit = redis_harness(redis_client)
     # The server learns the decision script once; every test here counts steady-state round trips.
-    await redis_client.script_load(h.store._decide_script.script)  # type: ignore[attr-defined]
+    await redis_client.script_load(h.store._decide_script.body)  # type: ignore[attr-defined]
     try:
         yield h, commit
     finally:

@@ -30,6 +30,7 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from adapters.redis.client import LuaScript, arg, pack, raise_error, shared_connection
 from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
 from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.errors import StoreUnavailable
@@ -110,25 +111,29 @@ class RedisApprovalStore(ApprovalStore):
         signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
     ) -> None:
         self._redis = redis
+        # An approval's creation, read and decision are on the approval's path (a run parking, a
+        # POST deciding): they go through the client's shared connection.
+        self._shared = shared_connection(redis)
         self._request_ttl_seconds = request_ttl_seconds
         self._session_ttl_seconds = session_ttl_seconds
         self._signal_ttl_seconds = signal_ttl_seconds
-        # EVALSHA, with SCRIPT LOAD and a retry when the server does not know the script yet.
-        self._decide_script = redis.register_script(_DECIDE)
+        # EVALSHA, with the body once when the server does not know the script yet.
+        self._decide_script = LuaScript.of(_DECIDE)
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         index_key = pending_index_key(request.tenant_id, request.user_id)
         record = encode_json(request.to_record())
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(request_key(request.request_id), record, ex=self._request_ttl_seconds)
-                pipe.set(
-                    session_key(request.session_id), encode_json(request.session_record()), ex=self._session_ttl_seconds
-                )
-                if request.status is ApprovalStatus.PENDING:
-                    pipe.zadd(index_key, {request.request_id: request.created_at})
-                    pipe.expire(index_key, self._request_ttl_seconds)
-                await pipe.execute()
+            commands = [
+                pack(b"SET", request_key(request.request_id).encode(), record, b"EX", arg(self._request_ttl_seconds)),
+                pack(b"SET", session_key(request.session_id).encode(), encode_json(request.session_record()),
+                     b"EX", arg(self._session_ttl_seconds)),
+            ]
+            if request.status is ApprovalStatus.PENDING:
+                commands.append(pack(b"ZADD", index_key.encode(), arg(request.created_at),
+                                     request.request_id.encode()))
+                commands.append(pack(b"EXPIRE", index_key.encode(), arg(self._request_ttl_seconds)))
+            await self._shared.transaction(*commands)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return StoredApproval(request, record)
@@ -140,7 +145,8 @@ class RedisApprovalStore(ApprovalStore):
     async def read(self, request_id: str) -> StoredApproval | None:
         key = request_key(request_id)
         try:
-            raw = await self._redis.get(key)
+            (raw,) = await self._shared.execute(pack(b"GET", key.encode()), 1)
+            raise_error(raw)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return None if raw is None else _stored(raw, key)
@@ -214,7 +220,7 @@ class RedisApprovalStore(ApprovalStore):
                     keys.append(signal_key(current.session_id))
                     args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds,
                              channel_name(current.session_id)]
-                reply = await self._decide_script(keys=keys, args=args)
+                reply = await self._decide_script.run(self._shared, keys, args)
                 if isinstance(reply, bytes | str):
                     seen = _stored(reply, key)  # changed since it was read: decide on what is there now
                     continue
