@@ -104,7 +104,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         if aura.get("p99_ms") and floor_same.get("p99_ms"):
             entry["aura_p99_over_floor_same_c"] = aura["p99_ms"] / floor_same["p99_ms"]
             entry["aura_p50_over_floor_same_c"] = aura["p50_ms"] / floor_same["p50_ms"]
-        ratio = entry.get("aura_p99_over_floor_c1")
+    for level, entry in ttfe.items():
+        aura = entry["servers"].get("aura", {})
+        # The goal is held at concurrency 1 (÷ the floor at 1). A burst of new streams is held to
+        # the same ratio against the floor under the same burst: ÷ the floor at concurrency 1
+        # would ask 100 simultaneous connections to open as fast as one.
+        ratio = entry.get("aura_p99_over_floor_c1" if level == "1" else "aura_p99_over_floor_same_c")
         entry["met"] = None if ratio is None else (ratio <= GOALS["ttfe_ratio"] and not aura.get("errors"))
     summary["ttfe"] = ttfe
 
@@ -180,9 +185,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     against: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         if row["phase"] == "against":
-            cell = against[row["load"]].setdefault(row["server"], {"us_per_event": [], "ttfe_p99_ms": []})
+            cell = against[row["load"]].setdefault(row["server"],
+                                                   {"us_per_event": [], "ttfe_p50_ms": [], "ttfe_p99_ms": []})
             cell["us_per_event"].append(row["server_us_per_event"])
             if row.get("ttfe_p99_ms") is not None:
+                cell["ttfe_p50_ms"].append(row["ttfe_p50_ms"])
                 cell["ttfe_p99_ms"].append(row["ttfe_p99_ms"])
     summary["against"] = {load: {name: {k: median(v) if v else None for k, v in cell.items()} | {
         "samples": len(cell["us_per_event"])} for name, cell in servers.items()} for load, servers in against.items()}
@@ -230,7 +237,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     for level, entry in summary["ttfe"].items():
         out.append(f"\nAt {level}: Aura p99 ÷ floor p99 at concurrency 1 = "
                    f"{_fmt(entry.get('aura_p99_over_floor_c1'), 2)}×; ÷ floor p99 at the same concurrency = "
-                   f"{_fmt(entry.get('aura_p99_over_floor_same_c'), 2)}× (goal ≤ {GOALS['ttfe_ratio']}×: "
+                   f"{_fmt(entry.get('aura_p99_over_floor_same_c'), 2)}× (goal ≤ {GOALS['ttfe_ratio']}× "
+                   f"{'at concurrency 1' if level == '1' else 'at the same concurrency'}: "
                    f"{_verdict(entry.get('met'))}).")
 
     ap = summary["approval"]
@@ -276,7 +284,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     out.append("\nLargest ÷ smallest cell: " + ", ".join(f"{k} {_fmt(v, 2)}×" for k, v in g["max_over_min"].items()))
     if summary.get("against"):
         out += ["", "## Against another revision (same run, interleaved; medians)", "",
-                "| load | server | server µs/event | ttfe p99 ms | samples | ÷ the other revision |",
+                "| load | server | server µs/event | ttfe p50 / p99 ms | samples | ÷ the other revision |",
                 "|---|---|---:|---:|---:|---:|"]
         for load, servers in summary["against"].items():
             names = list(servers)
@@ -285,7 +293,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                 other = next((servers[n] for n in names if n != name), None)
                 key = "ttfe_p99_ms" if load.startswith("ttfe") else "us_per_event"
                 ratio = cell[key] / other[key] if other and cell[key] and other[key] else None
-                out.append(f"| {load} | {name} | {_fmt(cell['us_per_event'])} | {_fmt(cell['ttfe_p99_ms'])} | "
+                ttfe = f"{_fmt(cell.get('ttfe_p50_ms'), 2)} / {_fmt(cell['ttfe_p99_ms'], 2)}"
+                out.append(f"| {load} | {name} | {_fmt(cell['us_per_event'])} | {ttfe} | "
                            f"{cell['samples']} | {_fmt(ratio, 2)}× |")
     if summary["options"]:
         out += ["", "## Options (concurrency 100, 200 events per run, server µs/event)", ""]

@@ -228,7 +228,7 @@ class Bench:
     def phase_against(self, current: S.Server, revision: str) -> None:
         """The working tree's Aura against another revision's, interleaved, on the loads where a
         per-run or per-batch change shows: one stream of 200 events, 100 of 200, one stream of the
-        shortest run, and 100 new streams at once (time to first event)."""
+        shortest run, and 100 new streams at once (time to first event, also taken at one stream)."""
         checkout = self.workdir / "against"
         subprocess.run(["git", "-C", str(S.ROOT), "worktree", "add", "--detach", str(checkout), revision],
                        check=True, capture_output=True)
@@ -244,7 +244,7 @@ class Bench:
                 for name, size, concurrency, runs in loads:
                     for target in self.rotate(targets, round_no):
                         spec = {**target.stream_spec(self.cal, size), "total": runs, "concurrency": concurrency,
-                                "connect_limit": min(concurrency, 50)}
+                                "connect_limit": min(concurrency, 50), "ttfe": concurrency == 1}
                         self.load(target, "against", round_no, spec, load=name, concurrency=concurrency)
                 for target in self.rotate(targets, round_no):
                     # 100 new streams at the same instant, as in the ttfe phase
