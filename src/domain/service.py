@@ -38,10 +38,14 @@ class Subscription:
     most one timer, which fires at the earliest deadline it was armed for and re-arms itself for
     the current one when the stream was not quiet after all."""
 
+    __slots__ = ("_deadline", "_events", "_max", "_timer", "_waiter", "overflowed")
+
     def __init__(self, max_buffered: int) -> None:
-        self._events: deque[Event] = deque()
+        # Made by the first push and dropped whenever the watcher waits on an empty buffer: an
+        # empty deque still holds a block of 64 slots, and a parked stream waits for a long time.
+        self._events: deque[Event] | None = None
         self._max = max_buffered
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # set while `next` waits
         self.overflowed = False
         self._deadline: float | None = None  # when the current wait becomes a heartbeat
         self._timer: asyncio.TimerHandle | None = None
@@ -49,29 +53,42 @@ class Subscription:
     def push(self, event: Event) -> None:
         if self.overflowed:
             return
-        if len(self._events) >= self._max:
+        events = self._events
+        if events is None:
+            events = self._events = deque()
+        if len(events) >= self._max:
             self.overflowed = True
-            self._events.clear()  # free the memory now; the watcher resumes from the log
+            self._events = None  # free the memory now; the watcher resumes from the log
         else:
-            self._events.append(event)
-        self._ready.set()
+            events.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self, wait_seconds: float | None) -> Event | None:
         """The next event, or None when nothing came within `wait_seconds` (time for a heartbeat)."""
         if not self._events and not self.overflowed:
-            self._ready.clear()
+            self._events = None
+            loop = asyncio.get_running_loop()
             if wait_seconds is None:
                 self._deadline = None
             else:
-                loop = asyncio.get_running_loop()
                 self._deadline = loop.time() + wait_seconds
                 if self._timer is None:
                     self._timer = loop.call_at(self._deadline, self._deadline_reached)
-            await self._ready.wait()
+            waiter = self._waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
             if not self._events and not self.overflowed:
                 return None  # only the timer wakes a wait without an event: heartbeat time
         if self.overflowed:
             raise SubscriptionOverflow
+        assert self._events is not None
         return self._events.popleft()
 
     def _deadline_reached(self) -> None:
@@ -82,7 +99,7 @@ class Subscription:
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
             if not self._events:
-                self._ready.set()
+                self._wake()
         else:  # the stream was busy since this timer was armed: wait for the current deadline
             self._timer = loop.call_at(deadline, self._deadline_reached)
 
@@ -96,8 +113,9 @@ class Subscription:
     def take_buffered(self, limit: int) -> list[Event]:
         """Events already buffered (no waiting), so a writer can send them in one write."""
         taken: list[Event] = []
-        while self._events and len(taken) < limit and not self.overflowed:
-            taken.append(self._events.popleft())
+        events = self._events
+        while events and len(taken) < limit and not self.overflowed:
+            taken.append(events.popleft())
         return taken
 
 

@@ -122,17 +122,9 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
                     meter.heartbeat()
                     yield HEARTBEAT_FRAME
                 continue
-            # Whatever else is already buffered goes out in the same write: under load a
-            # connection sends a batch per wake-up instead of one frame per event.
-            batch: list[bytes] = []
-            for item in (event, *watcher.take_buffered(BATCH_EVENTS)):
-                meter.event(item.type.value)
-                if item.is_terminal:
-                    finished = True
-                    batch.append(terminal_frame(item, config))
-                    break
-                batch.append(encode_run_event(item))
-            yield b"".join(batch)
+            chunk, finished = _batch(event, watcher, meter, config)
+            event = None  # a parked stream waits long for its next event: hold none of its events
+            yield chunk
             if finished:
                 return
     except SubscriptionOverflow:
@@ -144,6 +136,19 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
         meter.close()
         release.finished = finished
         release()
+
+
+def _batch(event: Event, watcher: Subscription, meter: StreamMeter, config: StreamConfig) -> tuple[bytes, bool]:
+    """`event` and whatever else is already buffered, as one write (under load a connection sends a
+    batch per wake-up instead of one frame per event); True when it ends the stream."""
+    batch: list[bytes] = []
+    for item in (event, *watcher.take_buffered(BATCH_EVENTS)):
+        meter.event(item.type.value)
+        if item.is_terminal:
+            batch.append(terminal_frame(item, config))
+            return b"".join(batch), True
+        batch.append(encode_run_event(item))
+    return b"".join(batch), False
 
 
 def terminal_frame(event: Event, config: StreamConfig) -> bytes:
