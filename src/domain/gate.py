@@ -6,13 +6,14 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
 from domain.errors import ApprovalTimeout, RunCancelled
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
-from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus
+from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
 from domain.recheck import ApprovalRecheck
 from domain.run import Run
 from domain.telemetry import Telemetry
@@ -118,7 +119,7 @@ class ApprovalGate:
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
 
     async def _wait(self, created: StoredApproval, stored: str | bytes | None,
-                    subscription: Any) -> ApprovalRequest:
+                    subscription: SignalSubscription) -> ApprovalRequest:
         request = created.request
         if stored is not None:
             decided = await self._consider(created, stored)
@@ -128,13 +129,13 @@ class ApprovalGate:
         # when the stored request was decided without a signal reaching it, vanished, or passed
         # its expiry by the clock; and this wait's own timer at its expiry.
         rechecked = self._recheck.watch(request)
-        message = asyncio.ensure_future(subscription.next_message())
+        message = subscription.receive()
         try:
             while True:
                 remaining = request.expires_at - self._clock.now()
                 if remaining <= 0:
                     return await self._close(created, ApprovalStatus.EXPIRED, None)
-                await asyncio.wait((message, rechecked), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await _first_of(message, rechecked, remaining)
                 if rechecked.done():
                     current = rechecked.result()
                     if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
@@ -144,7 +145,7 @@ class ApprovalGate:
                     rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
                 if message.done():
                     raw = message.result()
-                    message = asyncio.ensure_future(subscription.next_message())
+                    message = subscription.receive()
                     decided = await self._consider(created, raw)
                     if decided is not None:
                         return decided
@@ -188,3 +189,28 @@ class ApprovalGate:
         if result.applied:
             audit_line("decided", result.request, via="signal" if by else "aura")
         return result.request
+
+
+async def _first_of(first: asyncio.Future[Any], second: asyncio.Future[Any], seconds: float) -> None:
+    """Until either future is done or `seconds` have passed. asyncio.wait does the same
+    with two more coroutines, a set and a closure per call, all of them kept for as long as an
+    approval waits."""
+    if first.done() or second.done():
+        return
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+    wake = partial(_set_once, woken)
+    first.add_done_callback(wake)
+    second.add_done_callback(wake)
+    timer = loop.call_later(seconds, _set_once, woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        first.remove_done_callback(wake)
+        second.remove_done_callback(wake)
+
+
+def _set_once(future: asyncio.Future[None], *_: object) -> None:
+    if not future.done():
+        future.set_result(None)

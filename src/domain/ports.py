@@ -94,6 +94,13 @@ class SignalSubscription(ABC):
     async def next_message(self) -> str | bytes:
         """Wait for the next raw message published on the session's channel."""
 
+    def receive(self) -> asyncio.Future[str | bytes]:
+        """The next raw message as a future, for a caller that waits for it among other things;
+        cancelling the future gives up on it (a message not yet taken stays queued). This runs
+        `next_message` in a task; an adapter may complete a plain future instead, which a wait
+        that lasts as long as an approval holds for much less memory than a task."""
+        return asyncio.ensure_future(self.next_message())
+
 
 class SignalBus(ABC):
     """Approval signals on `hitl:channel:{sessionId}`, the last one kept at `hitl:signal:{sessionId}`."""

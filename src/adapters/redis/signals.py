@@ -86,34 +86,99 @@ class SignalBusClosed(StoreUnavailable):
 
 
 class _Subscription(SignalSubscription):
-    """One wait's view of a channel: its own bounded queue, fed by the bus's reader."""
+    """One wait's view of a channel: its own bounded buffer, fed by the bus's reader.
+
+    No asyncio.Queue (three deques and an Event, some 3 KiB, for a buffer that is almost always
+    empty) and no task per read: a wait holds one future, which `deliver` completes."""
+
+    __slots__ = ("_buffered", "_ended", "_readers", "_size", "channel")
 
     def __init__(self, channel: bytes, queue_size: int) -> None:
         self.channel = channel
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_size)
+        self._size = queue_size
+        self._buffered: deque[bytes] | None = None  # delivered before anyone asked for them
+        self._readers: list[asyncio.Future[bytes]] = []  # asked before anything was delivered
+        self._ended = False
 
     def deliver(self, payload: bytes) -> None:
-        if self._queue.full():
+        while self._readers:
+            reader = self._readers.pop(0)
+            if not reader.done():  # a reader that gave up (cancelled) gets nothing
+                reader.set_result(payload)
+                return
+        buffered = self._buffered
+        if buffered is None:
+            buffered = self._buffered = deque()
+        if len(buffered) >= self._size:
             # A wait that never reads must not grow without bound nor stall every other wait.
-            self._queue.get_nowait()
+            buffered.popleft()
             _log.warning(
                 "a wait on %r is not reading its signals; dropped the oldest one",
                 self.channel.decode("utf-8", "replace"),
             )
-        self._queue.put_nowait(payload)
+        buffered.append(payload)
 
     def end(self) -> None:
-        """The bus closed: wake the waiter (None is the end marker)."""
-        if self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(None)
+        """The bus closed: wake the waiter (messages delivered before still come first)."""
+        self._ended = True
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            if not reader.done():
+                reader.set_exception(SignalBusClosed("the signal bus is closed"))
+
+    def receive(self) -> asyncio.Future[bytes]:  # type: ignore[override]  # bytes is str | bytes
+        reader: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        buffered = self._buffered
+        if buffered:
+            reader.set_result(buffered.popleft())
+            if not buffered:
+                self._buffered = None
+        elif self._ended:
+            reader.set_exception(SignalBusClosed("the signal bus is closed"))  # every later call ends so
+        else:
+            self._readers = [r for r in self._readers if not r.done()]
+            self._readers.append(reader)
+        return reader
 
     async def next_message(self) -> bytes:
-        payload = await self._queue.get()
-        if payload is None:
-            self._queue.put_nowait(None)  # every later call ends the same way
-            raise SignalBusClosed("the signal bus is closed")
-        return payload
+        return await self.receive()
+
+
+class _Confirmation:
+    """Whether the server confirmed a channel's SUBSCRIBE: an asyncio.Event's behaviour (set, clear,
+    wait until set) without its deque, which every waiting run's channel held for its whole wait."""
+
+    __slots__ = ("_confirmed", "_waiters")
+
+    def __init__(self) -> None:
+        self._confirmed = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._confirmed
+
+    def set(self) -> None:
+        self._confirmed = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._confirmed = False
+
+    async def wait(self) -> None:
+        if self._confirmed:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 class _Channel:
@@ -127,7 +192,7 @@ class _Channel:
         # SUBSCRIBE sent on the current connection and no UNSUBSCRIBE since.
         self.on_wire = False
         # The server confirmed that SUBSCRIBE; cleared when the connection is lost.
-        self.confirmed = asyncio.Event()
+        self.confirmed = _Confirmation()
         # Resubscribed after an outage: deliver the stored signal once confirmed.
         self.replay_when_confirmed = False
 

@@ -1,0 +1,177 @@
+"""A run waiting for approval waits on its signal channel with a future, not a task and a queue
+(docs/performance.md, parked runs); the behaviour of the queue and the event they replaced stays."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from adapters.redis.signals import SignalBusClosed, _Confirmation, _Subscription
+from domain.agent import Agent
+from domain.approval import Signal
+from domain.events import Event
+from domain.gate import ApprovalGate, GateSettings
+from domain.ports import Clock, SignalSubscription
+from domain.service import RunService
+from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, _QueueSubscription, text, tool_call
+from tests.unit.harness import Harness, summary
+from tests.unit.test_approval_gate import PLAN, finish, until
+
+# -- a wait's view of its signal channel ---------------------------------------------------------------
+
+
+async def test_a_signal_subscription_delivers_in_order_to_one_future_per_read() -> None:
+    subscription = _Subscription(b"hitl:channel:s", queue_size=4)
+    first = subscription.receive()
+    assert not first.done()
+    subscription.deliver(b"a")
+    subscription.deliver(b"b")
+    assert first.result() == b"a"
+    assert await subscription.next_message() == b"b"
+    assert not any(isinstance(ref, deque) for ref in gc.get_referents(subscription))  # nothing buffered
+
+
+async def test_a_read_given_up_leaves_its_signal_for_the_next_read() -> None:
+    subscription = _Subscription(b"hitl:channel:s", queue_size=4)
+    given_up = subscription.receive()
+    given_up.cancel()
+    subscription.deliver(b"a")
+    assert await asyncio.wait_for(subscription.next_message(), 1) == b"a"
+    cancelled_read = asyncio.ensure_future(subscription.next_message())
+    await asyncio.sleep(0)
+    cancelled_read.cancel()
+    await asyncio.gather(cancelled_read, return_exceptions=True)
+    subscription.deliver(b"b")
+    assert subscription.receive().result() == b"b"
+
+
+async def test_a_full_signal_buffer_drops_the_oldest_and_the_end_comes_after_what_was_delivered() -> None:
+    subscription = _Subscription(b"hitl:channel:s", queue_size=2)
+    for payload in (b"1", b"2", b"3"):
+        subscription.deliver(payload)
+    waiting = _Subscription(b"hitl:channel:t", queue_size=2)
+    pending = waiting.receive()
+    subscription.end()
+    waiting.end()
+    assert [await subscription.next_message(), await subscription.next_message()] == [b"2", b"3"]
+    for _ in range(2):  # every later read ends the same way
+        with pytest.raises(SignalBusClosed):
+            await subscription.next_message()
+    with pytest.raises(SignalBusClosed):
+        await pending
+
+
+async def test_a_channel_confirmation_behaves_as_an_event() -> None:
+    confirmation = _Confirmation()
+    waiters: list[Any] = [asyncio.ensure_future(confirmation.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters) and not confirmation.is_set()
+    waiters[0].cancel()
+    confirmation.set()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert [w.cancelled() for w in waiters] == [True, False, False] and confirmation.is_set()
+    await asyncio.wait_for(confirmation.wait(), 1)  # already set: no wait
+    confirmation.clear()
+    again = asyncio.ensure_future(confirmation.wait())
+    await asyncio.sleep(0)
+    assert not again.done()
+    confirmation.set()
+    await asyncio.wait_for(again, 1)
+
+
+# -- the gate's wait ---------------------------------------------------------------------------------------
+
+class _Delivering:
+    """A fake channel buffer that completes the reader's future, as the Redis bus's subscription does."""
+
+    def __init__(self) -> None:
+        self.buffered: list[str | bytes] = []
+        self.reader: asyncio.Future[str | bytes] | None = None
+
+    def put_nowait(self, raw: str | bytes) -> None:
+        if self.reader is not None and not self.reader.done():
+            self.reader.set_result(raw)
+        else:
+            self.buffered.append(raw)
+
+
+class _FutureSubscription(_QueueSubscription):
+    def __init__(self) -> None:
+        self.queue = _Delivering()  # type: ignore[assignment]
+
+    def receive(self) -> asyncio.Future[str | bytes]:
+        future: asyncio.Future[str | bytes] = asyncio.get_running_loop().create_future()
+        channel: _Delivering = self.queue  # type: ignore[assignment]
+        if channel.buffered:
+            future.set_result(channel.buffered.pop(0))
+        else:
+            channel.reader = future
+        return future
+
+
+class _FutureSignalBus(MemorySignalBus):
+    @asynccontextmanager
+    async def subscribe(self, session_id: str) -> AsyncIterator[SignalSubscription]:
+        subscription = _FutureSubscription()
+        self.subscribers[session_id].append(subscription)
+        try:
+            yield subscription
+        finally:
+            self.subscribers[session_id].remove(subscription)
+            if not self.subscribers[session_id]:
+                del self.subscribers[session_id]
+
+
+class _WallClock(Clock):
+    def now(self) -> float:
+        import time
+        return time.time()
+
+
+def _gate_harness(bus: MemorySignalBus, settings: GateSettings,
+                  clock: Clock | None = None) -> tuple[Harness, RecordingTool]:
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
+    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
+    h = Harness(model, tools=[commit], gate_settings=settings)
+    h.bus = bus
+    h.store.bus = bus
+    if clock is not None:
+        h.clock = clock  # type: ignore[assignment]
+    h.gate = ApprovalGate(h.store, bus, h.clock, h.ids, settings)
+    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
+    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    return h, commit
+
+
+_PROCESS_TASKS = {"aura-hitl-recheck", "run lease renewal"}
+
+
+async def test_a_parked_run_waits_in_its_own_task_alone_and_a_signal_still_wakes_it() -> None:
+    h, commit = _gate_harness(_FutureSignalBus(), GateSettings(timeout_seconds=300, recheck_seconds=5))
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    others = {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and t.get_name() not in _PROCESS_TASKS}
+    assert others == {handle.task}, f"tasks while parked: {[t.get_name() for t in others]}"
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+
+
+async def test_a_wait_nobody_decides_ends_at_its_expiry_by_its_own_timer() -> None:
+    # A re-check far later than the expiry: only the wait's own timer can end it in time.
+    h, commit = _gate_harness(MemorySignalBus(), GateSettings(timeout_seconds=1, recheck_seconds=60), _WallClock())
+    _, watcher = await h.start()
+    seen: list[Event] = []
+    async with asyncio.timeout(5):
+        events = await finish(watcher, seen)
+    assert summary(events)[-2:] == [("error", "hitl_timeout"), ("end", "timeout", "hitl_timeout")]
+    assert commit.calls == [] and h.bus.subscribers == {}
