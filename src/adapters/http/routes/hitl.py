@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dependency_injector.wiring import Provide, inject
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint
+from quart import Blueprint, Response
 from quart_schema import document_request
 
 from adapters.http.bodies import optional_body
 from adapters.http.problems import Problem
-from adapters.http.web import current_principal
+from adapters.http.web import current_principal, json_response
 from domain.desk import AlreadyDecided, ApprovalDesk
 
 bp = Blueprint("hitl", __name__)
@@ -35,33 +33,33 @@ def _already_decided(error: AlreadyDecided) -> Problem:
 
 @bp.get("/aura/hitl/requests/<request_id>")
 @inject
-async def get_request(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+async def get_request(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> Response:
     """An approval request, as stored at hitl:request:{requestId}."""
-    return (await desk.get(current_principal(), request_id)).to_record()
+    return json_response((await desk.get(current_principal(), request_id)).to_record())
 
 
 @bp.get("/aura/hitl/requests")
 @inject
-async def pending_requests(desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+async def pending_requests(desk: ApprovalDesk = Provide["approval_desk"]) -> Response:
     """The caller's pending approval requests."""
-    return {"requests": [r.to_record() for r in await desk.pending(current_principal())]}
+    return json_response({"requests": [r.to_record() for r in await desk.pending(current_principal())]})
 
 
 @bp.get("/aura/hitl/signals/<session_id>")
 @inject
-async def get_signal(session_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+async def get_signal(session_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> Response:
     """The last signal of a session, as stored at hitl:signal:{sessionId}."""
-    return await desk.latest_signal(current_principal(), session_id)
+    return json_response(await desk.latest_signal(current_principal(), session_id))
 
 
 @bp.post("/aura/hitl/approve/<request_id>")
 @document_request(ApproveBody)
 @inject
-async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> Response:
     """Approve a pending request; the waiting run carries on with the action."""
     await optional_body(ApproveBody)
     try:
-        return (await desk.decide(current_principal(), request_id, approve=True)).to_record()
+        return json_response((await desk.decide(current_principal(), request_id, approve=True)).to_record())
     except AlreadyDecided as error:
         raise _already_decided(error) from None
 
@@ -69,11 +67,12 @@ async def approve(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]
 @bp.post("/aura/hitl/reject/<request_id>")
 @document_request(RejectBody)
 @inject
-async def reject(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> dict[str, Any]:
+async def reject(request_id: str, desk: ApprovalDesk = Provide["approval_desk"]) -> Response:
     """Reject a pending request with an optional reason; the action does not run."""
     body = await optional_body(RejectBody)
     try:
-        return (await desk.decide(current_principal(), request_id, approve=False, reason=body.reason)).to_record()
+        decided = await desk.decide(current_principal(), request_id, approve=False, reason=body.reason)
+        return json_response(decided.to_record())
     except AlreadyDecided as error:
         raise _already_decided(error) from None
 

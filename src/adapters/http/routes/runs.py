@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response, request
 
 from adapters.http.problems import Problem
 from adapters.http.routes.streaming import StreamConfig, resumed_frames, sse_response
-from adapters.http.web import current_principal
+from adapters.http.web import current_principal, json_response
 from domain.access import RunAccess
 
 bp = Blueprint("runs", __name__)
@@ -29,9 +27,9 @@ def last_event_id() -> int:
 
 @bp.get("/aura/runs/<run_id>")
 @inject
-async def run_snapshot(run_id: str, access: RunAccess = Provide["run_access"]) -> dict[str, Any]:
+async def run_snapshot(run_id: str, access: RunAccess = Provide["run_access"]) -> Response:
     """The run's current state: status, plan with step statuses, timeline, pending approval, answer so far."""
-    return await access.snapshot(current_principal(), run_id)
+    return json_response(await access.snapshot(current_principal(), run_id))
 
 
 @bp.get("/aura/runs/<run_id>/events")
@@ -48,7 +46,7 @@ async def run_events(run_id: str, access: RunAccess = Provide["run_access"],
 
 @bp.post("/aura/runs/<run_id>/cancel")
 @inject
-async def cancel_run(run_id: str, access: RunAccess = Provide["run_access"]) -> tuple[dict[str, Any], int]:
+async def cancel_run(run_id: str, access: RunAccess = Provide["run_access"]) -> Response:
     """Cancel the run wherever it runs; its watchers get `end` (cancelled, user_cancelled) and [DONE]."""
     outcome = await access.cancel(current_principal(), run_id)
-    return {"runId": run_id, "status": outcome}, 202 if outcome == "cancelling" else 200
+    return json_response({"runId": run_id, "status": outcome}, 202 if outcome == "cancelling" else 200)
