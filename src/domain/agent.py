@@ -14,7 +14,18 @@ from domain.approval import ApprovalStatus
 from domain.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
 from domain.events import EventType, ThoughtType
 from domain.gate import ApprovalGate
-from domain.model import ChatMessage, ChatRequest, ContentDelta, ModelChunk, ModelTurn, Purpose, Role, ToolCall
+from domain.model import (
+    ChatMessage,
+    ChatRequest,
+    ContentDelta,
+    ModelChunk,
+    ModelTurn,
+    Purpose,
+    Role,
+    ToolCall,
+    pack_messages,
+    unpack_messages,
+)
 from domain.plan import PlannedStep, PlanStep, StepStatus, parse_plan
 from domain.ports import ChatModel
 from domain.run import Run
@@ -138,27 +149,30 @@ class Agent:
                           + (f" — using {step.tool}." if step.tool else "."))
         messages.append(ChatMessage(Role.USER, prompts.step_prompt(step.index, total, step.description,
                                                                    step.tool, step.args)))
-        step_hints = {**hints, "step": {"index": step.index, "total": total, "description": step.description,
-                                        "tool": step.tool, "args": step.args}}
         outcome = _StepOutcome()
         calls_in_step = 0
         note = ""
         while True:
+            # The step's hints are made per call and the turn is let go once read: a step that
+            # waits for approval holds neither.
             turn = await self._complete(ChatRequest(
                 messages=list(messages), purpose=Purpose.STEP,
                 tools=[spec.as_model_schema() for spec in self._tools.specs()],
-                hints=step_hints, trace_headers=self._trace_headers(run)))
-            calls = turn.tool_calls()
-            messages.append(ChatMessage(Role.ASSISTANT, turn.text, tool_calls=tuple(calls)))
+                hints={**hints, "step": {"index": step.index, "total": total, "description": step.description,
+                                         "tool": step.tool, "args": step.args}},
+                trace_headers=self._trace_headers(run)))
+            calls, reply = turn.tool_calls(), turn.text
+            del turn
+            messages.append(ChatMessage(Role.ASSISTANT, reply, tool_calls=tuple(calls)))
             if not calls:
-                note = turn.text.strip()
+                note = reply.strip()
                 break
             for call in calls:
                 if calls_in_step >= self._limits.max_tool_calls_per_step:
                     raise BudgetExceeded(f"Step {step.index} asked for more than "
                                          f"{self._limits.max_tool_calls_per_step} tool calls.")
                 calls_in_step += 1
-                result_text = await self._call_tool(run, step, call, outcome)
+                result_text = await self._call_tool(run, step, call, outcome, messages)
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
                 progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
                 await run.step_update(step, StepStatus.IN_PROGRESS, progress, f"{call.name} done")
@@ -171,7 +185,8 @@ class Agent:
         await run.step_update(step, status, 1.0, note[:500])
         await run.timeline_update(step.step_id, step.description, status, 1.0)
 
-    async def _call_tool(self, run: Run, step: PlanStep, call: ToolCall, outcome: _StepOutcome) -> str:
+    async def _call_tool(self, run: Run, step: PlanStep, call: ToolCall, outcome: _StepOutcome,
+                         messages: list[ChatMessage]) -> str:
         """Run one tool call through validation and, when needed, the approval gate. Returns the
         text fed back to the model. Bad arguments and tool failures are told to the model."""
         if run.tool_calls >= self._limits.max_tool_calls:
@@ -193,14 +208,23 @@ class Agent:
                                                       else {}, "status": "failed", "result": None,
                                                       "error": exc.message, "requiresApproval": False})
             return f"Error: {exc.message}"
+        del raw_args  # validated into `args`
         tool = self._tools.get(call.name)
         needs_approval = self._tools.needs_approval(call.name, args)
         base.update({"toolArgs": args, "requiresApproval": needs_approval})
         await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "pending", "result": None, "error": None})
         if needs_approval:
-            decided = await self._gate.await_decision(
-                run, step, call.name, tool.spec.action_type, args,
-                f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
+            # A human may take minutes to decide, and the conversation with the model is most of
+            # what a waiting run holds: keep it packed until the decision (docs/performance.md).
+            packed = pack_messages(messages)
+            messages.clear()
+            try:
+                decided = await self._gate.await_decision(
+                    run, step, call.name, tool.spec.action_type, args,
+                    f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
+            finally:
+                messages[:] = unpack_messages(packed)
+                del packed
             if decided.status is ApprovalStatus.REJECTED:
                 outcome.rejected += 1
                 self._telemetry.tool_call(call.name, "rejected")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,6 +31,21 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+
+
+def pack_messages(messages: Sequence[ChatMessage]) -> bytes:
+    """The messages as one compressed value, for a run that will not need them for a long time (a
+    run waiting for approval): a conversation's text compresses well, and one bytes object holds
+    far less than a message object and a string per message. `unpack_messages` gives them back equal."""
+    rows = [[m.role.value, m.content, [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id, m.name]
+            for m in messages]
+    # ensure_ascii: any string (even one with lone surrogates) round-trips through ASCII
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode("ascii"), 1)
+
+
+def unpack_messages(packed: bytes) -> list[ChatMessage]:
+    return [ChatMessage(Role(role), content, tuple(ToolCall(*call) for call in calls), tool_call_id, name)
+            for role, content, calls, tool_call_id, name in json.loads(zlib.decompress(packed))]
 
 
 class Purpose(StrEnum):

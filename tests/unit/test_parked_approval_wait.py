@@ -17,6 +17,7 @@ from domain.agent import Agent
 from domain.approval import Signal
 from domain.events import Event
 from domain.gate import ApprovalGate, GateSettings
+from domain.model import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
 from domain.ports import Clock, SignalSubscription
 from domain.service import RunService
 from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, _QueueSubscription, text, tool_call
@@ -175,3 +176,55 @@ async def test_a_wait_nobody_decides_ends_at_its_expiry_by_its_own_timer() -> No
         events = await finish(watcher, seen)
     assert summary(events)[-2:] == [("error", "hitl_timeout"), ("end", "timeout", "hitl_timeout")]
     assert commit.calls == [] and h.bus.subscribers == {}
+
+
+# -- the agent's conversation while it waits -------------------------------------------------------------
+
+def test_packed_messages_come_back_equal() -> None:
+    messages = [
+        ChatMessage(Role.SYSTEM, 'page {"title": "é \ud800 ✓"}'),
+        ChatMessage(Role.USER, "prompt\nwith lines"),
+        ChatMessage(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "commit", '{"value": "v"}'),
+                                                      ToolCall("call_2", "log", ""))),
+        ChatMessage(Role.TOOL, "x" * 5000, tool_call_id="call_1", name="commit"),
+    ]
+    packed = pack_messages(messages)
+    assert unpack_messages(packed) == messages
+    assert len(packed) < 1000  # compressed: the tool result repeats itself
+
+
+def _frame_locals(task: asyncio.Task[Any], name: str) -> dict[str, Any]:
+    coro: Any = task.get_coro()
+    while coro is not None:
+        if coro.cr_code.co_name == name:
+            return dict(coro.cr_frame.f_locals)
+        coro = coro.cr_await
+    raise AssertionError(f"{name} is not in the run's chain")
+
+
+async def test_a_run_approved_after_parking_goes_on_with_its_whole_conversation() -> None:
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
+    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
+    h = Harness(model, tools=[commit])
+    context = {"title": "Repo overview", "metadata": {"owner": "alice", "notes": "n" * 2000}}
+    handle, watcher = await h.start("Commit the work", context=context)
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert _frame_locals(handle.task, "_carry_out")["messages"] == []  # packed while it waits
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+
+    _, before, after, answer = model.requests
+    assert before.purpose is Purpose.STEP and after.purpose is Purpose.STEP and answer.purpose is Purpose.ANSWER
+    system = before.messages[0]
+    assert system.role is Role.SYSTEM and '"owner": "alice"' in system.content and "n" * 2000 in system.content
+    # after the approval the model sees everything it saw before, then its call and the result
+    assert list(after.messages[:len(before.messages)]) == list(before.messages)
+    call, result = after.messages[len(before.messages):]
+    assert call == ChatMessage(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "commit", '{"value": "v"}'),))
+    assert result.role is Role.TOOL and result.tool_call_id == "call_1" and "committed abc123" in result.content
+    assert after.hints["step"] == before.hints["step"] and after.hints["context"] == context
+    assert list(answer.messages[:len(after.messages)]) == list(after.messages)
