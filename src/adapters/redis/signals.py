@@ -28,8 +28,8 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -197,6 +197,55 @@ class _Channel:
         self.replay_when_confirmed = False
 
 
+class _Wait:
+    """`RedisSignalBus.subscribe`: joins the session's channel (SUBSCRIBE confirmed before it enters)
+    and leaves it however the wait ends (UNSUBSCRIBE when it was the channel's last wait). A class
+    rather than an @asynccontextmanager: a waiting run keeps it for the whole wait, and a generator,
+    its frame and the context manager around it are several times this object's size."""
+
+    __slots__ = ("_bus", "_channel", "_session_id", "_subscription")
+
+    def __init__(self, bus: RedisSignalBus, session_id: str) -> None:
+        self._bus = bus
+        self._session_id = session_id
+        self._channel: _Channel | None = None
+        self._subscription: _Subscription | None = None
+
+    async def __aenter__(self) -> SignalSubscription:
+        bus = self._bus
+        if bus._closed:
+            raise SignalBusClosed("the signal bus is closed")
+        name = channel_name(self._session_id).encode("utf-8")
+        channel = bus._channels.get(name)
+        if channel is None:
+            channel = bus._channels[name] = _Channel(name)
+        subscription = _Subscription(name, bus._queue_size)
+        channel.subscribers.add(subscription)
+        self._channel, self._subscription = channel, subscription
+        try:
+            bus._ensure_reader()
+            await bus._shielded(bus._put_on_wire(channel))
+            await channel.confirmed.wait()
+            if bus._closed:
+                raise SignalBusClosed("the signal bus is closed")
+        except BaseException:
+            await self._leave()
+            raise
+        return subscription
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._leave()
+
+    async def _leave(self) -> None:
+        channel, subscription = self._channel, self._subscription
+        if channel is None or subscription is None:
+            return
+        self._channel = self._subscription = None
+        channel.subscribers.discard(subscription)
+        if not channel.subscribers:
+            await self._bus._shielded(self._bus._release(channel))
+
+
 # What the reader expects back, per channel and in command order: a SUBSCRIBE confirmation
 # completes the `_Channel` that asked for it, an UNSUBSCRIBE confirmation completes a future.
 _Ack = _Channel | asyncio.Future[None]
@@ -237,7 +286,7 @@ class RedisSignalBus(SignalBus):
     # -- the port -----------------------------------------------------------------------------
 
     def subscribe(self, session_id: str) -> AbstractAsyncContextManager[SignalSubscription]:
-        return self._subscription(session_id)
+        return _Wait(self, session_id)
 
     async def publish(self, session_id: str, signal: Signal) -> int:
         """As the Java service does: store the signal (TTL 300 s), then publish the same JSON."""
@@ -283,28 +332,6 @@ class RedisSignalBus(SignalBus):
             await asyncio.wait(set(self._background))
 
     # -- subscriptions ------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _subscription(self, session_id: str) -> AsyncIterator[SignalSubscription]:
-        if self._closed:
-            raise SignalBusClosed("the signal bus is closed")
-        name = channel_name(session_id).encode("utf-8")
-        channel = self._channels.get(name)
-        if channel is None:
-            channel = self._channels[name] = _Channel(name)
-        subscription = _Subscription(name, self._queue_size)
-        channel.subscribers.add(subscription)
-        try:
-            self._ensure_reader()
-            await self._shielded(self._put_on_wire(channel))
-            await channel.confirmed.wait()
-            if self._closed:
-                raise SignalBusClosed("the signal bus is closed")
-            yield subscription
-        finally:
-            channel.subscribers.discard(subscription)
-            if not channel.subscribers:
-                await self._shielded(self._release(channel))
 
     async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
         """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
