@@ -195,6 +195,8 @@ class RunHandle:
     record: RunRecord
     started: bool = False
     failure: Exception | None = None  # the store failed while the run was not writing to it
+    deadline: float | None = None  # loop time by which the agent must be done; None once it is
+    over_budget: bool = False
 
     @property
     def run_id(self) -> str:
@@ -205,6 +207,12 @@ class RunHandle:
         if self.failure is None:
             self.failure = error
             self.cancel("store_unavailable")
+
+    def exceed_budget(self) -> None:
+        """The agent took longer than the run's budget: stop it; it ends `failed` budget_exceeded
+        (unless it was already being cancelled for another reason)."""
+        if self.run.cancel_reason is None and self.cancel("budget_exceeded"):
+            self.over_budget = True
 
     def cancel(self, reason: str) -> bool:
         if self.task is None or self.task.done():
@@ -265,6 +273,7 @@ class RunService:
         self.instance_id = instance_id
         self._runs: dict[str, RunHandle] = {}
         self._lease_task: asyncio.Task[None] | None = None
+        self._budget_timer: asyncio.TimerHandle | None = None
         self.accepting = True
 
     # -- queries ---------------------------------------------------------------------------
@@ -309,7 +318,9 @@ class RunService:
         handle = RunHandle(run=run, task=None, watchers=feed.watchers, record=record)
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
+        handle.deadline = asyncio.get_running_loop().time() + self._limits.max_run_seconds
         handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}")
+        self._arm_budget()
         self._ensure_lease_renewal()
         return handle, watcher
 
@@ -343,6 +354,33 @@ class RunService:
         if self._lease_task is not None:
             self._lease_task.cancel()
             await asyncio.gather(self._lease_task, return_exceptions=True)
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
+
+    def _arm_budget(self) -> None:
+        """One timer per process for the runs' time budget, at the earliest deadline of an agent
+        still working. Every run has the same budget and `_runs` keeps them in start order, so the
+        oldest such run's is the earliest; a timer per run (asyncio.timeout) was one more handle
+        and object kept by every run waiting for approval."""
+        if self._budget_timer is not None:
+            return
+        for handle in self._runs.values():
+            if handle.deadline is not None:
+                self._budget_timer = asyncio.get_running_loop().call_at(handle.deadline, self._budget_due)
+                return
+
+    def _budget_due(self) -> None:
+        self._budget_timer = None
+        now = asyncio.get_running_loop().time()
+        for handle in list(self._runs.values()):
+            if handle.deadline is None:
+                continue
+            if handle.deadline > now:
+                break
+            handle.deadline = None
+            handle.exceed_budget()
+        self._arm_budget()
 
     def _ensure_lease_renewal(self) -> None:
         if self._lease_task is None or self._lease_task.done():
@@ -376,12 +414,16 @@ class RunService:
                 "message": "Aura started working on your request.",
                 "resumeUrl": f"/aura/runs/{run.ids.run_id}/events",
             })
-            async with asyncio.timeout(self._limits.max_run_seconds):
-                answer = await self._agent.execute(run, history)
+            answer = await self._agent.execute(run, history)
+            handle.deadline = None  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)
             await run.end(RunStatus.COMPLETED, "completed", "The run completed.")
         except asyncio.CancelledError:
-            if handle.failure is not None:
+            if handle.over_budget:
+                await self._finish(run, RunStatus.FAILED, "budget_exceeded",
+                                   f"The run took longer than {self._limits.max_run_seconds:g} s.",
+                                   error=("budget_exceeded", False))
+            elif handle.failure is not None:
                 error = handle.failure
                 code, message = (error.code, error.message) if isinstance(error, AuraError) else (
                     StoreUnavailable.code, "The event log is unavailable.")
