@@ -218,7 +218,9 @@ def _pct(values: list[float], q: float) -> float:
 
 async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
     """Park `batch` waits on instance A, then approve them one after another on instance B: the
-    latency is from sending the approve POST to reading the `running` event on A's stream."""
+    latency is from sending the approve POST to reading the `running` event on A's stream. Back to
+    back by default (the next approval goes out while A still finishes the one before and the
+    client still reads its stream); `isolated` waits until that stream has ended first."""
     a, b = spec["a_port"], spec["b_port"]
     aura = spec["kind"] == "aura"
     total, batch = int(spec["total"]), int(spec["batch"])
@@ -287,6 +289,8 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
                 stream.response.close()
                 continue
             drains.append(asyncio.create_task(_finish(stream)))
+            if spec.get("isolated"):
+                await drains[-1]
         await asyncio.gather(*drains)
         done += size
     return {"approvals": len(latencies), "errors": len(errors), "error_kinds": _errors_summary(errors),

@@ -137,6 +137,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         approval["aura_p99_over_floor"] = approval["aura"]["p99_ms"] / approval["quart-floor"]["p99_ms"]
         approval["aura_p50_over_floor"] = approval["aura"]["p50_ms"] / approval["quart-floor"]["p50_ms"]
         approval["met"] = approval["aura_p99_over_floor"] <= GOALS["approval_ratio"] and approval["aura"]["n"] >= 2000
+    if "aura (isolated)" in approval and "quart-floor (isolated)" in approval:
+        approval["isolated_p99_over_floor"] = (approval["aura (isolated)"]["p99_ms"]
+                                               / approval["quart-floor (isolated)"]["p99_ms"])
+        approval["isolated_p50_over_floor"] = (approval["aura (isolated)"]["p50_ms"]
+                                               / approval["quart-floor (isolated)"]["p50_ms"])
     summary["approval"] = approval
 
     # -- parked runs --------------------------------------------------------------------------
@@ -245,7 +250,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
             "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |",
             "|---|---:|---:|---:|---:|---:|"]
-    for name in ("aura", "quart-floor", "redis-floor"):
+    for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor"):
         if name in ap:
             s = ap[name]
             out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
@@ -253,6 +258,10 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     if "aura_p99_over_floor" in ap:
         out.append(f"\nAura ÷ bare-Quart floor: p50 {ap['aura_p50_over_floor']:.2f}×, p99 "
                    f"{ap['aura_p99_over_floor']:.2f}× (goal p99 ≤ {GOALS['approval_ratio']}×: {_verdict(ap['met'])}).")
+    if "isolated_p99_over_floor" in ap:
+        out.append(f"\nIsolated (each approval once the run before it has ended): Aura ÷ bare-Quart floor p50 "
+                   f"{ap['isolated_p50_over_floor']:.2f}×, p99 {ap['isolated_p99_over_floor']:.2f}× (for "
+                   "context: the goal is held to the back-to-back figure above).")
 
     out += ["", "## Parked runs (waiting for approval, heartbeats every 5 s)", "",
             "| N | server | parked | errors | heartbeats min | KiB/stream (RSS) | RSS parked MiB | hold CPU % | "

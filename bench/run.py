@@ -290,10 +290,14 @@ class Bench:
                     self.load(target, "growth", round_no, spec, concurrency=concurrency, target_events=events)
 
     def phase_approvals(self, pairs: list[tuple[str, S.Server, S.Server]], round_no: int, total: int) -> None:
-        for name, a, b in self.rotate(pairs, round_no):
+        # Back to back (the goal's measurement), then isolated: each approval only once the run
+        # approved before it has ended, which separates the approval path from A's other work.
+        runs = [(name, a, b, total, False) for name, a, b in self.rotate(pairs, round_no)]
+        runs += [(f"{name} (isolated)", a, b, max(1, total // 3), True) for name, a, b in self.rotate(pairs, round_no)]
+        for name, a, b, count, isolated in runs:
             aura = name.startswith("aura")
             spec: dict[str, Any] = {"kind": "aura" if aura else "floor", "a_port": a.port, "b_port": b.port,
-                                    "total": total, "batch": self.mode.approval_batch}
+                                    "total": count, "batch": self.mode.approval_batch, "isolated": isolated}
             if aura:
                 spec.update(path=STREAM_PATH, body={"prompt": PARK_PROMPT},
                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
