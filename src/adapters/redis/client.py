@@ -131,10 +131,10 @@ def pack(*args: bytes) -> bytes:
 
 class DedicatedConnection:
     """A connection with the client's settings (URL, TLS, credentials, timeouts, retries) held by
-    one sequential writer instead of borrowed from the pool for each batch. The event log's flusher
-    sends a batch per round trip; at small batches redis-py's pool checkout and its `Pipeline`
-    (packing argument by argument, bookkeeping per reply) cost more CPU than the exchange itself,
-    so commands come here packed by the caller (`pack`) and go out in one write.
+    one sequential writer (`SharedConnection`'s sender) instead of borrowed from the pool for each
+    batch: at small batches redis-py's pool checkout and its `Pipeline` (packing argument by
+    argument, bookkeeping per reply) cost more CPU than the exchange itself, so commands come here
+    packed by the caller (`pack`) and go out in one write.
 
     A dropped connection or a timeout is retried as the client's own commands are (the caller's
     commands must be safe to repeat); an error reply is a value in the result, not an exception.
