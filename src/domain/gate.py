@@ -125,17 +125,27 @@ class ApprovalGate:
             decided = await self._consider(created, stored)
             if decided is not None:
                 return decided
-        # Three ways out: a signal on the channel; the process's re-check, which wakes this wait
-        # when the stored request was decided without a signal reaching it, vanished, or passed
-        # its expiry by the clock; and this wait's own timer at its expiry.
+        # Two ways out: a signal on the channel; and the process's re-check, which wakes this
+        # wait when the stored request was decided without a signal reaching it, vanished, or
+        # reached its expiry (by the re-check's timer at the earliest expiry of the process).
         rechecked = self._recheck.watch(request)
         message = subscription.receive()
         try:
             while True:
-                remaining = request.expires_at - self._clock.now()
-                if remaining <= 0:
+                if request.expires_at - self._clock.now() <= 0:
                     return await self._close(created, ApprovalStatus.EXPIRED, None)
-                await _first_of(message, rechecked, remaining)
+                if not (message.done() or rechecked.done()):
+                    # asyncio.wait would keep two more coroutines, a set, a closure and a timer
+                    # for as long as the approval takes; one future and two callbacks do.
+                    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    wake = partial(_set_once, woken)
+                    message.add_done_callback(wake)
+                    rechecked.add_done_callback(wake)
+                    try:
+                        await woken
+                    finally:
+                        message.remove_done_callback(wake)
+                        rechecked.remove_done_callback(wake)
                 if rechecked.done():
                     current = rechecked.result()
                     if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
@@ -189,26 +199,6 @@ class ApprovalGate:
         if result.applied:
             audit_line("decided", result.request, via="signal" if by else "aura")
         return result.request
-
-
-async def _first_of(first: asyncio.Future[Any], second: asyncio.Future[Any], seconds: float) -> None:
-    """Until either future is done or `seconds` have passed. asyncio.wait does the same
-    with two more coroutines, a set and a closure per call, all of them kept for as long as an
-    approval waits."""
-    if first.done() or second.done():
-        return
-    loop = asyncio.get_running_loop()
-    woken: asyncio.Future[None] = loop.create_future()
-    wake = partial(_set_once, woken)
-    first.add_done_callback(wake)
-    second.add_done_callback(wake)
-    timer = loop.call_later(seconds, _set_once, woken)
-    try:
-        await woken
-    finally:
-        timer.cancel()
-        first.remove_done_callback(wake)
-        second.remove_done_callback(wake)
 
 
 def _set_once(future: asyncio.Future[None], *_: object) -> None:

@@ -14,13 +14,22 @@ import pytest
 
 from adapters.redis.signals import SignalBusClosed, _Confirmation, _Subscription
 from domain.agent import Agent
-from domain.approval import Signal
+from domain.approval import ApprovalRequest, Signal
 from domain.events import Event
 from domain.gate import ApprovalGate, GateSettings
 from domain.model import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
 from domain.ports import Clock, SignalSubscription
+from domain.recheck import ApprovalRecheck
 from domain.service import RunService
-from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, _QueueSubscription, text, tool_call
+from tests.unit.fakes import (
+    MemoryApprovalStore,
+    MemorySignalBus,
+    RecordingTool,
+    ScriptedModel,
+    _QueueSubscription,
+    text,
+    tool_call,
+)
 from tests.unit.harness import Harness, summary
 from tests.unit.test_approval_gate import PLAN, finish, until
 
@@ -167,8 +176,8 @@ async def test_a_parked_run_waits_in_its_own_task_alone_and_a_signal_still_wakes
     assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
 
 
-async def test_a_wait_nobody_decides_ends_at_its_expiry_by_its_own_timer() -> None:
-    # A re-check far later than the expiry: only the wait's own timer can end it in time.
+async def test_a_wait_nobody_decides_ends_at_its_expiry_though_the_next_recheck_is_far_later() -> None:
+    # The re-check's read is a minute away: only the process's expiry timer can end it in time.
     h, commit = _gate_harness(MemorySignalBus(), GateSettings(timeout_seconds=1, recheck_seconds=60), _WallClock())
     _, watcher = await h.start()
     seen: list[Event] = []
@@ -228,3 +237,27 @@ async def test_a_run_approved_after_parking_goes_on_with_its_whole_conversation(
     assert result.role is Role.TOOL and result.tool_call_id == "call_1" and "committed abc123" in result.content
     assert after.hints["step"] == before.hints["step"] and after.hints["context"] == context
     assert list(answer.messages[:len(after.messages)]) == list(after.messages)
+
+
+async def test_the_recheck_wakes_each_wait_at_its_own_expiry_and_not_a_wait_that_ended() -> None:
+    clock = _WallClock()
+    recheck = ApprovalRecheck(MemoryApprovalStore(), clock, interval_seconds=60)
+    now = int(clock.now())
+    later, sooner, ended = pending_request(1, now + 2), pending_request(2, now + 1), pending_request(3, now + 1)
+    woken_later, woken_sooner, woken_ended = recheck.watch(later), recheck.watch(sooner), recheck.watch(ended)
+    recheck.unwatch(ended.request_id, woken_ended)
+    async with asyncio.timeout(5):
+        assert await woken_sooner is sooner  # the still pending request: its expiry is due
+        assert not woken_later.done() and clock.now() >= sooner.expires_at
+        assert await woken_later is later
+    assert clock.now() >= later.expires_at and woken_ended.cancelled()
+    for request, woken in ((later, woken_later), (sooner, woken_sooner)):
+        recheck.unwatch(request.request_id, woken)
+    assert recheck.watching() == 0
+
+
+def pending_request(number: int, expires_at: int) -> ApprovalRequest:
+    return ApprovalRequest(
+        request_id=f"req_{number}", session_id=f"ses_{number}", run_id=f"run_{number}", action_type="commit",
+        tool_name="commit", message="Commit?", context={}, user_id="alice", tenant_id="acme",
+        created_at=expires_at - 300, expires_at=expires_at)
