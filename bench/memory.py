@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,10 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     port = S.free_port()
     loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM cancels the run: its `finally` stops the servers and the load generator it started
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     server: asyncio.Task[None] | None = None
     try:
         app = _aura_app(redis.url, workdir) if args.target == "aura" else _floor_app()
@@ -296,7 +301,7 @@ def _inspect(parked: int) -> None:
     by_type: Counter[str] = Counter(e.type.value for e in events)
     print(f"\nlive events per parked run: {len(events) / parked:.2f} {dict(by_type)}")
     referrers: Counter[str] = Counter()
-    for event in events[:200]:
+    for event in events[:20]:
         for ref in gc.get_referrers(event):
             if ref is events:
                 continue
@@ -308,7 +313,7 @@ def _inspect(parked: int) -> None:
                                                                else "")
                                           for r in gc.get_referrers(ref) if r is not events)[:200]
             referrers[what] += 1
-    print("what refers to them (sample of 200):")
+    print("what refers to them (sample of 20):")
     for what, count in referrers.most_common(15):
         print(f"  {count:4d}  {what}")
 
