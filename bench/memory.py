@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import tracemalloc
@@ -39,7 +38,7 @@ from typing import Any
 import psutil
 
 from bench import servers as S
-from bench.run import PARK_PROMPT, STREAM_PATH
+from bench.run import PARK_PROMPT, STREAM_PATH, Client
 
 
 def _rss() -> int:
@@ -59,39 +58,6 @@ def _types() -> tuple[Counter[str], Counter[str]]:
         except TypeError:
             pass
     return counts, sizes
-
-
-class LoadGenerator:
-    """bench/client.py in its own process; commands are blocking calls (run them off the loop)."""
-
-    def __init__(self, workdir: Path) -> None:
-        argv = [sys.executable, "-m", "bench.client"] + (["--uvloop"] if S.uvloop_available() else [])
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=(workdir / "client.log").open("ab"), env=S.base_env(), cwd=S.ROOT,
-                                        text=True, start_new_session=True)
-
-    def call(self, cmd: str, **spec: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"cmd": cmd, **spec}) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("the load generator exited")
-        result: dict[str, Any] = json.loads(line)
-        if "fatal" in result:
-            raise RuntimeError(f"client command {cmd} failed: {result['fatal']}")
-        return result
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.process.stdin.flush()
-                self.process.wait(10)
-            except Exception:
-                self.process.kill()
-                self.process.wait()
 
 
 def _aura_app(redis_url: str, workdir: Path) -> Any:
@@ -181,7 +147,7 @@ def _by_package(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: in
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="aura-memory-"))
     redis = S.redis_server(workdir).start()
-    client = LoadGenerator(workdir)
+    client = Client(workdir, S.uvloop_available())
     stop = asyncio.Event()
     port = S.free_port()
     loop = asyncio.get_running_loop()
@@ -212,7 +178,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             spec = {"port": port, "path": "/idle", "method": "GET", "until": "ready", "connect_limit": 50}
 
         async def call(cmd: str, **more: Any) -> dict[str, Any]:
-            return await loop.run_in_executor(None, lambda: client.call(cmd, **more))
+            return await loop.run_in_executor(None, lambda: client(cmd, **more))
 
         await call("park", **{**spec, "n": 50})  # warm the code paths and the allocator
         await call("release")
