@@ -104,7 +104,10 @@ class _QueueSubscription(SignalSubscription):
 
 class MemorySignalBus(SignalBus):
     """Delivers published signals to live subscribers; `on_subscribe` lets a test act at the
-    moment a run starts waiting (e.g. approve it)."""
+    moment a run starts waiting (e.g. approve it). A test that needs other subscriptions sets
+    `subscription_class`."""
+
+    subscription_class: type[_QueueSubscription] = _QueueSubscription
 
     def __init__(self) -> None:
         self.stored: dict[str, str] = {}
@@ -114,7 +117,7 @@ class MemorySignalBus(SignalBus):
 
     @asynccontextmanager
     async def subscribe(self, session_id: str) -> AsyncIterator[SignalSubscription]:
-        subscription = _QueueSubscription()
+        subscription = self.subscription_class()
         self.subscribers[session_id].append(subscription)
         self.subscribe_count += 1
         try:

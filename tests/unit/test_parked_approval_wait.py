@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from domain.approval import ApprovalRequest, Signal
 from domain.events import Event
 from domain.gate import ApprovalGate, GateSettings
 from domain.model import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
-from domain.ports import Clock, SignalSubscription
+from domain.ports import Clock
 from domain.recheck import ApprovalRecheck
 from domain.service import RunService
 from tests.unit.fakes import (
@@ -126,16 +124,7 @@ class _FutureSubscription(_QueueSubscription):
 
 
 class _FutureSignalBus(MemorySignalBus):
-    @asynccontextmanager
-    async def subscribe(self, session_id: str) -> AsyncIterator[SignalSubscription]:
-        subscription = _FutureSubscription()
-        self.subscribers[session_id].append(subscription)
-        try:
-            yield subscription
-        finally:
-            self.subscribers[session_id].remove(subscription)
-            if not self.subscribers[session_id]:
-                del self.subscribers[session_id]
+    subscription_class = _FutureSubscription
 
 
 class _WallClock(Clock):
