@@ -22,6 +22,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret-that-is-long-enough-for-hs256-0123456789"
+SEAL_KEY = "bench-seal-key-every-aura-instance-shares-0123"
 TENANT = "bench"
 START_TIMEOUT_SECONDS = 30.0
 
@@ -150,6 +151,8 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "
         "AURA_RUNS__MAX_PER_TENANT": "1000000",
         "AURA_RUNS__INSTANCE_ID": name,
         "AURA_HITL__TIMEOUT_SECONDS": "7200",
+        # One seal key for every instance, as docs/operators.md ("Scaling out") recommends.
+        "AURA_HITL__SEAL_KEY": SEAL_KEY,
         "AURA_STREAM__HEARTBEAT_SECONDS": "5",
         # Keep finished runs' logs briefly: a full benchmark writes millions of events.
         "AURA_EVENTS__RETENTION_SECONDS": "60",

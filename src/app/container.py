@@ -29,6 +29,7 @@ from adapters.tools.workspace import Workspace
 from app.settings import Settings
 from domain.access import RunAccess
 from domain.agent import Agent, AgentLimits
+from domain.approval import DecisionSeal
 from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
 from domain.ports import ChatModel, Clock
@@ -104,6 +105,13 @@ def _chat_model(settings: Settings) -> ChatModel:
     ))
 
 
+def _decision_seal(settings: Settings) -> DecisionSeal:
+    key = settings.hitl.seal_key
+    # Without a shared key each process seals for itself: its own API decisions skip the second
+    # record, and other instances' signals are recorded as the DWP backend's are (still correct).
+    return DecisionSeal(key.get_secret_value().encode("utf-8") if key else secrets.token_bytes(32))
+
+
 class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
@@ -138,6 +146,8 @@ class Container(containers.DeclarativeContainer):
     tools = providers.Singleton(_tool_registry, settings)
     model = providers.Singleton(_chat_model, settings)
 
+    # The key that tells this process's waiting runs which signals Aura's API already stored.
+    decision_seal = providers.Singleton(_decision_seal, settings)
     # One re-check of every waiting run's request per interval for the whole process.
     approval_recheck = providers.Singleton(ApprovalRecheck, approval_store, clock,
                                            settings.provided.hitl.recheck_seconds)
@@ -147,9 +157,10 @@ class Container(containers.DeclarativeContainer):
                           recheck_seconds=settings.provided.hitl.recheck_seconds),
         metrics,
         recheck=approval_recheck,
+        seal=decision_seal,
     )
     approval_desk = providers.Singleton(ApprovalDesk, approval_store, signal_bus, clock,
-                                        settings.provided.hitl.approver_roles)
+                                        settings.provided.hitl.approver_roles, decision_seal)
     agent = providers.Singleton(
         Agent, model, tools, gate,
         providers.Factory(

@@ -121,8 +121,19 @@ class HitlSettings(BaseModel):
     timeout_seconds: float = Field(300.0, gt=0)
     approver_roles: StrList = Field(default_factory=lambda: ["admin", "manager"])
     recheck_seconds: float = Field(5.0, gt=0)
+    seal_key: SecretStr | None = Field(
+        None, description="Key (>= 32 bytes) all instances share to seal the signals of decisions made through "
+                          "Aura's API, so the waiting run skips recording them again; unset = a random key per "
+                          "process (a decision made on another instance then costs one Redis round trip more).")
 
     _split = field_validator("approver_roles", mode="before")(_list_from_env)
+
+    @field_validator("seal_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value().encode("utf-8")) < MIN_SECRET_BYTES:
+            raise ValueError(f"AURA_HITL__SEAL_KEY must be at least {MIN_SECRET_BYTES} bytes")
+        return key
 
 
 class AgentSettings(BaseModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -122,6 +125,8 @@ class Signal:
     timestamp: int
     reason: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Set on the signals Aura's own API publishes (see DecisionSeal); absent on the DWP backend's.
+    seal: str | None = None
 
     @property
     def status(self) -> ApprovalStatus:
@@ -145,6 +150,8 @@ class Signal:
             record["reason"] = self.reason
         record["userId"] = self.user_id
         record["timestamp"] = self.timestamp
+        if self.seal is not None:
+            record["seal"] = self.seal
         return record
 
     def to_json(self) -> str:
@@ -176,13 +183,66 @@ class Signal:
         user_id = record.get("userId")
         reason = record.get("reason")
         timestamp = record.get("timestamp")
+        seal = record.get("seal")
         return cls(
             type=signal_type,
             request_id=request_id,
             user_id=user_id if isinstance(user_id, str) else None,
             timestamp=timestamp if isinstance(timestamp, int) and not isinstance(timestamp, bool) else 0,
             reason=reason if isinstance(reason, str) else None,
+            seal=seal if isinstance(seal, str) else None,
         )
+
+
+class DecisionSeal:
+    """Marks the signals of decisions Aura's API has already stored.
+
+    The approval store publishes such a signal only in the atomic step that recorded its decision,
+    so a waiting run that finds a valid seal knows the stored request says exactly what the signal
+    says, and need not record it again (one store round trip less per approval). The seal is an
+    HMAC-SHA256 over the request id and the decision, with a key every instance shares: a signal
+    without one or with a wrong one (the DWP backend's, a copy of another request's, another
+    deployment's) is recorded in the store first, as any signal is.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a decision seal needs a key of at least 16 bytes")
+        self._key = key
+
+    def _mac(self, signal: Signal) -> str:
+        decision = json.dumps([signal.request_id, signal.type.value, signal.user_id, signal.timestamp, signal.reason],
+                              separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        digest = hmac.new(self._key, decision, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def seal(self, signal: Signal) -> Signal:
+        return replace(signal, seal=self._mac(signal))
+
+    def verifies(self, signal: Signal) -> bool:
+        return signal.seal is not None and hmac.compare_digest(signal.seal, self._mac(signal))
+
+    def decided(self, request: ApprovalRequest, signal: Signal) -> ApprovalRequest:
+        """The request as the sealed signal's store step decided it (the desk decides with the
+        signal's user, timestamp and reason)."""
+        return request.decide(signal.status, by=signal.user_id, at=signal.timestamp, reason=signal.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Decider:
+    """Who asks Aura's API to decide. A store given one applies the decision only while
+    `may_decide` holds for the stored request, in the same atomic step (the Redis store mirrors
+    these rules in its script), so checking and deciding take one round trip."""
+
+    tenant_id: str
+    user_id: str
+    approver: bool  # holds an approver role: may decide any request of the tenant
+
+    def may_see(self, request: ApprovalRequest) -> bool:
+        return request.tenant_id == self.tenant_id and (self.approver or request.user_id == self.user_id)
+
+    def may_decide(self, request: ApprovalRequest, at: int) -> bool:
+        return self.may_see(request) and request.status is ApprovalStatus.PENDING and at < request.expires_at
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,17 +2,19 @@
 
 Rules: a request is visible only inside its tenant (another tenant gets "not found", so ids leak
 nothing); only its own user or an approver role of that tenant may read or decide it; a decision
-is compare-and-set in the store and published exactly as the DWP backend publishes it, both in
-one step of the store (after the read that checks who may act: two round trips in all).
+is compare-and-set in the store, checked against who may decide and published exactly as the DWP
+backend publishes it, all in one step of the store (one round trip). Its signal carries a seal
+(`DecisionSeal`) that tells the waiting run the decision is already stored.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Signal
+from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal
 from domain.errors import Conflict, Forbidden, Gone, NotFound
 from domain.gate import audit_line
 from domain.identity import Principal
@@ -34,20 +36,22 @@ class ApprovalExpired(Gone):
 
 
 class ApprovalDesk:
-    def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, approver_roles: Collection[str]) -> None:
+    def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, approver_roles: Collection[str],
+                 seal: DecisionSeal) -> None:
         self._store = store
+        self._seal = seal
         self._bus = bus
         self._clock = clock
         self._approver_roles = frozenset(approver_roles)
 
-    def _may_act(self, principal: Principal, request: ApprovalRequest) -> bool:
-        return principal.user_id == request.user_id or (
-            principal.role is not None and principal.role in self._approver_roles)
+    def _decider(self, principal: Principal) -> Decider:
+        return Decider(principal.tenant_id, principal.user_id,
+                       approver=principal.role is not None and principal.role in self._approver_roles)
 
     def _visible(self, principal: Principal, request: ApprovalRequest | None) -> ApprovalRequest:
         if request is None or request.tenant_id != principal.tenant_id:
             raise NotFound("No such approval request.", code="approval_not_found")
-        if not self._may_act(principal, request):
+        if not self._decider(principal).may_see(request):
             raise Forbidden("Only the requesting user or an approver may see or decide this request.",
                             code="not_an_approver")
         return request
@@ -67,38 +71,41 @@ class ApprovalDesk:
         if signal is None or request is None or request.tenant_id != principal.tenant_id \
                 or request.session_id != session_id:
             raise NotFound("No signal for this session.", code="signal_not_found")
-        if not self._may_act(principal, request):
+        if not self._decider(principal).may_see(request):
             raise Forbidden("Only the requesting user or an approver may see this signal.", code="not_an_approver")
-        return signal.to_record()
+        return replace(signal, seal=None).to_record()  # the seal is for Aura's instances, not for readers
 
     async def decide(self, principal: Principal, request_id: str, *, approve: bool,
                      reason: str | None = None) -> ApprovalRequest:
-        seen = await self._store.read(request_id)
-        request = self._visible(principal, None if seen is None else seen.request)
         now = self._clock.timestamp()
-        if request.status is ApprovalStatus.PENDING and request.is_expired_at(now):
-            result = await self._store.decide(request_id, ApprovalStatus.EXPIRED, decided_by=None,
-                                              decided_at=now, reason=None, expected=seen)
-            if result is not None:
-                request = result.request
-        if request.status is ApprovalStatus.EXPIRED:
-            raise ApprovalExpired("The approval request has expired.")
-        if request.status.is_decided:
-            raise AlreadyDecided(request)
         status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
-        signal = (Signal.approval(request_id, principal.user_id, now) if approve
-                  else Signal.rejection(request_id, principal.user_id, now, reason))
+        signal = self._seal.seal(Signal.approval(request_id, principal.user_id, now) if approve
+                                 else Signal.rejection(request_id, principal.user_id, now, reason))
+        # One store step checks who may decide and decides; only a refusal costs more, to say why.
         result = await self._store.decide(request_id, status, decided_by=principal.user_id, decided_at=now,
-                                          reason=None if approve else reason, expected=seen, signal=signal)
+                                          reason=None if approve else reason, signal=signal,
+                                          decider=self._decider(principal))
         if result is None:
             raise NotFound("No such approval request.", code="approval_not_found")
         if not result.applied:
-            if result.request.status is ApprovalStatus.EXPIRED:
-                raise ApprovalExpired("The approval request has expired.")
-            raise AlreadyDecided(result.request)
+            raise await self._refusal(principal, result.request, now)
         if not result.signalled:
             # The decision is stored and final: answering an error would make the caller retry into
             # 409. The waiting run re-reads the store every recheck_seconds, so it still sees it.
             log.warning("decided %s but could not publish its signal; the run's recheck will see it", request_id)
         audit_line("decided", result.request, via="api", actorId=principal.actor_id)
         return result.request
+
+    async def _refusal(self, principal: Principal, request: ApprovalRequest, now: int) -> Exception:
+        request = self._visible(principal, request)  # raises for another tenant or user
+        if request.status is ApprovalStatus.PENDING and request.is_expired_at(now):
+            expired = await self._store.decide(request.request_id, ApprovalStatus.EXPIRED, decided_by=None,
+                                               decided_at=now, reason=None)
+            if expired is None:
+                return NotFound("No such approval request.", code="approval_not_found")
+            request = expired.request
+        if request.status is ApprovalStatus.EXPIRED:
+            return ApprovalExpired("The approval request has expired.")
+        if request.status.is_decided:
+            return AlreadyDecided(request)
+        raise AssertionError(f"the store refused a decision its rules allow on {request.request_id}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Signal, StoredApproval
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal, StoredApproval
 from domain.errors import ApprovalTimeout, RunCancelled
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
@@ -47,8 +47,10 @@ def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
 class ApprovalGate:
     def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, ids: IdFactory,
                  settings: GateSettings, telemetry: Telemetry | None = None,
-                 recheck: ApprovalRecheck | None = None) -> None:
+                 recheck: ApprovalRecheck | None = None, seal: DecisionSeal | None = None) -> None:
         self._telemetry = telemetry or Telemetry()
+        # The seal Aura's API puts on its signals; without it every signal is recorded in the store.
+        self._seal = seal
         self._store = store
         self._bus = bus
         self._clock = clock
@@ -176,13 +178,16 @@ class ApprovalGate:
             log.info("ignored a signal for request %s while waiting for %s", signal.request_id,
                      request.request_id)
             return None
+        if self._seal is not None and self._seal.verifies(signal):
+            # Aura's API stored this decision in the step that published the signal: nothing to record.
+            return self._seal.decided(request, signal)
         return await self._close(created, signal.status, signal.user_id, signal.reason)
 
     async def _close(self, created: StoredApproval, status: ApprovalStatus, by: str | None,
                      reason: str | None = None) -> ApprovalRequest:
         """Decide atomically; when another decision won first, that one stands. One store step
         either way: the store compares against the request as this gate created it and, when it
-        was decided meanwhile (by Aura's API, which also published the signal this reacts to),
+        was decided meanwhile (by Aura's API on an instance whose seal this gate cannot verify),
         answers with that decision instead. A signal the DWP backend published without touching
         the request is recorded here."""
         # Shielded: a run cancelled while its decision is on the way to the store may still see it

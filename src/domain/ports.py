@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.events import Event
 from domain.identity import Claims
 from domain.model import ChatRequest, ModelChunk
@@ -75,6 +75,7 @@ class ApprovalStore(ABC):
         reason: str | None,
         expected: StoredApproval | None = None,
         signal: Signal | None = None,
+        decider: Decider | None = None,
     ) -> DecisionResult | None:
         """Atomically move a pending request to `status`. None when the request does not exist.
 
@@ -82,7 +83,10 @@ class ApprovalStore(ABC):
         holds exactly that, the decision takes one step (without it, the store reads first). With a
         `signal`, an applied decision also stores and publishes that signal for the request's
         session, as `SignalBus.publish` does, in the same step; a failure of that part alone
-        leaves the decision standing (`signalled` False)."""
+        leaves the decision standing (`signalled` False). With a `decider`, the decision applies
+        only while `decider.may_decide(request, decided_at)` holds for the stored request, checked
+        in the same step (no read before it); otherwise nothing changes and the result is
+        `applied=False` with the request as stored, from which the caller tells why."""
 
     @abstractmethod
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:

@@ -3,7 +3,9 @@
 publish) and cancels decides a request twice or runs a tool that was not approved.
 
 The scenario runs the real ApprovalGate, ApprovalDesk, Agent and RunService over two stores: the
-in-memory fake and the real RedisApprovalStore (Lua compare-and-set) on fakeredis."""
+in-memory fake and the real RedisApprovalStore (Lua compare-and-set) on fakeredis, with the gate
+trusting the desk's sealed signals (as when instances share the seal key) and without (it then
+records every signal)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from adapters.redis.approvals import RedisApprovalStore
 from domain.agent import Agent
-from domain.approval import ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.approval import ApprovalStatus, DecisionResult, DecisionSeal, Signal, StoredApproval
 from domain.desk import ApprovalDesk
 from domain.errors import AuraError
 from domain.gate import ApprovalGate, GateSettings
@@ -38,6 +40,7 @@ PEOPLE = {
     "other_tenant": Principal("alice", "globex", "alice", "admin"),
 }
 ALLOWED = {"owner", "approver"}
+SEAL = DecisionSeal(b"s" * 32)
 
 
 class CountingStore(ApprovalStore):
@@ -77,7 +80,7 @@ class CountingStore(ApprovalStore):
 
 ACTION = st.one_of(
     st.tuples(st.just("signal"), st.sampled_from(["approval", "rejection"]),
-              st.sampled_from(["right", "other_request", "malformed", "contradicting"])),
+              st.sampled_from(["right", "other_request", "malformed", "contradicting", "forged_seal"])),
     st.tuples(st.just("api"), st.booleans(), st.sampled_from(sorted(PEOPLE))),
     st.tuples(st.just("store_only"), st.sampled_from([ApprovalStatus.APPROVED, ApprovalStatus.REJECTED])),
     st.tuples(st.just("expire")),
@@ -86,7 +89,7 @@ ACTION = st.one_of(
 )
 
 
-async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
+async def scenario(backend: str, sealed: bool, actions: list[tuple[Any, ...]]) -> None:
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
     h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.005))
@@ -96,10 +99,10 @@ async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
         inner = RedisApprovalStore(fakeredis.FakeAsyncRedis())
         relay = h.bus
     store = CountingStore(inner, relay)
-    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings)
+    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings, seal=SEAL if sealed else None)
     h.agent = Agent(h.model, h.registry, h.gate, h.limits)
     h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
-    desk = ApprovalDesk(store, h.bus, h.clock, ["manager"])
+    desk = ApprovalDesk(store, h.bus, h.clock, ["manager"], SEAL)
 
     handle, watcher = await h.start()
     while True:
@@ -117,6 +120,8 @@ async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
                     record["requestId"] = "req_someone_else"
                 elif variant == "contradicting":
                     record["status"] = "rejected" if kind == "approval" else "approved"
+                elif variant == "forged_seal":  # must be recorded like any signal, never taken as stored
+                    record["seal"] = SEAL.seal(Signal.approval("req_someone_else", "ext", 1)).seal
                 raw = "{not json" if variant == "malformed" else json.dumps(record)
                 await h.bus.publish_raw(session, raw)
             case ("api", approve, who):
@@ -169,12 +174,13 @@ async def scenario(backend: str, actions: list[tuple[Any, ...]]) -> None:
     assert h.bus.subscribers == {}  # the subscription was released on every path
 
 
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
 @pytest.mark.parametrize("backend", ["memory", "redis"])
-def test_no_interleaving_decides_twice_or_runs_an_unapproved_tool(backend: str) -> None:
+def test_no_interleaving_decides_twice_or_runs_an_unapproved_tool(backend: str, sealed: bool) -> None:
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(actions=st.lists(ACTION, max_size=12))
     def check(actions: list[tuple[Any, ...]]) -> None:
-        asyncio.run(scenario(backend, actions))
+        asyncio.run(scenario(backend, sealed, actions))
 
     check()
 
@@ -207,7 +213,7 @@ async def test_an_api_decision_stands_when_its_publish_fails() -> None:
     while (event := await watcher.next(5)) is not None and event.type.value != "hitl":
         pass
     assert event is not None
-    decided = await ApprovalDesk(h.store, h.bus, h.clock, ["manager"]).decide(
+    decided = await ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL).decide(
         OWNER, event.data["requestId"], approve=True)
     assert decided.status is ApprovalStatus.APPROVED
     while (event := await watcher.next(5)) is not None and not event.is_terminal:

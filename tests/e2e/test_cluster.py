@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+from adapters.redis import approvals
 from tests.aura_process import AuraProcess
 from tests.redis_server import RedisServer
 from tests.sse_client import open_run
@@ -100,6 +102,67 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
         assert git(repo, "log", "-1", "--format=%s") == "Add feature"  # the rejected commit does not exist
         decided = json.loads(clean_redis.get(f"hitl:request:{hitl['data']['requestId']}"))
         assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", "u1", "not now")
+
+
+class ScriptCalls:
+    """Counts the scripts clients run on the server (MONITOR, in a thread) until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.calls: list[str] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        client = redis.Redis.from_url(self._url)
+        with client.monitor() as monitor:
+            self._ready.set()
+            for command in monitor.listen():
+                name = command["command"].split(" ", 1)[0].upper()
+                if name == "ECHO" and "stop-counting" in command["command"]:
+                    break
+                if command["client_type"] != "lua" and name in {"EVAL", "EVALSHA", "FCALL"}:
+                    self.calls.append(name)
+        client.close()
+
+    def __enter__(self) -> ScriptCalls:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        stopper = redis.Redis.from_url(self._url)
+        stopper.echo("stop-counting")
+        stopper.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("shared_key", [True, False], ids=["shared-seal-key", "own-keys"])
+async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_records_nothing(
+        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, redis_server: RedisServer,
+        clean_redis: redis.Redis, shared_key: bool) -> None:
+    a, b = cluster(**({"AURA_HITL__SEAL_KEY": "one-key-every-instance-shares-01"} if shared_key else {}))
+    stage(e2e_workspace)
+    for body in (approvals._DECIDE, approvals._DECIDE_AS):  # known to the server: each call is one EVALSHA
+        clean_redis.script_load(body)
+    async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
+        async with open_run(on_a, {"prompt": COMMIT}, bearer()) as run:
+            request_id = (await run.until("hitl"))["data"]["requestId"]
+            with ScriptCalls(redis_server.url) as scripts:
+                approved = await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
+                assert approved.status_code == 200
+                while (event := await run.next()) is not None and not (
+                        event["type"] == "tool_execution" and event["data"]["status"] == "running"):
+                    pass
+                assert event is not None
+            events = await run.rest()
+    # B: one script checks who may decide, decides and publishes. A: with the shared key, the
+    # signal's seal says the decision is stored; with keys of their own, A records it (one more).
+    assert scripts.calls == (["EVALSHA"] if shared_key else ["EVALSHA", "EVALSHA"])
+    assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "running", "success"]
+    stored = json.loads(clean_redis.get(f"hitl:request:{request_id}"))
+    assert (stored["status"], stored["decidedBy"]) == ("approved", "alice")
 
 
 async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(

@@ -15,7 +15,7 @@ from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
 from adapters.system import SecureIdFactory
 from domain.agent import Agent
-from domain.approval import ApprovalRequest, ApprovalStatus
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
 from domain.desk import ApprovalDesk
 from domain.events import Event
 from domain.gate import ApprovalGate, GateSettings
@@ -28,30 +28,35 @@ from tests.unit.harness import Harness
 
 PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
 MANAGER = Principal("mgr", "acme", "mgr", "manager")
+SEAL = DecisionSeal(b"shared-by-every-instance-0123456")
 
 
 def compact_json(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def redis_harness(redis_client: Redis, *, recheck_seconds: float = 60.0) -> tuple[Harness, RecordingTool]:
+def redis_harness(redis_client: Redis, *, recheck_seconds: float = 60.0,
+                  seal: DecisionSeal | None = None) -> tuple[Harness, RecordingTool]:
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
     h = Harness(model, tools=[commit],
                 gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=recheck_seconds))
     h.store = RedisApprovalStore(redis_client)  # type: ignore[assignment]
     h.bus = RedisSignalBus(redis_client)  # type: ignore[assignment]
-    h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings)
+    h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings, seal=seal)
     h.agent = Agent(h.model, h.registry, h.gate, h.limits)
     h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
     return h, commit
 
 
-@pytest.fixture
-async def harness(redis_client: Redis) -> AsyncIterator[tuple[Harness, RecordingTool]]:
-    h, commit = redis_harness(redis_client)
-    # The server learns the decision script once; every test here counts steady-state round trips.
+@pytest.fixture(params=[SEAL, None], ids=["shared-seal", "own-seal"])
+async def harness(redis_client: Redis, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Harness, RecordingTool]]:
+    # The gate shares the desk's seal key (instances configured with one AURA_HITL__SEAL_KEY), or
+    # has none the desk's signals verify with (an instance left on its own random key).
+    h, commit = redis_harness(redis_client, seal=request.param)
+    # The server learns the decision scripts once; every test here counts steady-state round trips.
     await redis_client.script_load(h.store._decide_script.body)  # type: ignore[attr-defined]
+    await redis_client.script_load(h.store._decide_as_script.body)  # type: ignore[attr-defined]
     try:
         yield h, commit
     finally:
@@ -108,11 +113,11 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
     assert commit.calls == [{"value": "v"}]
 
 
-async def test_an_api_decision_costs_two_round_trips_on_the_desk_and_one_on_the_gate(
+async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_that_trusts_its_seal(
     redis_client: Redis, harness: tuple[Harness, RecordingTool]
 ) -> None:
     h, commit = harness
-    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"])
+    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL)
     _, watcher = await h.start()
     hitl = await until(watcher, is_type("hitl"))
     request_id, session = hitl.data["requestId"], hitl.data["sessionId"]
@@ -123,15 +128,19 @@ async def test_an_api_decision_costs_two_round_trips_on_the_desk_and_one_on_the_
     desk_commands = log.take()
     events = [await until(watcher, tool_status("rejected"))]
 
-    assert desk_commands == ["GET", "EVALSHA"]
-    assert log.take() == ["EVALSHA"]  # the gate, on the signal: finds the desk's decision, writes nothing
+    assert desk_commands == ["EVALSHA"]  # checks who may decide, decides, publishes
+    sealed = h.gate._seal is SEAL  # type: ignore[attr-defined]
+    # The gate, on the signal: with the shared seal it knows the decision is stored; otherwise it
+    # records it (and finds the desk's decision, writing nothing).
+    assert log.take() == ([] if sealed else ["EVALSHA"])
     rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
     assert decided == rejected
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(rejected.to_record())
     assert await redis_client.get("hitl:session:" + session) == compact_json(rejected.session_record())
+    signal = SEAL.seal(Signal.rejection(request_id, "mgr", h.clock.timestamp(), "not now"))
     assert await redis_client.get("hitl:signal:" + session) == (
         b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"mgr",'
-        b'"timestamp":%d}' % (request_id.encode(), h.clock.timestamp()))
+        b'"timestamp":%d,"seal":"%s"}' % (request_id.encode(), h.clock.timestamp(), str(signal.seal).encode()))
     assert events[0].data["error"] == "Rejected: not now"
     await until(watcher, is_type("end"))
     assert commit.calls == []

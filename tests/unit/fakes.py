@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.errors import StoreUnavailable, ToolFailure
 from domain.events import Event
 from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
@@ -67,14 +67,14 @@ class MemoryApprovalStore(ApprovalStore):
 
     async def decide(self, request_id: str, status: ApprovalStatus, *, decided_by: str | None,
                      decided_at: int, reason: str | None, expected: StoredApproval | None = None,
-                     signal: Signal | None = None) -> DecisionResult | None:
+                     signal: Signal | None = None, decider: Decider | None = None) -> DecisionResult | None:
         # Like the Redis store: a stale `expected` only costs a retry there, so the outcome
         # depends on the current state alone.
         assert expected is None or expected.request.request_id == request_id
         current = self.requests.get(request_id)
         if current is None:
             return None
-        if current.status.is_decided:
+        if current.status.is_decided or (decider is not None and not decider.may_decide(current, decided_at)):
             self.decisions.append((request_id, status, False))
             return DecisionResult(False, current)
         decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)

@@ -1,5 +1,6 @@
-"""The approval desk with fake ports: one read for the ownership check, then one compare-and-set
-step that also publishes the signal; 404/403/409/410 and a decision that stands without its signal."""
+"""The approval desk with fake ports: one store step that checks who may decide, decides and
+publishes the sealed signal; 404/403/409/410 told from the request the store refused, and a
+decision that stands without its signal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.approval import (
+    ApprovalRequest,
+    ApprovalStatus,
+    Decider,
+    DecisionResult,
+    DecisionSeal,
+    Signal,
+    StoredApproval,
+)
 from domain.desk import AlreadyDecided, ApprovalDesk, ApprovalExpired
 from domain.errors import Forbidden, NotFound, StoreUnavailable
 from domain.identity import Principal
@@ -17,6 +26,7 @@ from tests.unit.fakes import FakeClock, MemoryApprovalStore, MemorySignalBus
 OWNER = Principal("alice", "acme", "alice", "user")
 MANAGER = Principal("mgr", "acme", "mgr", "manager")
 NOW = 1_767_000_000
+SEAL = DecisionSeal(b"k" * 32)
 
 
 class RecordingStore(MemoryApprovalStore):
@@ -35,7 +45,7 @@ class RecordingStore(MemoryApprovalStore):
         return await super().read(request_id)
 
     async def decide(self, request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
-        self.calls.append(("decide", request_id, status, kw.get("expected"), kw.get("signal")))
+        self.calls.append(("decide", request_id, status, kw.get("expected"), kw.get("signal"), kw.get("decider")))
         return await super().decide(request_id, status, **kw)
 
 
@@ -59,23 +69,26 @@ def store(bus: MemorySignalBus) -> RecordingStore:
 
 @pytest.fixture
 def desk(store: RecordingStore, bus: MemorySignalBus) -> ApprovalDesk:
-    return ApprovalDesk(store, bus, FakeClock(float(NOW)), ["manager"])
+    return ApprovalDesk(store, bus, FakeClock(float(NOW)), ["manager"], SEAL)
 
 
-async def test_an_approval_is_one_read_then_one_decision_that_carries_its_signal(
+async def test_an_approval_is_one_guarded_decision_that_carries_its_sealed_signal(
     desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
 ) -> None:
     request = pending()
-    created = await store.create(request)
+    await store.create(request)
 
     decided = await desk.decide(MANAGER, request.request_id, approve=True)
 
-    signal = Signal.approval(request.request_id, "mgr", NOW)
-    assert store.calls == [("read", request.request_id),
-                           ("decide", request.request_id, ApprovalStatus.APPROVED, created, signal)]
+    signal = SEAL.seal(Signal.approval(request.request_id, "mgr", NOW))
+    assert store.calls == [("decide", request.request_id, ApprovalStatus.APPROVED, None, signal,
+                            Decider("acme", "mgr", approver=True))]
     assert decided == request.decide(ApprovalStatus.APPROVED, by="mgr", at=NOW, reason=None)
     assert store.requests[request.request_id] == decided
     assert bus.stored == {request.session_id: signal.to_json()}
+    published = Signal.parse(bus.stored[request.session_id])
+    assert published is not None and SEAL.verifies(published)
+    assert SEAL.decided(request, published) == decided  # what the waiting run takes without a store step
 
 
 async def test_a_rejection_keeps_its_reason_in_the_record_and_the_signal(
@@ -87,7 +100,8 @@ async def test_a_rejection_keeps_its_reason_in_the_record_and_the_signal(
     decided = await desk.decide(OWNER, request.request_id, approve=False, reason="not now")
 
     assert (decided.status, decided.decided_by, decided.reason) == (ApprovalStatus.REJECTED, "alice", "not now")
-    assert bus.stored[request.session_id] == Signal.rejection(request.request_id, "alice", NOW, "not now").to_json()
+    rejection = SEAL.seal(Signal.rejection(request.request_id, "alice", NOW, "not now"))
+    assert bus.stored[request.session_id] == rejection.to_json()
 
 
 async def test_a_decided_request_answers_409_with_the_winner_and_publishes_nothing(
@@ -103,7 +117,8 @@ async def test_a_decided_request_answers_409_with_the_winner_and_publishes_nothi
         await desk.decide(OWNER, request.request_id, approve=True)
 
     assert refused.value.request == winner
-    assert store.calls == [("read", request.request_id)]  # no write at all
+    assert [call[0] for call in store.calls] == ["decide"]  # refused by the store's check: no write
+    assert store.requests[request.request_id] == winner
     assert bus.stored == {}
 
 
@@ -112,16 +127,15 @@ async def test_a_decision_that_loses_the_race_answers_409_with_the_winner(
 ) -> None:
     request = pending()
     await store.create(request)
-    original_read = store.read
+    original_decide = store.decide
 
-    async def read_then_lose(request_id: str) -> StoredApproval | None:
-        seen = await original_read(request_id)
-        # another instance decides between this read and the desk's decision
+    async def lose_then_decide(request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
+        # another instance decides just before this decision reaches the store
         await MemoryApprovalStore.decide(store, request_id, ApprovalStatus.REJECTED, decided_by="other",
                                          decided_at=NOW, reason="late")
-        return seen
+        return await original_decide(request_id, status, **kw)
 
-    store.read = read_then_lose  # type: ignore[method-assign]
+    store.decide = lose_then_decide  # type: ignore[method-assign]
     bus.stored.clear()
 
     with pytest.raises(AlreadyDecided) as refused:
@@ -135,21 +149,24 @@ async def test_an_expired_request_is_recorded_as_expired_and_answers_410_without
     desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
 ) -> None:
     request = pending(expires_at=NOW)
-    created = await store.create(request)
+    await store.create(request)
 
     with pytest.raises(ApprovalExpired):
         await desk.decide(OWNER, request.request_id, approve=True)
 
-    assert store.calls == [("read", request.request_id),
-                           ("decide", request.request_id, ApprovalStatus.EXPIRED, created, None)]
+    signal = SEAL.seal(Signal.approval(request.request_id, "alice", NOW))
+    assert store.calls == [
+        ("decide", request.request_id, ApprovalStatus.APPROVED, None, signal, Decider("acme", "alice", approver=False)),
+        ("decide", request.request_id, ApprovalStatus.EXPIRED, None, None, None),
+    ]
     assert store.requests[request.request_id].status is ApprovalStatus.EXPIRED
     assert bus.stored == {}
     with pytest.raises(ApprovalExpired):  # and stays expired
         await desk.decide(MANAGER, request.request_id, approve=True)
 
 
-async def test_unknown_other_tenant_and_strangers_are_refused_before_any_write(
-    desk: ApprovalDesk, store: RecordingStore
+async def test_unknown_other_tenant_and_strangers_are_refused_by_the_store_without_a_write(
+    desk: ApprovalDesk, store: RecordingStore, bus: MemorySignalBus
 ) -> None:
     request = pending()
     await store.create(request)
@@ -160,8 +177,9 @@ async def test_unknown_other_tenant_and_strangers_are_refused_before_any_write(
         await desk.decide(Principal("alice", "globex", "alice", "admin"), request.request_id, approve=True)
     with pytest.raises(Forbidden):
         await desk.decide(Principal("carol", "acme", "carol", "user"), request.request_id, approve=True)
-    assert [call[0] for call in store.calls] == ["read", "read", "read"]
+    assert [call[0] for call in store.calls] == ["decide", "decide", "decide"]
     assert store.requests[request.request_id] == request
+    assert bus.stored == {}
 
 
 async def test_the_decision_stands_when_its_signal_could_not_be_published(
@@ -175,7 +193,7 @@ async def test_the_decision_stands_when_its_signal_could_not_be_published(
     store.bus = dead
     request = pending()
     await store.create(request)
-    desk = ApprovalDesk(store, dead, FakeClock(float(NOW)), ["manager"])
+    desk = ApprovalDesk(store, dead, FakeClock(float(NOW)), ["manager"], SEAL)
 
     with caplog.at_level(logging.WARNING, logger="aura.hitl"):
         decided = await desk.decide(OWNER, request.request_id, approve=True)

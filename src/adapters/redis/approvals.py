@@ -17,6 +17,18 @@ Lua only compares and copies bytes: decoding and re-encoding with cjson would tu
 and reformat large numbers, and the records must stay byte-for-byte what `to_record()` says. The
 session record is updated only while it is still exactly the pending record Aura wrote for this
 request (a session that moved on to a later request is left alone).
+
+A decision through Aura's API (`decide(..., decider=...)`) is one round trip without a read first:
+`_DECIDE_AS` checks in Lua what `Decider.may_decide` checks in Python (same tenant, the request's
+own user or an approver, pending, not expired at the decision's time) and builds the decided
+record from the stored bytes by replacing exactly the parts a decision changes: the top-level
+`"status"` (the last `,"status":"pending","userId":` of the record; everything after it is plain
+strings and numbers, whose quotes are escaped) and the `"decidedAt":null,"decidedBy":null,
+"reason":null}` tail, with values Python encoded. The result is the same bytes as `to_record()` of
+the decided request; a record that is not in that layout (written by someone else) makes the
+script answer with the stored bytes, and Python decides on them as above. The script derives the
+session, pending-index, signal and channel keys from the record (so it is for a single Redis, not
+a cluster, which is what the contract describes).
 """
 
 from __future__ import annotations
@@ -31,8 +43,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.redis.client import LuaScript, arg, pack, raise_error, shared_connection
-from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from adapters.redis.signals import (
+    CHANNEL_PREFIX,
+    DEFAULT_SIGNAL_TTL_SECONDS,
+    SIGNAL_KEY_PREFIX,
+    channel_name,
+    signal_key,
+)
+from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.errors import StoreUnavailable
 from domain.ports import ApprovalStore
 
@@ -69,20 +87,80 @@ return 1
 _DECIDED = 1
 _DECIDED_SIGNAL_FAILED = 2
 
+SESSION_KEY_PREFIX = "hitl:session:"
+PENDING_INDEX_PREFIX = "aura:hitl:pending:"
+_PENDING_TAIL = ',"decidedAt":null,"decidedBy":null,"reason":null}'
+_PENDING_STATUS = ',"status":"pending","userId":'
+
+# KEYS: request
+# ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, 4 decidedAt,
+#       5 status, 6 decidedBy as JSON, 7 reason as JSON, 8 request id, 9 session key prefix,
+#       10 pending index prefix[, 11 signal bytes, 12 signal TTL, 13 signal key prefix,
+#       14 channel prefix]
+# Reply: 0 when the request does not exist; its current bytes when the decider may not decide it
+# now (or it is not in Aura's layout); {1 or 2 (as _DECIDE), the decided bytes} when decided.
+_DECIDE_AS = """
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, record = pcall(cjson.decode, current)
+if not ok or type(record) ~= 'table' or type(record.expiresAt) ~= 'number' then return current end
+if record.tenantId ~= ARGV[1] or (ARGV[3] ~= '1' and record.userId ~= ARGV[2])
+    or record.status ~= 'pending' or tonumber(ARGV[4]) >= record.expiresAt
+    or type(record.sessionId) ~= 'string' or type(record.userId) ~= 'string' then
+  return current
+end
+local tail = '""" + _PENDING_TAIL + """'
+local status = '""" + _PENDING_STATUS + """'
+if string.sub(current, -#tail) ~= tail then return current end
+local last, from = nil, 1
+while true do
+  local found = string.find(current, status, from, true)
+  if not found then break end
+  last, from = found, found + 1
+end
+if not last then return current end
+local decided = string.sub(current, 1, last - 1) .. ',"status":"' .. ARGV[5] .. '","userId":'
+  .. string.sub(current, last + #status, -#tail - 1)
+  .. ',"decidedAt":' .. ARGV[4] .. ',"decidedBy":' .. ARGV[6] .. ',"reason":' .. ARGV[7] .. '}'
+local check_ok, check = pcall(cjson.decode, decided)
+if not check_ok or check.status ~= ARGV[5] then return current end
+redis.call('SET', KEYS[1], decided, 'XX', 'KEEPTTL')
+local session_key = ARGV[9] .. record.sessionId
+local session = redis.call('GET', session_key)
+local pending = ',"status":"pending"}'
+if session and string.sub(session, -#pending) == pending then
+  local s_ok, s = pcall(cjson.decode, session)
+  if s_ok and type(s) == 'table' and s.requestId == ARGV[8] and s.status == 'pending' then
+    redis.call('SET', session_key, string.sub(session, 1, -#pending - 1) .. ',"status":"' .. ARGV[5] .. '"}',
+      'XX', 'KEEPTTL')
+  end
+end
+local function quote(text)
+  return (string.gsub(text, '[^%w_%.%-~]', function(c) return string.format('%%%02X', string.byte(c)) end))
+end
+redis.call('ZREM', ARGV[10] .. quote(record.tenantId) .. ':' .. quote(record.userId), ARGV[8])
+if #ARGV < 11 then return {1, decided} end
+local stored = redis.pcall('SET', ARGV[13] .. record.sessionId, ARGV[11], 'EX', ARGV[12])
+if type(stored) == 'table' and stored.err then return {2, decided} end
+local published = redis.pcall('PUBLISH', ARGV[14] .. record.sessionId, ARGV[11])
+if type(published) == 'table' and published.err then return {2, decided} end
+return {1, decided}
+"""
+
 
 def request_key(request_id: str) -> str:
     return f"hitl:request:{request_id}"
 
 
 def session_key(session_id: str) -> str:
-    return f"hitl:session:{session_id}"
+    return SESSION_KEY_PREFIX + session_id
 
 
 def pending_index_key(tenant_id: str, user_id: str) -> str:
-    return f"aura:hitl:pending:{quote(tenant_id, safe='')}:{quote(user_id, safe='')}"
+    return f"{PENDING_INDEX_PREFIX}{quote(tenant_id, safe='')}:{quote(user_id, safe='')}"
 
 
-def encode_json(record: Mapping[str, Any]) -> bytes:
+def encode_json(record: Mapping[str, Any] | str | None) -> bytes:
     """Compact UTF-8 JSON, the same form as `Signal.to_json()`."""
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -119,6 +197,7 @@ class RedisApprovalStore(ApprovalStore):
         self._signal_ttl_seconds = signal_ttl_seconds
         # EVALSHA, with the body once when the server does not know the script yet.
         self._decide_script = LuaScript.of(_DECIDE)
+        self._decide_as_script = LuaScript.of(_DECIDE_AS)
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         index_key = pending_index_key(request.tenant_id, request.user_id)
@@ -193,19 +272,26 @@ class RedisApprovalStore(ApprovalStore):
         reason: str | None,
         expected: StoredApproval | None = None,
         signal: Signal | None = None,
+        decider: Decider | None = None,
     ) -> DecisionResult | None:
         if not status.is_decided:
             raise ValueError("a decision must leave the pending state")
         if expected is not None and expected.request.request_id != request_id:
             raise ValueError(f"expected a record of {request_id}, got {expected.request.request_id}")
-        seen = expected if expected is not None else await self.read(request_id)
         key = request_key(request_id)
+        if expected is None and decider is not None:
+            outcome = await self._decide_as(key, request_id, status, decider, decided_at, decided_by, reason, signal)
+            if not isinstance(outcome, StoredApproval | None):
+                return outcome
+            seen: StoredApproval | None = outcome  # not in Aura's layout: decide on it as below
+        else:
+            seen = expected if expected is not None else await self.read(request_id)
         try:
             for _ in range(MAX_DECIDE_ATTEMPTS):
                 if seen is None:
                     return None
                 current = seen.request
-                if current.status.is_decided:
+                if current.status.is_decided or (decider is not None and not decider.may_decide(current, decided_at)):
                     return DecisionResult(applied=False, request=current)
                 decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
                 keys = [key, session_key(current.session_id), pending_index_key(current.tenant_id, current.user_id)]
@@ -233,6 +319,36 @@ class RedisApprovalStore(ApprovalStore):
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         raise StoreUnavailable(f"approval {request_id} is changing too often to decide")
+
+    async def _decide_as(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider, decided_at: int,
+                         decided_by: str | None, reason: str | None,
+                         signal: Signal | None) -> DecisionResult | StoredApproval | None:
+        """One round trip: the decision when the script applied it or refused it by the rules;
+        the stored request (to decide on in Python) when its bytes are not in Aura's layout."""
+        args: list[bytes | str | int] = [
+            decider.tenant_id, decider.user_id, "1" if decider.approver else "0", decided_at, status.value,
+            encode_json(decided_by), encode_json(reason), request_id, SESSION_KEY_PREFIX, PENDING_INDEX_PREFIX,
+        ]
+        if signal is not None:
+            args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX]
+        try:
+            reply = await self._decide_as_script.run(self._shared, [key], args)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
+        if isinstance(reply, list):
+            code, raw = reply
+            decided = _decode_request(raw, key)
+            if decided is None:  # cannot be: the script checked that it decodes
+                raise StoreUnavailable(f"approval {request_id} was decided into an unreadable record")
+            if signal is not None and code == _DECIDED_SIGNAL_FAILED:
+                _log.warning("decided %s but could not store or publish its signal", request_id)
+            return DecisionResult(applied=True, request=decided, signalled=signal is not None and code == _DECIDED)
+        if not reply:
+            return None
+        stored = _stored(reply, key)
+        if stored is None or not decider.may_decide(stored.request, decided_at):
+            return None if stored is None else DecisionResult(applied=False, request=stored.request)
+        return stored
 
 
 def _stored(raw: bytes | str, key: str) -> StoredApproval | None:
