@@ -157,6 +157,7 @@ class Bench:
         self.workdir = workdir
         self.options = options
         self.started: list[S.Server] = []
+        self.checkouts: list[Path] = []
         self.redis = self._start(S.redis_server(workdir))
         self.client = Client(workdir, use_uvloop_client)
         self.cal = Calibration()
@@ -225,36 +226,42 @@ class Bench:
             self.client("streams", **target.stream_spec(self.cal, 200), total=20, concurrency=10)
 
     # -- phases ----------------------------------------------------------------------------
+    def checkout(self, revision: str) -> Path:
+        """A worktree of `revision` in the run's folder (removed by `remove_checkouts`)."""
+        checkout = self.workdir / f"against-{len(self.checkouts)}"
+        subprocess.run(["git", "-C", str(S.ROOT), "worktree", "add", "--detach", str(checkout), revision],
+                       check=True, capture_output=True)
+        self.checkouts.append(checkout)
+        return checkout
+
+    def remove_checkouts(self) -> None:
+        for checkout in self.checkouts:
+            subprocess.run(["git", "-C", str(S.ROOT), "worktree", "remove", "--force", str(checkout)],
+                           check=False, capture_output=True)
+
     def phase_against(self, current: S.Server, revision: str) -> None:
         """The working tree's Aura against another revision's, interleaved, on the loads where a
         per-run or per-batch change shows: one stream of 200 events, 100 of 200, one stream of the
         shortest run, and 100 new streams at once (time to first event, also taken at one stream)."""
-        checkout = self.workdir / "against"
-        subprocess.run(["git", "-C", str(S.ROOT), "worktree", "add", "--detach", str(checkout), revision],
-                       check=True, capture_output=True)
-        try:
-            label = f"aura@{revision}"
-            other = self._start(S.aura_server("aura-against", self.workdir, self.redis.url, source=checkout))
-            targets = [Target("aura", current, "aura"), Target(label, other, "aura")]
-            self.warm(targets[1:])
-            log(f"== against {revision}")
-            loads = [("c1x200", 200, 1, self.mode.throughput[1] * 2), ("c100x200", 200, 100, self.mode.throughput[100]),
-                     ("c1x19", 10, 1, self.mode.ttfe_c1_runs * 3)]
-            for round_no in range(self.mode.rounds * 2):
-                for name, size, concurrency, runs in loads:
-                    for target in self.rotate(targets, round_no):
-                        spec = {**target.stream_spec(self.cal, size), "total": runs, "concurrency": concurrency,
-                                "connect_limit": min(concurrency, 50), "ttfe": concurrency == 1}
-                        self.load(target, "against", round_no, spec, load=name, concurrency=concurrency)
+        label = f"aura@{revision}"
+        other = self._start(S.aura_server("aura-against", self.workdir, self.redis.url, source=self.checkout(revision)))
+        targets = [Target("aura", current, "aura"), Target(label, other, "aura")]
+        self.warm(targets[1:])
+        log(f"== against {revision}")
+        loads = [("c1x200", 200, 1, self.mode.throughput[1] * 2), ("c100x200", 200, 100, self.mode.throughput[100]),
+                 ("c1x19", 10, 1, self.mode.ttfe_c1_runs * 3)]
+        for round_no in range(self.mode.rounds * 2):
+            for name, size, concurrency, runs in loads:
                 for target in self.rotate(targets, round_no):
-                    # 100 new streams at the same instant, as in the ttfe phase
-                    spec = {**target.stream_spec(self.cal, 10), "total": 100, "concurrency": 100, "ttfe": True}
-                    self.load(target, "against", round_no, spec, load="ttfe100", concurrency=100)
-                    time.sleep(0.5)
-            other.stop()
-        finally:
-            subprocess.run(["git", "-C", str(S.ROOT), "worktree", "remove", "--force", str(checkout)],
-                           check=False, capture_output=True)
+                    spec = {**target.stream_spec(self.cal, size), "total": runs, "concurrency": concurrency,
+                            "connect_limit": min(concurrency, 50), "ttfe": concurrency == 1}
+                    self.load(target, "against", round_no, spec, load=name, concurrency=concurrency)
+            for target in self.rotate(targets, round_no):
+                # 100 new streams at the same instant, as in the ttfe phase
+                spec = {**target.stream_spec(self.cal, 10), "total": 100, "concurrency": 100, "ttfe": True}
+                self.load(target, "against", round_no, spec, load="ttfe100", concurrency=100)
+                time.sleep(0.5)
+        other.stop()
 
     def phase_throughput(self, targets: list[Target], round_no: int) -> None:
         for concurrency, runs in self.mode.throughput.items():
@@ -455,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run Aura at git revision REV (a worktree) and compare it with the working "
                              "tree's Aura in the same run: CPU per event at 1 and 100 streams, 19-event runs, "
                              "time to first event (phase 'against'; the files get an against-<rev> tag)")
+    parser.add_argument("--against-phases", default="streams",
+                        help="what --against compares: 'streams' (the loads above), 'approvals' (a second pair "
+                             "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
     parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
                                          "the files get a whatif-<fix> tag")
     args = parser.parse_args(argv)
@@ -476,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif)
     if args.whatif:
         args.tag = "-".join(filter(None, [args.tag, "whatif-" + args.whatif.replace(",", "+")]))
-    if args.against:
+    if args.against and "streams" in args.against_phases.split(","):
         phases.add("against")
+    if args.against:
         args.tag = "-".join(filter(None, [args.tag, "against-" + args.against.replace("/", "_").replace("~", "_")]))
     info = machine_info()
     info["open_files_limit"] = hard
@@ -494,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         bench.calibrate(targets[0])
         bench.warm(targets)
         per_round_approvals = math.ceil(mode.approvals_total / mode.rounds)
+        approval_pairs = [("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)]
+        if args.against and "approvals" in args.against_phases.split(",") and "approvals" in phases:
+            source = bench.checkout(args.against)
+            other_pair = [bench._start(S.aura_server(f"aura-against-{side}", workdir, bench.redis.url, source=source))
+                          for side in ("a", "b")]
+            approval_pairs.append((f"aura@{args.against}", *other_pair))
         for round_no in range(mode.rounds):
             log(f"== round {round_no + 1} of {mode.rounds}")
             if "redis" in phases:
@@ -503,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             if "ttfe" in phases:
                 bench.phase_ttfe(targets, round_no)
             if "approvals" in phases:
-                bench.phase_approvals([("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)], round_no,
-                                      per_round_approvals)
+                bench.phase_approvals(approval_pairs, round_no, per_round_approvals)
             if "growth" in phases and round_no < mode.growth_rounds:
                 bench.phase_growth(targets[:2], round_no)
         if "against" in phases and args.against:
@@ -530,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.phase_parked()
     finally:
         bench.stop_all()
+        bench.remove_checkouts()
     bench.results["duration_s"] = time.perf_counter() - began
     bench.results["machine"]["loadavg_end"] = list(psutil.getloadavg())
 
