@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -117,6 +118,20 @@ async def test_two_waits_on_one_session_share_the_channel_until_the_last_leaves(
         assert await asyncio.wait_for(first.next_message(), WAIT_SECONDS) == wire(REJECTION)
 
     assert bus.live_channels() == 0
+    await bus.settled()  # leaving does not wait for the server's confirmation
+    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+
+
+async def test_leaving_a_wait_never_waits_for_the_server(redis_client: Redis, bus: RedisSignalBus) -> None:
+    # A decided run leaves its wait and goes on: a round trip for the UNSUBSCRIBE here was one more
+    # between every approval and the run's next event. It is sent and confirmed in the background.
+    wait = bus.subscribe("sess_a")
+    await wait.__aenter__()
+    leaving = cast(Coroutine[Any, Any, Any], wait.__aexit__(None, None, None))
+    with pytest.raises(StopIteration):  # finished at the first step, without suspending
+        leaving.send(None)
+    assert bus.live_channels() == 0
+    await bus.settled()
     assert await redis_client.pubsub_channels("hitl:channel:*") == []
 
 
@@ -126,6 +141,7 @@ async def test_a_wait_that_fails_releases_its_channel(redis_client: Redis, bus: 
             raise LookupError("boom")
 
     assert bus.live_channels() == 0
+    await bus.settled()
     assert await redis_client.pubsub_channels("hitl:channel:*") == []
 
 
@@ -187,6 +203,7 @@ async def test_500_concurrent_waits_share_one_pubsub_connection_and_leave_no_cha
 
     assert sum(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes) == 199 + 100
     assert bus.live_channels() == 0
+    await bus.settled()
     assert await redis_client.pubsub_channels("hitl:channel:*") == []
     if real_server:
         assert await pubsub_connections(redis_client) == 0
@@ -328,6 +345,7 @@ async def test_a_wait_survives_its_pubsub_connection_being_killed(real_redis: Re
 
             assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
             assert bus.live_channels() == 1
+        await bus.settled()
         assert await real_redis.pubsub_channels("hitl:channel:*") == []
         assert await signal_bus_connections(real_redis) == 1
     finally:

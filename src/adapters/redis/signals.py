@@ -9,7 +9,10 @@ when its last wait ends, however it ends.
 Ordering guarantees the approval flow relies on:
 - `subscribe()` yields only after the server confirmed the SUBSCRIBE, so a caller that then reads
   `hitl:signal:{sessionId}` cannot miss a signal published in between;
-- leaving it returns only after the server confirmed the UNSUBSCRIBE (when connected).
+- leaving it does not wait for the server: the UNSUBSCRIBE (when it was the channel's last wait)
+  is sent and confirmed in the background, so a decided run goes on at once instead of after one
+  more round trip; a new wait on the same session meanwhile either keeps the channel or
+  subscribes again behind the UNSUBSCRIBE. `settled()` waits for those confirmations.
 
 When the connection drops, the reader reconnects with capped, jittered exponential backoff,
 resubscribes every live channel and then re-reads `hitl:signal:{sessionId}` of each, delivering
@@ -243,7 +246,7 @@ class _Wait:
         self._channel = self._subscription = None
         channel.subscribers.discard(subscription)
         if not channel.subscribers:
-            await self._bus._shielded(self._bus._release(channel))
+            self._bus._in_background(self._bus._release(channel))
 
 
 # What the reader expects back, per channel and in command order: a SUBSCRIBE confirmation
@@ -281,6 +284,7 @@ class RedisSignalBus(SignalBus):
         self._failed_attempts = 0
         self._reader: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._unsubscribing: set[asyncio.Future[None]] = set()  # sent, not yet confirmed
         self._closed = False
 
     # -- the port -----------------------------------------------------------------------------
@@ -319,9 +323,12 @@ class RedisSignalBus(SignalBus):
             return
         self._closed = True
         reader, self._reader = self._reader, None
-        if reader is not None:
+        # On Python 3.11 asyncio.wait_for swallows a cancel that lands in the loop turn its awaited
+        # reply arrives in (CPython issue 86296; fakeredis, the in-process Redis, reads through
+        # it, and an UNSUBSCRIBE confirmation may be on its way now): cancel until the reader ends.
+        while reader is not None and not reader.done():
             reader.cancel()
-            await asyncio.wait([reader])
+            await asyncio.wait([reader], timeout=0.05)
         if self._connection is not None:
             await self._abandon(self._connection)
         for channel in list(self._channels.values()):
@@ -332,6 +339,17 @@ class RedisSignalBus(SignalBus):
             await asyncio.wait(set(self._background))
 
     # -- subscriptions ------------------------------------------------------------------------
+
+    async def settled(self) -> None:
+        """Wait until every finished wait's UNSUBSCRIBE was sent and confirmed (or its connection
+        is gone): for tests and diagnostics that look at the server's subscriptions."""
+        while pending := {*self._background, *self._unsubscribing}:
+            await asyncio.wait(pending)
+
+    def _in_background(self, operation: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(operation)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
         """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
@@ -376,14 +394,14 @@ class RedisSignalBus(SignalBus):
             channel.on_wire = False
             unsubscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._expect_ack(channel.name, unsubscribed)
+            # Either the server confirms, or the connection is abandoned, which completes it too.
+            self._unsubscribing.add(unsubscribed)
+            unsubscribed.add_done_callback(self._unsubscribing.discard)
             try:
                 await connection.send_command("UNSUBSCRIBE", channel.name, check_health=False)
             except (RedisError, OSError) as exc:
                 # The connection is broken; the server drops its subscriptions with it.
                 _log.warning("UNSUBSCRIBE %r failed: %s", channel.name, exc)
-                return
-        # Either the server confirms, or the connection is abandoned, which completes it too.
-        await unsubscribed
 
     def _expect_ack(self, name: bytes, ack: _Ack) -> None:
         self._acks.setdefault(name, deque()).append(ack)
