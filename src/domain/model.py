@@ -33,19 +33,29 @@ class ChatMessage:
     name: str | None = None
 
 
-def pack_messages(messages: Sequence[ChatMessage]) -> bytes:
-    """The messages as one compressed value, for a run that will not need them for a long time (a
-    run waiting for approval): a conversation's text compresses well, and one bytes object holds
-    far less than a message object and a string per message. `unpack_messages` gives them back equal."""
+def messages_text(messages: Sequence[ChatMessage]) -> bytes:
+    """The messages as the text `pack_messages` compresses; also what a preset dictionary for it is
+    made of (`zdict`: text the packed conversations are likely to repeat)."""
     rows = [[m.role.value, m.content, [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id, m.name]
             for m in messages]
     # ensure_ascii: any string (even one with lone surrogates) round-trips through ASCII
-    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode("ascii"), 1)
+    return json.dumps(rows, separators=(",", ":")).encode("ascii")
 
 
-def unpack_messages(packed: bytes) -> list[ChatMessage]:
+def pack_messages(messages: Sequence[ChatMessage], zdict: bytes = b"") -> bytes:
+    """The messages as one compressed value, for a run that will not need them for a long time (a
+    run waiting for approval): a conversation's text compresses well, and one bytes object holds
+    far less than a message object and a string per message. `unpack_messages` with the same
+    `zdict` gives them back equal."""
+    compressor = zlib.compressobj(1, zdict=zdict) if zdict else zlib.compressobj(1)
+    return compressor.compress(messages_text(messages)) + compressor.flush()
+
+
+def unpack_messages(packed: bytes, zdict: bytes = b"") -> list[ChatMessage]:
+    decompressor = zlib.decompressobj(zdict=zdict) if zdict else zlib.decompressobj()
+    text = decompressor.decompress(packed) + decompressor.flush()
     return [ChatMessage(Role(role), content, tuple(ToolCall(*call) for call in calls), tool_call_id, name)
-            for role, content, calls, tool_call_id, name in json.loads(zlib.decompress(packed))]
+            for role, content, calls, tool_call_id, name in json.loads(text)]
 
 
 class Purpose(StrEnum):

@@ -46,6 +46,11 @@ class Run:
     """Holds a run's visible state and numbers its events. Every state change the user can see
     goes through `emit`, so the snapshot and the event stream never disagree."""
 
+    # A run waiting for approval keeps its Run for as long as the approval takes: no __dict__.
+    __slots__ = ("_clock", "_seq", "_sink", "answer_parts", "cancel_reason", "created_at", "end_data", "ids",
+                 "pending_approval", "plan", "principal", "request", "status", "timeline", "tool_calls",
+                 "tool_notes")
+
     def __init__(self, ids: RunIds, principal: Principal, request: RunRequest, clock: Clock,
                  sink: EventSink) -> None:
         self.ids = ids

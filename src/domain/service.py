@@ -18,7 +18,7 @@ from domain.model import ChatMessage
 from domain.ports import Clock, ConversationStore, EventLog, IdFactory
 from domain.run import DisconnectPolicy, Run, RunRequest
 from domain.runs import RunDirectory, RunRecord
-from domain.telemetry import Telemetry, bind_log_context
+from domain.telemetry import Telemetry, detached_log_context
 
 log = logging.getLogger("aura.runs")
 
@@ -126,6 +126,9 @@ class Subscription:
 # soon as it is logged, while the run keeps working.
 _SETTLE = frozenset({EventType.START, EventType.HITL, EventType.TOOL_EXECUTION, EventType.END})
 _ALWAYS_SENT = frozenset({EventType.ERROR, EventType.END})
+# Content chunks are the bulk of a run's events and change only the answer; the snapshot is saved
+# with every other event (and the final answer), so it costs little and is never far behind.
+_SNAPSHOT_SKIP = frozenset({EventType.CONTENT, EventType.THOUGHT})
 
 
 class RunFeed:
@@ -136,10 +139,17 @@ class RunFeed:
     ("logged before it is written to any client"). A failed write is raised to the run at its next
     event (the failed event itself is still delivered, as is every `error` and `end` after it)."""
 
-    def __init__(self, event_log: EventLog, telemetry: Telemetry, on_failure: Callable[[Exception], None],
-                 max_unlogged: int = 512) -> None:
+    # Slots, and bound methods instead of closures, for every object a run keeps: a run waiting for
+    # approval keeps them for as long as the approval takes (docs/performance.md, parked runs).
+    __slots__ = ("_failure", "_log", "_max_unlogged", "_telemetry", "_unlogged", "_wait_until", "_waiter",
+                 "on_failure", "run", "watchers")
+
+    def __init__(self, event_log: EventLog, telemetry: Telemetry,
+                 on_failure: Callable[[Exception], None] | None = None, max_unlogged: int = 512) -> None:
         self.watchers: set[Subscription] = set()
-        self._on_failure = on_failure
+        # Told of a failed write while the run is not publishing (set once the run's handle exists).
+        self.on_failure = on_failure
+        self.run: Run | None = None  # whose snapshot `emit` logs with its events
         self._log = event_log
         self._telemetry = telemetry
         self._max_unlogged = max_unlogged
@@ -147,6 +157,15 @@ class RunFeed:
         self._failure: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wait_until = 0
+
+    async def emit(self, event: Event) -> None:
+        """The run's event sink: each event with the run's snapshot, except content chunks and
+        thoughts (the bulk of a run's events, which change only the answer)."""
+        snapshot = None
+        if event.type not in _SNAPSHOT_SKIP or (event.type is EventType.CONTENT and not event.data.get("chunk")):
+            assert self.run is not None
+            snapshot = self.run.snapshot()
+        await self.publish(event, snapshot)
 
     async def publish(self, event: Event, snapshot: Mapping[str, Any] | None) -> None:
         if self._failure is not None and event.type not in _ALWAYS_SENT:
@@ -173,9 +192,9 @@ class RunFeed:
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
-        elif first_failure and waiter is None and event.type not in _ALWAYS_SENT:
+        elif first_failure and waiter is None and event.type not in _ALWAYS_SENT and self.on_failure is not None:
             assert error is not None
-            self._on_failure(error)  # the run is elsewhere (waiting for approval, say): stop it
+            self.on_failure(error)  # the run is elsewhere (waiting for approval, say): stop it
 
     async def _until_unlogged(self, count: int) -> None:
         while self._unlogged > count:
@@ -253,11 +272,6 @@ class ShuttingDown(AuraError):
     retryable = True
 
 
-# Content chunks are the bulk of a run's events and change only the answer; the snapshot is saved
-# with every other event (and the final answer), so it costs little and is never far behind.
-_SNAPSHOT_SKIP = frozenset({EventType.CONTENT, EventType.THOUGHT})
-
-
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
                  limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None,
@@ -313,13 +327,18 @@ class RunService:
         if full is not None:
             raise TooManyRuns(full, self._limits.max_runs_per_user if full == "user"
                               else self._limits.max_runs_per_tenant)
-        feed = RunFeed(self._log, self._telemetry, on_failure=lambda error: handle.fail(error))
-        run = Run(ids, principal, request, self._clock, lambda event: self._publish(run, feed, event))
+        feed = RunFeed(self._log, self._telemetry)
+        run = feed.run = Run(ids, principal, request, self._clock, feed.emit)
         handle = RunHandle(run=run, task=None, watchers=feed.watchers, record=record)
+        feed.on_failure = handle.fail
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
         handle.deadline = asyncio.get_running_loop().time() + self._limits.max_run_seconds
-        handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}")
+        # Its own context, with only the log context: the request's would keep Quart's request
+        # and app contexts for as long as the run lives.
+        context = detached_log_context(runId=ids.run_id, sessionId=ids.session_id, traceId=ids.trace_id,
+                                       tenantId=principal.tenant_id, userId=principal.user_id)
+        handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}", context=context)
         self._arm_budget()
         self._ensure_lease_renewal()
         return handle, watcher
@@ -397,24 +416,18 @@ class RunService:
                 log.warning("could not renew run leases")
 
     # -- internals -------------------------------------------------------------------------
-    async def _publish(self, run: Run, feed: RunFeed, event: Event) -> None:
-        snapshot = None
-        if event.type not in _SNAPSHOT_SKIP or (event.type is EventType.CONTENT and not event.data.get("chunk")):
-            snapshot = run.snapshot()
-        await feed.publish(event, snapshot)
-
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
         run = handle.run
         handle.started = True
-        bind_log_context(runId=run.ids.run_id, sessionId=run.ids.session_id, traceId=run.ids.trace_id,
-                         tenantId=run.principal.tenant_id, userId=run.principal.user_id)
         self._telemetry.run_started()
         try:
             await run.emit(EventType.START, {
                 "message": "Aura started working on your request.",
                 "resumeUrl": f"/aura/runs/{run.ids.run_id}/events",
             })
-            answer = await self._agent.execute(run, history)
+            agent_run = self._agent.execute(run, history)
+            del history  # the agent keeps the conversation; this frame waits as long as the run
+            answer = await agent_run
             handle.deadline = None  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)
             await run.end(RunStatus.COMPLETED, "completed", "The run completed.")

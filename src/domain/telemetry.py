@@ -5,7 +5,7 @@ every log line written while a request or a run is being handled."""
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from typing import Any
 
 _log_context: ContextVar[dict[str, Any] | None] = ContextVar("aura_log_context", default=None)
@@ -19,6 +19,16 @@ def bind_log_context(**fields: Any) -> None:
 
 def log_context() -> dict[str, Any]:
     return dict(_log_context.get() or {})
+
+
+def detached_log_context(**fields: Any) -> Context:
+    """A context for a long-lived task that holds only the log context (the current one plus
+    `fields`). A task made with a copy of the current context would keep everything bound in it:
+    started from an HTTP request, Quart's request and app contexts (`g`, the session, the URL
+    adapter) for as long as the task lives, which for a run waiting on an approval is hours."""
+    context = Context()
+    context.run(_log_context.set, {**(_log_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
+    return context
 
 
 class Telemetry:

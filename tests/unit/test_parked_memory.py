@@ -6,15 +6,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+import types
 from collections import deque
+from contextvars import Context, ContextVar
+from typing import Any
 
 import orjson
 import pytest
+from quart import Quart, request
 
-from adapters.http.routes.streaming import StreamConfig, live_frames
+from adapters.http.asgi import SendTimeoutMiddleware
+from adapters.http.routes.stream import forget_body
+from adapters.http.routes.streaming import StreamConfig, StreamMeter, WatcherRelease, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
+from domain.approval import Signal
 from domain.events import Event, EventType, RunIds
-from domain.service import Subscription, SubscriptionOverflow
+from domain.model import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
+from domain.service import RunFeed, Subscription, SubscriptionOverflow
+from domain.telemetry import _log_context
+from tests.unit.harness import summary
+from tests.unit.test_approval_gate import approval_harness, finish, until
 
 IDS = RunIds("run_1", "ses_1", "thr_1", "t" * 32)
 
@@ -108,3 +119,130 @@ async def test_a_stream_waiting_for_its_next_event_holds_none_of_the_events_it_w
     with pytest.raises(StopAsyncIteration):
         await frames.__anext__()
     assert release.finished is True and release.calls == 1
+
+
+# -- what a started run keeps ------------------------------------------------------------------------
+
+_REQUEST_SCOPED: ContextVar[str] = ContextVar("request_scoped")  # stands for Quart's request context
+
+
+def _contexts(obj: Any) -> list[Context]:
+    """The contexts an object refers to, directly or through its callbacks' tuples and lists."""
+    found: list[Context] = []
+    todo, seen = [obj], set()
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        for ref in gc.get_referents(item):
+            if isinstance(ref, Context):
+                found.append(ref)
+            elif isinstance(ref, (list, tuple)):
+                todo.append(ref)
+    return found
+
+
+async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -> None:
+    h, commit = approval_harness()
+    token = _REQUEST_SCOPED.set("the request")
+    try:
+        handle, watcher = await h.start()
+    finally:
+        _REQUEST_SCOPED.reset(token)
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    contexts = _contexts(handle.task)
+    assert contexts and all(_REQUEST_SCOPED not in context for context in contexts)
+    logged = contexts[0][_log_context]  # the log context goes on, with the run's ids
+    assert logged is not None and logged["runId"] == handle.run_id and logged["tenantId"] == "acme"
+    # the run's own objects: no __dict__, no closures
+    feed = handle.run._sink.__self__
+    assert isinstance(feed, RunFeed) and feed.run is handle.run and feed.on_failure == handle.fail
+    for kept in (handle.run, feed):
+        assert not hasattr(kept, "__dict__")
+        assert not any(isinstance(ref, types.FunctionType) for ref in gc.get_referents(kept))
+    # while it waits the agent holds neither the history nor the context nor the model hints
+    chain = _frame_locals_by_name(handle.task)
+    assert not {"history", "context", "hints"} & set(chain["execute"]) and "history" not in chain["_drive"]
+    assert "hints" not in chain["_carry_out"]
+    packed = chain["_call_tool"]["packed"]
+    assert len(packed) < len(pack_messages(unpack_messages(packed, h.agent._zdict))) / 2
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+
+
+def _frame_locals_by_name(task: asyncio.Task[Any]) -> dict[str, dict[str, Any]]:
+    chain: dict[str, dict[str, Any]] = {}
+    coro: Any = task.get_coro()
+    while coro is not None and hasattr(coro, "cr_frame"):
+        chain[coro.cr_code.co_name] = dict(coro.cr_frame.f_locals)
+        coro = coro.cr_await
+    return chain
+
+
+async def test_a_streams_release_callback_keeps_no_request_context() -> None:
+    released: list[bool] = []
+
+    class Runs:
+        def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
+            released.append(disconnected)
+
+    async def request_task() -> None:
+        _REQUEST_SCOPED.set("the request")
+        WatcherRelease(Runs(), None, None).bind_to_current_task()  # type: ignore[arg-type]
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(request_task())
+    await asyncio.sleep(0)
+    contexts = _contexts(task)
+    assert len(contexts) == 2  # the task's own context, and its done callback's
+    assert sum(_REQUEST_SCOPED in context for context in contexts) == 1  # the task's own only
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert released == [True]  # released all the same
+
+
+def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
+    for kept in (WatcherRelease(None, None, None), StreamMeter(None, "run")):  # type: ignore[arg-type]
+        assert not hasattr(kept, "__dict__")
+
+
+async def test_the_bounded_send_a_stream_keeps_is_no_closure_and_still_sends() -> None:
+    sent: list[dict[str, Any]] = []
+    kept: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kept.append(send)
+        await send({"type": "http.response.body", "body": b"x"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await SendTimeoutMiddleware(app, timeout_seconds=30)({"type": "http"}, None, send)
+    assert sent == [{"type": "http.response.body", "body": b"x"}]
+    assert not isinstance(kept[0], types.FunctionType) and not hasattr(kept[0], "__dict__")
+
+
+async def test_a_streams_request_forgets_its_body_once_validated() -> None:
+    app = Quart(__name__)
+    async with app.test_request_context("/", method="POST", json={"prompt": "p" * 1000}):
+        assert (await request.get_json())["prompt"] == "p" * 1000
+        forget_body()
+        assert request._cached_json == {False: Ellipsis, True: Ellipsis}
+        assert await request.get_data() == b""
+
+
+def test_a_conversation_packs_far_smaller_with_the_agents_dictionary() -> None:
+    h, _ = approval_harness()
+    zdict = h.agent._zdict
+    messages = [
+        ChatMessage(Role.SYSTEM, "You are Aura, the assistant of the Digital Work Platform (DWP). é \ud800"),
+        ChatMessage(Role.USER, "Commit the work"),
+        ChatMessage(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "commit", '{"value": "v"}'),)),
+    ]
+    packed = pack_messages(messages, zdict)
+    assert unpack_messages(packed, zdict) == messages
+    assert len(packed) < len(pack_messages(messages)) * 0.75

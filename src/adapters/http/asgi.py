@@ -35,31 +35,29 @@ class SendTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
-        writing = self._writing
-
-        async def bounded_send(message: dict[str, Any]) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            writing[task] = loop.time()
-            if self._watchdog is None or self._watchdog.done():
-                self._watchdog = loop.create_task(self._watch(), name="send timeout watchdog")
-            try:
-                await send(message)
-            except asyncio.CancelledError:
-                if task in self._expired:
-                    self._expired.discard(task)
-                    if task.uncancel() == 0:  # our interruption alone: report it as a slow client
-                        log.warning("dropped a client that read nothing for %.0f s", self.timeout_seconds)
-                        raise SlowClient from None
-                raise
-            finally:
-                writing.pop(task, None)
-
         try:
-            await self.app(scope, receive, bounded_send)
+            await self.app(scope, receive, _BoundedSend(self, send))
         except SlowClient:
             pass  # the response task was torn down; hypercorn closes the connection
+
+    async def bounded_send(self, send: Any, message: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._writing[task] = loop.time()
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = loop.create_task(self._watch(), name="send timeout watchdog")
+        try:
+            await send(message)
+        except asyncio.CancelledError:
+            if task in self._expired:
+                self._expired.discard(task)
+                if task.uncancel() == 0:  # our interruption alone: report it as a slow client
+                    log.warning("dropped a client that read nothing for %.0f s", self.timeout_seconds)
+                    raise SlowClient from None
+            raise
+        finally:
+            self._writing.pop(task, None)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -70,3 +68,17 @@ class SendTimeoutMiddleware:
                 if began <= too_old and task not in self._expired:
                     self._expired.add(task)
                     task.cancel()
+
+
+class _BoundedSend:
+    """A response's `send`, bounded by the middleware. An object with two slots rather than a
+    closure (a function and four cells): every open stream keeps one, for as long as it is open."""
+
+    __slots__ = ("_middleware", "_send")
+
+    def __init__(self, middleware: SendTimeoutMiddleware, send: Any) -> None:
+        self._middleware = middleware
+        self._send = send
+
+    def __call__(self, message: dict[str, Any]) -> Any:
+        return self._middleware.bounded_send(self._send, message)

@@ -73,6 +73,15 @@ def _optional_header(name: str, allowed: tuple[str, ...] | None = None) -> str |
     return value
 
 
+def forget_body() -> None:
+    """Drop the request body Quart keeps, raw and parsed: it has been validated into the run's
+    request, and Quart keeps its request object for as long as the stream is open (hours, for a
+    run waiting on an approval)."""
+    request.body.clear()
+    cached = request._cached_json  # Quart's cache of get_json(), by `silent`; Ellipsis: not parsed
+    cached[False] = cached[True] = Ellipsis
+
+
 @bp.post("/aura/test/stream")
 @validate_request(StreamRequest)
 @inject
@@ -117,6 +126,7 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
         raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None
     except ShuttingDown as error:
         raise Problem(503, error.code, error.message, headers={"Retry-After": "1"}) from None
+    forget_body()
     if isinstance(outcome, Attached):
         return sse_response(resumed_frames(outcome.items, config), {"X-Aura-Run-ID": outcome.run_id})
     release = WatcherRelease(runs, outcome.handle, outcome.watcher)

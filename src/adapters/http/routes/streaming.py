@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextvars import Context
 from dataclasses import dataclass
 
 import orjson
@@ -33,6 +34,8 @@ class StreamConfig:
 
 class StreamMeter:
     """Counts what one SSE response writes (events by type, heartbeats, time to first event)."""
+
+    __slots__ = ("_first", "_kind", "_metrics", "_started")  # kept by every open stream
 
     def __init__(self, metrics: PrometheusMetrics | None, kind: str) -> None:
         self._metrics = metrics
@@ -83,6 +86,8 @@ class WatcherRelease:
     are being sent cancels the task before the body generator ever starts, and an unstarted
     generator runs no `finally`."""
 
+    __slots__ = ("_handle", "_released", "_runs", "_watcher", "finished")  # kept by every open stream
+
     def __init__(self, runs: RunService, handle: RunHandle, watcher: Subscription) -> None:
         self._runs = runs
         self._handle = handle
@@ -98,7 +103,9 @@ class WatcherRelease:
     def bind_to_current_task(self) -> None:
         task = asyncio.current_task()
         if task is not None:
-            task.add_done_callback(self)
+            # An empty context: a callback keeps the context it was added in, and this one (Quart's
+            # request and app contexts) would otherwise live as long as the stream.
+            task.add_done_callback(self, context=Context())
 
 
 async def live_frames(release: WatcherRelease, watcher: Subscription, config: StreamConfig) -> AsyncIterator[bytes]:
