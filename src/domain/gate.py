@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal, StoredApproval
+from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
 from domain.errors import ApprovalTimeout, RunCancelled
 from domain.events import EventType, RunStatus
 from domain.plan import PlanStep, StepStatus
@@ -71,7 +71,7 @@ class ApprovalGate:
             created_at=now, expires_at=now + int(self._settings.timeout_seconds),
         )
         try:
-            created = await self._store.create(request)
+            await self._store.create(request)
         except asyncio.CancelledError:
             # The write may have reached the store before the cancellation did: a request left
             # pending there would wait for a decision nobody waits for.
@@ -97,10 +97,10 @@ class ApprovalGate:
                 await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
-                decided = await self._wait(created, stored, subscription)
+                decided = await self._wait(request, stored, subscription)
                 outcome = decided.status.value
         except asyncio.CancelledError:
-            await asyncio.shield(self._close(created, ApprovalStatus.CANCELLED, None))
+            await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
             raise
         finally:
             self._telemetry.approval_wait_ended(outcome, self._clock.now() - waited_from)
@@ -120,11 +120,10 @@ class ApprovalGate:
             raise RunCancelled("The run was cancelled while it waited for approval.")
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
 
-    async def _wait(self, created: StoredApproval, stored: str | bytes | None,
+    async def _wait(self, request: ApprovalRequest, stored: str | bytes | None,
                     subscription: SignalSubscription) -> ApprovalRequest:
-        request = created.request
         if stored is not None:
-            decided = await self._consider(created, stored)
+            decided = await self._consider(request, stored)
             if decided is not None:
                 return decided
         # Two ways out: a signal on the channel; and the process's re-check, which wakes this
@@ -135,7 +134,7 @@ class ApprovalGate:
         try:
             while True:
                 if request.expires_at - self._clock.now() <= 0:
-                    return await self._close(created, ApprovalStatus.EXPIRED, None)
+                    return await self._close(request, ApprovalStatus.EXPIRED, None)
                 if not (message.done() or rechecked.done()):
                     # asyncio.wait would keep two more coroutines, a set, a closure and a timer
                     # for as long as the approval takes; one future and two callbacks do.
@@ -151,14 +150,14 @@ class ApprovalGate:
                 if rechecked.done():
                     current = rechecked.result()
                     if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
-                        return await self._close(created, ApprovalStatus.EXPIRED, None)
+                        return await self._close(request, ApprovalStatus.EXPIRED, None)
                     if current.status.is_decided:
                         return current
                     rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
                 if message.done():
                     raw = message.result()
                     message = subscription.receive()
-                    decided = await self._consider(created, raw)
+                    decided = await self._consider(request, raw)
                     if decided is not None:
                         return decided
         finally:
@@ -168,8 +167,7 @@ class ApprovalGate:
             elif not message.cancelled():
                 message.exception()  # a failure after the wait ended is not news
 
-    async def _consider(self, created: StoredApproval, raw: str | bytes) -> ApprovalRequest | None:
-        request = created.request
+    async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> ApprovalRequest | None:
         signal = Signal.parse(raw)
         if signal is None:
             log.warning("ignored a malformed signal on session %s", request.session_id)
@@ -181,24 +179,24 @@ class ApprovalGate:
         if self._seal is not None and self._seal.verifies(signal):
             # Aura's API stored this decision in the step that published the signal: nothing to record.
             return self._seal.decided(request, signal)
-        return await self._close(created, signal.status, signal.user_id, signal.reason)
+        return await self._close(request, signal.status, signal.user_id, signal.reason)
 
-    async def _close(self, created: StoredApproval, status: ApprovalStatus, by: str | None,
+    async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
                      reason: str | None = None) -> ApprovalRequest:
         """Decide atomically; when another decision won first, that one stands. One store step
-        either way: the store compares against the request as this gate created it and, when it
-        was decided meanwhile (by Aura's API on an instance whose seal this gate cannot verify),
-        answers with that decision instead. A signal the DWP backend published without touching
-        the request is recorded here."""
+        either way: the store decides only a request still pending and, when it was decided
+        meanwhile (by Aura's API on an instance whose seal this gate cannot verify), answers with
+        that decision instead. A signal the DWP backend published without touching the request is
+        recorded here. (The gate keeps no stored copy to compare against: a parked run would hold
+        its whole record for as long as the approval takes.)"""
         # Shielded: a run cancelled while its decision is on the way to the store may still see it
         # applied there; the decision is then finished and audited, not left unaccounted for.
-        return await asyncio.shield(self._record(created, status, by, reason))
+        return await asyncio.shield(self._record(request, status, by, reason))
 
-    async def _record(self, created: StoredApproval, status: ApprovalStatus, by: str | None,
+    async def _record(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
                       reason: str | None) -> ApprovalRequest:
-        request = created.request
         result = await self._store.decide(request.request_id, status, decided_by=by,
-                                          decided_at=self._clock.timestamp(), reason=reason, expected=created)
+                                          decided_at=self._clock.timestamp(), reason=reason)
         if result is None:  # the request vanished from the store (flushed): treat as expired
             return request.decide(ApprovalStatus.EXPIRED, by=None, at=self._clock.timestamp(), reason=None)
         if result.applied:

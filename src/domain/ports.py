@@ -79,8 +79,9 @@ class ApprovalStore(ABC):
     ) -> DecisionResult | None:
         """Atomically move a pending request to `status`. None when the request does not exist.
 
-        `expected` is the request as the caller last read or created it: while the store still
-        holds exactly that, the decision takes one step (without it, the store reads first). With a
+        `expected` is the request as the caller last read or created it: the decision applies while
+        the store still holds exactly that; without it, it applies while the stored request is
+        pending (a store may do either in one step; Redis does). With a
         `signal`, an applied decision also stores and publishes that signal for the request's
         session, as `SignalBus.publish` does, in the same step; a failure of that part alone
         leaves the decision standing (`signalled` False). With a `decider`, the decision applies

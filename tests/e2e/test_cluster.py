@@ -143,7 +143,7 @@ async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_rec
         clean_redis: redis.Redis, shared_key: bool) -> None:
     a, b = cluster(**({"AURA_HITL__SEAL_KEY": "one-key-every-instance-shares-01"} if shared_key else {}))
     stage(e2e_workspace)
-    for body in (approvals._DECIDE, approvals._DECIDE_AS):  # known to the server: each call is one EVALSHA
+    for body in (approvals._DECIDE, approvals._DECIDE_IN_PLACE):  # known to the server: each call is one EVALSHA
         clean_redis.script_load(body)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:

@@ -66,8 +66,9 @@ def store(redis_client: Redis) -> RedisApprovalStore:
 async def load_the_script(store: RedisApprovalStore) -> None:
     """Decide a throw-away request, so the server knows the script (EVALSHA succeeds at once)."""
     warm_up = approval_request(99, session="sess_warm_up", user="warm-up")
-    await store.create(warm_up)
-    await store.decide(warm_up.request_id, ApprovalStatus.EXPIRED, decided_by=None, decided_at=1, reason=None)
+    created = await store.create(warm_up)
+    await store.decide(warm_up.request_id, ApprovalStatus.EXPIRED, decided_by=None, decided_at=1, reason=None,
+                       expected=created)
 
 
 async def next_message(pubsub: Any) -> Any:
@@ -620,3 +621,25 @@ async def test_a_guarded_decision_on_a_record_in_another_layout_is_decided_by_py
     assert log.take() == ["EVALSHA", "EVALSHA"]
     assert result is not None and (result.applied, result.request) == (True, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+
+
+async def test_a_decision_without_a_stored_copy_is_one_round_trip(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    # What a waiting run does on a signal: it keeps no copy of the stored record while it waits.
+    await load_the_guarded_script(store)
+    request = approval_request()
+    await store.create(request)
+    log = CommandLog(redis_client)
+
+    first = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="ext", decided_at=CREATED_AT + 9,
+                               reason=None)
+    second = await store.decide(request.request_id, ApprovalStatus.REJECTED, decided_by="late",
+                                decided_at=CREATED_AT + 10, reason="no")
+
+    approved = request.decide(ApprovalStatus.APPROVED, by="ext", at=CREATED_AT + 9, reason=None)
+    assert log.take() == ["EVALSHA", "EVALSHA"]
+    assert first is not None and (first.applied, first.request) == (True, approved)
+    assert second is not None and (second.applied, second.request) == (False, approved)
+    assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+    assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(approved.session_record())

@@ -56,7 +56,7 @@ async def harness(redis_client: Redis, request: pytest.FixtureRequest) -> AsyncI
     h, commit = redis_harness(redis_client, seal=request.param)
     # The server learns the decision scripts once; every test here counts steady-state round trips.
     await redis_client.script_load(h.store._decide_script.body)  # type: ignore[attr-defined]
-    await redis_client.script_load(h.store._decide_as_script.body)  # type: ignore[attr-defined]
+    await redis_client.script_load(h.store._decide_in_place_script.body)  # type: ignore[attr-defined]
     try:
         yield h, commit
     finally:

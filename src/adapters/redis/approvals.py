@@ -18,9 +18,10 @@ and reformat large numbers, and the records must stay byte-for-byte what `to_rec
 session record is updated only while it is still exactly the pending record Aura wrote for this
 request (a session that moved on to a later request is left alone).
 
-A decision through Aura's API (`decide(..., decider=...)`) is one round trip without a read first:
-`_DECIDE_AS` checks in Lua what `Decider.may_decide` checks in Python (same tenant, the request's
-own user or an approver, pending, not expired at the decision's time) and builds the decided
+A decision without `expected` (the API's, the waiting run's) is one round trip without a read
+first: `_DECIDE_IN_PLACE` checks that the request is pending and, with a `decider`, what
+`Decider.may_decide` checks in Python (same tenant, the request's own user or an approver, not
+expired at the decision's time), and builds the decided
 record from the stored bytes by replacing exactly the parts a decision changes: the top-level
 `"status"` (the last `,"status":"pending","userId":` of the record; everything after it is plain
 strings and numbers, whose quotes are escaped) and the `"decidedAt":null,"decidedBy":null,
@@ -93,20 +94,24 @@ _PENDING_TAIL = ',"decidedAt":null,"decidedBy":null,"reason":null}'
 _PENDING_STATUS = ',"status":"pending","userId":'
 
 # KEYS: request
-# ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, 4 decidedAt,
+# ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, '0' when not,
+#       '-' for no decider (only "still pending" is checked), 4 decidedAt,
 #       5 status, 6 decidedBy as JSON, 7 reason as JSON, 8 request id, 9 session key prefix,
 #       10 pending index prefix[, 11 signal bytes, 12 signal TTL, 13 signal key prefix,
 #       14 channel prefix]
 # Reply: 0 when the request does not exist; its current bytes when the decider may not decide it
 # now (or it is not in Aura's layout); {1 or 2 (as _DECIDE), the decided bytes} when decided.
-_DECIDE_AS = """
+_DECIDE_IN_PLACE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local ok, record = pcall(cjson.decode, current)
 if not ok or type(record) ~= 'table' or type(record.expiresAt) ~= 'number' then return current end
-if record.tenantId ~= ARGV[1] or (ARGV[3] ~= '1' and record.userId ~= ARGV[2])
-    or record.status ~= 'pending' or tonumber(ARGV[4]) >= record.expiresAt
-    or type(record.sessionId) ~= 'string' or type(record.userId) ~= 'string' then
+if record.status ~= 'pending' or type(record.sessionId) ~= 'string' or type(record.userId) ~= 'string'
+    or type(record.tenantId) ~= 'string' then
+  return current
+end
+if ARGV[3] ~= '-' and (record.tenantId ~= ARGV[1] or (ARGV[3] ~= '1' and record.userId ~= ARGV[2])
+    or tonumber(ARGV[4]) >= record.expiresAt) then
   return current
 end
 local tail = '""" + _PENDING_TAIL + """'
@@ -197,7 +202,7 @@ class RedisApprovalStore(ApprovalStore):
         self._signal_ttl_seconds = signal_ttl_seconds
         # EVALSHA, with the body once when the server does not know the script yet.
         self._decide_script = LuaScript.of(_DECIDE)
-        self._decide_as_script = LuaScript.of(_DECIDE_AS)
+        self._decide_in_place_script = LuaScript.of(_DECIDE_IN_PLACE)
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         index_key = pending_index_key(request.tenant_id, request.user_id)
@@ -279,13 +284,14 @@ class RedisApprovalStore(ApprovalStore):
         if expected is not None and expected.request.request_id != request_id:
             raise ValueError(f"expected a record of {request_id}, got {expected.request.request_id}")
         key = request_key(request_id)
-        if expected is None and decider is not None:
-            outcome = await self._decide_as(key, request_id, status, decider, decided_at, decided_by, reason, signal)
+        if expected is None:
+            outcome = await self._decide_in_place(key, request_id, status, decider, decided_at, decided_by, reason,
+                                                  signal)
             if not isinstance(outcome, StoredApproval | None):
                 return outcome
             seen: StoredApproval | None = outcome  # not in Aura's layout: decide on it as below
         else:
-            seen = expected if expected is not None else await self.read(request_id)
+            seen = expected
         try:
             for _ in range(MAX_DECIDE_ATTEMPTS):
                 if seen is None:
@@ -320,19 +326,21 @@ class RedisApprovalStore(ApprovalStore):
             raise StoreUnavailable("the approval store is unavailable") from exc
         raise StoreUnavailable(f"approval {request_id} is changing too often to decide")
 
-    async def _decide_as(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider, decided_at: int,
-                         decided_by: str | None, reason: str | None,
-                         signal: Signal | None) -> DecisionResult | StoredApproval | None:
+    async def _decide_in_place(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider | None,
+                               decided_at: int, decided_by: str | None, reason: str | None,
+                               signal: Signal | None) -> DecisionResult | StoredApproval | None:
         """One round trip: the decision when the script applied it or refused it by the rules;
         the stored request (to decide on in Python) when its bytes are not in Aura's layout."""
+        mode = "-" if decider is None else "1" if decider.approver else "0"
         args: list[bytes | str | int] = [
-            decider.tenant_id, decider.user_id, "1" if decider.approver else "0", decided_at, status.value,
+            "" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id, mode,
+            decided_at, status.value,
             encode_json(decided_by), encode_json(reason), request_id, SESSION_KEY_PREFIX, PENDING_INDEX_PREFIX,
         ]
         if signal is not None:
             args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX]
         try:
-            reply = await self._decide_as_script.run(self._shared, [key], args)
+            reply = await self._decide_in_place_script.run(self._shared, [key], args)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         if isinstance(reply, list):
@@ -346,8 +354,11 @@ class RedisApprovalStore(ApprovalStore):
         if not reply:
             return None
         stored = _stored(reply, key)
-        if stored is None or not decider.may_decide(stored.request, decided_at):
-            return None if stored is None else DecisionResult(applied=False, request=stored.request)
+        if stored is None:
+            return None
+        if stored.request.status.is_decided or (decider is not None and not decider.may_decide(stored.request,
+                                                                                                  decided_at)):
+            return DecisionResult(applied=False, request=stored.request)
         return stored
 
 
