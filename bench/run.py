@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.warm(targets)
         per_round_approvals = math.ceil(mode.approvals_total / mode.rounds)
         approval_pairs = [("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)]
+        other_pair: list[S.Server] = []
         if args.against and "approvals" in args.against_phases.split(",") and "approvals" in phases:
             source = bench.checkout(args.against)
             other_pair = [bench._start(S.aura_server(f"aura-against-{side}", workdir, bench.redis.url, source=source))
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             peer_aio.stop()
         if "parked" in phases:
             log("== parked runs (the other servers are stopped first)")
-            for server in (aura_a, aura_b, peer, floor, floor_b):
+            for server in (aura_a, aura_b, peer, floor, floor_b, *other_pair):
                 server.stop()
             bench.phase_parked()
     finally:
