@@ -250,7 +250,9 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
             "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |",
             "|---|---:|---:|---:|---:|---:|"]
-    for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor"):
+    # Rows of another revision (`--against REV --against-phases approvals`) follow Aura's own.
+    others = sorted(name for name, entry in ap.items() if name.startswith("aura@") and isinstance(entry, dict))
+    for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others):
         if name in ap:
             s = ap[name]
             out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
