@@ -237,6 +237,8 @@ class Agent:
         if needs_approval:
             # A human may take minutes to decide, and the conversation with the model is most of
             # what a waiting run holds: keep it packed until the decision (docs/performance.md).
+            # The events' common fields are rebuilt after it, from what the run keeps anyway.
+            del base
             packed = pack_messages(messages, self._zdict)
             messages.clear()
             try:
@@ -246,6 +248,7 @@ class Agent:
             finally:
                 messages[:] = unpack_messages(packed, self._zdict)
                 del packed
+            base = {"toolCallId": call.id, "toolName": call.name, "toolArgs": args, "requiresApproval": True}
             if decided.status is ApprovalStatus.REJECTED:
                 outcome.rejected += 1
                 self._telemetry.tool_call(call.name, "rejected")

@@ -64,9 +64,10 @@ class ApprovalGate:
         """Store, subscribe, check the stored signal, announce, wait. Returns the decided request
         (approved or rejected); raises ApprovalTimeout when nobody decided in time."""
         now = self._clock.timestamp()
+        # The arguments are not copied into the request: both are kept for the whole wait.
         request = ApprovalRequest(
             request_id=self._ids.new_id("req"), session_id=run.ids.session_id, run_id=run.ids.run_id,
-            action_type=action_type, tool_name=tool_name, message=message, context=dict(args),
+            action_type=action_type, tool_name=tool_name, message=message, context=args,
             user_id=run.principal.user_id, tenant_id=run.principal.tenant_id,
             created_at=now, expires_at=now + int(self._settings.timeout_seconds),
         )

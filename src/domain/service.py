@@ -146,7 +146,9 @@ class RunFeed:
 
     def __init__(self, event_log: EventLog, telemetry: Telemetry,
                  on_failure: Callable[[Exception], None] | None = None, max_unlogged: int = 512) -> None:
-        self.watchers: set[Subscription] = set()
+        # A list: a run has one watcher or a few, and a set of one is three times the size (a
+        # parked run keeps it for as long as the approval takes).
+        self.watchers: list[Subscription] = []
         # Told of a failed write while the run is not publishing (set once the run's handle exists).
         self.on_failure = on_failure
         self.run: Run | None = None  # whose snapshot `emit` logs with its events
@@ -210,7 +212,7 @@ class RunFeed:
 class RunHandle:
     run: Run
     task: asyncio.Task[None] | None
-    watchers: set[Subscription]
+    watchers: list[Subscription]
     record: RunRecord
     started: bool = False
     failure: Exception | None = None  # the store failed while the run was not writing to it
@@ -345,13 +347,14 @@ class RunService:
 
     def watch(self, handle: RunHandle) -> Subscription:
         watcher = Subscription(self._limits.watcher_buffer)
-        handle.watchers.add(watcher)
+        handle.watchers.append(watcher)
         return watcher
 
     def release(self, handle: RunHandle, watcher: Subscription, *, disconnected: bool) -> None:
         """A watcher left. When the client went away mid-run and the run's policy is `cancel`,
         and nobody else watches, the run stops (its pending approval is cancelled)."""
-        handle.watchers.discard(watcher)
+        if watcher in handle.watchers:
+            handle.watchers.remove(watcher)
         watcher.close()
         if (disconnected and not handle.watchers
                 and handle.run.request.on_disconnect is DisconnectPolicy.CANCEL):

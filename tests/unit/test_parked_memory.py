@@ -168,6 +168,11 @@ async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -
     assert "hints" not in chain["_carry_out"]
     packed = chain["_call_tool"]["packed"]
     assert len(packed) < len(pack_messages(unpack_messages(packed, h.agent._zdict))) / 2
+    # nor the tool events' common fields (rebuilt after the wait), nor a second copy of the
+    # arguments in the approval request, nor its stored record; its watchers are a list, not a set
+    assert "base" not in chain["_call_tool"] and "created" not in chain["await_decision"]
+    assert chain["await_decision"]["request"].context is chain["_call_tool"]["args"]
+    assert type(feed.watchers) is list and feed.watchers == [watcher]
     await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
     events = await finish(watcher, seen)
     assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")

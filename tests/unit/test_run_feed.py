@@ -115,7 +115,7 @@ async def test_a_failed_write_is_raised_at_the_runs_next_event_but_error_and_end
     failures: list[Exception] = []
     feed = RunFeed(log, Telemetry(), on_failure=failures.append)
     watcher = Subscription(100)
-    feed.watchers.add(watcher)
+    feed.watchers.append(watcher)
     await feed.publish(content(1), None)
     log.complete(StoreUnavailable("down"))
     assert [e.seq for e in watcher.take_buffered(10)] == [1]  # delivered all the same
