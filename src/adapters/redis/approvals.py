@@ -289,7 +289,7 @@ class RedisApprovalStore(ApprovalStore):
                                                   signal)
             if not isinstance(outcome, StoredApproval | None):
                 return outcome
-            seen: StoredApproval | None = outcome  # not in Aura's layout: decide on it as below
+            seen: StoredApproval | None = outcome  # refused, or not in Aura's layout: the loop tells which
         else:
             seen = expected
         try:
@@ -329,8 +329,9 @@ class RedisApprovalStore(ApprovalStore):
     async def _decide_in_place(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider | None,
                                decided_at: int, decided_by: str | None, reason: str | None,
                                signal: Signal | None) -> DecisionResult | StoredApproval | None:
-        """One round trip: the decision when the script applied it or refused it by the rules;
-        the stored request (to decide on in Python) when its bytes are not in Aura's layout."""
+        """One round trip: the decision when the script applied it; otherwise the request as stored
+        (None when absent or unreadable), which the caller's loop refuses by the same rules or, when
+        only its layout stopped the script, decides on."""
         mode = "-" if decider is None else "1" if decider.approver else "0"
         args: list[bytes | str | int] = [
             "" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id, mode,
@@ -353,13 +354,7 @@ class RedisApprovalStore(ApprovalStore):
             return DecisionResult(applied=True, request=decided, signalled=signal is not None and code == _DECIDED)
         if not reply:
             return None
-        stored = _stored(reply, key)
-        if stored is None:
-            return None
-        if stored.request.status.is_decided or (decider is not None and not decider.may_decide(stored.request,
-                                                                                                  decided_at)):
-            return DecisionResult(applied=False, request=stored.request)
-        return stored
+        return _stored(reply, key)
 
 
 def _stored(raw: bytes | str, key: str) -> StoredApproval | None:
