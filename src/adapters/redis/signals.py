@@ -346,19 +346,17 @@ class RedisSignalBus(SignalBus):
         while pending := {*self._background, *self._unsubscribing}:
             await asyncio.wait(pending)
 
-    def _in_background(self, operation: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, operation: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(operation)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
         """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
         short would leave the bookkeeping out of step with the server (and redis-py drops a
         connection whose send was cancelled)."""
-        task = asyncio.ensure_future(operation)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
+        await asyncio.shield(self._in_background(operation))
 
     async def _put_on_wire(self, channel: _Channel) -> None:
         async with self._send_lock:
