@@ -13,8 +13,7 @@ _log_context: ContextVar[dict[str, Any] | None] = ContextVar("aura_log_context",
 
 def bind_log_context(**fields: Any) -> None:
     """Add fields to the log context of the current task (tasks started later inherit it)."""
-    current = _log_context.get() or {}
-    _log_context.set({**current, **{k: v for k, v in fields.items() if v is not None}})
+    _log_context.set(_with_fields(fields))
 
 
 def log_context() -> dict[str, Any]:
@@ -27,8 +26,13 @@ def detached_log_context(**fields: Any) -> Context:
     started from an HTTP request, Quart's request and app contexts (`g`, the session, the URL
     adapter) for as long as the task lives, which for a run waiting on an approval is hours."""
     context = Context()
-    context.run(_log_context.set, {**(_log_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
+    context.run(_log_context.set, _with_fields(fields))
     return context
+
+
+def _with_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The current log context plus `fields` (those that are not None)."""
+    return {**(_log_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}}
 
 
 class Telemetry:
