@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
-from quart import Quart
+from quart import Quart, g, request
 
 from app.factory import create_app
 from app.settings import Settings
@@ -171,3 +171,21 @@ def test_startup_refuses_a_short_secret(make_settings: Callable[..., Settings]) 
     with pytest.raises(ConfigError, match="AURA_AUTH__JWT_SECRET"):
         create_app(make_settings(auth={"jwt_secret": None}))
     create_app(make_settings(auth={"jwt_secret": "short", "dev_mode": True}))  # dev mode may
+
+
+async def test_a_verified_token_leaves_the_request_and_stays_with_the_caller(app: Quart) -> None:
+    bearer = token("bob")
+    seen: dict[str, Any] = {}
+
+    @app.after_request
+    async def _look(response: Any) -> Any:
+        seen.update(token=g.bearer_token, user=g.principal.user_id, headers=dict(request.headers),
+                    scope=[name for name, _ in request.scope["headers"]])
+        return response
+
+    response = await app.test_client().get("/aura/hitl/requests/req_x", headers={"Authorization": f"Bearer {bearer}"})
+    assert response.status_code == 404
+    # kept once, for the tools that forward it; gone from Quart's headers and from the ASGI scope
+    assert seen["token"] == bearer and seen["user"] == "bob"
+    assert "Authorization" not in seen["headers"] and "User-Agent" in seen["headers"]
+    assert b"authorization" not in [name.lower() for name in seen["scope"]] and seen["scope"]

@@ -26,11 +26,22 @@ class RequestAuthenticator:
             raise AuthError("malformed_token", "The Authorization header must be 'Bearer <token>'.")
         return token.strip()
 
-    def authenticate(self, request: Request) -> Principal:
-        claims = self._verifier.verify(self.bearer_token(request))
+    def authenticate(self, request: Request, token: str | None = None) -> Principal:
+        claims = self._verifier.verify(self.bearer_token(request) if token is None else token)
         return resolve_principal(
             claims,
             tenant_header=request.headers.get("X-Tenant-ID"),
             user_header=request.headers.get("X-User-ID"),
             trusted_service_roles=self._trusted,
         )
+
+
+def forget_authorization(request: Request) -> None:
+    """Drop the Authorization header from the request once its token is verified and kept.
+
+    Quart's headers and the ASGI scope each hold a copy for as long as the response lives, which for
+    a stream waiting on an approval is minutes to hours (and a DWP token is often a kilobyte): the
+    run's request keeps the one copy its tools forward, and nothing later can log the header."""
+    request.headers.pop("Authorization", None)
+    scope = request.scope
+    scope["headers"] = [header for header in scope["headers"] if header[0].lower() != b"authorization"]

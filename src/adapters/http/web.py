@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from quart import Quart, Response, g, request
 
-from adapters.http.auth import RequestAuthenticator
+from adapters.http.auth import RequestAuthenticator, forget_authorization
 from adapters.http.problems import Problem
 from domain.errors import AuthError
 from domain.identity import Principal
@@ -91,13 +91,15 @@ def install_authentication(app: Quart, authenticator: RequestAuthenticator,
         if request.blueprint not in protected or request.method == "OPTIONS":
             return
         try:
-            g.principal = authenticator.authenticate(request)
+            token = authenticator.bearer_token(request)
+            g.principal = authenticator.authenticate(request, token)
         except AuthError as error:
             if on_failure is not None:
                 on_failure(error.code)
             raise
         bind_log_context(traceId=g.trace_id, tenantId=g.principal.tenant_id, userId=g.principal.user_id)
-        g.bearer_token = authenticator.bearer_token(request)
+        g.bearer_token = token
+        forget_authorization(request)
 
 
 def current_principal() -> Principal:
