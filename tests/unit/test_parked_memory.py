@@ -94,31 +94,52 @@ class _Release:
     finished = False
     calls = 0
 
+    def __init__(self, run_waits_for_a_human: bool) -> None:
+        self.run_waits_for_a_human = run_waits_for_a_human
+
     def __call__(self) -> None:
         self.calls += 1
 
 
-async def test_a_stream_waiting_for_its_next_event_holds_none_of_the_events_it_wrote() -> None:
+async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_frames_it_wrote() -> None:
     watcher = Subscription(max_buffered=64)
-    release = _Release()
+    release = _Release(run_waits_for_a_human=True)
     frames = live_frames(release, watcher, StreamConfig(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.HITL))
     watcher.push(event(2, EventType.PLAN_STEP_UPDATE))
     first = await frames.__anext__()
     assert first.startswith(b"id: 1\nevent: hitl\n") and b"id: 2\nevent: plan_step_update\n" in first
+    # an empty body, so that the server's send loop lets go of the last frame it sent
+    assert await frames.__anext__() == b""
     waiting = asyncio.ensure_future(frames.__anext__())
     await asyncio.sleep(0)
     assert not waiting.done()
     frame = frames.ag_frame  # type: ignore[attr-defined]
     assert frame is not None
-    held = [value for value in frame.f_locals.values() if isinstance(value, Event)]
+    held = [value for value in frame.f_locals.values() if isinstance(value, Event | bytes) and value]
     assert held == [], f"the waiting stream holds {held}"
+    release.run_waits_for_a_human = False
     watcher.push(Event(EventType.END, 3, IDS, 0, {"status": "completed", "reason": "completed", "message": "m"}))
     last = await waiting
     assert last.startswith(b"id: 3\nevent: end\n") and last.endswith(b"data: [DONE]\n\n")
     with pytest.raises(StopAsyncIteration):
         await frames.__anext__()
     assert release.finished is True and release.calls == 1
+
+
+async def test_a_stream_whose_run_is_working_writes_no_empty_bodies() -> None:
+    watcher = Subscription(max_buffered=64)
+    release = _Release(run_waits_for_a_human=False)
+    frames = live_frames(release, watcher, StreamConfig(heartbeat_seconds=60))  # type: ignore[arg-type]
+    watcher.push(event(1, EventType.PLAN_STEP_UPDATE))
+    assert (await frames.__anext__()).startswith(b"id: 1\nevent: plan_step_update\n")
+    waiting = asyncio.ensure_future(frames.__anext__())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # no empty body: it waits for the next event
+    watcher.push(event(2, EventType.THOUGHT))
+    assert (await waiting).startswith(b"id: 2\nevent: thought\n")
+    await frames.aclose()
+    assert release.calls == 1
 
 
 # -- what a started run keeps ------------------------------------------------------------------------
@@ -154,8 +175,9 @@ async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -
     hitl = await until(watcher, "hitl", seen)
     contexts = _contexts(handle.task)
     assert contexts and all(_REQUEST_SCOPED not in context for context in contexts)
-    logged = contexts[0][_log_context]  # the log context goes on, with the run's ids
-    assert logged is not None and logged["runId"] == handle.run_id and logged["tenantId"] == "acme"
+    flat = contexts[0][_log_context]  # the log context goes on, with the run's ids
+    logged = dict(zip(flat[::2], flat[1::2], strict=True))
+    assert logged["runId"] == handle.run_id and logged["tenantId"] == "acme"
     # the run's own objects: no __dict__, no closures
     feed = handle.run._sink.__self__
     assert isinstance(feed, RunFeed) and feed.run is handle.run and feed.on_failure == handle.fail

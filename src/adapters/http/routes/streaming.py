@@ -100,6 +100,10 @@ class WatcherRelease:
             self._released = True
             self._runs.release(self._handle, self._watcher, disconnected=not self.finished)
 
+    @property
+    def run_waits_for_a_human(self) -> bool:
+        return self._handle.run.pending_approval is not None
+
     def bind_to_current_task(self) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -134,6 +138,12 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
             yield chunk
             if finished:
                 return
+            if release.run_waits_for_a_human:
+                # The server's send loop keeps the last body it sent until the next one (Quart's
+                # `_send_response`), as does `chunk` here: an empty body, which puts nothing on the
+                # wire, lets both go for the minutes the approval takes.
+                chunk = b""
+                yield chunk
     except SubscriptionOverflow:
         # The client reads slower than the run writes: drop this connection (not the run); the
         # client resumes from the event log with Last-Event-ID. Not a disconnect: the run goes on.
