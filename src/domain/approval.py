@@ -208,12 +208,15 @@ class DecisionSeal:
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("a decision seal needs a key of at least 16 bytes")
-        self._key = key
+        # Keyed once: each seal copies it instead of hashing the key again.
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def _mac(self, signal: Signal) -> str:
         decision = json.dumps([signal.request_id, signal.type.value, signal.user_id, signal.timestamp, signal.reason],
                               separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        digest = hmac.new(self._key, decision, hashlib.sha256).digest()[:16]
+        mac = self._keyed.copy()
+        mac.update(decision)
+        digest = mac.digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def seal(self, signal: Signal) -> Signal:

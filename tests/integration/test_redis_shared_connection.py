@@ -172,3 +172,14 @@ async def test_a_script_the_server_does_not_know_is_sent_with_its_body(redis_cli
     assert await script.run(shared, ["aura:test:n"], [3]) == 5  # by SHA1 now
     await redis_client.script_flush()
     assert await script.run(shared, ["aura:test:n"], [4]) == 9
+
+
+async def test_a_batch_larger_than_the_socket_takes_at_once_is_written_whole(redis_client: Redis) -> None:
+    # The write waits for the socket to drain only when it did not take everything at once.
+    connection = DedicatedConnection(redis_client)
+    value = b"v" * (16 * 2**20)
+    try:
+        assert await connection.execute(pack(b"SET", b"aura:test:big", value) + pack(b"STRLEN", b"aura:test:big"),
+                                        2) in ([b"OK", len(value)], [True, len(value)])
+    finally:
+        await connection.aclose()

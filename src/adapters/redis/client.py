@@ -77,8 +77,12 @@ class _CancellationSafeWrites(AbstractConnection):
             if isinstance(command, bytes):
                 command = [command]
             writer.writelines(command)
-            async with asyncio.timeout(self.socket_timeout):
-                await writer.drain()  # waits only while the socket buffer is full
+            transport = writer.transport
+            if transport.get_write_buffer_size() or transport.is_closing():
+                # Only a write the socket did not take at once needs waiting for (and a closing
+                # transport the connection-lost news drain() raises); most batches are small.
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
         except BaseException as exc:
             # Part of the command may be on the wire; the connection cannot be reused.
             await self._drop(exc, "writing to")
