@@ -119,8 +119,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     pooled_post: dict[str, list[float]] = defaultdict(list)
     approval_errors: dict[str, int] = defaultdict(int)
     round_p99: dict[str, list[float]] = defaultdict(list)
+    cpu_s: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # A, B (rows before these lack them)
     for row in rows:
         if row["phase"] == "approval":
+            cpu_s[row["server"]][0] += row.get("a_cpu_s", 0.0)
+            cpu_s[row["server"]][1] += row.get("b_cpu_s", 0.0)
             pooled_lat[row["server"]].extend(row["latency_ms"])
             pooled_post[row["server"]].extend(row["post_ms"])
             approval_errors[row["server"]] += row["errors"]
@@ -129,7 +132,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for name, lat in pooled_lat.items():
         approval[name] = {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                           "post_p50_ms": pct(pooled_post[name], 50), "post_p99_ms": pct(pooled_post[name], 99),
-                          "errors": approval_errors[name], "round_p99_ms": round_p99[name]}
+                          "errors": approval_errors[name], "round_p99_ms": round_p99[name],
+                          "a_cpu_ms": cpu_s[name][0] / len(lat) * 1000 if lat and cpu_s[name][0] else None,
+                          "b_cpu_ms": cpu_s[name][1] / len(lat) * 1000 if lat and cpu_s[name][1] else None}
     redis = [v for row in rows if row["phase"] == "redis_rtt" for v in row["latency_ms"]]
     if redis:
         approval["redis-floor"] = {"n": len(redis), "p50_ms": pct(redis, 50), "p99_ms": pct(redis, 99)}
@@ -248,18 +253,25 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
 
     ap = summary["approval"]
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
-            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|"]
+            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | CPU ms per approval, A / B | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     # Rows of another revision (`--against REV --against-phases approvals`) follow Aura's own.
     others = sorted(name for name, entry in ap.items() if name.startswith("aura@") and isinstance(entry, dict))
     for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others):
         if name in ap:
             s = ap[name]
             out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
-                       f"{_fmt(s.get('post_p50_ms'), 2)} / {_fmt(s.get('post_p99_ms'), 2)} | {s.get('errors', 0)} |")
+                       f"{_fmt(s.get('post_p50_ms'), 2)} / {_fmt(s.get('post_p99_ms'), 2)} | "
+                       f"{_fmt(s.get('a_cpu_ms'), 2)} / {_fmt(s.get('b_cpu_ms'), 2)} | {s.get('errors', 0)} |")
     if "aura_p99_over_floor" in ap:
         out.append(f"\nAura ÷ bare-Quart floor: p50 {ap['aura_p50_over_floor']:.2f}×, p99 "
                    f"{ap['aura_p99_over_floor']:.2f}× (goal p99 ≤ {GOALS['approval_ratio']}×: {_verdict(ap['met'])}).")
+        per_round = [a / f for a, f in zip(ap["aura"]["round_p99_ms"], ap["quart-floor"]["round_p99_ms"], strict=False)]
+        if len(per_round) > 1:
+            out.append(f"Per round, p99 ÷ the same round's floor p99: {', '.join(f'{r:.2f}×' for r in per_round)} "
+                       f"(median {median(per_round):.2f}×).")
+        out.append("CPU per approval is each process's CPU time over the phase ÷ approvals: A parks the runs "
+                   "and finishes them after their decision, B only answers the approve POSTs.")
     if "isolated_p99_over_floor" in ap:
         out.append(f"\nIsolated (each approval once the run before it has ended): Aura ÷ bare-Quart floor p50 "
                    f"{ap['isolated_p50_over_floor']:.2f}×, p99 {ap['isolated_p99_over_floor']:.2f}× (for "

@@ -308,14 +308,17 @@ class Bench:
             if aura:
                 spec.update(path=STREAM_PATH, body={"prompt": PARK_PROMPT},
                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
-            cpu0 = a.cpu() + b.cpu()
+            a_cpu0, b_cpu0 = a.cpu(), b.cpu()
             result = self.client("approvals", **spec)
+            a_cpu, b_cpu = a.cpu() - a_cpu0, b.cpu() - b_cpu0
             lat = result["latency_ms"]
             row = {"phase": "approval", "round": round_no, "server": name, "approvals": result["approvals"],
                    "errors": result["errors"], "error_kinds": result["error_kinds"], "latency_ms": lat,
                    "post_ms": result["post_ms"], "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                    "post_p50_ms": pct(result["post_ms"], 50), "post_p99_ms": pct(result["post_ms"], 99),
-                   "servers_cpu_s": a.cpu() + b.cpu() - cpu0, "client_cpu_s": result["client_cpu_s"],
+                   # A parks the runs and finishes them after their decision; B only answers the POSTs.
+                   "servers_cpu_s": a_cpu + b_cpu, "a_cpu_s": a_cpu, "b_cpu_s": b_cpu,
+                   "client_cpu_s": result["client_cpu_s"],
                    "wall_s": result["wall_s"]}
             self.results["measurements"].append(row)
             log(f"approval r{round_no} {name}: {len(lat)} approvals, p50 {row['p50_ms'] or 0:.2f} ms, "

@@ -1,0 +1,92 @@
+"""What one approve POST costs Aura's request path, without the network or a second process.
+
+    python -m bench.request_cost [--n 1000] [--profile]
+
+Starts a real `redis-server` on a free port (stopped at the end), serves Aura in this process through
+Quart's test client with the bench's settings, and times an approve POST for an unknown request
+(authentication, request ids, the body, the desk, the store's Lua step, then a 404 problem) against
+a bare Quart POST route answering JSON, each after a warm-up, one request at a time. With
+`--profile`, pyinstrument's call tree of Aura's requests follows (the test client's own work is in
+it too). Tokens are minted beforehand, one per request (minting is not what we measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from quart import Quart
+
+from bench import servers as S
+
+
+async def _timed(name: str, call: Callable[[int], Awaitable[None]], n: int, offset: int) -> None:
+    started, cpu = time.perf_counter(), time.process_time()
+    for i in range(n):
+        await call(offset + i)
+    print(f"{name}: {(time.perf_counter() - started) / n * 1e6:.0f} µs per request "
+          f"({(time.process_time() - cpu) / n * 1e6:.0f} µs CPU)")
+
+
+async def _main(n: int, profile: bool) -> None:
+    from adapters.jwt import mint_token
+    from app.factory import create_app
+    from app.settings import Settings
+
+    workdir = Path(tempfile.mkdtemp(prefix="aura-request-cost-"))
+    redis = S.redis_server(workdir).start()
+    try:
+        aura = create_app(Settings(auth={"jwt_secret": S.SECRET}, redis={"url": redis.url},
+                                   tools={"workspace_root": str(workdir)}))
+        floor = Quart("floor")
+
+        @floor.post("/approve/<wait_id>")
+        async def approve(wait_id: str) -> dict[str, bool]:
+            return {"approved": True}
+
+        tokens = [mint_token(key=S.SECRET, sub=f"cost-u{i}", tenant_id=S.TENANT, ttl_seconds=3600)
+                  for i in range(3 * n + 200)]
+        async with aura.test_app() as aura_app, floor.test_app() as floor_app:
+            aura_client, floor_client = aura_app.test_client(), floor_app.test_client()
+
+            async def aura_post(i: int) -> None:
+                response = await aura_client.post(f"/aura/hitl/approve/req_{i:032x}",
+                                                  headers={"Authorization": f"Bearer {tokens[i]}"})
+                assert response.status_code == 404, response.status_code
+
+            async def floor_post(i: int) -> None:
+                response = await floor_client.post(f"/approve/w{i}")
+                assert response.status_code == 200, response.status_code
+
+            for call in (aura_post, floor_post):
+                for i in range(200):
+                    await call(i)
+            await _timed("aura approve POST (unknown request, 404)", aura_post, n, 200)
+            await _timed("bare Quart POST", floor_post, n, 200)
+            if profile:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0001, async_mode="disabled")
+                profiler.start()
+                for i in range(n):
+                    await aura_post(200 + n + i)
+                profiler.stop()
+                print(profiler.output_text(unicode=True, color=False))
+    finally:
+        redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(_main(args.n, args.profile))
+
+
+if __name__ == "__main__":
+    main()
