@@ -104,6 +104,9 @@ async def test_unknown_ids_and_bodies(app: Quart) -> None:
     assert (await client.get("/aura/hitl/requests/req_nope", headers=bearer())).status_code == 404
     assert (await client.get("/aura/hitl/signals/ses_nope", headers=bearer())).status_code == 404
     assert (await client.post("/aura/hitl/approve/req_nope", headers=bearer())).status_code == 404
+    # an empty body (Content-Length: 0, as HTTP clients send for a POST without one) is no body
+    empty = await client.post("/aura/hitl/reject/req_nope", headers={**bearer(), "Content-Length": "0"})
+    assert empty.status_code == 404
     bad = await client.post("/aura/hitl/reject/req_nope", data="{oops", headers=bearer())
     assert bad.status_code == 422 and (await bad.get_json())["code"] == "validation_error"
     no_token = await client.post("/aura/hitl/approve/req_nope")
