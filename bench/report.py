@@ -119,13 +119,19 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     pooled_post: dict[str, list[float]] = defaultdict(list)
     approval_errors: dict[str, int] = defaultdict(int)
     round_p99: dict[str, list[float]] = defaultdict(list)
-    cpu_s: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # A, B (rows before these lack them)
+    # A, B and the load generator (rows of older runs lack A's and B's apart)
+    cpu_s: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    # A's part of each approval: from the POST's answer to the `running` event read from A's stream
+    a_side: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         if row["phase"] == "approval":
             cpu_s[row["server"]][0] += row.get("a_cpu_s", 0.0)
             cpu_s[row["server"]][1] += row.get("b_cpu_s", 0.0)
+            cpu_s[row["server"]][2] += row.get("client_cpu_s", 0.0)
             pooled_lat[row["server"]].extend(row["latency_ms"])
             pooled_post[row["server"]].extend(row["post_ms"])
+            a_side[row["server"]].extend(total - post for total, post in zip(row["latency_ms"], row["post_ms"],
+                                                                              strict=True))
             approval_errors[row["server"]] += row["errors"]
             if row["p99_ms"] is not None:
                 round_p99[row["server"]].append(row["p99_ms"])
@@ -133,8 +139,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         approval[name] = {"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                           "post_p50_ms": pct(pooled_post[name], 50), "post_p99_ms": pct(pooled_post[name], 99),
                           "errors": approval_errors[name], "round_p99_ms": round_p99[name],
+                          "a_side_p50_ms": pct(a_side[name], 50), "a_side_p99_ms": pct(a_side[name], 99),
                           "a_cpu_ms": cpu_s[name][0] / len(lat) * 1000 if lat and cpu_s[name][0] else None,
-                          "b_cpu_ms": cpu_s[name][1] / len(lat) * 1000 if lat and cpu_s[name][1] else None}
+                          "b_cpu_ms": cpu_s[name][1] / len(lat) * 1000 if lat and cpu_s[name][1] else None,
+                          "client_cpu_ms": cpu_s[name][2] / len(lat) * 1000 if lat and cpu_s[name][2] else None}
     redis = [v for row in rows if row["phase"] == "redis_rtt" for v in row["latency_ms"]]
     if redis:
         approval["redis-floor"] = {"n": len(redis), "p50_ms": pct(redis, 50), "p99_ms": pct(redis, 99)}
@@ -216,6 +224,12 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                f"{', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}. Load generator event loop: "
                f"{results['client_event_loop']}. Packages: "
                + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v) + ".")
+    if machine.get("code"):
+        out.append(f"Code measured: {machine['code']}"
+                   + (f"; against {machine['against_commit']}" if machine.get("against_commit") else "")
+                   + (f"; what-if {results['whatif']}" if results.get("whatif") else "")
+                   + (f"; approvals' prompt {results['approval_prompt']!r}" if results.get("approval_prompt") else "")
+                   + ".")
     out += ["", f"![Aura vs its baselines]({chart_name})", ""]
     cal = results.get("calibration", {})
     out.append(f"An `@answer` run has {cal.get('overhead')} events besides its content chunks; mean frame sizes "
@@ -253,8 +267,9 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
 
     ap = summary["approval"]
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
-            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | CPU ms per approval, A / B | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | then A's part p50 / p99 ms | "
+            "CPU ms per approval, A / B / load generator | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     # Rows of another revision (`--against REV --against-phases approvals`) follow Aura's own.
     others = sorted(name for name, entry in ap.items() if name.startswith("aura@") and isinstance(entry, dict))
     for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others):
@@ -262,7 +277,9 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
             s = ap[name]
             out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
                        f"{_fmt(s.get('post_p50_ms'), 2)} / {_fmt(s.get('post_p99_ms'), 2)} | "
-                       f"{_fmt(s.get('a_cpu_ms'), 2)} / {_fmt(s.get('b_cpu_ms'), 2)} | {s.get('errors', 0)} |")
+                       f"{_fmt(s.get('a_side_p50_ms'), 2)} / {_fmt(s.get('a_side_p99_ms'), 2)} | "
+                       f"{_fmt(s.get('a_cpu_ms'), 2)} / {_fmt(s.get('b_cpu_ms'), 2)} / "
+                       f"{_fmt(s.get('client_cpu_ms'), 2)} | {s.get('errors', 0)} |")
     if "aura_p99_over_floor" in ap:
         out.append(f"\nAura ÷ bare-Quart floor: p50 {ap['aura_p50_over_floor']:.2f}×, p99 "
                    f"{ap['aura_p99_over_floor']:.2f}× (goal p99 ≤ {GOALS['approval_ratio']}×: {_verdict(ap['met'])}).")
@@ -270,8 +287,11 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
         if len(per_round) > 1:
             out.append(f"Per round, p99 ÷ the same round's floor p99: {', '.join(f'{r:.2f}×' for r in per_round)} "
                        f"(median {median(per_round):.2f}×).")
-        out.append("CPU per approval is each process's CPU time over the phase ÷ approvals: A parks the runs "
-                   "and finishes them after their decision, B only answers the approve POSTs.")
+        out.append("A's part is each approval's latency minus its POST's answer time: the signal reaching A, the "
+                   "run's `running` event logged and written, the load generator reading it. CPU per approval is "
+                   "each process's CPU time over the phase ÷ approvals: A parks the runs and finishes them after "
+                   "their decision, B only answers the approve POSTs, the load generator opens, approves and reads "
+                   "every stream to its end.")
     if "isolated_p99_over_floor" in ap:
         out.append(f"\nIsolated (each approval once the run before it has ended): Aura ÷ bare-Quart floor p50 "
                    f"{ap['isolated_p50_over_floor']:.2f}×, p99 {ap['isolated_p99_over_floor']:.2f}× (for "

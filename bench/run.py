@@ -38,6 +38,9 @@ ANSWER_TEXT = ("Aura streams what it thinks, plans and does as server-sent event
 CHUNK_CHARS = 20
 STREAM_PATH = "/aura/test/stream"
 PARK_PROMPT = '@git_commit {"repo_path": "no-such-repo", "message": "bench"}'
+# For `--approval-run short`: after its decision the run answers in one chunk (about 8 events
+# instead of about 30), to see how much of the approval latency A's work after a decision costs.
+SHORT_PARK_PROMPT = PARK_PROMPT + '\n@answer {"text": "Done.", "chunks": 1}'
 
 
 @dataclass
@@ -151,9 +154,10 @@ class Calibration:
 
 class Bench:
     def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool,
-                 whatif: str | None = None) -> None:
+                 whatif: str | None = None, approval_prompt: str = PARK_PROMPT) -> None:
         self.mode = mode
         self.whatif = whatif
+        self.approval_prompt = approval_prompt
         self.workdir = workdir
         self.options = options
         self.started: list[S.Server] = []
@@ -306,7 +310,7 @@ class Bench:
             spec: dict[str, Any] = {"kind": "aura" if aura else "floor", "a_port": a.port, "b_port": b.port,
                                     "total": count, "batch": self.mode.approval_batch, "isolated": isolated}
             if aura:
-                spec.update(path=STREAM_PATH, body={"prompt": PARK_PROMPT},
+                spec.update(path=STREAM_PATH, body={"prompt": self.approval_prompt},
                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
             a_cpu0, b_cpu0 = a.cpu(), b.cpu()
             result = self.client("approvals", **spec)
@@ -451,6 +455,19 @@ def machine_info() -> dict[str, Any]:
             "redis_server": redis_version, "loadavg_start": list(psutil.getloadavg())}
 
 
+def source_revision(revision: str | None = None) -> str | None:
+    """The commit measured: `revision` resolved, or the checkout's HEAD with "+changes" when its
+    tracked files differ from it (a result must say which code it measured)."""
+    git = ["git", "-C", str(S.ROOT)]
+    found = subprocess.run([*git, "rev-parse", "--short", revision or "HEAD"], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    commit = found.stdout.strip()
+    if revision is None and subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode:
+        commit += "+changes"
+    return commit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -470,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                              "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
     parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
                                          "the files get a whatif-<fix> tag")
+    parser.add_argument("--approval-run", choices=["full", "short"], default="full",
+                        help="what the approvals phase's runs do after their decision: 'full' (the tool's "
+                             "events, an answer of about 20 chunks, the end; the goal's measurement) or 'short' "
+                             "(an answer in one chunk: how much A's work after a decision weighs)")
     args = parser.parse_args(argv)
 
     mode = MODES["quick" if args.quick else "full"]
@@ -486,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="aura-bench-"))
     log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
     uvloop = S.uvloop_available()
-    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif)
+    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif,
+                  approval_prompt=SHORT_PARK_PROMPT if args.approval_run == "short" else PARK_PROMPT)
+    if args.approval_run != "full":
+        args.tag = "-".join(filter(None, [args.tag, f"approval-run-{args.approval_run}"]))
     if args.whatif:
         args.tag = "-".join(filter(None, [args.tag, "whatif-" + args.whatif.replace(",", "+")]))
     if args.against and "streams" in args.against_phases.split(","):
@@ -495,8 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         args.tag = "-".join(filter(None, [args.tag, "against-" + args.against.replace("/", "_").replace("~", "_")]))
     info = machine_info()
     info["open_files_limit"] = hard
+    info["code"] = source_revision()
+    if args.against:
+        info["against_commit"] = source_revision(args.against)
     bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
-                          "whatif": args.whatif,
+                          "whatif": args.whatif, "approval_prompt": bench.approval_prompt,
                           "client_event_loop": "uvloop" if uvloop else "asyncio"})
     try:
         aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url, whatif=args.whatif))
