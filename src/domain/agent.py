@@ -272,7 +272,9 @@ class Agent:
             failure = ToolFailure(f"{call.name} took longer than {self._limits.tool_timeout_seconds:g} s.",
                                   code="tool_timeout")
         except ToolFailure as exc:
-            failure = exc
+            # Its traceback holds this frame, which would hold it: a reference cycle that keeps the
+            # run's tool call, arguments and context alive until a garbage collection.
+            failure = exc.with_traceback(None)
         else:
             outcome.succeeded += 1
             self._telemetry.tool_call(call.name, "success")
