@@ -12,6 +12,14 @@ Fixes:
   what a cheaper request path than Quart + hooks + wiring could give the approval latency.
 - gc_trace: not a fix; every garbage collection's pause is timed and, at exit, a line per
   generation (count, median, longest, total) goes to the server's log (`GCTRACE ...`).
+- gc700, gc5000: Python's default young-generation threshold (700), or 5,000, instead of Aura's
+  50,000 (`AURA_SERVER__GC_THRESHOLD`): more frequent, shorter collections.
+- gc_garbage: not a fix; every object a garbage collection finds unreachable (a reference cycle)
+  is kept instead of freed and, at exit, counted by type into the server's log (`GARBAGE <count>
+  <type>`): what the process leaves for the collector, and so what its pauses are made of.
+- cpu_marks: not a fix; the process's CPU time at each run's milestones (parks on an approval,
+  decided, `end`, stream written to its end, run closed) goes to the server's log
+  (`CPUMARK <milestone> <cpu s> <wall s> <runId>`); `python -m bench.run_phases` reads them.
 """
 
 from __future__ import annotations
@@ -95,13 +103,100 @@ def gc_trace() -> None:
                 values.sort()
                 print(f"GCTRACE pid {os.getpid()} generation {generation}: {len(values)} collections, median "
                       f"{values[len(values) // 2]:.3f} ms, longest {values[-1]:.3f} ms, total {sum(values):.1f} ms "
-                      f"(thresholds {gc.get_threshold()})", file=sys.stderr, flush=True)
+                      f"(thresholds {gc.get_threshold()}); over 1 ms: "
+                      + (" ".join(f"{v:.1f}" for v in values if v > 1) or "none"), file=sys.stderr, flush=True)
 
     gc.callbacks.append(timed)
     atexit.register(report)
 
 
-FIXES = {"blocking_pool": blocking_pool, "raw_approve": raw_approve, "gc_trace": gc_trace}
+def _gc_threshold(allocations: int) -> None:
+    import os
+
+    os.environ["AURA_SERVER__GC_THRESHOLD"] = str(allocations)
+
+
+def gc700() -> None:
+    _gc_threshold(700)
+
+
+def gc5000() -> None:
+    _gc_threshold(5000)
+
+
+def gc_garbage() -> None:
+    import atexit
+    import gc
+    from collections import Counter
+
+    def kind(thing: object) -> str:
+        name = type(thing).__qualname__
+        if name in ("function", "method", "coroutine"):
+            return f"{name} {getattr(thing, '__qualname__', '?')}"
+        if name == "frame":
+            return f"frame {thing.f_code.co_qualname}"  # type: ignore[attr-defined]
+        return name
+
+    def report() -> None:
+        gc.collect()
+        counts = Counter(kind(thing) for thing in gc.garbage)
+        print(f"GARBAGE {len(gc.garbage)} in all", file=sys.stderr)
+        for name, count in counts.most_common(60):
+            print(f"GARBAGE {count} {name}", file=sys.stderr, flush=True)
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    atexit.register(report)
+
+
+def cpu_marks() -> None:
+    import time
+
+    from adapters.http.routes import stream as stream_route
+    from domain import gate, run, service
+
+    def mark(milestone: str, run_id: str) -> None:
+        print(f"CPUMARK {milestone} {time.process_time():.6f} {time.perf_counter():.6f} {run_id}",
+              file=sys.stderr, flush=True)
+
+    await_decision = gate.ApprovalGate.await_decision
+
+    async def marked_await_decision(self: Any, waiting: Any, *args: Any, **kwargs: Any) -> Any:
+        mark("parked", waiting.ids.run_id)
+        decided = await await_decision(self, waiting, *args, **kwargs)
+        mark("decided", waiting.ids.run_id)
+        return decided
+
+    end = run.Run.end
+
+    async def marked_end(self: Any, *args: Any, **kwargs: Any) -> None:
+        mark("end", self.ids.run_id)
+        await end(self, *args, **kwargs)
+
+    drive = service.RunService._drive
+
+    async def marked_drive(self: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            await drive(self, handle, *args, **kwargs)
+        finally:
+            mark("closed", handle.run.ids.run_id)
+
+    live_frames = stream_route.live_frames  # type: ignore[attr-defined]
+
+    async def marked_live_frames(release: Any, watcher: Any, config: Any) -> Any:
+        run_id = release._handle.run.ids.run_id
+        async for chunk in live_frames(release, watcher, config):
+            yield chunk
+        mark("streamed", run_id)
+
+    gate.ApprovalGate.await_decision = marked_await_decision  # type: ignore[method-assign, assignment]
+    run.Run.end = marked_end  # type: ignore[method-assign]
+    service.RunService._drive = marked_drive  # type: ignore[method-assign]
+    stream_route.live_frames = marked_live_frames  # type: ignore[attr-defined]
+
+
+FIXES = {"blocking_pool": blocking_pool, "raw_approve": raw_approve, "gc_trace": gc_trace, "gc_garbage": gc_garbage,
+         "gc700": gc700, "gc5000": gc5000,
+         "cpu_marks": cpu_marks}
 
 
 def main() -> int:
