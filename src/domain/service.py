@@ -223,7 +223,6 @@ class RunHandle:
     run: Run
     feed: RunFeed
     task: asyncio.Task[None] | None
-    watchers: list[Subscription]
     record: RunRecord
     started: bool = False
     failure: Exception | None = None  # the store failed while the run was not writing to it
@@ -233,6 +232,11 @@ class RunHandle:
     @property
     def run_id(self) -> str:
         return self.run.ids.run_id
+
+    @property
+    def watchers(self) -> list[Subscription]:
+        """The run's watchers: its feed hands each logged event to them."""
+        return self.feed.watchers
 
     def fail(self, error: Exception) -> None:
         """Stop the run because its events can no longer be logged; it ends `failed` with the error."""
@@ -342,7 +346,7 @@ class RunService:
                               else self._limits.max_runs_per_tenant)
         feed = RunFeed(self._log, self._telemetry)
         run = feed.run = Run(ids, principal, request, self._clock, feed.emit)
-        handle = RunHandle(run=run, feed=feed, task=None, watchers=feed.watchers, record=record)
+        handle = RunHandle(run=run, feed=feed, task=None, record=record)
         feed.on_failure = handle.fail
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
