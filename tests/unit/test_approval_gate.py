@@ -19,8 +19,8 @@ from tests.unit.harness import Harness, summary
 PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
 
 
-def approval_harness(**kwargs: object) -> tuple[Harness, RecordingTool]:
-    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
+def approval_harness(commit: RecordingTool | None = None, **kwargs: object) -> tuple[Harness, RecordingTool]:
+    commit = commit or RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
     return Harness(model, tools=[commit], **kwargs), commit  # type: ignore[arg-type]
 

@@ -15,9 +15,8 @@ from domain.errors import ToolFailure
 from domain.events import Event
 from domain.run import Run
 from domain.service import RunFeed, RunHandle
-from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
-from tests.unit.harness import Harness
-from tests.unit.test_approval_gate import PLAN, finish, until
+from tests.unit.fakes import RecordingTool
+from tests.unit.test_approval_gate import approval_harness, finish, until
 
 WATCHED = (Run, RunFeed, RunHandle, ToolFailure)
 
@@ -43,8 +42,7 @@ def cyclic(garbage: list[object]) -> Counter[str]:
 
 
 async def approved_run(tool: RecordingTool) -> list[Event]:
-    model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
-    harness = Harness(model, tools=[tool])
+    harness, _ = approval_harness(tool)
     handle, watcher = await harness.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
