@@ -291,7 +291,7 @@ class RedisRunControl(RunControl):
                 backoff = min(backoff * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def aclose(self) -> None:
         if self._listener is not None:
