@@ -8,15 +8,16 @@ import gc
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from adapters.jwt import mint_token
-from app.settings import ConfigError, Settings, load_settings
+from app.settings import ConfigError, Settings, load_settings, unknown_environment
 
 DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
 
@@ -24,10 +25,10 @@ DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
 def _settings_for_serve(args: argparse.Namespace) -> Settings:
     if args.dev:
         os.environ.setdefault("AURA_LOG__FORMAT", "console")
+        # dev mode mints tokens for anyone who asks: reachable from this machine only, unless told
+        os.environ.setdefault("AURA_SERVER__HOST", "127.0.0.1")
+        # the settings then replace any configured key with a throw-away secret
         os.environ["AURA_AUTH__DEV_MODE"] = "true"
-        if not os.environ.get("AURA_AUTH__JWT_SECRET"):
-            # A throw-away secret: tokens minted now die with this process.
-            os.environ["AURA_AUTH__JWT_SECRET"] = secrets.token_urlsafe(48)
     if args.host:
         os.environ["AURA_SERVER__HOST"] = args.host
     if args.port:
@@ -38,11 +39,15 @@ def _settings_for_serve(args: argparse.Namespace) -> Settings:
 def _dev_banner(settings: Settings) -> str:
     assert settings.auth.jwt_secret is not None
     token = mint_token(key=settings.auth.jwt_secret.get_secret_value(), algorithm=settings.auth.algorithm,
-                       sub=DEV_USER, tenant_id=DEV_TENANT, role="admin", ttl_seconds=12 * 3600)
-    base = f"http://127.0.0.1:{settings.server.port}"
-    return (f"\nAura dev mode: in-process Redis={'no' if settings.redis.url else 'yes'}, "
-            f"model={settings.model.provider}\n"
-            f"Dev token (user {DEV_USER}, tenant {DEV_TENANT}, role admin, 12 h):\n\n{token}\n\n"
+                       sub=DEV_USER, tenant_id=DEV_TENANT, ttl_seconds=12 * 3600)
+    host = settings.server.host
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{settings.server.port}"
+    return (f"\nAura dev mode on {host}:{settings.server.port}: in-process Redis="
+            f"{'no' if settings.redis.url else 'yes'}, model={settings.model.provider}, "
+            f"workspace={settings.tools.workspace_root.resolve()}\n"
+            "Tokens are signed with a throw-away secret: no configured key is used, and they die with "
+            "this process.\n"
+            f"Dev token (user {DEV_USER}, tenant {DEV_TENANT}, 12 h):\n\n{token}\n\n"
             f"Try:\n  export AURA_TOKEN={token}\n"
             f"  curl -N -X POST {base}/aura/test/stream -H \"Authorization: Bearer $AURA_TOKEN\" "
             f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"What changed in this repo?\"}}'\n"
@@ -50,19 +55,30 @@ def _dev_banner(settings: Settings) -> str:
             f"  open {base}/aura/console\n")
 
 
+class CannotListen(Exception):
+    """The listen address cannot be bound (in use, unknown host, not this machine's, no permission)."""
+
+
 async def _serve(settings: Settings) -> None:
-    from hypercorn.asyncio import serve
+    from hypercorn.asyncio.run import worker_serve
     from hypercorn.config import Config
+    from hypercorn.utils import wrap_app
 
     from app.factory import create_app
 
-    app = create_app(settings)
-    gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it
     config = Config()
-    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    address = f"{settings.server.host}:{settings.server.port}"
+    config.bind = [address]
     config.graceful_timeout = settings.server.graceful_timeout_seconds
     config.accesslog = None
     config.keep_alive_timeout = 75
+    try:
+        # bound before anything starts, so a taken port or a bad host is one line, not a traceback
+        sockets = config.create_sockets()
+    except OSError as exc:  # socket.gaierror included
+        raise CannotListen(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    app = create_app(settings)
+    gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it
     stop_requested = asyncio.Event()
     stop_serving = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,7 +100,9 @@ async def _serve(settings: Settings) -> None:
 
     drainer = asyncio.create_task(drain_then_stop())
     try:
-        await serve(app, config, shutdown_trigger=stop_serving.wait)
+        # hypercorn's own serve() with the sockets bound above
+        await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,
+                           shutdown_trigger=stop_serving.wait)
     finally:
         drainer.cancel()
 
@@ -95,9 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings_for_serve(args)
         settings.check_startup()
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"aura: cannot start: {exc}", file=sys.stderr)
         return 2
+    for line in unknown_environment(os.environ):
+        print(f"aura: warning: {line}", file=sys.stderr)
     configure_logging(settings.log.level, settings.log.format)
     if settings.auth.dev_mode:
         print(_dev_banner(settings), file=sys.stderr, flush=True)
@@ -112,8 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # about a fifth of the CPU (bench). Collect less often; cycles are still collected.
         _, middle, oldest = gc.get_threshold()
         gc.set_threshold(settings.server.gc_threshold, max(middle, 20), max(oldest, 100))
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(settings))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(settings))
+    except CannotListen as exc:
+        print(f"aura: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -196,25 +220,55 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if args.thread:
         body["thread_id"] = args.thread
     headers = {"Authorization": f"Bearer {_token_for_client(args)}"}
-    status = "unknown"
-    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(10.0, read=None)) as client, \
-            connect_sse(client, "POST", "/aura/test/stream", json=body, headers=headers) as source:
-        if source.response.status_code != 200:
-            source.response.read()
-            print(f"aura: HTTP {source.response.status_code}: {source.response.text}", file=sys.stderr)
-            return 1
-        for sse in source.iter_sse():
-            if sse.data == "[DONE]":
-                break
-            payload = json.loads(sse.data)
-            if sse.event == "content" and payload["data"].get("chunk"):
-                continue
-            line = _format_event(sse.event, payload)
-            if line:
-                print(line, flush=True)
-            if sse.event == "end":
-                status = payload["data"].get("status", "unknown")
+    status, run_id = "unknown", None
+    try:
+        with httpx.Client(base_url=args.url, timeout=httpx.Timeout(10.0, read=None)) as client, \
+                connect_sse(client, "POST", "/aura/test/stream", json=body, headers=headers) as source:
+            if source.response.status_code != 200:
+                source.response.read()
+                print(_problem_line(source.response.status_code, _json_or_text(source.response)), file=sys.stderr)
+                return 1
+            for sse in source.iter_sse():
+                if not sse.data:
+                    continue  # a heartbeat: parsers that dispatch on the blank line after `: ping` give no data
+                if sse.data == "[DONE]":
+                    break
+                payload = json.loads(sse.data)
+                run_id = run_id or payload.get("runId")
+                if sse.event == "content" and payload["data"].get("chunk"):
+                    continue
+                line = _format_event(sse.event, payload)
+                if line:
+                    print(line, flush=True)
+                if sse.event == "end":
+                    status = payload["data"].get("status", "unknown")
+    except httpx.TransportError as exc:
+        print(f"aura: {_transport_problem(args.url, exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\naura: interrupted: stopped reading {f'run {run_id}' if run_id else 'the run'}", file=sys.stderr)
+        return 130
     return 0 if status == "completed" else 1
+
+
+def _transport_problem(url: str, exc: Exception) -> str:
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot reach {url}: is the service running? ({_reason(exc)})"
+    return f"lost the connection to {url}: {_reason(exc)}"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.rsplit("] ", 1)[-1]  # "[Errno 111] Connection refused" -> "Connection refused"
+
+
+def _json_or_text(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"detail": response.text[:200]}
 
 
 def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -224,11 +278,8 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     try:
         response = httpx.request(method, f"{args.url}{path}", json=body, headers=headers, timeout=10)
     except httpx.TransportError as exc:
-        raise SystemExit(f"aura: cannot reach {args.url}: {type(exc).__name__}") from None
-    try:
-        return response.status_code, response.json()
-    except ValueError:
-        return response.status_code, {"detail": response.text[:200]}
+        raise SystemExit(f"aura: {_transport_problem(args.url, exc)}") from None
+    return response.status_code, _json_or_text(response)
 
 
 def _problem_line(status: int, body: Any) -> str:
@@ -243,9 +294,20 @@ def cmd_requests(args: argparse.Namespace) -> int:
     requests = body["requests"]
     if not requests:
         print("No pending approvals.")
+    now = time.time()
     for item in requests:
-        print(f"{item['requestId']}  {item['toolName']}  expires {item['expiresAt']}  {item['message']}")
+        print(f"{item['requestId']}  {item['toolName']}  {_expiry(item['expiresAt'], now)}  {item['message']}")
     return 0
+
+
+def _expiry(expires_at: float, now: float) -> str:
+    """`expires 14:03:10 (in 4m 50s)`: the local wall time and what is left of the wait."""
+    clock = datetime.fromtimestamp(expires_at).astimezone().strftime("%H:%M:%S")
+    left = int(expires_at - now)
+    if left <= 0:
+        return f"expired {clock}"
+    minutes, seconds = divmod(left, 60)
+    return f"expires {clock} (in {f'{minutes}m ' if minutes else ''}{seconds}s)"
 
 
 def _decide(args: argparse.Namespace, approve: bool) -> int:
@@ -282,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--dev", action="store_true",
-                       help="dev mode: random JWT secret, prints a ready-to-use token, console logs")
+                       help="dev mode: listens on 127.0.0.1, signs with a throw-away secret (never a configured "
+                            "one), prints a ready-to-use token, console logs")
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="mint a token with the configured secret")
@@ -320,7 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"aura: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\naura: interrupted", file=sys.stderr)
+        return 130
     return result
 
 

@@ -68,10 +68,12 @@ def _tool_registry(settings: Settings) -> ToolRegistry:
 
 
 def _console_config(settings: Settings) -> ConsoleConfig:
-    """The console mints dev tokens only in dev mode, and only with an HS* secret to sign them."""
+    """The console mints dev tokens only in dev mode, and only with an HS* secret to sign them (the
+    settings give dev mode a throw-away one); never with a role that acts for or decides for others."""
     auth = settings.auth
+    withheld = frozenset(auth.trusted_service_roles) | frozenset(settings.hitl.approver_roles)
     if not auth.dev_mode or auth.jwt_secret is None or not auth.algorithm.startswith("HS"):
-        return ConsoleConfig(dev_mode=auth.dev_mode, mint_dev_token=None)
+        return ConsoleConfig(dev_mode=auth.dev_mode, mint_dev_token=None, withheld_roles=withheld)
     secret = auth.jwt_secret.get_secret_value()
 
     def mint(user: str, tenant: str, role: str | None) -> str:
@@ -79,7 +81,7 @@ def _console_config(settings: Settings) -> ConsoleConfig:
                           ttl_seconds=3600, issuer=auth.issuer or None, audience=auth.audience or None,
                           key_id=auth.key_id or None)
 
-    return ConsoleConfig(dev_mode=True, mint_dev_token=mint)
+    return ConsoleConfig(dev_mode=True, mint_dev_token=mint, withheld_roles=withheld)
 
 
 def _instance_id(settings: Settings) -> str:

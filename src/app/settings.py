@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import secrets
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -19,6 +23,12 @@ from pydantic_settings import (
 
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
 MIN_SECRET_BYTES = 32
+# AURA_* variables read by something other than the settings model
+OTHER_ENVIRONMENT = {
+    "AURA_CONFIG_FILE": "the settings file to read instead of config/default.yaml",
+    "AURA_URL": "the service the client commands talk to",
+    "AURA_TOKEN": "the bearer token of the client commands",
+}
 
 
 class ConfigError(Exception):
@@ -155,7 +165,13 @@ class EventLogSettings(BaseModel):
 
 
 class LogSettings(BaseModel):
-    level: str = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, level: Any) -> Any:
+        return level.strip().upper() if isinstance(level, str) else level
+
     format: Literal["json", "console"] = "json"
 
 
@@ -181,16 +197,28 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = Path(os.environ.get("AURA_CONFIG_FILE", DEFAULT_CONFIG_FILE))
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config_file.is_file():
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        named = os.environ.get("AURA_CONFIG_FILE")
+        config_file = Path(named) if named else DEFAULT_CONFIG_FILE
+        if named or config_file.is_file():  # a file someone named must be read; the default may be absent
+            sources.append(_readable_yaml(settings_cls, config_file))
         return tuple(sources)
 
     @model_validator(mode="after")
     def _model_needs_endpoint(self) -> Settings:
         if self.model.provider == "openai" and not self.model.base_url:
             raise ValueError("AURA_MODEL__BASE_URL is required when AURA_MODEL__PROVIDER is 'openai'.")
+        return self
+
+    @model_validator(mode="after")
+    def _dev_mode_signs_with_its_own_secret(self) -> Settings:
+        """Dev mode mints tokens without credentials, so it never holds a key anything else trusts:
+        whatever secret or key is configured, it signs and verifies with a throw-away HS256 secret
+        that dies with the process."""
+        if self.auth.dev_mode:
+            self.auth = self.auth.model_copy(update={
+                "jwt_secret": SecretStr(secrets.token_urlsafe(48)), "algorithm": "HS256",
+                "public_key_file": None, "key_id": None})
         return self
 
     def check_startup(self) -> None:
@@ -208,5 +236,53 @@ class Settings(BaseSettings):
                                   "does not name a readable PEM public key.")
 
 
+def _readable_yaml(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise ConfigError(f"the settings file {path} (AURA_CONFIG_FILE) does not exist or is not a file")
+    try:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the settings file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"the settings file {path} is not valid YAML{line}") from None
+
+
+def _env_name(location: tuple[int | str, ...]) -> str:
+    return "AURA_" + "__".join(str(part).upper() for part in location)
+
+
 def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
+    """The settings, or a ConfigError that says in one line what is wrong and where."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            message = error["msg"].removeprefix("Value error, ")
+            location = error["loc"]
+            problems.append(f"{_env_name(location)}: {message}" if location else message)
+        raise ConfigError("; ".join(problems)) from None
+
+
+def setting_names() -> Iterator[str]:
+    """Every AURA_* variable the settings model reads."""
+    for section, section_field in Settings.model_fields.items():
+        model = section_field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key in model.model_fields:
+            yield _env_name((section, key))
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """One line for each AURA_* variable nothing reads (a misspelt setting is otherwise silently
+    ignored), with the closest real name where there is one."""
+    known = {*setting_names(), *OTHER_ENVIRONMENT}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith("AURA_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"{name} is not a setting{hint}; it is ignored")
+    return lines

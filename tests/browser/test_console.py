@@ -100,9 +100,9 @@ async def test_dev_mode_mints_a_token_the_service_accepts(console_app: Callable[
     assert response.headers["Cache-Control"] == "no-store"
     minted = await response.get_json()
     assert {k: v for k, v in minted.items() if k != "token"} == {
-        "tokenType": "Bearer", "user": "dev-user", "tenant": "dev-tenant", "role": "admin"}
+        "tokenType": "Bearer", "user": "dev-user", "tenant": "dev-tenant", "role": None}
     claims = jwt.get_unverified_claims(minted["token"])
-    assert (claims["sub"], claims["tenant_id"], claims["role"]) == ("dev-user", "dev-tenant", "admin")
+    assert (claims["sub"], claims["tenant_id"], "role" in claims) == ("dev-user", "dev-tenant", False)
     pending = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {minted['token']}"})
     assert pending.status_code == 200 and await pending.get_json() == {"requests": []}
 
@@ -221,9 +221,9 @@ def test_dev_mode_mints_a_token_and_the_answer_streams_chunk_by_chunk(
     aura = start_aura(env={"AURA_AUTH__DEV_MODE": "true"})
     open_console(page, aura)
     page.get_by_role("button", name="Mint dev token").click()
-    expect(page.locator("#token-hint")).to_have_text("Dev token for dev-user in tenant dev-tenant (role admin).")
+    expect(page.locator("#token-hint")).to_have_text("Dev token for dev-user in tenant dev-tenant (no role).")
     claims = jwt.get_unverified_claims(page.get_by_label("Bearer token (JWT)").input_value())
-    assert (claims["sub"], claims["tenant_id"], claims["role"]) == ("dev-user", "dev-tenant", "admin")
+    assert (claims["sub"], claims["tenant_id"], "role" in claims) == ("dev-user", "dev-tenant", False)
 
     # every text node the answer receives, in order: the chunks, then the whole answer
     page.evaluate("""() => {

@@ -484,7 +484,8 @@ async function mintDevToken() {
     if (!response.ok) throw new AuraProblem(response.status, await response.json().catch(() => ({})));
     const minted = await response.json();
     ui.token.value = minted.token;
-    ui.tokenHint.textContent = `Dev token for ${minted.user} in tenant ${minted.tenant} (role ${minted.role}).`;
+    const role = minted.role ? `role ${minted.role}` : "no role";
+    ui.tokenHint.textContent = `Dev token for ${minted.user} in tenant ${minted.tenant} (${role}).`;
     announce("Dev token minted.");
   } catch (error) {
     addError(describeError(error));

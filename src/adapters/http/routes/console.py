@@ -47,16 +47,18 @@ _SECURITY_HEADERS = {
 }
 _IDENTIFIER = r"^[A-Za-z0-9_.@:\-]{1,128}$"
 
-DEV_USER, DEV_TENANT, DEV_ROLE = "dev-user", "dev-tenant", "admin"
+DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
     """What the console may offer. `mint_dev_token(user, tenant, role)` returns a signed token; it
-    is None whenever tokens must not be minted (always outside dev mode)."""
+    is None whenever tokens must not be minted (always outside dev mode). `withheld_roles` are never
+    minted: roles that act for other users (trusted services) or decide their approvals (approvers)."""
 
     dev_mode: bool
     mint_dev_token: Callable[[str, str, str | None], str] | None
+    withheld_roles: frozenset[str] = frozenset()
 
     @property
     def can_mint(self) -> bool:
@@ -68,7 +70,9 @@ class DevTokenRequest(BaseModel):
 
     user: str = Field(DEV_USER, pattern=_IDENTIFIER, description="The token's `sub`.")
     tenant: str = Field(DEV_TENANT, pattern=_IDENTIFIER, description="The token's `tenant_id`.")
-    role: str | None = Field(DEV_ROLE, pattern=_IDENTIFIER, description="The token's `role`, or null for none.")
+    role: str | None = Field(None, pattern=_IDENTIFIER,
+                             description="The token's `role`, or null for none; never a trusted-service or "
+                                         "approver role (403 `role_not_mintable`).")
 
 
 # Kept here rather than as a file: setuptools packages only the console's *.html, *.js and *.css.
@@ -128,6 +132,9 @@ async def dev_token(config: ConsoleConfig = Provide["console_config"]) -> tuple[
     if not config.can_mint or config.mint_dev_token is None:
         raise Problem(404, "not_found", "Dev tokens are only minted when Aura runs in dev mode.")
     wanted = await optional_body(DevTokenRequest)
+    if wanted.role is not None and wanted.role in config.withheld_roles:
+        raise Problem(403, "role_not_mintable", f"Dev tokens never carry the role {wanted.role!r}: it acts "
+                      "for other users or decides their approvals.")
     token = config.mint_dev_token(wanted.user, wanted.tenant, wanted.role)
     body = {"token": token, "tokenType": "Bearer", "user": wanted.user, "tenant": wanted.tenant, "role": wanted.role}
     # A token is a credential: never cached by the browser or anything in between.

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Every import is a declared dependency, and every declared dependency is used, for each part of the
+repository against what a fresh install of that part has (deptry: undeclared DEP001, unused DEP002,
+transitive-only DEP003, another part's dependency DEP004).
+
+    src/    may import [project].dependencies only
+    tests/  may import those and the `test` extra
+    bench/  may import those and the `bench` extra
+
+A dependency that is a command or a plugin, never imported, is listed in NOT_IMPORTED with its reason;
+anything else unused fails. Exit status: non-zero when any part fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("domain", "adapters", "app", "tests", "bench", "scripts")
+
+# Declared for what they do outside `import`: each needs its reason.
+NOT_IMPORTED: dict[str, str] = {
+    # main
+    "uvloop": "chosen by name at run time (app.cli imports it lazily when AURA_SERVER__EVENT_LOOP allows)",
+    # bench
+    "uvicorn": "runs the peer app as `python -m uvicorn` (bench/servers.py)",
+    # test
+    "pytest-asyncio": "pytest plugin (asyncio_mode = auto)",
+    "pytest-timeout": "pytest plugin (timeout = 120)",
+    "import-linter": "command: lint-imports",
+    "ruff": "command: ruff check",
+    "mypy": "command: mypy",
+    "types-pyyaml": "type stubs read by mypy",
+    "types-jsonschema": "type stubs read by mypy",
+    "deptry": "command: this check",
+    "bandit": "command: the security linter",
+    "pip-audit": "command: the vulnerability audit of the lock",
+}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str]) -> int:
+    ignores = sorted(also_unused_ok | set(NOT_IMPORTED))
+    command = [sys.executable, "-m", "deptry", part, "--no-ansi",
+               *(f"--known-first-party={module}" for module in FIRST_PARTY),
+               # deptry skips tests/ by default; each part here is checked on its own
+               "--exclude", r"\.venv|__pycache__|node_modules|results",
+               "--per-rule-ignores", "DEP002=" + "|".join(ignores)]
+    if dev_groups:
+        command += ["--optional-dependencies-dev-groups", ",".join(dev_groups)]
+    print(f"== deptry {part}/ (may use: main{''.join(' + ' + e for e in _EXTRAS if e not in dev_groups)})",
+          flush=True)
+    return subprocess.run(command, cwd=REPO, check=False).returncode
+
+
+project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+_MAIN = {_name(d) for d in project["dependencies"]}
+_EXTRAS: dict[str, set[str]] = {extra: {_name(d) for d in deps}
+                                 for extra, deps in project.get("optional-dependencies", {}).items()}
+
+
+def main() -> int:
+    failed = 0
+    # src uses every main dependency; the extras are other parts' dependencies there
+    failed |= _deptry("src", sorted(_EXTRAS), set())
+    # tests and bench may use main dependencies without using all of them (src does that)
+    for part, extra in (("tests", "test"), ("bench", "bench")):
+        others = sorted(e for e in _EXTRAS if e != extra)
+        failed |= _deptry(part, others, _MAIN - _EXTRAS[extra])
+    stale = set(NOT_IMPORTED) - _MAIN - set().union(*_EXTRAS.values())
+    if stale:
+        print(f"scripts/check_dependencies.py: NOT_IMPORTED names undeclared packages: {sorted(stale)}")
+        failed = 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
