@@ -11,7 +11,7 @@ from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
-from adapters.http.routes import console, health, hitl, runs, stream
+from adapters.http.routes import console, docs, health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
 from app.container import Container
 from app.settings import Settings, load_settings
@@ -29,6 +29,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = 30
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
+    app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = docs.SWAGGER_JS_URL
+    app.config["QUART_SCHEMA_SWAGGER_CSS_URL"] = docs.SWAGGER_CSS_URL
     app.extensions["aura_container"] = container
     QuartSchema(
         app,
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
                            on_failure=lambda code: metrics.auth_failures.labels(code).inc())
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
     app.register_blueprint(console.bp)  # public: the page holds no data; its API calls carry a token
     app.register_blueprint(stream.bp)
     app.register_blueprint(hitl.bp)

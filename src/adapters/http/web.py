@@ -45,6 +45,17 @@ def incoming_traceparent() -> str | None:
     return header if _TRACEPARENT.match(header) else None
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _has_body() -> bool:
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
 def install_request_context(app: Quart, cors: CorsPolicy) -> None:
     @app.before_request
     async def _identify() -> Response | None:
@@ -67,6 +78,8 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
             response.headers["Access-Control-Max-Age"] = str(cors.max_age_seconds)
             response.headers["Vary"] = "Origin"
             return response
+        if request.method in _BODY_METHODS and _has_body() and not _is_json(request.mimetype):
+            raise Problem(415, "unsupported_media_type", "Send the body as JSON, with Content-Type: application/json.")
         return None
 
     @app.after_request
