@@ -73,8 +73,9 @@ def test_the_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
     stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)
     assert stages == [("${PYTHON_IMAGE}", "build"), ("${PYTHON_IMAGE}", "runtime")]
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
-    assert "RUN pip wheel --wheel-dir /wheels ." in text
-    assert "python -m venv /opt/aura" in text and "--no-index --find-links /wheels aura" in text
+    assert "uv export --frozen --no-dev --no-emit-project" in text  # the lock's versions, nothing resolved anew
+    assert "pip wheel --require-hashes" in text and "--require-hashes --requirement /wheels/requirements.txt" in text
+    assert "python -m venv /opt/aura" in text and "--no-index --no-deps /wheels/aura-*.whl" in text
     assert re.findall(r"^USER (.+)$", text, re.M) == ["10001:10001"]
     assert re.findall(r"^EXPOSE (.+)$", text, re.M) == ["9000"]
     assert "HEALTHCHECK" in text and "/health" in text
@@ -82,8 +83,8 @@ def test_the_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
     for name in re.findall(r"\b(AURA_[A-Z_]+)=", text):
         assert name in env_names() | {"AURA_CONFIG_FILE"}, name
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
-    assert ignored[ignored.index("*") + 1:ignored.index("*") + 6] == [
-        "!pyproject.toml", "!README.md", "!src/", "!config/default.yaml", "!config/hypercorn.toml"]
+    assert ignored[ignored.index("*") + 1:ignored.index("*") + 7] == [
+        "!pyproject.toml", "!uv.lock", "!README.md", "!src/", "!config/default.yaml", "!config/hypercorn.toml"]
 
 
 def test_the_nginx_site_has_the_sse_settings() -> None:
