@@ -4,8 +4,9 @@ image's own steps install and start Aura.
 Each stage gets a directory standing for its filesystem; every absolute path the Dockerfile names
 (WORKDIR, COPY destinations, ENV values, bind-mount targets) is moved under it, in RUN commands too.
 The base image's Python is a fresh virtualenv of this machine's Python (same minor version) whose pip
-reads no configuration of this machine but how it reaches PyPI. What only a root filesystem can do (apt-get, users, chown) runs
-through recording stand-ins: the caller checks what was asked of them. USER is recorded, not switched.
+reads no configuration of this machine but how it reaches PyPI. What only a root filesystem can do
+(apt-get, users, chown) runs through recording stand-ins: the caller checks what was asked of them.
+USER is recorded, not switched.
 """
 
 from __future__ import annotations
