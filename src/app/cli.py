@@ -29,6 +29,12 @@ def _settings_for_serve(args: argparse.Namespace) -> Settings:
         os.environ.setdefault("AURA_SERVER__HOST", "127.0.0.1")
         # the settings then replace any configured key with a throw-away secret
         os.environ["AURA_AUTH__DEV_MODE"] = "true"
+        if "AURA_TOOLS__WORKSPACE_ROOT" not in os.environ:
+            from app.demo import demo_workspace
+
+            args.demo_workspace = demo_workspace()
+            if args.demo_workspace is not None:
+                os.environ["AURA_TOOLS__WORKSPACE_ROOT"] = str(args.demo_workspace)
     if args.host:
         os.environ["AURA_SERVER__HOST"] = args.host
     if args.port:
@@ -36,22 +42,23 @@ def _settings_for_serve(args: argparse.Namespace) -> Settings:
     return load_settings()
 
 
-def _dev_banner(settings: Settings) -> str:
+def _dev_banner(settings: Settings, demo: bool) -> str:
     assert settings.auth.jwt_secret is not None
     token = mint_token(key=settings.auth.jwt_secret.get_secret_value(), algorithm=settings.auth.algorithm,
                        sub=DEV_USER, tenant_id=DEV_TENANT, ttl_seconds=12 * 3600)
     host = settings.server.host
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{settings.server.port}"
+    workspace = f"{settings.tools.workspace_root.resolve()}{' (throw-away, with a repository demo)' if demo else ''}"
     return (f"\nAura dev mode on {host}:{settings.server.port}: in-process Redis="
             f"{'no' if settings.redis.url else 'yes'}, model={settings.model.provider}, "
-            f"workspace={settings.tools.workspace_root.resolve()}\n"
+            f"workspace={workspace}\n"
             "Tokens are signed with a throw-away secret: no configured key is used, and they die with "
             "this process.\n"
             f"Dev token (user {DEV_USER}, tenant {DEV_TENANT}, 12 h):\n\n{token}\n\n"
             f"Try:\n  export AURA_TOKEN={token}\n"
             f"  curl -N -X POST {base}/aura/test/stream -H \"Authorization: Bearer $AURA_TOKEN\" "
             f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"What changed in this repo?\"}}'\n"
-            f"  AURA_URL={base} aura stream 'What changed in this repo?'\n"
+            f"  AURA_URL={base} {sys.argv[0]} stream '@git_log {{\"repo_path\": \"demo\"}}'\n"
             f"  open {base}/aura/console\n")
 
 
@@ -120,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"aura: warning: {line}", file=sys.stderr)
     configure_logging(settings.log.level, settings.log.format)
     if settings.auth.dev_mode:
-        print(_dev_banner(settings), file=sys.stderr, flush=True)
+        print(_dev_banner(settings, demo=getattr(args, "demo_workspace", None) is not None), file=sys.stderr,
+              flush=True)
     try:
         loop_factory = _loop_factory(settings.server.event_loop)
     except ImportError:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,3 +200,41 @@ def test_dev_mode_listens_on_loopback_unless_told(host: str) -> None:
         for name in [k for k in os.environ if k.startswith("AURA_")]:
             del os.environ[name]
         os.environ.update(saved)
+
+
+def test_dev_mode_brings_the_demo_repository_the_readme_uses() -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--dev", "--port", str(port)],
+                               env=cli_environment(PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert process.stderr is not None
+        banner = []
+        for line in process.stderr:
+            banner.append(line)
+            if "open http://" in line:
+                break
+        text = "".join(banner)
+        workspace = Path(re.search(r"workspace=(\S+) \(throw-away, with a repository demo\)", text)[1])
+        dev_token = re.search(r"export AURA_TOKEN=(\S+)", text)[1]
+        assert f"Aura dev mode on 127.0.0.1:{port}" in text
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # start-up poll with a deadline
+        demo = run_cli("stream", '@git_status {"repo_path": "demo"}', AURA_URL=url, AURA_TOKEN=dev_token)
+        assert demo.returncode == 0, demo.stderr
+        assert "tool git_status success" in demo.stdout
+        assert "On branch main; 1 unstaged, 1 untracked." in demo.stdout
+        keywords = run_cli("stream", "What changed in this repo?", AURA_URL=url, AURA_TOKEN=dev_token)
+        assert keywords.returncode == 0, keywords.stdout + keywords.stderr
+        assert workspace.is_dir()
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert not workspace.exists()  # thrown away with the process
