@@ -86,3 +86,4 @@ async def test_openapi_covers_every_route_with_problem_responses(app: Any) -> No
         assert stream["responses"][status]["content"]["application/problem+json"]
     assert stream["security"] == [{"bearer": []}]
     assert "security" not in spec["paths"]["/health"]["get"]
+    assert "security" not in spec["paths"]["/"]["get"]

@@ -30,6 +30,7 @@ _DESCRIPTIONS = {
     413: "Body too large", 422: "Invalid input", 429: "Too many concurrent runs",
     503: "Not ready or shutting down", 500: "Internal error",
 }
+PUBLIC_PATHS = frozenset({"/"})
 PUBLIC_PREFIXES = ("/health", "/ready", "/metrics", "/openapi.json", "/docs", "/aura/console", "/aura/schema")
 SSE_PATHS = {"/aura/test/stream": "post", "/aura/runs/{run_id}/events": "get"}
 
@@ -39,8 +40,12 @@ def _problems(*statuses: int) -> dict[str, Any]:
             for s in statuses}
 
 
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 def _statuses(path: str, method: str) -> tuple[int, ...]:
-    if path.startswith(PUBLIC_PREFIXES):
+    if _public(path):
         return (503, 500) if path == "/ready" else (404, 500) if path.startswith("/aura/console") else (500,)
     common: tuple[int, ...] = (401, 403, 500)
     if path == "/aura/test/stream":
@@ -77,6 +82,6 @@ class AuraOpenAPIProvider(OpenAPIProvider):
                     responses["200" if method != "post" or "/cancel" not in path else "202"] = {
                         "description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
                 responses.update(_problems(*_statuses(path, method)))
-                if not path.startswith(PUBLIC_PREFIXES):
+                if not _public(path):
                     operation["security"] = [{"bearer": []}]
         return spec
