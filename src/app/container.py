@@ -116,7 +116,6 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     clock = providers.Singleton(SystemClock)
-    metrics = providers.Singleton(PrometheusMetrics)
     metrics_require_auth = providers.Callable(lambda settings: settings.server.metrics_require_auth, settings)
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
@@ -144,6 +143,7 @@ class Container(containers.DeclarativeContainer):
                                         settings.provided.auth.trusted_service_roles)
 
     tools = providers.Singleton(_tool_registry, settings)
+    metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
     model = providers.Singleton(_chat_model, settings)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.

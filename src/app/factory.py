@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.extensions["aura_authenticator"] = container.authenticator()
     install_authentication(app, container.authenticator(),
                            protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name},
-                           on_failure=lambda code: metrics.auth_failures.labels(code).inc())
+                           on_failure=metrics.auth_failed)
 
     app.register_blueprint(health.bp)
     app.register_blueprint(console.bp)  # public: the page holds no data; its API calls carry a token
