@@ -20,6 +20,7 @@ from adapters.redis.client import create_redis
 from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.runs import RedisRunControl, RedisRunDirectory, RedisRunFollower
 from adapters.redis.signals import RedisSignalBus
 from adapters.system import SecureIdFactory, SystemClock
@@ -134,7 +135,12 @@ class Container(containers.DeclarativeContainer):
     run_directory = providers.Singleton(RedisRunDirectory, redis)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
-                                        max_turns=settings.provided.threads.max_turns)
+                                        max_turns=settings.provided.threads.max_turns,
+                                        max_turn_bytes=settings.provided.threads.max_turn_bytes,
+                                        max_user_bytes=settings.provided.threads.max_user_bytes)
+    start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
+                                        limit=settings.provided.runs.max_starts_per_window,
+                                        window_seconds=settings.provided.runs.start_window_seconds)
     run_follower = providers.Singleton(RedisRunFollower, redis)
     run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
@@ -183,6 +189,7 @@ class Container(containers.DeclarativeContainer):
         instance_id,
         conversations,
         metrics,
+        start_limiter,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock,

@@ -114,6 +114,9 @@ class RunSettings(BaseModel):
     lease_seconds: float = Field(15.0, gt=0, description="Owner lease; followers report run_lost after it lapses.")
     max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
     max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
+    max_starts_per_window: int = Field(30, ge=1, description="Runs one user may start per rate-limit window "
+                                                             "(429 with Retry-After beyond).")
+    start_window_seconds: int = Field(60, ge=1, description="The rate-limit window of run starts.")
     instance_id: str | None = Field(None, description="This instance's id; unset = hostname + random suffix.")
 
 
@@ -147,6 +150,9 @@ class AgentSettings(BaseModel):
 class ThreadSettings(BaseModel):
     ttl_seconds: int = Field(7 * 86_400, ge=60, description="A thread's memory lives this long after its last turn.")
     max_turns: int = Field(20, ge=1, description="Turns of history kept per thread.")
+    max_turn_bytes: int = Field(65_536, ge=1024, description="A turn larger than this is kept shortened.")
+    max_user_bytes: int = Field(4_194_304, ge=1024, description="History one user may keep over all threads; "
+                                                               "beyond it new turns are not kept.")
 
 
 class EventLogSettings(BaseModel):
