@@ -9,6 +9,7 @@ from quart_schema import QuartSchema
 
 from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
+from adapters.http.json_depth import install_depth_limited_json
 from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, health, hitl, runs, stream
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         openapi_provider_class=AuraOpenAPIProvider,
     )
     register_problem_handlers(app)
+    install_depth_limited_json(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
     metrics = container.metrics()
     app.extensions["aura_authenticator"] = container.authenticator()
