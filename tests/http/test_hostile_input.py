@@ -6,9 +6,10 @@ import logging
 
 import pytest
 from quart.typing import TestClientProtocol
+from werkzeug.datastructures import Headers
 
 from adapters.http.json_depth import MAX_JSON_DEPTH, too_deep
-from tests.support import bearer
+from tests.support import bearer, token
 
 JSON = {"Content-Type": "application/json"}
 
@@ -62,3 +63,37 @@ async def test_nesting_within_the_bound_is_accepted(client: TestClientProtocol) 
 ])
 def test_depth_is_counted_outside_strings(text: str, deep: bool) -> None:
     assert too_deep(text) is deep
+
+
+SERVICE_TOKEN = token("dwp-backend", role="dwp-service")
+
+
+@pytest.mark.parametrize("headers", [
+    [("X-Tenant-ID", "acme"), ("X-Tenant-ID", "globex")],
+    [("X-Tenant-ID", "globex"), ("X-Tenant-ID", "acme")],
+    [("X-User-ID", "alice"), ("X-User-ID", "bob")],
+    [("X-User-ID", "bob"), ("X-User-ID", "alice")],
+    [("X-User-ID", "alice"), ("X-User-ID", "alice"), ("X-User-ID", "")],
+    [("Authorization", f"Bearer {token('mallory')}")],  # a second, different token
+])
+async def test_conflicting_repeated_identity_headers_are_refused(
+        client: TestClientProtocol, headers: list[tuple[str, str]]) -> None:
+    sent = Headers([("Authorization", f"Bearer {SERVICE_TOKEN}"), *headers, ("Content-Type", "application/json")])
+
+    response = await client.post("/aura/test/stream", data='{"prompt": "x"}', headers=sent)
+
+    assert response.status_code == 400
+    problem = await response.get_json()
+    assert problem["code"] == "conflicting_headers"
+    assert problem["detail"].endswith("is sent more than once with different values.")
+
+
+async def test_identical_repeated_identity_headers_are_accepted(client: TestClientProtocol) -> None:
+    sent = Headers([("Authorization", f"Bearer {SERVICE_TOKEN}"), ("X-Tenant-ID", "acme"), ("X-Tenant-ID", "acme"),
+                    ("X-User-ID", "alice"), ("X-User-ID", "alice"), ("Content-Type", "application/json")])
+
+    response = await client.post("/aura/test/stream", data='{"prompt": "x"}', headers=sent)
+
+    assert response.status_code == 200
+    body = await response.get_data(as_text=True)
+    assert body.endswith("data: [DONE]\n\n")
