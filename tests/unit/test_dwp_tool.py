@@ -11,6 +11,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from jose import jwt
 
 from adapters.tools.dwp import DwpRequestTool, dwp_tools
 from domain.errors import InvalidInput, ToolFailure
@@ -18,7 +19,9 @@ from domain.identity import Principal
 from domain.tools import ToolContext, ToolRegistry
 from tests.fake_dwp import FakeDwp, FakeResponse
 
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.secret-user-token.signature"
+# A real JWT (its expiry is read before each call); the claim makes it easy to spot in logs.
+TOKEN = jwt.encode({"sub": "alice", "tenant_id": "acme", "exp": 4_000_000_000, "marker": "secret-user-token"},
+                   "x" * 32, algorithm="HS256")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 # The DWP backend acting for alice: the effective user is alice, the actor the service.
 PRINCIPAL = Principal(user_id="alice", tenant_id="acme", actor_id="dwp-backend")
@@ -549,3 +552,47 @@ async def test_the_token_never_reaches_the_logs(dwp: FakeDwp, tool: DwpRequestTo
     assert all(TOKEN not in message for message in messages)
     assert TOKEN not in caplog.text
     assert all(TOKEN not in failure.message for failure in failures)
+
+
+# --- a token that expired while the call waited ------------------------------------------------
+
+def _token(**claims: Any) -> str:
+    return jwt.encode({"sub": "alice", "tenant_id": "acme", **claims}, "x" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize("method", ["GET", *WRITE_METHODS])
+async def test_a_token_that_expired_before_sending_is_never_sent(dwp: FakeDwp, method: str) -> None:
+    # The run started at 1000 with a token valid until 1300; the approval came at 1301.
+    tool = DwpRequestTool(dwp.base_url, now=lambda: 1301.0)
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
+    args: dict[str, Any] = {"method": method, "path": "/orders/42"}
+    if method != "GET":
+        args["body"] = {"state": "closed"}
+
+    failure = await failure_of(tool, args, context)
+
+    assert failure.code == "credentials_expired"
+    assert failure.message == ("The caller's token expired 1 s ago (while the run waited), so the call to the DWP "
+                               "backend was not made; start the request again with a fresh session.")
+    assert failure.retryable is False
+    assert dwp.requests == []
+
+
+async def test_a_token_still_valid_at_sending_time_is_sent(dwp: FakeDwp) -> None:
+    tool = DwpRequestTool(dwp.base_url, now=lambda: 1299.0)
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
+
+    await tool.run({"path": "/orders/42"}, context)
+
+    assert len(dwp.requests) == 1
+
+
+@pytest.mark.parametrize("token", ["not-a-jwt", "a.b.c", _token(), _token(exp="4000000000"), _token(exp=True)])
+async def test_a_token_without_a_readable_expiry_is_never_sent(dwp: FakeDwp, tool: DwpRequestTool,
+                                                               token: str) -> None:
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=token)
+
+    failure = await failure_of(tool, {"path": "/orders/42"}, context)
+
+    assert failure.code == "credentials_expired"
+    assert dwp.requests == []

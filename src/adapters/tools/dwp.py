@@ -19,12 +19,13 @@ import re
 import ssl
 import time
 import unicodedata
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 import httpx
+from jose import JOSEError, jwt
 
 from domain.errors import ToolFailure
 from domain.tools import Tool, ToolContext, ToolSpec
@@ -226,7 +227,9 @@ class DwpRequestTool(Tool):
         timeout_seconds: float = 15.0,
         max_response_bytes: int = 65536,
         allowed_methods: Collection[str] = ALL_METHODS,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        self._now = now
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
         if max_response_bytes <= 0:
@@ -271,6 +274,8 @@ class DwpRequestTool(Tool):
             content=content,
             extensions={"timeout": httpx.Timeout(self._timeout_seconds).as_dict()},
         )
+        # Last, right before sending: the token may have expired while the call waited for approval.
+        self._check_not_expired(context.bearer_token)
         target = f"{method} {_bounded(path)}"
         started = time.monotonic()
         try:
@@ -300,6 +305,23 @@ class DwpRequestTool(Tool):
             "truncated": answer.truncated,
             "summary": summary,
         }
+
+    def _check_not_expired(self, token: str) -> None:
+        """A call is never made with a token that has expired (e.g. during a long approval wait):
+        the backend would refuse it, or worse, one that trusts the gateway might not. The token was
+        verified when the run started; only its `exp` is read again here."""
+        try:
+            expires_at = jwt.get_unverified_claims(token).get("exp")
+        except JOSEError:
+            expires_at = None
+        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            raise ToolFailure("The caller's token has no readable expiry, so the call was not made.",
+                              code="credentials_expired")
+        now = self._now()
+        if expires_at <= now:
+            raise ToolFailure(f"The caller's token expired {now - expires_at:.0f} s ago (while the run waited), "
+                              "so the call to the DWP backend was not made; start the request again with a "
+                              "fresh session.", code="credentials_expired")
 
     def _url(self, path: str) -> httpx.URL:
         try:
