@@ -49,6 +49,7 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
         issuer=auth.issuer or None,
         audience=auth.audience or None,
         leeway_seconds=auth.leeway_seconds,
+        max_token_age_seconds=auth.max_token_age_seconds,
         key_id=auth.key_id or None,
         allow_short_secret=auth.dev_mode,
         clock=clock,

@@ -70,6 +70,9 @@ class AuthSettings(BaseModel):
     audience: str | None = None
     trusted_service_roles: StrList = Field(default_factory=lambda: ["dwp-service"])
     leeway_seconds: int = Field(30, ge=0, le=300)
+    max_token_age_seconds: int = Field(86_400, ge=60, description="Longest token lifetime accepted: a token whose "
+                                                                  "exp - iat, or exp - now, is longer is refused "
+                                                                  "(401 token_lifetime_too_long).")
     dev_mode: bool = False
 
     _split = field_validator("trusted_service_roles", mode="before")(_list_from_env)
