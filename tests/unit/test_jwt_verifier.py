@@ -350,6 +350,7 @@ def test_the_table_covers_every_code() -> None:
         "invalid_signature",
         "token_expired",
         "token_not_yet_valid",
+        "token_lifetime_too_long",
         "missing_claim",
         "invalid_claim",
         "invalid_issuer",
