@@ -39,7 +39,7 @@ StrList = Annotated[list[str], NoDecode]
 
 
 class ServerSettings(BaseModel):
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 # a service behind a gateway, in a container: reached from outside
     port: int = Field(9000, ge=1, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit; 413 beyond it.")
     cors_origins: StrList = Field(default_factory=lambda: ["http://localhost:4200"])
