@@ -20,6 +20,7 @@ from adapters.redis.client import create_redis
 from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.runs import RedisRunControl, RedisRunDirectory, RedisRunFollower
 from adapters.redis.signals import RedisSignalBus
 from adapters.system import SecureIdFactory, SystemClock
@@ -48,6 +49,7 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
         issuer=auth.issuer or None,
         audience=auth.audience or None,
         leeway_seconds=auth.leeway_seconds,
+        max_token_age_seconds=auth.max_token_age_seconds,
         key_id=auth.key_id or None,
         allow_short_secret=auth.dev_mode,
         clock=clock,
@@ -118,7 +120,6 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     clock = providers.Singleton(SystemClock)
-    metrics = providers.Singleton(PrometheusMetrics)
     metrics_require_auth = providers.Callable(lambda settings: settings.server.metrics_require_auth, settings)
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
@@ -137,7 +138,12 @@ class Container(containers.DeclarativeContainer):
     run_directory = providers.Singleton(RedisRunDirectory, redis)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
-                                        max_turns=settings.provided.threads.max_turns)
+                                        max_turns=settings.provided.threads.max_turns,
+                                        max_turn_bytes=settings.provided.threads.max_turn_bytes,
+                                        max_user_bytes=settings.provided.threads.max_user_bytes)
+    start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
+                                        limit=settings.provided.runs.max_starts_per_window,
+                                        window_seconds=settings.provided.runs.start_window_seconds)
     run_follower = providers.Singleton(RedisRunFollower, redis)
     run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
@@ -146,6 +152,7 @@ class Container(containers.DeclarativeContainer):
                                         settings.provided.auth.trusted_service_roles)
 
     tools = providers.Singleton(_tool_registry, settings)
+    metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
     model = providers.Singleton(_chat_model, settings)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.
@@ -185,6 +192,7 @@ class Container(containers.DeclarativeContainer):
         instance_id,
         conversations,
         metrics,
+        start_limiter,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock,

@@ -49,7 +49,7 @@ StrList = Annotated[list[str], NoDecode]
 
 
 class ServerSettings(BaseModel):
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 # a service behind a gateway, in a container: reached from outside
     port: int = Field(9000, ge=1, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit; 413 beyond it.")
     cors_origins: StrList = Field(default_factory=lambda: ["http://localhost:4200"])
@@ -80,6 +80,9 @@ class AuthSettings(BaseModel):
     audience: str | None = None
     trusted_service_roles: StrList = Field(default_factory=lambda: ["dwp-service"])
     leeway_seconds: int = Field(30, ge=0, le=300)
+    max_token_age_seconds: int = Field(86_400, ge=60, description="Longest token lifetime accepted: a token whose "
+                                                                  "exp - iat, or exp - now, is longer is refused "
+                                                                  "(401 token_lifetime_too_long).")
     dev_mode: bool = False
 
     _split = field_validator("trusted_service_roles", mode="before")(_list_from_env)
@@ -124,6 +127,9 @@ class RunSettings(BaseModel):
     lease_seconds: float = Field(15.0, gt=0, description="Owner lease; followers report run_lost after it lapses.")
     max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
     max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
+    max_starts_per_window: int = Field(30, ge=1, description="Runs one user may start per rate-limit window "
+                                                             "(429 with Retry-After beyond).")
+    start_window_seconds: int = Field(60, ge=1, description="The rate-limit window of run starts.")
     instance_id: str | None = Field(None, description="This instance's id; unset = hostname + random suffix.")
 
 
@@ -157,6 +163,9 @@ class AgentSettings(BaseModel):
 class ThreadSettings(BaseModel):
     ttl_seconds: int = Field(7 * 86_400, ge=60, description="A thread's memory lives this long after its last turn.")
     max_turns: int = Field(20, ge=1, description="Turns of history kept per thread.")
+    max_turn_bytes: int = Field(65_536, ge=1024, description="A turn larger than this is kept shortened.")
+    max_user_bytes: int = Field(4_194_304, ge=1024, description="History one user may keep over all threads; "
+                                                               "beyond it new turns are not kept.")
 
 
 class EventLogSettings(BaseModel):

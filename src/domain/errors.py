@@ -19,7 +19,8 @@ class AuraError(Exception):
 
 
 class AuthError(AuraError):
-    """A caller could not be authenticated (401) or is not allowed to act as claimed (403)."""
+    """A caller could not be authenticated (401), is not allowed to act as claimed (403) or named
+    itself ambiguously (400)."""
 
     def __init__(self, code: str, message: str, *, status: int = 401) -> None:
         super().__init__(message, code=code)

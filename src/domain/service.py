@@ -15,7 +15,7 @@ from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavail
 from domain.events import Event, EventType, RunIds, RunStatus
 from domain.identity import Principal
 from domain.model import ChatMessage
-from domain.ports import Clock, ConversationStore, EventLog, IdFactory
+from domain.ports import Clock, ConversationStore, EventLog, IdFactory, StartRateLimiter
 from domain.run import DisconnectPolicy, Run, RunRequest
 from domain.runs import RunDirectory, RunRecord
 from domain.telemetry import Telemetry, detached_log_context
@@ -284,6 +284,15 @@ class TooManyRuns(AuraError):
         self.scope = scope
 
 
+class RunStartsTooFrequent(AuraError):
+    code = "too_many_run_starts"
+    retryable = True
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(f"Too many runs started; retry in {retry_after_seconds:g} s.")
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ShuttingDown(AuraError):
     code = "shutting_down"
     retryable = True
@@ -292,8 +301,9 @@ class ShuttingDown(AuraError):
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
                  limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, start_limiter: StartRateLimiter | None = None) -> None:
         self._telemetry = telemetry or Telemetry()
+        self._start_limiter = start_limiter
         self._agent = agent
         self._conversations = conversations
         self._clock = clock
@@ -333,6 +343,10 @@ class RunService:
         create its first watcher before the agent runs, so no event is missed."""
         if not self.accepting:
             raise ShuttingDown("Aura is shutting down; retry on another instance.")
+        if self._start_limiter is not None:
+            wait = await self._start_limiter.admit(principal.tenant_id, principal.user_id)
+            if wait is not None:
+                raise RunStartsTooFrequent(wait)
         ids = ids or self.new_ids(request, trace_id)
         record = RunRecord(
             run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
@@ -487,7 +501,8 @@ class RunService:
                 log.warning("could not record the end of run %s in the directory", run.ids.run_id)
 
     async def _remember(self, run: Run, answer: str) -> None:
-        if self._conversations is None:
+        # Only a thread the client named is continued later: a run without one keeps no history.
+        if self._conversations is None or run.request.thread_id is None:
             return
         turn = {"runId": run.ids.run_id, "prompt": run.request.prompt, "answer": answer,
                 "tools": run.tool_notes, "at": self._clock.timestamp()}

@@ -27,7 +27,7 @@ _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _DESCRIPTIONS = {
     400: "The body could not be read", 401: "Missing or invalid token", 403: "Not allowed",
     404: "Not found (also for another tenant's ids)", 409: "Already decided", 410: "Expired",
-    413: "Body too large", 422: "Invalid input", 429: "Too many concurrent runs",
+    413: "Body too large", 422: "Invalid input", 429: "Too many concurrent runs or run starts",
     503: "Not ready or shutting down", 500: "Internal error",
 }
 PUBLIC_PATHS = frozenset({"/"})

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from adapters.redis.client import pack, shared_connection
+from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event, EventType
@@ -31,11 +32,11 @@ log = logging.getLogger("aura.eventlog")
 
 
 def event_log_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:events"
+    return f"aura:run:{key_part(run_id)}:events"
 
 
 def snapshot_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:snapshot"
+    return f"aura:run:{key_part(run_id)}:snapshot"
 
 
 # A run whose append failed gets only its closing events written after that: anything else would

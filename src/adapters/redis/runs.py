@@ -1,6 +1,6 @@
 """The run directory, follower and control channel in Redis.
 
-Keys (Aura's own; not part of the DWP contract):
+Keys (Aura's own; not part of the DWP contract; every id percent-encoded, see `keys.key_part`):
 - `aura:run:{runId}:meta`      JSON RunRecord; a day while running, the retention time after the end
 - `aura:run:{runId}:lease`     the owner instance id, EX lease seconds, renewed by the owner
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import unquote
 
 import orjson
 from redis.asyncio import Redis
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from adapters.redis.client import LuaScript, arg, pack, shared_connection
 from adapters.redis.events import event_log_key, snapshot_key
+from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.errors import StoreUnavailable
 from domain.events import Event
@@ -39,23 +41,23 @@ ACTIVE_TTL_SECONDS = 86_400
 
 
 def meta_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:meta"
+    return f"aura:run:{key_part(run_id)}:meta"
 
 
 def lease_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:lease"
+    return f"aura:run:{key_part(run_id)}:lease"
 
 
 def _user_slots(tenant_id: str, user_id: str) -> str:
-    return f"aura:slots:user:{tenant_id}:{user_id}"
+    return f"aura:slots:user:{key_part(tenant_id)}:{key_part(user_id)}"
 
 
 def _tenant_slots(tenant_id: str) -> str:
-    return f"aura:slots:tenant:{tenant_id}"
+    return f"aura:slots:tenant:{key_part(tenant_id)}"
 
 
 def control_channel(instance_id: str) -> str:
-    return f"aura:instance:{instance_id}:control"
+    return f"aura:instance:{key_part(instance_id)}:control"
 
 
 # A run's admission in one atomic step: drop lapsed slots, refuse when the user's or the tenant's
@@ -118,7 +120,7 @@ class RedisRunDirectory(RunDirectory):
 
     @staticmethod
     def _idempotency_key(tenant_id: str, user_id: str, key: str) -> str:
-        return f"aura:idem:{tenant_id}:{user_id}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return f"aura:idem:{key_part(tenant_id)}:{key_part(user_id)}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     async def release_idempotency(self, tenant_id: str, user_id: str, key: str) -> None:
         await self._call(self._redis.delete(self._idempotency_key(tenant_id, user_id, key)))
@@ -226,7 +228,7 @@ class RedisRunFollower(RunFollower):
                 backoff = min(backoff * 2, 2.0)
                 continue
             for key, entries in replies or []:
-                run_id = _text(key).split(":")[2]
+                run_id = unquote(_text(key).split(":")[2])
                 for _entry_id, fields in entries:
                     event = event_from_bytes(fields.get(b"e") or fields["e"])
                     self._positions[run_id] = max(self._positions.get(run_id, 0), event.seq)

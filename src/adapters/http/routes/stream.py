@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from adapters.http.routes.streaming import StreamConfig, WatcherRelease, live_fr
 from adapters.http.web import current_principal
 from domain.access import Attached, RunAccess
 from domain.run import DisconnectPolicy, RunRequest
-from domain.service import RunService, ShuttingDown, TooManyRuns
+from domain.service import RunService, RunStartsTooFrequent, ShuttingDown, TooManyRuns
 
 bp = Blueprint("stream", __name__)
 
@@ -124,6 +125,9 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
                                      retention_seconds=config.retention_seconds)
     except TooManyRuns as error:
         raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None
+    except RunStartsTooFrequent as error:
+        raise Problem(429, error.code, error.message,
+                      headers={"Retry-After": str(math.ceil(error.retry_after_seconds))}) from None
     except ShuttingDown as error:
         raise Problem(503, error.code, error.message, headers={"Retry-After": "1"}) from None
     forget_body()
