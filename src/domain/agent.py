@@ -328,14 +328,15 @@ class Agent:
                     raise BudgetExceeded(f"Step {step.index} asked for more than "
                                          f"{self._limits.max_tool_calls_per_step} tool calls.")
                 calls_in_step += 1
+                noted = len(run.tool_notes)
                 result_text = await self._call_tool(run, step, call, outcome, messages)
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
+                summary = run.tool_notes[-1].get("summary") if len(run.tool_notes) > noted else None
+                note = summary if isinstance(summary, str) else result_text
                 progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
                 await run.step_update(step, StepStatus.IN_PROGRESS, progress, f"{call.name} done")
             if not native and step.tool is not None:
-                note = "; ".join(n["summary"] for n in run.tool_notes[-len(calls):]
-                                 if isinstance(n.get("summary"), str))
-                break
+                break  # as planned: the step's note is what its call returned
         if outcome.succeeded or not (outcome.failed or outcome.rejected):
             status = StepStatus.COMPLETED
         elif outcome.failed:

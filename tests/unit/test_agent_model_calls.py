@@ -186,5 +186,6 @@ async def test_planned_mode_runs_the_plans_call_without_sending_tools() -> None:
     assert [r.purpose for r in h.model.requests] == [Purpose.PLAN, Purpose.ANSWER]
     assert all(not r.tools for r in h.model.requests)
     assert ("step", "step_1", "completed", 1.0) in summary(events)
+    assert [e.data["note"] for e in events if e.type.value == "plan_step_update"][-1] == "read the thing"
     tool_result = [m for m in h.model.requests[-1].messages if m.role is Role.TOOL]
     assert json.loads(tool_result[0].content) == {"summary": "read the thing"}
