@@ -44,7 +44,8 @@ def llama_server(workdir: Path) -> Server:
 
     server = Server("llama", [], base_env(), workdir / "llama.log", health_path="/v1/models")
     server.argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma.assemble()),
-                   "--model_alias", "gemma-3-270m", "--host", "127.0.0.1", "--port", str(server.port),
+                   "--model_alias", "gemma-3-270m", "--chat_format", "gemma",
+                   "--host", "127.0.0.1", "--port", str(server.port),
                    "--n_ctx", str(WINDOW), "--n_threads", "2"]
     return server
 

@@ -106,7 +106,7 @@ def _model_config(settings: Settings) -> OpenAICompatibleConfig:
         timeout_seconds=model.timeout_seconds,
         max_retries=model.max_retries,
         structured_output=model.structured_output,
-        tool_results=model.tool_results,
+        messages=model.messages,
     )
 
 

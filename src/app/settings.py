@@ -111,10 +111,11 @@ class ModelSettings(BaseModel):
     structured_output: Literal["auto", "json_schema", "json_object"] = Field(
         "auto", description="How the plan's JSON Schema is sent: `json_schema` (OpenAI, Azure, vLLM, Ollama) or "
         "`json_object` with a `schema` (llama.cpp); auto = by flavour.")
-    tool_results: Literal["auto", "native", "text"] = Field(
-        "auto", description="How earlier tool calls and results are sent back: `native` (`tool_calls`, `tool` "
-        "messages) or `text` (plain messages, for chat templates without a tool role, e.g. llama-cpp-python's "
-        "server); auto = text for llama.cpp.")
+    messages: Literal["auto", "native", "plain"] = Field(
+        "auto", description="How the conversation is sent: `native` (system, user, assistant with `tool_calls`, "
+        "`tool`) or `plain` (user and assistant turns only: the system message opens the first user turn, tool "
+        "calls and results are written out), for chat templates that know no other roles (Gemma's; "
+        "llama-cpp-python's server drops `tool` messages); auto = plain for llama.cpp.")
     timeout_seconds: float = 60.0
     max_retries: int = Field(2, ge=0, le=10)
     azure_deployment: str | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -467,27 +468,43 @@ class Agent:
         await run.timeline_update("answer", "Write the answer", StepStatus.IN_PROGRESS, 0.0)
         request = await self._request(run, conversation, Purpose.ANSWER, self._budgets.answer,
                                       instruction=prompts.answer_prompt())
-        parts: list[str] = []
+        written = ""  # what the model wrote; what of it is shown trails it while it may be an echo
+        shown = 0
+        echoed = False
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)
         reasoned: list[str] = []
         finish_reason: str | None = None
-        async for chunk in self._stream(request):
-            if isinstance(chunk, ContentDelta) and chunk.text:
-                parts.append(chunk.text)
-                await run.content(chunk.text, chunk=True)
-            elif isinstance(chunk, ReasoningDelta):
-                reasoned.append(chunk.text)
-                await reasoning.show("".join(reasoned))
-            elif isinstance(chunk, Finish):
-                finish_reason = chunk.reason
+        async with aclosing(self._stream(request)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, ContentDelta) and chunk.text:
+                    written += chunk.text
+                    end, echoed = prompts.answer_cut(written, final=False)
+                    if end > shown:
+                        await run.content(written[shown:end], chunk=True)
+                        shown = end
+                    if echoed:
+                        # the model went on to repeat its instructions or to play the next turn:
+                        # the answer ended there, and the rest is not read
+                        written = written[:end]
+                        break
+                elif isinstance(chunk, ReasoningDelta):
+                    reasoned.append(chunk.text)
+                    await reasoning.show("".join(reasoned))
+                elif isinstance(chunk, Finish):
+                    finish_reason = chunk.reason
+        if not echoed:
+            end, echoed = prompts.answer_cut(written, final=True)
+            written = written[:end]
+            if end > shown:
+                await run.content(written[shown:end], chunk=True)
         if reasoned:
             await reasoning.finish("".join(reasoned))
-        answer = "".join(parts)
+        answer = written
         if not answer.strip():
             raise ModelError("The model returned an empty answer.", code="llm_bad_response")
         await run.content(answer, chunk=False)
         await run.timeline_update("answer", "Write the answer", StepStatus.COMPLETED, 1.0)
-        if finish_reason == "length":
+        if finish_reason == "length" and not echoed:
             # Answer with what is there, and say so in the run's end: never a silent cut.
             run.completion = ("answer_truncated",
                               f"The answer reached its limit of {request.max_tokens} tokens and is cut short; "
@@ -495,15 +512,22 @@ class Agent:
             await run.thought(ThoughtType.REFLECTION, "The answer was cut short at its token limit.")
         return answer
 
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+    async def _stream(self, request: ChatRequest) -> AsyncGenerator[ModelChunk, None]:
         """The model's chunks, with the call's latency and failure code reported."""
         started = time.monotonic()
+        chunks = self._model.stream(request)
         try:
-            async for chunk in self._model.stream(request):
+            async for chunk in chunks:
                 yield chunk
         except ModelError as exc:
             self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
             raise
+        finally:
+            # a caller that stops reading (an answer that turned into an echo) ends the model's
+            # stream now, and with it the request to the server
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
         self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
 
     @staticmethod

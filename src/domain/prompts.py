@@ -142,3 +142,46 @@ def echoes_a_prompt(text: str) -> bool:
     if len(normal) < ECHO_MIN_CHARS:
         return any(line in normal for line in _TEMPLATE_LINES)
     return any(normal in line or line in normal for line in _TEMPLATE_LINES)
+
+
+# What a model writes when it goes on to play the next turn of the chat itself (chat templates'
+# turn markers written out as text): the answer has ended there.
+TURN_MARKERS = ("[inst]", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
+                "<|start_header_id|>", "<|eot_id|>")
+
+
+def _normalised_with_positions(text: str) -> tuple[str, list[int]]:
+    """`text` lower-cased with each run of whitespace as one space, and the index in `text` of
+    each character kept."""
+    chars: list[str] = []
+    positions: list[int] = []
+    for index, char in enumerate(text):
+        if char.isspace():
+            if chars and chars[-1] == " ":
+                continue
+            char = " "
+        chars.append(char.lower())
+        positions.append(index)
+    return "".join(chars), positions
+
+
+def answer_cut(text: str, *, final: bool) -> tuple[int, bool]:
+    """How much of an answer being written may be shown: `(end, echoed)`. When the model began to
+    repeat Aura's instructions or to write the chat's next turn, `echoed` is True and `text[:end]`
+    is the answer, complete. Otherwise `text[:end]` is safe to show now; the rest (unless `final`)
+    waits, as it may be the start of such an echo."""
+    normal, positions = _normalised_with_positions(text)
+    starts = [normal.find(needle) for needle in (*_TEMPLATE_LINES, *TURN_MARKERS)]
+    found = [start for start in starts if start >= 0]
+    if found:
+        return positions[min(found)], True
+    hold, longest = len(normal), 0
+    for needle in (*_TEMPLATE_LINES, *TURN_MARKERS):
+        for size in range(min(len(needle), len(normal)), 0, -1):
+            if normal.endswith(needle[:size]):
+                hold, longest = min(hold, len(normal) - size), max(longest, size)
+                break
+    if final:
+        # the model stopped in the middle of an echo: cut it if it is long enough to be one
+        return (positions[hold], True) if longest >= ECHO_MIN_CHARS else (len(text), False)
+    return (positions[hold] if hold < len(normal) else len(text)), False

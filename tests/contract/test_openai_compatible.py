@@ -578,13 +578,14 @@ async def test_a_forced_tool_is_named_in_tool_choice_and_llamacpp_gets_unbounded
                                                                 "properties": {"city": {"type": "string"}}}
 
 
-async def test_llamacpp_gets_tool_calls_and_results_as_text_it_can_show_the_model(
+async def test_llamacpp_gets_plain_turns_its_chat_templates_can_show_the_model(
     server: ChatServer, make_model: ModelFactory
 ) -> None:
     server.enqueue(Stream.recording("content"))
-    await collect(make_model(flavour="llamacpp"), ChatRequest(TOOL_HISTORY, Purpose.STEP))
+    await collect(make_model(flavour="llamacpp"),
+                  ChatRequest([ChatMessage(Role.SYSTEM, "You are Aura."), *TOOL_HISTORY], Purpose.STEP))
     assert server.requests[0].body["messages"] == [
-        {"role": "user", "content": PROMPT},
+        {"role": "user", "content": f"You are Aura.\n\n{PROMPT}"},
         {"role": "assistant", "content": 'I call get_weather with {"city":"Zürich"}.'},
         {"role": "user", "content": 'Result of the tool get_weather:\n{"temp": 21}'},
     ]

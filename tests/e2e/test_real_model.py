@@ -8,9 +8,11 @@ show Aura's own instructions in any event. The model is a 270M base model on a s
 whatever it writes, the run must come out right.
 
 Bounds: the token budgets below cap one run at 128 + 2 x 64 + 96 generated tokens (a step with a
-tool makes two calls), under 60 s even at 6 tokens/s, plus prompt evaluation of at most the
-4,096-token window at ~150 tokens/s (under 30 s, usually far less: the server reuses the common
-prefix). RUN_BOUND_SECONDS is twice that sum, for the machine being shared.
+tool makes two calls): about 100 s at the 3.5 tokens/s grammar-constrained generation fell to
+when four engineers' suites shared the two cores (30-60 unloaded), plus prompt evaluation of a
+full 4,096-token window three times at the 80 tokens/s seen then (the server reuses the common
+prefix, so usually far less): about 250 s at worst, hence RUN_BOUND_SECONDS. The first visible
+output is the plan's first step description, after one prompt evaluation and a few dozen tokens.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 WINDOW = 4096
 BUDGETS = {"AURA_MODEL__PLAN_MAX_TOKENS": "128", "AURA_MODEL__STEP_MAX_TOKENS": "64",
            "AURA_MODEL__ANSWER_MAX_TOKENS": "96"}
-RUN_BOUND_SECONDS = 180.0
-FIRST_VISIBLE_BOUND_SECONDS = 60.0
+RUN_BOUND_SECONDS = 300.0
+FIRST_VISIBLE_BOUND_SECONDS = 90.0
 SERVER_START_SECONDS = 120.0
 
 
@@ -51,7 +53,7 @@ def gguf_path() -> Path:
 
 
 class LlamaCppServer:
-    """`python -m llama_cpp.server` on loopback, with the model's 4,096-token window."""
+    """`python -m llama_cpp.server` on loopback, with the model's 4,096-token window and its turn format."""
 
     def __init__(self, model: Path, log_path: Path) -> None:
         self.port = free_port()
@@ -59,6 +61,9 @@ class LlamaCppServer:
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "gemma-3-270m",
+             # the model's own turn format (the GGUF carries no chat template; without this the
+             # server falls back to llama-2's [INST] turns, which this model does not know)
+             "--chat_format", "gemma",
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(WINDOW),
              "--n_threads", str(min(2, os.cpu_count() or 1))],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,6 +129,11 @@ async def run_once(aura: AuraProcess, body: dict[str, Any]) -> tuple[list[dict[s
         async with open_run(client, body, bearer()) as run:
             while (event := await run.next()) is not None:
                 data = event["data"]
+                if event["type"] == "hitl":
+                    # a small model may well plan a commit: the human says no, and the run goes on
+                    rejected = await client.post(f"/aura/hitl/reject/{data['requestId']}", headers=bearer(),
+                                                 json={"reason": "not in this test"})
+                    assert rejected.status_code == 200, rejected.text
                 if first_visible is None and (
                         (event["type"] == "thought" and data["thoughtType"] in ("planning", "reasoning")
                          and data["chunk"]) or (event["type"] == "content" and data["chunk"])):
@@ -143,7 +153,7 @@ def assert_a_good_run(events: list[dict[str, Any]], first_visible: float, durati
     # nothing Aura told the model shows up anywhere a user could see it
     for event in events:
         for text in strings(event["data"]):
-            assert not echoes_a_prompt(text) or event["type"] == "content", (event["type"], text[:200])
+            assert not echoes_a_prompt(text), (event["type"], text[:200])
     assert first_visible <= FIRST_VISIBLE_BOUND_SECONDS
     assert duration <= RUN_BOUND_SECONDS
     return final[0]

@@ -189,3 +189,33 @@ async def test_planned_mode_runs_the_plans_call_without_sending_tools() -> None:
     assert [e.data["note"] for e in events if e.type.value == "plan_step_update"][-1] == "read the thing"
     tool_result = [m for m in h.model.requests[-1].messages if m.role is Role.TOOL]
     assert json.loads(tool_result[0].content) == {"summary": "read the thing"}
+
+
+async def test_an_answer_that_turns_into_the_instructions_ends_where_the_echo_begins() -> None:
+    # Gemma 3 270M (a base model) on llama-cpp-python went on to write the next chat turn and
+    # Aura's answer instruction after its own words
+    read_after: list[str] = []
+
+    def answer(_: object) -> list[ModelChunk]:
+        read_after.append("asked")
+        return [ContentDelta("A commit records "), ContentDelta("a snapshot. <s>[INST]All steps "),
+                ContentDelta("are done. Write the final answer"), ContentDelta(" and more"), Finish("length")]
+
+    h = Harness(ScriptedModel(text('{"steps": [{"description": "Answer", "tool": null}]}'), text("ok"), answer))
+    _, watcher = await h.start()
+    events = await collect(watcher)
+    pieces = [e.data["content"] for e in events if e.type.value == "content" and e.data["chunk"]]
+    final = [e.data["content"] for e in events if e.type.value == "content" and not e.data["chunk"]]
+    assert "".join(pieces) == "A commit records a snapshot. " and final == ["A commit records a snapshot. "]
+    assert "[INST]" not in json.dumps([e.data for e in events]) and "All steps are done" not in json.dumps(
+        [e.data for e in events])
+    assert events[-1].data == {"status": "completed", "reason": "completed", "message": "The run completed."}
+
+
+async def test_an_answer_that_is_only_an_echo_is_a_bad_model_response() -> None:
+    h = Harness(ScriptedModel(text('{"steps": [{"description": "Answer", "tool": null}]}'), text("ok"),
+                              text("All steps are done. Write the final answer to the user's request")))
+    _, watcher = await h.start()
+    events = await collect(watcher)
+    assert summary(events)[-2:] == [("error", "llm_bad_response"), ("end", "failed", "llm_bad_response")]
+    assert "All steps are done" not in json.dumps([e.data for e in events])

@@ -34,7 +34,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -89,10 +89,10 @@ class OpenAICompatibleConfig:
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     # how a JSON Schema is asked for; "auto" picks by flavour (see the module's docstring)
     structured_output: Literal["auto", "json_schema", "json_object"] = "auto"
-    # how tool calls and results already in the conversation are sent: "native" (assistant
-    # `tool_calls`, `tool` messages) or "text" (plain assistant and user messages, for chat
-    # templates that know no tool role); "auto" = text for llama.cpp
-    tool_results: Literal["auto", "native", "text"] = "auto"
+    # how the conversation is sent: "native" (system, user, assistant with `tool_calls`, tool) or
+    # "plain" (user and assistant turns only, for chat templates that know no other roles);
+    # "auto" = plain for llama.cpp
+    messages: Literal["auto", "native", "plain"] = "auto"
 
     def __post_init__(self) -> None:
         if self.flavour == "azure" and not (self.azure_deployment and self.azure_api_version):
@@ -178,7 +178,7 @@ class OpenAICompatibleChatModel(ChatModel):
         config = self._config
         body: dict[str, Any] = {
             "model": config.model,
-            "messages": [self._message_to_wire(m) for m in request.messages],
+            "messages": self._messages_to_wire(request.messages),
             "stream": True,
         }
         if config.include_usage:
@@ -198,21 +198,35 @@ class OpenAICompatibleChatModel(ChatModel):
             body["response_format"] = {"type": "json_object"}
         return body
 
-    def _message_to_wire(self, message: ChatMessage) -> dict[str, Any]:
-        style = self._config.tool_results
+    def _messages_to_wire(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        style = self._config.messages
         if style == "auto":
-            style = "text" if self._config.flavour == "llamacpp" else "native"
-        if style == "text":
-            # llama-cpp-python's server drops `tool` messages from any chat format without a tool
-            # role and refuses an assistant message whose content is null: the model would
-            # never see what a tool returned
-            if message.role is Role.TOOL:
-                return {"role": "user", "content": f"Result of the tool {message.name or 'call'}:\n{message.content}"}
-            if message.role is Role.ASSISTANT and message.tool_calls:
-                calls = "; ".join(f"{call.name} with {call.arguments or '{}'}" for call in message.tool_calls)
-                return {"role": "assistant", "content": (message.content + "\n" if message.content else "")
-                        + f"I call {calls}."}
-        return _message_to_wire(message)
+            style = "plain" if self._config.flavour == "llamacpp" else "native"
+        if style == "native":
+            return [_message_to_wire(m) for m in messages]
+        # Plain: what Gemma's own chat template does with a system message (it opens the first
+        # user turn), and tool calls and results written out — llama-cpp-python's server drops
+        # `tool` messages from chat formats without that role and refuses a null assistant
+        # content, so the model would never see what a tool returned.
+        wire = [self._plain_message(m) for m in messages if m.role is not Role.SYSTEM]
+        system = "\n\n".join(m.content for m in messages if m.role is Role.SYSTEM)
+        if system:
+            first_user = next((w for w in wire if w["role"] == "user"), None)
+            if first_user is None:
+                wire.insert(0, {"role": "user", "content": system})
+            else:
+                first_user["content"] = f"{system}\n\n{first_user['content']}"
+        return wire
+
+    @staticmethod
+    def _plain_message(message: ChatMessage) -> dict[str, Any]:
+        if message.role is Role.TOOL:
+            return {"role": "user", "content": f"Result of the tool {message.name or 'call'}:\n{message.content}"}
+        if message.role is Role.ASSISTANT and message.tool_calls:
+            calls = "; ".join(f"{call.name} with {call.arguments or '{}'}" for call in message.tool_calls)
+            return {"role": "assistant", "content": (message.content + "\n" if message.content else "")
+                    + f"I call {calls}."}
+        return {"role": message.role.value, "content": message.content}
 
     def _schema_for_server(self, schema: Mapping[str, Any]) -> dict[str, Any]:
         if self._config.flavour != "llamacpp":
