@@ -6,6 +6,7 @@ import secrets
 import socket
 from pathlib import Path
 
+import httpx
 from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
@@ -14,6 +15,7 @@ from adapters.http.routes.streaming import StreamConfig
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
+from adapters.models.profile import ServerModelProfile
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
@@ -29,10 +31,11 @@ from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app.settings import Settings
 from domain.access import RunAccess
-from domain.agent import Agent, AgentLimits
+from domain.agent import Agent, AgentLimits, TokenBudgets, ToolCallMode
 from domain.approval import DecisionSeal
 from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
+from domain.model import EstimatedModelProfile, ModelProfile
 from domain.ports import ChatModel, Clock
 from domain.recheck import ApprovalRecheck
 from domain.service import RunLimits, RunService
@@ -90,12 +93,13 @@ def _instance_id(settings: Settings) -> str:
     return settings.runs.instance_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
 
-def _chat_model(settings: Settings) -> ChatModel:
+OFFLINE_CONTEXT_WINDOW = 10_000_000
+
+
+def _model_config(settings: Settings) -> OpenAICompatibleConfig:
     model = settings.model
-    if model.provider == "offline":
-        return OfflineChatModel()
     assert model.base_url is not None  # enforced by Settings
-    return OpenAICompatibleChatModel(OpenAICompatibleConfig(
+    return OpenAICompatibleConfig(
         base_url=model.base_url,
         model=model.name,
         api_key=model.api_key.get_secret_value() if model.api_key else None,
@@ -103,10 +107,26 @@ def _chat_model(settings: Settings) -> ChatModel:
         azure_deployment=model.azure_deployment,
         azure_api_version=model.azure_api_version,
         temperature=model.temperature,
-        max_tokens=model.max_tokens,
         timeout_seconds=model.timeout_seconds,
         max_retries=model.max_retries,
-    ))
+        structured_output=model.structured_output,
+        messages=model.messages,
+    )
+
+
+def _chat_model(settings: Settings) -> ChatModel:
+    if settings.model.provider == "offline":
+        return OfflineChatModel()
+    return OpenAICompatibleChatModel(_model_config(settings))
+
+
+def _model_profile(settings: Settings) -> ModelProfile:
+    model = settings.model
+    if model.provider == "offline":
+        # the offline model reads no prompt: a window only limits it where one is configured
+        return EstimatedModelProfile(model.context_window or OFFLINE_CONTEXT_WINDOW)
+    return ServerModelProfile(_model_config(settings), httpx.AsyncClient(), context_window=model.context_window,
+                              default_context_window=model.default_context_window, tokenizer=model.tokenizer)
 
 
 def _decision_seal(settings: Settings) -> DecisionSeal:
@@ -154,6 +174,7 @@ class Container(containers.DeclarativeContainer):
     tools = providers.Singleton(_tool_registry, settings)
     metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
     model = providers.Singleton(_chat_model, settings)
+    model_profile = providers.Singleton(_model_profile, settings)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.
     decision_seal = providers.Singleton(_decision_seal, settings)
@@ -180,6 +201,11 @@ class Container(containers.DeclarativeContainer):
             tool_timeout_seconds=settings.provided.agent.tool_timeout_seconds,
         ),
         metrics,
+        profile=model_profile,
+        budgets=providers.Factory(TokenBudgets, plan=settings.provided.model.plan_max_tokens,
+                                  step=settings.provided.model.step_max_tokens,
+                                  answer=settings.provided.model.answer_max_tokens),
+        tool_calls=providers.Factory(ToolCallMode, settings.provided.model.tool_calls),
     )
     run_service = providers.Singleton(
         RunService, agent, clock, ids, event_log, run_directory,

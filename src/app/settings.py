@@ -105,7 +105,30 @@ class ModelSettings(BaseModel):
     api_key: SecretStr | None = None
     name: str = "gpt-4o-mini"
     temperature: float | None = 0.2
-    max_tokens: int | None = None
+    context_window: int | None = Field(
+        None, ge=256, description="The model's context window in tokens (prompt and answer together); unset = what "
+        "the server reports (vLLM, llama-server), else `default_context_window`. Every request is fitted into it.")
+    default_context_window: int = Field(
+        4096, ge=256, description="The window assumed when neither `context_window` nor the server tells it.")
+    tokenizer: Literal["auto", "tiktoken", "server", "estimate"] = Field(
+        "auto", description="How tokens are counted: `tiktoken` (OpenAI, Azure), the `server`'s tokenizer endpoint "
+        "(llama.cpp, vLLM), or a safe `estimate` (3 UTF-8 bytes a token); auto = by flavour.")
+    plan_max_tokens: int = Field(768, ge=16, description="`max_tokens` of the planning call.")
+    step_max_tokens: int = Field(384, ge=16, description="`max_tokens` of each model call of a plan step.")
+    answer_max_tokens: int = Field(1024, ge=16, description="`max_tokens` of the answer; a longer answer ends the "
+                                   "run `completed` with reason `answer_truncated`.")
+    tool_calls: Literal["native", "planned"] = Field(
+        "native", description="`native`: the model calls tools through the API's `tools` (the planned tool is "
+        "forced on a step's first call); `planned`: the plan's tool calls run as planned, for servers without "
+        "tool calling.")
+    structured_output: Literal["auto", "json_schema", "json_object"] = Field(
+        "auto", description="How the plan's JSON Schema is sent: `json_schema` (OpenAI, Azure, vLLM, Ollama) or "
+        "`json_object` with a `schema` (llama.cpp); auto = by flavour.")
+    messages: Literal["auto", "native", "plain"] = Field(
+        "auto", description="How the conversation is sent: `native` (system, user, assistant with `tool_calls`, "
+        "`tool`) or `plain` (user and assistant turns only: the system message opens the first user turn, tool "
+        "calls and results are written out), for chat templates that know no other roles (Gemma's; "
+        "llama-cpp-python's server drops `tool` messages); auto = plain for llama.cpp.")
     timeout_seconds: float = 60.0
     max_retries: int = Field(2, ge=0, le=10)
     azure_deployment: str | None = None

@@ -462,7 +462,7 @@ class RunService:
             answer = await agent_run
             handle.deadline = None  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)
-            await run.end(RunStatus.COMPLETED, "completed", "The run completed.")
+            await run.end(RunStatus.COMPLETED, *run.completion)
         except asyncio.CancelledError:
             if handle.over_budget:
                 await self._finish(run, RunStatus.FAILED, "budget_exceeded",

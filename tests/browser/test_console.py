@@ -244,6 +244,22 @@ def test_dev_mode_mints_a_token_and_the_answer_streams_chunk_by_chunk(
     expect(region(page, "Tool executions").locator("li")).to_have_count(0)
 
 
+def test_a_streamed_thought_grows_in_one_item_and_ends_as_its_final_text(
+        start_aura: Callable[..., AuraProcess], page: Page) -> None:
+    aura = start_aura(env={"AURA_AUTH__DEV_MODE": "true"})
+    open_console(page, aura)
+    page.get_by_role("button", name="Mint dev token").click()
+    # the offline model plans two steps for this; the plan's descriptions stream as pieces
+    start_run(page, "Show me the recent history of this repository")
+    expect(page.locator("#run-status")).to_have_text("completed")
+    planning = page.locator("#thoughts li", has=page.locator(".thought-type", has_text="planning"))
+    expect(planning).to_have_count(1)
+    expect(planning.locator(".thought-text")).to_have_text(
+        "Planned 3 step(s): 1. Read the request and the page context; 2. Read the recent commit history; "
+        "3. Summarise the findings for the user")
+    expect(page.locator("#thoughts li.thought-growing")).to_have_count(0)
+
+
 def test_http_errors_show_the_problem_code(start_aura: Callable[..., AuraProcess], page: Page,
                                            page_problems: PageProblems) -> None:
     page_problems.allow(r"^error: Failed to load resource: the server responded with a status of 401 ")

@@ -71,7 +71,8 @@ def summary(events: list[Event]) -> list[tuple[Any, ...]]:
         d = e.data
         match e.type.value:
             case "thought":
-                out.append(("thought", d["thoughtType"]))
+                if not d["chunk"]:  # a streamed thought's pieces are digested as its final text
+                    out.append(("thought", d["thoughtType"]))
             case "plan_step":
                 out.append(("plan_step", d["stepId"], d["description"]))
             case "plan_step_update":

@@ -20,8 +20,11 @@ class StartData(_Data):
 
 
 class ThoughtData(_Data):
+    thoughtId: str = Field(description="One thought's id: its streamed pieces and its final text share it")
     thoughtType: Literal["analysis", "planning", "reasoning", "decision", "reflection"]
     content: str
+    chunk: bool = Field(description="true: a piece to append to the thought's text so far; false: the thought's "
+                                    "whole text, replacing its pieces")
     sources: list[Any]
 
 
