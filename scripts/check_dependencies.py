@@ -4,8 +4,8 @@ repository against what a fresh install of that part has (deptry: undeclared DEP
 transitive-only DEP003, another part's dependency DEP004).
 
     src/    may import [project].dependencies only
-    tests/  may import those and the `test` extra
-    bench/  may import those and the `bench` extra
+    tests/  may import those and the `test` and `model-server` extras
+    bench/  may import those and the `bench` and `model-server` extras
 
 A dependency that is a command or a plugin, never imported, is listed in NOT_IMPORTED with its reason;
 anything else unused fails. Exit status: non-zero when any part fails.
@@ -20,6 +20,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the extras each part may use besides the main dependencies (PARTS's order is the run's)
+PARTS: dict[str, tuple[str, ...]] = {"src": (), "tests": ("test", "model-server"), "bench": ("bench", "model-server")}
 FIRST_PARTY = ("domain", "adapters", "app", "tests", "bench", "scripts")
 
 # Declared for what they do outside `import`: each needs its reason.
@@ -28,6 +30,8 @@ NOT_IMPORTED: dict[str, str] = {
     "uvloop": "chosen by name at run time (app.cli imports it lazily when AURA_SERVER__EVENT_LOOP allows)",
     # bench
     "uvicorn": "runs the peer app as `python -m uvicorn` (bench/servers.py)",
+    # model-server
+    "llama-cpp-python": "the model server runs as `python -m llama_cpp.server`",
     # test
     "pytest-asyncio": "pytest plugin (asyncio_mode = auto)",
     "pytest-timeout": "pytest plugin (timeout = 120)",
@@ -46,7 +50,7 @@ def _name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str]) -> int:
+def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str], allowed: tuple[str, ...]) -> int:
     ignores = sorted(also_unused_ok | set(NOT_IMPORTED))
     command = [sys.executable, "-m", "deptry", part, "--no-ansi",
                *(f"--known-first-party={module}" for module in FIRST_PARTY),
@@ -55,8 +59,7 @@ def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str]) -> int:
                "--per-rule-ignores", "DEP002=" + "|".join(ignores)]
     if dev_groups:
         command += ["--optional-dependencies-dev-groups", ",".join(dev_groups)]
-    print(f"== deptry {part}/ (may use: main{''.join(' + ' + e for e in _EXTRAS if e not in dev_groups)})",
-          flush=True)
+    print(f"== deptry {part}/ (may use: main{''.join(' + ' + e for e in allowed)})", flush=True)
     return subprocess.run(command, cwd=REPO, check=False).returncode
 
 
@@ -68,12 +71,11 @@ _EXTRAS: dict[str, set[str]] = {extra: {_name(d) for d in deps}
 
 def main() -> int:
     failed = 0
-    # src uses every main dependency; the extras are other parts' dependencies there
-    failed |= _deptry("src", sorted(_EXTRAS), set())
-    # tests and bench may use main dependencies without using all of them (src does that)
-    for part, extra in (("tests", "test"), ("bench", "bench")):
-        others = sorted(e for e in _EXTRAS if e != extra)
-        failed |= _deptry(part, others, _MAIN - _EXTRAS[extra])
+    for part, allowed in PARTS.items():
+        others = sorted(e for e in _EXTRAS if e not in allowed)
+        # src uses every main dependency; tests and bench may use them without using all of them
+        unused_ok = set() if part == "src" else _MAIN - set().union(*(_EXTRAS[e] for e in allowed))
+        failed |= _deptry(part, others, unused_ok, allowed)
     stale = set(NOT_IMPORTED) - _MAIN - set().union(*_EXTRAS.values())
     if stale:
         print(f"scripts/check_dependencies.py: NOT_IMPORTED names undeclared packages: {sorted(stale)}")
