@@ -130,9 +130,11 @@ class Container(containers.DeclarativeContainer):
         RedisEventLog, redis,
         max_length=settings.provided.events.max_length,
         retention_seconds=settings.provided.events.retention_seconds,
+        owner=instance_id,
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
-    run_directory = providers.Singleton(RedisRunDirectory, redis)
+    run_directory = providers.Singleton(RedisRunDirectory, redis,
+                                        max_log_length=settings.provided.events.max_length)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
                                         max_turns=settings.provided.threads.max_turns)
@@ -186,7 +188,8 @@ class Container(containers.DeclarativeContainer):
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock,
-                                     conversations=conversations)
+                                     conversations=conversations, approvals=approval_store,
+                                     retention_seconds=settings.provided.events.retention_seconds)
     console_config = providers.Singleton(_console_config, settings)
     stream_config = providers.Singleton(
         StreamConfig,

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from domain.agent import Agent
-from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavailable
+from domain.errors import ApprovalTimeout, AuraError, RunCancelled, RunFenced, StoreUnavailable
 from domain.events import Event, EventType, RunIds, RunStatus
 from domain.identity import Principal
 from domain.model import ChatMessage
@@ -103,6 +103,13 @@ class Subscription:
         else:  # the stream was busy since this timer was armed: wait for the current deadline
             self._timer = loop.call_at(deadline, self._deadline_reached)
 
+    def detach(self) -> None:
+        """The run can no longer feed this watcher (it was fenced): the watcher resumes from the
+        event log, which holds whatever ended the run."""
+        self.overflowed = True
+        self._events = None
+        self._wake()
+
     def close(self) -> None:
         """The watcher left: drop the timer now rather than when it would have fired."""
         self._deadline = None
@@ -142,7 +149,7 @@ class RunFeed:
     # Slots, and bound methods instead of closures, for every object a run keeps: a run waiting for
     # approval keeps them for as long as the approval takes (docs/performance.md, parked runs).
     __slots__ = ("_failure", "_log", "_max_unlogged", "_telemetry", "_unlogged", "_wait_until", "_waiter",
-                 "on_failure", "run", "watchers")
+                 "fenced", "on_failure", "run", "watchers")
 
     def __init__(self, event_log: EventLog, telemetry: Telemetry,
                  on_failure: Callable[[Exception], None] | None = None, max_unlogged: int = 512) -> None:
@@ -159,6 +166,9 @@ class RunFeed:
         self._failure: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wait_until = 0
+        # The log refused the run (its lease is gone, or its log has an `end` or another event at a
+        # seq): nothing more is logged or delivered; the watchers resume from the log.
+        self.fenced = False
 
     async def emit(self, event: Event) -> None:
         """The run's event sink: each event with the run's snapshot, except content chunks and
@@ -169,8 +179,16 @@ class RunFeed:
             snapshot = self.run.snapshot()
         await self.publish(event, snapshot)
 
+    def fence(self, error: RunFenced) -> None:
+        if not self.fenced:
+            self.fenced = True
+            self._failure = error
+            for watcher in tuple(self.watchers):
+                watcher.detach()
+
     async def publish(self, event: Event, snapshot: Mapping[str, Any] | None) -> None:
-        if self._failure is not None and event.type not in _ALWAYS_SENT:
+        if self.fenced or (self._failure is not None and event.type not in _ALWAYS_SENT):
+            assert self._failure is not None
             raise self._failure
         self._unlogged += 1
         self._log.submit(event, snapshot, partial(self._logged, event))
@@ -180,7 +198,8 @@ class RunFeed:
             await self._until_unlogged(self._max_unlogged // 2)  # the log is slower than the run
         else:
             return
-        if self._failure is not None and event.type not in _ALWAYS_SENT:
+        if self.fenced or (self._failure is not None and event.type not in _ALWAYS_SENT):
+            assert self._failure is not None
             raise self._failure
 
     def close(self) -> None:
@@ -195,16 +214,23 @@ class RunFeed:
 
     def _logged(self, event: Event, error: Exception | None) -> None:
         self._unlogged -= 1
-        first_failure = error is not None and self._failure is None
-        if error is not None:
-            self._telemetry.store_error()
-            self._failure = self._failure or error
-        for watcher in tuple(self.watchers):
-            watcher.push(event)
+        first_failure = error is not None and not self.fenced and (
+            self._failure is None or isinstance(error, RunFenced))
+        if isinstance(error, RunFenced) or self.fenced:
+            # Not delivered: the log holds something else at this seq (or will: a run_lost).
+            if isinstance(error, RunFenced):
+                self.fence(error)
+        else:
+            if error is not None:
+                self._telemetry.store_error()
+                self._failure = self._failure or error
+            for watcher in tuple(self.watchers):
+                watcher.push(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
-        elif first_failure and waiter is None and event.type not in _ALWAYS_SENT and self.on_failure is not None:
+        elif first_failure and waiter is None and (event.type not in _ALWAYS_SENT or isinstance(error, RunFenced)) \
+                and self.on_failure is not None:
             assert error is not None
             self.on_failure(error)  # the run is elsewhere (waiting for approval, say): stop it
 
@@ -243,6 +269,12 @@ class RunHandle:
         if self.failure is None:
             self.failure = error
             self.cancel("store_unavailable")
+
+    def lose_lease(self) -> None:
+        """Another instance may declare the run lost now: stop it before it logs or does anything."""
+        error = RunFenced("This instance no longer holds the run's lease.")
+        self.feed.fence(error)
+        self.fail(error)
 
     def exceed_budget(self) -> None:
         """The agent took longer than the run's budget: stop it; it ends `failed` budget_exceeded
@@ -363,6 +395,8 @@ class RunService:
     def watch(self, handle: RunHandle) -> Subscription:
         watcher = Subscription(self._limits.watcher_buffer)
         handle.watchers.append(watcher)
+        if handle.feed.fenced:
+            watcher.detach()  # the run's rest is in the event log only
         return watcher
 
     def release(self, handle: RunHandle, watcher: Subscription, *, disconnected: bool) -> None:
@@ -429,9 +463,16 @@ class RunService:
         while self._runs:
             await asyncio.sleep(interval)
             try:
-                await self._directory.renew_leases(list(self._runs), self.instance_id, self._limits.lease_seconds)
+                lost = await self._directory.renew_leases(list(self._runs), self.instance_id,
+                                                          self._limits.lease_seconds)
             except StoreUnavailable:
                 log.warning("could not renew run leases")
+                continue
+            for run_id in lost:
+                handle = self._runs.get(run_id)
+                if handle is not None:
+                    log.warning("run %s: this instance lost its lease; stopping it", run_id)
+                    handle.lose_lease()
 
     # -- internals -------------------------------------------------------------------------
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
@@ -454,6 +495,8 @@ class RunService:
                 await self._finish(run, RunStatus.FAILED, "budget_exceeded",
                                    f"The run took longer than {self._limits.max_run_seconds:g} s.",
                                    error=("budget_exceeded", False))
+            elif handle.feed.fenced:
+                pass  # nothing may be logged: whoever declares the run lost writes its end
             elif handle.failure is not None:
                 error = handle.failure
                 code, message = (error.code, error.message) if isinstance(error, AuraError) else (
@@ -468,6 +511,8 @@ class RunService:
                                error=("budget_exceeded", False))
         except ApprovalTimeout as exc:
             await self._finish(run, RunStatus.TIMEOUT, exc.code, exc.message, error=(exc.code, False))
+        except RunFenced:
+            pass  # the log refused the run's events: it is over for this instance
         except RunCancelled as exc:
             await self._finish(run, RunStatus.CANCELLED, exc.code, exc.message)
         except AuraError as exc:
@@ -482,7 +527,10 @@ class RunService:
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)
-                await self._directory.close(handle.record, run.status.value, self._limits.retention_seconds)
+                if not handle.feed.fenced and not await self._directory.close(handle.record, run.status.value,
+                                                     self._limits.retention_seconds):
+                    log.warning("run %s ended after its lease lapsed; its end is the declaration's",
+                                run.ids.run_id)
             except StoreUnavailable:
                 log.warning("could not record the end of run %s in the directory", run.ids.run_id)
 
@@ -502,5 +550,7 @@ class RunService:
             if error is not None:
                 await run.error(error[0], message, retryable=error[1])
             await run.end(status, reason, message)
+        except RunFenced:
+            pass  # the log refused the run: whoever declares it lost writes its end
         except Exception:  # the terminal events were still delivered in-process
             log.exception("could not record the end of run %s", run.ids.run_id)

@@ -14,7 +14,7 @@ from quart import Response, request
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
 from adapters.metrics.prometheus import PrometheusMetrics
 from domain.access import Notice, ResumeItem
-from domain.events import Event
+from domain.events import Event, EventType
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 BATCH_EVENTS = 64
@@ -191,6 +191,9 @@ async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig)
                 continue
             meter.event(item.type.value)
             if isinstance(item, Notice):
+                if item.type is EventType.END:  # the stream ends here, whatever the run does
+                    yield encode_notice(item) + DONE_FRAME
+                    return
                 yield encode_notice(item)
             elif item.is_terminal:
                 yield terminal_frame(item, config)
