@@ -90,7 +90,7 @@ def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
     envelopes = []
     for frame in real[:-1]:
         envelope = frame.payload
-        assert frame.id == str(envelope["seq"]) and frame.event == envelope["type"]
+        assert frame.id == f"{envelope['runId']}:{envelope['seq']}" and frame.event == envelope["type"]
         check_event(envelope)
         envelopes.append(envelope)
     assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1))

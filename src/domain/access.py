@@ -10,7 +10,7 @@ from typing import Any
 
 from domain.agent import Agent
 from domain.approval import ApprovalStatus
-from domain.errors import InvalidInput, NotFound, StoreUnavailable
+from domain.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from domain.events import Event, EventType, RunIds
 from domain.identity import Principal
 from domain.ports import ApprovalStore, Clock, ConversationStore, EventLog
@@ -22,6 +22,7 @@ log = logging.getLogger("aura.runs")
 
 REPLAY_BATCH = 500
 MAX_DECLARE_ATTEMPTS = 3
+READER_NOTE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ ResumeItem = Event | Notice | None  # None: nothing happened for a heartbeat int
 
 class IdempotencyKeyReused(InvalidInput):
     code = "idempotency_key_reused"
+
+
+class ResumedWithAnotherRequest(Conflict):
+    code = "resume_request_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +85,19 @@ class RunAccess:
         self._clock = clock
 
     async def start(self, principal: Principal, request: RunRequest, *, trace_id: str | None,
-                    idempotency: tuple[str, str] | None = None, after_seq: int = 0,
+                    idempotency: tuple[str, str] | None = None, fingerprint: str = "",
+                    resume_run_id: str | None = None, after_seq: int = 0,
                     heartbeat_seconds: float = 15.0, retention_seconds: int = 3600) -> Started | Attached:
-        """Start a run, or, for an Idempotency-Key this user already used with the same body,
-        attach to the run it started (a retried POST never runs the agent twice)."""
+        """Start a run, or attach to the run a retried POST already started, so that a retry never
+        runs the agent twice: the run its Last-Event-ID names (`resume_run_id`: this user's, asked
+        with the same body, on any instance), or the run of an Idempotency-Key this user already
+        used with the same body."""
+        if resume_run_id is not None:
+            record = await self.record_for(principal, resume_run_id)
+            if record.fingerprint and record.fingerprint != fingerprint:
+                raise ResumedWithAnotherRequest(
+                    "Last-Event-ID names a run that was started with a different request body.")
+            return Attached(record.run_id, self.resume(principal, record.run_id, after_seq, heartbeat_seconds))
         ids = self._runs.new_ids(request, trace_id)
         if idempotency is not None:
             key, fingerprint = idempotency
@@ -99,7 +113,8 @@ class RunAccess:
             if self._conversations is not None and request.thread_id is not None:
                 turns = await self._conversations.open(principal.tenant_id, principal.user_id, ids.thread_id)
                 history = Agent.history_messages(turns)
-            handle, watcher = await self._runs.start(principal, request, ids=ids, history=history)
+            handle, watcher = await self._runs.start(principal, request, ids=ids, history=history,
+                                                     fingerprint=fingerprint)
         except BaseException:
             if idempotency is not None:
                 await self._directory.release_idempotency(principal.tenant_id, principal.user_id, idempotency[0])
@@ -232,7 +247,11 @@ class RunAccess:
         owner that cannot renew it stops its run before writing again): declare the run lost, so
         every follower reads the same `error` run_lost and `end`."""
         idle_since = self._clock.now()
+        noted = 0.0
         async for event in self._follower.follow(record.run_id, last):
+            if self._clock.now() - noted >= READER_NOTE_SECONDS:
+                noted = self._clock.now()  # the owner keeps a run someone reads here (disconnect grace)
+                await self._directory.note_reader(record.run_id, READER_NOTE_SECONDS * 3)
             if event is not None:
                 idle_since = self._clock.now()
                 yield event

@@ -25,11 +25,15 @@ class RunRecord:
     instance_id: str
     created_at: int
     status: str = "running"
+    fingerprint: str = ""  # a hash of the request that started the run ("" when not known)
 
     def to_record(self) -> dict[str, Any]:
-        return {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
-                "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
-                "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+        record = {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
+                  "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
+                  "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+        if self.fingerprint:
+            record["fingerprint"] = self.fingerprint
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RunRecord:
@@ -37,7 +41,7 @@ class RunRecord:
                    thread_id=str(record["threadId"]), trace_id=str(record["traceId"]),
                    tenant_id=str(record["tenantId"]), user_id=str(record["userId"]),
                    instance_id=str(record["instanceId"]), created_at=int(record["createdAt"]),
-                   status=str(record.get("status", "running")))
+                   status=str(record.get("status", "running")), fingerprint=str(record.get("fingerprint", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,15 @@ class RunDirectory(ABC):
     async def stale_runs(self, limit: int) -> list[str]:
         """Runs recorded as running whose lease should have been renewed by now: candidates for
         `declare_lost`, found whether or not anybody follows them."""
+
+    @abstractmethod
+    async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
+        """Someone reads the run through this instance (not its owner): for `ttl_seconds`, its
+        owner must not cancel it for want of a reader."""
+
+    @abstractmethod
+    async def has_reader(self, run_id: str) -> bool:
+        """Whether another instance noted a reader of the run within its time to live."""
 
     @abstractmethod
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None: ...

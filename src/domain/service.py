@@ -254,6 +254,9 @@ class RunHandle:
     failure: Exception | None = None  # the store failed while the run was not writing to it
     deadline: float | None = None  # loop time by which the agent must be done; None once it is
     over_budget: bool = False
+    # While no reader is attached after a disconnect: the timer of the grace period, then its check.
+    disconnect_timer: asyncio.TimerHandle | None = None
+    disconnect_check: asyncio.Task[None] | None = None
 
     @property
     def run_id(self) -> str:
@@ -305,6 +308,7 @@ class RunLimits:
     retention_seconds: int = 3600
     max_runs_per_user: int = 10
     max_runs_per_tenant: int = 200
+    disconnect_grace_seconds: float = 30.0
 
 
 class TooManyRuns(AuraError):
@@ -359,8 +363,8 @@ class RunService:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self, principal: Principal, request: RunRequest, *, ids: RunIds | None = None,
-                    trace_id: str | None = None,
-                    history: Sequence[ChatMessage] = ()) -> tuple[RunHandle, Subscription]:
+                    trace_id: str | None = None, history: Sequence[ChatMessage] = (),
+                    fingerprint: str = "") -> tuple[RunHandle, Subscription]:
         """Admit the run (limits), record it in the directory with this instance's lease, and
         create its first watcher before the agent runs, so no event is missed."""
         if not self.accepting:
@@ -369,7 +373,7 @@ class RunService:
         record = RunRecord(
             run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
             tenant_id=principal.tenant_id, user_id=principal.user_id, instance_id=self.instance_id,
-            created_at=self._clock.timestamp())
+            created_at=self._clock.timestamp(), fingerprint=fingerprint)
         full = await self._directory.admit(
             record, user_limit=self._limits.max_runs_per_user, tenant_limit=self._limits.max_runs_per_tenant,
             slot_seconds=self._limits.max_run_seconds, lease_seconds=self._limits.lease_seconds)
@@ -407,7 +411,34 @@ class RunService:
         watcher.close()
         if (disconnected and not handle.watchers
                 and handle.run.request.on_disconnect is DisconnectPolicy.CANCEL):
-            handle.cancel("client_disconnected")
+            grace = self._limits.disconnect_grace_seconds
+            if grace <= 0:
+                handle.cancel("client_disconnected")
+            elif handle.disconnect_timer is None:
+                # A reader may come back (a retried POST, a tab shown again, another instance): the
+                # run is cancelled only if none did within the grace period.
+                handle.disconnect_timer = asyncio.get_running_loop().call_later(
+                    grace, self._disconnect_due, handle)
+
+    def _disconnect_due(self, handle: RunHandle) -> None:
+        handle.disconnect_timer = None
+        if handle.watchers or handle.task is None or handle.task.done():
+            return  # a reader came back here, or the run is over
+        handle.disconnect_check = asyncio.create_task(self._cancel_unless_read(handle),
+                                                      name=f"disconnect grace {handle.run_id}")
+
+    async def _cancel_unless_read(self, handle: RunHandle) -> None:
+        try:
+            elsewhere = await self._directory.has_reader(handle.run_id)
+        except StoreUnavailable:
+            elsewhere = False
+        if handle.watchers:
+            return
+        if elsewhere:  # followed through another instance: look again after another grace period
+            handle.disconnect_timer = asyncio.get_running_loop().call_later(
+                self._limits.disconnect_grace_seconds, self._disconnect_due, handle)
+            return
+        handle.cancel("client_disconnected")
 
     def cancel(self, run_id: str, reason: str = "user_cancelled") -> bool:
         handle = self._runs.get(run_id)
@@ -522,6 +553,9 @@ class RunService:
             await self._finish(run, RunStatus.FAILED, "internal_error", SAFE_INTERNAL_MESSAGE,
                                error=("internal_error", True))
         finally:
+            if handle.disconnect_timer is not None:
+                handle.disconnect_timer.cancel()
+                handle.disconnect_timer = None
             handle.feed.close()
             self._telemetry.run_ended(run.status.value)
             self._runs.pop(run.ids.run_id, None)

@@ -136,7 +136,7 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], store: aredis.Redis,
     seqs = [e["seq"] for e in envelopes]
     report.events_expected += seqs[-1] if seqs else 0
     report.events_received += len(set(seqs))
-    if seqs != list(range(1, len(seqs) + 1)) or any(fid != str(e["seq"]) for (fid, e) in frames[:-1]
+    if seqs != list(range(1, len(seqs) + 1)) or any(fid != f"{e['runId']}:{e['seq']}" for (fid, e) in frames[:-1]
                                                      if isinstance(e, dict)):
         report.sequence_gaps += 1
         report.errors.append(f"{marker}: sequence {seqs}")

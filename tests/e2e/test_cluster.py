@@ -241,7 +241,7 @@ async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
 
 async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, _ = cluster()
+    a, _ = cluster(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         async with open_run(client, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
@@ -336,7 +336,7 @@ async def test_per_user_limit_answers_429_with_retry_after(
 
 async def test_a_client_that_never_reads_is_dropped_while_others_flow(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]]) -> None:
-    a, _ = cluster(AURA_STREAM__SEND_TIMEOUT_SECONDS="1")
+    a, _ = cluster(AURA_STREAM__SEND_TIMEOUT_SECONDS="1", AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     # 30,000 events of ~300 bytes, one per millisecond: the run lasts over 30 s, and the ~4 MiB the
     # socket buffers of both ends hold fill up well before that, so the drop comes mid-run
     big = "x" * 30_000

@@ -183,6 +183,7 @@ class MemoryRunDirectory(RunDirectory):
         self.slots: dict[str, set[str]] = defaultdict(set)
         self._log = log
         self.approvals: MemoryApprovalStore | None = None
+        self.readers: set[str] = set()
 
     async def get(self, run_id: str) -> RunRecord | None:
         return self.records.get(run_id)
@@ -257,6 +258,12 @@ class MemoryRunDirectory(RunDirectory):
     async def stale_runs(self, limit: int) -> list[str]:
         return [run_id for run_id, record in self.records.items()
                 if record.status == "running" and run_id not in self.leases][:limit]
+
+    async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
+        self.readers.add(run_id)
+
+    async def has_reader(self, run_id: str) -> bool:
+        return run_id in self.readers
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         self._log.snapshots[run_id] = snapshot

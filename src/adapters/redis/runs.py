@@ -4,6 +4,8 @@ Keys (Aura's own; not part of the DWP contract):
 - `aura:run:{runId}:meta`      JSON RunRecord; a day while running, the retention time after the end
 - `aura:run:{runId}:lease`     the owner instance id, PX lease milliseconds, renewed by the owner only
                                while it still holds it (compare and set)
+- `aura:run:{runId}:reader`    set while another instance streams the run to a client (PX a few
+                               seconds, refreshed): its owner does not cancel it for want of a reader
 - `aura:runs:active`           sorted set of running run ids, scored by when their lease lapses (ms),
                                so lost runs are found even when nobody follows them
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
@@ -47,6 +49,10 @@ def meta_key(run_id: str) -> str:
 
 
 ACTIVE_RUNS_KEY = "aura:runs:active"
+
+
+def reader_key(run_id: str) -> str:
+    return f"aura:run:{run_id}:reader"
 
 
 def _user_slots(tenant_id: str, user_id: str) -> str:
@@ -249,6 +255,12 @@ class RedisRunDirectory(RunDirectory):
         due = await self._call(self._redis.zrangebyscore(ACTIVE_RUNS_KEY, "-inf", int(time.time() * 1000),
                                                          start=0, num=limit))
         return [_text(run_id) for run_id in due]
+
+    async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
+        await self._call(self._redis.set(reader_key(run_id), b"1", px=int(ttl_seconds * 1000)))
+
+    async def has_reader(self, run_id: str) -> bool:
+        return bool(await self._call(self._redis.exists(reader_key(run_id))))
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))

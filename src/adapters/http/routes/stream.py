@@ -110,17 +110,21 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
         on_disconnect=DisconnectPolicy(data.on_disconnect or config.on_disconnect),
         traceparent=g.traceparent,
     )
+    # What the run was asked, so that a retried POST (an Idempotency-Key, or a Last-Event-ID that
+    # names the run) attaches only when it asks the same.
+    fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
+                                              option=orjson.OPT_SORT_KEYS)).hexdigest()
     idempotency = None
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         if not _IDEMPOTENCY_KEY.match(key):
             raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII characters.")
-        fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
-                                                  option=orjson.OPT_SORT_KEYS)).hexdigest()
         idempotency = (key, fingerprint)
+    resume_from = last_event_id()
     try:
         outcome = await access.start(current_principal(), run_request, trace_id=g.trace_id, idempotency=idempotency,
-                                     after_seq=last_event_id(), heartbeat_seconds=config.heartbeat_seconds,
+                                     fingerprint=fingerprint, resume_run_id=resume_from.run_id,
+                                     after_seq=resume_from.seq, heartbeat_seconds=config.heartbeat_seconds,
                                      retention_seconds=config.retention_seconds)
     except TooManyRuns as error:
         raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None

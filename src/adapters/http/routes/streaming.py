@@ -76,8 +76,10 @@ def sse_headers() -> dict[str, str]:
 
 
 def reconnect_frame(config: StreamConfig, why: str) -> bytes:
-    """Ends a connection the run outlives: the client reconnects with Last-Event-ID and resumes."""
-    return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n\n".encode()
+    """Ends a connection the run outlives: the client reconnects with Last-Event-ID and resumes.
+    `retry` takes effect when its line is read; no blank line follows, so no parser dispatches an
+    empty message for it."""
+    return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n".encode()
 
 
 class WatcherRelease:
