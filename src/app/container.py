@@ -10,7 +10,7 @@ from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
-from adapters.http.routes.streaming import StreamConfig
+from adapters.http.routes.streaming import StreamConfig, StreamSlots
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
@@ -202,4 +202,6 @@ class Container(containers.DeclarativeContainer):
         reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
         retention_seconds=settings.provided.events.retention_seconds,
         metrics=metrics,
+        slots=providers.Singleton(StreamSlots, per_user=settings.provided.stream.max_per_user,
+                                  per_run=settings.provided.stream.max_per_run),
     )

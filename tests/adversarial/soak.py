@@ -197,6 +197,7 @@ class Cluster:
         self.dwp = FakeDwp().start()
         self.dwp.respond("POST", "/api/items", FakeResponse.of_json({"ok": True}, status=201))
         env = {"AURA_TOOLS__DWP_BASE_URL": self.dwp.base_url, "AURA_RUNS__MAX_PER_USER": "10000",
+               "AURA_STREAM__MAX_PER_USER": "10000",
                "AURA_RUNS__MAX_PER_TENANT": "10000", "AURA_LOG__LEVEL": "WARNING",
                "AURA_HITL__RECHECK_SECONDS": "5", "PYTHONPATH": os.environ.get("AURA_SOAK_SRC", str(ROOT / "src")),
                **self.extra_env}

@@ -163,3 +163,36 @@ async def test_third_party_python_parsers_never_see_a_heartbeat(
         assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1)), library
         assert envelopes[-1]["type"] == "end" and envelopes[-1]["data"]["status"] == "completed", library
     assert heartbeats_sent(aura.url) >= 9  # three approvals, each after three heartbeats
+
+
+async def test_open_streams_are_capped_per_run_and_per_user_with_429_and_retry_after(
+        start_aura: Callable[..., AuraProcess], e2e_workspace: Path) -> None:
+    aura = start_aura(env={"AURA_STREAM__MAX_PER_RUN": "2", "AURA_STREAM__MAX_PER_USER": "3",
+                           "AURA_STREAM__HEARTBEAT_SECONDS": "0.2"})
+    stage(e2e_workspace)
+    async with httpx.AsyncClient(base_url=aura.url, timeout=10) as client:
+        async with open_run(client, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
+            hitl = await run.until("hitl")
+        events = f"/aura/runs/{hitl['runId']}/events"
+        resume = {**bearer(), "Last-Event-ID": f"{hitl['runId']}:{hitl['seq']}"}
+        async with client.stream("GET", events, headers=resume) as first, \
+                client.stream("GET", events, headers=resume) as second:
+            assert (first.status_code, second.status_code) == (200, 200)
+            third = await client.get(events, headers=resume)
+            assert (third.status_code, third.headers["retry-after"], third.json()["code"]) == (
+                429, "5", "too_many_streams")
+            assert "this run (limit 2)" in third.json()["detail"]
+            other_run = await client.post("/aura/test/stream", headers=bearer(),
+                                          json={"prompt": '@answer {"text": "x"}'})
+            assert other_run.status_code == 200  # the user's third stream
+            async with client.stream("POST", "/aura/test/stream", headers=bearer(),
+                                     json={"prompt": COMMIT, "onDisconnect": "continue"}) as held:
+                assert held.status_code == 200  # the user's third open stream
+                fourth = await client.post("/aura/test/stream", headers=bearer(), json={"prompt": "hi"})
+                assert (fourth.status_code, fourth.headers["retry-after"], fourth.json()["code"]) == (
+                    429, "5", "too_many_streams")
+                assert "this user (limit 3)" in fourth.json()["detail"]
+                assert (await client.post("/aura/test/stream", headers=bearer("bob"),
+                                          json={"prompt": '@answer {"text": "x"}'})).status_code == 200
+        async with client.stream("GET", events, headers=resume) as again:  # the slots were given back
+            assert again.status_code == 200

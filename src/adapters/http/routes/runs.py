@@ -55,8 +55,9 @@ async def run_events(run_id: str, access: RunAccess = Provide["run_access"],
         raise Problem(422, "invalid_last_event_id", "Last-Event-ID names another run.")
     principal = current_principal()
     await access.record_for(principal, run_id)  # 404 before the stream starts
+    slot = config.slots.take(principal.tenant_id, principal.user_id, run_id)  # 429 beyond the caps
     items = access.resume(principal, run_id, after.seq, config.heartbeat_seconds)
-    return sse_response(resumed_frames(items, config))
+    return sse_response(resumed_frames(items, config, slot))
 
 
 @bp.post("/aura/runs/<run_id>/cancel")
