@@ -268,6 +268,9 @@ async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig,
     try:
         async for item in items:
             if item is None:
+                if time.monotonic() >= deadline:  # a quiet stream ends too (checked at each heartbeat)
+                    yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
+                    return
                 meter.heartbeat()
                 yield HEARTBEAT_FRAME
                 continue
