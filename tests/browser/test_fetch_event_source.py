@@ -15,6 +15,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from playwright.sync_api import BrowserContext, Page
@@ -23,7 +24,7 @@ from tests.aura_process import AuraProcess, free_port
 from tests.browser.conftest import chromium
 from tests.e2e.test_fetch_event_source import JS, CuttableProxy, approve, check_one_run, heartbeats_sent, node_binary
 from tests.redis_server import RedisServer
-from tests.support import make_repo, token
+from tests.support import bearer, make_repo, token
 
 FES = "/node_modules/@microsoft/fetch-event-source/lib/esm/"
 PAGE = """<!doctype html><meta charset="utf-8"><title>fetch-event-source</title>
@@ -48,8 +49,12 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>fetch-event-source</title>
     f"{FES}parse": f"{FES}parse.js"}}))
 
 
+RECORDED: dict[str, bytes] = {}  # path -> an event-stream body recorded from a real run
+
+
 class SpaFiles(SimpleHTTPRequestHandler):
-    """The SPA's origin, a real loopback server: the page, the integration and the library."""
+    """The SPA's origin, a real loopback server: the page, the integration and the library (and,
+    for EventSource, which cannot send a bearer token, bodies recorded from real Aura runs)."""
 
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript", ".mjs": "text/javascript"}
 
@@ -61,6 +66,14 @@ class SpaFiles(SimpleHTTPRequestHandler):
             body = PAGE.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.path in RECORDED:
+            body = RECORDED[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -207,3 +220,38 @@ def test_a_tcp_cut_mid_answer_and_connections_aura_ends_over_both_instances(
         " ".join(f"w{i}" for i in range(40))
     assert len(state["requests"]) >= 3  # the cut, and connections Aura ended
     assert [r["lastEventId"] is None for r in state["requests"]] == [True] + [False] * (len(state["requests"]) - 1)
+
+
+def test_the_browsers_own_eventsource_never_sees_a_heartbeat(
+        two: Callable[..., tuple[AuraProcess, AuraProcess]], store: redis.Redis, spa: Page) -> None:
+    """EventSource cannot send a bearer token, so it reads the exact bytes of a real run (with
+    heartbeats every 50 ms during its approval wait), recorded with httpx and served as they came."""
+    a, _ = two(AURA_STREAM__HEARTBEAT_SECONDS="0.05")
+    stage(a.workspace / "repo")
+    body = b""
+    approved = False
+    with httpx.stream("POST", f"{a.url}/aura/test/stream", json={"prompt": COMMIT}, headers=bearer(),
+                      timeout=10) as response:
+        for chunk in response.iter_bytes():
+            body += chunk
+            if not approved and b"event: hitl" in body and body.count(b": ping\n") >= 5:
+                approved = True
+                approve(a.url, store)
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b": ping\n") >= 5
+    RECORDED["/recorded"] = body
+    types = sorted({m.group(1).decode() for m in re.finditer(rb"^event: (\w+)$", body, re.M)})
+    seen = spa.evaluate("""types => new Promise((resolve) => {
+        const seen = [];
+        const source = new EventSource("/recorded");
+        const take = (message) => {
+            seen.push({type: message.type, data: message.data, id: message.lastEventId});
+            if (message.data === "[DONE]") { source.close(); resolve(seen); }
+        };
+        source.onmessage = take;
+        for (const type of types) source.addEventListener(type, take);
+    })""", types)
+    assert seen[-1] == {"type": "message", "data": "[DONE]", "id": seen[-2]["id"]}
+    envelopes = [json.loads(message["data"]) for message in seen[:-1]]  # no empty message among them
+    assert [m["type"] for m in seen[:-1]] == [e["type"] for e in envelopes]
+    assert [m["id"] for m in seen[:-1]] == [f"{e['runId']}:{e['seq']}" for e in envelopes]
+    assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1))
