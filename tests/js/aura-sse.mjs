@@ -41,9 +41,13 @@ export function streamAuraRun({ baseUrl, token, request, onEvent, signal, fetch 
   let lastSeq = 0;
   let done = false;
   let delayMs = 500;
+  // Covers a retry before the first event (no Last-Event-ID yet): the same key and body attach
+  // to the run the lost attempt may have started. (getRandomValues: insecure contexts too.)
+  const idempotencyKey = Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                                    (byte) => byte.toString(16).padStart(2, "0")).join("");
   return fetchEventSource(new URL("test/stream", baseUrl).href, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey },
     body: JSON.stringify(request),
     signal,
     openWhenHidden,
