@@ -11,7 +11,7 @@ from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
-from adapters.http.routes.streaming import StreamConfig
+from adapters.http.routes.streaming import StreamConfig, StreamSlots
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
@@ -153,9 +153,11 @@ class Container(containers.DeclarativeContainer):
         RedisEventLog, redis,
         max_length=settings.provided.events.max_length,
         retention_seconds=settings.provided.events.retention_seconds,
+        owner=instance_id,
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
-    run_directory = providers.Singleton(RedisRunDirectory, redis)
+    run_directory = providers.Singleton(RedisRunDirectory, redis,
+                                        max_log_length=settings.provided.events.max_length)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
                                         max_turns=settings.provided.threads.max_turns,
@@ -214,7 +216,8 @@ class Container(containers.DeclarativeContainer):
                           lease_seconds=settings.provided.runs.lease_seconds,
                           retention_seconds=settings.provided.events.retention_seconds,
                           max_runs_per_user=settings.provided.runs.max_per_user,
-                          max_runs_per_tenant=settings.provided.runs.max_per_tenant),
+                          max_runs_per_tenant=settings.provided.runs.max_per_tenant,
+                          disconnect_grace_seconds=settings.provided.stream.disconnect_grace_seconds),
         instance_id,
         conversations,
         metrics,
@@ -222,7 +225,8 @@ class Container(containers.DeclarativeContainer):
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock,
-                                     conversations=conversations)
+                                     conversations=conversations, approvals=approval_store,
+                                     retention_seconds=settings.provided.events.retention_seconds)
     console_config = providers.Singleton(_console_config, settings)
     stream_config = providers.Singleton(
         StreamConfig,
@@ -234,4 +238,6 @@ class Container(containers.DeclarativeContainer):
         reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
         retention_seconds=settings.provided.events.retention_seconds,
         metrics=metrics,
+        slots=providers.Singleton(StreamSlots, per_user=settings.provided.stream.max_per_user,
+                                  per_run=settings.provided.stream.max_per_run),
     )

@@ -61,10 +61,13 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     async def _start() -> None:
         run_service = container.run_service()
         container.run_control().listen(lambda run_id, reason: run_service.cancel(run_id, reason))
+        # Lost runs are declared even when nobody follows them: every instance looks, once a lease.
+        container.run_access().watch_for_lost_runs(settings.runs.lease_seconds)
 
     @app.after_serving
     async def _shutdown() -> None:
         await container.run_service().shutdown()
+        await container.run_access().aclose()
         await container.run_control().aclose()
         await container.run_follower().aclose()
         await container.event_log().aclose()

@@ -140,10 +140,14 @@ class StreamSettings(BaseModel):
     max_context_bytes: int = Field(262_144, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1)
     on_disconnect: Literal["cancel", "continue"] = "cancel"
+    disconnect_grace_seconds: float = Field(
+        30.0, ge=0, description="With onDisconnect cancel, a run is cancelled only after no client read it this long.")
     watcher_buffer: int = Field(4096, ge=16, description="Events buffered per connection before it is dropped.")
     send_timeout_seconds: float = Field(30.0, gt=0, description="A client that reads nothing this long is dropped.")
     max_stream_seconds: float = Field(3600.0, gt=0, description="A connection ends after this; the client resumes.")
     reconnect_hint_ms: int = Field(1000, ge=0, description="The `retry:` hint sent when Aura ends a connection.")
+    max_per_user: int = Field(50, ge=1, description="Open streams per user on one instance (429 beyond).")
+    max_per_run: int = Field(10, ge=1, description="Open streams per run on one instance (429 beyond).")
 
 
 class RunSettings(BaseModel):

@@ -83,3 +83,12 @@ class RunCancelled(AuraError):
     """The run was cancelled from elsewhere (another instance's cancel, a cancelled approval)."""
 
     code = "user_cancelled"
+
+
+class RunFenced(AuraError):
+    """This instance no longer owns the run: its lease lapsed (it may have been declared lost), the
+    log already holds the run's `end`, or another writer logged a different event at this seq.
+    Nothing more of the run may be logged or done by this instance."""
+
+    code = "run_lost"
+    retryable = True

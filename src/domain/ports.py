@@ -157,6 +157,10 @@ class EventLog(ABC):
         """The oldest retained seq; None when nothing is retained."""
 
     @abstractmethod
+    async def last_event(self, run_id: str) -> Event | None:
+        """The newest logged event; None when nothing is retained."""
+
+    @abstractmethod
     async def close_run(self, run_id: str) -> None:
         """The run ended: keep its log for the retention time only."""
 

@@ -10,6 +10,7 @@ from typing import Any
 from domain.agent import AgentLimits
 from domain.errors import ModelError
 from domain.model import ContentDelta, Finish, Purpose, Role
+from domain.service import RunLimits
 from domain.tools import ToolContext
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call, tool_calls
 from tests.unit.harness import ALICE, Harness, collect, summary
@@ -284,8 +285,8 @@ async def test_cancel_ends_the_run_with_a_cancelled_end_event() -> None:
     assert h.service.get(handle.run_id) is None
 
 
-async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_running() -> None:
-    gate_open = asyncio.Event()
+def gated(gate_open: asyncio.Event) -> type[ScriptedModel]:
+    """A scripted model that answers only once the gate is open."""
 
     class GatedModel(ScriptedModel):
         async def stream(self, request):  # type: ignore[no-untyped-def, override]
@@ -293,7 +294,15 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
             async for chunk in super().stream(request):
                 yield chunk
 
-    h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
+    return GatedModel
+
+
+async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_running() -> None:
+    gate_open = asyncio.Event()
+    GatedModel = gated(gate_open)
+
+    h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
+                run_limits=RunLimits(disconnect_grace_seconds=0))
     handle, watcher = await h.start()
     h.service.release(handle, watcher, disconnected=True)
     assert handle.task is not None
@@ -309,6 +318,42 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
     assert handle2.task is not None
     await asyncio.wait_for(asyncio.shield(handle2.task), 5)
     assert h2.log.events[handle2.run_id][-1].data["status"] == "completed"
+
+
+async def until(condition: Any, seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - a timer inside the service sets what this waits for
+            await asyncio.sleep(0.01)
+
+
+async def test_a_disconnect_cancels_only_after_a_grace_period_in_which_no_reader_came_back() -> None:
+    gate_open = asyncio.Event()
+    GatedModel = gated(gate_open)
+
+    h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
+                run_limits=RunLimits(disconnect_grace_seconds=0.2))
+    handle, watcher = await h.start()
+    h.service.release(handle, watcher, disconnected=True)
+    back = h.service.watch(handle)  # a tab shown again, a retried POST: within the grace period
+    assert handle.disconnect_timer is not None
+    await until(lambda: handle.disconnect_timer is None)  # the grace period is over: a reader is there
+    assert handle.run.cancel_reason is None
+    gate_open.set()
+    events = await collect(back)
+    assert summary(events)[-1] == ("end", "completed", "completed")
+
+    gate_open.clear()
+    h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
+                 run_limits=RunLimits(disconnect_grace_seconds=0.2))
+    handle2, watcher2 = await h2.start()
+    h2.directory.readers.add(handle2.run_id)  # read through another instance
+    h2.service.release(handle2, watcher2, disconnected=True)
+    await until(lambda: handle2.disconnect_check is not None and handle2.disconnect_check.done())
+    assert handle2.run.cancel_reason is None and handle2.disconnect_timer is not None  # looks again later
+    h2.directory.readers.clear()
+    assert handle2.task is not None
+    await asyncio.wait_for(asyncio.shield(handle2.task), 5)
+    assert h2.log.events[handle2.run_id][-1].data["reason"] == "client_disconnected"
 
 
 async def test_principal_and_seq_are_per_run() -> None:
