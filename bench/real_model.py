@@ -97,6 +97,9 @@ async def through_aura(aura_url: str) -> dict[str, Any]:
                 if first is None and data.get("chunk") and (
                         event["type"] == "content" or data.get("thoughtType") in ("planning", "reasoning")):
                     first = now
+                if event["type"] == "hitl":  # a small model may plan a commit: the human says no
+                    await client.post(f"{aura_url}/aura/hitl/reject/{data['requestId']}",
+                                      headers={"Authorization": f"Bearer {token()}"}, json={"reason": "bench"})
                 if event["type"] == "end":
                     status = data["status"]
     total = time.monotonic() - started

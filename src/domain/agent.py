@@ -484,8 +484,9 @@ class Agent:
                         shown = end
                     if echoed:
                         # the model went on to repeat its instructions or to play the next turn:
-                        # the answer ended there, and the rest is not read
-                        written = written[:end]
+                        # the answer ended there (or where it was already shown up to), and the
+                        # rest is not read
+                        written = written[:max(end, shown)]
                         break
                 elif isinstance(chunk, ReasoningDelta):
                     reasoned.append(chunk.text)
@@ -494,7 +495,7 @@ class Agent:
                     finish_reason = chunk.reason
         if not echoed:
             end, echoed = prompts.answer_cut(written, final=True)
-            written = written[:end]
+            written = written[:max(end, shown)]
             if end > shown:
                 await run.content(written[shown:end], chunk=True)
         if reasoned:

@@ -133,6 +133,7 @@ def _template_lines() -> list[str]:
 _TEMPLATE_LINES = _template_lines()
 # Shorter text is too common to call an echo when a template merely contains it.
 ECHO_MIN_CHARS = 16
+ECHO_HOLD_MIN_CHARS = 6
 
 
 def echoes_a_prompt(text: str) -> bool:
@@ -177,7 +178,10 @@ def answer_cut(text: str, *, final: bool) -> tuple[int, bool]:
         return positions[min(found)], True
     hold, longest = len(normal), 0
     for needle in (*_TEMPLATE_LINES, *TURN_MARKERS):
-        for size in range(min(len(needle), len(normal)), 0, -1):
+        # a marker is held from its first character ("<", "["); an instruction line from its first
+        # few words, so that ordinary text ("The …") streams as written
+        shortest = 1 if needle in TURN_MARKERS else ECHO_HOLD_MIN_CHARS
+        for size in range(min(len(needle), len(normal)), shortest - 1, -1):
             if normal.endswith(needle[:size]):
                 hold, longest = min(hold, len(normal) - size), max(longest, size)
                 break
