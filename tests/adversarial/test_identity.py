@@ -26,7 +26,8 @@ NOW = int(time.time())
 
 
 def claims(**over: Any) -> dict[str, Any]:
-    base = {"sub": "alice", "tenant_id": "acme", "exp": NOW + 600, "iat": NOW}
+    # valid for hours, so a slow suite (collection to this test) never sees it expire
+    base = {"sub": "alice", "tenant_id": "acme", "exp": NOW + 4 * 3600, "iat": NOW}
     base.update(over)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -39,7 +40,7 @@ def signed(headers: dict[str, Any] | None = None, **over: Any) -> str:
 CASES = [
     ("unknown kid with key_id configured", signed({"kid": "k2"}), {}, 401, "unknown_key"),
     ("empty kid with key_id configured", signed({"kid": ""}), {}, 401, "unknown_key"),
-    ("not yet valid beyond the leeway", signed(nbf=NOW + 120), {}, 401, "token_not_yet_valid"),
+    ("not yet valid beyond the leeway", signed(nbf=NOW + 3600), {}, 401, "token_not_yet_valid"),
     ("expired beyond the leeway", signed(exp=NOW - 120), {}, 401, "token_expired"),
     ("oversized token", signed(pad="x" * 20000), {}, 401, "malformed_token"),
     ("oversized garbage", "Bearer " + "A" * 9000, {}, 401, "malformed_token"),

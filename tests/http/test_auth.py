@@ -33,7 +33,8 @@ def raw(claims: dict[str, Any], *, key: str = SECRET, alg: str = "HS256", header
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
-    base = {"sub": "alice", "tenant_id": "acme", "exp": NOW + 600, "iat": NOW}
+    # valid for hours, so a slow suite (collection to this test) never sees it expire
+    base = {"sub": "alice", "tenant_id": "acme", "exp": NOW + 4 * 3600, "iat": NOW}
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -207,7 +208,7 @@ async def test_a_token_of_exactly_the_maximum_age_is_accepted(client: Any, lifet
 async def test_the_maximum_token_age_is_a_setting(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(auth={"max_token_age_seconds": 600}))
     client = app.test_client()
-    short = await client.get("/aura/hitl/requests", headers={"Authorization": "Bearer " + raw(claims())})
+    short = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {token(ttl_seconds=600)}"})
     hour = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {token(ttl_seconds=3600)}"})
     assert short.status_code == 200
     assert hour.status_code == 401 and (await hour.get_json())["code"] == "token_lifetime_too_long"
