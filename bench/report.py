@@ -257,6 +257,51 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def side_by_side(summary: dict[str, Any]) -> list[str]:
+    """The headline table: each server on the same workloads (medians over rounds)."""
+    names = ("aura", "langgraph", "peer", "floor")
+    cpu = summary["cpu_per_event"]
+    ttfe = summary["ttfe"]
+    ap = summary["approval"]
+    parked = summary["parked"]
+    rows: list[tuple[str, dict[str, str]]] = []
+    for level in cpu:
+        s = cpu[level]["servers"]
+        rows.append((f"server CPU µs per event, {level} stream{'s' if level != '1' else ''}",
+                     {n: _fmt(s.get(n, {}).get("server_us_per_event")) for n in names}))
+    for level in ttfe:
+        s = ttfe[level]["servers"]
+        rows.append((f"time to first event p50 / p99 ms, {level} new stream{'s' if level != '1' else ''}",
+                     {n: f"{_fmt(s[n]['p50_ms'], 2)} / {_fmt(s[n]['p99_ms'], 2)}" if n in s else "–" for n in names}))
+    approval_names = {"aura": "aura", "langgraph": "langgraph", "floor": "quart-floor"}
+    rows.append(("approval → next event p50 / p99 ms",
+                 {n: f"{_fmt(ap[k]['p50_ms'], 2)} / {_fmt(ap[k]['p99_ms'], 2)}" if (k := approval_names.get(n)) in ap
+                  else "–" for n in names}))
+    rows.append(("server CPU ms per approval (A + B)",
+                 {n: _fmt(ap[k].get("servers_cpu_ms"), 2) if (k := approval_names.get(n)) in ap else "–"
+                  for n in names}))
+    for level in sorted(parked, key=int):
+        entry = parked[level]
+        if "langgraph" not in entry:
+            continue
+        rows.append((f"KiB RSS per parked run, {level} parked (stream open)",
+                     {n: _fmt(entry[k]["kib_per_stream_rss"]) if (k := n) in entry else "–" for n in names}))
+        rows.append((f"CPU to hold {level} parked runs, % of a core",
+                     {n: _fmt(entry[k]["hold_cpu_pct"]) if (k := n) in entry else "–" for n in names}))
+    out = ["", "## Side by side (medians over rounds)", "",
+           "| measure | Aura | LangGraph dev | peer (sse-starlette) | floor (bare Quart) | LangGraph ÷ Aura |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for label, cells in rows:
+        try:
+            ratio = float(cells["langgraph"].split(" / ")[0].replace(",", "")) / \
+                float(cells["aura"].split(" / ")[0].replace(",", ""))
+            ratio_text = f"{ratio:,.1f}×"
+        except (ValueError, ZeroDivisionError):
+            ratio_text = "–"
+        out.append(f"| {label} | " + " | ".join(cells[n] for n in names) + f" | {ratio_text} |")
+    return out
+
+
 def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) -> str:
     machine = results["machine"]
     mode = results["mode"]
@@ -284,6 +329,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                f"(bytes by events per run): {cal.get('sizes')}. The baselines stream the same number of events "
                "of the same mean size.")
 
+    out += side_by_side(summary)
     out += ["", "## Server CPU per delivered event (200 events per run)", "",
             "| concurrent streams | Aura µs/event | Redis µs/event (Aura's) | Redis commands/event (Aura's) | "
             "LangGraph dev µs/event | peer µs/event | floor µs/event | Aura ÷ floor (per round) | Aura ÷ peer | "
