@@ -67,6 +67,7 @@ def _aura_app(redis_url: str, workdir: Path) -> Any:
         "AURA_AUTH__JWT_SECRET": S.SECRET, "AURA_REDIS__URL": redis_url,
         "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
         "AURA_RUNS__MAX_PER_USER": "1000000", "AURA_RUNS__MAX_PER_TENANT": "1000000",
+        "AURA_STREAM__MAX_PER_USER": "1000000",
         "AURA_RUNS__INSTANCE_ID": "memory", "AURA_HITL__TIMEOUT_SECONDS": "7200",
         "AURA_STREAM__HEARTBEAT_SECONDS": "5", "AURA_EVENTS__RETENTION_SECONDS": "60",
         "AURA_LOG__LEVEL": "WARNING",

@@ -163,7 +163,7 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "
         "AURA_SERVER__HOST": "127.0.0.1",
         "AURA_SERVER__PORT": str(server.port),
         "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
-        "AURA_RUNS__MAX_PER_USER": "1000000",
+        "AURA_RUNS__MAX_PER_USER": "1000000", "AURA_STREAM__MAX_PER_USER": "1000000",
         "AURA_RUNS__MAX_PER_TENANT": "1000000",
         "AURA_RUNS__INSTANCE_ID": name,
         "AURA_HITL__TIMEOUT_SECONDS": "7200",

@@ -4,8 +4,8 @@ repository against what a fresh install of that part has (deptry: undeclared DEP
 transitive-only DEP003, another part's dependency DEP004).
 
     src/    may import [project].dependencies only
-    tests/  may import those and the `test` extra
-    bench/  may import those and the `bench` extra
+    tests/  may import those and the `test` and `model-server` extras
+    bench/  may import those and the `bench` and `model-server` extras
     bench/apps/langgraph/  (LangGraph's baseline) its own project's dependencies only: it has its own
             pyproject.toml and lock, because it cannot share Aura's (see that file)
 
@@ -22,6 +22,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# the extras each part may use besides the main dependencies (PARTS's order is the run's)
+PARTS: dict[str, tuple[str, ...]] = {"src": (), "tests": ("test", "model-server"), "bench": ("bench", "model-server")}
 FIRST_PARTY = ("domain", "adapters", "app", "tests", "bench", "scripts")
 
 # Declared for what they do outside `import`: each needs its reason.
@@ -32,6 +34,8 @@ NOT_IMPORTED: dict[str, str] = {
     "uvicorn": "runs the peer app as `python -m uvicorn` (bench/servers.py)",
     # bench/apps/langgraph
     "langgraph-cli": "command: `langgraph dev` serves the LangGraph baseline (bench/servers.py)",
+    # model-server
+    "llama-cpp-python": "the model server runs as `python -m llama_cpp.server`",
     # test
     "pytest-asyncio": "pytest plugin (asyncio_mode = auto)",
     "pytest-timeout": "pytest plugin (timeout = 120)",
@@ -53,7 +57,8 @@ def _name(requirement: str) -> str:
 LANGGRAPH_APP = "bench/apps/langgraph"
 
 
-def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str], project: Path = REPO) -> int:
+def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str], allowed: tuple[str, ...],
+            project: Path = REPO) -> int:
     ignores = sorted(also_unused_ok | set(NOT_IMPORTED))
     command = [sys.executable, "-m", "deptry", str((REPO / part).relative_to(project)), "--no-ansi",
                *(f"--known-first-party={module}" for module in FIRST_PARTY),
@@ -64,8 +69,7 @@ def _deptry(part: str, dev_groups: list[str], also_unused_ok: set[str], project:
                "--per-rule-ignores", "DEP002=" + "|".join(ignores)]
     if dev_groups:
         command += ["--optional-dependencies-dev-groups", ",".join(dev_groups)]
-    uses = "its own pyproject.toml" if project != REPO else \
-        "main" + "".join(" + " + e for e in _EXTRAS if e not in dev_groups)
+    uses = "its own pyproject.toml" if project != REPO else "main" + "".join(" + " + e for e in allowed)
     print(f"== deptry {part}/ (may use: {uses})", flush=True)
     return subprocess.run(command, cwd=project, check=False).returncode
 
@@ -80,13 +84,12 @@ _LANGGRAPH = {_name(d) for d in tomllib.loads((REPO / LANGGRAPH_APP / "pyproject
 
 def main() -> int:
     failed = 0
-    # src uses every main dependency; the extras are other parts' dependencies there
-    failed |= _deptry("src", sorted(_EXTRAS), set())
-    # tests and bench may use main dependencies without using all of them (src does that)
-    for part, extra in (("tests", "test"), ("bench", "bench")):
-        others = sorted(e for e in _EXTRAS if e != extra)
-        failed |= _deptry(part, others, _MAIN - _EXTRAS[extra])
-    failed |= _deptry(LANGGRAPH_APP, [], set(), project=REPO / LANGGRAPH_APP)
+    for part, allowed in PARTS.items():
+        others = sorted(e for e in _EXTRAS if e not in allowed)
+        # src uses every main dependency; tests and bench may use them without using all of them
+        unused_ok = set() if part == "src" else _MAIN - set().union(*(_EXTRAS[e] for e in allowed))
+        failed |= _deptry(part, others, unused_ok, allowed)
+    failed |= _deptry(LANGGRAPH_APP, [], set(), (), project=REPO / LANGGRAPH_APP)
     stale = set(NOT_IMPORTED) - _MAIN - set().union(*_EXTRAS.values()) - _LANGGRAPH
     if stale:
         print(f"scripts/check_dependencies.py: NOT_IMPORTED names undeclared packages: {sorted(stale)}")

@@ -59,7 +59,6 @@ MEANINGS: dict[str, str] = {
     "model.api_key": "API key sent to the model endpoint.",
     "model.name": "Model name sent to the endpoint.",
     "model.temperature": "Sampling temperature; unset = the endpoint's default.",
-    "model.max_tokens": "Token limit of one answer; unset = the endpoint's default.",
     "model.timeout_seconds": "Timeout of one model call.",
     "model.max_retries": "Retries of a failed model call before any output arrived (with backoff).",
     "model.azure_deployment": "Azure OpenAI deployment name (flavour `azure`).",

@@ -28,7 +28,7 @@ class RunReader:
             self.done = True
             return None
         envelope: dict[str, Any] = json.loads(sse.data)
-        assert sse.id == str(envelope["seq"]) and sse.event == envelope["type"]
+        assert sse.id == f"{envelope['runId']}:{envelope['seq']}" and sse.event == envelope["type"]
         check_event(envelope)
         self.events.append(envelope)
         return envelope

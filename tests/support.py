@@ -53,25 +53,32 @@ class Frame:
         return value
 
 
-def parse_sse(body: str) -> list[Frame]:
-    """A strict reader of Aura's frames (every frame ends with a blank line)."""
-    assert body.endswith("\n\n"), "the stream must end with a complete frame"
-    frames = []
-    for block in body[:-2].split("\n\n"):
-        fields: dict[str, list[str]] = {}
-        comment = False
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                comment = True
-                continue
+class FrameParser:
+    """A strict reader of Aura's frames, line by line: an event's fields end with a blank line; a
+    heartbeat is a comment line alone (a blank line after it would reach some parsers as an empty
+    message, so a blank line that ends no event fails)."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, list[str]] = {}
+
+    def line(self, line: str) -> Frame | None:
+        if line.startswith(":"):
+            assert not self._fields, f"a comment inside an event: {line!r}"
+            return Frame(None, None, "", comment=True)
+        if line:
             name, _, value = line.partition(": ")
-            fields.setdefault(name, []).append(value)
-        if comment and not fields:
-            frames.append(Frame(None, None, "", comment=True))
-            continue
-        frames.append(Frame(fields.get("id", [None])[0], fields.get("event", [None])[0],
-                            "\n".join(fields.get("data", []))))
-    return frames
+            self._fields.setdefault(name, []).append(value)
+            return None
+        assert self._fields, "a blank line that ends no event"
+        fields, self._fields = self._fields, {}
+        return Frame(fields.get("id", [None])[0], fields.get("event", [None])[0], "\n".join(fields.get("data", [])))
+
+
+def parse_sse(body: str) -> list[Frame]:
+    """Every frame of a whole body (which must end with a complete event)."""
+    assert body.endswith("\n\n"), "the stream must end with a complete frame"
+    parser = FrameParser()
+    return [frame for line in body[:-1].split("\n") if (frame := parser.line(line)) is not None]
 
 
 EVENT_SCHEMA = Draft202012Validator(events_json_schema())
@@ -90,7 +97,7 @@ def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
     envelopes = []
     for frame in real[:-1]:
         envelope = frame.payload
-        assert frame.id == str(envelope["seq"]) and frame.event == envelope["type"]
+        assert frame.id == f"{envelope['runId']}:{envelope['seq']}" and frame.event == envelope["type"]
         check_event(envelope)
         envelopes.append(envelope)
     assert [e["seq"] for e in envelopes] == list(range(1, len(envelopes) + 1))

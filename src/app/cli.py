@@ -185,8 +185,8 @@ def _format_event(event_type: str, payload: dict[str, Any]) -> str:
     seq = payload.get("seq")
     if event_type == "content":
         return "" if data.get("chunk") else f"[{seq}] answer:\n{data.get('content')}"
-    if event_type == "thought":
-        return f"[{seq}] thought/{data.get('thoughtType')}: {data.get('content')}"
+    if event_type == "thought":  # a streamed thought's pieces are followed by its whole text
+        return "" if data.get("chunk") else f"[{seq}] thought/{data.get('thoughtType')}: {data.get('content')}"
     if event_type == "plan_step":
         return f"[{seq}] plan {data.get('index')}. {data.get('description')}"
     if event_type == "plan_step_update":

@@ -6,20 +6,23 @@ import secrets
 import socket
 from pathlib import Path
 
+import httpx
 from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
-from adapters.http.routes.streaming import StreamConfig
+from adapters.http.routes.streaming import StreamConfig, StreamSlots
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
+from adapters.models.profile import ServerModelProfile
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
 from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.runs import RedisRunControl, RedisRunDirectory, RedisRunFollower
 from adapters.redis.signals import RedisSignalBus
 from adapters.system import SecureIdFactory, SystemClock
@@ -28,10 +31,11 @@ from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app.settings import Settings
 from domain.access import RunAccess
-from domain.agent import Agent, AgentLimits
+from domain.agent import Agent, AgentLimits, TokenBudgets, ToolCallMode
 from domain.approval import DecisionSeal
 from domain.desk import ApprovalDesk
 from domain.gate import ApprovalGate, GateSettings
+from domain.model import EstimatedModelProfile, ModelProfile
 from domain.ports import ChatModel, Clock
 from domain.recheck import ApprovalRecheck
 from domain.service import RunLimits, RunService
@@ -48,6 +52,7 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
         issuer=auth.issuer or None,
         audience=auth.audience or None,
         leeway_seconds=auth.leeway_seconds,
+        max_token_age_seconds=auth.max_token_age_seconds,
         key_id=auth.key_id or None,
         allow_short_secret=auth.dev_mode,
         clock=clock,
@@ -88,12 +93,13 @@ def _instance_id(settings: Settings) -> str:
     return settings.runs.instance_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
 
-def _chat_model(settings: Settings) -> ChatModel:
+OFFLINE_CONTEXT_WINDOW = 10_000_000
+
+
+def _model_config(settings: Settings) -> OpenAICompatibleConfig:
     model = settings.model
-    if model.provider == "offline":
-        return OfflineChatModel()
     assert model.base_url is not None  # enforced by Settings
-    return OpenAICompatibleChatModel(OpenAICompatibleConfig(
+    return OpenAICompatibleConfig(
         base_url=model.base_url,
         model=model.name,
         api_key=model.api_key.get_secret_value() if model.api_key else None,
@@ -101,10 +107,26 @@ def _chat_model(settings: Settings) -> ChatModel:
         azure_deployment=model.azure_deployment,
         azure_api_version=model.azure_api_version,
         temperature=model.temperature,
-        max_tokens=model.max_tokens,
         timeout_seconds=model.timeout_seconds,
         max_retries=model.max_retries,
-    ))
+        structured_output=model.structured_output,
+        messages=model.messages,
+    )
+
+
+def _chat_model(settings: Settings) -> ChatModel:
+    if settings.model.provider == "offline":
+        return OfflineChatModel()
+    return OpenAICompatibleChatModel(_model_config(settings))
+
+
+def _model_profile(settings: Settings) -> ModelProfile:
+    model = settings.model
+    if model.provider == "offline":
+        # the offline model reads no prompt: a window only limits it where one is configured
+        return EstimatedModelProfile(model.context_window or OFFLINE_CONTEXT_WINDOW)
+    return ServerModelProfile(_model_config(settings), httpx.AsyncClient(), context_window=model.context_window,
+                              default_context_window=model.default_context_window, tokenizer=model.tokenizer)
 
 
 def _decision_seal(settings: Settings) -> DecisionSeal:
@@ -118,7 +140,6 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     clock = providers.Singleton(SystemClock)
-    metrics = providers.Singleton(PrometheusMetrics)
     metrics_require_auth = providers.Callable(lambda settings: settings.server.metrics_require_auth, settings)
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
@@ -132,12 +153,19 @@ class Container(containers.DeclarativeContainer):
         RedisEventLog, redis,
         max_length=settings.provided.events.max_length,
         retention_seconds=settings.provided.events.retention_seconds,
+        owner=instance_id,
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
-    run_directory = providers.Singleton(RedisRunDirectory, redis)
+    run_directory = providers.Singleton(RedisRunDirectory, redis,
+                                        max_log_length=settings.provided.events.max_length)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
-                                        max_turns=settings.provided.threads.max_turns)
+                                        max_turns=settings.provided.threads.max_turns,
+                                        max_turn_bytes=settings.provided.threads.max_turn_bytes,
+                                        max_user_bytes=settings.provided.threads.max_user_bytes)
+    start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
+                                        limit=settings.provided.runs.max_starts_per_window,
+                                        window_seconds=settings.provided.runs.start_window_seconds)
     run_follower = providers.Singleton(RedisRunFollower, redis)
     run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
@@ -146,7 +174,9 @@ class Container(containers.DeclarativeContainer):
                                         settings.provided.auth.trusted_service_roles)
 
     tools = providers.Singleton(_tool_registry, settings)
+    metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
     model = providers.Singleton(_chat_model, settings)
+    model_profile = providers.Singleton(_model_profile, settings)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.
     decision_seal = providers.Singleton(_decision_seal, settings)
@@ -173,6 +203,11 @@ class Container(containers.DeclarativeContainer):
             tool_timeout_seconds=settings.provided.agent.tool_timeout_seconds,
         ),
         metrics,
+        profile=model_profile,
+        budgets=providers.Factory(TokenBudgets, plan=settings.provided.model.plan_max_tokens,
+                                  step=settings.provided.model.step_max_tokens,
+                                  answer=settings.provided.model.answer_max_tokens),
+        tool_calls=providers.Factory(ToolCallMode, settings.provided.model.tool_calls),
     )
     run_service = providers.Singleton(
         RunService, agent, clock, ids, event_log, run_directory,
@@ -181,14 +216,17 @@ class Container(containers.DeclarativeContainer):
                           lease_seconds=settings.provided.runs.lease_seconds,
                           retention_seconds=settings.provided.events.retention_seconds,
                           max_runs_per_user=settings.provided.runs.max_per_user,
-                          max_runs_per_tenant=settings.provided.runs.max_per_tenant),
+                          max_runs_per_tenant=settings.provided.runs.max_per_tenant,
+                          disconnect_grace_seconds=settings.provided.stream.disconnect_grace_seconds),
         instance_id,
         conversations,
         metrics,
+        start_limiter,
     )
     run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
                                      clock,
-                                     conversations=conversations)
+                                     conversations=conversations, approvals=approval_store,
+                                     retention_seconds=settings.provided.events.retention_seconds)
     console_config = providers.Singleton(_console_config, settings)
     stream_config = providers.Singleton(
         StreamConfig,
@@ -200,4 +238,6 @@ class Container(containers.DeclarativeContainer):
         reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
         retention_seconds=settings.provided.events.retention_seconds,
         metrics=metrics,
+        slots=providers.Singleton(StreamSlots, per_user=settings.provided.stream.max_per_user,
+                                  per_run=settings.provided.stream.max_per_run),
     )

@@ -9,6 +9,7 @@ from quart_schema import QuartSchema
 
 from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
+from adapters.http.json_depth import install_depth_limited_json
 from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, docs, health, hitl, runs, stream
@@ -41,12 +42,13 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         openapi_provider_class=AuraOpenAPIProvider,
     )
     register_problem_handlers(app)
+    install_depth_limited_json(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
     metrics = container.metrics()
     app.extensions["aura_authenticator"] = container.authenticator()
     install_authentication(app, container.authenticator(),
                            protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name},
-                           on_failure=lambda code: metrics.auth_failures.labels(code).inc())
+                           on_failure=metrics.auth_failed)
 
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
@@ -59,10 +61,13 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     async def _start() -> None:
         run_service = container.run_service()
         container.run_control().listen(lambda run_id, reason: run_service.cancel(run_id, reason))
+        # Lost runs are declared even when nobody follows them: every instance looks, once a lease.
+        container.run_access().watch_for_lost_runs(settings.runs.lease_seconds)
 
     @app.after_serving
     async def _shutdown() -> None:
         await container.run_service().shutdown()
+        await container.run_access().aclose()
         await container.run_control().aclose()
         await container.run_follower().aclose()
         await container.event_log().aclose()

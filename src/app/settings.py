@@ -49,7 +49,7 @@ StrList = Annotated[list[str], NoDecode]
 
 
 class ServerSettings(BaseModel):
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 # a service behind a gateway, in a container: reached from outside
     port: int = Field(9000, ge=1, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit; 413 beyond it.")
     cors_origins: StrList = Field(default_factory=lambda: ["http://localhost:4200"])
@@ -80,6 +80,9 @@ class AuthSettings(BaseModel):
     audience: str | None = None
     trusted_service_roles: StrList = Field(default_factory=lambda: ["dwp-service"])
     leeway_seconds: int = Field(30, ge=0, le=300)
+    max_token_age_seconds: int = Field(86_400, ge=60, description="Longest token lifetime accepted: a token whose "
+                                                                  "exp - iat, or exp - now, is longer is refused "
+                                                                  "(401 token_lifetime_too_long).")
     dev_mode: bool = False
 
     _split = field_validator("trusted_service_roles", mode="before")(_list_from_env)
@@ -102,7 +105,30 @@ class ModelSettings(BaseModel):
     api_key: SecretStr | None = None
     name: str = "gpt-4o-mini"
     temperature: float | None = 0.2
-    max_tokens: int | None = None
+    context_window: int | None = Field(
+        None, ge=256, description="The model's context window in tokens (prompt and answer together); unset = what "
+        "the server reports (vLLM, llama-server), else `default_context_window`. Every request is fitted into it.")
+    default_context_window: int = Field(
+        4096, ge=256, description="The window assumed when neither `context_window` nor the server tells it.")
+    tokenizer: Literal["auto", "tiktoken", "server", "estimate"] = Field(
+        "auto", description="How tokens are counted: `tiktoken` (OpenAI, Azure), the `server`'s tokenizer endpoint "
+        "(llama.cpp, vLLM), or a safe `estimate` (3 UTF-8 bytes a token); auto = by flavour.")
+    plan_max_tokens: int = Field(768, ge=16, description="`max_tokens` of the planning call.")
+    step_max_tokens: int = Field(384, ge=16, description="`max_tokens` of each model call of a plan step.")
+    answer_max_tokens: int = Field(1024, ge=16, description="`max_tokens` of the answer; a longer answer ends the "
+                                   "run `completed` with reason `answer_truncated`.")
+    tool_calls: Literal["native", "planned"] = Field(
+        "native", description="`native`: the model calls tools through the API's `tools` (the planned tool is "
+        "forced on a step's first call); `planned`: the plan's tool calls run as planned, for servers without "
+        "tool calling.")
+    structured_output: Literal["auto", "json_schema", "json_object"] = Field(
+        "auto", description="How the plan's JSON Schema is sent: `json_schema` (OpenAI, Azure, vLLM, Ollama) or "
+        "`json_object` with a `schema` (llama.cpp); auto = by flavour.")
+    messages: Literal["auto", "native", "plain"] = Field(
+        "auto", description="How the conversation is sent: `native` (system, user, assistant with `tool_calls`, "
+        "`tool`) or `plain` (user and assistant turns only: the system message opens the first user turn, tool "
+        "calls and results are written out), for chat templates that know no other roles (Gemma's; "
+        "llama-cpp-python's server drops `tool` messages); auto = plain for llama.cpp.")
     timeout_seconds: float = 60.0
     max_retries: int = Field(2, ge=0, le=10)
     azure_deployment: str | None = None
@@ -114,16 +140,23 @@ class StreamSettings(BaseModel):
     max_context_bytes: int = Field(262_144, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1)
     on_disconnect: Literal["cancel", "continue"] = "cancel"
+    disconnect_grace_seconds: float = Field(
+        30.0, ge=0, description="With onDisconnect cancel, a run is cancelled only after no client read it this long.")
     watcher_buffer: int = Field(4096, ge=16, description="Events buffered per connection before it is dropped.")
     send_timeout_seconds: float = Field(30.0, gt=0, description="A client that reads nothing this long is dropped.")
     max_stream_seconds: float = Field(3600.0, gt=0, description="A connection ends after this; the client resumes.")
     reconnect_hint_ms: int = Field(1000, ge=0, description="The `retry:` hint sent when Aura ends a connection.")
+    max_per_user: int = Field(50, ge=1, description="Open streams per user on one instance (429 beyond).")
+    max_per_run: int = Field(10, ge=1, description="Open streams per run on one instance (429 beyond).")
 
 
 class RunSettings(BaseModel):
     lease_seconds: float = Field(15.0, gt=0, description="Owner lease; followers report run_lost after it lapses.")
     max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
     max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
+    max_starts_per_window: int = Field(30, ge=1, description="Runs one user may start per rate-limit window "
+                                                             "(429 with Retry-After beyond).")
+    start_window_seconds: int = Field(60, ge=1, description="The rate-limit window of run starts.")
     instance_id: str | None = Field(None, description="This instance's id; unset = hostname + random suffix.")
 
 
@@ -157,6 +190,9 @@ class AgentSettings(BaseModel):
 class ThreadSettings(BaseModel):
     ttl_seconds: int = Field(7 * 86_400, ge=60, description="A thread's memory lives this long after its last turn.")
     max_turns: int = Field(20, ge=1, description="Turns of history kept per thread.")
+    max_turn_bytes: int = Field(65_536, ge=1024, description="A turn larger than this is kept shortened.")
+    max_user_bytes: int = Field(4_194_304, ge=1024, description="History one user may keep over all threads; "
+                                                               "beyond it new turns are not kept.")
 
 
 class EventLogSettings(BaseModel):

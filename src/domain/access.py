@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from domain.agent import Agent
-from domain.errors import InvalidInput, NotFound
+from domain.approval import ApprovalStatus
+from domain.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from domain.events import Event, EventType, RunIds
 from domain.identity import Principal
-from domain.ports import Clock, ConversationStore, EventLog
+from domain.ports import ApprovalStore, Clock, ConversationStore, EventLog
 from domain.run import RunRequest
-from domain.runs import RunControl, RunDirectory, RunFollower, RunRecord
-from domain.service import RunHandle, RunService, Subscription
+from domain.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 log = logging.getLogger("aura.runs")
 
 REPLAY_BATCH = 500
+MAX_DECLARE_ATTEMPTS = 3
+READER_NOTE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,10 @@ class IdempotencyKeyReused(InvalidInput):
     code = "idempotency_key_reused"
 
 
+class ResumedWithAnotherRequest(Conflict):
+    code = "resume_request_mismatch"
+
+
 @dataclass(frozen=True, slots=True)
 class Started:
     """A new run and its first watcher."""
@@ -63,8 +71,12 @@ class Attached:
 class RunAccess:
     def __init__(self, runs: RunService, directory: RunDirectory, event_log: EventLog, follower: RunFollower,
                  control: RunControl, clock: Clock, *,
-                 conversations: ConversationStore | None = None) -> None:
+                 conversations: ConversationStore | None = None, approvals: ApprovalStore | None = None,
+                 retention_seconds: int = 3600) -> None:
         self._runs = runs
+        self._approvals = approvals
+        self._retention_seconds = retention_seconds
+        self._sweeper: asyncio.Task[None] | None = None
         self._conversations = conversations
         self._directory = directory
         self._log = event_log
@@ -73,10 +85,19 @@ class RunAccess:
         self._clock = clock
 
     async def start(self, principal: Principal, request: RunRequest, *, trace_id: str | None,
-                    idempotency: tuple[str, str] | None = None, after_seq: int = 0,
+                    idempotency: tuple[str, str] | None = None, fingerprint: str = "",
+                    resume_run_id: str | None = None, after_seq: int = 0,
                     heartbeat_seconds: float = 15.0, retention_seconds: int = 3600) -> Started | Attached:
-        """Start a run, or, for an Idempotency-Key this user already used with the same body,
-        attach to the run it started (a retried POST never runs the agent twice)."""
+        """Start a run, or attach to the run a retried POST already started, so that a retry never
+        runs the agent twice: the run its Last-Event-ID names (`resume_run_id`: this user's, asked
+        with the same body, on any instance), or the run of an Idempotency-Key this user already
+        used with the same body."""
+        if resume_run_id is not None:
+            record = await self.record_for(principal, resume_run_id)
+            if record.fingerprint and record.fingerprint != fingerprint:
+                raise ResumedWithAnotherRequest(
+                    "Last-Event-ID names a run that was started with a different request body.")
+            return Attached(record.run_id, self.resume(principal, record.run_id, after_seq, heartbeat_seconds))
         ids = self._runs.new_ids(request, trace_id)
         if idempotency is not None:
             key, fingerprint = idempotency
@@ -92,7 +113,8 @@ class RunAccess:
             if self._conversations is not None and request.thread_id is not None:
                 turns = await self._conversations.open(principal.tenant_id, principal.user_id, ids.thread_id)
                 history = Agent.history_messages(turns)
-            handle, watcher = await self._runs.start(principal, request, ids=ids, history=history)
+            handle, watcher = await self._runs.start(principal, request, ids=ids, history=history,
+                                                     fingerprint=fingerprint)
         except BaseException:
             if idempotency is not None:
                 await self._directory.release_idempotency(principal.tenant_id, principal.user_id, idempotency[0])
@@ -131,40 +153,67 @@ class RunAccess:
     async def resume(self, principal: Principal, run_id: str, after_seq: int,
                      heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         """Every event after `after_seq`, then the live run until its `end`. Watch first, then read
-        the log, so nothing can fall between the replay and the live feed."""
+        the log, so nothing can fall between the replay and the live feed. A finished run is only
+        read, never written: its resume replays what follows `after_seq` and ends. A store failure
+        ends the stream with an `error` and an `end` notice (the run itself may go on: the client
+        resumes later from its Last-Event-ID)."""
         record = await self.record_for(principal, run_id)
         handle = self._runs.get(run_id)
         watcher = self._runs.watch(handle) if handle is not None else None
         finished = False
+        ids = RunIds(record.run_id, record.session_id, record.thread_id, record.trace_id)
         try:
-            last = after_seq
-            first = await self._log.first_seq(run_id)
-            if first is None or first > after_seq + 1:
-                ids = RunIds(record.run_id, record.session_id, record.thread_id, record.trace_id)
+            async for item in self._resume(record, ids, watcher, after_seq, heartbeat_seconds):
+                yield item
+                if item is not None and item.type is EventType.END:
+                    finished = True
+                    return
+        except StoreUnavailable as error:
+            log.warning("resume of run %s stopped: %s", run_id, error.message)
+            now = self._clock.timestamp()
+            message = "Aura lost its connection to the event store; reconnect with Last-Event-ID to resume."
+            yield Notice(EventType.ERROR, ids, now, {"errorType": error.code, "retryable": True, "message": message})
+            yield Notice(EventType.END, ids, now, {"status": "failed", "reason": error.code, "message": message})
+            finished = True  # this stream ended, not the run: not a disconnect
+        finally:
+            if watcher is not None and handle is not None:
+                self._runs.release(handle, watcher, disconnected=not finished)
+
+    async def _resume(self, record: RunRecord, ids: RunIds, watcher: Subscription | None, after_seq: int,
+                      heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
+        run_id = record.run_id
+        newest = await self._log.last_event(run_id)
+        if newest is not None and after_seq > newest.seq:
+            # An id the log never held (a client's bookkeeping error): resume from its last event.
+            log.info("resume of run %s from %d clamped to the log's last seq %d", run_id, after_seq, newest.seq)
+            after_seq = newest.seq
+        if newest is not None and newest.is_terminal and after_seq >= newest.seq:
+            return  # finished, and the client has everything: [DONE]
+        last = after_seq
+        first = await self._log.first_seq(run_id)
+        if first is None or first > after_seq + 1:
+            if first is not None or after_seq > 0 or record.status != "running":
                 now = self._clock.timestamp()
                 yield Notice(EventType.ERROR, ids, now, {
                     "errorType": "events_lost", "retryable": False,
                     "message": f"Events after {after_seq} are no longer retained; "
                                "a snapshot of the run's state follows."})
+                handle = self._runs.get(run_id)
                 snapshot = handle.run.snapshot() if handle else await self._directory.get_snapshot(run_id)
                 yield Notice(EventType.SNAPSHOT, ids, now, snapshot or {"runId": run_id, "status": record.status})
-                if first is None:
-                    finished = record.status != "running"
-                    if finished or watcher is None:
-                        return
-                else:
-                    last = first - 1
-            while True:
-                batch = await self._log.read_after(run_id, last, REPLAY_BATCH)
-                for event in batch:
-                    last = event.seq
-                    yield event
-                    if event.is_terminal:
-                        finished = True
-                        return
-                if len(batch) < REPLAY_BATCH:
-                    break
-            if watcher is not None:
+            if first is not None:
+                last = first - 1
+        while True:
+            batch = await self._log.read_after(run_id, last, REPLAY_BATCH)
+            for event in batch:
+                last = event.seq
+                yield event
+                if event.is_terminal:
+                    return
+            if len(batch) < REPLAY_BATCH:
+                break
+        if watcher is not None:
+            try:
                 while True:
                     live = await watcher.next(heartbeat_seconds)
                     if live is None:
@@ -175,25 +224,36 @@ class RunAccess:
                     last = live.seq
                     yield live
                     if live.is_terminal:
-                        finished = True
                         return
-            async for item in self._follow_remote(record, last, heartbeat_seconds):
-                yield item
-                if isinstance(item, Event) and item.is_terminal:
-                    finished = True
-                    return
-        finally:
-            if watcher is not None and handle is not None:
-                self._runs.release(handle, watcher, disconnected=not finished)
+            except SubscriptionOverflow:
+                pass  # too far behind, or the run was fenced here: the rest comes from the log
+        current = await self._directory.get(run_id)
+        if current is None or current.status != "running":
+            # Final, yet its log has no `end` after `last` (it expired, or the store failed when
+            # the run ended): say how it ended rather than wait for an event that never comes.
+            snapshot = await self._directory.get_snapshot(run_id)
+            end = (snapshot or {}).get("end") or {
+                "status": current.status if current else "failed", "reason": "unknown",
+                "message": "The run ended; its final events are no longer retained."}
+            yield Notice(EventType.END, ids, self._clock.timestamp(), end)
+            return
+        async for item in self._follow_remote(record, last, heartbeat_seconds):
+            yield item
+            if isinstance(item, Event) and item.is_terminal:
+                return
 
     async def _follow_remote(self, record: RunRecord, last: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
-        """Follow a run owned by another instance; when its lease lapses without an `end`, the
-        run is lost: log `error` run_lost and `end` so every follower learns the same."""
+        """Follow a run owned by another instance. When its lease lapsed, the owner stopped (an
+        owner that cannot renew it stops its run before writing again): declare the run lost, so
+        every follower reads the same `error` run_lost and `end`."""
         idle_since = self._clock.now()
+        noted = 0.0
         async for event in self._follower.follow(record.run_id, last):
+            if self._clock.now() - noted >= READER_NOTE_SECONDS:
+                noted = self._clock.now()  # the owner keeps a run someone reads here (disconnect grace)
+                await self._directory.note_reader(record.run_id, READER_NOTE_SECONDS * 3)
             if event is not None:
                 idle_since = self._clock.now()
-                last = event.seq
                 yield event
                 if event.is_terminal:
                     return
@@ -202,16 +262,74 @@ class RunAccess:
                 idle_since = self._clock.now()
                 yield None
             if await self._directory.lease_holder(record.run_id) is None:
-                await self._declare_lost(record, last)
+                await self.declare_lost(record)
 
-    async def _declare_lost(self, record: RunRecord, last: int) -> None:
+    async def declare_lost(self, record: RunRecord) -> bool:
+        """Close a run whose owner stopped: its `error` run_lost and `end` logged, its record
+        final, its slots freed and its pending approval cancelled, in one atomic step that
+        applies only while the lease is absent and the log has no `end`. True when this call
+        declared it."""
         ids = RunIds(record.run_id, record.session_id, record.thread_id, record.trace_id)
-        now = self._clock.timestamp()
         message = "The instance running this run stopped; the run is lost. Please start it again."
-        error = Event(EventType.ERROR, last + 1, ids, now, {"errorType": "run_lost", "message": message,
-                                                            "retryable": True})
-        end = Event(EventType.END, last + 2, ids, now, {"status": "failed", "reason": "run_lost", "message": message})
-        if await self._follower.append_if_absent(error):
-            await self._follower.append_if_absent(end)
-            await self._directory.finish(record.run_id, "failed", 3600)
-            log.warning("run %s lost: its owner %s stopped renewing the lease", record.run_id, record.instance_id)
+        for _ in range(MAX_DECLARE_ATTEMPTS):
+            newest = await self._log.last_event(record.run_id)
+            if newest is not None and newest.is_terminal:
+                return False
+            last = newest.seq if newest is not None else 0
+            now = self._clock.timestamp()
+            error = Event(EventType.ERROR, last + 1, ids, now, {"errorType": "run_lost", "message": message,
+                                                                "retryable": True})
+            end_data = {"status": "failed", "reason": "run_lost", "message": message}
+            end = Event(EventType.END, last + 2, ids, now, end_data)
+            snapshot = await self._directory.get_snapshot(record.run_id)
+            approval = None
+            if snapshot is not None:
+                pending = snapshot.get("pendingApproval")
+                if isinstance(pending, dict) and self._approvals is not None:
+                    stored = await self._approvals.read(str(pending.get("requestId")))
+                    if stored is not None and stored.request.status is ApprovalStatus.PENDING \
+                            and stored.request.run_id == record.run_id:
+                        approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
+                                                                  reason="run_lost"))
+                snapshot = {**snapshot, "status": "failed", "lastSeq": end.seq, "pendingApproval": None,
+                            "end": end_data}
+            outcome = await self._directory.declare_lost(LostRun(
+                record=record, after_seq=last, error=error, end=end, snapshot=snapshot, approval=approval,
+                retention_seconds=self._retention_seconds))
+            if outcome == "moved":
+                continue  # the log grew since it was read: the owner was alive after all, or is
+            if outcome == "declared":
+                log.warning("run %s lost: its owner %s stopped renewing the lease", record.run_id,
+                            record.instance_id)
+            return outcome == "declared"
+        return False
+
+    async def sweep_lost_runs(self, limit: int = 100) -> int:
+        """Declare lost every run whose lease lapsed, whether or not anybody follows it; the
+        number declared."""
+        declared = 0
+        for run_id in await self._directory.stale_runs(limit):
+            record = await self._directory.get(run_id)
+            if record is None or record.status != "running":
+                continue
+            if await self._directory.lease_holder(run_id) is None and await self.declare_lost(record):
+                declared += 1
+        return declared
+
+    def watch_for_lost_runs(self, interval_seconds: float) -> None:
+        """Sweep for lost runs every interval, in the background, until `aclose`."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever(interval_seconds), name="lost-run sweeper")
+
+    async def _sweep_forever(self, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.sweep_lost_runs()
+            except StoreUnavailable:
+                log.warning("could not look for lost runs")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)

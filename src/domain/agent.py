@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from domain import prompts
 from domain.approval import ApprovalStatus
+from domain.context_window import ContextFitter, shorten_text
 from domain.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
 from domain.events import EventType, ThoughtType
 from domain.gate import ApprovalGate
@@ -18,22 +21,32 @@ from domain.model import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
+    EstimatedModelProfile,
+    Finish,
     ModelChunk,
+    ModelProfile,
     ModelTurn,
     Purpose,
+    ReasoningDelta,
     Role,
     ToolCall,
     messages_text,
     pack_messages,
     unpack_messages,
 )
-from domain.plan import PlannedStep, PlanStep, StepStatus, parse_plan
+from domain.plan import PlannedStep, PlanStep, StepStatus, descriptions_so_far, read_plan
 from domain.ports import ChatModel
 from domain.run import Run
 from domain.telemetry import Telemetry
 from domain.tools import ToolContext, ToolRegistry
 
 RESULT_FOR_MODEL_CHARS = 8000
+# A streamed thought shows nothing until it has this many characters: enough to tell the model's
+# own words from an echo of Aura's instructions, which is never shown.
+THOUGHT_HOLD_CHARS = 24
+DIRECT_ANSWER = "Answer the request directly"
+# The window assumed when nothing says otherwise: every current chat model has at least this much.
+DEFAULT_CONTEXT_WINDOW = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +57,65 @@ class AgentLimits:
     tool_timeout_seconds: float = 30.0
 
 
+# called with the text and the reasoning a model call has written so far
+_Shown = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudgets:
+    """`max_tokens` of each kind of model call: a plan, one call of a step, the answer."""
+
+    plan: int = 768
+    step: int = 384
+    answer: int = 1024
+
+
+class ToolCallMode(StrEnum):
+    NATIVE = "native"  # the model calls tools through the API's `tools` (a step's planned tool is forced)
+    PLANNED = "planned"  # the plan's tool call is run as planned; no `tools` are sent
+
+
+@dataclass(slots=True)
+class _Conversation:
+    """A run's conversation with the model: the system message, `history` messages of earlier
+    turns, then this run's. The page context is rendered again, shortened, only when a request
+    would not fit otherwise."""
+
+    messages: list[ChatMessage]
+    history: int
+    context_chars: int
+    told: set[str] = field(default_factory=set)  # what the user was told about fitting already
+
+
+class _ThoughtStream:
+    """A thought shown as the model writes it: pieces (`chunk: true`) of one thought id, then its
+    final text. Text that repeats Aura's instructions (an echo) is never shown."""
+
+    def __init__(self, run: Run, kind: ThoughtType) -> None:
+        self._run = run
+        self._kind = kind
+        self.thought_id: str | None = None
+        self._shown = ""
+        self._stopped = False
+
+    async def show(self, visible: str, *, ready: bool = False) -> None:
+        """`visible` is the whole text so far; what is new is sent. Short text waits, unless it is
+        `ready` (complete in itself)."""
+        if self._stopped or len(visible) <= len(self._shown):
+            return
+        if len(" ".join(visible.split())) < THOUGHT_HOLD_CHARS and not ready:
+            return
+        if prompts.echoes_a_prompt(visible) or not visible.startswith(self._shown):
+            self._stopped = True
+            return
+        self.thought_id = await self._run.thought_piece(self.thought_id, self._kind, visible[len(self._shown):])
+        self._shown = visible
+
+    async def finish(self, final: str) -> None:
+        if final or self.thought_id is not None:
+            await self._run.thought(self._kind, final, thought_id=self.thought_id)
+
+
 @dataclass(slots=True)
 class _StepOutcome:
     succeeded: int = 0
@@ -52,18 +124,34 @@ class _StepOutcome:
 
 
 def _result_text(result: Any) -> str:
-    text = json.dumps(result, ensure_ascii=False, default=str)
-    return text if len(text) <= RESULT_FOR_MODEL_CHARS else text[:RESULT_FOR_MODEL_CHARS] + "…(truncated)"
+    return shorten_text(json.dumps(result, ensure_ascii=False, default=str), RESULT_FOR_MODEL_CHARS)
+
+
+def _plan_preview(descriptions: Sequence[tuple[str, bool]]) -> str:
+    """The plan as far as it can be shown: each description once it is complete or long enough to
+    tell from an echo of the instructions, up to the first that is neither or is an echo."""
+    lines = []
+    for index, (text, complete) in enumerate(descriptions, start=1):
+        if (not complete and len(text) < THOUGHT_HOLD_CHARS) or prompts.echoes_a_prompt(text):
+            break
+        lines.append(f"{index}. {text}")
+        if not complete:
+            break
+    return "\n".join(lines)
 
 
 class Agent:
     def __init__(self, model: ChatModel, tools: ToolRegistry, gate: ApprovalGate, limits: AgentLimits,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, *, profile: ModelProfile | None = None,
+                 budgets: TokenBudgets | None = None, tool_calls: ToolCallMode = ToolCallMode.NATIVE) -> None:
         self._telemetry = telemetry or Telemetry()
         self._model = model
         self._tools = tools
         self._gate = gate
         self._limits = limits
+        self._fitter = ContextFitter(profile or EstimatedModelProfile(DEFAULT_CONTEXT_WINDOW))
+        self._budgets = budgets or TokenBudgets()
+        self._tool_mode = tool_calls
         self._zdict = self._pack_dictionary()
 
     def _pack_dictionary(self) -> bytes:
@@ -99,20 +187,20 @@ class Agent:
         """Drive the run to its answer and return it. Raises AuraError subclasses on failure;
         the caller turns those into `error` + `end` events."""
         context = run.request.agent_context()
-        messages: list[ChatMessage] = [
-            ChatMessage(Role.SYSTEM, prompts.system_prompt(context, self._tools.specs())),
-            *history,
-            ChatMessage(Role.USER, run.request.prompt),
-        ]
-        # From here on the conversation is in `messages`, and the hints are made per model call:
-        # a run waiting for approval holds neither the history nor the context twice.
-        del history
+        rendered = prompts.render_context(context)
+        conversation = _Conversation(
+            messages=[ChatMessage(Role.SYSTEM, prompts.system_prompt(rendered, self._tools.specs())),
+                      *history, ChatMessage(Role.USER, run.request.prompt)],
+            history=len(history), context_chars=len(rendered))
+        # From here on the conversation is in `conversation`, and the hints are made per model
+        # call: a run waiting for approval holds neither the history nor the context twice.
+        del history, rendered
         await self._analyse(run, context)
         del context
-        steps = await self._plan(run, messages)
+        steps = await self._plan(run, conversation)
         for step in steps:
-            await self._carry_out(run, step, len(steps), messages)
-        answer = await self._answer(run, messages)
+            await self._carry_out(run, step, len(steps), conversation)
+        answer = await self._answer(run, conversation)
         done = sum(1 for s in steps if s.status is StepStatus.COMPLETED)
         await run.thought(ThoughtType.REFLECTION,
                           f"Completed {done} of {len(steps)} steps with {run.tool_calls} tool calls; "
@@ -134,35 +222,77 @@ class Agent:
         await run.thought(ThoughtType.ANALYSIS, summary + ".", sources)
         await run.timeline_update("analyse", "Analyse the request", StepStatus.COMPLETED, 1.0)
 
-    async def _plan(self, run: Run, messages: list[ChatMessage]) -> list[PlanStep]:
+    async def _request(self, run: Run, conversation: _Conversation, purpose: Purpose, max_tokens: int, *,
+                       instruction: str | None = None, tools: Sequence[Mapping[str, Any]] = (),
+                       json_schema: Mapping[str, Any] | None = None, tool_choice: str | None = None,
+                       hints: Mapping[str, Any] | None = None) -> ChatRequest:
+        """A request built to fit the model's context window (domain/context_window.py); the user is
+        told once what had to be left out or shortened."""
+        messages = list(conversation.messages)
+        if instruction is not None:
+            messages.append(ChatMessage(Role.USER, instruction))
+        specs = self._tools.specs()
+
+        def render_system(limit: int | None) -> str:
+            return prompts.system_prompt(run.request.agent_context(), specs, limit)
+
+        fitted = await self._fitter.fit(messages, max_tokens=max_tokens, tools=tools, history=conversation.history,
+                                        render_system=render_system, context_chars=conversation.context_chars)
+        if not fitted.kinds <= conversation.told:
+            # told once per kind of change, not on every call that makes it again
+            conversation.told |= fitted.kinds
+            for note in fitted.notes:
+                await run.thought(ThoughtType.DECISION, note)
+        return ChatRequest(messages=fitted.messages, purpose=purpose, tools=tools, json_output=json_schema is not None,
+                           json_schema=json_schema, tool_choice=tool_choice, max_tokens=fitted.max_tokens,
+                           hints=hints if hints is not None else _hints(run), trace_headers=self._trace_headers(run))
+
+    async def _plan(self, run: Run, conversation: _Conversation) -> list[PlanStep]:
         await run.timeline_update("plan", "Plan the work", StepStatus.IN_PROGRESS, 0.0)
-        request = ChatRequest(
-            messages=[*messages, ChatMessage(Role.USER, prompts.plan_prompt(self._limits.max_steps))],
-            purpose=Purpose.PLAN, json_output=True, hints=_hints(run),
-            trace_headers=self._trace_headers(run),
-        )
-        turn = await self._complete(request)
-        planned, structured = parse_plan(turn.text)
-        if not planned:
-            planned = [PlannedStep(description="Answer the request directly", confidence=0.5)]
-        if len(planned) > self._limits.max_steps:
-            raise BudgetExceeded(f"The plan has {len(planned)} steps; at most {self._limits.max_steps} "
-                                 "are allowed per run.")
-        for item in planned:
-            if item.tool is not None and item.tool not in self._tools:
-                raise UnknownTool(f"The plan names an unknown tool {item.tool!r}. "
-                                  f"Available tools: {', '.join(self._tools.names())}.")
+        specs = self._tools.specs()
+        schema = prompts.plan_schema(specs, self._limits.max_steps)
+        request = await self._request(run, conversation, Purpose.PLAN, self._budgets.plan,
+                                      instruction=prompts.plan_prompt(self._limits.max_steps, specs),
+                                      json_schema=schema)
+        # The plan is shown as it is written: the step descriptions, as far as the model got.
+        shown = _ThoughtStream(run, ThoughtType.PLANNING)
+        reasoning = _ThoughtStream(run, ThoughtType.REASONING)
+
+        async def show_plan(text: str, reasoned: str) -> None:
+            written = descriptions_so_far(text)
+            preview = _plan_preview(written)
+            await shown.show(preview, ready=bool(preview) and written[0][1])
+
+        async def show_reasoning(text: str, reasoned: str) -> None:
+            await reasoning.show(reasoned)
+
+        turn, reasoned = await self._read(request, show_plan, show_reasoning)
+        if reasoned:
+            await reasoning.finish(reasoned)
+        reading = read_plan(turn.text, schema, prompts.echoes_a_prompt)
+        cut_off = turn.finish_reason == "length"
+        del turn
+        if reading.steps:
+            planned = reading.steps
+        else:
+            # Never a step made of prose, garbage or the instructions echoed: answer directly.
+            planned = [PlannedStep(description=DIRECT_ANSWER, confidence=0.5)]
         steps = await run.add_plan(planned)
-        messages.append(ChatMessage(Role.ASSISTANT, json.dumps(
+        conversation.messages.append(ChatMessage(Role.ASSISTANT, json.dumps(
             {"steps": [{"description": s.description, "tool": s.tool, "args": s.args} for s in steps]},
             ensure_ascii=False)))
-        how = "" if structured else " (recovered from a free-text answer)"
-        await run.thought(ThoughtType.PLANNING, f"Planned {len(steps)} step(s){how}: "
-                          + "; ".join(f"{s.index}. {s.description}" for s in steps))
+        listed = "; ".join(f"{s.index}. {s.description}" for s in steps)
+        if reading.steps:
+            await shown.finish(f"Planned {len(steps)} step(s): {listed}")
+        else:
+            cut = f" (it reached its limit of {request.max_tokens} tokens)" if cut_off else ""
+            await shown.finish(f"The model's plan could not be used{cut}: {reading.problem}. "
+                               f"Answering directly instead: {listed}")
         await run.timeline_update("plan", "Plan the work", StepStatus.COMPLETED, 1.0)
         return steps
 
-    async def _carry_out(self, run: Run, step: PlanStep, total: int, messages: list[ChatMessage]) -> None:
+    async def _carry_out(self, run: Run, step: PlanStep, total: int, conversation: _Conversation) -> None:
+        messages = conversation.messages
         await run.step_update(step, StepStatus.IN_PROGRESS, 0.0)
         await run.timeline_update(step.step_id, step.description, StepStatus.IN_PROGRESS, 0.0)
         await run.thought(ThoughtType.REASONING, f"Step {step.index} of {total}: {step.description}"
@@ -172,18 +302,24 @@ class Agent:
         outcome = _StepOutcome()
         calls_in_step = 0
         note = ""
+        native = self._tool_mode is ToolCallMode.NATIVE
         while True:
-            # The step's hints are made per call and the turn is let go once read: a step that
-            # waits for approval holds neither.
-            turn = await self._complete(ChatRequest(
-                messages=list(messages), purpose=Purpose.STEP,
-                tools=[spec.as_model_schema() for spec in self._tools.specs()],
-                hints={**_hints(run), "step": {"index": step.index, "total": total,
-                                               "description": step.description, "tool": step.tool,
-                                               "args": step.args}},
-                trace_headers=self._trace_headers(run)))
-            calls, reply = turn.tool_calls(), turn.text
-            del turn
+            if not native and step.tool is not None and calls_in_step == 0:
+                # The plan's call, as planned: a server without native tool calls still runs tools.
+                calls, reply = [ToolCall(f"call_{step.step_id}", step.tool, json.dumps(step.args))], ""
+            else:
+                # The step's hints are made per call and the turn is let go once read: a step that
+                # waits for approval holds neither.
+                request = await self._request(
+                    run, conversation, Purpose.STEP, self._budgets.step,
+                    tools=[spec.as_model_schema() for spec in self._tools.specs()] if native else (),
+                    # the plan's tool, through the native interface, on the step's first call
+                    tool_choice=step.tool if native and calls_in_step == 0 else None,
+                    hints={**_hints(run), "step": {"index": step.index, "total": total,
+                                                   "description": step.description, "tool": step.tool,
+                                                   "args": step.args}})
+                calls, reply = await self._step_turn(run, request)
+                del request
             messages.append(ChatMessage(Role.ASSISTANT, reply, tool_calls=tuple(calls)))
             if not calls:
                 note = reply.strip()
@@ -193,10 +329,15 @@ class Agent:
                     raise BudgetExceeded(f"Step {step.index} asked for more than "
                                          f"{self._limits.max_tool_calls_per_step} tool calls.")
                 calls_in_step += 1
+                noted = len(run.tool_notes)
                 result_text = await self._call_tool(run, step, call, outcome, messages)
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
+                summary = run.tool_notes[-1].get("summary") if len(run.tool_notes) > noted else None
+                note = summary if isinstance(summary, str) else result_text
                 progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
                 await run.step_update(step, StepStatus.IN_PROGRESS, progress, f"{call.name} done")
+            if not native and step.tool is not None:
+                break  # as planned: the step's note is what its call returned
         if outcome.succeeded or not (outcome.failed or outcome.rejected):
             status = StepStatus.COMPLETED
         elif outcome.failed:
@@ -205,6 +346,39 @@ class Agent:
             status = StepStatus.SKIPPED
         await run.step_update(step, status, 1.0, note[:500])
         await run.timeline_update(step.step_id, step.description, status, 1.0)
+
+    async def _step_turn(self, run: Run, request: ChatRequest) -> tuple[list[ToolCall], str]:
+        """One model call of a step: its text is shown as a reasoning thought while it is written.
+        Returns the tool calls and the text (an echo of the instructions reads as no text)."""
+        shown = _ThoughtStream(run, ThoughtType.REASONING)
+
+        async def show(text: str, reasoned: str) -> None:
+            await shown.show(reasoned + text)
+
+        turn, reasoned = await self._read(request, show, show)
+        reply = turn.text
+        if prompts.echoes_a_prompt(reply):
+            reply = ""
+        thought = (reasoned + reply).strip()
+        if thought and prompts.echoes_a_prompt(thought):
+            thought = ""
+        if thought or shown.thought_id is not None:
+            await shown.finish(thought or "(nothing to add)")
+        return turn.tool_calls(), reply
+
+    async def _read(self, request: ChatRequest, on_text: _Shown, on_reasoning: _Shown) -> tuple[ModelTurn, str]:
+        """One model call, read whole; as it streams, `on_text` and `on_reasoning` get the text and
+        the reasoning (what the model streams apart from its answer) written so far."""
+        turn = ModelTurn()
+        reasoned: list[str] = []
+        async for chunk in self._stream(request):
+            turn.add(chunk)
+            if isinstance(chunk, ContentDelta):
+                await on_text(turn.text, "".join(reasoned))
+            elif isinstance(chunk, ReasoningDelta):
+                reasoned.append(chunk.text)
+                await on_reasoning(turn.text, "".join(reasoned))
+        return turn, "".join(reasoned)
 
     async def _call_tool(self, run: Run, step: PlanStep, call: ToolCall, outcome: _StepOutcome,
                          messages: list[ChatMessage]) -> str:
@@ -290,37 +464,70 @@ class Agent:
                                                   "error": failure.message})
         return f"Error ({failure.code}): {failure.message}"
 
-    async def _answer(self, run: Run, messages: list[ChatMessage]) -> str:
+    async def _answer(self, run: Run, conversation: _Conversation) -> str:
         await run.timeline_update("answer", "Write the answer", StepStatus.IN_PROGRESS, 0.0)
-        request = ChatRequest(messages=[*messages, ChatMessage(Role.USER, prompts.answer_prompt())],
-                              purpose=Purpose.ANSWER, hints=_hints(run), trace_headers=self._trace_headers(run))
-        parts: list[str] = []
-        async for chunk in self._stream(request):
-            if isinstance(chunk, ContentDelta) and chunk.text:
-                parts.append(chunk.text)
-                await run.content(chunk.text, chunk=True)
-        answer = "".join(parts)
+        request = await self._request(run, conversation, Purpose.ANSWER, self._budgets.answer,
+                                      instruction=prompts.answer_prompt())
+        written = ""  # what the model wrote; what of it is shown trails it while it may be an echo
+        shown = 0
+        echoed = False
+        reasoning = _ThoughtStream(run, ThoughtType.REASONING)
+        reasoned: list[str] = []
+        finish_reason: str | None = None
+        async with aclosing(self._stream(request)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, ContentDelta) and chunk.text:
+                    written += chunk.text
+                    end, echoed = prompts.answer_cut(written, final=False)
+                    if end > shown:
+                        await run.content(written[shown:end], chunk=True)
+                        shown = end
+                    if echoed:
+                        # the model went on to repeat its instructions or to play the next turn:
+                        # the answer ended there, and the rest is not read
+                        written = written[:end]
+                        break
+                elif isinstance(chunk, ReasoningDelta):
+                    reasoned.append(chunk.text)
+                    await reasoning.show("".join(reasoned))
+                elif isinstance(chunk, Finish):
+                    finish_reason = chunk.reason
+        if not echoed:
+            end, echoed = prompts.answer_cut(written, final=True)
+            written = written[:end]
+            if end > shown:
+                await run.content(written[shown:end], chunk=True)
+        if reasoned:
+            await reasoning.finish("".join(reasoned))
+        answer = written
         if not answer.strip():
             raise ModelError("The model returned an empty answer.", code="llm_bad_response")
         await run.content(answer, chunk=False)
         await run.timeline_update("answer", "Write the answer", StepStatus.COMPLETED, 1.0)
+        if finish_reason == "length" and not echoed:
+            # Answer with what is there, and say so in the run's end: never a silent cut.
+            run.completion = ("answer_truncated",
+                              f"The answer reached its limit of {request.max_tokens} tokens and is cut short; "
+                              "ask for the rest, or raise the answer token limit.")
+            await run.thought(ThoughtType.REFLECTION, "The answer was cut short at its token limit.")
         return answer
 
-    async def _complete(self, request: ChatRequest) -> ModelTurn:
-        turn = ModelTurn()
-        async for chunk in self._stream(request):
-            turn.add(chunk)
-        return turn
-
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[ModelChunk]:
+    async def _stream(self, request: ChatRequest) -> AsyncGenerator[ModelChunk, None]:
         """The model's chunks, with the call's latency and failure code reported."""
         started = time.monotonic()
+        chunks = self._model.stream(request)
         try:
-            async for chunk in self._model.stream(request):
+            async for chunk in chunks:
                 yield chunk
         except ModelError as exc:
             self._telemetry.model_call(request.purpose.value, time.monotonic() - started, exc.code)
             raise
+        finally:
+            # a caller that stops reading (an answer that turned into an echo) ends the model's
+            # stream now, and with it the request to the server
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
         self._telemetry.model_call(request.purpose.value, time.monotonic() - started, None)
 
     @staticmethod
@@ -332,4 +539,4 @@ def _hints(run: Run) -> dict[str, Any]:
     return {"prompt": run.request.prompt, "context": run.request.agent_context()}
 
 
-__all__ = ["Agent", "AgentLimits", "AuraError"]
+__all__ = ["DEFAULT_CONTEXT_WINDOW", "Agent", "AgentLimits", "AuraError", "TokenBudgets", "ToolCallMode"]

@@ -160,13 +160,14 @@ class Signal:
     @classmethod
     def parse(cls, raw: str | bytes | None) -> Signal | None:
         """Parse a published or stored signal; None for anything that is not a well-formed
-        approval or rejection. A `status` that contradicts the `type` is refused too, so a
-        confused publisher can never turn a rejection into an approval."""
+        approval or rejection (including JSON that repeats a key, at any depth). A `status` that
+        contradicts the `type` is refused too, so a confused publisher can never turn a rejection
+        into an approval."""
         if raw is None:
             return None
         try:
-            record = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            record = json.loads(raw, object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
         if not isinstance(record, dict):
             return None
@@ -192,6 +193,15 @@ class Signal:
             reason=reason if isinstance(reason, str) else None,
             seal=seal if isinstance(seal, str) else None,
         )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats: Python keeps the last value, another DWP
+    component may keep the first, and a signal must mean the same to every reader."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise ValueError("a key repeats in a JSON object")
+    return record
 
 
 class DecisionSeal:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal
-from domain.errors import Conflict, Forbidden, Gone, NotFound
+from domain.errors import Conflict, Gone, NotFound
 from domain.gate import audit_line
 from domain.identity import Principal
 from domain.ports import ApprovalStore, Clock, SignalBus
@@ -49,11 +49,10 @@ class ApprovalDesk:
                        approver=principal.role is not None and principal.role in self._approver_roles)
 
     def _visible(self, principal: Principal, request: ApprovalRequest | None) -> ApprovalRequest:
-        if request is None or request.tenant_id != principal.tenant_id:
+        # Someone who may not see a request gets exactly the answer for an unknown id: a 403 would
+        # tell a colleague which ids exist.
+        if request is None or request.tenant_id != principal.tenant_id or not self._decider(principal).may_see(request):
             raise NotFound("No such approval request.", code="approval_not_found")
-        if not self._decider(principal).may_see(request):
-            raise Forbidden("Only the requesting user or an approver may see or decide this request.",
-                            code="not_an_approver")
         return request
 
     async def get(self, principal: Principal, request_id: str) -> ApprovalRequest:
@@ -69,10 +68,8 @@ class ApprovalDesk:
         signal = Signal.parse(raw)
         request = await self._store.get(signal.request_id) if signal else None
         if signal is None or request is None or request.tenant_id != principal.tenant_id \
-                or request.session_id != session_id:
+                or request.session_id != session_id or not self._decider(principal).may_see(request):
             raise NotFound("No signal for this session.", code="signal_not_found")
-        if not self._decider(principal).may_see(request):
-            raise Forbidden("Only the requesting user or an approver may see this signal.", code="not_an_approver")
         return replace(signal, seal=None).to_record()  # the seal is for Aura's instances, not for readers
 
     async def decide(self, principal: Principal, request_id: str, *, approve: bool,

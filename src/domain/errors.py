@@ -19,7 +19,8 @@ class AuraError(Exception):
 
 
 class AuthError(AuraError):
-    """A caller could not be authenticated (401) or is not allowed to act as claimed (403)."""
+    """A caller could not be authenticated (401), is not allowed to act as claimed (403) or named
+    itself ambiguously (400)."""
 
     def __init__(self, code: str, message: str, *, status: int = 401) -> None:
         super().__init__(message, code=code)
@@ -82,3 +83,12 @@ class RunCancelled(AuraError):
     """The run was cancelled from elsewhere (another instance's cancel, a cancelled approval)."""
 
     code = "user_cancelled"
+
+
+class RunFenced(AuraError):
+    """This instance no longer owns the run: its lease lapsed (it may have been declared lost), the
+    log already holds the run's `end`, or another writer logged a different event at this seq.
+    Nothing more of the run may be logged or done by this instance."""
+
+    code = "run_lost"
+    retryable = True

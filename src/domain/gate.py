@@ -178,10 +178,16 @@ class ApprovalGate:
         if self._seal is not None and self._seal.verifies(signal):
             # Aura's API stored this decision in the step that published the signal: nothing to record.
             return self._seal.decided(request, signal)
-        return await self._close(request, signal.status, signal.user_id, signal.reason)
+        # The backend's signal names who decided, but Aura can check only one name: the user the
+        # request belongs to (it stored that itself). Any other name (a manager, a forged or
+        # missing one) is not recorded as `decidedBy`; the audit line keeps it as `claimedBy`.
+        checked = signal.user_id if signal.user_id == request.user_id else None
+        return await self._close(request, signal.status, checked, signal.reason, via="signal",
+                                 claimed_by=signal.user_id)
 
     async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
-                     reason: str | None = None) -> ApprovalRequest:
+                     reason: str | None = None, *, via: str = "aura",
+                     claimed_by: str | None = None) -> ApprovalRequest:
         """Decide atomically; when another decision won first, that one stands. One store step
         either way: the store decides only a request still pending and, when it was decided
         meanwhile (by Aura's API on an instance whose seal this gate cannot verify), answers with
@@ -190,16 +196,17 @@ class ApprovalGate:
         its whole record for as long as the approval takes.)"""
         # Shielded: a run cancelled while its decision is on the way to the store may still see it
         # applied there; the decision is then finished and audited, not left unaccounted for.
-        return await asyncio.shield(self._record(request, status, by, reason))
+        return await asyncio.shield(self._record(request, status, by, reason, via, claimed_by))
 
     async def _record(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
-                      reason: str | None) -> ApprovalRequest:
+                      reason: str | None, via: str, claimed_by: str | None) -> ApprovalRequest:
         result = await self._store.decide(request.request_id, status, decided_by=by,
                                           decided_at=self._clock.timestamp(), reason=reason)
         if result is None:  # the request vanished from the store (flushed): treat as expired
             return request.decide(ApprovalStatus.EXPIRED, by=None, at=self._clock.timestamp(), reason=None)
         if result.applied:
-            audit_line("decided", result.request, via="signal" if by else "aura")
+            unchecked = {"claimedBy": claimed_by} if claimed_by is not None and claimed_by != by else {}
+            audit_line("decided", result.request, via=via, **unchecked)
         return result.request
 
 

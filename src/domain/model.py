@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -72,6 +74,12 @@ class ChatRequest:
     purpose: Purpose
     tools: Sequence[Mapping[str, Any]] = ()
     json_output: bool = False
+    # The JSON Schema the answer must follow (structured output), where the server can enforce one.
+    json_schema: Mapping[str, Any] | None = None
+    # A tool the model must call (the native `tool_choice`); None lets the model choose.
+    tool_choice: str | None = None
+    # The completion budget of this call: the answer is cut (finish reason `length`) beyond it.
+    max_tokens: int | None = None
     # Structured facts the agent already holds (prompt, context, current step); only the offline
     # model reads them, so no remote model ever depends on them.
     hints: Mapping[str, Any] = field(default_factory=dict)
@@ -80,6 +88,13 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Reasoning a model streams apart from its answer (`reasoning_content` of vLLM, DeepSeek, Ollama)."""
+
     text: str
 
 
@@ -103,7 +118,7 @@ class Finish:
     usage: Usage | None = None
 
 
-ModelChunk = ContentDelta | ToolCallDelta | Finish
+ModelChunk = ContentDelta | ReasoningDelta | ToolCallDelta | Finish
 
 
 @dataclass(slots=True)
@@ -125,12 +140,16 @@ class ModelTurn:
     def add(self, chunk: ModelChunk) -> None:
         if isinstance(chunk, ContentDelta):
             self.text_parts.append(chunk.text)
+        elif isinstance(chunk, ReasoningDelta):
+            return
         elif isinstance(chunk, ToolCallDelta):
             call = self._calls.setdefault(chunk.index, _PendingCall())
             if chunk.id:
                 call.id = chunk.id
-            if chunk.name:
-                call.name += chunk.name
+            if chunk.name and chunk.name != call.name:
+                # OpenAI sends the name once; llama-cpp-python's server repeats it whole in every
+                # delta of the call, which must not make "readread…"
+                call.name = chunk.name if chunk.name.startswith(call.name) else call.name + chunk.name
             call.arguments.append(chunk.arguments)
         else:
             self.finish_reason = chunk.reason
@@ -145,3 +164,40 @@ class ModelTurn:
             ToolCall(id=c.id or f"call_{i}", name=c.name, arguments="".join(c.arguments))
             for i, c in sorted(self._calls.items())
         ]
+
+
+class ModelProfile(ABC):
+    """A port: what Aura knows of the model it talks to — how many tokens its context window holds
+    and how many tokens a text is for it — so every request is built to fit."""
+
+    @abstractmethod
+    async def context_window(self) -> int:
+        """The model's context window in tokens (prompt and completion together)."""
+
+    @abstractmethod
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The token count of each text, exact where the model's tokenizer is known, else a safe
+        over-estimate."""
+
+
+# A byte of UTF-8 per 3 is more than any common tokenizer gives for prose, code or JSON (about 4
+# characters a token for English), and a CJK character (3 bytes) counts as one token.
+ESTIMATE_BYTES_PER_TOKEN = 3
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / ESTIMATE_BYTES_PER_TOKEN)
+
+
+class EstimatedModelProfile(ModelProfile):
+    """A known window and a safe estimate of token counts: for a model whose tokenizer Aura cannot
+    reach (and the offline model)."""
+
+    def __init__(self, context_window: int) -> None:
+        self._window = context_window
+
+    async def context_window(self) -> int:
+        return self._window
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [estimate_tokens(text) for text in texts]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from jsonschema import Draft202012Validator
 
 
 class StepStatus(StrEnum):
@@ -66,76 +68,98 @@ class TimelineEntry:
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-_LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•]|step\s*\d+\s*[:.)-])\s*(.+?)\s*$", re.IGNORECASE)
-_DESCRIPTION_KEYS = ("description", "title", "step", "task", "name", "summary")
-_ARGS_KEYS = ("args", "arguments", "parameters", "input", "tool_args", "toolArgs")
-_TOOL_KEYS = ("tool", "tool_name", "toolName", "action")
+_NO_TOOL = frozenset({"", "null", "none", "no tool", "n/a"})
 
 
 def _json_candidates(text: str) -> list[str]:
     candidates = [m.group(1) for m in _FENCE.finditer(text)]
     candidates.append(text)
-    for opener, closer in (("{", "}"), ("[", "]")):
-        start, end = text.find(opener), text.rfind(closer)
-        if 0 <= start < end:
-            candidates.append(text[start : end + 1])
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start : end + 1])
     return candidates
 
 
-def _step_from_item(item: Any) -> PlannedStep | None:
-    if isinstance(item, str):
-        return PlannedStep(description=item.strip()) if item.strip() else None
-    if not isinstance(item, Mapping):
-        return None
-    description = next((str(item[k]).strip() for k in _DESCRIPTION_KEYS
-                        if isinstance(item.get(k), str | int | float) and str(item[k]).strip()), "")
-    tool = next((item[k] for k in _TOOL_KEYS if isinstance(item.get(k), str) and item[k].strip()), None)
-    args: Any = next((item[k] for k in _ARGS_KEYS if k in item), {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            args = {}
-    if not isinstance(args, Mapping):
-        args = {}
-    confidence = item.get("confidence", 0.8)
-    if isinstance(confidence, bool) or not isinstance(confidence, int | float):
-        confidence = 0.8
-    if not description:
-        if tool is None:
-            return None
-        description = f"Run {tool}"
-    return PlannedStep(description=description, tool=tool, args=dict(args),
-                       confidence=min(1.0, max(0.0, float(confidence))))
+def _normalised(value: Any) -> Any:
+    """The common near-misses of a model without enforced structured output, put right: a "none"
+    tool, missing arguments, extra keys beside the three a step has."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("steps"), list):
+        return value
+    steps = []
+    for item in value["steps"]:
+        if not isinstance(item, Mapping):
+            steps.append(item)
+            continue
+        tool = item.get("tool")
+        if isinstance(tool, str) and tool.strip().lower() in _NO_TOOL:
+            tool = None
+        step: dict[str, Any] = {"description": item.get("description"), "tool": tool}
+        if tool is not None:
+            step["args"] = item.get("args", {})
+        steps.append(step)
+    return {"steps": steps}
 
 
-def _steps_from_json(value: Any) -> list[PlannedStep] | None:
-    items: Any = value
-    if isinstance(value, Mapping):
-        items = next((value[k] for k in ("steps", "plan", "tasks") if isinstance(value.get(k), list)), None)
-        if items is None and isinstance(value.get("plan"), Mapping):
-            return _steps_from_json(value["plan"])
-    if not isinstance(items, list):
-        return None
-    steps = [s for s in (_step_from_item(i) for i in items) if s is not None]
-    return steps if steps or not items else None
+@dataclass(frozen=True, slots=True)
+class PlanReading:
+    steps: list[PlannedStep]
+    problem: str | None = None  # why no plan could be read; `steps` is empty then
 
 
-def parse_plan(text: str) -> tuple[list[PlannedStep], bool]:
-    """Read a plan from whatever the model answered. Returns (steps, structured): structured is
-    False when the answer was free text and the steps were recovered from its lines."""
+def read_plan(text: str, schema: Mapping[str, Any], is_echo: Callable[[str], bool] = lambda _: False) -> PlanReading:
+    """The plan in the model's answer, valid against `schema` (see prompts.plan_schema), or why
+    there is none. Free text is never read as a plan: a step shown to the user is one the model
+    gave as such, never its prose or an echo of the instructions (`is_echo`)."""
+    validator = Draft202012Validator(dict(schema))
+    problem = "the answer holds no JSON object"
     for candidate in _json_candidates(text):
         try:
-            parsed = json.loads(candidate)
+            value = _normalised(json.loads(candidate))
         except ValueError:
             continue
-        steps = _steps_from_json(parsed)
-        if steps is not None:
-            return steps, True
-    listed = [m.group(1) for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
-    if listed:
-        return [PlannedStep(description=d, confidence=0.5) for d in listed], False
-    summary = " ".join(text.split())
-    if not summary:
-        return [], False
-    return [PlannedStep(description=summary[:300], confidence=0.4)], False
+        error = next(iter(sorted(validator.iter_errors(value), key=lambda e: list(e.path))), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.path) or "plan"
+            # the rule broken, never the model's text (the user sees this)
+            problem = f"the plan does not follow its schema at {where} ({error.validator})"
+            continue
+        steps = [PlannedStep(description=" ".join(str(item["description"]).split()), tool=item["tool"],
+                             args=dict(item.get("args") or {})) for item in value["steps"]]
+        echoed = next((s.description for s in steps if is_echo(s.description) or not s.description), None)
+        if echoed is not None:
+            return PlanReading([], "a step repeats the instructions instead of describing work")
+        return PlanReading(steps)
+    return PlanReading([], problem)
+
+
+def _unescaped_prefix(raw: str) -> str:
+    """The decoded text of a JSON string's body seen so far (an escape cut by the stream waits)."""
+    for end in range(len(raw), max(-1, len(raw) - 7), -1):
+        try:
+            return str(json.loads(f'"{raw[:end]}"'))
+        except ValueError:
+            continue
+    return ""
+
+
+_DESCRIPTION_START = re.compile(r'"description"\s*:\s*"')
+
+
+def descriptions_so_far(partial_json: str) -> list[tuple[str, bool]]:
+    """The step descriptions of a plan still being generated, each as far as it has been written
+    and whether it is complete: what the user is shown while the model plans."""
+    found: list[tuple[str, bool]] = []
+    for match in _DESCRIPTION_START.finditer(partial_json):
+        start = match.end()
+        position = start
+        while position < len(partial_json):
+            char = partial_json[position]
+            if char == "\\":
+                position += 2
+                continue
+            if char == '"':
+                break
+            position += 1
+        complete = position < len(partial_json)
+        found.append((_unescaped_prefix(partial_json[start:min(position, len(partial_json))]), complete))
+    return found

@@ -157,20 +157,34 @@ class EventLog(ABC):
         """The oldest retained seq; None when nothing is retained."""
 
     @abstractmethod
+    async def last_event(self, run_id: str) -> Event | None:
+        """The newest logged event; None when nothing is retained."""
+
+    @abstractmethod
     async def close_run(self, run_id: str) -> None:
         """The run ended: keep its log for the retention time only."""
 
 
 class ConversationStore(ABC):
-    """History of a thread, kept per tenant, user and thread."""
+    """History of a thread, kept per tenant, user and thread: a thread id names a thread within
+    one user's namespace, so the same id sent by someone else names a thread of their own."""
 
     @abstractmethod
     async def open(self, tenant_id: str, user_id: str, thread_id: str) -> list[dict[str, Any]]:
-        """The thread's turns, oldest first (empty for a new thread, which this user now owns).
-        Raises NotFound when the thread belongs to another user or tenant."""
+        """The thread's turns, oldest first (empty for a new thread)."""
 
     @abstractmethod
-    async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> None: ...
+    async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> bool:
+        """Keep a turn (shortened to the per-turn limit). False when it was not kept because the
+        user's threads already hold as much as one user may store."""
+
+
+class StartRateLimiter(ABC):
+    """How often one user may start runs."""
+
+    @abstractmethod
+    async def admit(self, tenant_id: str, user_id: str) -> float | None:
+        """None when the user may start a run now (which is counted); else the seconds until they may."""
 
 
 class HealthProbe(ABC):

@@ -47,8 +47,8 @@ class Run:
     goes through `emit`, so the snapshot and the event stream never disagree."""
 
     # A run waiting for approval keeps its Run for as long as the approval takes: no __dict__.
-    __slots__ = ("_clock", "_seq", "_sink", "answer_parts", "cancel_reason", "created_at", "end_data", "ids",
-                 "pending_approval", "plan", "principal", "request", "status", "timeline", "tool_calls",
+    __slots__ = ("_clock", "_seq", "_sink", "answer_parts", "cancel_reason", "completion", "created_at", "end_data",
+                 "ids", "pending_approval", "plan", "principal", "request", "status", "timeline", "tool_calls",
                  "tool_notes")
 
     def __init__(self, ids: RunIds, principal: Principal, request: RunRequest, clock: Clock,
@@ -69,6 +69,9 @@ class Run:
         self.cancel_reason: str | None = None
         self.created_at = clock.timestamp()
         self.end_data: dict[str, Any] | None = None
+        # The `end` reason and message of a run that completes; the agent sets another when the
+        # answer it completes with is cut short.
+        self.completion: tuple[str, str] = ("completed", "The run completed.")
 
     @property
     def last_seq(self) -> int:
@@ -80,9 +83,21 @@ class Run:
         await self._sink(event)
         return event
 
-    async def thought(self, kind: ThoughtType, content: str, sources: list[Any] | None = None) -> None:
-        await self.emit(EventType.THOUGHT, {"thoughtType": kind.value, "content": content,
+    async def thought(self, kind: ThoughtType, content: str, sources: list[Any] | None = None,
+                      thought_id: str | None = None) -> None:
+        """A whole thought (`chunk: false`): a new one, or the final text of the thought `thought_id`
+        whose pieces were streamed, replacing them."""
+        await self.emit(EventType.THOUGHT, {"thoughtId": thought_id or f"thought_{self._seq + 1}",
+                                            "thoughtType": kind.value, "content": content, "chunk": False,
                                             "sources": sources or []})
+
+    async def thought_piece(self, thought_id: str | None, kind: ThoughtType, text: str) -> str:
+        """A piece of a thought as the model generates it (`chunk: true`), appended to the earlier
+        pieces of `thought_id`; None starts a thought. Returns the thought's id."""
+        thought_id = thought_id or f"thought_{self._seq + 1}"
+        await self.emit(EventType.THOUGHT, {"thoughtId": thought_id, "thoughtType": kind.value, "content": text,
+                                            "chunk": True, "sources": []})
+        return thought_id
 
     async def timeline_update(self, step_id: str, title: str, status: StepStatus, progress: float) -> None:
         entry = self.timeline.get(step_id)

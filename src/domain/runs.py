@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from domain.approval import ApprovalRequest, StoredApproval
 from domain.events import Event
 
 
@@ -24,11 +25,15 @@ class RunRecord:
     instance_id: str
     created_at: int
     status: str = "running"
+    fingerprint: str = ""  # a hash of the request that started the run ("" when not known)
 
     def to_record(self) -> dict[str, Any]:
-        return {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
-                "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
-                "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+        record = {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
+                  "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
+                  "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+        if self.fingerprint:
+            record["fingerprint"] = self.fingerprint
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RunRecord:
@@ -36,7 +41,7 @@ class RunRecord:
                    thread_id=str(record["threadId"]), trace_id=str(record["traceId"]),
                    tenant_id=str(record["tenantId"]), user_id=str(record["userId"]),
                    instance_id=str(record["instanceId"]), created_at=int(record["createdAt"]),
-                   status=str(record.get("status", "running")))
+                   status=str(record.get("status", "running")), fingerprint=str(record.get("fingerprint", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +52,30 @@ class IdempotencyClaim:
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True)
+class LostRun:
+    """What declaring a run lost writes, all in one atomic step: its closing `error` and `end` right
+    after `after_seq` (the log's last seq when the declaration was prepared), its final record and
+    snapshot, and its pending approval cancelled (the stored form it must still have, and the
+    cancelled request)."""
+
+    record: RunRecord
+    after_seq: int
+    error: Event
+    end: Event
+    snapshot: Mapping[str, Any] | None
+    approval: tuple[StoredApproval, ApprovalRequest] | None
+    retention_seconds: int
+
+
 class RunDirectory(ABC):
     @abstractmethod
     async def get(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod
-    async def finish(self, run_id: str, status: str, retention_seconds: int) -> None:
-        """The run ended: keep its record (and snapshot) for the retention time, drop the lease."""
-
-    @abstractmethod
-    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> None: ...
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> list[str]:
+        """Extend the leases that still name `instance_id` (compare and set, never a blind write);
+        return the runs whose lease is no longer this instance's: it must stop them."""
 
     @abstractmethod
     async def lease_holder(self, run_id: str) -> str | None: ...
@@ -78,8 +97,31 @@ class RunDirectory(ABC):
         ("user" or "tenant") is full."""
 
     @abstractmethod
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
-        """The owner's run ended: `finish` it and release its slots, in one step."""
+    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
+        """The owner's run ended: record its final status for the retention time, drop its lease and
+        release its slots, in one step, only while the lease is still the owner's (False when it
+        is not: the run was, or will be, declared lost, and that declaration closes it)."""
+
+    @abstractmethod
+    async def declare_lost(self, lost: LostRun) -> str:
+        """Close a run whose owner stopped, in one atomic step, only while its lease is absent, its
+        log has no `end` and its last seq is still `lost.after_seq`. Returns "declared", "alive"
+        (the lease exists), "finished" (the log has its `end`, or the record is final or gone) or
+        "moved" (the log grew since: prepare again)."""
+
+    @abstractmethod
+    async def stale_runs(self, limit: int) -> list[str]:
+        """Runs recorded as running whose lease should have been renewed by now: candidates for
+        `declare_lost`, found whether or not anybody follows them."""
+
+    @abstractmethod
+    async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
+        """Someone reads the run through this instance (not its owner): for `ttl_seconds`, its
+        owner must not cancel it for want of a reader."""
+
+    @abstractmethod
+    async def has_reader(self, run_id: str) -> bool:
+        """Whether another instance noted a reader of the run within its time to live."""
 
     @abstractmethod
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None: ...
@@ -95,10 +137,6 @@ class RunFollower(ABC):
     def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
         """Events after `after_seq` as they are logged; yields None when a poll found nothing
         (so the caller can send a heartbeat or check the owner's lease)."""
-
-    @abstractmethod
-    async def append_if_absent(self, event: Event) -> bool:
-        """Log an event the follower concluded (e.g. run_lost); False when that seq exists."""
 
 
 class RunControl(ABC):

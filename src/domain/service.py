@@ -11,11 +11,11 @@ from functools import partial
 from typing import Any
 
 from domain.agent import Agent
-from domain.errors import ApprovalTimeout, AuraError, RunCancelled, StoreUnavailable
+from domain.errors import ApprovalTimeout, AuraError, RunCancelled, RunFenced, StoreUnavailable
 from domain.events import Event, EventType, RunIds, RunStatus
 from domain.identity import Principal
 from domain.model import ChatMessage
-from domain.ports import Clock, ConversationStore, EventLog, IdFactory
+from domain.ports import Clock, ConversationStore, EventLog, IdFactory, StartRateLimiter
 from domain.run import DisconnectPolicy, Run, RunRequest
 from domain.runs import RunDirectory, RunRecord
 from domain.telemetry import Telemetry, detached_log_context
@@ -103,6 +103,13 @@ class Subscription:
         else:  # the stream was busy since this timer was armed: wait for the current deadline
             self._timer = loop.call_at(deadline, self._deadline_reached)
 
+    def detach(self) -> None:
+        """The run can no longer feed this watcher (it was fenced): the watcher resumes from the
+        event log, which holds whatever ended the run."""
+        self.overflowed = True
+        self._events = None
+        self._wake()
+
     def close(self) -> None:
         """The watcher left: drop the timer now rather than when it would have fired."""
         self._deadline = None
@@ -142,7 +149,7 @@ class RunFeed:
     # Slots, and bound methods instead of closures, for every object a run keeps: a run waiting for
     # approval keeps them for as long as the approval takes (docs/performance.md, parked runs).
     __slots__ = ("_failure", "_log", "_max_unlogged", "_telemetry", "_unlogged", "_wait_until", "_waiter",
-                 "on_failure", "run", "watchers")
+                 "fenced", "on_failure", "run", "watchers")
 
     def __init__(self, event_log: EventLog, telemetry: Telemetry,
                  on_failure: Callable[[Exception], None] | None = None, max_unlogged: int = 512) -> None:
@@ -159,6 +166,9 @@ class RunFeed:
         self._failure: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wait_until = 0
+        # The log refused the run (its lease is gone, or its log has an `end` or another event at a
+        # seq): nothing more is logged or delivered; the watchers resume from the log.
+        self.fenced = False
 
     async def emit(self, event: Event) -> None:
         """The run's event sink: each event with the run's snapshot, except content chunks and
@@ -169,8 +179,16 @@ class RunFeed:
             snapshot = self.run.snapshot()
         await self.publish(event, snapshot)
 
+    def fence(self, error: RunFenced) -> None:
+        if not self.fenced:
+            self.fenced = True
+            self._failure = error
+            for watcher in tuple(self.watchers):
+                watcher.detach()
+
     async def publish(self, event: Event, snapshot: Mapping[str, Any] | None) -> None:
-        if self._failure is not None and event.type not in _ALWAYS_SENT:
+        if self.fenced or (self._failure is not None and event.type not in _ALWAYS_SENT):
+            assert self._failure is not None
             raise self._failure
         self._unlogged += 1
         self._log.submit(event, snapshot, partial(self._logged, event))
@@ -180,7 +198,8 @@ class RunFeed:
             await self._until_unlogged(self._max_unlogged // 2)  # the log is slower than the run
         else:
             return
-        if self._failure is not None and event.type not in _ALWAYS_SENT:
+        if self.fenced or (self._failure is not None and event.type not in _ALWAYS_SENT):
+            assert self._failure is not None
             raise self._failure
 
     def close(self) -> None:
@@ -195,16 +214,23 @@ class RunFeed:
 
     def _logged(self, event: Event, error: Exception | None) -> None:
         self._unlogged -= 1
-        first_failure = error is not None and self._failure is None
-        if error is not None:
-            self._telemetry.store_error()
-            self._failure = self._failure or error
-        for watcher in tuple(self.watchers):
-            watcher.push(event)
+        first_failure = error is not None and not self.fenced and (
+            self._failure is None or isinstance(error, RunFenced))
+        if isinstance(error, RunFenced) or self.fenced:
+            # Not delivered: the log holds something else at this seq (or will: a run_lost).
+            if isinstance(error, RunFenced):
+                self.fence(error)
+        else:
+            if error is not None:
+                self._telemetry.store_error()
+                self._failure = self._failure or error
+            for watcher in tuple(self.watchers):
+                watcher.push(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
-        elif first_failure and waiter is None and event.type not in _ALWAYS_SENT and self.on_failure is not None:
+        elif first_failure and waiter is None and (event.type not in _ALWAYS_SENT or isinstance(error, RunFenced)) \
+                and self.on_failure is not None:
             assert error is not None
             self.on_failure(error)  # the run is elsewhere (waiting for approval, say): stop it
 
@@ -228,6 +254,9 @@ class RunHandle:
     failure: Exception | None = None  # the store failed while the run was not writing to it
     deadline: float | None = None  # loop time by which the agent must be done; None once it is
     over_budget: bool = False
+    # While no reader is attached after a disconnect: the timer of the grace period, then its check.
+    disconnect_timer: asyncio.TimerHandle | None = None
+    disconnect_check: asyncio.Task[None] | None = None
 
     @property
     def run_id(self) -> str:
@@ -243,6 +272,12 @@ class RunHandle:
         if self.failure is None:
             self.failure = error
             self.cancel("store_unavailable")
+
+    def lose_lease(self) -> None:
+        """Another instance may declare the run lost now: stop it before it logs or does anything."""
+        error = RunFenced("This instance no longer holds the run's lease.")
+        self.feed.fence(error)
+        self.fail(error)
 
     def exceed_budget(self) -> None:
         """The agent took longer than the run's budget: stop it; it ends `failed` budget_exceeded
@@ -273,6 +308,7 @@ class RunLimits:
     retention_seconds: int = 3600
     max_runs_per_user: int = 10
     max_runs_per_tenant: int = 200
+    disconnect_grace_seconds: float = 30.0
 
 
 class TooManyRuns(AuraError):
@@ -284,6 +320,15 @@ class TooManyRuns(AuraError):
         self.scope = scope
 
 
+class RunStartsTooFrequent(AuraError):
+    code = "too_many_run_starts"
+    retryable = True
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(f"Too many runs started; retry in {retry_after_seconds:g} s.")
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ShuttingDown(AuraError):
     code = "shutting_down"
     retryable = True
@@ -292,8 +337,9 @@ class ShuttingDown(AuraError):
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
                  limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, start_limiter: StartRateLimiter | None = None) -> None:
         self._telemetry = telemetry or Telemetry()
+        self._start_limiter = start_limiter
         self._agent = agent
         self._conversations = conversations
         self._clock = clock
@@ -327,17 +373,21 @@ class RunService:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self, principal: Principal, request: RunRequest, *, ids: RunIds | None = None,
-                    trace_id: str | None = None,
-                    history: Sequence[ChatMessage] = ()) -> tuple[RunHandle, Subscription]:
+                    trace_id: str | None = None, history: Sequence[ChatMessage] = (),
+                    fingerprint: str = "") -> tuple[RunHandle, Subscription]:
         """Admit the run (limits), record it in the directory with this instance's lease, and
         create its first watcher before the agent runs, so no event is missed."""
         if not self.accepting:
             raise ShuttingDown("Aura is shutting down; retry on another instance.")
+        if self._start_limiter is not None:
+            wait = await self._start_limiter.admit(principal.tenant_id, principal.user_id)
+            if wait is not None:
+                raise RunStartsTooFrequent(wait)
         ids = ids or self.new_ids(request, trace_id)
         record = RunRecord(
             run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
             tenant_id=principal.tenant_id, user_id=principal.user_id, instance_id=self.instance_id,
-            created_at=self._clock.timestamp())
+            created_at=self._clock.timestamp(), fingerprint=fingerprint)
         full = await self._directory.admit(
             record, user_limit=self._limits.max_runs_per_user, tenant_limit=self._limits.max_runs_per_tenant,
             slot_seconds=self._limits.max_run_seconds, lease_seconds=self._limits.lease_seconds)
@@ -363,6 +413,8 @@ class RunService:
     def watch(self, handle: RunHandle) -> Subscription:
         watcher = Subscription(self._limits.watcher_buffer)
         handle.watchers.append(watcher)
+        if handle.feed.fenced:
+            watcher.detach()  # the run's rest is in the event log only
         return watcher
 
     def release(self, handle: RunHandle, watcher: Subscription, *, disconnected: bool) -> None:
@@ -373,7 +425,34 @@ class RunService:
         watcher.close()
         if (disconnected and not handle.watchers
                 and handle.run.request.on_disconnect is DisconnectPolicy.CANCEL):
-            handle.cancel("client_disconnected")
+            grace = self._limits.disconnect_grace_seconds
+            if grace <= 0:
+                handle.cancel("client_disconnected")
+            elif handle.disconnect_timer is None:
+                # A reader may come back (a retried POST, a tab shown again, another instance): the
+                # run is cancelled only if none did within the grace period.
+                handle.disconnect_timer = asyncio.get_running_loop().call_later(
+                    grace, self._disconnect_due, handle)
+
+    def _disconnect_due(self, handle: RunHandle) -> None:
+        handle.disconnect_timer = None
+        if handle.watchers or handle.task is None or handle.task.done():
+            return  # a reader came back here, or the run is over
+        handle.disconnect_check = asyncio.create_task(self._cancel_unless_read(handle),
+                                                      name=f"disconnect grace {handle.run_id}")
+
+    async def _cancel_unless_read(self, handle: RunHandle) -> None:
+        try:
+            elsewhere = await self._directory.has_reader(handle.run_id)
+        except StoreUnavailable:
+            elsewhere = False
+        if handle.watchers:
+            return
+        if elsewhere:  # followed through another instance: look again after another grace period
+            handle.disconnect_timer = asyncio.get_running_loop().call_later(
+                self._limits.disconnect_grace_seconds, self._disconnect_due, handle)
+            return
+        handle.cancel("client_disconnected")
 
     def cancel(self, run_id: str, reason: str = "user_cancelled") -> bool:
         handle = self._runs.get(run_id)
@@ -429,9 +508,16 @@ class RunService:
         while self._runs:
             await asyncio.sleep(interval)
             try:
-                await self._directory.renew_leases(list(self._runs), self.instance_id, self._limits.lease_seconds)
+                lost = await self._directory.renew_leases(list(self._runs), self.instance_id,
+                                                          self._limits.lease_seconds)
             except StoreUnavailable:
                 log.warning("could not renew run leases")
+                continue
+            for run_id in lost:
+                handle = self._runs.get(run_id)
+                if handle is not None:
+                    log.warning("run %s: this instance lost its lease; stopping it", run_id)
+                    handle.lose_lease()
 
     # -- internals -------------------------------------------------------------------------
     async def _drive(self, handle: RunHandle, history: Sequence[ChatMessage]) -> None:
@@ -448,12 +534,14 @@ class RunService:
             answer = await agent_run
             handle.deadline = None  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)
-            await run.end(RunStatus.COMPLETED, "completed", "The run completed.")
+            await run.end(RunStatus.COMPLETED, *run.completion)
         except asyncio.CancelledError:
             if handle.over_budget:
                 await self._finish(run, RunStatus.FAILED, "budget_exceeded",
                                    f"The run took longer than {self._limits.max_run_seconds:g} s.",
                                    error=("budget_exceeded", False))
+            elif handle.feed.fenced:
+                pass  # nothing may be logged: whoever declares the run lost writes its end
             elif handle.failure is not None:
                 error = handle.failure
                 code, message = (error.code, error.message) if isinstance(error, AuraError) else (
@@ -468,6 +556,8 @@ class RunService:
                                error=("budget_exceeded", False))
         except ApprovalTimeout as exc:
             await self._finish(run, RunStatus.TIMEOUT, exc.code, exc.message, error=(exc.code, False))
+        except RunFenced:
+            pass  # the log refused the run's events: it is over for this instance
         except RunCancelled as exc:
             await self._finish(run, RunStatus.CANCELLED, exc.code, exc.message)
         except AuraError as exc:
@@ -477,17 +567,24 @@ class RunService:
             await self._finish(run, RunStatus.FAILED, "internal_error", SAFE_INTERNAL_MESSAGE,
                                error=("internal_error", True))
         finally:
+            if handle.disconnect_timer is not None:
+                handle.disconnect_timer.cancel()
+                handle.disconnect_timer = None
             handle.feed.close()
             self._telemetry.run_ended(run.status.value)
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)
-                await self._directory.close(handle.record, run.status.value, self._limits.retention_seconds)
+                if not handle.feed.fenced and not await self._directory.close(handle.record, run.status.value,
+                                                     self._limits.retention_seconds):
+                    log.warning("run %s ended after its lease lapsed; its end is the declaration's",
+                                run.ids.run_id)
             except StoreUnavailable:
                 log.warning("could not record the end of run %s in the directory", run.ids.run_id)
 
     async def _remember(self, run: Run, answer: str) -> None:
-        if self._conversations is None:
+        # Only a thread the client named is continued later: a run without one keeps no history.
+        if self._conversations is None or run.request.thread_id is None:
             return
         turn = {"runId": run.ids.run_id, "prompt": run.request.prompt, "answer": answer,
                 "tools": run.tool_notes, "at": self._clock.timestamp()}
@@ -502,5 +599,7 @@ class RunService:
             if error is not None:
                 await run.error(error[0], message, retryable=error[1])
             await run.end(status, reason, message)
+        except RunFenced:
+            pass  # the log refused the run: whoever declares it lost writes its end
         except Exception:  # the terminal events were still delivered in-process
             log.exception("could not record the end of run %s", run.ids.run_id)

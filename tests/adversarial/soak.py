@@ -136,7 +136,7 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], store: aredis.Redis,
     seqs = [e["seq"] for e in envelopes]
     report.events_expected += seqs[-1] if seqs else 0
     report.events_received += len(set(seqs))
-    if seqs != list(range(1, len(seqs) + 1)) or any(fid != str(e["seq"]) for (fid, e) in frames[:-1]
+    if seqs != list(range(1, len(seqs) + 1)) or any(fid != f"{e['runId']}:{e['seq']}" for (fid, e) in frames[:-1]
                                                      if isinstance(e, dict)):
         report.sequence_gaps += 1
         report.errors.append(f"{marker}: sequence {seqs}")
@@ -197,6 +197,7 @@ class Cluster:
         self.dwp = FakeDwp().start()
         self.dwp.respond("POST", "/api/items", FakeResponse.of_json({"ok": True}, status=201))
         env = {"AURA_TOOLS__DWP_BASE_URL": self.dwp.base_url, "AURA_RUNS__MAX_PER_USER": "10000",
+               "AURA_STREAM__MAX_PER_USER": "10000",
                "AURA_RUNS__MAX_PER_TENANT": "10000", "AURA_LOG__LEVEL": "WARNING",
                "AURA_HITL__RECHECK_SECONDS": "5", "PYTHONPATH": os.environ.get("AURA_SOAK_SRC", str(ROOT / "src")),
                **self.extra_env}

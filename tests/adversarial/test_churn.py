@@ -66,7 +66,10 @@ async def test_a_thousand_rapid_connect_disconnects_leak_nothing(
     (repo / "f.txt").write_text("x\n")
     git(repo, "add", "f.txt")
     aura = start_aura(redis_url=own_redis[0].url, env={
-        "AURA_RUNS__MAX_PER_USER": "5000", "AURA_RUNS__MAX_PER_TENANT": "5000", "AURA_LOG__LEVEL": "WARNING",
+        "AURA_RUNS__MAX_PER_USER": "5000", "AURA_RUNS__MAX_PER_TENANT": "5000",
+        "AURA_STREAM__MAX_PER_USER": "5000", "AURA_LOG__LEVEL": "WARNING",
+        # every hang-up is final here: the grace period for a returning reader is tested elsewhere
+        "AURA_STREAM__DISCONNECT_GRACE_SECONDS": "0.05",
         "AURA_REDIS__MAX_CONNECTIONS": str(POOL_SIZE)})
     assert aura.process is not None
     store = redis.Redis.from_url(own_redis[0].url)

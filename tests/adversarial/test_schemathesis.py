@@ -41,6 +41,7 @@ def test_every_operation_survives_generated_requests(start_aura: Callable[..., A
                                                      own_redis: list[RedisServer]) -> None:
     aura = start_aura(redis_url=own_redis[0].url, env={
         "AURA_HITL__TIMEOUT_SECONDS": "1", "AURA_RUNS__MAX_PER_USER": "1000", "AURA_RUNS__MAX_PER_TENANT": "1000",
+        "AURA_STREAM__MAX_PER_USER": "1000",
         "AURA_LOG__LEVEL": "WARNING", "PYTHONPATH": str(SRC)})  # this working tree, not another install
     schema = schemathesis.openapi.from_url(f"{aura.url}/openapi.json")
     failures: list[str] = []
@@ -62,5 +63,5 @@ def test_every_operation_survives_generated_requests(start_aura: Callable[..., A
         except Unsatisfiable:  # nothing to make invalid (an operation without parameters or body)
             operations[-1] += " [no invalid input exists]"
     print(f"schemathesis: {len(operations)} operations x {EXAMPLES_PER_OPERATION} examples: {operations}")
-    assert len(operations) == 30, operations
+    assert len(operations) == 32, operations  # 16 operations, positive and negative
     assert failures == [], "\n".join(sorted(set(failures))[:30])

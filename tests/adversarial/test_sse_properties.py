@@ -69,18 +69,18 @@ def test_httpx_sse_reads_back_exactly_what_was_encoded(data: str, event: str | N
     assert done.data == "[DONE]" and done.event == "message"
 
 
-def test_httpx_sse_turns_a_comment_after_an_id_into_an_empty_event() -> None:
-    """A finding, pinned: Aura's heartbeat (`: ping` + blank line) is spec-correct — a blank line with
-    an empty data buffer dispatches nothing (WHATWG "dispatch the event", step 2) — but httpx-sse
-    0.4.x dispatches an empty "message" whenever a last event id is set, and also for a retry-only
-    block. Any httpx-sse client of Aura (tests/sse_client.py included) must skip events whose data
-    is empty; the soak and load clients here do. Sending heartbeats as `: ping\n` without the blank
-    line would avoid it for every parser."""
-    body = encode_event("{}", event="content", event_id=3) + HEARTBEAT_FRAME + b"retry: 1000\n\n" + DONE_FRAME
-    events = parse(body, [])
-    assert [(e.event, e.data, e.id, e.retry) for e in events] == [
-        ("content", "{}", "3", None), ("message", "", "3", None), ("message", "", "3", 1000),
-        ("message", "[DONE]", "3", None)]
+def test_heartbeats_and_the_reconnect_hint_never_reach_httpx_sse_as_events() -> None:
+    """httpx-sse 0.4.x dispatches an empty "message" on any blank line once a last event id is set
+    (and for a retry-only block), so a heartbeat of `: ping` plus a blank line reached its callers
+    as an event with empty data (`json.loads("")` fails). Aura's heartbeat is the comment line
+    alone, and its reconnect hint has no blank line either."""
+    assert HEARTBEAT_FRAME == b": ping\n"
+    body = (encode_event("{}", event="content", event_id=3) + HEARTBEAT_FRAME + HEARTBEAT_FRAME
+            + encode_event("[]", event="content", event_id=4) + HEARTBEAT_FRAME + DONE_FRAME)
+    assert [(e.event, e.data, e.id) for e in parse(body, [])] == [
+        ("content", "{}", "3"), ("content", "[]", "4"), ("message", "[DONE]", "4")]
+    cut_short = encode_event("{}", event="content", event_id=3) + encode_comment("reconnect") + b"retry: 1000\n"
+    assert [(e.event, e.data) for e in parse(cut_short, [])] == [("content", "{}")]
 
 
 @PROPS
@@ -126,8 +126,9 @@ def test_the_run_event_fast_path_gives_the_general_encoders_bytes(
         type_: EventType, seq: int, content: str, extra: dict[str, str], retry: int | None) -> None:
     event = Event(type_, seq, RunIds("run_1", "ses_1", "thr_1", "t" * 32), 1767000000000,
                   {**extra, "content": content})
-    general = encode_event(orjson.dumps(event.envelope()).decode(), event=type_.value, event_id=seq,
+    general = encode_event(orjson.dumps(event.envelope()).decode(), event=type_.value, event_id=f"run_1:{seq}",
                            retry_ms=retry)
     assert encode_run_event(event, retry_ms=retry) == general
     (parsed,) = parse(general + DONE_FRAME, [])[:1]
+    assert parsed.id == f"run_1:{seq}"  # the id names the run: a retried POST resumes it
     assert orjson.loads(parsed.data)["data"]["content"] == content

@@ -244,6 +244,22 @@ def test_dev_mode_mints_a_token_and_the_answer_streams_chunk_by_chunk(
     expect(region(page, "Tool executions").locator("li")).to_have_count(0)
 
 
+def test_a_streamed_thought_grows_in_one_item_and_ends_as_its_final_text(
+        start_aura: Callable[..., AuraProcess], page: Page) -> None:
+    aura = start_aura(env={"AURA_AUTH__DEV_MODE": "true"})
+    open_console(page, aura)
+    page.get_by_role("button", name="Mint dev token").click()
+    # the offline model plans two steps for this; the plan's descriptions stream as pieces
+    start_run(page, "Show me the recent history of this repository")
+    expect(page.locator("#run-status")).to_have_text("completed")
+    planning = page.locator("#thoughts li", has=page.locator(".thought-type", has_text="planning"))
+    expect(planning).to_have_count(1)
+    expect(planning.locator(".thought-text")).to_have_text(
+        "Planned 3 step(s): 1. Read the request and the page context; 2. Read the recent commit history; "
+        "3. Summarise the findings for the user")
+    expect(page.locator("#thoughts li.thought-growing")).to_have_count(0)
+
+
 def test_http_errors_show_the_problem_code(start_aura: Callable[..., AuraProcess], page: Page,
                                            page_problems: PageProblems) -> None:
     page_problems.allow(r"^error: Failed to load resource: the server responded with a status of 401 ")
@@ -348,7 +364,8 @@ def in_browser(page: Page, body: str) -> Any:
         const client = await import(new URL("console/aura-client.js", location.href).href);
         const encoder = new TextEncoder();
         const frame = (seq, type, data) =>
-            `id: ${{seq}}\\nevent: ${{type}}\\ndata: ${{JSON.stringify({{type, seq, runId: "run_1", data}})}}\\n\\n`;
+            `id: run_1:${{seq}}\\nevent: ${{type}}\\n` +
+            `data: ${{JSON.stringify({{type, seq, runId: "run_1", data}})}}\\n\\n`;
         // a response body that hands out one part per read, then closes, errors, hangs, or errors
         // once the given promise settles (streams drop data queued before an error, so a test
         // that needs every part read first errors only when its client has seen them)
@@ -429,7 +446,7 @@ def test_a_dropped_stream_resumes_with_last_event_id_and_delivers_each_event_onc
                                     {"attempt": 2, "lastSeq": 3, "delayMs": 2},
                                     {"attempt": 3, "lastSeq": 3, "delayMs": 4}]
     resume = {"url": f"{origin}/api/aura/runs/run_1/events", "method": "GET", "body": None,
-              "headers": {"Accept": "text/event-stream", "Last-Event-ID": "3", "Authorization": "Bearer tok"}}
+              "headers": {"Accept": "text/event-stream", "Last-Event-ID": "run_1:3", "Authorization": "Bearer tok"}}
     assert result["calls"] == [
         {"url": f"{origin}/api/aura/test/stream", "method": "POST",
          "body": '{"prompt":"p","onDisconnect":"continue"}',
@@ -492,7 +509,7 @@ def test_notices_without_an_id_are_delivered_and_never_move_last_event_id(client
     assert result == {
         "outcome": {"runId": "run_1", "status": "completed", "lastSeq": 11},
         "delivered": [["start", 1], ["thought", 2], ["error", 0], ["snapshot", 0], ["thought", 10], ["end", 11]],
-        "lastEventIds": [None, "2", "10"],
+        "lastEventIds": [None, "run_1:2", "run_1:10"],
     }
 
 
@@ -511,7 +528,8 @@ def test_a_silent_connection_counts_as_dropped(client_page: Page) -> None:
         const outcome = await aura.streamRun({prompt: "p"});
         return {outcome, lastEventIds};
     """)
-    assert result == {"outcome": {"runId": "run_1", "status": "timeout", "lastSeq": 2}, "lastEventIds": [None, "1"]}
+    assert result == {"outcome": {"runId": "run_1", "status": "timeout", "lastSeq": 2},
+                      "lastEventIds": [None, "run_1:1"]}
 
 
 def test_failures_become_problems_or_stream_errors(client_page: Page) -> None:

@@ -20,6 +20,7 @@ from domain.model import (
     ModelChunk,
     ModelTurn,
     Purpose,
+    ReasoningDelta,
     Role,
     ToolCall,
     ToolCallDelta,
@@ -40,6 +41,13 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
+
+# a conversation after one tool call: the call, then its result
+TOOL_HISTORY = [
+    ChatMessage(Role.USER, PROMPT),
+    ChatMessage(Role.ASSISTANT, tool_calls=(ToolCall("call_1", "get_weather", '{"city":"Zürich"}'),)),
+    ChatMessage(Role.TOOL, '{"temp": 21}', tool_call_id="call_1", name="get_weather"),
+]
 
 ModelFactory = Callable[..., OpenAICompatibleChatModel]
 
@@ -240,13 +248,8 @@ async def test_sends_tools_and_converts_tool_calls_and_tool_results(
     server: ChatServer, make_model: ModelFactory
 ) -> None:
     server.enqueue(Stream.recording("content"))
-    history = [
-        ChatMessage(Role.USER, PROMPT),
-        ChatMessage(Role.ASSISTANT, tool_calls=(ToolCall("call_1", "get_weather", '{"city":"Zürich"}'),)),
-        ChatMessage(Role.TOOL, '{"temp": 21}', tool_call_id="call_1", name="get_weather"),
-    ]
 
-    await collect(make_model(), ChatRequest(history, Purpose.STEP, tools=[WEATHER_TOOL]))
+    await collect(make_model(), ChatRequest(TOOL_HISTORY, Purpose.STEP, tools=[WEATHER_TOOL]))
 
     body = server.requests[0].body
     assert body["messages"] == [
@@ -427,10 +430,19 @@ async def test_chunks_of_an_unexpected_shape_are_bad_responses(
     assert len(server.requests) == 1
 
 
+async def test_a_prompt_beyond_the_window_is_a_context_overflow_not_a_generic_rejection(
+    server: ChatServer, make_model: ModelFactory, sleep: RecordingSleep
+) -> None:
+    server.enqueue(Reply.error(400, f"Your messages resulted in too many tokens: {PROMPT}", "context_length_exceeded",
+                               "invalid_request_error"))
+    _, error = await collect_until_error(make_model(), user_request())
+    assert (error.code, error.retryable) == ("context_overflow", False)
+    assert error.message == ("The request is larger than the model's context window; set "
+                             "AURA_MODEL__CONTEXT_WINDOW to the model's real window.")
+    assert PROMPT not in str(error) and sleep.delays == []
+
+
 @pytest.mark.parametrize(("reply", "message"), [
-    (Reply.error(400, f"Your messages resulted in too many tokens: {PROMPT}", "context_length_exceeded",
-                 "invalid_request_error"),
-     "The model rejected the request (HTTP 400, context_length_exceeded)."),
     (Reply.error(404, "The model `gpt-9` does not exist", "model_not_found", "invalid_request_error"),
      "The model rejected the request (HTTP 404, model_not_found)."),
     (Reply(422, f"unprocessable: {PROMPT}"), "The model rejected the request (HTTP 422)."),
@@ -519,3 +531,81 @@ async def test_logs_never_contain_the_key_or_the_prompt(
     assert "status=429" in logged
     assert KEY not in logged
     assert PROMPT not in logged
+
+
+# --- what a real model needs: budgets, schemas, forced tools, reasoning ------------------------
+
+PLAN_SCHEMA = {"type": "object", "properties": {"steps": {"type": "array", "items": {
+    "type": "object", "properties": {"description": {"type": "string", "minLength": 1, "maxLength": 200}}}}},
+    "required": ["steps"]}
+
+
+@pytest.mark.parametrize(("flavour", "budget_field", "response_format"), [
+    ("openai", "max_completion_tokens",
+     {"type": "json_schema", "json_schema": {"name": "aura_output", "schema": PLAN_SCHEMA, "strict": False}}),
+    ("vllm", "max_tokens",
+     {"type": "json_schema", "json_schema": {"name": "aura_output", "schema": PLAN_SCHEMA, "strict": False}}),
+    ("ollama", "max_tokens",
+     {"type": "json_schema", "json_schema": {"name": "aura_output", "schema": PLAN_SCHEMA, "strict": False}}),
+    # llama.cpp: its own form, without the bounds its grammar compiler unrolls (a maxLength of 200
+    # killed llama-cpp-python's server)
+    ("llamacpp", "max_tokens", {"type": "json_object", "schema": {
+        "type": "object", "properties": {"steps": {"type": "array", "items": {
+            "type": "object", "properties": {"description": {"type": "string"}}}}}, "required": ["steps"]}}),
+])
+async def test_a_plan_request_carries_its_budget_and_schema_in_each_servers_form(
+    server: ChatServer, make_model: ModelFactory, flavour: str, budget_field: str, response_format: dict[str, Any]
+) -> None:
+    server.enqueue(Stream.recording("content"))
+    await collect(make_model(flavour=flavour), user_request(json_output=True, json_schema=PLAN_SCHEMA, max_tokens=300))
+    body = server.requests[0].body
+    assert body[budget_field] == 300 and ({"max_tokens", "max_completion_tokens"} - {budget_field}).isdisjoint(body)
+    assert body["response_format"] == response_format
+
+
+async def test_a_forced_tool_is_named_in_tool_choice_and_llamacpp_gets_unbounded_parameters(
+    server: ChatServer, make_model: ModelFactory
+) -> None:
+    bounded = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 1024, "pattern": "^[A-Z]"}}}}}
+    server.enqueue(Stream.recording("content"), Stream.recording("content"))
+    await collect(make_model(), user_request(tools=[bounded], tool_choice="get_weather"))
+    await collect(make_model(flavour="llamacpp"), user_request(tools=[bounded], tool_choice="get_weather"))
+    openai_body, llama_body = server.requests[0].body, server.requests[1].body
+    assert openai_body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert openai_body["tools"] == [bounded]
+    assert llama_body["tools"][0]["function"]["parameters"] == {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}
+
+
+async def test_llamacpp_gets_plain_turns_its_chat_templates_can_show_the_model(
+    server: ChatServer, make_model: ModelFactory
+) -> None:
+    server.enqueue(Stream.recording("content"))
+    await collect(make_model(flavour="llamacpp"),
+                  ChatRequest([ChatMessage(Role.SYSTEM, "You are Aura."), *TOOL_HISTORY], Purpose.STEP))
+    assert server.requests[0].body["messages"] == [
+        {"role": "user", "content": f"You are Aura.\n\n{PROMPT}"},
+        {"role": "assistant", "content": 'I call get_weather with {"city":"Zürich"}.'},
+        {"role": "user", "content": 'Result of the tool get_weather:\n{"temp": 21}'},
+    ]
+
+
+async def test_reasoning_deltas_and_a_tool_name_repeated_in_every_delta(
+    server: ChatServer, make_model: ModelFactory
+) -> None:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return data_frame({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    call = {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather"}}
+    server.enqueue(Stream([
+        chunk({"role": "assistant", "reasoning_content": "Thinking about "}),
+        chunk({"reasoning": "the city."}),
+        # llama-cpp-python's server: the whole name again in every delta of the call
+        chunk({"tool_calls": [{**call, "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+        chunk({"tool_calls": [{**call, "function": {"name": "get_weather", "arguments": '"Zürich"}'}}]}),
+        chunk({}, "tool_calls"), DONE]))
+    chunks = await collect(make_model(flavour="llamacpp"), user_request())
+    assert [c.text for c in chunks if isinstance(c, ReasoningDelta)] == ["Thinking about ", "the city."]
+    assert assemble(chunks).tool_calls() == [ToolCall("call_0", "get_weather", '{"city":"Zürich"}')]

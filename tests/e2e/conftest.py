@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.aura_process import AuraProcess
+from tests.redis_server import RedisServer
 from tests.support import make_repo
 
 
@@ -30,3 +32,21 @@ def start_aura(e2e_workspace: Path, tmp_path: Path) -> Iterator[Callable[..., Au
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster(start_aura: Callable[..., AuraProcess], redis_server: RedisServer,
+            clean_redis: redis.Redis) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
+    def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
+        a = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-a", **env})
+        b = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-b", **env})
+        return a, b
+    return start

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +17,13 @@ import pytest
 import redis
 
 from adapters.redis import approvals
+from adapters.redis.client import LuaScript
 from tests.aura_process import AuraProcess
 from tests.redis_server import RedisServer
 from tests.sse_client import open_run
 from tests.support import bearer, check_event, git
 
 COMMIT = '@git_commit {"repo_path": "repo", "message": "Add feature"}'
-
-
-@pytest.fixture
-def clean_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def cluster(start_aura: Callable[..., AuraProcess], redis_server: RedisServer,
-            clean_redis: redis.Redis) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
-    def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
-        a = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-a", **env})
-        b = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-b", **env})
-        return a, b
-    return start
 
 
 def stage(workspace: Path) -> Path:
@@ -73,7 +56,7 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
             request_id = hitl["data"]["requestId"]
             assert (await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer("alice", "globex"))
                     ).status_code == 404
-            assert (await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer("carol"))).status_code == 403
+            assert (await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer("carol"))).status_code == 404
             approve_a, approve_b = await asyncio.gather(
                 on_a.post(f"/aura/hitl/approve/{request_id}", headers=bearer()),
                 on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer("mgr", role="manager")))
@@ -101,11 +84,16 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
         assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "rejected"]
         assert git(repo, "log", "-1", "--format=%s") == "Add feature"  # the rejected commit does not exist
         decided = json.loads(clean_redis.get(f"hitl:request:{hitl['data']['requestId']}"))
-        assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", "u1", "not now")
+        # "u1" is not the request's own user: Aura cannot check that name, so decidedBy stays null.
+        assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", None, "not now")
+
+
+APPROVAL_SCRIPTS = {LuaScript.of(body).sha.decode() for body in (approvals._DECIDE, approvals._DECIDE_IN_PLACE)}
 
 
 class ScriptCalls:
-    """Counts the scripts clients run on the server (MONITOR, in a thread) until stopped."""
+    """Counts the approval scripts clients run on the server (MONITOR, in a thread) until stopped
+    (the event log's appends and the lease renewals are scripts too: not counted)."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -121,7 +109,8 @@ class ScriptCalls:
                 name = command["command"].split(" ", 1)[0].upper()
                 if name == "ECHO" and "stop-counting" in command["command"]:
                     break
-                if command["client_type"] != "lua" and name in {"EVAL", "EVALSHA", "FCALL"}:
+                if command["client_type"] != "lua" and name in {"EVAL", "EVALSHA", "FCALL"} and \
+                        command["command"].split(" ", 2)[1] in APPROVAL_SCRIPTS:
                     self.calls.append(name)
         client.close()
 
@@ -253,7 +242,7 @@ async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
 
 async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, _ = cluster()
+    a, _ = cluster(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         async with open_run(client, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
@@ -348,7 +337,7 @@ async def test_per_user_limit_answers_429_with_retry_after(
 
 async def test_a_client_that_never_reads_is_dropped_while_others_flow(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]]) -> None:
-    a, _ = cluster(AURA_STREAM__SEND_TIMEOUT_SECONDS="1")
+    a, _ = cluster(AURA_STREAM__SEND_TIMEOUT_SECONDS="1", AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     # 30,000 events of ~300 bytes, one per millisecond: the run lasts over 30 s, and the ~4 MiB the
     # socket buffers of both ends hold fill up well before that, so the drop comes mid-run
     big = "x" * 30_000

@@ -65,7 +65,13 @@ async def test_a_real_model_run_with_approval_and_a_remembered_thread(
         assert plan_request.headers["authorization"] == "Bearer sk-test-key"
         assert plan_request.headers["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
         assert plan_request.body["model"] == "gpt-test" and plan_request.body["stream"] is True
-        assert plan_request.body["response_format"] == {"type": "json_object"}
+        plan_format = plan_request.body["response_format"]
+        assert plan_format["type"] == "json_schema" and plan_format["json_schema"]["strict"] is False
+        variants = plan_format["json_schema"]["schema"]["properties"]["steps"]["items"]["anyOf"]
+        assert {"git_commit", "git_status"} <= {n for v in variants for n in v["properties"]["tool"].get("enum", [])}
+        assert plan_request.body["max_completion_tokens"] == 768  # the plan's budget, by default
+        # the step's first call names the planned tool
+        assert step_request.body["tool_choice"] == {"type": "function", "function": {"name": "git_commit"}}
         assert "Repo page" in plan_request.body["messages"][0]["content"]
         tool_names = {t["function"]["name"] for t in step_request.body["tools"]}
         assert {"git_commit", "git_status", "git_log"} <= tool_names
@@ -88,13 +94,17 @@ async def test_a_real_model_run_with_approval_and_a_remembered_thread(
             assert "git_commit success" in history[2]["content"]
             assert history[3]["content"] == "What did we do?"
 
-            stolen = await client.post("/aura/test/stream", headers=bearer("bob"),
-                                       json={"prompt": "Show me", "thread_id": "thread-1"})
-            assert stolen.status_code == 404 and stolen.json()["code"] == "thread_not_found"
-            other_tenant = await client.post("/aura/test/stream", headers=bearer("alice", "globex"),
-                                             json={"prompt": "Show me", "thread_id": "thread-1"})
-            assert other_tenant.status_code == 404
-        assert len(chat.requests) == 7  # refused runs never reached the model
+            # The same thread id from another user or tenant names a thread of their own: empty.
+            for headers in (bearer("bob"), bearer("alice", "globex")):
+                chat.enqueue(Stream(content_frames(['{"steps": []}'])), Stream(content_frames(["Nothing."])),
+                             Stream(content_frames(["Nothing yet."])))
+                seen = len(chat.requests)
+                other = await client.post("/aura/test/stream", headers=headers,
+                                          json={"prompt": "Show me", "thread_id": "thread-1"})
+                assert other.status_code == 200 and other.text.endswith("data: [DONE]\n\n")
+                sent = chat.requests[seen].body["messages"]
+                assert "assistant" not in [m["role"] for m in sent]  # no earlier turn
+                assert "Please commit my staged work" not in json.dumps(sent)
     store.close()
 
 

@@ -57,7 +57,7 @@ async def test_stream_over_real_http(start_aura: Callable[..., AuraProcess], e2e
 
 async def test_client_disconnect_cancels_the_run_and_its_approval(start_aura: Callable[..., AuraProcess],
                                                                   e2e_workspace: Path) -> None:
-    aura = start_aura()
+    aura = start_aura(env={"AURA_STREAM__DISCONNECT_GRACE_SECONDS": "0.3"})  # nobody comes back
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=aura.url, timeout=10) as client:
         async with open_run(client, {"prompt": COMMIT}, bearer()) as run:
@@ -66,7 +66,7 @@ async def test_client_disconnect_cancels_the_run_and_its_approval(start_aura: Ca
         started = time.monotonic()
         record = await wait_for_status(client, hitl["data"]["requestId"], "cancelled")
         assert record["status"] == "cancelled"
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 1.8
 
 
 async def test_heartbeats_flow_while_a_run_waits(start_aura: Callable[..., AuraProcess], e2e_workspace: Path) -> None:
@@ -77,7 +77,7 @@ async def test_heartbeats_flow_while_a_run_waits(start_aura: Callable[..., AuraP
         seen = ""
         async for text in response.aiter_text():
             seen += text
-            if seen.count(": ping\n\n") >= 3:
+            if seen.count(": ping\n") >= 3:
                 break
         assert "event: hitl\n" in seen
 

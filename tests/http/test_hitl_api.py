@@ -40,8 +40,14 @@ async def test_approve_through_the_api_runs_the_commit(app: Quart, workspace: Pa
 
     other_tenant = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("alice", "globex"))
     assert other_tenant.status_code == 404 and (await other_tenant.get_json())["code"] == "approval_not_found"
-    colleague = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("carol"))
-    assert colleague.status_code == 403 and (await colleague.get_json())["code"] == "not_an_approver"
+    # A colleague who is not an approver cannot tell this request from an id that does not exist.
+    for method, path in (("GET", f"/aura/hitl/requests/{request_id}"), ("POST", f"/aura/hitl/approve/{request_id}"),
+                         ("POST", f"/aura/hitl/reject/{request_id}"), ("GET", f"/aura/hitl/signals/{session_id}")):
+        colleague = await client.open(path, method=method, headers=bearer("carol"))
+        unknown = await client.open(path.replace(request_id, "hitl_unknown").replace(session_id, "ses_unknown"),
+                                    method=method, headers=bearer("carol"))
+        assert colleague.status_code == unknown.status_code == 404
+        assert {**await colleague.get_json(), "traceId": None} == {**await unknown.get_json(), "traceId": None}
     assert git(repo, "log", "--format=%s") == "Initial commit"
 
     approved = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer("mgr", role="manager"))
@@ -51,6 +57,12 @@ async def test_approve_through_the_api_runs_the_commit(app: Quart, workspace: Pa
     assert isinstance(decided["decidedAt"], int)
     again = await client.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
     assert again.status_code == 409
+    assert (await client.get(f"/aura/hitl/signals/{session_id}", headers=bearer())).status_code == 200
+    colleague_signal = await client.get(f"/aura/hitl/signals/{session_id}", headers=bearer("carol"))
+    unknown_signal = await client.get("/aura/hitl/signals/ses_unknown", headers=bearer("carol"))
+    assert colleague_signal.status_code == unknown_signal.status_code == 404
+    assert {**await colleague_signal.get_json(), "traceId": None} == \
+        {**await unknown_signal.get_json(), "traceId": None}
     assert {k: v for k, v in (await again.get_json()).items() if k in ("code", "requestStatus", "decidedBy")} == \
         {"code": "already_decided", "requestStatus": "approved", "decidedBy": "mgr"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -86,3 +87,54 @@ async def test_openapi_covers_every_route_with_problem_responses(app: Any) -> No
         assert stream["responses"][status]["content"]["application/problem+json"]
     assert stream["security"] == [{"bearer": []}]
     assert "security" not in spec["paths"]["/health"]["get"]
+    assert "security" not in spec["paths"]["/"]["get"]
+
+
+async def test_tool_names_a_model_invents_never_become_label_values() -> None:
+    # A prompt-injected model would spell stolen data in the names of the tools it calls.
+    from adapters.metrics.prometheus import PrometheusMetrics
+    from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
+    from tests.unit.harness import Harness, collect
+
+    metrics = PrometheusMetrics(tool_names=["read"])
+    plan = text(json.dumps({"steps": [{"description": "Look", "tool": "read"}]}))
+    for number in range(20):
+        model = ScriptedModel(plan, tool_call(f"leak_secret_{number:02}", "{}"), text("hm"), text("Done."))
+        harness = Harness(model, tools=[RecordingTool("read")], telemetry=metrics)
+        _, watcher = await harness.start()
+        await collect(watcher)
+
+    text_ = metrics.exposition().decode()
+    assert "leak_secret" not in text_
+    tool_series = {line for line in text_.splitlines() if line.startswith("aura_tool_calls_total{")}
+    assert tool_series == {'aura_tool_calls_total{status="failed",tool="other"} 20.0'}
+
+
+def test_every_label_comes_from_a_closed_set() -> None:
+    from adapters.metrics.prometheus import PrometheusMetrics
+
+    metrics = PrometheusMetrics(tool_names=["git_status"])
+
+    def report_invented(first: int, count: int) -> int:
+        for number in range(first, first + count):
+            name = f"invented_{number}"
+            metrics.tool_call(name, name)
+            metrics.run_ended(name)
+            metrics.events_written(name)
+            metrics.approval_wait_ended(name, 1.0)
+            metrics.model_call(name, 1.0, name)
+            metrics.auth_failed(name)
+        return len(metrics.exposition().decode().splitlines())
+
+    metrics.tool_call("git_status", "success")
+    series_after_1000 = report_invented(0, 1000)
+    assert report_invented(1000, 1000) == series_after_1000
+
+    text = metrics.exposition().decode()
+    assert 'aura_tool_calls_total{status="success",tool="git_status"}' in text
+    assert 'aura_tool_calls_total{status="other",tool="other"} 2000.0' in text
+    assert 'aura_runs_total{status="other"} 2000.0' in text
+    assert 'aura_events_sent_total{type="other"} 2000.0' in text
+    assert 'aura_approval_decisions_total{outcome="other"} 2000.0' in text
+    assert 'aura_model_call_seconds_count{purpose="other"} 2000.0' in text
+    assert "invented_1999" not in text

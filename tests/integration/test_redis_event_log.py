@@ -12,8 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.redis.client import create_redis, shared_connection
-from adapters.redis.events import RedisEventLog
-from domain.errors import StoreUnavailable
+from adapters.redis.events import APPEND_SCRIPT, RedisEventLog
+from domain.errors import RunFenced, StoreUnavailable
 from domain.events import Event, EventType, RunIds
 from tests.integration.commands import CommandLog
 
@@ -95,8 +95,10 @@ async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unu
     await log.append(event(5, EventType.END))
     assert reports[1:] == [(3, "StoreUnavailable"), (4, None)]
     assert [e.seq for e in await log.read_after("run_a", 0)] == [4, 5]
-    await log.close_run("run_a")  # a closed run starts afresh if its id were ever reused
-    await log.append(event(6))
+    await log.close_run("run_a")
+    with pytest.raises(RunFenced, match="already ended"):  # a finished run's log takes nothing more
+        await log.append(event(6))
+    assert [e.seq for e in await log.read_after("run_a", 0)] == [4, 5]
     await log.aclose()
 
 
@@ -126,12 +128,13 @@ async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
 
 async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: RedisEventLog,
                                                                     redis_client: Redis) -> None:
+    await redis_client.script_load(APPEND_SCRIPT.body)  # known to the server, as after the first batch
     commands = CommandLog(redis_client)
     for seq in range(1, 51):
         event_log.submit(event(seq), {"lastSeq": seq} if seq % 10 == 0 else None, lambda _: None)
         event_log.submit(event(seq, ids=OTHER), None, lambda _: None)
     await event_log.append(event(51))
-    assert commands.take() == ["XADD"]  # all 101 were queued before the flusher ran: one round trip
+    assert commands.take() == ["EVALSHA"]  # all 101 were queued before the flusher ran: one round trip
     assert await redis_client.xlen("aura:run:run_a:events") == 51
     assert await redis_client.xlen("aura:run:run_b:events") == 50
     assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 50}

@@ -102,7 +102,8 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
     await until(watcher, tool_status("running"))
 
     assert log.take() == ["PUBLISH", "EVALSHA"]  # the gate: one compare-and-set
-    approved = pending.decide(ApprovalStatus.APPROVED, by="dwp-user", at=h.clock.timestamp(), reason=None)
+    # "dwp-user" is not the request's own user, so Aura cannot check it: decidedBy stays null.
+    approved = pending.decide(ApprovalStatus.APPROVED, by=None, at=h.clock.timestamp(), reason=None)
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(approved.to_record())
     assert await redis_client.get("hitl:session:" + session) == compact_json(approved.session_record())
     assert 1798 <= await redis_client.ttl("hitl:request:" + request_id) <= 1800

@@ -133,7 +133,8 @@ async def test_the_documented_redis_commands_read_and_approve(aura_on_redis: Aur
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"
             and e["data"]["toolName"] == "git_commit"][-1] == "success"
     decided = stored_json(client, f"hitl:request:{ids['request_id']}")
-    assert (decided["status"], decided["decidedBy"]) == ("approved", "u1")
+    # The documented signal names "u1", not the request's own user: Aura records no unchecked decider.
+    assert (decided["status"], decided["decidedBy"]) == ("approved", None)
     assert git(aura_on_redis.workspace / "repo", "log", "-1", "--format=%s") == "Approved from Java"
 
 
@@ -152,7 +153,7 @@ async def test_the_documented_redis_commands_reject(aura_on_redis: AuraProcess, 
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"
             and e["data"]["toolName"] == "git_commit"][-1] == "rejected"
     decided = stored_json(client, f"hitl:request:{ids['request_id']}")
-    assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", "u1", "not now")
+    assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", None, "not now")
     assert git(aura_on_redis.workspace / "repo", "log", "-1", "--format=%s") == "Initial commit"
 
 

@@ -28,7 +28,7 @@ from tests.aura_process import AuraProcess, free_port
 from tests.proxy.nginx_process import SHIPPED_SITE, NginxProcess, shipped_site
 from tests.redis_server import RedisServer
 from tests.sse_client import RunReader
-from tests.support import Frame, bearer, events_of, git, make_repo, parse_sse
+from tests.support import Frame, FrameParser, bearer, events_of, git, make_repo, parse_sse
 
 HEARTBEAT_SECONDS = 0.3
 READ_TIMEOUT_SECONDS = 1.0  # proxy_read_timeout of /api/aura/ in config/nginx-test.conf.template
@@ -100,12 +100,15 @@ class FrameReader:
     def __init__(self, response: httpx.Response) -> None:
         self._pieces = response.aiter_text().__aiter__()
         self._buffer = ""
+        self._parser = FrameParser()
 
     async def next(self) -> Frame:
-        while "\n\n" not in self._buffer:
-            self._buffer += await self._pieces.__anext__()
-        block, self._buffer = self._buffer.split("\n\n", 1)
-        return parse_sse(block + "\n\n")[0]
+        while True:
+            while "\n" not in self._buffer:
+                self._buffer += await self._pieces.__anext__()
+            line, self._buffer = self._buffer.split("\n", 1)
+            if (frame := self._parser.line(line)) is not None:
+                return frame
 
     async def until_event(self, event_type: str) -> Frame:
         while (frame := await self.next()).event != event_type:

@@ -16,7 +16,7 @@ from domain.errors import StoreUnavailable, ToolFailure
 from domain.events import Event
 from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
 from domain.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
-from domain.runs import IdempotencyClaim, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
 from domain.tools import Tool, ToolContext, ToolSpec
 
 
@@ -164,6 +164,10 @@ class MemoryEventLog(EventLog):
         log = self.events.get(run_id)
         return log[0].seq if log else None
 
+    async def last_event(self, run_id: str) -> Event | None:
+        log = self.events.get(run_id)
+        return log[-1] if log else None
+
     def trim(self, run_id: str, keep_from_seq: int) -> None:
         self.events[run_id] = [e for e in self.events[run_id] if e.seq >= keep_from_seq]
 
@@ -178,6 +182,8 @@ class MemoryRunDirectory(RunDirectory):
         self.idempotency: dict[tuple[str, str, str], IdempotencyClaim] = {}
         self.slots: dict[str, set[str]] = defaultdict(set)
         self._log = log
+        self.approvals: MemoryApprovalStore | None = None
+        self.readers: set[str] = set()
 
     async def get(self, run_id: str) -> RunRecord | None:
         return self.records.get(run_id)
@@ -187,9 +193,9 @@ class MemoryRunDirectory(RunDirectory):
             self.records[run_id] = replace(self.records[run_id], status=status)
         self.leases.pop(run_id, None)
 
-    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> None:
-        for run_id in run_ids:
-            self.leases[run_id] = instance_id
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> list[str]:
+        lost = [run_id for run_id in run_ids if self.leases.get(run_id) != instance_id]
+        return lost
 
     async def lease_holder(self, run_id: str) -> str | None:
         return self.leases.get(run_id)
@@ -217,10 +223,47 @@ class MemoryRunDirectory(RunDirectory):
         self.leases[record.run_id] = record.instance_id
         return None
 
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> None:
+    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
+        if self.leases.get(record.run_id) != record.instance_id:
+            return False
         await self.finish(record.run_id, status, retention_seconds)
+        self._free(record)
+        return True
+
+    def _free(self, record: RunRecord) -> None:
         self.slots[f"user:{record.tenant_id}:{record.user_id}"].discard(record.run_id)
         self.slots[f"tenant:{record.tenant_id}"].discard(record.run_id)
+
+    async def declare_lost(self, lost: LostRun) -> str:
+        run_id = lost.record.run_id
+        if run_id in self.leases:
+            return "alive"
+        current = self.records.get(run_id)
+        log = self._log.events[run_id]
+        if current is None or current.status != "running" or (log and log[-1].is_terminal):
+            return "finished"
+        if (log[-1].seq if log else 0) != lost.after_seq:
+            return "moved"
+        log += [lost.error, lost.end]
+        self.records[run_id] = replace(current, status="failed")
+        if lost.snapshot is not None:
+            self._log.snapshots[run_id] = lost.snapshot
+        self._free(current)
+        if lost.approval is not None and self.approvals is not None:
+            stored, cancelled = lost.approval
+            if self.approvals.requests.get(cancelled.request_id) == stored.request:
+                self.approvals.requests[cancelled.request_id] = cancelled
+        return "declared"
+
+    async def stale_runs(self, limit: int) -> list[str]:
+        return [run_id for run_id, record in self.records.items()
+                if record.status == "running" and run_id not in self.leases][:limit]
+
+    async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
+        self.readers.add(run_id)
+
+    async def has_reader(self, run_id: str) -> bool:
+        return run_id in self.readers
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         self._log.snapshots[run_id] = snapshot
@@ -248,12 +291,6 @@ class LogPollingFollower(RunFollower):
                 last = event.seq
                 yield event
 
-    async def append_if_absent(self, event: Event) -> bool:
-        log = self._log.events[event.ids.run_id]
-        if log and log[-1].seq >= event.seq:
-            return False
-        log.append(event)
-        return True
 
 
 class RecordingControl(RunControl):

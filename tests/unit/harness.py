@@ -11,6 +11,7 @@ from domain.gate import ApprovalGate, GateSettings
 from domain.identity import Principal
 from domain.run import RunRequest
 from domain.service import RunLimits, RunService, Subscription
+from domain.telemetry import Telemetry
 from domain.tools import Tool, ToolRegistry
 from tests.unit.fakes import (
     FakeClock,
@@ -33,6 +34,7 @@ class Harness:
     gate_settings: GateSettings = field(default_factory=lambda: GateSettings(timeout_seconds=300, recheck_seconds=5))
     run_limits: RunLimits = field(default_factory=RunLimits)
     approval_overrides: dict[str, bool] = field(default_factory=dict)
+    telemetry: Telemetry | None = None
 
     def __post_init__(self) -> None:
         self.clock = FakeClock()
@@ -43,7 +45,7 @@ class Harness:
         self.directory = MemoryRunDirectory(self.log)
         self.registry = ToolRegistry(self.tools, approval_overrides=self.approval_overrides)
         self.gate = ApprovalGate(self.store, self.bus, self.clock, self.ids, self.gate_settings)
-        self.agent = Agent(self.model, self.registry, self.gate, self.limits)
+        self.agent = Agent(self.model, self.registry, self.gate, self.limits, self.telemetry)
         self.service = RunService(self.agent, self.clock, self.ids, self.log, self.directory, self.run_limits,
                                   "instance-a")
 
@@ -69,7 +71,8 @@ def summary(events: list[Event]) -> list[tuple[Any, ...]]:
         d = e.data
         match e.type.value:
             case "thought":
-                out.append(("thought", d["thoughtType"]))
+                if not d["chunk"]:  # a streamed thought's pieces are digested as its final text
+                    out.append(("thought", d["thoughtType"]))
             case "plan_step":
                 out.append(("plan_step", d["stepId"], d["description"]))
             case "plan_step_update":

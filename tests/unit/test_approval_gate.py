@@ -52,7 +52,7 @@ async def test_approval_runs_the_tool_and_records_the_decider() -> None:
     }
     assert commit.calls == []
     assert h.store.requests[request_id].status is ApprovalStatus.PENDING
-    await h.bus.publish(handle.run.ids.session_id, Signal.approval(request_id, "bob", 1_767_000_010))
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(request_id, "alice", 1_767_000_010))
     events = await finish(watcher, seen)
     digest = summary(events)
     i = digest.index(("tool", "commit", "pending"))
@@ -69,7 +69,7 @@ async def test_approval_runs_the_tool_and_records_the_decider() -> None:
     assert ("tool", "commit", "success") in digest and digest[-1] == ("end", "completed", "completed")
     assert commit.calls == [{"value": "v"}]
     stored = h.store.requests[request_id]
-    assert (stored.status, stored.decided_by, stored.decided_at) == (ApprovalStatus.APPROVED, "bob", 1_767_000_000)
+    assert (stored.status, stored.decided_by, stored.decided_at) == (ApprovalStatus.APPROVED, "alice", 1_767_000_000)
     assert h.bus.subscribers == {}  # subscription released
 
 
@@ -87,9 +87,9 @@ async def test_a_signal_is_one_store_decision_on_whatever_is_stored_if_still_pen
     handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
-    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "alice", 1))
     await finish(watcher, seen)
-    assert decisions == [{"status": ApprovalStatus.APPROVED, "decided_by": "bob", "decided_at": 1_767_000_000,
+    assert decisions == [{"status": ApprovalStatus.APPROVED, "decided_by": "alice", "decided_at": 1_767_000_000,
                           "reason": None}]
 
 
@@ -99,7 +99,7 @@ async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> N
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     await h.bus.publish(handle.run.ids.session_id,
-                        Signal.rejection(hitl.data["requestId"], "bob", 1_767_000_010, "not now"))
+                        Signal.rejection(hitl.data["requestId"], "alice", 1_767_000_010, "not now"))
     events = await finish(watcher, seen)
     rejected = [e.data for e in events if e.type.value == "tool_execution" and e.data["status"] == "rejected"]
     assert rejected == [{"toolCallId": "call_1", "toolName": "commit", "toolArgs": {"value": "v"},
@@ -120,6 +120,12 @@ async def test_rejection_skips_the_tool_tells_the_model_and_ends_normally() -> N
     '{"type": "approval", "requestId": "req_other", "status": "approved"}',
     '{"type": "approval", "requestId": "%s", "status": "rejected"}',
     '["approval"]',
+    # Repeated keys: Python reads the last value, another DWP component may read the first.
+    '{"type": "rejection", "requestId": "%s", "type": "approval"}',
+    '{"type": "approval", "requestId": "req_other", "requestId": "%s"}',
+    '{"type": "approval", "requestId": "%s", "status": "rejected", "status": "approved"}',
+    '{"type": "approval", "requestId": "%s", "x": {"a": 1, "a": 2}}',
+    '{"type": "approval", "requestId": "%s", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 async def test_signals_that_are_not_a_valid_decision_of_this_request_are_ignored(raw: str) -> None:
     h, commit = approval_harness()
@@ -132,10 +138,10 @@ async def test_signals_that_are_not_a_valid_decision_of_this_request_are_ignored
     # the bad signal is ignored; only the real approval afterwards makes the tool run
     await asyncio.sleep(0)
     assert commit.calls == [] and h.store.requests[request_id].status is ApprovalStatus.PENDING
-    await h.bus.publish(session, Signal.approval(request_id, "bob", 1))
+    await h.bus.publish(session, Signal.approval(request_id, "alice", 1))
     events = await finish(watcher, seen)
     assert commit.calls == [{"value": "v"}] and events[-1].data["status"] == "completed"
-    assert h.store.requests[request_id].decided_by == "bob"  # the bad signal decided nothing
+    assert h.store.requests[request_id].decided_by == "alice"  # the bad signal decided nothing
     assert h.store.decisions == [(request_id, ApprovalStatus.APPROVED, True)]
 
 
@@ -147,7 +153,7 @@ async def test_a_signal_sent_the_moment_the_request_is_stored_is_honoured() -> N
         created = await original_create(request)
         # the DWP backend decides (SET + PUBLISH) before Aura has even announced the request
         assert request.session_id in h.bus.subscribers  # subscribed before the request exists
-        await h.bus.publish_raw(request.session_id, Signal.approval(request.request_id, "bob", 1).to_json())
+        await h.bus.publish_raw(request.session_id, Signal.approval(request.request_id, "alice", 1).to_json())
         return created
 
     h.store.create = create_and_presign  # type: ignore[method-assign]
@@ -173,12 +179,12 @@ async def test_the_second_decision_changes_nothing() -> None:
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     request_id, session = hitl.data["requestId"], handle.run.ids.session_id
-    await h.bus.publish(session, Signal.rejection(request_id, "bob", 1, "no"))
+    await h.bus.publish(session, Signal.rejection(request_id, "alice", 1, "no"))
     await h.bus.publish(session, Signal.approval(request_id, "mallory", 2))
     events = await finish(watcher, seen)
     assert commit.calls == []
     assert h.store.requests[request_id].status is ApprovalStatus.REJECTED
-    assert h.store.requests[request_id].decided_by == "bob"
+    assert h.store.requests[request_id].decided_by == "alice"
     assert events[-1].data["status"] == "completed"
 
 
@@ -250,3 +256,29 @@ async def test_approval_override_from_settings_removes_the_gate() -> None:
     events = await finish(watcher, [])
     assert not any(e.type.value == "hitl" for e in events)
     assert commit.calls == [{"value": "v"}]
+
+
+@pytest.mark.parametrize(("claimed", "recorded", "audited"), [
+    ("alice", "alice", None),        # the request's own user: the one name Aura can check
+    ("mgr", None, "mgr"),            # anyone else: not recorded as the decider, kept as a claim
+    ("someone-forged", None, "someone-forged"),
+    (None, None, None),
+])
+async def test_a_signals_user_is_recorded_as_decider_only_when_checked(
+        caplog: pytest.LogCaptureFixture, claimed: str | None, recorded: str | None, audited: str | None) -> None:
+    caplog.set_level("INFO", logger="aura.audit")
+    h, commit = approval_harness()
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    signal = json.dumps({"type": "approval", "requestId": hitl.data["requestId"], "timestamp": 1,
+                         **({"userId": claimed} if claimed is not None else {})})
+
+    await h.bus.publish_raw(handle.run.ids.session_id, signal)
+    await finish(watcher, seen)
+
+    assert commit.calls == [{"value": "v"}]  # the decision itself counts either way
+    assert h.store.requests[hitl.data["requestId"]].decided_by == recorded
+    [audit] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("event") == "decided"]  # type: ignore[attr-defined]
+    assert audit["decidedBy"] == recorded and audit["via"] == "signal"
+    assert audit.get("claimedBy") == audited

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
+from jose import jwt
 
 from adapters.tools.dwp import DwpRequestTool, dwp_tools
 from domain.errors import InvalidInput, ToolFailure
@@ -16,7 +19,9 @@ from domain.identity import Principal
 from domain.tools import ToolContext, ToolRegistry
 from tests.fake_dwp import FakeDwp, FakeResponse
 
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.secret-user-token.signature"
+# A real JWT (its expiry is read before each call); the claim makes it easy to spot in logs.
+TOKEN = jwt.encode({"sub": "alice", "tenant_id": "acme", "exp": 4_000_000_000, "marker": "secret-user-token"},
+                   "x" * 32, algorithm="HS256")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 # The DWP backend acting for alice: the effective user is alice, the actor the service.
 PRINCIPAL = Principal(user_id="alice", tenant_id="acme", actor_id="dwp-backend")
@@ -273,6 +278,95 @@ async def test_unsafe_paths_are_refused_before_sending(dwp: FakeDwp, tool: DwpRe
     assert dwp.requests == []
 
 
+# Paths a backend behind a gateway (Tomcat/Spring, a lenient proxy) may read as outside the base
+# path although Aura's own decoding did not. Each must be refused before anything is sent.
+PATH_ESCAPES = [
+    "/..;/actuator/env",
+    "/orders/..;/..;/actuator/env",
+    "/orders/..;jsessionid=x/admin",
+    "/orders;x=1/../admin",
+    "/orders/%2e%2e;/admin",
+    "/%252e%252e/actuator/env",
+    "/orders/%252e%252e/%252e%252e/admin",
+    "/%25252e%25252e/admin",
+    "/orders/%252fadmin",
+    "/%C0%AE%C0%AE/actuator/env",
+    "/%c0%ae%c0%ae%c0%af%c0%ae%c0%ae/admin",
+    "/%E0%80%AE%E0%80%AE/admin",
+    "/%F0%80%80%AE./admin",
+    "/%C0%2E%C0%2E/admin",
+    "/%c0%af../admin",
+    "/orders/%2e%2e%2fadmin",
+    "/orders/%2E%2E%5Cadmin",
+    "/orders/.%2e/admin",
+    "/orders/%2e./admin",
+    "/orders/%2e",
+    "/orders/...",
+    "/orders/.. /admin",
+    "/orders/\uff0e\uff0e/admin",
+    "/orders/%EF%BC%8E%EF%BC%8E/admin",
+    "/orders/\ufe52\ufe52/admin",
+    "/orders/\uff3cadmin",
+    "/orders/\uff1b/admin",
+    "/orders\\..\\..\\admin",
+    "/orders/%5c..%5cadmin",
+    "/orders//admin",
+    "/%2f%2fevil.example/x",
+    "/orders/%",
+    "/orders/%zz",
+    "/orders/%2",
+    "/orders/%ff",
+    "/",
+    "/orders/%00",
+    "/orders/%u002e%u002e/admin",
+]
+
+
+@pytest.mark.parametrize("path", PATH_ESCAPES)
+async def test_paths_that_may_leave_the_base_path_are_refused_and_never_sent(dwp: FakeDwp, path: str) -> None:
+    tool = DwpRequestTool(f"{dwp.base_url}/api")
+
+    failure = await failure_of(tool, {"path": path})
+
+    assert failure.code == "invalid_path"
+    assert failure.message.startswith("path ")
+    assert dwp.requests == []
+
+
+def _as_a_lenient_backend_reads(sent: str) -> list[str]:
+    """The segments of `sent` as the most lenient server might read them: escapes decoded until
+    nothing changes, backslashes as slashes, `;...` dropped, Unicode compatibility-normalised."""
+    text = sent
+    for _ in range(5):
+        text = unquote(text, errors="replace")
+    text = unicodedata.normalize("NFKC", text).replace("\\", "/")
+    return [segment.split(";", 1)[0] for segment in text.split("/")]
+
+
+async def test_no_combination_of_tricks_reaches_outside_the_base_path(dwp: FakeDwp) -> None:
+    tool = DwpRequestTool(f"{dwp.base_url}/api")
+    dots = ["..", ".", "%2e%2e", "%2E.", "%252e%252e", "%c0%ae%c0%ae", "\uff0e\uff0e", "..;", "%2e%2e%3b", "...",
+            "..%00", "..%20"]
+    separators = ["/", "%2f", "%252f", "\\", "%5c", "%c0%af", "//", ";/"]
+    attempts = [f"/orders{sep}{dot}{sep}{dot}{sep}admin" for dot in dots for sep in separators]
+    attempts += [f"/{dot}/admin" for dot in dots] + [f"/orders/{dot}" for dot in dots]
+
+    sent = []
+    for path in attempts:
+        try:
+            await tool.run({"path": path}, CONTEXT)
+        except ToolFailure as failure:
+            assert failure.code == "invalid_path"
+        else:
+            sent.append(path)
+
+    for request in dwp.requests:
+        segments = _as_a_lenient_backend_reads(request.path)
+        assert segments[:2] == ["", "api"] and len(segments) > 2, request.path
+        assert all(segment.strip(". ") for segment in segments[2:-1]), request.path
+    assert len(dwp.requests) == len(sent)
+
+
 @pytest.mark.parametrize("path", [None, 42, ["/orders"]])
 async def test_a_path_that_is_not_a_string_is_refused(dwp: FakeDwp, tool: DwpRequestTool, path: object) -> None:
     failure = await failure_of(tool, {"path": path})
@@ -458,3 +552,47 @@ async def test_the_token_never_reaches_the_logs(dwp: FakeDwp, tool: DwpRequestTo
     assert all(TOKEN not in message for message in messages)
     assert TOKEN not in caplog.text
     assert all(TOKEN not in failure.message for failure in failures)
+
+
+# --- a token that expired while the call waited ------------------------------------------------
+
+def _token(**claims: Any) -> str:
+    return jwt.encode({"sub": "alice", "tenant_id": "acme", **claims}, "x" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize("method", ["GET", *WRITE_METHODS])
+async def test_a_token_that_expired_before_sending_is_never_sent(dwp: FakeDwp, method: str) -> None:
+    # The run started at 1000 with a token valid until 1300; the approval came at 1301.
+    tool = DwpRequestTool(dwp.base_url, now=lambda: 1301.0)
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
+    args: dict[str, Any] = {"method": method, "path": "/orders/42"}
+    if method != "GET":
+        args["body"] = {"state": "closed"}
+
+    failure = await failure_of(tool, args, context)
+
+    assert failure.code == "credentials_expired"
+    assert failure.message == ("The caller's token expired 1 s ago (while the run waited), so the call to the DWP "
+                               "backend was not made; start the request again with a fresh session.")
+    assert failure.retryable is False
+    assert dwp.requests == []
+
+
+async def test_a_token_still_valid_at_sending_time_is_sent(dwp: FakeDwp) -> None:
+    tool = DwpRequestTool(dwp.base_url, now=lambda: 1299.0)
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
+
+    await tool.run({"path": "/orders/42"}, context)
+
+    assert len(dwp.requests) == 1
+
+
+@pytest.mark.parametrize("token", ["not-a-jwt", "a.b.c", _token(), _token(exp="4000000000"), _token(exp=True)])
+async def test_a_token_without_a_readable_expiry_is_never_sent(dwp: FakeDwp, tool: DwpRequestTool,
+                                                               token: str) -> None:
+    context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=token)
+
+    failure = await failure_of(tool, {"path": "/orders/42"}, context)
+
+    assert failure.code == "credentials_expired"
+    assert dwp.requests == []

@@ -652,9 +652,10 @@ async def test_an_inherited_git_environment_cannot_redirect_the_tools(
 
 
 def _fake_git(tmp_path: Path, body: str) -> str:
-    """An executable standing in for git, to make it hang or flood its output."""
+    """An executable standing in for git, to make it hang or flood its output. It answers the
+    runner's reading of the repository's configuration with an empty one."""
     script = tmp_path / "fake-git"
-    script.write_text(f"#!{sys.executable}\n{body}\n")
+    script.write_text(f"#!{sys.executable}\nimport sys\nif 'config' in sys.argv: sys.exit(0)\n{body}\n")
     script.chmod(0o755)
     return str(script)
 

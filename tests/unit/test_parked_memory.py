@@ -108,7 +108,7 @@ async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_
     watcher.push(event(1, EventType.HITL))
     watcher.push(event(2, EventType.PLAN_STEP_UPDATE))
     first = await frames.__anext__()
-    assert first.startswith(b"id: 1\nevent: hitl\n") and b"id: 2\nevent: plan_step_update\n" in first
+    assert first.startswith(b"id: run_1:1\nevent: hitl\n") and b"id: run_1:2\nevent: plan_step_update\n" in first
     # an empty body, so that the server's send loop lets go of the last frame it sent
     assert await frames.__anext__() == b""
     waiting = asyncio.ensure_future(frames.__anext__())
@@ -121,7 +121,7 @@ async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_
     release.run_waits_for_a_human = False
     watcher.push(Event(EventType.END, 3, IDS, 0, {"status": "completed", "reason": "completed", "message": "m"}))
     last = await waiting
-    assert last.startswith(b"id: 3\nevent: end\n") and last.endswith(b"data: [DONE]\n\n")
+    assert last.startswith(b"id: run_1:3\nevent: end\n") and last.endswith(b"data: [DONE]\n\n")
     with pytest.raises(StopAsyncIteration):
         await frames.__anext__()
     assert release.finished is True and release.calls == 1
@@ -132,12 +132,12 @@ async def test_a_stream_whose_run_is_working_writes_no_empty_bodies() -> None:
     release = _Release(run_waits_for_a_human=False)
     frames = live_frames(release, watcher, StreamConfig(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.PLAN_STEP_UPDATE))
-    assert (await frames.__anext__()).startswith(b"id: 1\nevent: plan_step_update\n")
+    assert (await frames.__anext__()).startswith(b"id: run_1:1\nevent: plan_step_update\n")
     waiting = asyncio.ensure_future(frames.__anext__())
     await asyncio.sleep(0)
     assert not waiting.done()  # no empty body: it waits for the next event
     watcher.push(event(2, EventType.THOUGHT))
-    assert (await waiting).startswith(b"id: 2\nevent: thought\n")
+    assert (await waiting).startswith(b"id: run_1:2\nevent: thought\n")
     await frames.aclose()
     assert release.calls == 1
 

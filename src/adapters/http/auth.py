@@ -18,7 +18,7 @@ class RequestAuthenticator:
 
     @staticmethod
     def bearer_token(request: Request) -> str:
-        header = request.headers.get("Authorization")
+        header = single_header(request, "Authorization")
         if header is None:
             raise AuthError("missing_token", "An Authorization: Bearer <token> header is required.")
         scheme, _, token = header.strip().partition(" ")
@@ -30,10 +30,20 @@ class RequestAuthenticator:
         claims = self._verifier.verify(self.bearer_token(request) if token is None else token)
         return resolve_principal(
             claims,
-            tenant_header=request.headers.get("X-Tenant-ID"),
-            user_header=request.headers.get("X-User-ID"),
+            tenant_header=single_header(request, "X-Tenant-ID"),
+            user_header=single_header(request, "X-User-ID"),
             trusted_service_roles=self._trusted,
         )
+
+
+def single_header(request: Request, name: str) -> str | None:
+    """The header's value; AuthError 400 `conflicting_headers` when it is sent more than once with
+    different values (a proxy or backend that reads the last one would act for someone else than
+    Aura, which would read the first)."""
+    values = request.headers.getlist(name)
+    if any(value != values[0] for value in values[1:]):
+        raise AuthError("conflicting_headers", f"{name} is sent more than once with different values.", status=400)
+    return values[0] if values else None
 
 
 def forget_authorization(request: Request) -> None:

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ValidationError
 from quart import request
 from quart_schema import RequestSchemaValidationError
 
+from adapters.http.json_depth import refuse_if_too_deep
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -19,6 +21,7 @@ async def optional_body(model: type[ModelT]) -> ModelT:
     raw = await request.get_data(as_text=True)
     if not raw.strip():
         return model()
+    refuse_if_too_deep(raw)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

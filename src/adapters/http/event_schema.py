@@ -20,8 +20,11 @@ class StartData(_Data):
 
 
 class ThoughtData(_Data):
+    thoughtId: str = Field(description="One thought's id: its streamed pieces and its final text share it")
     thoughtType: Literal["analysis", "planning", "reasoning", "decision", "reflection"]
     content: str
+    chunk: bool = Field(description="true: a piece to append to the thought's text so far; false: the thought's "
+                                    "whole text, replacing its pieces")
     sources: list[Any]
 
 
@@ -126,6 +129,9 @@ def events_json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "/aura/schema/events.json",
         "title": "Aura SSE event envelope (contract v1)",
+        "description": "The `data` of every SSE frame but the final `[DONE]`. A run's event is framed with "
+                       "`id: <runId>:<seq>` and `event: <type>`; a notice (`seq` 0) has no id. Heartbeats are "
+                       "comment lines (`: ping`) with no blank line after them: never an event.",
         "oneOf": variants,
         "$defs": definitions,
     }

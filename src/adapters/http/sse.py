@@ -3,7 +3,12 @@
 - `data` may hold any text: each line (split on CRLF, CR or LF, the only breaks SSE knows) becomes
   its own `data:` line, so a parser joins them back with LF.
 - `id` and `event` are single-line fields: CR, LF or NUL there is refused, never silently mangled.
-- Comments (heartbeats) start with a colon and are ignored by every parser.
+- Comments (heartbeats) start with a colon and are ignored by every parser. They are sent as
+  comment lines alone, never followed by a blank line: a blank line ends an event, and
+  fetch-event-source (any blank line) and httpx-sse (a blank line once an id was seen) then
+  dispatch an empty message, which an application's `JSON.parse` / `json.loads` fails on. A
+  comment line with no blank line after it is skipped by every parser (WHATWG, fetch-event-source,
+  httpx-sse, sseclient-py, requests-sse, EventSource) and still keeps idle timeouts from firing.
 """
 
 from __future__ import annotations
@@ -41,19 +46,28 @@ def encode_event(data: str, *, event: str | None = None, event_id: str | int | N
 
 
 def encode_comment(text: str = "") -> bytes:
+    """Comment lines only, with no blank line after them (see the module's docstring)."""
     lines = _LINE_BREAK.split(text)
-    return ("".join(f": {line}\n" if line else ":\n" for line in lines) + "\n").encode("utf-8")
+    return "".join(f": {line}\n" if line else ":\n" for line in lines).encode("utf-8")
 
 
 HEARTBEAT_FRAME = encode_comment("ping")
 
 
+def event_id(event: Event) -> str:
+    """A run event's SSE id, `<runId>:<seq>`: it names the run, so a client that sends it back as
+    Last-Event-ID (a fetch-event-source retry of the POST, say) resumes that very run."""
+    return f"{event.ids.run_id}:{event.seq}"
+
+
 def encode_run_event(event: Event, *, retry_ms: int | None = None) -> bytes:
-    """One envelope as one frame. orjson escapes every control character, so its output is a
-    single line, and event types are fixed names: the frame needs no splitting or checking (the
-    general `encode_event` gives the same bytes; a test holds them equal)."""
+    """One envelope as one frame, with the id `event_id` gives. orjson escapes every control
+    character, so its output is a single line, and event types are fixed names: the frame needs no
+    splitting or checking (the general `encode_event` gives the same bytes; a test holds them
+    equal)."""
     payload = envelope_bytes(event)
-    frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.type.value.encode(), payload)
+    frame = b"id: %s:%d\nevent: %s\ndata: %s\n\n" % (event.ids.run_id.encode(), event.seq, event.type.value.encode(),
+                                                      payload)
     if retry_ms is None:
         return frame
     if retry_ms < 0:

@@ -71,6 +71,7 @@ class JoseTokenVerifier(TokenVerifier):
         issuer: str | None = None,
         audience: str | None = None,
         leeway_seconds: int = 30,
+        max_token_age_seconds: int = 86_400,
         key_id: str | None = None,
         max_token_bytes: int = 8192,
         min_secret_bytes: int = 32,
@@ -91,6 +92,8 @@ class JoseTokenVerifier(TokenVerifier):
             raise ValueError("algorithms must not mix HS* and RS* families; pin one family")
         if leeway_seconds < 0:
             raise ValueError("leeway_seconds must not be negative")
+        if max_token_age_seconds <= 0:
+            raise ValueError("max_token_age_seconds must be positive")
         if max_token_bytes <= 0:
             raise ValueError("max_token_bytes must be positive")
         for setting, value in (("issuer", issuer), ("audience", audience), ("key_id", key_id)):
@@ -108,6 +111,7 @@ class JoseTokenVerifier(TokenVerifier):
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
+        self._max_age = max_token_age_seconds
         self._key_id = key_id
         self._max_token_bytes = max_token_bytes
         self._clock = clock or _SystemClock()
@@ -218,6 +222,10 @@ class JoseTokenVerifier(TokenVerifier):
             _reject("token_not_yet_valid", "The token is not valid yet.")
         if iat is not None and now + self._leeway < iat:
             _reject("token_not_yet_valid", "The token was issued in the future.")
+        # A token valid for years (exp 10^30) is as good as a password that never changes: its
+        # lifetime, and what is left of it, must stay within the configured maximum.
+        if (iat is not None and exp - iat > self._max_age) or exp - now > self._max_age + self._leeway:
+            _reject("token_lifetime_too_long", f"The token is valid for longer than the maximum of {self._max_age} s.")
 
         if self._issuer is not None:
             self._check_issuer(payload)

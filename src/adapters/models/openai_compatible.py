@@ -6,9 +6,18 @@ they all accept the same request and stream the same `chat.completion.chunk` fra
 * Azure addresses a deployment (`/openai/deployments/{name}/chat/completions?api-version=...`)
   and authenticates with an `api-key` header; its first chunk carries only
   `prompt_filter_results` with empty `choices`, which is skipped.
-* `response_format: {"type": "json_object"}` is sent for `json_output` on every flavour: OpenAI,
-  Azure and vLLM document it, Ollama lists it among its supported `/v1` fields ("JSON mode"), and
-  llama-server documents it on `/v1/chat/completions` (enforced with a grammar).
+* Structured output: a request's JSON Schema goes as `response_format: {"type": "json_schema",
+  "json_schema": {"name", "schema", "strict": false}}` to OpenAI, Azure, vLLM and Ollama, and as
+  `{"type": "json_object", "schema": ...}` to llama.cpp (llama-server and llama-cpp-python's
+  server both enforce it with a grammar; the latter refuses the `json_schema` type). Without a
+  schema, `json_output` asks for `{"type": "json_object"}` (JSON mode) everywhere.
+* The completion budget is `max_completion_tokens` for OpenAI and Azure (their reasoning models
+  refuse `max_tokens`) and `max_tokens` for the others (llama-cpp-python's server ignores the
+  newer name and would generate until the window is full).
+* A tool the model must call goes as `tool_choice: {"type": "function", "function": {"name"}}`;
+  llama-cpp-python's server then constrains the arguments to the tool's schema.
+* Reasoning streamed apart from the answer (`delta.reasoning_content` of vLLM and DeepSeek,
+  `delta.reasoning` of Ollama and newer vLLM) becomes `ReasoningDelta`.
 * `stream_options.include_usage` is documented by OpenAI, Azure, vLLM and Ollama; llama-server
   reports usage in its last chunk anyway. Turn `include_usage` off for a server that rejects it.
 * Tool calling needs a model (and for llama-server the `--jinja` flag) that supports it.
@@ -25,7 +34,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -40,6 +49,7 @@ from domain.model import (
     ContentDelta,
     Finish,
     ModelChunk,
+    ReasoningDelta,
     Role,
     ToolCallDelta,
     Usage,
@@ -56,6 +66,8 @@ _REDACTED = "***"
 _SAFE_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _BAD_REQUEST_STATUSES = frozenset({400, 404, 422})
 _CREDENTIAL_STATUSES = frozenset({401, 403})
+# OpenAI's and Azure's code for a prompt longer than the window (vLLM answers a plain 400)
+_CONTEXT_OVERFLOW_CODES = frozenset({"context_length_exceeded"})
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,12 @@ class OpenAICompatibleConfig:
     backoff_max_seconds: float = 8.0
     include_usage: bool = True
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    # how a JSON Schema is asked for; "auto" picks by flavour (see the module's docstring)
+    structured_output: Literal["auto", "json_schema", "json_object"] = "auto"
+    # how the conversation is sent: "native" (system, user, assistant with `tool_calls`, tool) or
+    # "plain" (user and assistant turns only, for chat templates that know no other roles);
+    # "auto" = plain for llama.cpp
+    messages: Literal["auto", "native", "plain"] = "auto"
 
     def __post_init__(self) -> None:
         if self.flavour == "azure" and not (self.azure_deployment and self.azure_api_version):
@@ -160,21 +178,79 @@ class OpenAICompatibleChatModel(ChatModel):
         config = self._config
         body: dict[str, Any] = {
             "model": config.model,
-            "messages": [_message_to_wire(m) for m in request.messages],
+            "messages": self._messages_to_wire(request.messages),
             "stream": True,
         }
         if config.include_usage:
             body["stream_options"] = {"include_usage": True}
         if config.temperature is not None:
             body["temperature"] = config.temperature
-        if config.max_tokens is not None:
-            body["max_tokens"] = config.max_tokens
+        max_tokens = request.max_tokens if request.max_tokens is not None else config.max_tokens
+        if max_tokens is not None:
+            body["max_completion_tokens" if config.flavour in ("openai", "azure") else "max_tokens"] = max_tokens
         if request.tools:
-            body["tools"] = [dict(tool) for tool in request.tools]
-            body["tool_choice"] = "auto"
-        if request.json_output:
+            body["tools"] = [self._tool_for_server(tool) for tool in request.tools]
+            body["tool_choice"] = ({"type": "function", "function": {"name": request.tool_choice}}
+                                   if request.tool_choice else "auto")
+        if request.json_schema is not None:
+            body["response_format"] = self._schema_format(request.json_schema)
+        elif request.json_output:
             body["response_format"] = {"type": "json_object"}
         return body
+
+    def _messages_to_wire(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        style = self._config.messages
+        if style == "auto":
+            style = "plain" if self._config.flavour == "llamacpp" else "native"
+        if style == "native":
+            return [_message_to_wire(m) for m in messages]
+        # Plain: what Gemma's own chat template does with a system message (it opens the first
+        # user turn), and tool calls and results written out — llama-cpp-python's server drops
+        # `tool` messages from chat formats without that role and refuses a null assistant
+        # content, so the model would never see what a tool returned.
+        wire = [self._plain_message(m) for m in messages if m.role is not Role.SYSTEM]
+        system = "\n\n".join(m.content for m in messages if m.role is Role.SYSTEM)
+        if system:
+            first_user = next((w for w in wire if w["role"] == "user"), None)
+            if first_user is None:
+                wire.insert(0, {"role": "user", "content": system})
+            else:
+                first_user["content"] = f"{system}\n\n{first_user['content']}"
+        return wire
+
+    @staticmethod
+    def _plain_message(message: ChatMessage) -> dict[str, Any]:
+        if message.role is Role.TOOL:
+            return {"role": "user", "content": f"Result of the tool {message.name or 'call'}:\n{message.content}"}
+        if message.role is Role.ASSISTANT and message.tool_calls:
+            calls = "; ".join(f"{call.name} with {call.arguments or '{}'}" for call in message.tool_calls)
+            return {"role": "assistant", "content": (message.content + "\n" if message.content else "")
+                    + f"I call {calls}."}
+        return {"role": message.role.value, "content": message.content}
+
+    def _schema_for_server(self, schema: Mapping[str, Any]) -> dict[str, Any]:
+        if self._config.flavour != "llamacpp":
+            return dict(schema)
+        # llama.cpp turns a schema into a grammar by unrolling every bound: a `maxLength` of 1024
+        # is a rule nested 1024 deep, which llama-cpp-python's server fails to parse and dies
+        # of. The bounds are left out of what constrains generation; Aura validates with them.
+        return dict(_without_bounds(schema))
+
+    def _tool_for_server(self, tool: Mapping[str, Any]) -> dict[str, Any]:
+        function = tool.get("function")
+        if self._config.flavour != "llamacpp" or not isinstance(function, Mapping):
+            return dict(tool)
+        return {**tool, "function": {**function, "parameters": _without_bounds(function.get("parameters") or {})}}
+
+    def _schema_format(self, schema: Mapping[str, Any]) -> dict[str, Any]:
+        style = self._config.structured_output
+        if style == "auto":
+            style = "json_object" if self._config.flavour == "llamacpp" else "json_schema"
+        if style == "json_object":
+            return {"type": "json_object", "schema": self._schema_for_server(schema)}
+        # not strict: OpenAI's strict mode refuses schemas with defaults and optional properties,
+        # which tool parameter schemas have
+        return {"type": "json_schema", "json_schema": {"name": "aura_output", "schema": dict(schema), "strict": False}}
 
     def request_headers(self, request: ChatRequest) -> dict[str, str]:
         headers = {"accept": "text/event-stream"}
@@ -232,6 +308,19 @@ class OpenAICompatibleChatModel(ChatModel):
         finally:
             logger.debug("model request finished after %.0f ms (attempt %d)",
                          (time.perf_counter() - started) * 1000, attempt)
+
+
+_GRAMMAR_BOUNDS = frozenset({"maxLength", "minLength", "pattern", "format", "minimum", "maximum",
+                             "exclusiveMinimum", "exclusiveMaximum"})
+
+
+def _without_bounds(schema: Any) -> Any:
+    if isinstance(schema, Mapping):
+        return {key: _without_bounds(value) for key, value in schema.items() if key not in _GRAMMAR_BOUNDS
+                or not isinstance(value, int | float | str) or key == "properties"}
+    if isinstance(schema, list):
+        return [_without_bounds(item) for item in schema]
+    return schema
 
 
 def _unavailable(message: str) -> ModelError:
@@ -302,6 +391,9 @@ async def _status_failure(response: httpx.Response) -> Exception:
         return _TransientFailure(_unavailable(f"The model is {what} (HTTP {status})."),
                                  _retry_after_seconds(response.headers))
     code = _safe_error_code(await response.aread())
+    if code in _CONTEXT_OVERFLOW_CODES:
+        return ModelError("The request is larger than the model's context window; set AURA_MODEL__CONTEXT_WINDOW "
+                          "to the model's real window.", code="context_overflow", retryable=False)
     detail = f"HTTP {status}, {code}" if code else f"HTTP {status}"
     if status in _BAD_REQUEST_STATUSES:
         return _bad_response(f"The model rejected the request ({detail}).")
@@ -377,6 +469,11 @@ def _deltas_of(delta: Any) -> list[ModelChunk]:
     content = delta.get("content")
     if content is not None and not isinstance(content, str):
         raise _bad_response("The model sent a stream chunk of an unexpected shape.")
+    for key in ("reasoning_content", "reasoning"):
+        reasoning = delta.get(key)
+        if isinstance(reasoning, str) and reasoning:
+            chunks.append(ReasoningDelta(reasoning))
+            break
     if content:
         chunks.append(ContentDelta(content))
     tool_calls = delta.get("tool_calls")

@@ -92,6 +92,18 @@ _KEYWORD_TOOLS = (
 )
 
 
+def _planned_tools(request: ChatRequest) -> set[str] | None:
+    """The tools a plan may name, read from the plan's schema (None when there is none)."""
+    schema = request.json_schema
+    if not schema:
+        return None
+    try:
+        variants = schema["properties"]["steps"]["items"]["anyOf"]
+    except (KeyError, TypeError):
+        return None
+    return {name for v in variants for name in v.get("properties", {}).get("tool", {}).get("enum", [])}
+
+
 class OfflineChatModel(ChatModel):
     def __init__(self, default_repo: str = ".") -> None:
         self._default_repo = default_repo
@@ -122,6 +134,12 @@ class OfflineChatModel(ChatModel):
         directives = parse_directives(prompt)
         tool_directives = [d for d in directives if d.name != ANSWER_DIRECTIVE]
         if directives:
+            known = _planned_tools(request)
+            for directive in tool_directives:
+                if known is not None and directive.name not in known:
+                    # a scripted run names a tool that does not exist: say so, as the agent once did
+                    raise ModelError(f"Line {directive.line}: the prompt names an unknown tool {directive.name!r}. "
+                                     f"Available tools: {', '.join(sorted(known))}.", code="unknown_tool")
             return [{"description": f"Run {d.name}", "tool": d.name, "args": d.args, "confidence": 1.0}
                     for d in tool_directives]
         available = {t["function"]["name"] for t in request.tools} if request.tools else None

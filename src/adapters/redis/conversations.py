@@ -1,60 +1,136 @@
 """Conversation memory in Redis: a bounded list of turns per tenant, user and thread.
 
-Keys (Aura's own): `aura:thread:{threadId}:owner` = "<tenant>\\n<user>" (who may use the thread id)
-and `aura:thread:{tenant}:{user}:{threadId}:turns`, a list of JSON turns trimmed to the newest
-`max_turns`; both expire `ttl_seconds` after the last turn."""
+A thread id names a thread within one user's namespace, never globally: another user or tenant
+sending the same id reaches a thread of their own, so nobody can block, read or extend someone
+else's thread, and the owner is never locked out.
+
+Keys (Aura's own; ids percent-encoded, see `keys.key_part`):
+- `aura:thread:{tenant}:{user}:{threadId}:turns`: a list of JSON turns trimmed to the newest
+  `max_turns`; it expires `ttl_seconds` after the last turn;
+- `aura:threads:{tenant}:{user}:bytes`: a hash of the bytes each of the user's threads holds, so
+  one user cannot store more than `max_user_bytes` in all; a thread whose list has expired is
+  dropped from it on the user's next append.
+
+A turn longer than `max_turn_bytes` is stored shortened (its tool notes dropped, then its prompt
+and answer cut, with a visible marker)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.redis.client import arg, pack, shared_connection
-from domain.errors import NotFound, StoreUnavailable
+from adapters.redis.client import LuaScript, shared_connection
+from adapters.redis.keys import key_part
+from domain.errors import StoreUnavailable
 from domain.ports import ConversationStore
 
+log = logging.getLogger(__name__)
 
-def owner_key(thread_id: str) -> str:
-    return f"aura:thread:{thread_id}:owner"
+CUT_MARKER = " …[shortened for memory]"
+_TEXT_FIELDS = ("prompt", "answer")
 
 
 def turns_key(tenant_id: str, user_id: str, thread_id: str) -> str:
-    return f"aura:thread:{tenant_id}:{user_id}:{thread_id}:turns"
+    return f"{_thread_prefix(tenant_id, user_id)}{key_part(thread_id)}:turns"
+
+
+def usage_key(tenant_id: str, user_id: str) -> str:
+    return f"aura:threads:{key_part(tenant_id)}:{key_part(user_id)}:bytes"
+
+
+def _thread_prefix(tenant_id: str, user_id: str) -> str:
+    return f"aura:thread:{key_part(tenant_id)}:{key_part(user_id)}:"
+
+
+# KEYS: the thread's turns, the user's usage hash. ARGV: the turn, max turns, ttl, the usage field
+# (the encoded thread id), max bytes per user, the prefix of the user's turns keys.
+# Returns 1 when stored, 0 when the user's threads would hold more than the limit.
+_APPEND = LuaScript.of("""
+local turns, usage = KEYS[1], KEYS[2]
+local turn, max_turns, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local field, max_bytes, prefix = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local held = redis.call('HGETALL', usage)
+local others = 0
+for i = 1, #held, 2 do
+  if held[i] ~= field then
+    if redis.call('EXISTS', prefix .. held[i] .. ':turns') == 1 then
+      others = others + tonumber(held[i + 1])
+    else
+      redis.call('HDEL', usage, held[i])
+    end
+  end
+end
+local kept = redis.call('LRANGE', turns, -(max_turns - 1), -1)
+if max_turns == 1 then kept = {} end
+local size = #turn
+for _, item in ipairs(kept) do size = size + #item end
+if others + size > max_bytes then return 0 end
+redis.call('RPUSH', turns, turn)
+redis.call('LTRIM', turns, -max_turns, -1)
+redis.call('EXPIRE', turns, ttl)
+redis.call('HSET', usage, field, size)
+redis.call('EXPIRE', usage, ttl)
+return 1
+""")
 
 
 class RedisConversationStore(ConversationStore):
-    def __init__(self, redis: Redis, *, ttl_seconds: int = 7 * 86_400, max_turns: int = 20) -> None:
+    def __init__(self, redis: Redis, *, ttl_seconds: int = 7 * 86_400, max_turns: int = 20,
+                 max_turn_bytes: int = 65_536, max_user_bytes: int = 4_194_304) -> None:
         self._redis = redis
-        self._shared = shared_connection(redis)  # the append is on every run's path
+        self._shared = shared_connection(redis)  # the append is on every remembered run's path
         self._ttl = ttl_seconds
         self._max_turns = max_turns
+        self._max_turn_bytes = max_turn_bytes
+        self._max_user_bytes = max_user_bytes
 
     async def open(self, tenant_id: str, user_id: str, thread_id: str) -> list[dict[str, Any]]:
-        owner = f"{tenant_id}\n{user_id}".encode()
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.set(owner_key(thread_id), owner, nx=True, ex=self._ttl)
-            pipe.get(owner_key(thread_id))
-            pipe.lrange(turns_key(tenant_id, user_id, thread_id), 0, -1)
-            _, current, turns = await pipe.execute()
+            turns = await self._redis.lrange(turns_key(tenant_id, user_id, thread_id), 0, -1)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("Conversation memory is unavailable.") from exc
-        if current != owner:
-            # Someone else's thread: answer exactly as for a thread that does not exist.
-            raise NotFound("No such thread.", code="thread_not_found")
         return [cast(dict[str, Any], orjson.loads(turn)) for turn in turns]
 
-    async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> None:
-        key = turns_key(tenant_id, user_id, thread_id).encode()
-        ttl = arg(self._ttl)
+    async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> bool:
+        packed = fitted(turn, self._max_turn_bytes)
         try:
-            await self._shared.transaction(
-                pack(b"RPUSH", key, orjson.dumps(turn)),
-                pack(b"LTRIM", key, arg(-self._max_turns), b"-1"),
-                pack(b"EXPIRE", key, ttl),
-                pack(b"EXPIRE", owner_key(thread_id).encode(), ttl))
+            stored = await _APPEND.run(
+                self._shared, [turns_key(tenant_id, user_id, thread_id), usage_key(tenant_id, user_id)],
+                [packed, self._max_turns, self._ttl, key_part(thread_id), self._max_user_bytes,
+                 _thread_prefix(tenant_id, user_id)])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("Conversation memory is unavailable.") from exc
+        if not stored:
+            log.warning("a turn was not kept: the user's threads hold %d bytes at most", self._max_user_bytes)
+        return bool(stored)
+
+
+def fitted(turn: dict[str, Any], limit: int) -> bytes:
+    """The turn as JSON of at most `limit` bytes: whole when it fits, else without its tool notes,
+    then with its prompt and answer cut to what fits (each marked as shortened)."""
+    packed = orjson.dumps(turn)
+    if len(packed) <= limit:
+        return packed
+    shorter = {**turn, "tools": []}
+    packed = orjson.dumps(shorter)
+    excess = len(packed) - limit
+    if excess <= 0:
+        return packed
+    texts = {name: str(shorter.get(name) or "") for name in _TEXT_FIELDS}
+    room = sum(len(text.encode()) for text in texts.values()) - excess - 2 * len(CUT_MARKER.encode()) - 16
+    for name, text in texts.items():
+        share = max(0, room // len(texts))
+        # JSON escapes may make the encoded text longer than its UTF-8 bytes: cut until it fits.
+        data = text.encode()[:share].decode("utf-8", errors="ignore")
+        shorter[name] = data + CUT_MARKER if len(data) < len(text) else text
+    packed = orjson.dumps(shorter)
+    while len(packed) > limit and any(len(str(shorter[name])) > len(CUT_MARKER) for name in _TEXT_FIELDS):
+        for name in _TEXT_FIELDS:
+            text = str(shorter[name]).removesuffix(CUT_MARKER)
+            shorter[name] = text[: len(text) * 3 // 4] + CUT_MARKER
+        packed = orjson.dumps(shorter)
+    return packed

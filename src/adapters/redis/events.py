@@ -2,7 +2,11 @@
 
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
-first retained id. Appends from all runs of the process are gathered into one batch per round
+first retained id. The `end` entry carries a field `t`: a finished run's log refuses every later
+append. Each append is one script (`_APPEND`) that checks, in the same step as the XADD, that the
+log holds no `end` yet, that the run's lease still names this instance (fencing: an owner that lost
+its lease cannot write) and that no *different* event holds the seq (a retried append of the same
+bytes is answered "already logged"). Appends from all runs of the process are gathered into one batch per round
 trip, written on the client's shared connection (with other runs' admissions and closes): under
 load many events cost one network exchange; alone, an event costs one. Appends are submitted
 without waiting; each caller learns, through its callback and in order, when its event is stored,
@@ -19,11 +23,12 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
-from adapters.redis.client import pack, shared_connection
+from adapters.redis.client import LuaScript, pack, shared_connection
+from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
-from domain.errors import StoreUnavailable
+from domain.errors import RunFenced, StoreUnavailable
 from domain.events import Event, EventType
 from domain.ports import EventLog
 
@@ -31,11 +36,55 @@ log = logging.getLogger("aura.eventlog")
 
 
 def event_log_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:events"
+    return f"aura:run:{key_part(run_id)}:events"
 
 
 def snapshot_key(run_id: str) -> str:
-    return f"aura:run:{run_id}:snapshot"
+    return f"aura:run:{key_part(run_id)}:snapshot"
+
+
+def lease_key(run_id: str) -> str:
+    return f"aura:run:{key_part(run_id)}:lease"
+
+
+# The field that marks a run's terminal entry.
+TERMINAL_FIELD = b"t"
+
+# KEYS: 1 log, 2 lease, 3 snapshot
+# ARGV: 1 entry id, 2 envelope, 3 '1' for the run's `end`, 4 the owner the lease must name ('' when
+#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it)
+# Reply: 'ok', 'dup' (these exact bytes are logged at this id already), 'collision' (other bytes
+# are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's)
+_APPEND = """
+local same = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
+if same then
+  local fields = same[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' and fields[i + 1] == ARGV[2] then return 'dup' end
+  end
+  return 'collision'
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' then return 'finished' end
+  end
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 'fenced' end
+local added
+if ARGV[3] == '1' then
+  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[1], 'e', ARGV[2], 't', '1')
+else
+  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[1], 'e', ARGV[2])
+end
+if type(added) == 'table' and added.err then return 'collision' end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
+if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
+return 'ok'
+"""
+APPEND_SCRIPT = LuaScript.of(_APPEND)
 
 
 # A run whose append failed gets only its closing events written after that: anything else would
@@ -50,13 +99,15 @@ class _PendingAppend:
     snapshot: Mapping[str, Any] | None
     logged: Callable[[Exception | None], None]
     reported: bool = False
-    commands: int = 0
 
 
 class RedisEventLog(EventLog):
     def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
-                 active_ttl_seconds: int = 86_400, max_batch: int = 512) -> None:
+                 active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None) -> None:
         self._redis = redis
+        # The instance id a run's lease must name for its events to be logged (None: not checked,
+        # for a log used without a run directory).
+        self._owner = (owner or "").encode()
         self._connection = shared_connection(redis)
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
@@ -71,6 +122,7 @@ class RedisEventLog(EventLog):
         self._flusher: asyncio.Task[None] | None = None
         self._broken: set[str] = set()  # runs with a failed append, until they are closed
         self._closed: set[str] = set()  # runs whose `end` was logged, until close_run is called
+        self._fenced: set[str] = set()  # runs this instance may no longer write, until close_run
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
@@ -88,37 +140,31 @@ class RedisEventLog(EventLog):
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
-        commands: list[bytes] = []
         written: list[_PendingAppend] = []
         # A snapshot is the run's state after its event; within one batch only each run's last
         # one needs writing, since the whole batch is sent at once.
         last_snapshot = {item.event.ids.run_id: item for item in batch if item.snapshot is not None}
         for item in batch:
             run_id = item.event.ids.run_id
+            if run_id in self._fenced:
+                _report(item, RunFenced("This instance no longer owns the run."))
+                continue
             if run_id in self._broken and item.event.type not in _ALWAYS_ATTEMPTED:
                 _report(item, StoreUnavailable("The event log is unavailable."))
                 continue
             written.append(item)
-            key = event_log_key(run_id).encode()
-            commands.append(pack(b"XADD", key, b"MAXLEN", b"~", self._max_length_arg,
-                                 b"%d-1" % item.event.seq, b"e", item.payload))
-            item.commands = 1
-            if item.event.seq == 1:
-                commands.append(pack(b"EXPIRE", key, self._active_ttl_arg))
-                item.commands += 1
-            ending = item.event.type is EventType.END
-            if item.snapshot is not None and last_snapshot[run_id] is item:
-                commands.append(pack(b"SET", snapshot_key(run_id).encode(), orjson.dumps(item.snapshot), b"EX",
-                                     self._retention_arg if ending else self._active_ttl_arg))
-                item.commands += 1
-            if ending:  # the run's last event starts its retention: no separate round trip to close
-                commands.append(pack(b"EXPIRE", key, self._retention_arg))
-                commands.append(pack(b"EXPIRE", snapshot_key(run_id).encode(), self._retention_arg))
-                item.commands += 2
         if not written:
             return
+        arguments = [self._append_arguments(item, last_snapshot) for item in written]
         try:
-            results = await self._connection.execute(b"".join(commands), len(commands))
+            results = await self._connection.execute(
+                b"".join(pack(b"EVALSHA", APPEND_SCRIPT.sha, *args) for args in arguments), len(written))
+            unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if unknown:  # a restarted or flushed server: send the body once, for those only
+                again = await self._connection.execute(
+                    b"".join(pack(b"EVAL", APPEND_SCRIPT.body, *arguments[index]) for index in unknown), len(unknown))
+                for index, result in zip(unknown, again, strict=True):
+                    results[index] = result
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -129,19 +175,32 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log is unavailable."))
             return
-        index = 0
-        for item in written:
-            result = results[index]
-            index += item.commands
-            if isinstance(result, ResponseError) and "equal or smaller" in str(result):
-                _report(item, None)  # already logged (a retried append): nothing lost
-            elif isinstance(result, Exception):
-                self._broken.add(item.event.ids.run_id)
-                _report(item, StoreUnavailable("The event log refused an event."))
-            else:
+        for item, result in zip(written, results, strict=True):
+            outcome = result.decode() if isinstance(result, bytes) else result
+            if outcome in ("ok", "dup"):  # dup: a retried append of the same event, nothing lost
                 if item.event.type is EventType.END:
                     self._closed.add(item.event.ids.run_id)
                 _report(item, None)
+            elif outcome in ("finished", "fenced", "collision"):
+                run_id = item.event.ids.run_id
+                log.warning("event log refused seq %d of run %s: %s", item.event.seq, run_id, outcome)
+                self._fenced.add(run_id)
+                _report(item, RunFenced(_REFUSALS[outcome]))
+            else:
+                self._broken.add(item.event.ids.run_id)
+                _report(item, StoreUnavailable("The event log refused an event."))
+
+    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]) -> list[bytes]:
+        event = item.event
+        run_id = event.ids.run_id
+        ending = event.type is EventType.END
+        snapshot = b""
+        if item.snapshot is not None and last_snapshot[run_id] is item:
+            snapshot = orjson.dumps(item.snapshot)
+        log_ttl = self._retention_arg if ending else self._active_ttl_arg if event.seq == 1 else b""
+        return [b"3", event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
+                b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
+                snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl]
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
@@ -150,6 +209,14 @@ class RedisEventLog(EventLog):
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
         return [event_from_bytes(fields.get(b"e") or fields["e"]) for _entry_id, fields in entries]
+
+    async def last_event(self, run_id: str) -> Event | None:
+        try:
+            entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrevrange(
+                event_log_key(run_id), count=1))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The event log is unavailable.") from exc
+        return event_from_bytes(entries[0][1].get(b"e") or entries[0][1]["e"]) if entries else None
 
     async def first_seq(self, run_id: str) -> int | None:
         """The oldest retained seq (None for an unknown or expired run)."""
@@ -165,6 +232,10 @@ class RedisEventLog(EventLog):
 
     async def close_run(self, run_id: str) -> None:
         self._broken.discard(run_id)
+        if run_id in self._fenced:  # another writer finished the log: its retention is theirs
+            self._fenced.discard(run_id)
+            self._closed.discard(run_id)
+            return
         if run_id in self._closed:  # its logged `end` already set the retention
             self._closed.discard(run_id)
             return
@@ -183,6 +254,13 @@ class RedisEventLog(EventLog):
         queued, self._queue = self._queue, []
         for item in queued:  # nobody may wait forever for an append that will never be tried
             _report(item, StoreUnavailable("The event log is closed."))
+
+
+_REFUSALS = {
+    "finished": "The run already ended; nothing more is logged for it.",
+    "fenced": "This instance no longer holds the run's lease.",
+    "collision": "Another event is logged at this seq.",
+}
 
 
 def _report(item: _PendingAppend, error: Exception | None) -> None:

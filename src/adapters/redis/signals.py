@@ -443,7 +443,7 @@ class RedisSignalBus(SignalBus):
         doubling = float(2 ** min(attempt - 1, 32))
         capped = min(self._reconnect_max_delay_seconds, self._reconnect_initial_delay_seconds * doubling)
         # Jitter, so that every instance of the service does not reconnect in the same instant.
-        return capped * random.uniform(0.5, 1.0)
+        return capped * random.uniform(0.5, 1.0)  # nosec B311 # reconnect jitter, not a secret
 
     def _new_connection(self) -> AbstractConnection:
         pool = self._redis.connection_pool

@@ -19,12 +19,13 @@ import re
 import ssl
 import time
 import unicodedata
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote_to_bytes
 
 import httpx
+from jose import JOSEError, jwt
 
 from domain.errors import ToolFailure
 from domain.tools import Tool, ToolContext, ToolSpec
@@ -38,6 +39,10 @@ _MAX_PATH_CHARS = 2048
 _MAX_QUERY_PARAMETERS = 50
 _MAX_SHOWN_PATH = 200
 _READ_CHUNK = 16384
+# A '%' not followed by two hex digits: servers disagree on what it means, so it is refused.
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 3986 pchar minus ';' and '%' (refused in segments) stays literal; everything else is escaped.
+_SEGMENT_SAFE = "!$&'()*+,=:@-._~"
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # application/json and structured suffixes such as application/problem+json.
@@ -74,28 +79,60 @@ def _has_control_characters(text: str) -> bool:
 
 
 def _checked_path(value: object) -> str:
-    """The `path` argument if it is a plain path relative to the API base; ToolFailure
-    `invalid_path` otherwise. Percent-escapes are decoded once for the checks, so `%2e%2e` or
-    `%5c` cannot smuggle in what the literal characters may not."""
+    """The `path` argument as the canonical, percent-encoded path to send after the API base, if it
+    names something strictly under that base; ToolFailure `invalid_path` otherwise.
+
+    What a Java backend behind a gateway may read differently from Aura is refused, not repaired, as
+    Spring Security's StrictHttpFirewall does: escapes are decoded exactly once and must decode to
+    valid UTF-8 (no overlong `%C0%AE`), and the decoded path may not contain `%` (double encoding such
+    as `%252e`), `;` (Tomcat drops `;...` from a segment, so `..;` is `..`), backslashes, encoded
+    slashes, empty segments or segments made only of dots, also after Unicode compatibility
+    normalisation (fullwidth dots). The path sent is re-encoded from the decoded segments."""
     if not isinstance(value, str) or not value:
         raise _invalid_path("path must be a non-empty string such as '/orders/42'.")
     if len(value) > _MAX_PATH_CHARS:
         raise _invalid_path(f"path is longer than {_MAX_PATH_CHARS} characters.")
-    decoded = unquote(value)
-    if _has_control_characters(value) or _has_control_characters(decoded):
+    if _has_control_characters(value):
         raise _invalid_path("path must not contain control characters.")
-    if "\\" in value or "\\" in decoded:
-        raise _invalid_path("path must not contain backslashes.")
     if not value.startswith("/"):
         raise _invalid_path(f"path {_bounded(value)!r} must start with '/' and be relative to the DWP API, "
                             "not a full URL.")
-    if value.startswith("//") or decoded.startswith("//"):
-        raise _invalid_path("path must not start with '//' (that names another host).")
     if "?" in value or "#" in value:
         raise _invalid_path("path must not contain '?' or '#'; pass query parameters in 'query'.")
-    if any(segment in (".", "..") for segment in decoded.split("/")):
+    if _MALFORMED_ESCAPE.search(value):
+        raise _invalid_path("path has a '%' that does not start a two-digit hex escape such as '%20'.")
+    raw_segments = value.split("/")[1:]
+    try:
+        segments = [unquote_to_bytes(segment).decode("utf-8") for segment in raw_segments]
+    except UnicodeDecodeError:
+        raise _invalid_path("path escapes must decode to valid UTF-8 (overlong forms such as '%C0%AE' are "
+                            "refused).") from None
+    for segment in segments:
+        _check_segment(segment)
+        normalised = unicodedata.normalize("NFKC", segment)
+        if normalised != segment:
+            _check_segment(normalised)
+    if any(not segment for segment in segments[:-1]):
+        raise _invalid_path("path must not contain empty segments ('//').")
+    if not segments[0]:
+        raise _invalid_path("path must name something under the DWP API, not its root.")
+    return "/" + "/".join(quote(segment, safe=_SEGMENT_SAFE) for segment in segments)
+
+
+def _check_segment(segment: str) -> None:
+    if _has_control_characters(segment):
+        raise _invalid_path("path must not contain control characters.")
+    if "/" in segment:
+        raise _invalid_path("path must not contain encoded slashes ('%2F').")
+    if "\\" in segment:
+        raise _invalid_path("path must not contain backslashes.")
+    if "%" in segment:
+        raise _invalid_path("path must not contain '%' after decoding (double-encoded escapes such as "
+                            "'%252e' are refused).")
+    if ";" in segment:
+        raise _invalid_path("path must not contain ';' (matrix parameters such as '..;' are refused).")
+    if segment and not segment.strip(". "):
         raise _invalid_path("path must not contain '.' or '..' segments.")
-    return value
 
 
 def _query_value(name: str, value: object) -> str:
@@ -190,7 +227,9 @@ class DwpRequestTool(Tool):
         timeout_seconds: float = 15.0,
         max_response_bytes: int = 65536,
         allowed_methods: Collection[str] = ALL_METHODS,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        self._now = now
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
         if max_response_bytes <= 0:
@@ -235,6 +274,8 @@ class DwpRequestTool(Tool):
             content=content,
             extensions={"timeout": httpx.Timeout(self._timeout_seconds).as_dict()},
         )
+        # Last, right before sending: the token may have expired while the call waited for approval.
+        self._check_not_expired(context.bearer_token)
         target = f"{method} {_bounded(path)}"
         started = time.monotonic()
         try:
@@ -265,14 +306,33 @@ class DwpRequestTool(Tool):
             "summary": summary,
         }
 
+    def _check_not_expired(self, token: str) -> None:
+        """A call is never made with a token that has expired (e.g. during a long approval wait):
+        the backend would refuse it, or worse, one that trusts the gateway might not. The token was
+        verified when the run started; only its `exp` is read again here."""
+        try:
+            expires_at = jwt.get_unverified_claims(token).get("exp")
+        except JOSEError:
+            expires_at = None
+        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            raise ToolFailure("The caller's token has no readable expiry, so the call was not made.",
+                              code="credentials_expired")
+        now = self._now()
+        if expires_at <= now:
+            raise ToolFailure(f"The caller's token expired {now - expires_at:.0f} s ago (while the run waited), "
+                              "so the call to the DWP backend was not made; start the request again with a "
+                              "fresh session.", code="credentials_expired")
+
     def _url(self, path: str) -> httpx.URL:
         try:
             url = self._base.copy_with(path=self._base_path + path)
         except httpx.InvalidURL:
             raise _invalid_path(f"path {_bounded(path)!r} is not a valid URL path.") from None
-        # The checks above should make this impossible; the token must never reach another origin.
-        if (url.scheme, url.host, url.port) != (self._base.scheme, self._base.host, self._base.port):
-            raise _invalid_path("path must stay on the DWP backend.")
+        # The checks above should make this impossible; the token must never reach another origin, nor
+        # a path httpx rewrote (it normalises dot segments) to something outside the base path.
+        if (url.scheme, url.host, url.port) != (self._base.scheme, self._base.host, self._base.port) or \
+                url.raw_path.decode("ascii") != self._base_path + path:
+            raise _invalid_path("path must stay under the DWP API's base path.")
         return url
 
     @staticmethod

@@ -1,9 +1,25 @@
 """Git tools the agent calls, confined to a `Workspace`.
 
 git runs as a subprocess (never through a shell) with a timeout, a bound on the output it may
-produce, a scrubbed environment and configuration overrides that switch off hooks, fsmonitor,
-pagers, external diff drivers and signing, so a repository's or the host's git configuration cannot
-make a tool run other programs, wait for a terminal or behave differently from one host to the next.
+produce and a scrubbed environment. No repository or host configuration can make a tool run another
+program, wait for a terminal or behave differently from one host to the next:
+
+- host configuration is not read (no system or global config, no system attributes, an environment
+  built from scratch, so no inherited `GIT_*` variable);
+- `-c` overrides (which win over every config file) switch off hooks, fsmonitor, pagers, signing,
+  credential helpers, submodule recursion and every transport (`protocol.allow=never`: no fetch, so
+  no `core.sshCommand`, `core.gitProxy`, `remote.*.uploadpack` or `ext::` URL, not even the lazy
+  fetch of a partial clone);
+- every diff runs with `--no-ext-diff --no-textconv` (`diff.external`, `diff.<driver>.command`,
+  `diff.<driver>.textconv`), and status and diff ignore submodules, whose own config is not checked;
+- the repository's effective configuration, includes (`include.path`, `includeIf`) followed, is
+  read before each command and every filter driver it defines (`filter.<name>.clean`, `smudge`,
+  `process`) is overridden with an empty command, so `.gitattributes` naming it runs nothing;
+- a repository whose configuration moves it outside the workspace (`core.worktree`, a `.git` file
+  pointing elsewhere) is refused.
+
+Merge drivers, difftool/mergetool commands, editors and aliases are only used by commands the tools
+never run.
 """
 
 from __future__ import annotations
@@ -37,8 +53,25 @@ _CONFIG_OVERRIDES = (
     # No background `gc --auto` / maintenance left running after a commit.
     "gc.auto=0",
     "maintenance.auto=false",
+    # No transport at all: nothing that connects (ssh commands, proxies, upload-pack, ext:: URLs,
+    # a partial clone's lazy fetch) can start, so nothing asks a credential helper either.
+    "protocol.allow=never",
+    "credential.helper=",  # an empty value clears the list of helpers
+    "core.attributesFile=" + os.devnull,
+    # A submodule has its own configuration, which is not checked: git must not start in it.
+    "diff.ignoreSubmodules=all",
+    "status.submoduleSummary=false",
+    "submodule.recurse=false",
 )
+# Keys of the effective configuration that run a program; each found is overridden with "".
+_FILTER_COMMAND = re.compile(r"filter\.(.+)\.(?:clean|smudge|process)", re.DOTALL)
+# A per-protocol policy wins over `protocol.allow`; each found is overridden with "never".
+_PROTOCOL_POLICY = re.compile(r"protocol\.(.+)\.allow", re.DOTALL)
+# Keys that move the repository's working tree outside the workspace: no override undoes them.
+_REFUSED_KEYS = frozenset({"core.worktree"})
 _STDERR_LIMIT = 8192
+# A repository's whole configuration; one larger than this is refused rather than half-checked.
+_CONFIG_LIMIT = 1 << 20
 _READ_CHUNK = 65536
 _STOP_GRACE_SECONDS = 5.0
 _MAX_ERROR_CHARS = 300
@@ -88,6 +121,11 @@ class GitRunner:
             "PAGER": "cat",
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_ATTR_NOSYSTEM": "1",
+            "GIT_EDITOR": ":",
+            "GIT_PROTOCOL_FROM_USER": "0",
+            # An empty allow-list: no transport, whatever any configuration allows.
+            "GIT_ALLOW_PROTOCOL": "",
             # Never look for a repository above the one named (it may be outside the workspace).
             "GIT_CEILING_DIRECTORIES": str(repo.parent),
             # File arguments are plain paths, not pathspec magic such as ':(glob)' or '*'.
@@ -101,7 +139,39 @@ class GitRunner:
         }
 
     async def run(self, repo: Path, *args: str) -> GitOutput:
-        overrides = [part for setting in _CONFIG_OVERRIDES for part in ("-c", setting)]
+        neutralised = await self._repository_overrides(repo, for_command=args[0])
+        return await self._run(repo, (*_CONFIG_OVERRIDES, *neutralised), args, limit=self.max_output_bytes,
+                               name=args[0])
+
+    async def _repository_overrides(self, repo: Path, *, for_command: str) -> list[str]:
+        """`-c` settings that switch off every filter driver the repository's effective config
+        defines; ToolFailure `repository_refused` for config no override can make safe."""
+        listed = await self._run(repo, _CONFIG_OVERRIDES, ("config", "--list", "--includes", "-z"),
+                                 limit=_CONFIG_LIMIT, name=for_command)
+        if listed.exit_code != 0 or listed.truncated:
+            raise ToolFailure("The repository's git configuration could not be read, so git was not run.",
+                              code="repository_refused")
+        overrides: set[str] = set()
+        for entry in listed.stdout.split(b"\x00")[:-1]:
+            key = entry.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+            if key.lower() in _REFUSED_KEYS:
+                raise ToolFailure(f"The repository's git configuration sets {key}, which points git outside "
+                                  "the repository, so git was not run.", code="repository_refused")
+            match = _FILTER_COMMAND.fullmatch(key)
+            if match is not None:
+                driver = match.group(1)
+                overrides.update(f"filter.{driver}.{part}=" for part in ("clean", "smudge", "process"))
+                overrides.add(f"filter.{driver}.required=false")
+            match = _PROTOCOL_POLICY.fullmatch(key)
+            if match is not None:
+                overrides.add(f"protocol.{match.group(1)}.allow=never")
+        return sorted(overrides)
+
+    async def _run(
+        self, repo: Path, settings: tuple[str, ...], args: tuple[str, ...], *, limit: int, name: str,
+    ) -> GitOutput:
+        """git with `settings` as `-c` overrides; `name` is the command a timeout message names."""
+        overrides = [part for setting in settings for part in ("-c", setting)]
         try:
             process = await asyncio.create_subprocess_exec(
                 self._executable, *overrides, *args,
@@ -121,14 +191,14 @@ class GitRunner:
             async with asyncio.timeout(self.timeout_seconds):
                 (stdout, truncated), (stderr, _) = await asyncio.gather(
                     # Output beyond the limit is not wanted: stop git rather than read it all.
-                    _read_bounded(process.stdout, self.max_output_bytes, on_overflow=lambda: _kill(process)),
+                    _read_bounded(process.stdout, limit, on_overflow=lambda: _kill(process)),
                     _read_bounded(process.stderr, _STDERR_LIMIT, on_overflow=None),
                 )
                 exit_code = await process.wait()
                 finished = True
         except TimeoutError:
             raise ToolFailure(
-                f"git {args[0]} timed out after {self.timeout_seconds:g} s.", code="tool_timeout", retryable=True,
+                f"git {name} timed out after {self.timeout_seconds:g} s.", code="tool_timeout", retryable=True,
             ) from None
         finally:
             if not finished:  # timeout, cancellation or an unexpected error: leave nothing behind
@@ -309,7 +379,8 @@ class GitStatusTool(GitTool):
     )
 
     async def execute(self, repo: Path, args: Mapping[str, Any]) -> dict[str, Any]:
-        output = await self.git(repo, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=normal")
+        output = await self.git(repo, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=normal",
+                                "--ignore-submodules=all")
         records = output.stdout.split(b"\x00")
         # Complete output ends with NUL; after truncation the last record may be cut short.
         records = records[:-1]
@@ -443,7 +514,8 @@ class GitDiffTool(GitTool):
         branch = _ref(args, "branch", "HEAD")
         given_path = _optional_string(args, "file_path")
         pathspec = [] if given_path is None else [self._workspace.resolve_inside(repo, given_path)]
-        common = ("--no-ext-diff", "--no-textconv", "--no-color", "--end-of-options", branch, "--", *pathspec)
+        common = ("--no-ext-diff", "--no-textconv", "--no-color", "--ignore-submodules=all", "--end-of-options",
+                  branch, "--", *pathspec)
         stat = await self.git(repo, "diff", "--shortstat", *common)
         diff = await self.git(repo, "diff", *common)
         shortstat = _text(stat.stdout).strip()
@@ -612,7 +684,8 @@ class GitCommitTool(GitTool):
             raise _invalid("message must not be blank.")
         if "\x00" in message:
             raise _invalid("message must not contain NUL characters.")
-        staged = await self.git(repo, "diff", "--cached", "--quiet", "--no-ext-diff", ok_exit_codes=(0, 1))
+        staged = await self.git(repo, "diff", "--cached", "--quiet", "--no-ext-diff", "--no-textconv",
+                                ok_exit_codes=(0, 1))
         if staged.exit_code == 0:
             raise ToolFailure("Nothing is staged, so there is nothing to commit.", code="nothing_to_commit")
         # `--message=...` is one argv entry, so a message starting with '-' stays a message.

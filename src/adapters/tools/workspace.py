@@ -50,7 +50,30 @@ class Workspace:
         if not (candidate / ".git").exists():
             raise ToolFailure(f"{shown(repo_path)} is not a git repository (no .git at its top).",
                               code="not_a_repository")
+        if not self._git_dir_inside(candidate):
+            # Its configuration, hooks and objects would come from outside the workspace.
+            raise _outside(f"The git directory of {shown(repo_path)} is outside the workspace.")
         return candidate
+
+    def _git_dir_inside(self, repo: Path) -> bool:
+        """Whether `.git` (a directory, a symlink, or a file naming the git directory as linked
+        worktrees and submodules have it) and the common directory it names stay in the workspace."""
+        dot_git = repo / ".git"
+        try:
+            git_dir = dot_git.resolve()
+            if dot_git.is_file():
+                pointer = dot_git.read_text("utf-8", errors="replace").strip()
+                if not pointer.startswith("gitdir:"):
+                    return False
+                git_dir = (repo / pointer.removeprefix("gitdir:").strip()).resolve()
+            common = git_dir / "commondir"
+            if common.is_file():
+                if not git_dir.is_relative_to(self._root):
+                    return False
+                git_dir = (git_dir / common.read_text("utf-8", errors="replace").strip()).resolve()
+        except (OSError, RuntimeError):
+            return False
+        return git_dir.is_relative_to(self._root)
 
     def resolve_inside(self, repo: Path, file_path: str) -> str:
         """`file_path` as a normalised path relative to `repo` (a path from `resolve_repo`), the

@@ -267,7 +267,8 @@ export class AuraClient {
    */
   async streamRun(request, handlers = {}) {
     const { signal } = handlers;
-    const state = { runId: null, status: null, lastSeq: 0, resumeUrl: null, retryMs: null, done: false,
+    const state = { runId: null, status: null, lastSeq: 0, lastEventId: null, resumeUrl: null, retryMs: null,
+                    done: false,
                     body: JSON.stringify(request), idempotencyKey: handlers.idempotencyKey || newIdempotencyKey() };
     /** @type {Response | null} */
     let response = null;
@@ -293,7 +294,7 @@ export class AuraClient {
   /** The request that opens (or reopens) the stream of `state`'s run. */
   async open(state, signal) {
     const extra = { Accept: "text/event-stream" };
-    if (state.lastSeq > 0) extra["Last-Event-ID"] = String(state.lastSeq);
+    if (state.lastEventId !== null) extra["Last-Event-ID"] = state.lastEventId; // `<runId>:<seq>`
     if (state.resumeUrl) {
       const headers = await this.headers(extra);
       return this.fetch(this.url(state.resumeUrl), { method: "GET", headers, signal, cache: "no-store" });
@@ -379,9 +380,10 @@ export class AuraClient {
           }
           const envelope = JSON.parse(frame.data);
           if (frame.id !== null) {
-            const seq = Number(frame.id);
+            const seq = envelope.seq; // the id is `<runId>:<seq>`: sent back as it is
             if (seq <= state.lastSeq) continue; // delivered before the reconnection
             state.lastSeq = seq;
+            state.lastEventId = frame.id;
           } // no id: a notice outside the run's sequence; it never moves Last-Event-ID
           if (envelope.type === "start") {
             state.runId = envelope.runId;

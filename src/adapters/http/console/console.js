@@ -62,6 +62,7 @@ function freshView() {
   return {
     events: 0,
     /** @type {Map<string, HTMLLIElement>} */ timeline: new Map(),
+    /** @type {Map<string, HTMLLIElement>} */ thoughts: new Map(),
     /** @type {Map<string, HTMLLIElement>} */ plan: new Map(),
     /** @type {Map<string, string>} */ planStatus: new Map(),
     /** @type {Map<string, HTMLLIElement>} */ tools: new Map(),
@@ -123,9 +124,22 @@ const render = {
   },
 
   thought(envelope) {
-    const item = el("li", "thought");
-    item.append(el("span", "thought-type", envelope.data.thoughtType), el("span", "thought-text", envelope.data.content));
-    ui.thoughts.append(item);
+    // A thought grows while the model writes it: pieces (chunk: true) of one thoughtId are
+    // appended in order; its final event (chunk: false) replaces them with the whole text.
+    const { thoughtId, thoughtType, content, chunk } = envelope.data;
+    let item = thoughtId ? view.thoughts.get(thoughtId) : undefined;
+    if (!item) {
+      item = /** @type {HTMLLIElement} */ (el("li", "thought"));
+      item.append(el("span", "thought-type", thoughtType), el("span", "thought-text", ""));
+      if (thoughtId) {
+        item.dataset.thoughtId = thoughtId;
+        view.thoughts.set(thoughtId, item);
+      }
+      ui.thoughts.append(item);
+    }
+    const text = /** @type {HTMLElement} */ (item.querySelector(".thought-text"));
+    text.textContent = chunk ? text.textContent + content : content;
+    item.classList.toggle("thought-growing", Boolean(chunk));
   },
 
   timeline_step_update(envelope) {

@@ -26,7 +26,6 @@ _LINKS = {"console": "aura/console", "docs": "docs", "openapi": "openapi.json",
 
 
 @bp.get("/")
-@hide
 async def index() -> Response:
     """Where to go from here: a page for a browser, links as JSON for anything else."""
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":

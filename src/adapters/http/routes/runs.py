@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response, request
 
@@ -13,16 +16,26 @@ from domain.access import RunAccess
 bp = Blueprint("runs", __name__)
 
 
-def last_event_id() -> int:
-    """Where to resume: the Last-Event-ID header (EventSource sets it), or ?lastEventId=."""
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a client resumes: the run its Last-Event-ID names (None for a bare seq) and the seq."""
+
+    run_id: str | None
+    seq: int
+
+
+_LAST_EVENT_ID = re.compile(r"^(?:([A-Za-z0-9_.\-]{1,128}):)?([0-9]{1,18})$")
+
+
+def last_event_id() -> ResumePoint:
+    """Where to resume: the Last-Event-ID header (EventSource and fetch-event-source set it), or
+    ?lastEventId=. Aura's ids are `<runId>:<seq>`; a bare `<seq>` is accepted too."""
     raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise Problem(422, "invalid_last_event_id", "Last-Event-ID must be a non-negative integer.") from None
-    if value < 0:
-        raise Problem(422, "invalid_last_event_id", "Last-Event-ID must be a non-negative integer.")
-    return value
+    match = _LAST_EVENT_ID.match(raw.strip())
+    if match is None:
+        raise Problem(422, "invalid_last_event_id",
+                      "Last-Event-ID must be an event id Aura sent (<runId>:<seq>) or a non-negative integer.")
+    return ResumePoint(match.group(1), int(match.group(2)))
 
 
 @bp.get("/aura/runs/<run_id>")
@@ -38,10 +51,13 @@ async def run_events(run_id: str, access: RunAccess = Provide["run_access"],
                      config: StreamConfig = Provide["stream_config"]) -> Response:
     """Replay every event after Last-Event-ID, then follow the live run until `end` and [DONE]."""
     after = last_event_id()
+    if after.run_id not in (None, run_id):
+        raise Problem(422, "invalid_last_event_id", "Last-Event-ID names another run.")
     principal = current_principal()
     await access.record_for(principal, run_id)  # 404 before the stream starts
-    items = access.resume(principal, run_id, after, config.heartbeat_seconds)
-    return sse_response(resumed_frames(items, config))
+    slot = config.slots.take(principal.tenant_id, principal.user_id, run_id)  # 429 beyond the caps
+    items = access.resume(principal, run_id, after.seq, config.heartbeat_seconds)
+    return sse_response(resumed_frames(items, config, slot))
 
 
 @bp.post("/aura/runs/<run_id>/cancel")

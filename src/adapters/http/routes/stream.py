@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from adapters.http.routes.streaming import StreamConfig, WatcherRelease, live_fr
 from adapters.http.web import current_principal
 from domain.access import Attached, RunAccess
 from domain.run import DisconnectPolicy, RunRequest
-from domain.service import RunService, ShuttingDown, TooManyRuns
+from domain.service import RunService, RunStartsTooFrequent, ShuttingDown, TooManyRuns
 
 bp = Blueprint("stream", __name__)
 
@@ -110,26 +111,41 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
         on_disconnect=DisconnectPolicy(data.on_disconnect or config.on_disconnect),
         traceparent=g.traceparent,
     )
+    # What the run was asked, so that a retried POST (an Idempotency-Key, or a Last-Event-ID that
+    # names the run) attaches only when it asks the same.
+    fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
+                                              option=orjson.OPT_SORT_KEYS)).hexdigest()
     idempotency = None
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         if not _IDEMPOTENCY_KEY.match(key):
             raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII characters.")
-        fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
-                                                  option=orjson.OPT_SORT_KEYS)).hexdigest()
         idempotency = (key, fingerprint)
+    resume_from = last_event_id()
+    principal = current_principal()
+    slot = config.slots.take(principal.tenant_id, principal.user_id, resume_from.run_id)  # 429 beyond the caps
     try:
-        outcome = await access.start(current_principal(), run_request, trace_id=g.trace_id, idempotency=idempotency,
-                                     after_seq=last_event_id(), heartbeat_seconds=config.heartbeat_seconds,
+        outcome = await access.start(principal, run_request, trace_id=g.trace_id, idempotency=idempotency,
+                                     fingerprint=fingerprint, resume_run_id=resume_from.run_id,
+                                     after_seq=resume_from.seq, heartbeat_seconds=config.heartbeat_seconds,
                                      retention_seconds=config.retention_seconds)
     except TooManyRuns as error:
+        slot.release()
         raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None
+    except RunStartsTooFrequent as error:
+        raise Problem(429, error.code, error.message,
+                      headers={"Retry-After": str(math.ceil(error.retry_after_seconds))}) from None
     except ShuttingDown as error:
+        slot.release()
         raise Problem(503, error.code, error.message, headers={"Retry-After": "1"}) from None
+    except BaseException:
+        slot.release()
+        raise
     forget_body()
     if isinstance(outcome, Attached):
-        return sse_response(resumed_frames(outcome.items, config), {"X-Aura-Run-ID": outcome.run_id})
+        return sse_response(resumed_frames(outcome.items, config, slot), {"X-Aura-Run-ID": outcome.run_id})
+    slot.add_run(outcome.handle.run_id)
     release = WatcherRelease(runs, outcome.handle, outcome.watcher)
     release.bind_to_current_task()  # released even if the body never starts (client gone during headers)
-    return sse_response(live_frames(release, outcome.watcher, config),
+    return sse_response(live_frames(release, outcome.watcher, config, slot),
                         {"X-Aura-Run-ID": outcome.handle.run_id})

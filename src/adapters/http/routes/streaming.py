@@ -6,18 +6,93 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextvars import Context
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from quart import Response, request
 
+from adapters.http.problems import Problem
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
 from adapters.metrics.prometheus import PrometheusMetrics
 from domain.access import Notice, ResumeItem
-from domain.events import Event
+from domain.events import Event, EventType
 from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 BATCH_EVENTS = 64
+
+
+class StreamSlots:
+    """Caps the open streams of this instance per user and per run (a resume loop, or a page
+    opened in hundreds of tabs, must not hold hundreds of connections and followers). A slot is
+    taken before the response starts (429 beyond the cap) and given back exactly once, when the
+    stream ends or its request's task does (a client gone during the headers never starts the
+    body)."""
+
+    def __init__(self, per_user: int = 50, per_run: int = 10) -> None:
+        self.per_user = per_user
+        self.per_run = per_run
+        self._users: dict[tuple[str, str], int] = {}
+        self._runs: dict[str, int] = {}
+
+    def take(self, tenant_id: str, user_id: str, run_id: str | None) -> StreamSlot:
+        user = (tenant_id, user_id)
+        if self._users.get(user, 0) >= self.per_user:
+            raise Problem(429, "too_many_streams",
+                          f"Too many open streams for this user (limit {self.per_user}); close one or retry later.",
+                          headers={"Retry-After": "5"})
+        if run_id is not None and self._runs.get(run_id, 0) >= self.per_run:
+            raise Problem(429, "too_many_streams",
+                          f"Too many open streams for this run (limit {self.per_run}); close one or retry later.",
+                          headers={"Retry-After": "5"})
+        self._users[user] = self._users.get(user, 0) + 1
+        slot = StreamSlot(self, user, None)
+        if run_id is not None:
+            slot.add_run(run_id)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(slot.release, context=Context())
+        return slot
+
+    def _count_run(self, run_id: str) -> None:
+        self._runs[run_id] = self._runs.get(run_id, 0) + 1
+
+    def _give_back(self, user: tuple[str, str], run_id: str | None) -> None:
+        _decrement(self._users, user)
+        if run_id is not None:
+            _decrement(self._runs, run_id)
+
+    def open_streams(self, tenant_id: str, user_id: str) -> int:
+        return self._users.get((tenant_id, user_id), 0)
+
+
+def _decrement(counts: dict[Any, int], key: object) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+class StreamSlot:
+    __slots__ = ("_released", "_run_id", "_slots", "_user")  # kept by every open stream
+
+    def __init__(self, slots: StreamSlots, user: tuple[str, str], run_id: str | None) -> None:
+        self._slots = slots
+        self._user = user
+        self._run_id = run_id
+        self._released = False
+
+    def add_run(self, run_id: str) -> None:
+        """The run this stream reads, once known (a new run's id exists only once it started)."""
+        if self._run_id is None and not self._released:
+            self._run_id = run_id
+            self._slots._count_run(run_id)
+
+    def release(self, *_: object) -> None:
+        if not self._released:
+            self._released = True
+            self._slots._give_back(self._user, self._run_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +105,7 @@ class StreamConfig:
     reconnect_hint_ms: int = 1000
     retention_seconds: int = 3600
     metrics: PrometheusMetrics | None = None
+    slots: StreamSlots = field(default_factory=StreamSlots)
 
 
 class StreamMeter:
@@ -76,8 +152,10 @@ def sse_headers() -> dict[str, str]:
 
 
 def reconnect_frame(config: StreamConfig, why: str) -> bytes:
-    """Ends a connection the run outlives: the client reconnects with Last-Event-ID and resumes."""
-    return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n\n".encode()
+    """Ends a connection the run outlives: the client reconnects with Last-Event-ID and resumes.
+    `retry` takes effect when its line is read; no blank line follows, so no parser dispatches an
+    empty message for it."""
+    return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n".encode()
 
 
 class WatcherRelease:
@@ -112,7 +190,8 @@ class WatcherRelease:
             task.add_done_callback(self, context=Context())
 
 
-async def live_frames(release: WatcherRelease, watcher: Subscription, config: StreamConfig) -> AsyncIterator[bytes]:
+async def live_frames(release: WatcherRelease, watcher: Subscription, config: StreamConfig,
+                      slot: StreamSlot | None = None) -> AsyncIterator[bytes]:
     """Frames of one watcher until `end` + [DONE]. A comment heartbeat whenever the stream was
     quiet for the interval. When the client goes away the generator is cancelled, and `release`
     applies the run's disconnect policy."""
@@ -153,6 +232,8 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
         meter.close()
         release.finished = finished
         release()
+        if slot is not None:
+            slot.release()
 
 
 def _batch(event: Event, watcher: Subscription, meter: StreamMeter, config: StreamConfig) -> tuple[bytes, bool]:
@@ -180,17 +261,24 @@ def encode_notice(notice: Notice) -> bytes:
     return encode_event(orjson.dumps(notice.envelope()).decode(), event=notice.type.value)
 
 
-async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig) -> AsyncIterator[bytes]:
+async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig,
+                         slot: StreamSlot | None = None) -> AsyncIterator[bytes]:
     deadline = time.monotonic() + config.max_stream_seconds
     meter = StreamMeter(config.metrics, "resume")
     try:
         async for item in items:
             if item is None:
+                if time.monotonic() >= deadline:  # a quiet stream ends too (checked at each heartbeat)
+                    yield reconnect_frame(config, "stream lifetime reached; reconnect with Last-Event-ID")
+                    return
                 meter.heartbeat()
                 yield HEARTBEAT_FRAME
                 continue
             meter.event(item.type.value)
             if isinstance(item, Notice):
+                if item.type is EventType.END:  # the stream ends here, whatever the run does
+                    yield encode_notice(item) + DONE_FRAME
+                    return
                 yield encode_notice(item)
             elif item.is_terminal:
                 yield terminal_frame(item, config)
@@ -203,6 +291,8 @@ async def resumed_frames(items: AsyncIterator[ResumeItem], config: StreamConfig)
         yield DONE_FRAME
     finally:
         meter.close()
+        if slot is not None:
+            slot.release()
 
 
 def sse_response(frames: AsyncIterator[bytes], extra_headers: dict[str, str] | None = None) -> Response:

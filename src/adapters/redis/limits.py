@@ -1,0 +1,47 @@
+"""The per-user rate limit on run starts, in Redis so every instance counts the same starts.
+
+A fixed window: `aura:starts:{tenant}:{user}:{window}` counts the starts in one window of
+`window_seconds` (ids percent-encoded). A user may make `limit` starts per window; the refusal
+says how long until the next window opens."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from adapters.redis.client import arg, pack, shared_connection
+from adapters.redis.keys import key_part
+from domain.errors import StoreUnavailable
+from domain.ports import StartRateLimiter
+
+
+def starts_key(tenant_id: str, user_id: str, window: int) -> str:
+    return f"aura:starts:{key_part(tenant_id)}:{key_part(user_id)}:{window}"
+
+
+class RedisStartRateLimiter(StartRateLimiter):
+    def __init__(self, redis: Redis, *, limit: int, window_seconds: int,
+                 now: Callable[[], float] = time.time) -> None:
+        if limit < 1 or window_seconds < 1:
+            raise ValueError("limit and window_seconds must be positive")
+        self._shared = shared_connection(redis)
+        self._limit = limit
+        self._window = window_seconds
+        self._now = now
+
+    async def admit(self, tenant_id: str, user_id: str) -> float | None:
+        now = self._now()
+        window = int(now // self._window)
+        key = starts_key(tenant_id, user_id, window).encode()
+        try:
+            count, _ = await self._shared.transaction(
+                pack(b"INCR", key), pack(b"EXPIRE", key, arg(self._window + 1)))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory is unavailable.") from exc
+        if int(count) <= self._limit:
+            return None
+        return max(1.0, math.ceil((window + 1) * self._window - now))
