@@ -2,7 +2,7 @@
 answers each with one JSON line on stdout. Its own CPU time is part of every answer, so a client
 bottleneck is never mistaken for a server one.
 
-Commands (see bench/run.py for the callers): streams, park, release, approvals, redis_rtt, quit.
+Commands (see bench/run.py for the callers): streams, follow, park, release, approvals, redis_rtt, quit.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 from bench.sse import SSEStream, frame_data, frame_event, request
 
 HOST = "127.0.0.1"
+# LangGraph's stream frames that carry no event of the run: the run's id at the start, `run_done` at the end
+LANGGRAPH_META = b"event: metadata"
 
 
 def cpu_seconds() -> float:
@@ -78,6 +80,8 @@ async def cmd_streams(spec: dict[str, Any]) -> dict[str, Any]:
     errors: list[str] = []
     nbytes = 0
     incomplete = 0
+    # LangGraph ends a stream by ending its body (no [DONE])
+    langgraph = spec.get("kind") == "langgraph"
 
     async def one(index: int) -> None:
         nonlocal nbytes, incomplete, open_now, peak_open
@@ -93,7 +97,7 @@ async def cmd_streams(spec: dict[str, Any]) -> dict[str, Any]:
                     if response.status != 200:
                         errors.append(f"HTTP {response.status}: {(await response.read_all())[:200]!r}")
                         return
-                    stream = SSEStream(response)
+                    stream = SSEStream(response, ignore=LANGGRAPH_META if langgraph else None, crlf=langgraph)
                     await stream.drain()
                 finally:
                     response.close()
@@ -104,7 +108,7 @@ async def cmd_streams(spec: dict[str, Any]) -> dict[str, Any]:
                 open_now -= 1
             nbytes += stream.bytes
             events.append(stream.events)
-            if not stream.done:
+            if not stream.done and not langgraph:
                 incomplete += 1
             if stream.first_event_at is not None:
                 ttfe.append((stream.first_event_at - started) * 1000.0)
@@ -117,6 +121,58 @@ async def cmd_streams(spec: dict[str, Any]) -> dict[str, Any]:
             "incomplete": incomplete, "events": sum(events), "events_min": min(events, default=0),
             "events_max": max(events, default=0), "bytes": nbytes, "ttfe_ms": ttfe if spec.get("ttfe") else [],
             "wall_s": wall, "client_cpu_s": cpu, "peak_open": peak_open}
+
+
+async def cmd_follow(spec: dict[str, Any]) -> dict[str, Any]:
+    """`total` runs started on the owner (A), each also read by a follower on B
+    (GET /aura/runs/{id}/events from the first event on, as a user reconnecting to another instance
+    would), at most `concurrency` at once; both streams read to [DONE]."""
+    a, b, path = spec["a_port"], spec["b_port"], spec["path"]
+    body = json.dumps(spec["body"]).encode()
+    total, concurrency = int(spec["total"]), int(spec["concurrency"])
+    slots = asyncio.Semaphore(concurrency)
+    owner_events: list[int] = []
+    follower_events: list[int] = []
+    errors: list[str] = []
+    incomplete = 0
+
+    async def one(index: int) -> None:
+        nonlocal incomplete
+        async with slots:
+            try:
+                response = await request(HOST, a, "POST", path, _headers(spec, index, body), body)
+                if response.status != 200:
+                    errors.append(f"owner: HTTP {response.status}")
+                    response.close()
+                    return
+                owner = SSEStream(response)
+                frame = await owner.next_frame()
+                run_id = json.loads(frame_data(frame or b"{}")).get("runId")
+                followed = await request(HOST, b, "GET", f"/aura/runs/{run_id}/events",
+                                         {**_headers(spec, index, None), "Last-Event-ID": "0"})
+                if followed.status != 200:
+                    errors.append(f"follower: HTTP {followed.status}")
+                    followed.close()
+                    response.close()
+                    return
+                follower = SSEStream(followed)
+                try:
+                    await asyncio.gather(owner.drain(), follower.drain())
+                finally:
+                    response.close()
+                    followed.close()
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            owner_events.append(owner.events)
+            follower_events.append(follower.events)
+            incomplete += (not owner.done) + (not follower.done)
+
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(total)))
+    return {"ok": len(owner_events), "errors": len(errors), "error_kinds": _errors_summary(errors),
+            "incomplete": incomplete, "owner_events": sum(owner_events), "follower_events": sum(follower_events),
+            "wall_s": time.perf_counter() - wall0, "client_cpu_s": cpu_seconds() - cpu0}
 
 
 @dataclass
@@ -135,8 +191,8 @@ PARKED = Parked()
 async def cmd_park(spec: dict[str, Any]) -> dict[str, Any]:
     """Open `n` streams and read each until the `until` event (hitl / ready); keep them open, reading
     heartbeats, until `release`."""
-    port, path, method = spec["port"], spec["path"], spec.get("method", "POST")
-    until = spec["until"]
+    port, path, method = spec["port"], spec.get("path", ""), spec.get("method", "POST")
+    until = spec.get("until")
     body = json.dumps(spec["body"]).encode() if spec.get("body") is not None else None
     n = int(spec["n"])
     connect = asyncio.Semaphore(int(spec.get("connect_limit", 100)))
@@ -163,6 +219,12 @@ async def cmd_park(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             async with connect:
+                if spec.get("kind") == "langgraph":
+                    stream = await _langgraph_park(port, spec["body"])
+                    parked_at.append(time.perf_counter() - started)
+                    PARKED.streams.append(stream)
+                    PARKED.tasks.append(asyncio.create_task(hold(stream)))
+                    return
                 response = await request(HOST, port, method, path, _headers(spec, index, body), body)
                 if response.status != 200:
                     failures.append(f"HTTP {response.status}: {(await response.read_all())[:200]!r}")
@@ -223,6 +285,7 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
     client still reads its stream); `isolated` waits until that stream has ended first."""
     a, b = spec["a_port"], spec["b_port"]
     aura = spec["kind"] == "aura"
+    langgraph = spec["kind"] == "langgraph"
     total, batch = int(spec["total"]), int(spec["batch"])
     body = json.dumps(spec.get("body")).encode() if spec.get("body") is not None else None
     latencies: list[float] = []
@@ -238,6 +301,14 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
         async def open_wait(index: int, done: int = done,
                             connect: asyncio.Semaphore = connect) -> tuple[SSEStream, str, int] | None:
             user = user_base + done + index
+            if langgraph:
+                try:
+                    async with connect:
+                        stream = await _langgraph_park(a, spec["body"])
+                    return stream, stream.thread_id, user  # type: ignore[attr-defined]
+                except Exception as exc:
+                    errors.append(f"open: {type(exc).__name__}: {exc}")
+                    return None
             wait_path = spec["path"] if aura else f"/wait/w{user}-{random.getrandbits(64):x}"
             try:
                 async with connect:
@@ -264,11 +335,16 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
         drains = []
         for stream, wait_id, user in opened:
             approve_path = f"/aura/hitl/approve/{wait_id}" if aura else f"/approve/{wait_id}"
+            approve_body = b""
+            if langgraph:  # a run on the thread that resumes it: Command(resume=...)
+                approve_path = f"/threads/{wait_id}/runs"
+                approve_body = json.dumps({"assistant_id": spec["body"]["assistant_id"], "stream_mode": ["custom"],
+                                           "command": {"resume": "approved"}}).encode()
             started = time.perf_counter()
             try:
                 response = await request(HOST, b, "POST", approve_path,
                                          {**TOKENS.headers(spec.get("auth"), user), "Content-Type": "application/json"},
-                                         b"")
+                                         approve_body)
                 await response.read_all()
                 response.close()
                 posted = time.perf_counter()
@@ -276,8 +352,9 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
                     errors.append(f"approve: HTTP {response.status}")
                     stream.response.close()
                     continue
-                while (frame := await stream.next_frame()) is not None:
-                    if frame_event(frame) == "tool_execution" and (not aura or b'"status":"running"' in frame):
+                while (frame := await asyncio.wait_for(stream.next_frame(), 60)) is not None:
+                    if frame_event(frame) in ("tool_execution", "custom") and \
+                            (not (aura or langgraph) or b'"status":"running"' in frame):
                         break
                 else:
                     errors.append("no running event")
@@ -300,9 +377,50 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def _finish(stream: SSEStream) -> None:
     try:
-        await stream.drain()
+        if isinstance(stream, LangGraphStream):  # a thread's stream stays open: read to the run's end
+            while (frame := await asyncio.wait_for(stream.next_frame(), 60)) is not None:
+                if frame.startswith(LANGGRAPH_META) and b'"run_done"' in frame:
+                    break
+        else:
+            await stream.drain()
     finally:
         stream.response.close()
+
+
+class LangGraphStream(SSEStream):
+    """A LangGraph thread's stream (GET /threads/{id}/stream), held open as Aura's run stream is."""
+
+    thread_id = ""
+
+
+async def _json(port: int, method: str, path: str, body: dict[str, Any]) -> Any:
+    response = await request(HOST, port, method, path, {"Content-Type": "application/json"},
+                             json.dumps(body).encode())
+    try:
+        data = await response.read_all()
+    finally:
+        response.close()
+    if response.status != 200:
+        raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:200]!r}")
+    return json.loads(data)
+
+
+async def _langgraph_park(port: int, body: dict[str, Any]) -> LangGraphStream:
+    """A LangGraph run parked on `interrupt()`, as a LangGraph app does it: a thread, a run on it
+    that stops at the interrupt, then the thread's stream held open for what its resumption writes."""
+    thread = await _json(port, "POST", "/threads", {})
+    thread_id = thread["thread_id"]
+    state = await _json(port, "POST", f"/threads/{thread_id}/runs/wait", body)
+    if "__interrupt__" not in state:
+        raise RuntimeError(f"the run did not stop at its interrupt: {str(state)[:200]}")
+    response = await request(HOST, port, "GET", f"/threads/{thread_id}/stream?stream_mode=custom",
+                             {"Accept": "text/event-stream"})
+    if response.status != 200:
+        response.close()
+        raise RuntimeError(f"thread stream: HTTP {response.status}")
+    stream = LangGraphStream(response, ignore=LANGGRAPH_META, crlf=True)
+    stream.thread_id = thread_id
+    return stream
 
 
 async def cmd_redis_rtt(spec: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +453,7 @@ async def cmd_redis_rtt(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 COMMANDS = {"streams": cmd_streams, "park": cmd_park, "release": cmd_release, "approvals": cmd_approvals,
-            "redis_rtt": cmd_redis_rtt}
+            "redis_rtt": cmd_redis_rtt, "follow": cmd_follow}
 
 
 async def main() -> None:

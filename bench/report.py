@@ -16,12 +16,15 @@ from typing import Any
 
 from bench.stats import median, pct
 
+# Goals are ratios to a baseline of the same round.
 GOALS = {
-    "cpu_ratio": 1.25,
+    "cpu_ratio": 1.25,  # Aura's server CPU per event ÷ the bare Quart/hypercorn route's (the floor)
     "ttfe_ratio": 1.5,
     "parked_connections": 2,
     "parked_memory_ratio": 1.5,
     "approval_ratio": 2.0,
+    "approval_cpu_ratio": 2.0,  # (A + B) CPU per approval ÷ the floor's
+    "approval_redis_commands": 10,  # Redis commands per approval: its own (see approval_commands)
 }
 
 
@@ -48,14 +51,16 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     levels = sorted({c for c, _ in by})
     for level in levels:
         per_server: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        ratios, ratios_with_redis, floor_ratios = [], [], []
+        ratios, ratios_with_redis, floor_ratios, over_floor, langgraph_ratios = [], [], [], [], []
         for (c, _round), group in by.items():
             if c != level:
                 continue
             found = {r["server"]: r for r in group}
             for name, r in found.items():
-                for key in ("server_us_per_event", "redis_us_per_event", "client_us_per_event"):
-                    per_server[name][key].append(r[key])
+                for key in ("server_us_per_event", "redis_us_per_event", "client_us_per_event",
+                            "redis_commands_per_event", "redis_info_us_per_event"):
+                    if r.get(key) is not None:
+                        per_server[name][key].append(r[key])
                 per_server[name]["errors"].append(r["errors"])
                 per_server[name]["peak_open"].append(r["peak_open"])
                 per_server[name]["events"].append(r["events"])
@@ -66,13 +71,21 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                           + found["aura"]["redis_us_per_event"]) / peer)
             if "floor" in found and "peer" in found and found["peer"]["server_us_per_event"]:
                 floor_ratios.append(found["floor"]["server_us_per_event"] / found["peer"]["server_us_per_event"])
+            if "aura" in found and "floor" in found and found["floor"]["server_us_per_event"]:
+                over_floor.append(found["aura"]["server_us_per_event"] / found["floor"]["server_us_per_event"])
+            lg = found.get("langgraph", {}).get("server_us_per_event")
+            au = found.get("aura", {}).get("server_us_per_event")
+            if lg and au:
+                langgraph_ratios.append(lg / au)
         cpu[str(level)] = {
             "servers": {name: {k: (median(v) if k not in ("errors", "events") else sum(v)) for k, v in d.items()}
                         for name, d in per_server.items()},
             "aura_over_peer": median(ratios), "aura_with_redis_over_peer": median(ratios_with_redis),
             "floor_over_peer": median(floor_ratios), "rounds": len(ratios),
+            "aura_over_floor": median(over_floor), "aura_over_floor_by_round": over_floor,
+            "langgraph_over_aura": median(langgraph_ratios),
         }
-        ratio = cpu[str(level)]["aura_over_peer"]
+        ratio = cpu[str(level)]["aura_over_floor"]
         cpu[str(level)]["met"] = None if ratio is None else ratio <= GOALS["cpu_ratio"]
     summary["cpu_per_event"] = cpu
 
@@ -123,7 +136,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     cpu_s: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     # A's part of each approval: from the POST's answer to the `running` event read from A's stream
     a_side: dict[str, list[float]] = defaultdict(list)
+    redis_commands: dict[str, list[float]] = defaultdict(list)
+    redis_us: dict[str, list[float]] = defaultdict(list)
     for row in rows:
+        if row["phase"] == "approval" and row.get("redis_commands_per_approval") is not None:
+            redis_commands[row["server"]].append(row["redis_commands_per_approval"])
+            redis_us[row["server"]].append(row["redis_info_us_per_approval"])
         if row["phase"] == "approval":
             cpu_s[row["server"]][0] += row.get("a_cpu_s", 0.0)
             cpu_s[row["server"]][1] += row.get("b_cpu_s", 0.0)
@@ -142,7 +160,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                           "a_side_p50_ms": pct(a_side[name], 50), "a_side_p99_ms": pct(a_side[name], 99),
                           "a_cpu_ms": cpu_s[name][0] / len(lat) * 1000 if lat and cpu_s[name][0] else None,
                           "b_cpu_ms": cpu_s[name][1] / len(lat) * 1000 if lat and cpu_s[name][1] else None,
-                          "client_cpu_ms": cpu_s[name][2] / len(lat) * 1000 if lat and cpu_s[name][2] else None}
+                          "client_cpu_ms": cpu_s[name][2] / len(lat) * 1000 if lat and cpu_s[name][2] else None,
+                          "servers_cpu_ms": (cpu_s[name][0] + cpu_s[name][1]) / len(lat) * 1000 if lat else None,
+                          "redis_commands": median(redis_commands[name]), "redis_us": median(redis_us[name])}
     redis = [v for row in rows if row["phase"] == "redis_rtt" for v in row["latency_ms"]]
     if redis:
         approval["redis-floor"] = {"n": len(redis), "p50_ms": pct(redis, 50), "p99_ms": pct(redis, 99)}
@@ -150,6 +170,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         approval["aura_p99_over_floor"] = approval["aura"]["p99_ms"] / approval["quart-floor"]["p99_ms"]
         approval["aura_p50_over_floor"] = approval["aura"]["p50_ms"] / approval["quart-floor"]["p50_ms"]
         approval["met"] = approval["aura_p99_over_floor"] <= GOALS["approval_ratio"] and approval["aura"]["n"] >= 2000
+        floor_cpu = approval["quart-floor"]["servers_cpu_ms"]
+        if floor_cpu:
+            approval["aura_cpu_over_floor"] = approval["aura"]["servers_cpu_ms"] / floor_cpu
+            approval["cpu_met"] = approval["aura_cpu_over_floor"] <= GOALS["approval_cpu_ratio"]
+    own = [row for row in rows if row["phase"] == "approval_commands"]
+    if own:
+        approval["own_commands"] = own[-1]
+        approval["own_commands_met"] = own[-1]["approval_commands_per_approval"] <= GOALS["approval_redis_commands"]
     if "aura (isolated)" in approval and "quart-floor (isolated)" in approval:
         approval["isolated_p99_over_floor"] = (approval["aura (isolated)"]["p99_ms"]
                                                / approval["quart-floor (isolated)"]["p99_ms"])
@@ -166,6 +194,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         aura, floor = entry.get("aura"), entry.get("floor")
         if aura and floor and floor.get("kib_per_stream_rss"):
             entry["memory_ratio"] = aura["kib_per_stream_rss"] / floor["kib_per_stream_rss"]
+        langgraph = entry.get("langgraph")
+        if aura and langgraph and aura.get("kib_per_stream_rss") and langgraph.get("kib_per_stream_rss"):
+            entry["langgraph_memory_over_aura"] = langgraph["kib_per_stream_rss"] / aura["kib_per_stream_rss"]
         if aura:
             clients = aura["redis_clients_parked"]
             entry["signal_connections"] = clients.get("signals (Pub/Sub)", 0)
@@ -192,6 +223,18 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     summary["growth"] = {"us_per_event": dict(growth), "events_per_run": {str(k): v for k, v in real_events.items()},
                          "max_over_min": spread}
 
+    # -- Redis per event: owner-served (cpu_per_event) and owner + a follower on B (follow) --------
+    follow: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["phase"] == "follow" and row.get("redis_commands_per_event") is not None:
+            cell = follow[str(row["concurrency"])]
+            cell["redis_commands_per_event"].append(row["redis_commands_per_event"])
+            cell["redis_info_us_per_event"].append(row["redis_info_us_per_event"])
+            cell["follower_us_per_event"].append(row["follower_us_per_event"])
+            cell["errors"].append(row["errors"] + row["incomplete"])
+    summary["follow"] = {level: {k: (sum(v) if k == "errors" else median(v)) for k, v in cell.items()}
+                         for level, cell in follow.items()}
+
     # -- options ------------------------------------------------------------------------------
     options: dict[str, list[float]] = defaultdict(list)
     for row in rows:
@@ -214,16 +257,66 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def side_by_side(summary: dict[str, Any]) -> list[str]:
+    """The headline table: each server on the same workloads (medians over rounds)."""
+    names = ("aura", "langgraph", "peer", "floor")
+    cpu = summary["cpu_per_event"]
+    ttfe = summary["ttfe"]
+    ap = summary["approval"]
+    parked = summary["parked"]
+    rows: list[tuple[str, dict[str, str]]] = []
+    for level in cpu:
+        s = cpu[level]["servers"]
+        rows.append((f"server CPU µs per event, {level} stream{'s' if level != '1' else ''}",
+                     {n: _fmt(s.get(n, {}).get("server_us_per_event")) for n in names}))
+    for level in ttfe:
+        s = ttfe[level]["servers"]
+        rows.append((f"time to first event p50 / p99 ms, {level} new stream{'s' if level != '1' else ''}",
+                     {n: f"{_fmt(s[n]['p50_ms'], 2)} / {_fmt(s[n]['p99_ms'], 2)}" if n in s else "–" for n in names}))
+    approval_names = {"aura": "aura", "langgraph": "langgraph", "floor": "quart-floor"}
+    rows.append(("approval → next event p50 / p99 ms",
+                 {n: f"{_fmt(ap[k]['p50_ms'], 2)} / {_fmt(ap[k]['p99_ms'], 2)}" if (k := approval_names.get(n)) in ap
+                  else "–" for n in names}))
+    rows.append(("server CPU ms per approval (A + B)",
+                 {n: _fmt(ap[k].get("servers_cpu_ms"), 2) if (k := approval_names.get(n)) in ap else "–"
+                  for n in names}))
+    for level in sorted(parked, key=int):
+        entry = parked[level]
+        if "langgraph" not in entry:
+            continue
+        rows.append((f"KiB RSS per parked run, {level} parked (stream open)",
+                     {n: _fmt(entry[k]["kib_per_stream_rss"]) if (k := n) in entry else "–" for n in names}))
+        rows.append((f"CPU to hold {level} parked runs, % of a core",
+                     {n: _fmt(entry[k]["hold_cpu_pct"]) if (k := n) in entry else "–" for n in names}))
+    out = ["", "## Side by side (medians over rounds)", "",
+           "| measure | Aura | LangGraph dev | peer (sse-starlette) | floor (bare Quart) | LangGraph ÷ Aura |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for label, cells in rows:
+        try:
+            ratio = float(cells["langgraph"].split(" / ")[0].replace(",", "")) / \
+                float(cells["aura"].split(" / ")[0].replace(",", ""))
+            ratio_text = f"{ratio:,.1f}×"
+        except (ValueError, ZeroDivisionError):
+            ratio_text = "–"
+        out.append(f"| {label} | " + " | ".join(cells[n] for n in names) + f" | {ratio_text} |")
+    return out
+
+
 def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) -> str:
     machine = results["machine"]
     mode = results["mode"]
     out = [f"# Aura benchmark — {results['started_at'][:16].replace('T', ' ')} UTC ({mode['name']} mode)", ""]
     out.append(f"Duration {results['duration_s'] / 60:.1f} min, {mode['rounds']} interleaved rounds. Machine: "
-               f"{machine['cpus']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, Python "
+               f"{machine.get('host', '?')}, {machine['cpus']} cores ({machine['cpu_model']}), "
+               f"{machine['memory_gib']} GiB, Python "
                f"{machine['python']}, {machine['redis_server'].split(' sha')[0]}, load average at start "
                f"{', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}. Load generator event loop: "
                f"{results['client_event_loop']}. Packages: "
                + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v) + ".")
+    if machine.get("langgraph_packages"):
+        out.append("LangGraph's Agent Server (`langgraph dev`, its own locked virtualenv): "
+                   + ", ".join(f"{k} {v}" for k, v in machine["langgraph_packages"].items())
+                   + f"; connections beyond loopback seen: {results.get('langgraph_remote_connections') or 'none'}.")
     if machine.get("code"):
         out.append(f"Code measured: {machine['code']}"
                    + (f"; against {machine['against_commit']}" if machine.get("against_commit") else "")
@@ -236,20 +329,35 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                f"(bytes by events per run): {cal.get('sizes')}. The baselines stream the same number of events "
                "of the same mean size.")
 
+    out += side_by_side(summary)
     out += ["", "## Server CPU per delivered event (200 events per run)", "",
-            "| concurrent streams | Aura µs/event | Redis µs/event (Aura's) | peer µs/event | floor µs/event | "
-            "Aura ÷ peer | (Aura+Redis) ÷ peer | floor ÷ peer | client µs/event (Aura / peer) | errors (Aura) | "
-            f"goal ≤ {GOALS['cpu_ratio']}× |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| concurrent streams | Aura µs/event | Redis µs/event (Aura's) | Redis commands/event (Aura's) | "
+            "LangGraph dev µs/event | peer µs/event | floor µs/event | Aura ÷ floor (per round) | Aura ÷ peer | "
+            "LangGraph ÷ Aura | client µs/event (Aura / peer) | errors (Aura / LangGraph) | "
+            f"goal Aura ÷ floor ≤ {GOALS['cpu_ratio']}× |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for level, entry in summary["cpu_per_event"].items():
         s = entry["servers"]
-        a, p, f = s.get("aura", {}), s.get("peer", {}), s.get("floor", {})
+        a, p, f, lg = s.get("aura", {}), s.get("peer", {}), s.get("floor", {}), s.get("langgraph", {})
+        rounds = ", ".join(f"{r:.2f}" for r in entry.get("aura_over_floor_by_round", []))
         out.append(f"| {level} (peak open {_fmt(a.get('peak_open'), 0)}) | {_fmt(a.get('server_us_per_event'))} | "
-                   f"{_fmt(a.get('redis_us_per_event'))} | {_fmt(p.get('server_us_per_event'))} | "
-                   f"{_fmt(f.get('server_us_per_event'))} | {_fmt(entry['aura_over_peer'], 2)}× | "
-                   f"{_fmt(entry['aura_with_redis_over_peer'], 2)}× | {_fmt(entry['floor_over_peer'], 2)}× | "
+                   f"{_fmt(a.get('redis_us_per_event'))} | {_fmt(a.get('redis_commands_per_event'), 2)} | "
+                   f"{_fmt(lg.get('server_us_per_event'))} | {_fmt(p.get('server_us_per_event'))} | "
+                   f"{_fmt(f.get('server_us_per_event'))} | {_fmt(entry.get('aura_over_floor'), 2)}× ({rounds}) | "
+                   f"{_fmt(entry['aura_over_peer'], 2)}× | {_fmt(entry.get('langgraph_over_aura'), 1)}× | "
                    f"{_fmt(a.get('client_us_per_event'))} / {_fmt(p.get('client_us_per_event'))} | "
-                   f"{a.get('errors', 0)} | {_verdict(entry['met'])} |")
+                   f"{a.get('errors', 0)} / {lg.get('errors', '–')} | {_verdict(entry['met'])} |")
+    if summary.get("follow"):
+        out += ["", "### Redis per event: served by the owner, and by the owner plus a follower on B", "",
+                "| concurrent runs | Redis commands/event, owner only | owner + follower | Redis µs/event (INFO cpu), "
+                "owner only | owner + follower | follower B's CPU µs/event | errors |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for level, cell in summary["follow"].items():
+            owner = summary["cpu_per_event"].get(level, {}).get("servers", {}).get("aura", {})
+            out.append(f"| {level} | {_fmt(owner.get('redis_commands_per_event'), 2)} | "
+                       f"{_fmt(cell['redis_commands_per_event'], 2)} | {_fmt(owner.get('redis_info_us_per_event'))} | "
+                       f"{_fmt(cell['redis_info_us_per_event'])} | {_fmt(cell['follower_us_per_event'])} | "
+                       f"{cell['errors']} |")
 
     out += ["", "## Time to first event", "",
             "| concurrent new streams | server | p50 ms | p99 ms | samples | errors |",
@@ -268,18 +376,20 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     ap = summary["approval"]
     out += ["", "## Approval latency (approve POST on B → `tool_execution` running read from A)", "",
             "| path | approvals | p50 ms | p99 ms | POST answered p50 / p99 ms | then A's part p50 / p99 ms | "
-            "CPU ms per approval, A / B / load generator | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU ms per approval, A / B / load generator | Redis per approved run: commands / µs CPU | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     # Rows of another revision (`--against REV --against-phases approvals`) follow Aura's own.
     others = sorted(name for name, entry in ap.items() if name.startswith("aura@") and isinstance(entry, dict))
-    for name in ("aura", "quart-floor", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others):
+    names = ("aura", "quart-floor", "langgraph", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others)
+    for name in names:
         if name in ap:
             s = ap[name]
             out.append(f"| {name} | {s['n']} | {_fmt(s['p50_ms'], 2)} | {_fmt(s['p99_ms'], 2)} | "
                        f"{_fmt(s.get('post_p50_ms'), 2)} / {_fmt(s.get('post_p99_ms'), 2)} | "
                        f"{_fmt(s.get('a_side_p50_ms'), 2)} / {_fmt(s.get('a_side_p99_ms'), 2)} | "
                        f"{_fmt(s.get('a_cpu_ms'), 2)} / {_fmt(s.get('b_cpu_ms'), 2)} / "
-                       f"{_fmt(s.get('client_cpu_ms'), 2)} | {s.get('errors', 0)} |")
+                       f"{_fmt(s.get('client_cpu_ms'), 2)} | {_fmt(s.get('redis_commands'), 1)} / "
+                       f"{_fmt(s.get('redis_us'), 0)} | {s.get('errors', 0)} |")
     if "aura_p99_over_floor" in ap:
         out.append(f"\nAura ÷ bare-Quart floor: p50 {ap['aura_p50_over_floor']:.2f}×, p99 "
                    f"{ap['aura_p99_over_floor']:.2f}× (goal p99 ≤ {GOALS['approval_ratio']}×: {_verdict(ap['met'])}).")
@@ -292,6 +402,19 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    "each process's CPU time over the phase ÷ approvals: A parks the runs and finishes them after "
                    "their decision, B only answers the approve POSTs, the load generator opens, approves and reads "
                    "every stream to its end.")
+    if "aura_cpu_over_floor" in ap:
+        out.append(f"\nCPU per approval, A + B: Aura {_fmt(ap['aura']['servers_cpu_ms'], 2)} ms, the floor "
+                   f"{_fmt(ap['quart-floor']['servers_cpu_ms'], 2)} ms: {ap['aura_cpu_over_floor']:.2f}× (goal ≤ "
+                   f"{GOALS['approval_cpu_ratio']}×: {_verdict(ap['cpu_met'])}). LangGraph's row is one process "
+                   "(its in-memory runtime parks and resumes in the same server): its CPU is under A.")
+    if "own_commands" in ap:
+        own = ap["own_commands"]
+        out.append(f"\nAn approval's own Redis commands (MONITOR over {own['approvals']} isolated approvals; a "
+                   f"script's own calls counted): {_fmt(own['approval_commands_per_approval'], 1)} per approval "
+                   f"(goal ≤ {GOALS['approval_redis_commands']}: {_verdict(ap['own_commands_met'])}): "
+                   + ", ".join(f"{k.upper()} {v:.2f}" for k, v in own["approval_by_command"].items())
+                   + f". Its run's other commands: {_fmt(own['run_commands_per_approval'], 1)} ("
+                   + ", ".join(f"{k.upper()} {v:.1f}" for k, v in own["run_by_command"].items()) + ").")
     if "isolated_p99_over_floor" in ap:
         out.append(f"\nIsolated (each approval once the run before it has ended): Aura ÷ bare-Quart floor p50 "
                    f"{ap['isolated_p50_over_floor']:.2f}×, p99 {ap['isolated_p99_over_floor']:.2f}× (for "
@@ -302,7 +425,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
             "Redis CPU % | Redis connections | Aura ÷ floor memory | goal |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for level, entry in summary["parked"].items():
-        for name in ("aura", "floor"):
+        for name in ("aura", "floor", "langgraph"):
             row = entry.get(name)
             if not row:
                 continue
@@ -353,13 +476,13 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     colors = {"aura": "#6b3fa0", "aura+redis": "#b59ad6", "peer": "#2a9d8f", "floor": "#e9a03b",
-              "quart-floor": "#e9a03b", "redis-floor": "#888888"}
+              "quart-floor": "#e9a03b", "redis-floor": "#888888", "langgraph": "#1c6dd0"}
 
     ax = axes[0][0]
     levels = list(summary["cpu_per_event"])
-    width = 0.2
-    series = (("aura", "server_us_per_event"), ("aura+redis", None), ("peer", "server_us_per_event"),
-              ("floor", "server_us_per_event"))
+    width = 0.16
+    series = (("aura", "server_us_per_event"), ("aura+redis", None), ("langgraph", "server_us_per_event"),
+              ("peer", "server_us_per_event"), ("floor", "server_us_per_event"))
     for i, (name, key) in enumerate(series):
         values = []
         for level in levels:
@@ -369,9 +492,10 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
                 values.append((a.get("server_us_per_event") or 0) + (a.get("redis_us_per_event") or 0))
             else:
                 values.append(s.get(name, {}).get(key) or 0)
-        ax.bar([x + (i - 1.5) * width for x in range(len(levels))], values, width, label=name, color=colors[name])
+        ax.bar([x + (i - 2) * width for x in range(len(levels))], values, width, label=name, color=colors[name])
     ax.set_xticks(range(len(levels)), [f"{lv} streams" for lv in levels])
-    ax.set_ylabel("server CPU µs per delivered event")
+    ax.set_yscale("log")
+    ax.set_ylabel("server CPU µs per delivered event (log)")
     ax.set_title("CPU per event, 200 events/run (lower is better)")
     ax.legend(fontsize=8)
 
@@ -391,13 +515,14 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
 
     ax = axes[0][2]
     ap = summary["approval"]
-    names = [n for n in ("aura", "quart-floor", "redis-floor") if n in ap]
+    names = [n for n in ("aura", "quart-floor", "langgraph", "redis-floor") if n in ap]
     ax.bar([x - 0.2 for x in range(len(names))], [ap[n]["p50_ms"] for n in names], 0.4, label="p50",
            color=[colors[n] for n in names])
     ax.bar([x + 0.2 for x in range(len(names))], [ap[n]["p99_ms"] for n in names], 0.4, label="p99",
            color=[colors[n] for n in names], alpha=0.5, hatch="//")
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
     ax.set_title("Approval latency: p50 (solid), p99 (hatched)")
 
     ax = axes[1][0]
@@ -419,7 +544,7 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
 
     ax = axes[1][1]
     parked = summary["parked"]
-    for name in ("aura", "floor"):
+    for name in ("aura", "floor", "langgraph"):
         measured = sorted((int(n), e[name]["kib_per_stream_rss"], e[name]["errors_total"]) for n, e in parked.items()
                           if name in e and e[name]["kib_per_stream_rss"])
         clean = [p for p in measured if p[2] == 0]
@@ -438,7 +563,7 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax = axes[1][2]
     client = []
     for level, entry in summary["cpu_per_event"].items():
-        for name in ("aura", "peer", "floor"):
+        for name in ("aura", "langgraph", "peer", "floor"):
             s = entry["servers"].get(name, {})
             client.append((f"{name}\nc={level}", s.get("server_us_per_event") or 0, s.get("client_us_per_event") or 0,
                            name))
@@ -447,7 +572,8 @@ def chart(results: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax.bar([x + 0.2 for x in xs], [c[2] for c in client], 0.4, label="load generator", color="#cccccc")
     ax.set_xticks(list(xs), [c[0] for c in client], fontsize=7)
     ax.set_ylabel("CPU µs per event")
-    ax.set_title("Server vs load-generator CPU (grey: client)")
+    ax.set_yscale("log")
+    ax.set_title("Server vs load-generator CPU (grey: client; log)")
 
     fig.suptitle(f"Aura benchmark {results['started_at'][:10]} ({results['mode']['name']}, "
                  f"{results['machine']['cpus']} cores, medians of {results['mode']['rounds']} interleaved rounds)")

@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,9 @@ ANSWER_TEXT = ("Aura streams what it thinks, plans and does as server-sent event
 CHUNK_CHARS = 20
 STREAM_PATH = "/aura/test/stream"
 PARK_PROMPT = '@git_commit {"repo_path": "no-such-repo", "message": "bench"}'
+# LangGraph's approval run: it stops on interrupt(); resumed, it writes its `tool_execution` and
+# 30 more events (Aura's approved run writes about as many: its tool's events, the answer, `end`).
+LANGGRAPH_APPROVAL_BODY = {"assistant_id": "approval", "input": {"events": 30, "size": 200}}
 # For `--approval-run short`: after its decision the run answers in one chunk (about 8 events
 # instead of about 30), to see how much of the approval latency A's work after a decision costs.
 SHORT_PARK_PROMPT = PARK_PROMPT + '\n@answer {"text": "Done.", "chunks": 1}'
@@ -122,9 +126,13 @@ class Target:
 
     name: str
     server: S.Server
-    kind: str  # aura | peer | floor
+    kind: str  # aura | peer | floor | langgraph
 
     def stream_spec(self, cal: Calibration, events: int) -> dict[str, Any]:
+        if self.kind == "langgraph":  # a stateless run of the `stream` graph (bench/apps/langgraph)
+            return {"port": self.server.port, "path": "/runs/stream", "kind": "langgraph",
+                    "bodies": [{"assistant_id": "stream", "stream_mode": ["custom"],
+                                "input": {"events": cal.events_for(events), "size": cal.frame_size(events)}}]}
         if self.kind == "aura":
             chunks = cal.chunks_for(events)
             text = ANSWER_TEXT[: chunks * CHUNK_CHARS]
@@ -154,8 +162,9 @@ class Calibration:
 
 class Bench:
     def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool,
-                 whatif: str | None = None, approval_prompt: str = PARK_PROMPT) -> None:
+                 whatif: str | None = None, approval_prompt: str = PARK_PROMPT, langgraph: bool = True) -> None:
         self.mode = mode
+        self.langgraph = langgraph
         self.whatif = whatif
         self.approval_prompt = approval_prompt
         self.workdir = workdir
@@ -166,6 +175,7 @@ class Bench:
         self.client = Client(workdir, use_uvloop_client)
         self.cal = Calibration()
         self.results: dict[str, Any] = {"measurements": []}
+        self.langgraph_remote: list[str] = []  # LangGraph's connections beyond loopback, if any
 
     def _start(self, server: S.Server) -> Any:
         self.started.append(server)
@@ -179,9 +189,13 @@ class Bench:
     # -- measuring -------------------------------------------------------------------------
     def load(self, target: Target, phase: str, round_no: int, spec: dict[str, Any], **labels: Any) -> dict[str, Any]:
         server = target.server
+        stats0 = self.redis.stats()
         cpu0, redis0, client0 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
         result = self.client("streams", **spec)
         cpu1, redis1, client1 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
+        redis_work = S.stats_delta(stats0, self.redis.stats())
+        if target.kind == "langgraph":
+            self.note_remote(server)
         events = result["events"]
         row = {
             "phase": phase, "round": round_no, "server": target.name, **labels,
@@ -194,6 +208,7 @@ class Bench:
             "redis_us_per_event": (redis1 - redis0) / events * 1e6 if events else None,
             "client_us_per_event": ((client1.user + client1.system) - (client0.user + client0.system)) / events * 1e6
             if events else None,
+            **self._redis_row(redis_work, events, "event"),
         }
         if spec.get("ttfe"):
             row["ttfe_ms"] = result["ttfe_ms"]
@@ -205,6 +220,21 @@ class Bench:
             f"{row['server_us_per_event'] or 0:.1f} us/event server, {row['redis_us_per_event'] or 0:.1f} redis, "
             f"{row['client_us_per_event'] or 0:.1f} client, {result['errors']} errors, {result['wall_s']:.1f} s{extra}")
         return row
+
+    def note_remote(self, server: S.Server) -> None:
+        found = S.remote_connections(server)
+        if found:
+            log(f"{server.name} has connections beyond loopback: {found}")
+        self.langgraph_remote = sorted({*self.langgraph_remote, *found})
+
+    @staticmethod
+    def _redis_row(work: dict[str, Any], count: int, unit: str) -> dict[str, Any]:
+        """Redis's commands (INFO commandstats, a script's own calls included) and its CPU by its
+        own account (INFO cpu) over a load, in all and per `unit` (event, approval)."""
+        return {"redis_commands": work["commands"], "redis_by_command": work["by_command"],
+                "redis_info_cpu_s": work["cpu_s"],
+                f"redis_commands_per_{unit}": work["commands"] / count if count else None,
+                f"redis_info_us_per_{unit}": work["cpu_s"] / count * 1e6 if count else None}
 
     def calibrate(self, aura: Target) -> None:
         body = aura.stream_spec(self.cal, 1)
@@ -278,8 +308,10 @@ class Bench:
 
     def phase_ttfe(self, targets: list[Target], round_no: int) -> None:
         for target in self.rotate(targets, round_no):
-            spec = {**target.stream_spec(self.cal, 10), "total": self.mode.ttfe_c1_runs, "concurrency": 1,
-                    "ttfe": True}
+            # LangGraph's first event comes after its run queue's next poll (about a second): 30 of
+            # them a round show that as well as 100 would
+            runs = min(30, self.mode.ttfe_c1_runs) if target.kind == "langgraph" else self.mode.ttfe_c1_runs
+            spec = {**target.stream_spec(self.cal, 10), "total": runs, "concurrency": 1, "ttfe": True}
             self.load(target, "ttfe", round_no, spec, concurrency=1)
         for target in self.rotate(targets, round_no):
             for wave in range(self.mode.ttfe_c100_waves):
@@ -303,18 +335,30 @@ class Bench:
     def phase_approvals(self, pairs: list[tuple[str, S.Server, S.Server]], round_no: int, total: int) -> None:
         # Back to back (the goal's measurement), then isolated: each approval only once the run
         # approved before it has ended, which separates the approval path from A's other work.
-        runs = [(name, a, b, total, False) for name, a, b in self.rotate(pairs, round_no)]
-        runs += [(f"{name} (isolated)", a, b, max(1, total // 3), True) for name, a, b in self.rotate(pairs, round_no)]
+        # LangGraph's runs start from its run queue, which it polls every 0.5 s: each approval takes
+        # about a second, so it gets a tenth of the approvals, back to back only.
+        runs = [(name, a, b, max(20, total // 10) if a is b else total, False)
+                for name, a, b in self.rotate(pairs, round_no)]
+        runs += [(f"{name} (isolated)", a, b, max(1, total // 3), True) for name, a, b in self.rotate(pairs, round_no)
+                 if a is not b]
         for name, a, b, count, isolated in runs:
-            aura = name.startswith("aura")
-            spec: dict[str, Any] = {"kind": "aura" if aura else "floor", "a_port": a.port, "b_port": b.port,
+            kind = "aura" if name.startswith("aura") else "langgraph" if name.startswith("langgraph") else "floor"
+            spec: dict[str, Any] = {"kind": kind, "a_port": a.port, "b_port": b.port,
                                     "total": count, "batch": self.mode.approval_batch, "isolated": isolated}
-            if aura:
+            if kind == "aura":
                 spec.update(path=STREAM_PATH, body={"prompt": self.approval_prompt},
                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
+            elif kind == "langgraph":
+                spec.update(body=LANGGRAPH_APPROVAL_BODY)
+            stats0 = self.redis.stats()
             a_cpu0, b_cpu0 = a.cpu(), b.cpu()
             result = self.client("approvals", **spec)
             a_cpu, b_cpu = a.cpu() - a_cpu0, b.cpu() - b_cpu0
+            if a is b:  # one server both parks and resumes (LangGraph's in-memory runtime is one process)
+                b_cpu = 0.0  # the same process's CPU, counted once
+            redis_work = S.stats_delta(stats0, self.redis.stats())
+            if kind == "langgraph":
+                self.note_remote(a)
             lat = result["latency_ms"]
             row = {"phase": "approval", "round": round_no, "server": name, "approvals": result["approvals"],
                    "errors": result["errors"], "error_kinds": result["error_kinds"], "latency_ms": lat,
@@ -323,11 +367,80 @@ class Bench:
                    # A parks the runs and finishes them after their decision; B only answers the POSTs.
                    "servers_cpu_s": a_cpu + b_cpu, "a_cpu_s": a_cpu, "b_cpu_s": b_cpu,
                    "client_cpu_s": result["client_cpu_s"],
-                   "wall_s": result["wall_s"]}
+                   "wall_s": result["wall_s"], **self._redis_row(redis_work, len(lat), "approval")}
             self.results["measurements"].append(row)
             log(f"approval r{round_no} {name}: {len(lat)} approvals, p50 {row['p50_ms'] or 0:.2f} ms, "
                 f"p99 {row['p99_ms'] or 0:.2f} ms (POST answered p50 {row['post_p50_ms'] or 0:.2f} ms), "
-                f"{result['errors']} errors, {result['wall_s']:.1f} s")
+                f"{result['errors']} errors, {result['wall_s']:.1f} s, "
+                f"Redis {row['redis_commands_per_approval'] or 0:.1f} commands and "
+                f"{row['redis_info_us_per_approval'] or 0:.0f} us CPU per approval")
+
+    def phase_approval_commands(self, a: S.Server, b: S.Server, approvals: int = 20) -> None:
+        """An approval's own Redis commands, apart from its run's: `approvals` isolated approvals
+        watched with MONITOR (which slows Redis: nothing else is measured meanwhile). A command is
+        the approval's when its key or channel is one of the contract's `hitl:*` or Aura's
+        `aura:hitl:*`; a transaction (MULTI … EXEC) or script (EVALSHA) is, with every command in
+        it, when it touches one; a script's own calls count, as in INFO commandstats."""
+        import threading
+
+        import redis
+
+        seen: list[dict[str, Any]] = []
+        monitor = redis.Redis(port=self.redis.port).monitor()
+        stop = threading.Event()
+
+        def read() -> None:
+            with monitor as m:
+                for entry in m.listen():
+                    seen.append(entry)
+                    if stop.is_set():
+                        return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(0.3)
+        result = self.client("approvals", kind="aura", a_port=a.port, b_port=b.port, total=approvals,
+                             batch=approvals, isolated=True, path=STREAM_PATH, body={"prompt": self.approval_prompt},
+                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
+        time.sleep(0.5)  # the last UNSUBSCRIBE goes out after the run went on
+        stop.set()
+        self.redis.command("PING")  # one more line for the reader to see the flag
+        reader.join(5)
+        by_name, others = classify_approval_commands(seen)
+        n = result["approvals"]
+        row = {"phase": "approval_commands", "server": "aura", "approvals": n, "errors": result["errors"],
+               "approval_commands_per_approval": sum(by_name.values()) / n if n else None,
+               "approval_by_command": {k: v / n for k, v in by_name.items()} if n else {},
+               "run_commands_per_approval": sum(others.values()) / n if n else None,
+               "run_by_command": {k: v / n for k, v in others.items()} if n else {}}
+        self.results["measurements"].append(row)
+        log(f"an approval's own Redis commands: {row['approval_commands_per_approval'] or 0:.1f} "
+            f"({row['approval_by_command']}); its run's: {row['run_commands_per_approval'] or 0:.1f}")
+
+    def phase_follow(self, a: S.Server, b: S.Server, round_no: int) -> None:
+        """Runs of 200 events on A, each read by its owner's stream on A and by a follower on B:
+        Redis's commands and CPU per event delivered, owner and follower together (the owner-only
+        figures are the cpu_per_event rows)."""
+        for concurrency, runs in ((1, self.mode.throughput[1]), (100, self.mode.throughput[100])):
+            spec = {**Target("aura", a, "aura").stream_spec(self.cal, 200), "a_port": a.port, "b_port": b.port,
+                    "total": runs, "concurrency": concurrency}
+            spec["body"] = spec.pop("bodies")[0]
+            stats0, a0, b0 = self.redis.stats(), a.cpu(), b.cpu()
+            result = self.client("follow", **spec)
+            work = S.stats_delta(stats0, self.redis.stats())
+            a_cpu, b_cpu = a.cpu() - a0, b.cpu() - b0
+            events = result["follower_events"]
+            row = {"phase": "follow", "round": round_no, "server": "aura", "concurrency": concurrency,
+                   "runs": result["ok"], "errors": result["errors"], "error_kinds": result["error_kinds"],
+                   "incomplete": result["incomplete"], "owner_events": result["owner_events"], "events": events,
+                   "a_cpu_s": a_cpu, "b_cpu_s": b_cpu, "wall_s": result["wall_s"],
+                   "follower_us_per_event": b_cpu / events * 1e6 if events else None,
+                   **self._redis_row(work, events, "event")}
+            self.results["measurements"].append(row)
+            log(f"follow r{round_no} c{concurrency}: {events} events on the follower, {result['errors']} errors, "
+                f"B {row['follower_us_per_event'] or 0:.1f} us/event, Redis "
+                f"{row['redis_commands_per_event'] or 0:.2f} commands, {row['redis_info_us_per_event'] or 0:.1f} us "
+                f"per event (owner + follower)")
 
     def phase_redis_rtt(self, round_no: int, n: int) -> None:
         result = self.client("redis_rtt", url=self.redis.url, n=n)
@@ -344,7 +457,9 @@ class Bench:
         heartbeats on (5 s); errors, Redis connections and memory per parked stream."""
         for n in self.mode.parked_levels:
             broken = False
-            for kind in ("aura", "floor"):
+            # LangGraph up to 1,000 parked runs: each held stream polls every 20 ms, and parking one
+            # waits for its run queue's poll
+            for kind in ("aura", "floor", *(["langgraph"] if self.langgraph and n <= 1000 else [])):
                 row = self._park_level(kind, n)
                 self.results["measurements"].append(row)
                 # errors are recorded and the next level is still tried, unless most streams failed
@@ -360,6 +475,9 @@ class Bench:
                                     "body": {"prompt": PARK_PROMPT},
                                     "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9},
                                     "connect_limit": 50}
+        elif kind == "langgraph":  # a thread stopped on interrupt(), its stream held open
+            server = S.langgraph_server(self.workdir)
+            spec = {"port": 0, "kind": "langgraph", "body": LANGGRAPH_APPROVAL_BODY, "connect_limit": 50}
         else:
             server = S.floor_server(f"floor-park-{n}", self.workdir)
             spec = {"port": 0, "path": "/idle", "method": "GET", "until": "ready", "connect_limit": 50}
@@ -383,6 +501,8 @@ class Bench:
             hold_s = time.perf_counter() - t0
             hold_cpu, hold_redis = server.cpu() - cpu_hold0, self.redis.cpu() - redis_hold0
             rss2 = server.rss()
+            if kind == "langgraph":
+                self.note_remote(server)
             released = self.client("release")
         finally:
             time.sleep(0.5)
@@ -430,6 +550,59 @@ class Bench:
         return names
 
 
+_APPROVAL_PREFIXES = ("hitl:", "aura:hitl:")
+
+
+def _first_key(words: list[str]) -> str:
+    name = words[0].upper()
+    if name in ("EVALSHA", "EVAL", "FCALL"):
+        return words[3] if len(words) > 3 and words[2] != "0" else ""
+    return words[1] if len(words) > 1 else ""
+
+
+def classify_approval_commands(entries: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """MONITOR entries → (the approvals' commands by name, everything else's by name)."""
+    approval: dict[str, int] = {}
+    other: dict[str, int] = {}
+    open_blocks: dict[str, list[str]] = {}  # client → its transaction so far
+    script: list[str] = []  # the running script and its calls (scripts do not interleave)
+
+    def count(names: list[str], keys: list[str]) -> None:
+        target = approval if any(k.startswith(_APPROVAL_PREFIXES) for k in keys) else other
+        for name in names:
+            target[name] = target.get(name, 0) + 1
+
+    script_keys: list[str] = []
+    for entry in entries:
+        words = str(entry.get("command", "")).split()
+        if not words or words[0].upper() in ("INFO", "MONITOR", "PING", "CLIENT", "HELLO"):
+            continue
+        name, client = words[0].lower(), str(entry.get("client_address", ""))
+        if entry.get("client_type") == "lua":
+            script.append(name)
+            script_keys.append(_first_key(words))
+            continue
+        if script:  # the script before this command has ended
+            count(script, script_keys)
+            script, script_keys = [], []
+        if client in open_blocks:
+            open_blocks[client].append(" ".join(words[:4]))
+            if name in ("exec", "discard"):
+                block = open_blocks.pop(client)
+                count([b.split()[0].lower() for b in block], [_first_key(b.split()) for b in block])
+            continue
+        if name == "multi":
+            open_blocks[client] = ["MULTI"]
+            continue
+        if name in ("evalsha", "eval"):
+            script, script_keys = [name], [_first_key(words)]
+            continue
+        count([name], [_first_key(words)])
+    if script:
+        count(script, script_keys)
+    return approval, other
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = ""
     try:
@@ -450,7 +623,16 @@ def machine_info() -> dict[str, Any]:
             versions[package] = None
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
     memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
-    return {"cpus": psutil.cpu_count(), "cpu_model": cpu_model, "memory_gib": memory_gib,
+    langgraph: dict[str, str] = {}
+    lock = S.LANGGRAPH_APP / "uv.lock"
+    if lock.exists():  # the versions `langgraph dev` runs with, from its lock
+        import tomllib
+
+        for package in tomllib.loads(lock.read_text())["package"]:
+            if package["name"] in ("langgraph", "langgraph-api", "langgraph-cli", "langgraph-runtime-inmem"):
+                langgraph[package["name"]] = package["version"]
+    return {"host": platform.node(), "langgraph_packages": langgraph,
+            "cpus": psutil.cpu_count(), "cpu_model": cpu_model, "memory_gib": memory_gib,
             "python": platform.python_version(), "kernel": platform.release(), "packages": versions,
             "redis_server": redis_version, "loadavg_start": list(psutil.getloadavg())}
 
@@ -473,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes, for development")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    parser.add_argument("--phases", default="calibrate,redis,throughput,ttfe,approvals,growth,options,parked",
+    parser.add_argument("--phases", default="calibrate,redis,throughput,ttfe,approvals,follow,growth,options,parked",
                         help="comma-separated subset (calibrate is always run)")
     parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
@@ -487,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                              "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
     parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
                                          "the files get a whatif-<fix> tag")
+    parser.add_argument("--no-langgraph", action="store_true",
+                        help="leave LangGraph's Agent Server (`langgraph dev`) out of the baselines")
     parser.add_argument("--approval-run", choices=["full", "short"], default="full",
                         help="what the approvals phase's runs do after their decision: 'full' (the tool's "
                              "events, an answer of about 20 chunks, the end; the goal's measurement) or 'short' "
@@ -499,16 +683,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.parked_levels:
         mode.parked_levels = [int(x) for x in args.parked_levels.split(",")]
     phases = set(args.phases.split(","))
+    # a SIGTERM (from `timeout`, say) unwinds like Ctrl-C, so every server started is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     began = time.perf_counter()
     started_at = dt.datetime.now(dt.UTC)
     workdir = Path(tempfile.mkdtemp(prefix="aura-bench-"))
+    langgraph: S.Server | None = None
     log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
     uvloop = S.uvloop_available()
     bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif,
-                  approval_prompt=SHORT_PARK_PROMPT if args.approval_run == "short" else PARK_PROMPT)
+                  approval_prompt=SHORT_PARK_PROMPT if args.approval_run == "short" else PARK_PROMPT,
+                  langgraph=not args.no_langgraph)
     if args.approval_run != "full":
         args.tag = "-".join(filter(None, [args.tag, f"approval-run-{args.approval_run}"]))
     if args.whatif:
@@ -532,16 +720,23 @@ def main(argv: list[str] | None = None) -> int:
         floor = bench._start(S.floor_server("floor", workdir, bench.redis.url))
         floor_b = bench._start(S.floor_server("floor-b", workdir, bench.redis.url))
         targets = [Target("aura", aura_a, "aura"), Target("peer", peer, "peer"), Target("floor", floor, "floor")]
+        langgraph = bench._start(S.langgraph_server(workdir)) if bench.langgraph else None
+        if langgraph is not None:
+            targets.append(Target("langgraph", langgraph, "langgraph"))
         bench.calibrate(targets[0])
         bench.warm(targets)
         per_round_approvals = math.ceil(mode.approvals_total / mode.rounds)
         approval_pairs = [("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)]
+        if langgraph is not None:  # one process parks and resumes: its in-memory runtime cannot be shared
+            approval_pairs.append(("langgraph", langgraph, langgraph))
         other_pair: list[S.Server] = []
         if args.against and "approvals" in args.against_phases.split(",") and "approvals" in phases:
             source = bench.checkout(args.against)
             other_pair = [bench._start(S.aura_server(f"aura-against-{side}", workdir, bench.redis.url, source=source))
                           for side in ("a", "b")]
             approval_pairs.append((f"aura@{args.against}", *other_pair))
+        if "approvals" in phases:
+            bench.phase_approval_commands(aura_a, aura_b)
         for round_no in range(mode.rounds):
             log(f"== round {round_no + 1} of {mode.rounds}")
             if "redis" in phases:
@@ -552,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.phase_ttfe(targets, round_no)
             if "approvals" in phases:
                 bench.phase_approvals(approval_pairs, round_no, per_round_approvals)
+            if "follow" in phases:
+                bench.phase_follow(aura_a, aura_b, round_no)
             if "growth" in phases and round_no < mode.growth_rounds:
                 bench.phase_growth(targets[:2], round_no)
         if "against" in phases and args.against:
@@ -572,13 +769,15 @@ def main(argv: list[str] | None = None) -> int:
             peer_aio.stop()
         if "parked" in phases:
             log("== parked runs (the other servers are stopped first)")
-            for server in (aura_a, aura_b, peer, floor, floor_b, *other_pair):
+            for server in (aura_a, aura_b, peer, floor, floor_b, *other_pair, *([langgraph] if langgraph else [])):
                 server.stop()
             bench.phase_parked()
     finally:
         bench.stop_all()
         bench.remove_checkouts()
     bench.results["duration_s"] = time.perf_counter() - began
+    if langgraph is not None:
+        bench.results["langgraph_remote_connections"] = bench.langgraph_remote
     bench.results["machine"]["loadavg_end"] = list(psutil.getloadavg())
 
     from bench.report import write_reports

@@ -6,6 +6,7 @@ started by this run is ever touched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-secret-that-is-long-enough-for-hs256-0123456789"
 SEAL_KEY = "bench-seal-key-every-aura-instance-shares-0123"
 TENANT = "bench"
-START_TIMEOUT_SECONDS = 30.0
+START_TIMEOUT_SECONDS = 60.0
 
 
 def free_port() -> int:
@@ -44,10 +45,11 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     health_path: str | None = "/health"
+    cwd: Path = ROOT
 
     def start(self) -> Self:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -103,6 +105,20 @@ class RedisServer(Server):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def stats(self) -> dict[str, Any]:
+        """Commands executed so far, by name (INFO commandstats: a script's own calls included), and
+        the server's CPU seconds by its own account (INFO cpu). Take two and subtract: `stats_delta`."""
+        import redis
+
+        client = redis.Redis(port=self.port)
+        try:
+            commands = client.info("commandstats")
+            cpu = client.info("cpu")
+        finally:
+            client.close()
+        calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in commands.items()}
+        return {"calls": calls, "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])}
 
     def command(self, *args: str) -> Any:
         import redis
@@ -199,3 +215,64 @@ def uvloop_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+LANGGRAPH_APP = ROOT / "bench" / "apps" / "langgraph"
+# What `langgraph dev` would otherwise reach beyond loopback, switched off: the CLI's analytics, the
+# server's version check against PyPI, LangSmith tracing. With no license key and no LangSmith key
+# in its environment it runs no license check and submits no metadata (it logs both).
+LANGGRAPH_OFFLINE_ENV = {"LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGGRAPH_NO_VERSION_CHECK": "true",
+                         "LANGSMITH_TRACING": "false", "LANGCHAIN_TRACING_V2": "false"}
+
+
+def install_langgraph() -> Path:
+    """LangGraph's virtualenv from its own lock (bench/apps/langgraph/uv.lock): it cannot share
+    Aura's, see its pyproject.toml. Takes seconds when it is already there."""
+    uv = shutil.which("uv")
+    command = [uv] if uv else [sys.executable, "-m", "uv"]
+    subprocess.run([*command, "sync", "--quiet", "--locked", "--project", str(LANGGRAPH_APP)], check=True,
+                   env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")})
+    return LANGGRAPH_APP / ".venv" / "bin" / "langgraph"
+
+
+def langgraph_server(workdir: Path) -> Server:
+    """LangGraph's Agent Server as `langgraph dev` runs it (in-memory runtime, one process), serving
+    bench/apps/langgraph/graph.py. Without its file watcher (`--no-reload`: it would add its own CPU),
+    and with as many concurrent runs per worker as the bench opens streams (its default is 10)."""
+    binary = install_langgraph()
+    env = {k: v for k, v in base_env().items()
+           if not k.startswith(("LANGSMITH_", "LANGCHAIN_", "LANGGRAPH_")) and k != "PYTHONPATH"}
+    env.update(LANGGRAPH_OFFLINE_ENV)
+    env["LOG_LEVEL"] = "WARNING"  # as Aura's AURA_LOG__LEVEL here: no info line per run
+    home = workdir / "langgraph"  # it keeps its in-memory state's snapshots in ./.langgraph_api
+    home.mkdir(exist_ok=True)
+    # langgraph.json with its paths made absolute: they are read relative to the working directory
+    config = json.loads((LANGGRAPH_APP / "langgraph.json").read_text())
+    config["dependencies"] = [str(LANGGRAPH_APP)]
+    config["graphs"] = {name: str(LANGGRAPH_APP / where.removeprefix("./")) for name, where in config["graphs"].items()}
+    (home / "langgraph.json").write_text(json.dumps(config))
+    server = Server("langgraph", [], env, workdir / "langgraph.log", health_path="/ok")
+    server.argv = [str(binary), "dev", "--no-browser", "--no-reload", "--host", "127.0.0.1", "--port",
+                   str(server.port), "--config", str(home / "langgraph.json"),
+                   "--n-jobs-per-worker", "1000", "--server-log-level", "WARNING"]
+    server.cwd = home
+    return server
+
+
+def remote_connections(server: Server) -> list[str]:
+    """The server's TCP connections to anything but loopback (a baseline must stay offline)."""
+    assert server.ps is not None
+    return sorted({f"{c.raddr.ip}:{c.raddr.port}" for c in server.ps.net_connections(kind="inet")
+                   if c.raddr and not c.raddr.ip.startswith(("127.", "::1", "::ffff:127."))})
+
+
+# The bench's own look-ups (INFO, CLIENT LIST) are not the servers' work.
+_BENCH_COMMANDS = {"info", "client|list", "hello"}
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Redis's work between two `RedisServer.stats()`: commands by name, their total, CPU seconds."""
+    by_name = {name: calls - before["calls"].get(name, 0) for name, calls in after["calls"].items()
+               if name not in _BENCH_COMMANDS}
+    by_name = {name: n for name, n in sorted(by_name.items(), key=lambda item: -item[1]) if n}
+    return {"commands": sum(by_name.values()), "by_command": by_name, "cpu_s": after["cpu_s"] - before["cpu_s"]}

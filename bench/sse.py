@@ -125,8 +125,12 @@ async def request(host: str, port: int, method: str, path: str, headers: Mapping
 class SSEStream:
     """Frames of an event stream; counts what it sees."""
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, ignore: bytes | None = None, crlf: bool = False) -> None:
         self.response = response
+        # frames that start with `ignore` are neither events nor comments (LangGraph's `metadata`)
+        self.ignore = ignore
+        # lines end with CRLF (sse-starlette's default, LangGraph's): read as LF
+        self.crlf = crlf
         self._blocks = response.body_blocks()
         self._body = b""
         self._pending: list[bytes] = []
@@ -144,7 +148,8 @@ class SSEStream:
             except StopAsyncIteration:
                 return None
             self.bytes += len(block)
-            parts = (self._body + block).split(b"\n\n")
+            data = self._body + block
+            parts = (data.replace(b"\r\n", b"\n") if self.crlf else data).split(b"\n\n")
             self._body = parts.pop()
             self._pending = parts
             self._pending.reverse()
@@ -153,6 +158,8 @@ class SSEStream:
             self.comments += 1
         elif frame == b"data: [DONE]":
             self.done = True
+        elif self.ignore is not None and frame.startswith(self.ignore):
+            pass
         else:
             self.events += 1
             if self.first_event_at is None:
@@ -167,6 +174,8 @@ class SSEStream:
         async for block in self._blocks:
             self.bytes += len(block)
             data = self._body + block
+            if self.crlf:
+                data = data.replace(b"\r\n", b"\n")
             cut = data.rfind(b"\n\n")
             if cut < 0:
                 self._body = data
@@ -180,6 +189,8 @@ class SSEStream:
                 frames -= 1
             self.comments += comments
             new_events = frames - comments
+            if self.ignore is not None:
+                new_events -= complete.count(b"\n\n" + self.ignore) + (1 if complete.startswith(self.ignore) else 0)
             if new_events > 0 and self.first_event_at is None:
                 self.first_event_at = time.perf_counter()
             self.events += new_events

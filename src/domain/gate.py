@@ -61,8 +61,11 @@ class ApprovalGate:
 
     async def await_decision(self, run: Run, step: PlanStep, tool_name: str, action_type: str,
                              args: Mapping[str, Any], message: str) -> ApprovalRequest:
-        """Store, subscribe, check the stored signal, announce, wait. Returns the decided request
-        (approved or rejected); raises ApprovalTimeout when nobody decided in time."""
+        """Subscribe, store, announce, wait. Returns the decided request (approved or rejected);
+        raises ApprovalTimeout when nobody decided in time.
+
+        Subscribed before the request is stored, so before anyone can know of it: every signal
+        for it arrives on the subscription, and no stored signal needs reading first."""
         now = self._clock.timestamp()
         # The arguments are not copied into the request: both are kept for the whole wait.
         request = ApprovalRequest(
@@ -71,23 +74,23 @@ class ApprovalGate:
             user_id=run.principal.user_id, tenant_id=run.principal.tenant_id,
             created_at=now, expires_at=now + int(self._settings.timeout_seconds),
         )
-        try:
-            await self._store.create(request)
-        except asyncio.CancelledError:
-            # The write may have reached the store before the cancellation did: a request left
-            # pending there would wait for a decision nobody waits for.
-            await asyncio.shield(self._store.decide(request.request_id, ApprovalStatus.CANCELLED, decided_by=None,
-                                                    decided_at=self._clock.timestamp(), reason=None))
-            raise
-        audit_line("requested", request, actorId=run.principal.actor_id)
         timeline_id = f"approval_{step.index}_{run.tool_calls}"
-        self._telemetry.approval_wait_started()
-        waited_from = self._clock.now()
-        outcome = "cancelled"
         timeline_title = f"Approval: {tool_name}"
-        try:
-            async with self._bus.subscribe(run.ids.session_id) as subscription:
-                stored = await self._bus.latest(run.ids.session_id)
+        async with self._bus.subscribe(run.ids.session_id) as subscription:
+            try:
+                await self._store.create(request)
+            except asyncio.CancelledError:
+                # The write may have reached the store before the cancellation did: a request left
+                # pending there would wait for a decision nobody waits for.
+                await asyncio.shield(self._store.decide(request.request_id, ApprovalStatus.CANCELLED,
+                                                        decided_by=None, decided_at=self._clock.timestamp(),
+                                                        reason=None))
+                raise
+            audit_line("requested", request, actorId=run.principal.actor_id)
+            self._telemetry.approval_wait_started()
+            waited_from = self._clock.now()
+            outcome = "cancelled"
+            try:
                 run.pending_approval = request
                 run.status = RunStatus.WAITING_APPROVAL
                 await run.emit(EventType.HITL, {
@@ -98,16 +101,16 @@ class ApprovalGate:
                 await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
-                decided = await self._wait(request, stored, subscription)
+                decided = await self._wait(request, subscription)
                 outcome = decided.status.value
-        except asyncio.CancelledError:
-            await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
-            raise
-        finally:
-            self._telemetry.approval_wait_ended(outcome, self._clock.now() - waited_from)
-            run.pending_approval = None
-            if run.status is RunStatus.WAITING_APPROVAL:
-                run.status = RunStatus.RUNNING
+            except asyncio.CancelledError:
+                await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
+                raise
+            finally:
+                self._telemetry.approval_wait_ended(outcome, self._clock.now() - waited_from)
+                run.pending_approval = None
+                if run.status is RunStatus.WAITING_APPROVAL:
+                    run.status = RunStatus.RUNNING
         if decided.status is ApprovalStatus.APPROVED:
             await run.timeline_update(timeline_id, timeline_title, StepStatus.COMPLETED, 1.0)
             await run.step_update(step, StepStatus.IN_PROGRESS, step.progress, f"{tool_name} approved")
@@ -121,12 +124,7 @@ class ApprovalGate:
             raise RunCancelled("The run was cancelled while it waited for approval.")
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
 
-    async def _wait(self, request: ApprovalRequest, stored: str | bytes | None,
-                    subscription: SignalSubscription) -> ApprovalRequest:
-        if stored is not None:
-            decided = await self._consider(request, stored)
-            if decided is not None:
-                return decided
+    async def _wait(self, request: ApprovalRequest, subscription: SignalSubscription) -> ApprovalRequest:
         # Two ways out: a signal on the channel; and the process's re-check, which wakes this
         # wait when the stored request was decided without a signal reaching it, vanished, or
         # reached its expiry (by the re-check's timer at the earliest expiry of the process).

@@ -194,3 +194,61 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
                 handle.cancel("test over")
             await asyncio.sleep(0.05)
             await h.bus.close()  # type: ignore[attr-defined]
+
+
+async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
+    redis_client: Redis, harness: tuple[Harness, RecordingTool]
+) -> None:
+    h, _ = harness
+    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL)
+    log = CommandLog(redis_client)  # the bus's own Pub/Sub connection is not seen here
+    _, watcher = await h.start()
+    hitl = await until(watcher, is_type("hitl"))
+    # the request, its session and the pending index in one transaction; subscribed before it was
+    # stored, the run reads no stored signal
+    assert log.take() == ["MULTI"]
+
+    await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
+    assert log.take() == ["EVALSHA"]
+    await until(watcher, tool_status("running"))
+    assert log.take() == ([] if h.gate._seal is SEAL else ["EVALSHA"])  # type: ignore[attr-defined]
+    await until(watcher, is_type("end"))
+
+
+_CONNECTION_SET_UP = {"info", "hello", "client|setname", "client|setinfo", "select", "ping", "script|load"}
+
+
+async def _commands_run(client: Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_redis: Redis) -> None:
+    """The commands Redis executes for one approval, a script's own calls included (what INFO
+    commandstats counts, as the bench does): the run stores the request, the session and its
+    pending-index entry (one transaction) and subscribes; the desk decides, stores and publishes
+    the signal in one script; the run unsubscribes. Nothing else."""
+    h, _ = redis_harness(real_redis, seal=SEAL)
+    await real_redis.script_load(h.store._decide_in_place_script.body)  # type: ignore[attr-defined]
+    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL)
+    try:
+        before = await _commands_run(real_redis)
+        _, watcher = await h.start()
+        hitl = await until(watcher, is_type("hitl"))
+        await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
+        await until(watcher, is_type("end"))
+        await h.bus.settled()  # type: ignore[attr-defined]
+        after = await _commands_run(real_redis)
+    finally:
+        await h.bus.close()  # type: ignore[attr-defined]
+    executed = {name: n - before.get(name, 0) for name, n in after.items()
+                if n != before.get(name, 0) and name not in _CONNECTION_SET_UP}
+    assert executed == {
+        # the run: MULTI, SET request, SET session, ZADD + EXPIRE pending index, EXEC; SUBSCRIBE
+        "multi": 1, "exec": 1, "zadd": 1, "expire": 1, "subscribe": 1,
+        # the desk's script: EVALSHA, GET + SET request, GET + SET session, ZREM, SET signal, PUBLISH
+        "evalsha": 1, "get": 2, "zrem": 1, "publish": 1,
+        "set": 5,  # 2 by the run, 3 by the desk's script
+        "unsubscribe": 1,  # the run, once decided
+    }
+    assert sum(executed.values()) == 16

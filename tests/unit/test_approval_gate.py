@@ -145,14 +145,15 @@ async def test_signals_that_are_not_a_valid_decision_of_this_request_are_ignored
     assert h.store.decisions == [(request_id, ApprovalStatus.APPROVED, True)]
 
 
-async def test_a_signal_stored_before_the_wait_is_honoured() -> None:
+async def test_a_signal_sent_the_moment_the_request_is_stored_is_honoured() -> None:
     h, commit = approval_harness()
     original_create = h.store.create
 
     async def create_and_presign(request: ApprovalRequest) -> StoredApproval:
         created = await original_create(request)
-        # the DWP backend decides before Aura even subscribed: only the stored copy exists
-        h.bus.stored[request.session_id] = Signal.approval(request.request_id, "alice", 1).to_json()
+        # the DWP backend decides (SET + PUBLISH) before Aura has even announced the request
+        assert request.session_id in h.bus.subscribers  # subscribed before the request exists
+        await h.bus.publish_raw(request.session_id, Signal.approval(request.request_id, "alice", 1).to_json())
         return created
 
     h.store.create = create_and_presign  # type: ignore[method-assign]

@@ -7,8 +7,8 @@ reference-counted (two waits on one session share a SUBSCRIBE), and a channel is
 when its last wait ends, however it ends.
 
 Ordering guarantees the approval flow relies on:
-- `subscribe()` yields only after the server confirmed the SUBSCRIBE, so a caller that then reads
-  `hitl:signal:{sessionId}` cannot miss a signal published in between;
+- `subscribe()` yields only after the server confirmed the SUBSCRIBE, so a caller that then
+  stores its request (or reads `hitl:signal:{sessionId}`) cannot miss a signal published after;
 - leaving it does not wait for the server: the UNSUBSCRIBE (when it was the channel's last wait)
   is sent and confirmed in the background, so a decided run goes on at once instead of after one
   more round trip; a new wait on the same session meanwhile either keeps the channel or
