@@ -47,7 +47,8 @@ def _dev_banner(settings: Settings, demo: bool) -> str:
     token = mint_token(key=settings.auth.jwt_secret.get_secret_value(), algorithm=settings.auth.algorithm,
                        sub=DEV_USER, tenant_id=DEV_TENANT, ttl_seconds=12 * 3600)
     host = settings.server.host
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{settings.server.port}"
+    any_address = host in ("0.0.0.0", "::", "")  # nosec B104 # compares, binds nothing
+    base = f"http://{'127.0.0.1' if any_address else host}:{settings.server.port}"
     workspace = f"{settings.tools.workspace_root.resolve()}{' (throw-away, with a repository demo)' if demo else ''}"
     return (f"\nAura dev mode on {host}:{settings.server.port}: in-process Redis="
             f"{'no' if settings.redis.url else 'yes'}, model={settings.model.provider}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import subprocess
+import subprocess  # nosec B404 # runs git only, with fixed arguments, never a shell
 import tempfile
 from pathlib import Path
 
@@ -14,7 +14,8 @@ _AUTHOR = ["-c", "user.name=Aura Demo", "-c", "user.email=demo@aura.invalid", "-
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *_AUTHOR, *args], cwd=repo, check=True, capture_output=True, timeout=30)
+    git = shutil.which("git") or "git"
+    subprocess.run([git, *_AUTHOR, *args], cwd=repo, check=True, capture_output=True, timeout=30)  # nosec B603 # fixed arguments
 
 
 def _repository(path: Path, files: dict[str, str], message: str) -> None:

@@ -27,7 +27,7 @@ MIN_SECRET_BYTES = 32
 OTHER_ENVIRONMENT = {
     "AURA_CONFIG_FILE": "the settings file to read instead of config/default.yaml",
     "AURA_URL": "the service the client commands talk to",
-    "AURA_TOKEN": "the bearer token of the client commands",
+    "AURA_TOKEN": "the bearer token of the client commands",  # nosec B105 # a description, not a token
 }
 
 
