@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.redis_server import RedisServer, start_redis_server, stop_redis_server
 
@@ -17,3 +18,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         stop_redis_server(server)
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the session's redis-server, emptied first."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()

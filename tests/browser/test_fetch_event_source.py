@@ -120,14 +120,6 @@ def two(redis_server: RedisServer, tmp_path: Path,
 
 
 @pytest.fixture
-def store(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def spa(browser: BrowserContext, spa_origin: str) -> Iterator[Page]:
     page = browser.new_page()
     page.goto(f"{spa_origin}/")
@@ -164,7 +156,7 @@ def result(page: Page) -> dict[str, Any]:
 
 
 def test_a_full_run_with_an_approval_after_heartbeats(two: Callable[..., tuple[AuraProcess, AuraProcess]],
-                                                       store: redis.Redis, spa: Page) -> None:
+                                                       clean_redis: redis.Redis, spa: Page) -> None:
     a, _ = two(AURA_STREAM__HEARTBEAT_SECONDS="0.05")
     stage(a.workspace / "repo")
     start(spa, f"{a.url}/aura/", COMMIT)
@@ -172,15 +164,15 @@ def test_a_full_run_with_an_approval_after_heartbeats(two: Callable[..., tuple[A
     before = heartbeats_sent(a.url)
     while heartbeats_sent(a.url) < before + 5:
         time.sleep(0.02)
-    approve(a.url, store)
+    approve(a.url, clean_redis)
     state = result(spa)
-    events = check_one_run(state, store)
+    events = check_one_run(state, clean_redis)
     assert state["outcome"] == {"runId": events[0]["runId"], "status": "completed", "lastSeq": events[-1]["seq"]}
     assert state["requests"] == [{"method": "POST", "lastEventId": None}]
 
 
 def test_tcp_cuts_and_a_hidden_tab_resume_the_same_run(two: Callable[..., tuple[AuraProcess, AuraProcess]],
-                                                        store: redis.Redis, spa: Page) -> None:
+                                                        clean_redis: redis.Redis, spa: Page) -> None:
     a, _ = two()
     stage(a.workspace / "repo")
     proxy = CuttableProxy(a.port)
@@ -194,17 +186,17 @@ def test_tcp_cuts_and_a_hidden_tab_resume_the_same_run(two: Callable[..., tuple[
         spa.evaluate("() => setHidden(true)")
         spa.evaluate("() => setHidden(false)")
         wait(spa, "state.requests.length >= 4")
-        approve(a.url, store)
+        approve(a.url, clean_redis)
         state = result(spa)
     finally:
         proxy.close()
-    events = check_one_run(state, store)
+    events = check_one_run(state, clean_redis)
     assert state["requests"][0] == {"method": "POST", "lastEventId": None}
     assert all(re.fullmatch(rf"{events[0]['runId']}:\d+", r["lastEventId"] or "") for r in state["requests"][1:])
 
 
 def test_a_tcp_cut_mid_answer_and_connections_aura_ends_over_both_instances(
-        two: Callable[..., tuple[AuraProcess, AuraProcess]], store: redis.Redis, spa: Page) -> None:
+        two: Callable[..., tuple[AuraProcess, AuraProcess]], clean_redis: redis.Redis, spa: Page) -> None:
     a, b = two(AURA_STREAM__MAX_STREAM_SECONDS="0.4", AURA_STREAM__RECONNECT_HINT_MS="50",
                AURA_STREAM__HEARTBEAT_SECONDS="0.1")
     proxy = CuttableProxy(a.port, b.port)  # round robin: each connection to the other instance
@@ -215,7 +207,7 @@ def test_a_tcp_cut_mid_answer_and_connections_aura_ends_over_both_instances(
         state = result(spa)
     finally:
         proxy.close()
-    events = check_one_run(state, store)
+    events = check_one_run(state, clean_redis)
     assert "".join(e["data"]["content"] for e in events if e["type"] == "content" and e["data"]["chunk"]) == \
         " ".join(f"w{i}" for i in range(40))
     assert len(state["requests"]) >= 3  # the cut, and connections Aura ended
@@ -223,7 +215,7 @@ def test_a_tcp_cut_mid_answer_and_connections_aura_ends_over_both_instances(
 
 
 def test_the_browsers_own_eventsource_never_sees_a_heartbeat(
-        two: Callable[..., tuple[AuraProcess, AuraProcess]], store: redis.Redis, spa: Page) -> None:
+        two: Callable[..., tuple[AuraProcess, AuraProcess]], clean_redis: redis.Redis, spa: Page) -> None:
     """EventSource cannot send a bearer token, so it reads the exact bytes of a real run (with
     heartbeats every 50 ms during its approval wait), recorded with httpx and served as they came."""
     a, _ = two(AURA_STREAM__HEARTBEAT_SECONDS="0.05")
@@ -236,7 +228,7 @@ def test_the_browsers_own_eventsource_never_sees_a_heartbeat(
             body += chunk
             if not approved and b"event: hitl" in body and body.count(b": ping\n") >= 5:
                 approved = True
-                approve(a.url, store)
+                approve(a.url, clean_redis)
     assert body.endswith(b"data: [DONE]\n\n") and body.count(b": ping\n") >= 5
     RECORDED["/recorded"] = body
     types = sorted({m.group(1).decode() for m in re.finditer(rb"^event: (\w+)$", body, re.M)})

@@ -35,14 +35,6 @@ def start_aura(e2e_workspace: Path, tmp_path: Path) -> Iterator[Callable[..., Au
 
 
 @pytest.fixture
-def clean_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def cluster(start_aura: Callable[..., AuraProcess], redis_server: RedisServer,
             clean_redis: redis.Redis) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
     def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
