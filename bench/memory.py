@@ -242,7 +242,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 def _inspect(parked: int) -> None:
     """Where a parked run's objects are: its tasks by coroutine, one task chain of each kind, the
     live events by type and what refers to them."""
-    from domain.events import Event
+    from domain.model.events import Event
 
     tasks = asyncio.all_tasks()
     kinds: Counter[str] = Counter(t.get_coro().__qualname__ for t in tasks)  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ async def _main(n: int, profile: bool) -> None:
     from adapters.jwt import mint_token
     from app.factory import create_app
     from app.settings import Settings
-    from domain.approval import ApprovalRequest
+    from domain.model.approval import ApprovalRequest
 
     workdir = Path(tempfile.mkdtemp(prefix="aura-request-cost-"))
     redis = S.redis_server(workdir).start()

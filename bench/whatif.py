@@ -51,7 +51,7 @@ def raw_approve() -> None:
     import orjson
 
     import app.factory as factory
-    from domain.identity import resolve_principal
+    from domain.model.identity import resolve_principal
 
     original = factory.create_app
 
@@ -152,7 +152,9 @@ def cpu_marks() -> None:
     import time
 
     from adapters.http.routes import stream as stream_route
-    from domain import gate, run, service
+    from domain.model import run
+    from domain.services import gate
+    from domain.services import runs as service
 
     def mark(milestone: str, run_id: str) -> None:
         print(f"CPUMARK {milestone} {time.process_time():.6f} {time.perf_counter():.6f} {run_id}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import orjson
 
-from domain.events import Event
+from domain.model.events import Event
 
 
 def envelope_bytes(event: Event) -> bytes:

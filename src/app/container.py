@@ -11,7 +11,7 @@ from dependency_injector import containers, providers
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
-from adapters.http.routes.streaming import StreamConfig, StreamSlots
+from adapters.http.streams import StreamConfig, StreamSlots
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
@@ -30,16 +30,16 @@ from adapters.tools.dwp import dwp_tools
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app.settings import Settings
-from domain.access import RunAccess
-from domain.agent import Agent, AgentLimits, TokenBudgets, ToolCallMode
-from domain.approval import DecisionSeal
-from domain.desk import ApprovalDesk
-from domain.gate import ApprovalGate, GateSettings
-from domain.model import EstimatedModelProfile, ModelProfile
-from domain.ports import ChatModel, Clock
-from domain.recheck import ApprovalRecheck
-from domain.service import RunLimits, RunService
-from domain.tools import ToolRegistry
+from domain.model.approval import DecisionSeal
+from domain.model.chat import EstimatedModelProfile, ModelProfile
+from domain.model.ports import ChatModel, Clock
+from domain.model.tools import ToolRegistry
+from domain.services.access import RunAccess
+from domain.services.agent import Agent, AgentLimits, TokenBudgets, ToolCallMode
+from domain.services.desk import ApprovalDesk
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.recheck import ApprovalRecheck
+from domain.services.runs import RunLimits, RunService
 
 
 def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from domain.telemetry import log_context
+from domain.model.telemetry import log_context
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.redis.approvals import RedisApprovalStore
-from domain.agent import Agent
-from domain.approval import ApprovalStatus, DecisionResult, DecisionSeal, Signal, StoredApproval
-from domain.desk import ApprovalDesk
-from domain.errors import AuraError
-from domain.gate import ApprovalGate, GateSettings
-from domain.identity import Principal
-from domain.ports import ApprovalStore
-from domain.service import RunService
+from domain.model.approval import ApprovalStatus, DecisionResult, DecisionSeal, Signal, StoredApproval
+from domain.model.errors import AuraError
+from domain.model.identity import Principal
+from domain.model.ports import ApprovalStore
+from domain.services.agent import Agent
+from domain.services.desk import ApprovalDesk
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.runs import RunService
 from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
 
@@ -195,7 +195,7 @@ async def test_an_api_decision_stands_when_its_publish_fails() -> None:
     503 although the decision was made (a retry would get 409). The publish is now part of the
     store's decision step; when only that part fails, the decision still stands and the run sees
     it by its recheck."""
-    from domain.errors import StoreUnavailable
+    from domain.model.errors import StoreUnavailable
 
     class DeadPublish(MemorySignalBus):
         async def publish(self, session_id: str, signal: Signal) -> int:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
-from domain.events import Event, EventType, RunIds
+from domain.model.events import Event, EventType, RunIds
 
 # Any unicode (hypothesis' text() has no lone surrogates, which UTF-8 cannot carry anyway), with
 # line breaks of every kind mixed in often.

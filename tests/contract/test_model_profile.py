@@ -13,7 +13,7 @@ import pytest
 
 from adapters.models.openai_compatible import OpenAICompatibleConfig
 from adapters.models.profile import ServerModelProfile
-from domain.model import estimate_tokens
+from domain.model.chat import estimate_tokens
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

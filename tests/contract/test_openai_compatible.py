@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
-from domain.errors import ModelError
-from domain.model import (
+from domain.model.chat import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
@@ -26,6 +25,7 @@ from domain.model import (
     ToolCallDelta,
     Usage,
 )
+from domain.model.errors import ModelError
 
 from .chat_server import DONE, ChatServer, Reply, Stream, content_frames, data_frame
 

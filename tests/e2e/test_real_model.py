@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from domain.prompts import echoes_a_prompt
+from domain.services.prompts import echoes_a_prompt
 from tests.aura_process import AuraProcess
 from tests.redis_server import free_port
 from tests.sse_client import open_run

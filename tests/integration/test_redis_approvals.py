@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus, create_redis
 from adapters.redis.approvals import pending_index_key
-from domain.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
 from tests.integration.commands import CommandLog
 
 CREATED_AT = 1767000000

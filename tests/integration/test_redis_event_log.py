@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from adapters.redis.client import create_redis, shared_connection
 from adapters.redis.events import APPEND_SCRIPT, RedisEventLog
-from domain.errors import RunFenced, StoreUnavailable
-from domain.events import Event, EventType, RunIds
+from domain.model.errors import RunFenced, StoreUnavailable
+from domain.model.events import Event, EventType, RunIds
 from tests.integration.commands import CommandLog
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)

@@ -14,14 +14,14 @@ from redis.asyncio import Redis
 from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
 from adapters.system import SecureIdFactory
-from domain.agent import Agent
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
-from domain.desk import ApprovalDesk
-from domain.events import Event
-from domain.gate import ApprovalGate, GateSettings
-from domain.identity import Principal
-from domain.recheck import ApprovalRecheck
-from domain.service import RunService, Subscription
+from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
+from domain.model.events import Event
+from domain.model.identity import Principal
+from domain.services.agent import Agent
+from domain.services.desk import ApprovalDesk
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.recheck import ApprovalRecheck
+from domain.services.runs import RunService, Subscription
 from tests.integration.commands import CommandLog
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness

@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 
 from adapters.redis.keys import key_part
 from adapters.redis.runs import RedisRunDirectory
-from domain.runs import RunRecord
+from domain.model.runs import RunRecord
 
 # Pairs of (tenant, user) that joined with ':' spell the same text.
 COLLIDING = [(("a:b", "c"), ("a", "b:c")), (("acme", "bob:x"), ("acme:bob", "x")), (("t%3Au", "v"), ("t:u", "v"))]

@@ -8,7 +8,7 @@ import orjson
 from redis.asyncio import Redis
 
 from adapters.redis.runs import RedisRunDirectory
-from domain.runs import RunRecord
+from domain.model.runs import RunRecord
 
 
 def record(run_id: str, user: str = "alice", tenant: str = "acme") -> RunRecord:

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.redis import RedisSignalBus, SignalBusClosed, create_redis
-from domain.approval import Signal
+from domain.model.approval import Signal
 
 WAIT_SECONDS = 10.0
 APPROVAL = Signal.approval("req_00000000000000000000000000000001", "u1", 1767000000)

@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.runs import RedisRunDirectory
-from domain.access import RunAccess
-from domain.approval import ApprovalRequest, ApprovalStatus
-from domain.errors import RunFenced
-from domain.events import Event, EventType, RunIds
-from domain.runs import RunRecord
+from domain.model.approval import ApprovalRequest, ApprovalStatus
+from domain.model.errors import RunFenced
+from domain.model.events import Event, EventType, RunIds
+from domain.model.runs import RunRecord
+from domain.services.access import RunAccess
 from tests.unit.fakes import FakeClock, LogPollingFollower, MemoryEventLog, RecordingControl
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
@@ -195,7 +195,7 @@ async def test_a_run_that_ended_normally_is_never_declared_lost(redis_client: Re
 
 async def test_a_declaration_prepared_before_the_log_grew_is_refused(redis_client: Redis,
                                                                       owner_log: RedisEventLog) -> None:
-    from domain.runs import LostRun
+    from domain.model.runs import LostRun
 
     directory = RedisRunDirectory(redis_client)
     await admit(directory)

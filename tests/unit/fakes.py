@@ -11,13 +11,13 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
-from domain.errors import StoreUnavailable, ToolFailure
-from domain.events import Event
-from domain.model import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
-from domain.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
-from domain.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
-from domain.tools import Tool, ToolContext, ToolSpec
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
+from domain.model.chat import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
+from domain.model.errors import StoreUnavailable, ToolFailure
+from domain.model.events import Event
+from domain.model.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
+from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.tools import Tool, ToolContext, ToolSpec
 
 
 class FakeClock(Clock):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.agent import Agent, AgentLimits
-from domain.events import Event
-from domain.gate import ApprovalGate, GateSettings
-from domain.identity import Principal
-from domain.run import RunRequest
-from domain.service import RunLimits, RunService, Subscription
-from domain.telemetry import Telemetry
-from domain.tools import Tool, ToolRegistry
+from domain.model.events import Event
+from domain.model.identity import Principal
+from domain.model.run import RunRequest
+from domain.model.telemetry import Telemetry
+from domain.model.tools import Tool, ToolRegistry
+from domain.services.agent import Agent, AgentLimits
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.runs import RunLimits, RunService, Subscription
 from tests.unit.fakes import (
     FakeClock,
     MemoryApprovalStore,

@@ -7,11 +7,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from domain.agent import AgentLimits
-from domain.errors import ModelError
-from domain.model import ContentDelta, Finish, Purpose, Role
-from domain.service import RunLimits
-from domain.tools import ToolContext
+from domain.model.chat import ContentDelta, Finish, Purpose, Role
+from domain.model.errors import ModelError
+from domain.model.tools import ToolContext
+from domain.services.agent import AgentLimits
+from domain.services.runs import RunLimits
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call, tool_calls
 from tests.unit.harness import ALICE, Harness, collect, summary
 
@@ -309,7 +309,7 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
     await asyncio.wait_for(asyncio.shield(handle.task), 5)
     assert h.log.events[handle.run_id][-1].data["reason"] == "client_disconnected"
 
-    from domain.run import DisconnectPolicy
+    from domain.model.run import DisconnectPolicy
 
     h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")))
     handle2, watcher2 = await h2.start(on_disconnect=DisconnectPolicy.CONTINUE)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from domain.agent import Agent, TokenBudgets, ToolCallMode
-from domain.approval import Signal
-from domain.context_window import MESSAGE_OVERHEAD_TOKENS
-from domain.model import (
+from domain.model.approval import Signal
+from domain.model.chat import (
     ChatMessage,
     ContentDelta,
     EstimatedModelProfile,
@@ -21,7 +19,9 @@ from domain.model import (
     Role,
     estimate_tokens,
 )
-from domain.run import RunRequest
+from domain.model.run import RunRequest
+from domain.services.agent import Agent, TokenBudgets, ToolCallMode
+from domain.services.context_window import MESSAGE_OVERHEAD_TOKENS
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import ALICE, Harness, collect, summary
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from domain.approval import (
+from domain.model.approval import (
     ApprovalRequest,
     ApprovalStatus,
     Decider,
@@ -18,9 +18,9 @@ from domain.approval import (
     Signal,
     StoredApproval,
 )
-from domain.desk import AlreadyDecided, ApprovalDesk, ApprovalExpired
-from domain.errors import NotFound, StoreUnavailable
-from domain.identity import Principal
+from domain.model.errors import NotFound, StoreUnavailable
+from domain.model.identity import Principal
+from domain.services.desk import AlreadyDecided, ApprovalDesk, ApprovalExpired
 from tests.unit.fakes import FakeClock, MemoryApprovalStore, MemorySignalBus
 
 OWNER = Principal("alice", "acme", "alice", "user")

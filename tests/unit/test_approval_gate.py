@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from domain.agent import Agent
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
-from domain.events import Event
-from domain.gate import ApprovalGate, GateSettings
-from domain.service import RunService, Subscription
+from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.model.events import Event
+from domain.services.agent import Agent
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.runs import RunService, Subscription
 from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 

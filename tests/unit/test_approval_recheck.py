@@ -11,12 +11,12 @@ from dataclasses import replace
 
 import pytest
 
-from domain.approval import ApprovalRequest, ApprovalStatus
-from domain.errors import StoreUnavailable
-from domain.events import Event
-from domain.gate import GateSettings
-from domain.ports import Clock
-from domain.recheck import ApprovalRecheck
+from domain.model.approval import ApprovalRequest, ApprovalStatus
+from domain.model.errors import StoreUnavailable
+from domain.model.events import Event
+from domain.model.ports import Clock
+from domain.services.gate import GateSettings
+from domain.services.recheck import ApprovalRecheck
 from tests.unit.fakes import FakeClock, MemoryApprovalStore
 from tests.unit.harness import summary
 from tests.unit.test_approval_gate import approval_harness, finish, until

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal, SignalType
+from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal, SignalType
 
 SEAL = DecisionSeal(b"k" * 32)
 

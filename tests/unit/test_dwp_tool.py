@@ -14,9 +14,9 @@ import pytest
 from jose import jwt
 
 from adapters.tools.dwp import DwpRequestTool, dwp_tools
-from domain.errors import InvalidInput, ToolFailure
-from domain.identity import Principal
-from domain.tools import ToolContext, ToolRegistry
+from domain.model.errors import InvalidInput, ToolFailure
+from domain.model.identity import Principal
+from domain.model.tools import ToolContext, ToolRegistry
 from tests.fake_dwp import FakeDwp, FakeResponse
 
 # A real JWT (its expiry is read before each call); the claim makes it easy to spot in logs.

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from domain.approval import Signal
-from domain.errors import ToolFailure
-from domain.events import Event
-from domain.run import Run
-from domain.service import RunFeed, RunHandle
+from domain.model.approval import Signal
+from domain.model.errors import ToolFailure
+from domain.model.events import Event
+from domain.model.run import Run
+from domain.services.runs import RunFeed, RunHandle
 from tests.unit.fakes import RecordingTool
 from tests.unit.test_approval_gate import approval_harness, finish, until
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from adapters.tools import Workspace, git_tools
-from domain.errors import ToolFailure
-from domain.tools import ToolRegistry
+from domain.model.errors import ToolFailure
+from domain.model.tools import ToolRegistry
 from tests.unit.test_git_tools import CONTEXT, SETUP_ENV, git, init_repo
 
 FIRST_TIME = 1_700_000_000

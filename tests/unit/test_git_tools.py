@@ -19,9 +19,9 @@ from adapters.tools import (
     Workspace,
     git_tools,
 )
-from domain.errors import InvalidInput, ToolFailure
-from domain.identity import Principal
-from domain.tools import Tool, ToolContext, ToolRegistry
+from domain.model.errors import InvalidInput, ToolFailure
+from domain.model.identity import Principal
+from domain.model.tools import Tool, ToolContext, ToolRegistry
 
 CONTEXT = ToolContext(
     principal=Principal(user_id="u1", tenant_id="t1", actor_id="u1"),

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jws
 
 from adapters.jwt import JoseTokenVerifier, mint_token
-from domain.errors import AuthError
-from domain.identity import Claims
-from domain.ports import Clock
+from domain.model.errors import AuthError
+from domain.model.identity import Claims
+from domain.model.ports import Clock
 
 NOW = 1_767_000_000
 SECRET = "test-secret-with-more-than-32-bytes!"

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 
 from adapters.redis.signals import SignalBusClosed, _Confirmation, _Subscription
-from domain.agent import Agent
-from domain.approval import ApprovalRequest, Signal
-from domain.events import Event
-from domain.gate import ApprovalGate, GateSettings
-from domain.model import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
-from domain.ports import Clock
-from domain.recheck import ApprovalRecheck
-from domain.service import RunService
+from domain.model.approval import ApprovalRequest, Signal
+from domain.model.chat import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
+from domain.model.events import Event
+from domain.model.ports import Clock
+from domain.services.agent import Agent
+from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.recheck import ApprovalRecheck
+from domain.services.runs import RunService
 from tests.unit.fakes import (
     MemoryApprovalStore,
     MemorySignalBus,

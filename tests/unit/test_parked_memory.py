@@ -17,13 +17,13 @@ from quart import Quart, request
 
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.routes.stream import forget_body
-from adapters.http.routes.streaming import StreamConfig, StreamMeter, WatcherRelease, live_frames
+from adapters.http.streams import StreamConfig, StreamMeter, WatcherRelease, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
-from domain.approval import Signal
-from domain.events import Event, EventType, RunIds
-from domain.model import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
-from domain.service import RunFeed, Subscription, SubscriptionOverflow
-from domain.telemetry import _log_context
+from domain.model.approval import Signal
+from domain.model.chat import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
+from domain.model.events import Event, EventType, RunIds
+from domain.model.telemetry import _log_context
+from domain.services.runs import RunFeed, Subscription, SubscriptionOverflow
 from tests.unit.harness import summary
 from tests.unit.test_approval_gate import approval_harness, finish, until
 

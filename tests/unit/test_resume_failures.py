@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adapters.http.routes.streaming import StreamConfig, resumed_frames
-from domain.access import Notice, RunAccess
-from domain.errors import StoreUnavailable
-from domain.events import Event, EventType
+from adapters.http.streams import StreamConfig, resumed_frames
+from domain.model.errors import StoreUnavailable
+from domain.model.events import Event, EventType
+from domain.services.access import Notice, RunAccess
 from tests.unit.fakes import LogPollingFollower, RecordingControl, ScriptedModel, text
 from tests.unit.harness import ALICE, Harness, collect
 

@@ -9,9 +9,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from domain.approval import ApprovalStatus
-from domain.model import ChatRequest, ModelChunk
-from domain.service import RunLimits
+from domain.model.approval import ApprovalStatus
+from domain.model.chat import ChatRequest, ModelChunk
+from domain.services.runs import RunLimits
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, collect, summary
 

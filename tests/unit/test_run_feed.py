@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from domain.errors import StoreUnavailable
-from domain.events import Event, EventType, RunIds
-from domain.service import RunFeed, RunService, Subscription
-from domain.telemetry import Telemetry
+from domain.model.errors import StoreUnavailable
+from domain.model.events import Event, EventType, RunIds
+from domain.model.telemetry import Telemetry
+from domain.services.runs import RunFeed, RunService, Subscription
 from tests.unit.fakes import MemoryEventLog, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 

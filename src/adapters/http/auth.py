@@ -6,9 +6,9 @@ from collections.abc import Collection
 
 from quart import Request
 
-from domain.errors import AuthError
-from domain.identity import Principal, resolve_principal
-from domain.ports import TokenVerifier
+from domain.model.errors import AuthError
+from domain.model.identity import Principal, resolve_principal
+from domain.model.ports import TokenVerifier
 
 
 class RequestAuthenticator:

@@ -12,7 +12,16 @@ from quart import Quart, Response, g
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from domain.errors import AuraError, AuthError, Conflict, Forbidden, Gone, InvalidInput, NotFound, StoreUnavailable
+from domain.model.errors import (
+    AuraError,
+    AuthError,
+    Conflict,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("aura.http")
 

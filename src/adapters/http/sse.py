@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from adapters.wire import envelope_bytes
-from domain.events import Event
+from domain.model.events import Event
 
 DONE_FRAME = b"data: [DONE]\n\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")

@@ -13,9 +13,9 @@ from quart import Quart, Response, g, request
 
 from adapters.http.auth import RequestAuthenticator, forget_authorization
 from adapters.http.problems import Problem
-from domain.errors import AuthError
-from domain.identity import Principal
-from domain.telemetry import bind_log_context
+from domain.model.errors import AuthError
+from domain.model.identity import Principal
+from domain.model.telemetry import bind_log_context
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

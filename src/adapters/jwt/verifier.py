@@ -19,9 +19,9 @@ from typing import Any, NoReturn
 
 from jose import JOSEError, jwk, jws
 
-from domain.errors import AuthError
-from domain.identity import Claims
-from domain.ports import Clock, TokenVerifier
+from domain.model.errors import AuthError
+from domain.model.identity import Claims
+from domain.model.ports import Clock, TokenVerifier
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512"})

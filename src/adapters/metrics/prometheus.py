@@ -13,10 +13,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from domain.approval import ApprovalStatus
-from domain.events import EventType, RunStatus
-from domain.model import Purpose
-from domain.telemetry import Telemetry
+from domain.model.approval import ApprovalStatus
+from domain.model.chat import Purpose
+from domain.model.events import EventType, RunStatus
+from domain.model.telemetry import Telemetry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DECISION_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)

@@ -42,8 +42,7 @@ from typing import Any, Literal
 import httpx
 from httpx_sse import EventSource, SSEError
 
-from domain.errors import ModelError
-from domain.model import (
+from domain.model.chat import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
@@ -54,7 +53,8 @@ from domain.model import (
     ToolCallDelta,
     Usage,
 )
-from domain.ports import ChatModel
+from domain.model.errors import ModelError
+from domain.model.ports import ChatModel
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import httpx
 
 from adapters.models.openai_compatible import OpenAICompatibleConfig
-from domain.model import ModelProfile, estimate_tokens
+from domain.model.chat import ModelProfile, estimate_tokens
 
 logger = logging.getLogger(__name__)
 

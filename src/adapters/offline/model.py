@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from domain.errors import ModelError
-from domain.model import (
+from domain.model.chat import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
@@ -33,7 +32,8 @@ from domain.model import (
     ToolCallDelta,
     Usage,
 )
-from domain.ports import ChatModel
+from domain.model.errors import ModelError
+from domain.model.ports import ChatModel
 
 _DIRECTIVE = re.compile(r"^\s*@([A-Za-z_][A-Za-z0-9_]*)\s*(.*?)\s*$")
 ANSWER_DIRECTIVE = "answer"

@@ -51,9 +51,9 @@ from adapters.redis.signals import (
     channel_name,
     signal_key,
 )
-from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
-from domain.errors import StoreUnavailable
-from domain.ports import ApprovalStore
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
+from domain.model.errors import StoreUnavailable
+from domain.model.ports import ApprovalStore
 
 _log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 
 from adapters.redis.client import LuaScript, shared_connection
 from adapters.redis.keys import key_part
-from domain.errors import StoreUnavailable
-from domain.ports import ConversationStore
+from domain.model.errors import StoreUnavailable
+from domain.model.ports import ConversationStore
 
 log = logging.getLogger(__name__)
 

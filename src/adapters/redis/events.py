@@ -28,9 +28,9 @@ from redis.exceptions import NoScriptError, RedisError
 from adapters.redis.client import LuaScript, pack, shared_connection
 from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
-from domain.errors import RunFenced, StoreUnavailable
-from domain.events import Event, EventType
-from domain.ports import EventLog
+from domain.model.errors import RunFenced, StoreUnavailable
+from domain.model.events import Event, EventType
+from domain.model.ports import EventLog
 
 log = logging.getLogger("aura.eventlog")
 

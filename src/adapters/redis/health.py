@@ -8,7 +8,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from domain.ports import HealthProbe
+from domain.model.ports import HealthProbe
 
 _log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 
 from adapters.redis.client import arg, pack, shared_connection
 from adapters.redis.keys import key_part
-from domain.errors import StoreUnavailable
-from domain.ports import StartRateLimiter
+from domain.model.errors import StoreUnavailable
+from domain.model.ports import StartRateLimiter
 
 
 def starts_key(tenant_id: str, user_id: str, window: int) -> str:

@@ -37,9 +37,9 @@ from adapters.redis.client import LuaScript, shared_connection
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
-from domain.errors import StoreUnavailable
-from domain.events import Event
-from domain.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.errors import StoreUnavailable
+from domain.model.events import Event
+from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
 
 log = logging.getLogger("aura.runs")
 

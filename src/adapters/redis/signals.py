@@ -42,9 +42,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from domain.approval import Signal
-from domain.errors import StoreUnavailable
-from domain.ports import SignalBus, SignalSubscription
+from domain.model.approval import Signal
+from domain.model.errors import StoreUnavailable
+from domain.model.ports import SignalBus, SignalSubscription
 
 _log = logging.getLogger(__name__)
 

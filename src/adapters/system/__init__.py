@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from domain.ports import Clock, IdFactory
+from domain.model.ports import Clock, IdFactory
 
 
 class SystemClock(Clock):

@@ -27,8 +27,8 @@ from urllib.parse import quote, unquote_to_bytes
 import httpx
 from jose import JOSEError, jwt
 
-from domain.errors import ToolFailure
-from domain.tools import Tool, ToolContext, ToolSpec
+from domain.model.errors import ToolFailure
+from domain.model.tools import Tool, ToolContext, ToolSpec
 
 logger = logging.getLogger(__name__)
 

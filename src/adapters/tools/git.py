@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.tools.workspace import Workspace, shown
-from domain.errors import ToolFailure
-from domain.tools import Tool, ToolContext, ToolSpec
+from domain.model.errors import ToolFailure
+from domain.model.tools import Tool, ToolContext, ToolSpec
 
 # `-c` overrides applied to every git call, whatever the repository's own config says.
 _CONFIG_OVERRIDES = (

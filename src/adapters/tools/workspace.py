@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path, PurePosixPath
 
-from domain.errors import ToolFailure
+from domain.model.errors import ToolFailure
 
 # Paths come from a model; keep error messages short even when the path is not.
 _MAX_SHOWN_PATH = 200

@@ -10,8 +10,8 @@ from quart import Blueprint, Response
 from adapters.http.event_schema import events_json_schema
 from adapters.http.problems import Problem
 from adapters.metrics.prometheus import PrometheusMetrics
-from domain.ports import HealthProbe
-from domain.service import RunService
+from domain.model.ports import HealthProbe
+from domain.services.runs import RunService
 
 bp = Blueprint("health", __name__)
 

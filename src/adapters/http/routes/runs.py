@@ -9,9 +9,9 @@ from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response, request
 
 from adapters.http.problems import Problem
-from adapters.http.routes.streaming import StreamConfig, resumed_frames, sse_response
+from adapters.http.streams import StreamConfig, resumed_frames, sse_response
 from adapters.http.web import current_principal, json_response
-from domain.access import RunAccess
+from domain.services.access import RunAccess
 
 bp = Blueprint("runs", __name__)
 

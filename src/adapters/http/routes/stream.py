@@ -15,11 +15,11 @@ from quart_schema import validate_request
 
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
-from adapters.http.routes.streaming import StreamConfig, WatcherRelease, live_frames, resumed_frames, sse_response
+from adapters.http.streams import StreamConfig, WatcherRelease, live_frames, resumed_frames, sse_response
 from adapters.http.web import current_principal
-from domain.access import Attached, RunAccess
-from domain.run import DisconnectPolicy, RunRequest
-from domain.service import RunService, RunStartsTooFrequent, ShuttingDown, TooManyRuns
+from domain.model.run import DisconnectPolicy, RunRequest
+from domain.services.access import Attached, RunAccess
+from domain.services.runs import RunService, RunStartsTooFrequent, ShuttingDown, TooManyRuns
 
 bp = Blueprint("stream", __name__)
 

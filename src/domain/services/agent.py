@@ -11,13 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from domain import prompts
-from domain.approval import ApprovalStatus
-from domain.context_window import ContextFitter, shorten_text
-from domain.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
-from domain.events import EventType, ThoughtType
-from domain.gate import ApprovalGate
-from domain.model import (
+from domain.model.approval import ApprovalStatus
+from domain.model.chat import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
@@ -34,11 +29,16 @@ from domain.model import (
     pack_messages,
     unpack_messages,
 )
-from domain.plan import PlannedStep, PlanStep, StepStatus, descriptions_so_far, read_plan
-from domain.ports import ChatModel
-from domain.run import Run
-from domain.telemetry import Telemetry
-from domain.tools import ToolContext, ToolRegistry
+from domain.model.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
+from domain.model.events import EventType, ThoughtType
+from domain.model.plan import PlannedStep, PlanStep, StepStatus, descriptions_so_far, read_plan
+from domain.model.ports import ChatModel
+from domain.model.run import Run
+from domain.model.telemetry import Telemetry
+from domain.model.tools import ToolContext, ToolRegistry
+from domain.services import prompts
+from domain.services.context_window import ContextFitter, shorten_text
+from domain.services.gate import ApprovalGate
 
 RESULT_FOR_MODEL_CHARS = 8000
 # A streamed thought shows nothing until it has this many characters: enough to tell the model's
@@ -226,7 +226,7 @@ class Agent:
                        instruction: str | None = None, tools: Sequence[Mapping[str, Any]] = (),
                        json_schema: Mapping[str, Any] | None = None, tool_choice: str | None = None,
                        hints: Mapping[str, Any] | None = None) -> ChatRequest:
-        """A request built to fit the model's context window (domain/context_window.py); the user is
+        """A request built to fit the model's context window (domain/services/context_window.py); the user is
         told once what had to be left out or shortened."""
         messages = list(conversation.messages)
         if instruction is not None:

@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from domain.agent import Agent
-from domain.approval import ApprovalStatus
-from domain.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
-from domain.events import Event, EventType, RunIds
-from domain.identity import Principal
-from domain.ports import ApprovalStore, Clock, ConversationStore, EventLog
-from domain.run import RunRequest
-from domain.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
-from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
+from domain.model.approval import ApprovalStatus
+from domain.model.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from domain.model.events import Event, EventType, RunIds
+from domain.model.identity import Principal
+from domain.model.ports import ApprovalStore, Clock, ConversationStore, EventLog
+from domain.model.run import RunRequest
+from domain.model.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.services.agent import Agent
+from domain.services.runs import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 log = logging.getLogger("aura.runs")
 

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from domain.agent import Agent
-from domain.errors import ApprovalTimeout, AuraError, RunCancelled, RunFenced, StoreUnavailable
-from domain.events import Event, EventType, RunIds, RunStatus
-from domain.identity import Principal
-from domain.model import ChatMessage
-from domain.ports import Clock, ConversationStore, EventLog, IdFactory, StartRateLimiter
-from domain.run import DisconnectPolicy, Run, RunRequest
-from domain.runs import RunDirectory, RunRecord
-from domain.telemetry import Telemetry, detached_log_context
+from domain.model.chat import ChatMessage
+from domain.model.errors import ApprovalTimeout, AuraError, RunCancelled, RunFenced, StoreUnavailable
+from domain.model.events import Event, EventType, RunIds, RunStatus
+from domain.model.identity import Principal
+from domain.model.ports import Clock, ConversationStore, EventLog, IdFactory, StartRateLimiter
+from domain.model.run import DisconnectPolicy, Run, RunRequest
+from domain.model.runs import RunDirectory, RunRecord
+from domain.model.telemetry import Telemetry, detached_log_context
+from domain.services.agent import Agent
 
 log = logging.getLogger("aura.runs")
 

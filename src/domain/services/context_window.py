@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from domain.errors import AuraError
-from domain.model import ChatMessage, ModelProfile, Role
+from domain.model.chat import ChatMessage, ModelProfile, Role
+from domain.model.errors import AuraError
 
 # Role markers and separators a chat template adds around each message.
 MESSAGE_OVERHEAD_TOKENS = 4

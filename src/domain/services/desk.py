@@ -14,11 +14,11 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal
-from domain.errors import Conflict, Gone, NotFound
-from domain.gate import audit_line
-from domain.identity import Principal
-from domain.ports import ApprovalStore, Clock, SignalBus
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal
+from domain.model.errors import Conflict, Gone, NotFound
+from domain.model.identity import Principal
+from domain.model.ports import ApprovalStore, Clock, SignalBus
+from domain.services.gate import audit_line
 
 log = logging.getLogger("aura.hitl")
 

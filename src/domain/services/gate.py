@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
-from domain.errors import ApprovalTimeout, RunCancelled
-from domain.events import EventType, RunStatus
-from domain.plan import PlanStep, StepStatus
-from domain.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
-from domain.recheck import ApprovalRecheck
-from domain.run import Run
-from domain.telemetry import Telemetry
+from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
+from domain.model.errors import ApprovalTimeout, RunCancelled
+from domain.model.events import EventType, RunStatus
+from domain.model.plan import PlanStep, StepStatus
+from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
+from domain.model.run import Run
+from domain.model.telemetry import Telemetry
+from domain.services.recheck import ApprovalRecheck
 
 log = logging.getLogger("aura.hitl")
 audit = logging.getLogger("aura.audit")

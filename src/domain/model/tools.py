@@ -9,8 +9,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from domain.errors import InvalidInput, UnknownTool
-from domain.identity import Principal
+from domain.model.errors import InvalidInput, UnknownTool
+from domain.model.identity import Principal
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from domain.approval import ApprovalRequest
-from domain.events import Event, EventType, RunIds, RunStatus, ThoughtType
-from domain.identity import Principal
-from domain.plan import PlannedStep, PlanStep, StepStatus, TimelineEntry
-from domain.ports import Clock
+from domain.model.approval import ApprovalRequest
+from domain.model.events import Event, EventType, RunIds, RunStatus, ThoughtType
+from domain.model.identity import Principal
+from domain.model.plan import PlannedStep, PlanStep, StepStatus, TimelineEntry
+from domain.model.ports import Clock
 
 EventSink = Callable[[Event], Awaitable[None]]
 

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from domain.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
-from domain.events import Event
-from domain.identity import Claims
-from domain.model import ChatRequest, ModelChunk
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
+from domain.model.chat import ChatRequest, ModelChunk
+from domain.model.events import Event
+from domain.model.identity import Claims
 
 
 class Clock(ABC):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from string import Template
 from typing import Any
 
-from domain.tools import ToolSpec
+from domain.model.tools import ToolSpec
 
 PROMPTS_VERSION = "2026-12-07.1"
 

@@ -20,9 +20,9 @@ import heapq
 import logging
 from dataclasses import dataclass
 
-from domain.approval import ApprovalRequest
-from domain.errors import StoreUnavailable
-from domain.ports import ApprovalStore, Clock
+from domain.model.approval import ApprovalRequest
+from domain.model.errors import StoreUnavailable
+from domain.model.ports import ApprovalStore, Clock
 
 log = logging.getLogger("aura.hitl")
 

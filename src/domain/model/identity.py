@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from domain.errors import AuthError
+from domain.model.errors import AuthError
 
 
 @dataclass(frozen=True, slots=True)

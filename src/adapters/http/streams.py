@@ -15,9 +15,9 @@ from quart import Response, request
 from adapters.http.problems import Problem
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
 from adapters.metrics.prometheus import PrometheusMetrics
-from domain.access import Notice, ResumeItem
-from domain.events import Event, EventType
-from domain.service import RunHandle, RunService, Subscription, SubscriptionOverflow
+from domain.model.events import Event, EventType
+from domain.services.access import Notice, ResumeItem
+from domain.services.runs import RunHandle, RunService, Subscription, SubscriptionOverflow
 
 BATCH_EVENTS = 64
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from domain.approval import ApprovalRequest, StoredApproval
-from domain.events import Event
+from domain.model.approval import ApprovalRequest, StoredApproval
+from domain.model.events import Event
 
 
 @dataclass(frozen=True, slots=True)
