@@ -20,6 +20,7 @@ from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import create_redis
 from adapters.redis.conversations import RedisConversationStore
+from adapters.redis.durability import replica_confirmation
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
 from adapters.redis.limits import RedisStartRateLimiter
@@ -147,15 +148,20 @@ class Container(containers.DeclarativeContainer):
     redis = providers.Singleton(create_redis, settings.provided.redis.url,
                                 max_connections=settings.provided.redis.max_connections,
                                 pool_timeout_seconds=settings.provided.redis.pool_timeout_seconds)
-    approval_store = providers.Singleton(RedisApprovalStore, redis)
+    # The writes Aura acknowledges wait for this many replicas (None: no WAIT).
+    replica_confirmation = providers.Singleton(replica_confirmation, settings.provided.redis.confirming_replicas,
+                                               settings.provided.redis.wait_timeout_ms)
+    approval_store = providers.Singleton(RedisApprovalStore, redis, confirmation=replica_confirmation)
     signal_bus = providers.Singleton(RedisSignalBus, redis)
     event_log = providers.Singleton(
         RedisEventLog, redis,
         max_length=settings.provided.events.max_length,
         retention_seconds=settings.provided.events.retention_seconds,
         owner=instance_id,
+        confirmation=replica_confirmation,
     )
-    health_probe = providers.Singleton(RedisHealthProbe, redis)
+    health_probe = providers.Singleton(RedisHealthProbe, redis,
+                                       required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis,
                                         max_log_length=settings.provided.events.max_length)
     conversations = providers.Singleton(RedisConversationStore, redis,

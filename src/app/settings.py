@@ -21,6 +21,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from adapters.redis.sentinel import is_sentinel_url, parse_sentinel_url
+
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
 MIN_SECRET_BYTES = 32
 # AURA_* variables read by something other than the settings model
@@ -65,10 +67,31 @@ class ServerSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    url: str | None = Field(None, description="redis:// URL; unset = in-process Redis (fakeredis).")
+    url: str | None = Field(None, description="`redis://`, `rediss://`, `unix://` URL, or "
+                            "`redis+sentinel://host:port[,host:port...]/<service-name>[/db]` (`rediss+sentinel://` "
+                            "for TLS); unset = in-process Redis (fakeredis).")
     max_connections: int = Field(256, ge=4, description="Connection pool size (one is held for the shared hot-path "
                                  "writes); a command waits for a free one.")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="How long a command waits for a pooled connection.")
+    wait_replicas: int | None = Field(
+        None, ge=0, description="Replicas that must confirm (`WAIT`) an event before it is streamed and an approval "
+        "decision before it is answered 200; unset = 1 with a `redis+sentinel://` URL, 0 (no `WAIT`) otherwise.")
+    wait_timeout_ms: int = Field(500, ge=1, description="How long Aura waits for those confirmations; past it the "
+                                 "write is reported failed (a retryable error), never acknowledged.")
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, url: str | None) -> str | None:
+        if url is not None and is_sentinel_url(url):
+            parse_sentinel_url(url)  # a malformed Sentinel URL stops start-up with its reason
+        return url
+
+    @property
+    def confirming_replicas(self) -> int:
+        """`wait_replicas`, or its default for the URL."""
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        return 1 if self.url is not None and is_sentinel_url(self.url) else 0
 
 
 class AuthSettings(BaseModel):

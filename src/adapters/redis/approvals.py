@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.redis.client import LuaScript, arg, pack, raise_error, shared_connection
+from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.signals import (
     CHANNEL_PREFIX,
     DEFAULT_SIGNAL_TTL_SECONDS,
@@ -192,8 +193,11 @@ class RedisApprovalStore(ApprovalStore):
         request_ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS,
         signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
+        confirmation: ReplicaConfirmation | None = None,
     ) -> None:
         self._redis = redis
+        # A decision is reported applied only once this many replicas hold it.
+        self._confirmation = confirmation
         # An approval's creation, read and decision are on the approval's path (a run parking, a
         # POST deciding): they go through the client's shared connection.
         self._shared = shared_connection(redis)
@@ -320,6 +324,7 @@ class RedisApprovalStore(ApprovalStore):
                     return None  # expired (or deleted) since it was read: there is nothing to decide
                 if signal is not None and reply == _DECIDED_SIGNAL_FAILED:
                     _log.warning("decided %s but could not store or publish its signal", request_id)
+                await self._confirm()
                 return DecisionResult(applied=True, request=decided,
                                       signalled=signal is not None and reply == _DECIDED)
         except RedisError as exc:
@@ -351,10 +356,22 @@ class RedisApprovalStore(ApprovalStore):
                 raise StoreUnavailable(f"approval {request_id} was decided into an unreadable record")
             if signal is not None and code == _DECIDED_SIGNAL_FAILED:
                 _log.warning("decided %s but could not store or publish its signal", request_id)
+            try:
+                await self._confirm()
+            except RedisError as exc:
+                raise StoreUnavailable("the approval store is unavailable") from exc
             return DecisionResult(applied=True, request=decided, signalled=signal is not None and code == _DECIDED)
         if not reply:
             return None
         return _stored(reply, key)
+
+    async def _confirm(self) -> None:
+        """Wait until the replicas hold the decision just written (on the shared connection, like
+        every write before it), or raise `ReplicasDidNotConfirm`: a decision a failover could revert
+        is not reported applied, so the caller answers a retryable error instead of 200."""
+        if self._confirmation is not None:
+            (reply,) = await self._shared.execute(self._confirmation.command(), 1)
+            self._confirmation.check(reply)
 
 
 def _stored(raw: bytes | str, key: str) -> StoredApproval | None:

@@ -23,11 +23,14 @@ import fakeredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
+
+from adapters.redis.sentinel import create_sentinel_redis, is_sentinel_url, parse_sentinel_url
 
 _log = logging.getLogger(__name__)
 
@@ -66,7 +69,10 @@ class _CancellationSafeWrites(AbstractConnection):
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
         if not self.is_connected:
-            await self.connect_check_health(check_health=False)
+            if isinstance(self, SentinelManagedConnection):
+                await self.connect()  # type: ignore[no-untyped-call]  # asks the sentinels for the master first
+            else:
+                await self.connect_check_health(check_health=False)
         if check_health:
             await self.check_health()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         writer = self._writer
@@ -99,6 +105,12 @@ class _CancellationSafeWrites(AbstractConnection):
         except BaseException as exc:
             # Replies may be left unread; the connection cannot be reused.
             await self._drop(exc, "reading from")
+        if isinstance(self, SentinelManagedConnection) and any(isinstance(r, ReadOnlyError) for r in replies):
+            # The master this connection reached was demoted (a failover): nothing of the batch was
+            # written there. Drop it, so the retry asks the sentinels for the new master, as
+            # redis-py's `SentinelManagedConnection.read_response` does.
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError("The previous master is now a replica")
         if self.health_check_interval:
             self.next_health_check = asyncio.get_running_loop().time() + self.health_check_interval
         return replies
@@ -338,8 +350,7 @@ def create_redis(
     # A blocking pool: when every connection is busy a command waits for one (up to the pool
     # timeout) instead of failing at once, which is what redis-py's default pool does past its
     # cap. The benchmark's bursts of new streams and thousands of parked runs hit exactly that.
-    pool = BlockingConnectionPool.from_url(
-        url,
+    options: dict[str, Any] = dict(
         max_connections=max_connections,
         timeout=pool_timeout_seconds,
         decode_responses=False,
@@ -351,5 +362,10 @@ def create_redis(
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), DEFAULT_COMMAND_RETRIES),
         **_hiredis_options(),
     )
+    if is_sentinel_url(url):
+        redis = create_sentinel_redis(parse_sentinel_url(url), options)
+        redis.connection_pool.connection_class = cancellation_safe(redis.connection_pool.connection_class)
+        return redis
+    pool = BlockingConnectionPool.from_url(url, **options)
     pool.connection_class = cancellation_safe(pool.connection_class)
     return Redis(connection_pool=pool)

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.client import LuaScript, pack, shared_connection
+from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunFenced, StoreUnavailable
@@ -103,8 +104,11 @@ class _PendingAppend:
 
 class RedisEventLog(EventLog):
     def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
-                 active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None) -> None:
+                 active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None,
+                 confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
+        # Events are acknowledged (handed to clients) only once this many replicas hold them.
+        self._confirmation = confirmation
         # The instance id a run's lease must name for its events to be logged (None: not checked,
         # for a log used without a run directory).
         self._owner = (owner or "").encode()
@@ -157,11 +161,11 @@ class RedisEventLog(EventLog):
             return
         arguments = [self._append_arguments(item, last_snapshot) for item in written]
         try:
-            results = await self._connection.execute(
+            results = await self._execute_confirmed(
                 b"".join(pack(b"EVALSHA", APPEND_SCRIPT.sha, *args) for args in arguments), len(written))
             unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
             if unknown:  # a restarted or flushed server: send the body once, for those only
-                again = await self._connection.execute(
+                again = await self._execute_confirmed(
                     b"".join(pack(b"EVAL", APPEND_SCRIPT.body, *arguments[index]) for index in unknown), len(unknown))
                 for index, result in zip(unknown, again, strict=True):
                     results[index] = result
@@ -189,6 +193,16 @@ class RedisEventLog(EventLog):
             else:
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log refused an event."))
+
+    async def _execute_confirmed(self, packed: bytes, replies: int) -> list[Any]:
+        """`packed` on the shared connection, followed by the `WAIT` when replicas must confirm
+        (raising `ReplicasDidNotConfirm` when too few did): in the same round trip."""
+        confirmation = self._confirmation
+        if confirmation is None:
+            return await self._connection.execute(packed, replies)
+        results = await self._connection.execute(packed + confirmation.command(), replies + 1)
+        confirmation.check(results.pop())
+        return results
 
     def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]) -> list[bytes]:
         event = item.event
