@@ -224,8 +224,13 @@ class RunFeed:
             if error is not None:
                 self._telemetry.store_error()
                 self._failure = self._failure or error
-            for watcher in tuple(self.watchers):
-                watcher.push(event)
+            # An event the log did not take (or whose replicas did not confirm it) goes to no client:
+            # a client must never hold an event a resume may not find (a Redis failover drops what
+            # the old master took last). The closing events still go out: they tell the client the
+            # store failed, which it retries on.
+            if error is None or event.type in _ALWAYS_SENT:
+                for watcher in tuple(self.watchers):
+                    watcher.push(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
