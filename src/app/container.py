@@ -172,7 +172,7 @@ class Container(containers.DeclarativeContainer):
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
                                         limit=settings.provided.runs.max_starts_per_window,
                                         window_seconds=settings.provided.runs.start_window_seconds)
-    run_follower = providers.Singleton(RedisRunFollower, redis)
+    run_follower = providers.Singleton(RedisRunFollower, redis, confirmation=replica_confirmation)
     run_control = providers.Singleton(RedisRunControl, redis, instance_id)
 
     token_verifier = providers.Singleton(_token_verifier, settings, clock)

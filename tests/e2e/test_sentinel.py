@@ -10,8 +10,9 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -76,6 +77,9 @@ CONCURRENCY = 8
 APPROVED_BEFORE_FAILOVER = 12
 COMPLETED_AFTER_FAILOVER = 12
 RUN_TIMEOUT_SECONDS = 30.0
+# Notices (seq 0) the clients received, by run: how a run ended for its client when the log could not say.
+NOTICES: dict[str, list[dict[str, Any]]] = {}
+RESUMES = 60  # with the reconnect delay, longer than a failover takes
 LOAD_TIMEOUT_SECONDS = 120.0
 
 
@@ -84,6 +88,7 @@ class Load:
     """What the clients saw: every event's bytes by (run, seq), every decision answered 200."""
 
     received: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    followed: dict[tuple[str, int], bytes] = field(default_factory=dict)  # read from the other instance
     approved: list[str] = field(default_factory=list)
     approval_answers: Counter[int] = field(default_factory=Counter)
     runs_completed: int = 0
@@ -91,6 +96,9 @@ class Load:
     runs_failed: list[str] = field(default_factory=list)
     failover_done: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def runs_failed_why(self) -> list[str]:
+        return [why.split(": ", 1)[1][:90] for why in self.runs_failed]
 
     def note(self) -> None:
         self.changed.set()
@@ -144,12 +152,65 @@ async def approve(client: httpx.AsyncClient, request_id: str, user: str, load: L
         await asyncio.sleep(0.1)  # the client's retry back-off (Retry-After), not a wait for an outcome
 
 
+async def read_events(response: httpx.Response, into: dict[tuple[str, int], bytes]) -> AsyncIterator[bytes]:
+    """Each frame's data as it arrives, noted by (run, seq) in `into` (the [DONE] too, unnoted)."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        got, buffer = frames(buffer + chunk)
+        for frame_id, data in got:
+            if data != b"[DONE]":
+                if not frame_id:  # a notice (seq 0: no resume point), not an event of the log
+                    assert json.loads(data)["seq"] == 0, data
+                    NOTICES.setdefault(json.loads(data)["runId"], []).append(json.loads(data))
+                    yield data
+                    continue
+                run_id, seq = frame_id.decode().rsplit(":", 1)
+                into[(run_id, int(seq))] = data
+            yield data
+
+
+async def follow(client: httpx.AsyncClient, run_id: str, user: str, load: Load) -> None:
+    """Read the run from the instance that does not own it, from its first event to its end."""
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
+            async with client.stream("GET", f"/aura/runs/{run_id}/events", headers=bearer(user)) as response:
+                if response.status_code == 200:
+                    async for _ in read_events(response, load.followed):
+                        pass
+    except (httpx.TransportError, TimeoutError):
+        pass  # a cut follow is a client's retry, not a loss: what it received is checked all the same
+
+
 async def one_run(i: int, clients: list[httpx.AsyncClient], load: Load) -> None:
+    """One run as a client drives it: started on one instance, approved on the other, resumed
+    with Last-Event-ID (on either) when its connection ends before [DONE]; every third run is
+    also read from the other instance from its first event."""
     home, other = clients[i % 2], clients[(i + 1) % 2]
     user = f"user{i % 20}"
     prompt = "@dwp_request " + json.dumps({"method": "POST", "path": "/api/items", "body": {"marker": f"m{i}"}})
     after_failover = load.failover_done
-    buffer, last = b"", b""
+    last, last_seq, run_id = b"", 0, ""
+    decided: set[str] = set()
+    retry = False
+    follower: asyncio.Task[None] | None = None
+
+    async def consume(response: httpx.Response) -> None:
+        nonlocal last, last_seq, retry
+        retry = False
+        async for data in read_events(response, load.received):
+            last = data
+            if data == b"[DONE]":
+                continue
+            envelope = json.loads(data)
+            if envelope["seq"] == 0:
+                if envelope["type"] == "error" and envelope["data"]["retryable"]:
+                    retry = True  # "reconnect with Last-Event-ID": the client does
+                continue
+            last_seq = max(last_seq, envelope["seq"])
+            if envelope["type"] == "hitl" and envelope["data"]["requestId"] not in decided:
+                decided.add(envelope["data"]["requestId"])
+                await approve(other, envelope["data"]["requestId"], user, load)
+
     try:
         async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
             async with home.stream("POST", "/aura/test/stream", json={"prompt": prompt},
@@ -157,32 +218,40 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], load: Load) -> None:
                 if response.status_code != 200:
                     load.runs_failed.append(f"{i}: HTTP {response.status_code}")
                     return
-                async for chunk in response.aiter_bytes():
-                    got, buffer = frames(buffer + chunk)
-                    for frame_id, data in got:
-                        last = data
-                        if data == b"[DONE]":
-                            continue
-                        run_id, seq = frame_id.decode().rsplit(":", 1)
-                        load.received[(run_id, int(seq))] = data
-                        envelope = json.loads(data)
-                        if envelope["type"] == "hitl":
-                            await approve(other, envelope["data"]["requestId"], user, load)
-    except (httpx.TransportError, TimeoutError) as exc:
-        load.runs_failed.append(f"{i}: {type(exc).__name__}")
+                run_id = response.headers["x-aura-run-id"]
+                if i % 3 == 0:
+                    follower = asyncio.create_task(follow(other, run_id, user, load))
+                try:
+                    await consume(response)
+                except httpx.TransportError:
+                    pass
+            for attempt in range(1, RESUMES + 1):
+                if last == b"[DONE]" and not retry:
+                    break
+                resume_on = clients[(i + attempt) % 2]
+                headers = {**bearer(user), "Last-Event-ID": f"{run_id}:{last_seq}"} if last_seq else bearer(user)
+                try:
+                    async with resume_on.stream("GET", f"/aura/runs/{run_id}/events", headers=headers) as response:
+                        if response.status_code == 200:
+                            await consume(response)
+                except httpx.TransportError:
+                    pass
+                if last != b"[DONE]" or retry:
+                    await asyncio.sleep(0.2)  # the client's reconnect delay (the stream's retry: hint)
+    except TimeoutError:
+        load.runs_failed.append(f"{i}: timed out")
         return
     finally:
+        if follower is not None:
+            await follower
         load.note()
-    if last == b"[DONE]":
-        envelopes = [json.loads(d) for (r, _), d in load.received.items() if r == response.headers["x-aura-run-id"]]
-        end = max(envelopes, key=lambda e: e["seq"])
-        if end["type"] == "end" and end["data"]["status"] == "completed":
-            load.runs_completed += 1
-            load.runs_completed_after_failover += after_failover
-            return
-        load.runs_failed.append(f"{i}: ended {end['data']}")
+    ends = [json.loads(d) for (r, _), d in load.received.items() if r == run_id and b'"type":"end"' in d]
+    ends += [notice for notice in NOTICES.get(run_id, []) if notice["type"] == "end" and not retry]
+    if ends and ends[-1]["data"]["status"] == "completed":
+        load.runs_completed += 1
+        load.runs_completed_after_failover += after_failover
     else:
-        load.runs_failed.append(f"{i}: stream cut")
+        load.runs_failed.append(f"{i}: ended {ends[-1]['data'] if ends else last[:200]!r}")
 
 
 async def test_a_failover_under_load_loses_no_received_event_and_reverts_no_decision(
@@ -225,12 +294,13 @@ async def test_a_failover_under_load_loses_no_received_event_and_reverts_no_deci
         dwp.stop()
     assert new_master != old_master
     print(f"failover {failover_seconds:.1f} s; runs completed {load.runs_completed}, failed {len(load.runs_failed)}; "
-          f"events received {len(load.received)}; approvals answered {dict(load.approval_answers)}")
+          f"events received {len(load.received)} (followers {len(load.followed)}); "
+          f"approvals answered {dict(load.approval_answers)}; failed runs: {Counter(load.runs_failed_why())}")
 
     with redis.Redis(host="127.0.0.1", port=new_master) as master:
         assert master.execute_command("ROLE")[0] == b"master"
         lost, notices = [], 0
-        for (run_id, seq), data in load.received.items():
+        for (run_id, seq), data in [*load.received.items(), *load.followed.items()]:
             entries = master.xrange(f"aura:run:{run_id}:events", min=f"{seq}-1", max=f"{seq}-1")
             if entries and entries[0][1].get(b"e") == data:
                 continue

@@ -4,9 +4,10 @@ writes, no master named by the sentinels)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from adapters.redis.client import create_redis
 from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
+from adapters.redis.runs import RedisRunFollower
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
 from tests.integration.test_redis_approvals import approval_request
@@ -168,3 +170,73 @@ async def test_not_ready_when_no_sentinel_names_a_master(tmp_path: Path) -> None
         await client.aclose()
         process.kill()
         process.wait(timeout=10)
+
+
+async def test_a_read_sets_its_connections_wait_offset(pair: Pair, master: Redis) -> None:
+    """The server property the confirmed reads rely on (Redis 7): WAIT after a read, on the read's
+    connection, waits for every write the read could see, though the connection wrote nothing."""
+    writer = create_redis(pair.master.url)
+    try:
+        with pair.replica_frozen():
+            await writer.set("written", b"1")
+            pipe = master.pipeline(transaction=False)
+            pipe.get("written")
+            pipe.execute_command("WAIT", 1, 100)
+            assert await pipe.execute() == [b"1", 0]
+    finally:
+        await writer.aclose()
+
+
+async def test_a_replay_hands_out_only_what_the_replica_holds(pair: Pair, master: Redis) -> None:
+    unconfirmed, confirmed = RedisEventLog(master), RedisEventLog(master, confirmation=CONFIRM)
+    try:
+        await unconfirmed.append(event(1))
+        assert await confirmed.read_after("run_a", 0) == [event(1)]
+        with pair.replica_frozen():
+            await unconfirmed.append(event(2))  # on the master, not on the replica
+            with pytest.raises(StoreUnavailable):
+                await confirmed.read_after("run_a", 0)
+        assert await confirmed.read_after("run_a", 0) == [event(1), event(2)]
+    finally:
+        await unconfirmed.aclose()
+        await confirmed.aclose()
+
+
+async def test_a_follower_hands_on_an_event_only_once_the_replica_holds_it(pair: Pair, master: Redis) -> None:
+    writer = RedisEventLog(master)
+    follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
+    follow = follower.follow("run_a", 0)
+    delivered: list[int] = []
+
+    async def read() -> None:
+        async for followed in follow:
+            if followed is not None:
+                delivered.append(followed.seq)
+                return
+
+    reading = asyncio.create_task(read())
+    try:
+        with pair.replica_frozen():
+            waits = await _calls(master, "wait")
+            await writer.append(event(1))
+            # the follower read it, asked the replica and was refused, twice (at least)
+            await _until(lambda: _calls(master, "wait"), waits + 3)
+            assert delivered == []
+        await reading
+        assert delivered == [1]
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await follower.aclose()
+        await writer.aclose()
+
+
+async def _calls(client: Redis, command: str) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def _until(count: Callable[[], Awaitable[int]], at_least: int) -> None:
+    async with asyncio.timeout(10):
+        while await count() < at_least:  # noqa: ASYNC110 - another process (Redis) moves the counter
+            await asyncio.sleep(0.01)  # polling the server's counter, a condition

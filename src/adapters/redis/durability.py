@@ -7,6 +7,12 @@ decision (answers 200) only after `WAIT` says enough replicas hold it; otherwise
 retryable `StoreUnavailable`. `WAIT` covers every earlier write of its connection, so one `WAIT`
 after the shared connection's batch covers the batch's events and everything sent before them on
 that connection (the approval request a `hitl` event announces, for one).
+
+Reads that hand events to clients (a follower's XREAD, a resume's XRANGE) are confirmed the same
+way: they may see an event its owner wrote but could not have acknowledged. On Redis 7 every
+command, a read too, sets its connection's `WAIT` offset to the master's current replication
+offset, so a `WAIT` right after the read, on its connection, returns once the replicas hold
+everything the read could see (tests/integration/test_redis_replication.py holds the server to it).
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ class ReplicaConfirmation:
     replicas: int
     timeout_ms: int
 
+    def arguments(self) -> tuple[bytes, ...]:
+        return b"WAIT", b"%d" % self.replicas, b"%d" % self.timeout_ms
+
     def command(self) -> bytes:
-        """The packed `WAIT`, to send on the connection that made the writes, after them."""
-        return pack(b"WAIT", b"%d" % self.replicas, b"%d" % self.timeout_ms)
+        """The packed `WAIT`, to send on the connection that made the writes (or the reads), after them."""
+        return pack(*self.arguments())
 
     def check(self, reply: Any) -> None:
         """Raise unless `reply` (to `command()`) says enough replicas hold the writes."""

@@ -217,9 +217,19 @@ class RedisEventLog(EventLog):
                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl]
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
+        """Events after `after_seq`; when replicas must confirm writes, only once they hold all of
+        them (a `WAIT` after the XRANGE, on its connection: durability.py)."""
+        key, first = event_log_key(run_id), f"{after_seq + 1}-0"
         try:
-            entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrange(
-                event_log_key(run_id), min=f"{after_seq + 1}-0", max="+", count=limit))
+            if self._confirmation is None:
+                entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrange(
+                    key, min=first, max="+", count=limit))
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.xrange(key, min=first, max="+", count=limit)
+                pipe.execute_command(*self._confirmation.arguments())
+                entries, confirmed = await pipe.execute()
+                self._confirmation.check(confirmed)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
         return [event_from_bytes(fields.get(b"e") or fields["e"]) for _entry_id, fields in entries]

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from adapters.redis.approvals import encode_json, pending_index_key, request_key, session_key
 from adapters.redis.client import LuaScript, shared_connection
+from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part
 from adapters.wire import envelope_bytes, event_from_bytes
@@ -282,9 +283,11 @@ class RedisRunFollower(RunFollower):
     """One blocking XREAD per process serves every remote follow: the reader asks for all followed
     logs at once and hands each new entry to the follows of that run."""
 
-    def __init__(self, redis: Redis, *, block_ms: int = 1000) -> None:
+    def __init__(self, redis: Redis, *, block_ms: int = 1000, confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
         self._block_ms = block_ms
+        # Events read are handed on only once the replicas hold them (see `_read`).
+        self._confirmation = confirmation
         self._follows: dict[str, set[_Follow]] = defaultdict(set)
         self._positions: dict[str, int] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -323,8 +326,7 @@ class RedisRunFollower(RunFollower):
         while self._follows:
             streams = {event_log_key(run_id): f"{self._positions[run_id]}-1" for run_id in self._follows}
             try:
-                replies: list[Any] = cast(Any, await self._redis.xread(cast(Any, streams), block=self._block_ms,
-                                                                        count=500))
+                replies = await self._read(streams)
                 backoff = 0.1
             except (RedisError, OSError):
                 log.warning("run follower: the event log is unreachable; retrying")
@@ -338,6 +340,24 @@ class RedisRunFollower(RunFollower):
                     self._positions[run_id] = max(self._positions.get(run_id, 0), event.seq)
                     for follow in tuple(self._follows.get(run_id, ())):
                         follow.queue.put_nowait(event)
+
+    async def _read(self, streams: dict[str, str]) -> list[Any]:
+        """The XREAD, followed on the same connection by the `WAIT` when replicas must confirm: a
+        follower may read an event its owner wrote but has not acknowledged yet (the replicas did
+        not confirm it, and a failover would drop it), so what it read goes on only once the replicas
+        hold everything the read could see (on Redis 7 every command, reads too, moves the
+        connection's WAIT offset to the master's current one)."""
+        if self._confirmation is None:
+            replies: list[Any] = cast(Any, await self._redis.xread(cast(Any, streams), block=self._block_ms, count=500))
+            return replies
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xread(cast(Any, streams), block=self._block_ms, count=500)
+        pipe.execute_command(*self._confirmation.arguments())
+        replies, confirmed = await pipe.execute(raise_on_error=False)
+        if isinstance(replies, Exception):
+            raise replies
+        self._confirmation.check(confirmed)
+        return list(replies or ())  # None: the XREAD timed out
 
     async def aclose(self) -> None:
         if self._reader is not None:

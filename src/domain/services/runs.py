@@ -26,7 +26,8 @@ SAFE_INTERNAL_MESSAGE = "Aura hit an internal error; the run was stopped. Please
 
 
 class SubscriptionOverflow(Exception):
-    """A watcher fell too far behind; it must reconnect and resume from the event log."""
+    """A watcher fell too far behind, or the run can no longer feed it (fenced, or its log refused
+    an event); it must resume from the event log."""
 
 
 class Subscription:
@@ -104,8 +105,8 @@ class Subscription:
             self._timer = loop.call_at(deadline, self._deadline_reached)
 
     def detach(self) -> None:
-        """The run can no longer feed this watcher (it was fenced): the watcher resumes from the
-        event log, which holds whatever ended the run."""
+        """The run can no longer feed this watcher (it was fenced, or the log refused an event):
+        the watcher resumes from the event log, which holds whatever the run logged."""
         self.overflowed = True
         self._events = None
         self._wake()
@@ -224,13 +225,16 @@ class RunFeed:
             if error is not None:
                 self._telemetry.store_error()
                 self._failure = self._failure or error
-            # An event the log did not take (or whose replicas did not confirm it) goes to no client:
-            # a client must never hold an event a resume may not find (a Redis failover drops what
-            # the old master took last). The closing events still go out: they tell the client the
-            # store failed, which it retries on.
-            if error is None or event.type in _ALWAYS_SENT:
+            if error is None:
                 for watcher in tuple(self.watchers):
                     watcher.push(event)
+            else:
+                # An event the log did not take (or whose replicas did not confirm it) goes to no
+                # client: a client must never hold an event a resume may not find (a Redis failover
+                # drops what the old master took last). Its watchers resume from the log instead,
+                # which says how far the run got, or that the store is unavailable.
+                for watcher in tuple(self.watchers):
+                    watcher.detach()
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
