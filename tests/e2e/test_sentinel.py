@@ -309,7 +309,8 @@ async def test_a_failover_under_load_loses_no_received_event_and_reverts_no_deci
             else:
                 lost.append((run_id, seq))
         print(f"store failure notices (error/end store_unavailable) not in the log: {notices}")
-        assert lost == [], (f"{len(lost)} of {len(load.received)} received events are not in the log: "
+        assert lost == [], (f"{len(lost)} of {len(load.received) + len(load.followed)} received events are not "
+                            "in the log: "
                             f"{[(key, load.received[key][:300]) for key in lost[:5]]}")
         reverted = [request_id for request_id in load.approved
                     if json.loads(master.get(f"hitl:request:{request_id}") or b"{}").get("status") != "approved"]
