@@ -159,7 +159,7 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisRunDirectory(RunDirectory):
-    def __init__(self, redis: Redis, *, max_log_length: int = 10_000) -> None:
+    def __init__(self, redis: Redis, *, max_log_length: int) -> None:
         self._redis = redis
         self._max_log_length = max_log_length
         # Admission and close are on every run's path: they go through the shared connection.

@@ -224,8 +224,8 @@ class DwpRequestTool(Tool):
         base_url: str,
         *,
         client: httpx.AsyncClient | None = None,
-        timeout_seconds: float = 15.0,
-        max_response_bytes: int = 65536,
+        timeout_seconds: float,
+        max_response_bytes: int,
         allowed_methods: Collection[str] = ALL_METHODS,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -423,8 +423,8 @@ def dwp_tools(
     base_url: str | None,
     *,
     client: httpx.AsyncClient | None = None,
-    timeout_seconds: float = 15.0,
-    max_response_bytes: int = 65536,
+    timeout_seconds: float,
+    max_response_bytes: int,
     allowed_methods: Collection[str] = ALL_METHODS,
 ) -> list[Tool]:
     """The DWP tool when a backend is configured; none (the model is not offered it) otherwise."""
