@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.jwt import mint_token
-from app.settings import ConfigError, Settings, load_settings, unknown_environment
+from app.settings import ConfigError, ServerSettings, Settings, load_settings, unknown_environment
 
 DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
 
@@ -341,7 +341,8 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("AURA_URL", "http://127.0.0.1:9000"))
+    local = f"http://127.0.0.1:{ServerSettings().port}"  # a service started here with the default port
+    parser.add_argument("--url", default=os.environ.get("AURA_URL", local))
     parser.add_argument("--token", help="bearer token (default: $AURA_TOKEN, or minted from the secret)")
     parser.add_argument("--user", default=DEV_USER)
     parser.add_argument("--tenant", default=DEV_TENANT)
