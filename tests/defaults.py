@@ -9,6 +9,7 @@ from typing import Any
 
 from adapters.http.streams import StreamConfig
 from adapters.models.openai_compatible import OpenAICompatibleConfig
+from adapters.system import SystemClock
 from app import values
 from app.settings import Settings
 
@@ -23,7 +24,7 @@ EVENT_LOG = {"max_length": DEFAULTS.events.max_length, "retention_seconds": DEFA
 THREADS = DEFAULTS.threads.model_dump()
 GIT_LIMITS = {"timeout_seconds": DEFAULTS.tools.timeout_seconds, "max_output_bytes": DEFAULTS.tools.max_output_bytes}
 DWP_LIMITS = {"timeout_seconds": DEFAULTS.tools.dwp_timeout_seconds,
-              "max_response_bytes": DEFAULTS.tools.max_output_bytes}
+              "max_response_bytes": DEFAULTS.tools.max_output_bytes, "now": SystemClock().now}
 
 
 def stream_config(**fields: Any) -> StreamConfig:

@@ -62,14 +62,14 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
     )
 
 
-def _tool_registry(settings: Settings) -> ToolRegistry:
+def _tool_registry(settings: Settings, clock: Clock) -> ToolRegistry:
     tools = settings.tools
     workspace = Workspace(Path(tools.workspace_root))
     return ToolRegistry(
         [
             *git_tools(workspace, timeout_seconds=tools.timeout_seconds, max_output_bytes=tools.max_output_bytes),
             *dwp_tools(tools.dwp_base_url, timeout_seconds=tools.dwp_timeout_seconds,
-                       max_response_bytes=tools.max_output_bytes),
+                       max_response_bytes=tools.max_output_bytes, now=clock.now),
         ],
         approval_overrides=tools.approval_overrides,
     )
@@ -167,7 +167,8 @@ class Container(containers.DeclarativeContainer):
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
                                         limit=settings.provided.runs.max_starts_per_window,
-                                        window_seconds=settings.provided.runs.start_window_seconds)
+                                        window_seconds=settings.provided.runs.start_window_seconds,
+                                        now=clock.provided.now)
     run_follower = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(RedisRunFollower, redis))
     run_control = providers.Singleton(_closed_at_shutdown, closing,
                                       providers.Factory(RedisRunControl, redis, instance_id))
@@ -176,7 +177,7 @@ class Container(containers.DeclarativeContainer):
     authenticator = providers.Singleton(RequestAuthenticator, token_verifier,
                                         settings.provided.auth.trusted_service_roles)
 
-    tools = providers.Singleton(_tool_registry, settings)
+    tools = providers.Singleton(_tool_registry, settings, clock)
     metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
     model = providers.Singleton(_chat_model, settings.provided.model, http_client)
     model_profile = providers.Singleton(_model_profile, settings.provided.model, http_client)

@@ -514,7 +514,7 @@ def test_without_a_base_url_the_tool_is_not_offered(base_url: str | None) -> Non
 
 def test_with_a_base_url_the_factory_offers_the_tool() -> None:
     tools = dwp_tools("http://dwp-backend:8080/api", timeout_seconds=5.0,
-                      max_response_bytes=DWP_LIMITS["max_response_bytes"])
+                      max_response_bytes=DWP_LIMITS["max_response_bytes"], now=DWP_LIMITS["now"])
 
     assert [tool.spec.name for tool in tools] == ["dwp_request"]
     assert isinstance(tools[0], DwpRequestTool)

@@ -50,6 +50,9 @@ TAKES_ITS_DEPENDENCIES: list[tuple[Callable[..., Any], list[str]]] = [
     (RunService, ["telemetry"]),
     (JoseTokenVerifier, ["clock"]),
     (OpenAICompatibleChatModel, ["client"]),
+    (RedisStartRateLimiter, ["now"]),
+    (DwpRequestTool, ["now"]),
+    (dwp_tools, ["now"]),
 ]
 
 

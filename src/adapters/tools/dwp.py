@@ -227,7 +227,7 @@ class DwpRequestTool(Tool):
         timeout_seconds: float,
         max_response_bytes: int,
         allowed_methods: Collection[str] = ALL_METHODS,
-        now: Callable[[], float] = time.time,
+        now: Callable[[], float],
     ) -> None:
         self._now = now
         if timeout_seconds <= 0:
@@ -426,9 +426,10 @@ def dwp_tools(
     timeout_seconds: float,
     max_response_bytes: int,
     allowed_methods: Collection[str] = ALL_METHODS,
+    now: Callable[[], float],
 ) -> list[Tool]:
     """The DWP tool when a backend is configured; none (the model is not offered it) otherwise."""
     if base_url is None or not base_url.strip():
         return []
     return [DwpRequestTool(base_url, client=client, timeout_seconds=timeout_seconds,
-                           max_response_bytes=max_response_bytes, allowed_methods=allowed_methods)]
+                           max_response_bytes=max_response_bytes, allowed_methods=allowed_methods, now=now)]
