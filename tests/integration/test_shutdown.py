@@ -49,7 +49,7 @@ async def test_shutdown_closes_every_redis_connection_the_http_client_and_every_
         http_client = container.http_client()
         assert not http_client.is_closed
 
-    assert await connections(real_redis) == before
+    assert await connections(real_redis) - before == set()  # other tests' clients may close meanwhile
     assert http_client.is_closed
     await asyncio.sleep(0)  # a cancelled task is done once the loop ran it
     assert {task.get_name() for task in aura_tasks() - tasks_before if not task.done()} == set()
@@ -66,4 +66,4 @@ async def test_shutdown_closes_what_was_built_after_start_up_too(redis_server: R
     async with app.test_app():
         assert (await app.test_client().get("/ready")).status_code == 200  # the health probe's Redis
 
-    assert await connections(real_redis) == before
+    assert await connections(real_redis) - before == set()  # other tests' clients may close meanwhile
