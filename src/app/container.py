@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TypeVar
@@ -99,17 +100,22 @@ def _instance_id(settings: Settings) -> str:
 OFFLINE_CONTEXT_WINDOW = 10_000_000
 
 
-def _chat_model(model: ModelSettings, client: httpx.AsyncClient) -> ChatModel:
+# The model server's HTTP client is made only for a model server (an httpx client loads the CA
+# bundle: tens of milliseconds and memory the offline model has no use for).
+_HttpClient = Callable[[], httpx.AsyncClient]
+
+
+def _chat_model(model: ModelSettings, http_client: _HttpClient) -> ChatModel:
     if model.provider == "offline":
         return OfflineChatModel()
-    return OpenAICompatibleChatModel(values.model_config(model), client)
+    return OpenAICompatibleChatModel(values.model_config(model), http_client())
 
 
-def _model_profile(model: ModelSettings, client: httpx.AsyncClient) -> ModelProfile:
+def _model_profile(model: ModelSettings, http_client: _HttpClient) -> ModelProfile:
     if model.provider == "offline":
         # the offline model reads no prompt: a window only limits it where one is configured
         return EstimatedModelProfile(model.context_window or OFFLINE_CONTEXT_WINDOW)
-    return ServerModelProfile(values.model_config(model), client, context_window=model.context_window,
+    return ServerModelProfile(values.model_config(model), http_client(), context_window=model.context_window,
                               default_context_window=model.default_context_window, tokenizer=model.tokenizer)
 
 
@@ -179,8 +185,8 @@ class Container(containers.DeclarativeContainer):
 
     tools = providers.Singleton(_tool_registry, settings, clock)
     metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
-    model = providers.Singleton(_chat_model, settings.provided.model, http_client)
-    model_profile = providers.Singleton(_model_profile, settings.provided.model, http_client)
+    model = providers.Singleton(_chat_model, settings.provided.model, http_client.provider)
+    model_profile = providers.Singleton(_model_profile, settings.provided.model, http_client.provider)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.
     decision_seal = providers.Singleton(_decision_seal, settings)
