@@ -60,7 +60,7 @@ def _types() -> tuple[Counter[str], Counter[str]]:
     return counts, sizes
 
 
-def _aura_app(redis_url: str, workdir: Path) -> Any:
+def _aura_app(redis_url: str, workdir: Path) -> tuple[Any, Any]:
     workspace = workdir / "workspace"
     workspace.mkdir(exist_ok=True)
     os.environ.update({
@@ -72,6 +72,7 @@ def _aura_app(redis_url: str, workdir: Path) -> Any:
         "AURA_STREAM__HEARTBEAT_SECONDS": "5", "AURA_EVENTS__RETENTION_SECONDS": "60",
         "AURA_LOG__LEVEL": "WARNING",
     })
+    from app.container import Container
     from app.factory import create_app
     from app.logging_setup import configure_logging
     from app.settings import load_settings
@@ -81,7 +82,8 @@ def _aura_app(redis_url: str, workdir: Path) -> Any:
     if settings.server.gc_threshold:
         _, middle, oldest = gc.get_threshold()
         gc.set_threshold(settings.server.gc_threshold, max(middle, 20), max(oldest, 100))
-    return create_app(settings)
+    container = Container(settings=settings)
+    return create_app(settings, container), container
 
 
 def _floor_app() -> Any:
@@ -158,7 +160,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     server: asyncio.Task[None] | None = None
     try:
-        app = _aura_app(redis.url, workdir) if args.target == "aura" else _floor_app()
+        app, container = _aura_app(redis.url, workdir) if args.target == "aura" else (_floor_app(), None)
         gc.collect()
         gc.freeze()
         server = asyncio.create_task(_serve(app, port, stop))
@@ -225,7 +227,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             _inspect(parked)
         await call("release")
         if args.target == "aura":  # let the released runs end while Redis is still there
-            runs = app.extensions["aura_container"].run_service()
+            runs = container.run_service()
             for _ in range(200):
                 if not runs.active():
                     break

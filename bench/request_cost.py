@@ -35,6 +35,7 @@ async def _timed(name: str, call: Callable[[int], Awaitable[None]], n: int, offs
 
 async def _main(n: int, profile: bool) -> None:
     from adapters.jwt import mint_token
+    from app.container import Container
     from app.factory import create_app
     from app.settings import Settings
     from domain.model.approval import ApprovalRequest
@@ -42,8 +43,10 @@ async def _main(n: int, profile: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="aura-request-cost-"))
     redis = S.redis_server(workdir).start()
     try:
-        aura = create_app(Settings(auth={"jwt_secret": S.SECRET}, redis={"url": redis.url},
-                                   tools={"workspace_root": str(workdir)}))
+        settings = Settings(auth={"jwt_secret": S.SECRET}, redis={"url": redis.url},
+                            tools={"workspace_root": str(workdir)})
+        container = Container(settings=settings)
+        aura = create_app(settings, container)
         floor = Quart("floor")
 
         @floor.post("/approve/<wait_id>")
@@ -55,7 +58,7 @@ async def _main(n: int, profile: bool) -> None:
                   for i in range(count)]
         async with aura.test_app() as aura_app, floor.test_app() as floor_app:
             aura_client, floor_client = aura_app.test_client(), floor_app.test_client()
-            store = aura.extensions["aura_container"].approval_store()
+            store = container.approval_store()
             now = int(time.time())
             for i in range(count):
                 await store.create(ApprovalRequest(

@@ -55,9 +55,8 @@ def raw_approve() -> None:
 
     original = factory.create_app
 
-    def create_app(*args: Any, **kwargs: Any) -> Any:
-        app = original(*args, **kwargs)
-        container = app.extensions["aura_container"]
+    def create_app(settings: Any, container: Any) -> Any:  # as `aura serve` calls it
+        app = original(settings, container)
         quart_app: Any = app.asgi_app
 
         async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:

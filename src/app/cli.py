@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.jwt import mint_token
-from app.settings import ConfigError, Settings, load_settings, unknown_environment
+from app.settings import ConfigError, ServerSettings, Settings, load_settings, unknown_environment
 
 DEV_USER, DEV_TENANT = "dev-user", "dev-tenant"
 
@@ -72,6 +72,7 @@ async def _serve(settings: Settings) -> None:
     from hypercorn.config import Config
     from hypercorn.utils import wrap_app
 
+    from app.container import Container
     from app.factory import create_app
 
     config = Config()
@@ -85,7 +86,8 @@ async def _serve(settings: Settings) -> None:
         sockets = config.create_sockets()
     except OSError as exc:  # socket.gaierror included
         raise CannotListen(f"cannot listen on {address}: {exc.strerror or exc}") from None
-    app = create_app(settings)
+    container = Container(settings=settings)
+    app = create_app(settings, container)
     gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it
     stop_requested = asyncio.Event()
     stop_serving = asyncio.Event()
@@ -98,7 +100,7 @@ async def _serve(settings: Settings) -> None:
         # themselves: end every run first (each stream gets `end` server_shutdown + [DONE]),
         # then let hypercorn close what is left within its graceful timeout.
         await stop_requested.wait()
-        run_service = app.extensions["aura_container"].run_service()
+        run_service = container.run_service()
         try:
             await asyncio.wait_for(run_service.shutdown("server_shutdown"),
                                    timeout=settings.server.graceful_timeout_seconds / 2)
@@ -339,7 +341,8 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("AURA_URL", "http://127.0.0.1:9000"))
+    local = f"http://127.0.0.1:{ServerSettings().port}"  # a service started here with the default port
+    parser.add_argument("--url", default=os.environ.get("AURA_URL", local))
     parser.add_argument("--token", help="bearer token (default: $AURA_TOKEN, or minted from the secret)")
     parser.add_argument("--user", default=DEV_USER)
     parser.add_argument("--tenant", default=DEV_TENANT)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from dependency_injector import containers, providers
+from redis.asyncio import Redis
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
-from adapters.http.streams import StreamConfig, StreamSlots
 from adapters.jwt import JoseTokenVerifier, mint_token
 from adapters.metrics.prometheus import PrometheusMetrics
-from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
+from adapters.models.openai_compatible import OpenAICompatibleChatModel
 from adapters.models.profile import ServerModelProfile
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
@@ -30,17 +33,18 @@ from adapters.system import SecureIdFactory, SystemClock
 from adapters.tools.dwp import dwp_tools
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
-from app.settings import Settings
+from app import values
+from app.settings import ModelSettings, RedisSettings, Settings, ThreadSettings
 from domain.model.approval import DecisionSeal
 from domain.model.chat import EstimatedModelProfile, ModelProfile
 from domain.model.ports import ChatModel, Clock
 from domain.model.tools import ToolRegistry
 from domain.services.access import RunAccess
-from domain.services.agent import Agent, AgentLimits, TokenBudgets, ToolCallMode
+from domain.services.agent import Agent
 from domain.services.desk import ApprovalDesk
-from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.gate import ApprovalGate
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import RunLimits, RunService
+from domain.services.runs import RunService
 
 
 def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
@@ -60,14 +64,14 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
     )
 
 
-def _tool_registry(settings: Settings) -> ToolRegistry:
+def _tool_registry(settings: Settings, clock: Clock) -> ToolRegistry:
     tools = settings.tools
     workspace = Workspace(Path(tools.workspace_root))
     return ToolRegistry(
         [
             *git_tools(workspace, timeout_seconds=tools.timeout_seconds, max_output_bytes=tools.max_output_bytes),
             *dwp_tools(tools.dwp_base_url, timeout_seconds=tools.dwp_timeout_seconds,
-                       max_response_bytes=tools.max_output_bytes),
+                       max_response_bytes=tools.max_output_bytes, now=clock.now),
         ],
         approval_overrides=tools.approval_overrides,
     )
@@ -97,36 +101,22 @@ def _instance_id(settings: Settings) -> str:
 OFFLINE_CONTEXT_WINDOW = 10_000_000
 
 
-def _model_config(settings: Settings) -> OpenAICompatibleConfig:
-    model = settings.model
-    assert model.base_url is not None  # enforced by Settings
-    return OpenAICompatibleConfig(
-        base_url=model.base_url,
-        model=model.name,
-        api_key=model.api_key.get_secret_value() if model.api_key else None,
-        flavour=model.flavour,
-        azure_deployment=model.azure_deployment,
-        azure_api_version=model.azure_api_version,
-        temperature=model.temperature,
-        timeout_seconds=model.timeout_seconds,
-        max_retries=model.max_retries,
-        structured_output=model.structured_output,
-        messages=model.messages,
-    )
+# The model server's HTTP client is made only for a model server (an httpx client loads the CA
+# bundle: tens of milliseconds and memory the offline model has no use for).
+_HttpClient = Callable[[], httpx.AsyncClient]
 
 
-def _chat_model(settings: Settings) -> ChatModel:
-    if settings.model.provider == "offline":
+def _chat_model(model: ModelSettings, http_client: _HttpClient) -> ChatModel:
+    if model.provider == "offline":
         return OfflineChatModel()
-    return OpenAICompatibleChatModel(_model_config(settings))
+    return OpenAICompatibleChatModel(values.model_config(model), http_client())
 
 
-def _model_profile(settings: Settings) -> ModelProfile:
-    model = settings.model
+def _model_profile(model: ModelSettings, http_client: _HttpClient) -> ModelProfile:
     if model.provider == "offline":
         # the offline model reads no prompt: a window only limits it where one is configured
         return EstimatedModelProfile(model.context_window or OFFLINE_CONTEXT_WINDOW)
-    return ServerModelProfile(_model_config(settings), httpx.AsyncClient(), context_window=model.context_window,
+    return ServerModelProfile(values.model_config(model), http_client(), context_window=model.context_window,
                               default_context_window=model.default_context_window, tokenizer=model.tokenizer)
 
 
@@ -137,52 +127,76 @@ def _decision_seal(settings: Settings) -> DecisionSeal:
     return DecisionSeal(key.get_secret_value().encode("utf-8") if key else secrets.token_bytes(32))
 
 
+_Closable = TypeVar("_Closable")
+
+
+def _closed_at_shutdown(closing: AsyncExitStack, resource: _Closable, close: str = "aclose") -> _Closable:
+    """`resource`, closed by `shutdown`. A resource is registered after everything it was built
+    from, so shutdown closes it before them (a run service before its event log, the event log
+    before the Redis client)."""
+    closing.push_async_callback(getattr(resource, close))
+    return resource
+
+
+def _redis(settings: RedisSettings, closing: AsyncExitStack) -> Redis:
+    redis = create_redis(settings.url, max_connections=settings.max_connections,
+                         pool_timeout_seconds=settings.pool_timeout_seconds)
+    # The client does not own the pool it was given: closing it alone would leave the connections open.
+    closing.push_async_callback(redis.aclose, close_connection_pool=True)
+    sentinels = getattr(redis.connection_pool, "sentinel_manager", None)
+    if sentinels is not None:  # redis+sentinel://: the clients of the sentinels, closed after the master's
+        closing.push_async_callback(sentinels.aclose)
+    return redis
+
+
+def _conversations(redis: Redis, threads: ThreadSettings) -> RedisConversationStore:
+    return RedisConversationStore(redis, **threads.model_dump())
+
+
 class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
+    # What the container opened (clients, background tasks), closed in reverse order by `shutdown`.
+    closing: providers.Singleton[AsyncExitStack[bool | None]] = providers.Singleton(AsyncExitStack)
 
     clock = providers.Singleton(SystemClock)
     metrics_require_auth = providers.Callable(lambda settings: settings.server.metrics_require_auth, settings)
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
 
-    redis = providers.Singleton(create_redis, settings.provided.redis.url,
-                                max_connections=settings.provided.redis.max_connections,
-                                pool_timeout_seconds=settings.provided.redis.pool_timeout_seconds)
+    redis = providers.Singleton(_redis, settings.provided.redis, closing)
+    http_client = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(httpx.AsyncClient))
     # The writes Aura acknowledges wait for this many replicas (None: no WAIT).
     replica_confirmation = providers.Singleton(replica_confirmation, settings.provided.redis.confirming_replicas,
                                                settings.provided.redis.wait_timeout_ms)
     approval_store = providers.Singleton(RedisApprovalStore, redis, confirmation=replica_confirmation)
-    signal_bus = providers.Singleton(RedisSignalBus, redis)
+    signal_bus = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(RedisSignalBus, redis), "close")
     event_log = providers.Singleton(
-        RedisEventLog, redis,
-        max_length=settings.provided.events.max_length,
-        retention_seconds=settings.provided.events.retention_seconds,
-        owner=instance_id,
-        confirmation=replica_confirmation,
+        _closed_at_shutdown, closing,
+        providers.Factory(RedisEventLog, redis, max_length=settings.provided.events.max_length,
+                          retention_seconds=settings.provided.events.retention_seconds, owner=instance_id,
+                          confirmation=replica_confirmation),
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis,
                                        required_replicas=settings.provided.redis.confirming_replicas)
-    run_directory = providers.Singleton(RedisRunDirectory, redis,
-                                        max_log_length=settings.provided.events.max_length)
-    conversations = providers.Singleton(RedisConversationStore, redis,
-                                        ttl_seconds=settings.provided.threads.ttl_seconds,
-                                        max_turns=settings.provided.threads.max_turns,
-                                        max_turn_bytes=settings.provided.threads.max_turn_bytes,
-                                        max_user_bytes=settings.provided.threads.max_user_bytes)
+    run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length)
+    conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
                                         limit=settings.provided.runs.max_starts_per_window,
-                                        window_seconds=settings.provided.runs.start_window_seconds)
-    run_follower = providers.Singleton(RedisRunFollower, redis, confirmation=replica_confirmation)
-    run_control = providers.Singleton(RedisRunControl, redis, instance_id)
+                                        window_seconds=settings.provided.runs.start_window_seconds,
+                                        now=clock.provided.now)
+    run_follower = providers.Singleton(_closed_at_shutdown, closing,
+                                       providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation))
+    run_control = providers.Singleton(_closed_at_shutdown, closing,
+                                      providers.Factory(RedisRunControl, redis, instance_id))
 
     token_verifier = providers.Singleton(_token_verifier, settings, clock)
     authenticator = providers.Singleton(RequestAuthenticator, token_verifier,
                                         settings.provided.auth.trusted_service_roles)
 
-    tools = providers.Singleton(_tool_registry, settings)
+    tools = providers.Singleton(_tool_registry, settings, clock)
     metrics = providers.Singleton(PrometheusMetrics, tool_names=providers.Callable(ToolRegistry.names, tools))
-    model = providers.Singleton(_chat_model, settings)
-    model_profile = providers.Singleton(_model_profile, settings)
+    model = providers.Singleton(_chat_model, settings.provided.model, http_client.provider)
+    model_profile = providers.Singleton(_model_profile, settings.provided.model, http_client.provider)
 
     # The key that tells this process's waiting runs which signals Aura's API already stored.
     decision_seal = providers.Singleton(_decision_seal, settings)
@@ -191,59 +205,34 @@ class Container(containers.DeclarativeContainer):
                                            settings.provided.hitl.recheck_seconds)
     gate = providers.Singleton(
         ApprovalGate, approval_store, signal_bus, clock, ids,
-        providers.Factory(GateSettings, timeout_seconds=settings.provided.hitl.timeout_seconds,
-                          recheck_seconds=settings.provided.hitl.recheck_seconds),
-        metrics,
-        recheck=approval_recheck,
-        seal=decision_seal,
+        providers.Callable(values.gate_settings, settings.provided.hitl),
+        metrics, approval_recheck, seal=decision_seal,
     )
     approval_desk = providers.Singleton(ApprovalDesk, approval_store, signal_bus, clock,
                                         settings.provided.hitl.approver_roles, decision_seal)
     agent = providers.Singleton(
-        Agent, model, tools, gate,
-        providers.Factory(
-            AgentLimits,
-            max_steps=settings.provided.agent.max_steps,
-            max_tool_calls=settings.provided.agent.max_tool_calls,
-            max_tool_calls_per_step=settings.provided.agent.max_tool_calls_per_step,
-            tool_timeout_seconds=settings.provided.agent.tool_timeout_seconds,
-        ),
-        metrics,
+        Agent, model, tools, gate, providers.Callable(values.agent_limits, settings.provided.agent), metrics,
         profile=model_profile,
-        budgets=providers.Factory(TokenBudgets, plan=settings.provided.model.plan_max_tokens,
-                                  step=settings.provided.model.step_max_tokens,
-                                  answer=settings.provided.model.answer_max_tokens),
-        tool_calls=providers.Factory(ToolCallMode, settings.provided.model.tool_calls),
+        budgets=providers.Callable(values.token_budgets, settings.provided.model),
+        tool_calls=providers.Callable(values.tool_call_mode, settings.provided.model),
     )
     run_service = providers.Singleton(
-        RunService, agent, clock, ids, event_log, run_directory,
-        providers.Factory(RunLimits, max_run_seconds=settings.provided.agent.max_run_seconds,
-                          watcher_buffer=settings.provided.stream.watcher_buffer,
-                          lease_seconds=settings.provided.runs.lease_seconds,
-                          retention_seconds=settings.provided.events.retention_seconds,
-                          max_runs_per_user=settings.provided.runs.max_per_user,
-                          max_runs_per_tenant=settings.provided.runs.max_per_tenant,
-                          disconnect_grace_seconds=settings.provided.stream.disconnect_grace_seconds),
-        instance_id,
-        conversations,
-        metrics,
-        start_limiter,
+        _closed_at_shutdown, closing,
+        providers.Factory(RunService, agent, clock, ids, event_log, run_directory,
+                          providers.Callable(values.run_limits, settings), instance_id, conversations, metrics,
+                          start_limiter),
+        "shutdown",
     )
-    run_access = providers.Singleton(RunAccess, run_service, run_directory, event_log, run_follower, run_control,
-                                     clock,
-                                     conversations=conversations, approvals=approval_store,
-                                     retention_seconds=settings.provided.events.retention_seconds)
+    run_access = providers.Singleton(
+        _closed_at_shutdown, closing,
+        providers.Factory(RunAccess, run_service, run_directory, event_log, run_follower, run_control, clock,
+                          conversations=conversations, approvals=approval_store,
+                          retention_seconds=settings.provided.events.retention_seconds),
+    )
     console_config = providers.Singleton(_console_config, settings)
-    stream_config = providers.Singleton(
-        StreamConfig,
-        heartbeat_seconds=settings.provided.stream.heartbeat_seconds,
-        max_context_bytes=settings.provided.stream.max_context_bytes,
-        max_prompt_chars=settings.provided.stream.max_prompt_chars,
-        on_disconnect=settings.provided.stream.on_disconnect,
-        max_stream_seconds=settings.provided.stream.max_stream_seconds,
-        reconnect_hint_ms=settings.provided.stream.reconnect_hint_ms,
-        retention_seconds=settings.provided.events.retention_seconds,
-        metrics=metrics,
-        slots=providers.Singleton(StreamSlots, per_user=settings.provided.stream.max_per_user,
-                                  per_run=settings.provided.stream.max_per_run),
-    )
+    stream_config = providers.Singleton(values.stream_config, settings, metrics)
+
+
+async def shutdown(container: Container) -> None:
+    """Close everything the container opened, each before what it was built from."""
+    await container.closing().aclose()

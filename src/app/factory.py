@@ -14,7 +14,7 @@ from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, docs, health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
-from app.container import Container
+from app.container import Container, shutdown
 from app.settings import Settings, load_settings
 
 log = logging.getLogger("aura")
@@ -32,7 +32,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = docs.SWAGGER_JS_URL
     app.config["QUART_SCHEMA_SWAGGER_CSS_URL"] = docs.SWAGGER_CSS_URL
-    app.extensions["aura_container"] = container
     QuartSchema(
         app,
         info={"title": "Aura", "version": "1.0",
@@ -45,7 +44,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     install_depth_limited_json(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
     metrics = container.metrics()
-    app.extensions["aura_authenticator"] = container.authenticator()
     install_authentication(app, container.authenticator(),
                            protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name},
                            on_failure=metrics.auth_failed)
@@ -66,12 +64,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
 
     @app.after_serving
     async def _shutdown() -> None:
-        await container.run_service().shutdown()
-        await container.run_access().aclose()
-        await container.run_control().aclose()
-        await container.run_follower().aclose()
-        await container.event_log().aclose()
-        await container.signal_bus().close()
+        await shutdown(container)
 
     # Writes to a client that stopped reading must not block forever (hypercorn waits for the
     # socket to drain); past the timeout the connection is dropped and the run follows its policy.

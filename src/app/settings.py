@@ -1,5 +1,6 @@
-"""Typed settings: defaults in config/default.yaml, overridden by AURA_* environment variables
-(nested with `__`, e.g. AURA_AUTH__JWT_SECRET). Only the composition root reads them."""
+"""Typed settings: the one place a default is written. A YAML file named by AURA_CONFIG_FILE, if
+any, overrides the defaults, and AURA_* environment variables (nested with `__`, e.g.
+AURA_AUTH__JWT_SECRET) override both. Only the composition root reads them."""
 
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from pydantic_settings import (
 
 from adapters.redis.sentinel import is_sentinel_url, parse_sentinel_url
 
-DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
 MIN_SECRET_BYTES = 32
 # AURA_* variables read by something other than the settings model
 OTHER_ENVIRONMENT = {
-    "AURA_CONFIG_FILE": "the settings file to read instead of config/default.yaml",
+    "AURA_CONFIG_FILE": "a YAML settings file (sections and keys as in docs/operators.md) read under the environment",
     "AURA_URL": "the service the client commands talk to",
     "AURA_TOKEN": "the bearer token of the client commands",  # nosec B105 # a description, not a token
 }
@@ -258,9 +258,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         named = os.environ.get("AURA_CONFIG_FILE")
-        config_file = Path(named) if named else DEFAULT_CONFIG_FILE
-        if named or config_file.is_file():  # a file someone named must be read; the default may be absent
-            sources.append(_readable_yaml(settings_cls, config_file))
+        if named:  # a file someone named must be read
+            sources.append(_readable_yaml(settings_cls, Path(named)))
         return tuple(sources)
 
     @model_validator(mode="after")

@@ -24,10 +24,8 @@ from domain.model.approval import ApprovalStatus, DecisionResult, DecisionSeal, 
 from domain.model.errors import AuraError
 from domain.model.identity import Principal
 from domain.model.ports import ApprovalStore
-from domain.services.agent import Agent
 from domain.services.desk import ApprovalDesk
-from domain.services.gate import ApprovalGate, GateSettings
-from domain.services.runs import RunService
+from domain.services.gate import GateSettings
 from tests.unit.fakes import MemorySignalBus, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
 
@@ -92,16 +90,14 @@ ACTION = st.one_of(
 async def scenario(backend: str, sealed: bool, actions: list[tuple[Any, ...]]) -> None:
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
-    h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.005))
+    h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.005)
     inner: ApprovalStore = h.store
     relay = None
     if backend == "redis":
         inner = RedisApprovalStore(fakeredis.FakeAsyncRedis())
         relay = h.bus
     store = CountingStore(inner, relay)
-    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings, seal=SEAL if sealed else None)
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    h.rebuild(store=store, seal=SEAL if sealed else None)
     desk = ApprovalDesk(store, h.bus, h.clock, ["manager"], SEAL)
 
     handle, watcher = await h.start()
@@ -203,12 +199,10 @@ async def test_an_api_decision_stands_when_its_publish_fails() -> None:
 
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
-    h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    h = Harness(model, tools=[commit], gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.01)
     h.bus = DeadPublish()
     h.store.bus = h.bus
-    h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings)
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    h.rebuild()
     _, watcher = await h.start()
     while (event := await watcher.next(5)) is not None and event.type.value != "hitl":
         pass

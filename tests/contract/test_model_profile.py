@@ -11,18 +11,19 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.models.openai_compatible import OpenAICompatibleConfig
 from adapters.models.profile import ServerModelProfile
 from domain.model.chat import estimate_tokens
+from tests.defaults import DEFAULTS, model_config
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def profile(flavour: str, handler: Handler, **options: Any) -> ServerModelProfile:
     azure = {"azure_deployment": "d", "azure_api_version": "2024-10-21"} if flavour == "azure" else {}
-    config = OpenAICompatibleConfig(base_url="http://model.test/v1", model="m", flavour=flavour,  # type: ignore[arg-type]
-                                    **azure)
-    return ServerModelProfile(config, httpx.AsyncClient(transport=httpx.MockTransport(handler)), **options)
+    config = model_config(model="m", flavour=flavour, **azure)
+    settings = {"context_window": DEFAULTS.model.context_window,
+                "default_context_window": DEFAULTS.model.default_context_window, "tokenizer": DEFAULTS.model.tokenizer}
+    return ServerModelProfile(config, httpx.AsyncClient(transport=httpx.MockTransport(handler)), **(settings | options))
 
 
 def json_reply(payload: Any, status: int = 200) -> httpx.Response:

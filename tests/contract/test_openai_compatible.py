@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import httpx
 import pytest
 
-from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAICompatibleConfig
+from adapters.models.openai_compatible import OpenAICompatibleChatModel
 from domain.model.chat import (
     ChatMessage,
     ChatRequest,
@@ -26,6 +27,7 @@ from domain.model.chat import (
     Usage,
 )
 from domain.model.errors import ModelError
+from tests.defaults import model_config
 
 from .chat_server import DONE, ChatServer, Reply, Stream, content_frames, data_frame
 
@@ -75,18 +77,12 @@ def sleep() -> RecordingSleep:
 
 @pytest.fixture
 async def make_model(server: ChatServer, sleep: RecordingSleep) -> AsyncIterator[ModelFactory]:
-    models: list[OpenAICompatibleChatModel] = []
+    async with httpx.AsyncClient() as client:
+        def factory(**overrides: Any) -> OpenAICompatibleChatModel:
+            settings: dict[str, Any] = {"base_url": f"{server.url}/v1", "model": "gpt-4o-mini", "api_key": KEY}
+            return OpenAICompatibleChatModel(model_config(**(settings | overrides)), client, sleep=sleep)
 
-    def factory(**overrides: Any) -> OpenAICompatibleChatModel:
-        settings: dict[str, Any] = {"base_url": f"{server.url}/v1", "model": "gpt-4o-mini", "api_key": KEY}
-        settings.update(overrides)
-        model = OpenAICompatibleChatModel(OpenAICompatibleConfig(**settings), sleep=sleep)
-        models.append(model)
-        return model
-
-    yield factory
-    for model in models:
-        await model.aclose()
+        yield factory
 
 
 def user_request(**fields: Any) -> ChatRequest:
@@ -503,7 +499,7 @@ async def test_refused_credentials_are_unavailable_and_never_echo_the_key(
 
 
 def test_the_config_repr_hides_the_key_and_extra_header_values() -> None:
-    config = OpenAICompatibleConfig(base_url="https://api.openai.com/v1", model="gpt-4o-mini", api_key=KEY,
+    config = model_config(base_url="https://api.openai.com/v1", model="gpt-4o-mini", api_key=KEY,
                                     extra_headers={"x-proxy-auth": "proxy-secret"})
 
     shown = repr(config)
@@ -516,7 +512,7 @@ def test_the_config_repr_hides_the_key_and_extra_header_values() -> None:
 
 def test_the_azure_flavour_needs_a_deployment_and_an_api_version() -> None:
     with pytest.raises(ValueError, match="azure_deployment and azure_api_version"):
-        OpenAICompatibleConfig(base_url="https://x.openai.azure.com", model="gpt-4o", flavour="azure")
+        model_config(base_url="https://x.openai.azure.com", model="gpt-4o", flavour="azure")
 
 
 async def test_logs_never_contain_the_key_or_the_prompt(

@@ -8,6 +8,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol
 
+from app.container import Container
 from app.factory import create_app
 from app.settings import Settings
 from tests.support import SECRET, make_repo
@@ -36,8 +37,13 @@ def make_settings(workspace: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[Quart]:
-    application = create_app(make_settings())
+def container(make_settings: Callable[..., Settings]) -> Container:
+    return Container(settings=make_settings())
+
+
+@pytest.fixture
+async def app(container: Container) -> AsyncIterator[Quart]:
+    application = create_app(container.settings(), container)
     async with application.test_app() as test_app:
         yield test_app.app  # type: ignore[attr-defined]
 

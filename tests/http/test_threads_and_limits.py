@@ -9,15 +9,11 @@ from typing import Any
 from quart import Quart
 from redis.asyncio import Redis
 
+from app.container import Container
 from app.factory import create_app
 from tests.support import bearer, events_of, parse_sse
 
 STREAM = "/aura/test/stream"
-
-
-def redis_of(app: Quart) -> Redis:
-    redis: Redis = app.extensions["aura_container"].redis()
-    return redis
 
 
 async def run(app: Quart, body: dict[str, Any], headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -26,18 +22,18 @@ async def run(app: Quart, body: dict[str, Any], headers: dict[str, str]) -> list
     return events_of(parse_sse(await response.get_data(as_text=True)))
 
 
-async def thread_keys(app: Quart) -> list[str]:
-    return sorted(key.decode() for key in await redis_of(app).keys("aura:thread*"))
+async def thread_keys(container: Container) -> list[str]:
+    return sorted(key.decode() for key in await container.redis().keys("aura:thread*"))
 
 
-async def test_a_run_without_a_thread_id_keeps_no_history(app: Quart) -> None:
+async def test_a_run_without_a_thread_id_keeps_no_history(app: Quart, container: Container) -> None:
     events = await run(app, {"prompt": "x" * 20_000}, bearer())
 
     assert events[-1]["data"]["status"] == "completed"
-    assert await thread_keys(app) == []
+    assert await thread_keys(container) == []
 
 
-async def test_a_thread_squatted_by_another_tenant_or_user_stays_the_owners(app: Quart) -> None:
+async def test_a_thread_squatted_by_another_tenant_or_user_stays_the_owners(app: Quart, container: Container) -> None:
     # Others use alice's thread id first (today's first-come owner record locked her out for 7 days).
     await run(app, {"prompt": "squat", "thread_id": "thr-alice"}, bearer("mallory", "globex"))
     await run(app, {"prompt": "squat too", "thread_id": "thr-alice"}, bearer("bob"))
@@ -47,11 +43,11 @@ async def test_a_thread_squatted_by_another_tenant_or_user_stays_the_owners(app:
 
     assert first[-1]["data"]["status"] == second[-1]["data"]["status"] == "completed"
     assert {e["threadId"] for e in first + second} == {"thr-alice"}
-    redis = redis_of(app)
+    redis: Redis = container.redis()
     mine = [t for t in await redis.lrange("aura:thread:acme:alice:thr-alice:turns", 0, -1)]  # type: ignore[misc]
     assert [b"first question" in t for t in mine] == [True, False]
     assert [b"second question" in t for t in mine] == [False, True]
-    assert await thread_keys(app) == [
+    assert await thread_keys(container) == [
         "aura:thread:acme:alice:thr-alice:turns", "aura:thread:acme:bob:thr-alice:turns",
         "aura:thread:globex:mallory:thr-alice:turns", "aura:threads:acme:alice:bytes",
         "aura:threads:acme:bob:bytes", "aura:threads:globex:mallory:bytes"]

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from adapters.redis.conversations import CUT_MARKER, RedisConversationStore, fitted, turns_key, usage_key
 from adapters.redis.limits import RedisStartRateLimiter
+from tests.defaults import THREADS
 
 
 def turn(number: int, size: int = 10) -> dict[str, object]:
@@ -15,7 +16,7 @@ def turn(number: int, size: int = 10) -> dict[str, object]:
 
 
 async def test_a_thread_id_names_a_thread_per_tenant_and_user(redis_client: Redis) -> None:
-    store = RedisConversationStore(redis_client)
+    store = RedisConversationStore(redis_client, **THREADS)
 
     # Someone in another tenant, and another user of the same tenant, use the id first.
     assert await store.open("globex", "mallory", "thread-1") == []
@@ -31,7 +32,7 @@ async def test_a_thread_id_names_a_thread_per_tenant_and_user(redis_client: Redi
 
 
 async def test_ids_with_colons_never_share_a_key(redis_client: Redis) -> None:
-    store = RedisConversationStore(redis_client)
+    store = RedisConversationStore(redis_client, **THREADS)
 
     await store.append("a:b", "c", "t", turn(1))
     await store.append("a", "b:c", "t", turn(2))
@@ -44,7 +45,7 @@ async def test_ids_with_colons_never_share_a_key(redis_client: Redis) -> None:
 
 
 async def test_turns_are_trimmed_and_expire(redis_client: Redis) -> None:
-    store = RedisConversationStore(redis_client, ttl_seconds=600, max_turns=3)
+    store = RedisConversationStore(redis_client, **(THREADS | {"ttl_seconds": 600, "max_turns": 3}))
     for number in range(5):
         await store.append("acme", "alice", "t", turn(number))
 
@@ -56,7 +57,7 @@ async def test_turns_are_trimmed_and_expire(redis_client: Redis) -> None:
 
 
 async def test_a_turn_larger_than_the_limit_is_kept_shortened(redis_client: Redis) -> None:
-    store = RedisConversationStore(redis_client, max_turn_bytes=2048)
+    store = RedisConversationStore(redis_client, **(THREADS | {"max_turn_bytes": 2048}))
     big = {**turn(1, 100_000), "tools": [{"tool": "git_status", "summary": "x" * 5000}]}
 
     await store.append("acme", "alice", "t", big)
@@ -77,7 +78,7 @@ def test_shortening_keeps_within_the_limit_whatever_the_text(text: str) -> None:
 
 
 async def test_one_user_cannot_store_more_than_the_limit(redis_client: Redis) -> None:
-    store = RedisConversationStore(redis_client, max_turn_bytes=4096, max_user_bytes=10_000)
+    store = RedisConversationStore(redis_client, **(THREADS | {"max_turn_bytes": 4096, "max_user_bytes": 10_000}))
     kept = [await store.append("acme", "alice", f"thread-{n}", turn(n, 1500)) for n in range(6)]
 
     assert kept == [True, True, True, False, False, False]

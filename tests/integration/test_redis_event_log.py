@@ -15,6 +15,7 @@ from adapters.redis.client import create_redis, shared_connection
 from adapters.redis.events import APPEND_SCRIPT, RedisEventLog
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
+from tests.defaults import DEFAULTS, EVENT_LOG
 from tests.integration.commands import CommandLog
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
@@ -32,7 +33,8 @@ def event(seq: int, type_: EventType = EventType.CONTENT, ids: RunIds = IDS) -> 
 
 @pytest.fixture
 async def event_log(redis_client: Redis) -> AsyncIterator[RedisEventLog]:
-    log = RedisEventLog(redis_client, retention_seconds=60, active_ttl_seconds=600)
+    log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60,
+                        active_ttl_seconds=600)
     try:
         yield log
     finally:
@@ -73,7 +75,7 @@ async def test_a_repeated_append_is_not_an_error(event_log: RedisEventLog, redis
 
 async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unused_port: int) -> None:
     down = create_redis(f"redis://127.0.0.1:{unused_port}")
-    log = RedisEventLog(down)
+    log = RedisEventLog(down, **EVENT_LOG)
     reports: list[tuple[int, str | None]] = []
 
     def report(seq: int) -> Any:
@@ -103,7 +105,7 @@ async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unu
 
 
 async def test_closing_the_log_reports_every_queued_append(redis_client: Redis) -> None:
-    log = RedisEventLog(redis_client)
+    log = RedisEventLog(redis_client, **EVENT_LOG)
     reports: list[str | None] = []
     for seq in (1, 2):
         log.submit(event(seq), None, lambda error: reports.append(None if error is None else str(error)))

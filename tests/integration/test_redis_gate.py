@@ -17,11 +17,10 @@ from adapters.system import SecureIdFactory
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
 from domain.model.events import Event
 from domain.model.identity import Principal
-from domain.services.agent import Agent
 from domain.services.desk import ApprovalDesk
-from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.gate import GateSettings
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import RunService, Subscription
+from domain.services.runs import Subscription
 from tests.integration.commands import CommandLog
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
@@ -40,12 +39,10 @@ def redis_harness(redis_client: Redis, *, recheck_seconds: float = 60.0,
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("note"), text("Done."))
     h = Harness(model, tools=[commit],
-                gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=recheck_seconds))
+                gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=recheck_seconds)
     h.store = RedisApprovalStore(redis_client)  # type: ignore[assignment]
     h.bus = RedisSignalBus(redis_client)  # type: ignore[assignment]
-    h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings, seal=seal)
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    h.rebuild(seal=seal)
     return h, commit
 
 
@@ -155,9 +152,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
     recheck = ApprovalRecheck(first.store, first.clock, interval_seconds=3600, chunk_size=2)
     for h, _ in runs:  # one process: every gate shares the re-check
         h.ids = SecureIdFactory()  # type: ignore[assignment]  # distinct request ids across the runs
-        h.gate = ApprovalGate(h.store, h.bus, h.clock, h.ids, h.gate_settings, recheck=recheck)
-        h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-        h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+        h.rebuild(recheck=recheck)
     try:
         watchers: list[Subscription] = []
         request_ids: list[str] = []

@@ -23,6 +23,7 @@ from adapters.redis.health import RedisHealthProbe
 from adapters.redis.runs import RedisRunFollower
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
+from tests.defaults import EVENT_LOG
 from tests.integration.test_redis_approvals import approval_request
 from tests.integration.test_redis_event_log import event
 from tests.redis_server import RedisServer, start_redis_server, stop_redis_server
@@ -84,7 +85,7 @@ async def replica(pair: Pair) -> AsyncIterator[Redis]:
 
 async def test_an_event_is_acknowledged_once_the_replica_holds_it_and_never_before(
         pair: Pair, master: Redis, replica: Redis) -> None:
-    log = RedisEventLog(master, confirmation=CONFIRM)
+    log = RedisEventLog(master, **EVENT_LOG, confirmation=CONFIRM)
     try:
         await log.append(event(1))
         # acknowledged: the replica (the master's successor in a failover) holds it already
@@ -102,7 +103,7 @@ async def test_an_event_is_acknowledged_once_the_replica_holds_it_and_never_befo
 
 
 async def test_without_confirmation_no_wait_is_sent(pair: Pair, master: Redis) -> None:
-    log = RedisEventLog(master)
+    log = RedisEventLog(master, **EVENT_LOG)
     try:
         with pair.replica_frozen():
             await log.append(event(1))  # the plain single-Redis set-up: acknowledged at once
@@ -188,7 +189,8 @@ async def test_a_read_sets_its_connections_wait_offset(pair: Pair, master: Redis
 
 
 async def test_a_replay_hands_out_only_what_the_replica_holds(pair: Pair, master: Redis) -> None:
-    unconfirmed, confirmed = RedisEventLog(master), RedisEventLog(master, confirmation=CONFIRM)
+    unconfirmed = RedisEventLog(master, **EVENT_LOG)
+    confirmed = RedisEventLog(master, **EVENT_LOG, confirmation=CONFIRM)
     try:
         await unconfirmed.append(event(1))
         assert await confirmed.read_after("run_a", 0) == [event(1)]
@@ -203,7 +205,7 @@ async def test_a_replay_hands_out_only_what_the_replica_holds(pair: Pair, master
 
 
 async def test_a_follower_hands_on_an_event_only_once_the_replica_holds_it(pair: Pair, master: Redis) -> None:
-    writer = RedisEventLog(master)
+    writer = RedisEventLog(master, **EVENT_LOG)
     follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
     follow = follower.follow("run_a", 0)
     delivered: list[int] = []

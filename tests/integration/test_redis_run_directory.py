@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from adapters.redis.runs import RedisRunDirectory
 from domain.model.runs import RunRecord
+from tests.defaults import DEFAULTS
 
 
 def record(run_id: str, user: str = "alice", tenant: str = "acme") -> RunRecord:
@@ -21,7 +22,7 @@ async def admit(directory: RedisRunDirectory, run: RunRecord) -> str | None:
 
 
 async def test_admission_takes_both_slots_and_registers_the_run_with_its_lease(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     before = time.time()
     assert await admit(directory, record("run_1")) is None
     assert orjson.loads(await redis_client.get("aura:run:run_1:meta")) == record("run_1").to_record()
@@ -36,7 +37,7 @@ async def test_admission_takes_both_slots_and_registers_the_run_with_its_lease(r
 
 
 async def test_a_full_user_or_tenant_is_refused_and_nothing_is_written(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     assert [await admit(directory, record(r)) for r in ("run_1", "run_2")] == [None, None]
     assert await admit(directory, record("run_3")) == "user"
     assert await admit(directory, record("run_4", user="bob")) is None
@@ -47,7 +48,7 @@ async def test_a_full_user_or_tenant_is_refused_and_nothing_is_written(redis_cli
 
 
 async def test_close_keeps_the_record_for_the_retention_time_and_frees_lease_and_slots(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     run = record("run_1")
     assert await admit(directory, run) is None
     await directory.close(run, "completed", 60)

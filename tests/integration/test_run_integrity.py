@@ -20,6 +20,7 @@ from domain.model.errors import RunFenced
 from domain.model.events import Event, EventType, RunIds
 from domain.model.runs import RunRecord
 from domain.services.access import RunAccess
+from tests.defaults import DEFAULTS, EVENT_LOG
 from tests.unit.fakes import FakeClock, LogPollingFollower, MemoryEventLog, RecordingControl
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
@@ -36,7 +37,8 @@ def event(seq: int, type_: EventType = EventType.CONTENT, text: str = "") -> Eve
 
 @pytest.fixture
 async def owner_log(redis_client: Redis) -> AsyncIterator[RedisEventLog]:
-    log = RedisEventLog(redis_client, retention_seconds=60, active_ttl_seconds=600, owner="aura-a")
+    log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60,
+                        active_ttl_seconds=600, owner="aura-a")
     try:
         yield log
     finally:
@@ -53,7 +55,7 @@ async def seqs(redis_client: Redis) -> list[bytes]:
 
 
 async def test_a_finished_runs_log_refuses_every_later_append(redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client))
+    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
     await owner_log.append(event(1))
     await owner_log.append(event(2, EventType.END))
     ended = await redis_client.xrange("aura:run:run_a:events")
@@ -61,7 +63,7 @@ async def test_a_finished_runs_log_refuses_every_later_append(redis_client: Redi
     with pytest.raises(RunFenced, match="already ended"):
         await owner_log.append(event(3))
     # another instance (no lease check) cannot append either
-    other = RedisEventLog(redis_client)
+    other = RedisEventLog(redis_client, **EVENT_LOG)
     with pytest.raises(RunFenced, match="already ended"):
         await other.append(event(3, EventType.ERROR))
     await other.aclose()
@@ -71,7 +73,7 @@ async def test_a_finished_runs_log_refuses_every_later_append(redis_client: Redi
 
 async def test_an_owner_whose_lease_is_gone_or_someone_elses_writes_nothing(
         redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client))
+    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
     await owner_log.append(event(1))
     await redis_client.set("aura:run:run_a:lease", "aura-b")
     with pytest.raises(RunFenced, match="no longer holds"):
@@ -85,7 +87,7 @@ async def test_an_owner_whose_lease_is_gone_or_someone_elses_writes_nothing(
 
 async def test_a_different_event_at_a_logged_seq_fails_loudly_and_the_same_one_is_already_logged(
         redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client))
+    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
     await owner_log.append(event(1))
     await owner_log.append(event(1))  # a retried append of the same bytes: already logged
     with pytest.raises(RunFenced, match="Another event"):
@@ -95,7 +97,7 @@ async def test_a_different_event_at_a_logged_seq_fails_loudly_and_the_same_one_i
 
 
 async def test_lease_renewal_is_compare_and_set(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     await admit(directory, lease_seconds=1)
     assert await directory.renew_leases(["run_a"], "aura-a", 20) == []
     assert 19_000 < await redis_client.pttl("aura:run:run_a:lease") <= 20_000
@@ -108,7 +110,7 @@ async def test_lease_renewal_is_compare_and_set(redis_client: Redis) -> None:
 
 
 async def test_close_by_an_owner_without_its_lease_changes_nothing(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     await admit(directory)
     await redis_client.delete("aura:run:run_a:lease")
     assert await directory.close(RECORD, "completed", 60) is False
@@ -123,9 +125,9 @@ def pending_request() -> ApprovalRequest:
 
 
 async def access_over(redis_client: Redis) -> tuple[RunAccess, RedisRunDirectory, RedisApprovalStore]:
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     approvals = RedisApprovalStore(redis_client)
-    log = RedisEventLog(redis_client, retention_seconds=60)
+    log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60)
     access = RunAccess(runs=None, directory=directory, event_log=log,  # type: ignore[arg-type]
                        follower=LogPollingFollower(MemoryEventLog()), control=RecordingControl(),
                        clock=FakeClock(1767000100.0), approvals=approvals, retention_seconds=60)
@@ -197,7 +199,7 @@ async def test_a_declaration_prepared_before_the_log_grew_is_refused(redis_clien
                                                                       owner_log: RedisEventLog) -> None:
     from domain.model.runs import LostRun
 
-    directory = RedisRunDirectory(redis_client)
+    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
     await admit(directory)
     await owner_log.append(event(1))
     await owner_log.append(event(2))

@@ -83,8 +83,8 @@ def test_the_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
     for name in re.findall(r"\b(AURA_[A-Z_]+)=", text):
         assert name in env_names() | {"AURA_CONFIG_FILE"}, name
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
-    assert ignored[ignored.index("*") + 1:ignored.index("*") + 7] == [
-        "!pyproject.toml", "!uv.lock", "!README.md", "!src/", "!config/default.yaml", "!config/hypercorn.toml"]
+    assert ignored[ignored.index("*") + 1:ignored.index("*") + 6] == [
+        "!pyproject.toml", "!uv.lock", "!README.md", "!src/", "!config/hypercorn.toml"]
 
 
 def test_the_nginx_site_has_the_sse_settings() -> None:

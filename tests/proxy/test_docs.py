@@ -155,15 +155,3 @@ async def test_the_documented_redis_commands_reject(aura_on_redis: AuraProcess, 
     decided = stored_json(client, f"hitl:request:{ids['request_id']}")
     assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", None, "not now")
     assert git(aura_on_redis.workspace / "repo", "log", "-1", "--format=%s") == "Initial commit"
-
-
-def test_the_default_config_file_is_exactly_the_settings_defaults() -> None:
-    """config/default.yaml says so in its header: every section and key, with the model's default."""
-    import yaml
-
-    from app.settings import DEFAULT_CONFIG_FILE, Settings
-
-    written = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text(encoding="utf-8"))
-    defaults = {name: field.default_factory().model_dump(mode="json")  # type: ignore[misc]
-                for name, field in Settings.model_fields.items()}
-    assert written == defaults

@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from domain.model.approval import DecisionSeal
+from domain.model.chat import EstimatedModelProfile
 from domain.model.events import Event
 from domain.model.identity import Principal
+from domain.model.ports import ApprovalStore
 from domain.model.run import RunRequest
 from domain.model.telemetry import Telemetry
 from domain.model.tools import Tool, ToolRegistry
 from domain.services.agent import Agent, AgentLimits
 from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.recheck import ApprovalRecheck
 from domain.services.runs import RunLimits, RunService, Subscription
+from tests.defaults import AGENT_LIMITS, DEFAULTS, GATE_SETTINGS, RUN_LIMITS, TOKEN_BUDGETS, TOOL_CALLS
 from tests.unit.fakes import (
     FakeClock,
     MemoryApprovalStore,
@@ -30,11 +35,12 @@ ALICE = Principal(user_id="alice", tenant_id="acme", actor_id="alice", role="use
 class Harness:
     model: ScriptedModel
     tools: list[Tool] = field(default_factory=list)
-    limits: AgentLimits = field(default_factory=AgentLimits)
-    gate_settings: GateSettings = field(default_factory=lambda: GateSettings(timeout_seconds=300, recheck_seconds=5))
-    run_limits: RunLimits = field(default_factory=RunLimits)
+    limits: AgentLimits = AGENT_LIMITS
+    gate_settings: GateSettings = GATE_SETTINGS
+    recheck_seconds: float = DEFAULTS.hitl.recheck_seconds
+    run_limits: RunLimits = RUN_LIMITS
     approval_overrides: dict[str, bool] = field(default_factory=dict)
-    telemetry: Telemetry | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def __post_init__(self) -> None:
         self.clock = FakeClock()
@@ -44,10 +50,20 @@ class Harness:
         self.log = MemoryEventLog()
         self.directory = MemoryRunDirectory(self.log)
         self.registry = ToolRegistry(self.tools, approval_overrides=self.approval_overrides)
-        self.gate = ApprovalGate(self.store, self.bus, self.clock, self.ids, self.gate_settings)
-        self.agent = Agent(self.model, self.registry, self.gate, self.limits, self.telemetry)
+        self.rebuild()
+
+    def rebuild(self, *, store: ApprovalStore | None = None, recheck: ApprovalRecheck | None = None,
+                seal: DecisionSeal | None = None) -> None:
+        """The gate, agent and run service again, from this harness's parts (after a test swapped one)."""
+        store = store or self.store
+        recheck = recheck or ApprovalRecheck(store, self.clock, self.recheck_seconds)
+        self.gate = ApprovalGate(store, self.bus, self.clock, self.ids, self.gate_settings, self.telemetry, recheck,
+                                 seal=seal)
+        self.agent = Agent(self.model, self.registry, self.gate, self.limits, self.telemetry,
+                           profile=EstimatedModelProfile(DEFAULTS.model.default_context_window),
+                           budgets=TOKEN_BUDGETS, tool_calls=TOOL_CALLS)
         self.service = RunService(self.agent, self.clock, self.ids, self.log, self.directory, self.run_limits,
-                                  "instance-a")
+                                  "instance-a", None, self.telemetry)
 
     async def start(self, prompt: str = "Do it", **request: Any) -> tuple[Any, Subscription]:
         return await self.service.start(ALICE, RunRequest(prompt=prompt, **request))

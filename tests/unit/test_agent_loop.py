@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from domain.model.chat import ContentDelta, Finish, Purpose, Role
 from domain.model.errors import ModelError
 from domain.model.tools import ToolContext
-from domain.services.agent import AgentLimits
-from domain.services.runs import RunLimits
+from tests.defaults import AGENT_LIMITS, RUN_LIMITS
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call, tool_calls
 from tests.unit.harness import ALICE, Harness, collect, summary
 
@@ -205,7 +205,7 @@ async def test_a_plan_naming_an_unknown_tool_falls_back_to_answering_directly() 
 
 async def test_a_plan_longer_than_the_step_budget_falls_back_to_answering_directly() -> None:
     plan = json.dumps({"steps": [{"description": f"step number {i}"} for i in range(5)]})
-    h = Harness(ScriptedModel(text(plan), text("ok"), text("The answer.")), limits=AgentLimits(max_steps=4))
+    h = Harness(ScriptedModel(text(plan), text("ok"), text("The answer.")), limits=replace(AGENT_LIMITS, max_steps=4))
     _, watcher = await h.start()
     events = await collect(watcher)
     assert [s for s in summary(events) if s[0] == "plan_step"] == [
@@ -220,7 +220,7 @@ async def test_budget_on_tool_calls_ends_the_run() -> None:
     read = RecordingTool("read")
     h = Harness(ScriptedModel(text('{"steps": [{"description": "x"}]}'),
                               tool_calls(("read", "{}", "a"), ("read", "{}", "b"), ("read", "{}", "c"))),
-                tools=[read], limits=AgentLimits(max_tool_calls=2))
+                tools=[read], limits=replace(AGENT_LIMITS, max_tool_calls=2))
     _, watcher = await h.start()
     events = await collect(watcher)
     assert len(read.calls) == 2
@@ -302,7 +302,7 @@ async def test_disconnect_with_cancel_policy_cancels_but_continue_policy_keeps_r
     GatedModel = gated(gate_open)
 
     h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
-                run_limits=RunLimits(disconnect_grace_seconds=0))
+                run_limits=replace(RUN_LIMITS, disconnect_grace_seconds=0))
     handle, watcher = await h.start()
     h.service.release(handle, watcher, disconnected=True)
     assert handle.task is not None
@@ -331,7 +331,7 @@ async def test_a_disconnect_cancels_only_after_a_grace_period_in_which_no_reader
     GatedModel = gated(gate_open)
 
     h = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
-                run_limits=RunLimits(disconnect_grace_seconds=0.2))
+                run_limits=replace(RUN_LIMITS, disconnect_grace_seconds=0.2))
     handle, watcher = await h.start()
     h.service.release(handle, watcher, disconnected=True)
     back = h.service.watch(handle)  # a tab shown again, a retried POST: within the grace period
@@ -344,7 +344,7 @@ async def test_a_disconnect_cancels_only_after_a_grace_period_in_which_no_reader
 
     gate_open.clear()
     h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
-                 run_limits=RunLimits(disconnect_grace_seconds=0.2))
+                 run_limits=replace(RUN_LIMITS, disconnect_grace_seconds=0.2))
     handle2, watcher2 = await h2.start()
     h2.directory.readers.add(handle2.run_id)  # read through another instance
     h2.service.release(handle2, watcher2, disconnected=True)

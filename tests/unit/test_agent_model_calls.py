@@ -28,7 +28,7 @@ from tests.unit.harness import ALICE, Harness, collect, summary
 
 def with_agent(h: Harness, window: int, budgets: TokenBudgets | None = None,
                mode: ToolCallMode = ToolCallMode.NATIVE) -> Harness:
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits, profile=EstimatedModelProfile(window),
+    h.agent = Agent(h.model, h.registry, h.gate, h.limits, h.telemetry, profile=EstimatedModelProfile(window),
                     budgets=budgets or TokenBudgets(plan=256, step=128, answer=512), tool_calls=mode)
     h.service._agent = h.agent
     return h

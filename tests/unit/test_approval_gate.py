@@ -10,9 +10,8 @@ import pytest
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.model.events import Event
-from domain.services.agent import Agent
-from domain.services.gate import ApprovalGate, GateSettings
-from domain.services.runs import RunService, Subscription
+from domain.services.gate import GateSettings
+from domain.services.runs import Subscription
 from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 
@@ -163,7 +162,7 @@ async def test_a_signal_sent_the_moment_the_request_is_stored_is_honoured() -> N
 
 
 async def test_a_decision_made_through_the_store_is_seen_without_any_signal() -> None:
-    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.01)
     _, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
@@ -189,7 +188,7 @@ async def test_the_second_decision_changes_nothing() -> None:
 
 
 async def test_expiry_ends_with_hitl_timeout_and_never_runs_the_tool() -> None:
-    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.01)
     _, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
@@ -235,9 +234,7 @@ class StoreAwaitingItsReply(MemoryApprovalStore):
 async def test_cancel_while_the_request_is_being_stored_leaves_it_cancelled_not_pending() -> None:
     h, commit = approval_harness()
     store = StoreAwaitingItsReply()
-    h.gate = ApprovalGate(store, h.bus, h.clock, h.ids, h.gate_settings)
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    h.rebuild(store=store)
     handle, watcher = await h.start()
     async with asyncio.timeout(5):
         await store.written.wait()

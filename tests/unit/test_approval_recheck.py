@@ -144,7 +144,7 @@ async def test_unwatch_of_an_earlier_registration_leaves_the_current_one() -> No
 
 
 async def test_a_vanished_request_ends_the_wait_as_expired_at_the_next_recheck() -> None:
-    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.01)
     _, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
@@ -156,7 +156,7 @@ async def test_a_vanished_request_ends_the_wait_as_expired_at_the_next_recheck()
 
 
 async def test_a_failing_recheck_keeps_the_run_waiting_until_a_later_one_sees_the_decision() -> None:
-    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300, recheck_seconds=0.01))
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=300), recheck_seconds=0.01)
     failures = 3
     get_many = h.store.get_many
 
@@ -184,7 +184,7 @@ class WallClock(Clock):
 
 
 async def test_the_wait_expires_on_its_own_timer_not_at_the_next_recheck() -> None:
-    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=1, recheck_seconds=3600))
+    h, commit = approval_harness(gate_settings=GateSettings(timeout_seconds=1), recheck_seconds=3600)
     h.clock = WallClock()  # type: ignore[assignment]
     h.gate._clock = h.clock
     h.gate._recheck = ApprovalRecheck(h.store, h.clock, 3600)

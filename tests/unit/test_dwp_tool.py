@@ -17,6 +17,7 @@ from adapters.tools.dwp import DwpRequestTool, dwp_tools
 from domain.model.errors import InvalidInput, ToolFailure
 from domain.model.identity import Principal
 from domain.model.tools import ToolContext, ToolRegistry
+from tests.defaults import DWP_LIMITS
 from tests.fake_dwp import FakeDwp, FakeResponse
 
 # A real JWT (its expiry is read before each call); the claim makes it easy to spot in logs.
@@ -30,6 +31,11 @@ CONTEXT = ToolContext(principal=PRINCIPAL, trace_id="trace-1", run_id="run-1", b
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 
 
+def dwp_tool(base_url: str, **options: Any) -> DwpRequestTool:
+    """The tool with the settings' defaults for what a case does not name."""
+    return DwpRequestTool(base_url, **(DWP_LIMITS | options))
+
+
 @pytest.fixture
 def dwp() -> Iterator[FakeDwp]:
     with FakeDwp() as fake:
@@ -38,7 +44,7 @@ def dwp() -> Iterator[FakeDwp]:
 
 @pytest.fixture
 def tool(dwp: FakeDwp) -> DwpRequestTool:
-    return DwpRequestTool(dwp.base_url)
+    return dwp_tool(dwp.base_url)
 
 
 async def failure_of(tool: DwpRequestTool, args: dict[str, Any], context: ToolContext = CONTEXT) -> ToolFailure:
@@ -130,7 +136,7 @@ async def test_a_null_body_is_no_body(dwp: FakeDwp, tool: DwpRequestTool) -> Non
 
 
 async def test_paths_are_relative_to_the_base_urls_own_path(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(f"{dwp.base_url}/api/v1/")
+    tool = dwp_tool(f"{dwp.base_url}/api/v1/")
     dwp.respond("GET", "/api/v1/orders/42", FakeResponse.of_json({"id": 42}))
 
     result = await tool.run({"path": "/orders/42"}, CONTEXT)
@@ -235,7 +241,7 @@ def test_schema_refuses_malformed_arguments(tool: DwpRequestTool, args: dict[str
 
 
 async def test_allowed_methods_narrow_the_schema_and_the_tool(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(dwp.base_url, allowed_methods=("GET",))
+    tool = dwp_tool(dwp.base_url, allowed_methods=("GET",))
 
     assert tool.spec.parameters["properties"]["method"]["enum"] == ["GET"]
     with pytest.raises(InvalidInput):
@@ -324,7 +330,7 @@ PATH_ESCAPES = [
 
 @pytest.mark.parametrize("path", PATH_ESCAPES)
 async def test_paths_that_may_leave_the_base_path_are_refused_and_never_sent(dwp: FakeDwp, path: str) -> None:
-    tool = DwpRequestTool(f"{dwp.base_url}/api")
+    tool = dwp_tool(f"{dwp.base_url}/api")
 
     failure = await failure_of(tool, {"path": path})
 
@@ -344,7 +350,7 @@ def _as_a_lenient_backend_reads(sent: str) -> list[str]:
 
 
 async def test_no_combination_of_tricks_reaches_outside_the_base_path(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(f"{dwp.base_url}/api")
+    tool = dwp_tool(f"{dwp.base_url}/api")
     dots = ["..", ".", "%2e%2e", "%2E.", "%252e%252e", "%c0%ae%c0%ae", "\uff0e\uff0e", "..;", "%2e%2e%3b", "...",
             "..%00", "..%20"]
     separators = ["/", "%2f", "%252f", "\\", "%5c", "%c0%af", "//", ";/"]
@@ -418,7 +424,7 @@ async def test_only_the_content_type_header_is_returned(dwp: FakeDwp, tool: DwpR
 
 
 async def test_a_long_answer_is_cut_at_the_limit_and_flagged(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(dwp.base_url, max_response_bytes=16)
+    tool = dwp_tool(dwp.base_url, max_response_bytes=16)
     dwp.respond("GET", "/orders", FakeResponse.of_json({"orders": ["0123456789", "abcdefghij"]}))
 
     result = await tool.run({"path": "/orders"}, CONTEXT)
@@ -430,7 +436,7 @@ async def test_a_long_answer_is_cut_at_the_limit_and_flagged(dwp: FakeDwp) -> No
 
 async def test_an_answer_exactly_at_the_limit_is_whole(dwp: FakeDwp) -> None:
     body = b'{"id": 1234567}'
-    tool = DwpRequestTool(dwp.base_url, max_response_bytes=len(body))
+    tool = dwp_tool(dwp.base_url, max_response_bytes=len(body))
     dwp.respond("GET", "/orders/1", FakeResponse(200, body, {"Content-Type": "application/json"}))
 
     result = await tool.run({"path": "/orders/1"}, CONTEXT)
@@ -439,7 +445,7 @@ async def test_an_answer_exactly_at_the_limit_is_whole(dwp: FakeDwp) -> None:
 
 
 async def test_truncation_drops_a_character_cut_in_half(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(dwp.base_url, max_response_bytes=5)
+    tool = dwp_tool(dwp.base_url, max_response_bytes=5)
     dwp.respond("GET", "/name", FakeResponse.of_text("ääää"))  # two bytes each
 
     result = await tool.run({"path": "/name"}, CONTEXT)
@@ -450,7 +456,7 @@ async def test_truncation_drops_a_character_cut_in_half(dwp: FakeDwp) -> None:
 # --- failures --------------------------------------------------------------------------------
 
 async def test_a_backend_that_does_not_answer_in_time_is_a_tool_timeout(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(dwp.base_url, timeout_seconds=0.2)
+    tool = dwp_tool(dwp.base_url, timeout_seconds=0.2)
     dwp.respond("GET", "/slow", FakeResponse.hanging())
 
     failure = await failure_of(tool, {"path": "/slow"})
@@ -463,7 +469,7 @@ async def test_a_refused_connection_is_dwp_unavailable() -> None:
     # A bound socket that never listens: connecting to it is refused, and no other process can take the port.
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
-        tool = DwpRequestTool(f"http://127.0.0.1:{unused.getsockname()[1]}")
+        tool = dwp_tool(f"http://127.0.0.1:{unused.getsockname()[1]}")
 
         failure = await failure_of(tool, {"path": "/orders"})
 
@@ -488,7 +494,7 @@ async def test_redirects_are_never_followed(dwp: FakeDwp, tool: DwpRequestTool) 
 async def test_an_injected_client_is_only_a_transport(dwp: FakeDwp) -> None:
     async with httpx.AsyncClient(headers={"X-Client-Default": "1"}, auth=("service", "password"),
                                  follow_redirects=True, base_url="http://elsewhere.invalid") as client:
-        tool = DwpRequestTool(dwp.base_url, client=client)
+        tool = dwp_tool(dwp.base_url, client=client)
         dwp.respond("GET", "/orders", FakeResponse.redirect("/moved"))
 
         result = await tool.run({"path": "/orders"}, CONTEXT)
@@ -503,11 +509,12 @@ async def test_an_injected_client_is_only_a_transport(dwp: FakeDwp) -> None:
 
 @pytest.mark.parametrize("base_url", [None, "", "   "])
 def test_without_a_base_url_the_tool_is_not_offered(base_url: str | None) -> None:
-    assert dwp_tools(base_url) == []
+    assert dwp_tools(base_url, **DWP_LIMITS) == []
 
 
 def test_with_a_base_url_the_factory_offers_the_tool() -> None:
-    tools = dwp_tools("http://dwp-backend:8080/api", timeout_seconds=5.0)
+    tools = dwp_tools("http://dwp-backend:8080/api", timeout_seconds=5.0,
+                      max_response_bytes=DWP_LIMITS["max_response_bytes"], now=DWP_LIMITS["now"])
 
     assert [tool.spec.name for tool in tools] == ["dwp_request"]
     assert isinstance(tools[0], DwpRequestTool)
@@ -526,7 +533,7 @@ def test_with_a_base_url_the_factory_offers_the_tool() -> None:
 ])
 def test_a_bad_configuration_fails_at_start_up(base_url: str, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        DwpRequestTool(base_url, **options)
+        dwp_tool(base_url, **options)
 
 
 # --- logging ---------------------------------------------------------------------------------
@@ -543,7 +550,7 @@ async def test_the_token_never_reaches_the_logs(dwp: FakeDwp, tool: DwpRequestTo
         failures.append(await failure_of(tool, args))
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
-        failures.append(await failure_of(DwpRequestTool(f"http://127.0.0.1:{unused.getsockname()[1]}"),
+        failures.append(await failure_of(dwp_tool(f"http://127.0.0.1:{unused.getsockname()[1]}"),
                                          {"path": "/orders"}))
 
     messages = [record.getMessage() for record in caplog.records]
@@ -563,7 +570,7 @@ def _token(**claims: Any) -> str:
 @pytest.mark.parametrize("method", ["GET", *WRITE_METHODS])
 async def test_a_token_that_expired_before_sending_is_never_sent(dwp: FakeDwp, method: str) -> None:
     # The run started at 1000 with a token valid until 1300; the approval came at 1301.
-    tool = DwpRequestTool(dwp.base_url, now=lambda: 1301.0)
+    tool = dwp_tool(dwp.base_url, now=lambda: 1301.0)
     context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
     args: dict[str, Any] = {"method": method, "path": "/orders/42"}
     if method != "GET":
@@ -579,7 +586,7 @@ async def test_a_token_that_expired_before_sending_is_never_sent(dwp: FakeDwp, m
 
 
 async def test_a_token_still_valid_at_sending_time_is_sent(dwp: FakeDwp) -> None:
-    tool = DwpRequestTool(dwp.base_url, now=lambda: 1299.0)
+    tool = dwp_tool(dwp.base_url, now=lambda: 1299.0)
     context = ToolContext(principal=PRINCIPAL, trace_id="t", run_id="r", bearer_token=_token(iat=1000, exp=1300))
 
     await tool.run({"path": "/orders/42"}, context)

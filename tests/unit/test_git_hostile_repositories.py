@@ -20,6 +20,7 @@ import pytest
 from adapters.tools import Workspace, git_tools
 from domain.model.errors import ToolFailure
 from domain.model.tools import ToolRegistry
+from tests.defaults import GIT_LIMITS
 from tests.unit.test_git_tools import CONTEXT, SETUP_ENV, git, init_repo
 
 FIRST_TIME = 1_700_000_000
@@ -295,7 +296,7 @@ async def test_no_repository_configuration_makes_a_tool_run_a_program(tmp_path: 
     if vector.control is not None:
         _prove_it_fires(hostile, vector.control)
 
-    await _every_tool(ToolRegistry(git_tools(Workspace(root))), "repo")
+    await _every_tool(ToolRegistry(git_tools(Workspace(root), **GIT_LIMITS)), "repo")
 
     assert not hostile.marker.exists()
 
@@ -327,7 +328,7 @@ async def test_the_host_environment_and_configuration_make_no_tool_run_a_program
     for variable, value in environment.items():
         monkeypatch.setenv(variable, value)
 
-    await _every_tool(ToolRegistry(git_tools(Workspace(root))), "repo")
+    await _every_tool(ToolRegistry(git_tools(Workspace(root), **GIT_LIMITS)), "repo")
 
     assert not hostile.marker.exists()
 
@@ -338,7 +339,7 @@ async def test_a_repository_whose_config_moves_its_work_tree_is_refused(tmp_path
     hostile = _base(root, "repo")
     outside = init_repo(tmp_path / "outside")
     hostile.config(("core.worktree", str(outside)))
-    registry = ToolRegistry(git_tools(Workspace(root)))
+    registry = ToolRegistry(git_tools(Workspace(root), **GIT_LIMITS))
 
     for name, args in CALLS:
         with pytest.raises(ToolFailure) as caught:
@@ -355,7 +356,7 @@ async def test_a_git_file_pointing_outside_the_workspace_is_refused(tmp_path: Pa
     hostile = Hostile(root / "repo", tmp_path / "ran")
     hostile.repo.mkdir()
     (hostile.repo / ".git").write_text(pointer.format(outside=outside / ".git") + "\n")
-    registry = ToolRegistry(git_tools(Workspace(root)))
+    registry = ToolRegistry(git_tools(Workspace(root), **GIT_LIMITS))
 
     with pytest.raises(ToolFailure) as caught:
         await registry.get("git_status").run({"repo_path": "repo"}, CONTEXT)
@@ -368,7 +369,7 @@ async def test_a_linked_worktree_inside_the_workspace_still_works(tmp_path: Path
     root.mkdir()
     main = _base(root, "main").repo
     git(main, "worktree", "add", "--quiet", str(root / "linked"), "-b", "linked")
-    registry = ToolRegistry(git_tools(Workspace(root)))
+    registry = ToolRegistry(git_tools(Workspace(root), **GIT_LIMITS))
 
     result = await registry.get("git_status").run({"repo_path": "linked"}, CONTEXT)
 

@@ -22,6 +22,7 @@ from adapters.tools import (
 from domain.model.errors import InvalidInput, ToolFailure
 from domain.model.identity import Principal
 from domain.model.tools import Tool, ToolContext, ToolRegistry
+from tests.defaults import DEFAULTS, GIT_LIMITS
 
 CONTEXT = ToolContext(
     principal=Principal(user_id="u1", tenant_id="t1", actor_id="u1"),
@@ -85,7 +86,7 @@ def workspace(root: Path) -> Workspace:
 
 @pytest.fixture
 def registry(workspace: Workspace) -> ToolRegistry:
-    return ToolRegistry(git_tools(workspace))
+    return ToolRegistry(git_tools(workspace, **GIT_LIMITS))
 
 
 async def call(registry: ToolRegistry, name: str, args: Mapping[str, Any]) -> Any:
@@ -175,7 +176,8 @@ def test_resolve_inside_refusals(
 # --- specs and schemas ----------------------------------------------------------------------------
 
 def test_the_tools_their_approval_flags_and_action_types(workspace: Workspace) -> None:
-    specs = {tool.spec.name: (tool.spec.requires_approval, tool.spec.action_type) for tool in git_tools(workspace)}
+    tools = git_tools(workspace, **GIT_LIMITS)
+    specs = {tool.spec.name: (tool.spec.requires_approval, tool.spec.action_type) for tool in tools}
     assert specs == {
         "git_status": (False, "read"),
         "git_log": (False, "read"),
@@ -185,14 +187,14 @@ def test_the_tools_their_approval_flags_and_action_types(workspace: Workspace) -
         "git_create_branch": (True, "git_create_branch"),
         "git_commit": (True, "git_commit"),
     }
-    registry = ToolRegistry(git_tools(workspace))
+    registry = ToolRegistry(git_tools(workspace, **GIT_LIMITS))
     assert registry.needs_approval("git_commit", {}) is True
     assert registry.needs_approval("git_create_branch", {}) is True
     assert registry.needs_approval("git_log", {}) is False
 
 
 def test_every_schema_is_a_closed_object_with_described_properties(workspace: Workspace) -> None:
-    for tool in git_tools(workspace):
+    for tool in git_tools(workspace, **GIT_LIMITS):
         schema = tool.spec.parameters
         assert schema["type"] == "object"
         assert schema["additionalProperties"] is False
@@ -304,7 +306,7 @@ async def test_status_on_a_detached_head(registry: ToolRegistry, project: Path) 
 async def test_status_truncated_output_is_never_called_clean(workspace: Workspace, project: Path) -> None:
     for number in range(20):
         (project / f"untracked-{number:02}.txt").write_text("x\n")
-    status = ToolRegistry(git_tools(workspace, max_output_bytes=100))
+    status = ToolRegistry(git_tools(workspace, timeout_seconds=DEFAULTS.tools.timeout_seconds, max_output_bytes=100))
     result = await call(status, "git_status", {"repo_path": "project"})
     assert result["clean"] is False
     assert result["entries"] == [
@@ -427,7 +429,7 @@ async def test_diff_refusals(registry: ToolRegistry, project: Path, args: dict[s
 
 async def test_diff_is_truncated_at_the_output_limit(workspace: Workspace, project: Path) -> None:
     (project / "README.md").write_text("".join(f"line {number}\n" for number in range(1000)))
-    small = ToolRegistry(git_tools(workspace, max_output_bytes=100))
+    small = ToolRegistry(git_tools(workspace, timeout_seconds=DEFAULTS.tools.timeout_seconds, max_output_bytes=100))
     result = await call(small, "git_diff", {"repo_path": "project"})
     assert result["truncated"] is True
     assert len(result["diff"].encode()) == 100
@@ -475,7 +477,7 @@ async def test_show_file_is_truncated_without_splitting_a_character(workspace: W
     (project / "notes.txt").write_text("é" * 100)  # two bytes each
     git(project, "add", "notes.txt")
     git(project, "commit", "--quiet", "-m", "Add notes")
-    small = ToolRegistry(git_tools(workspace, max_output_bytes=11))
+    small = ToolRegistry(git_tools(workspace, timeout_seconds=DEFAULTS.tools.timeout_seconds, max_output_bytes=11))
     assert await call(small, "git_show_file", {"repo_path": "project", "file_path": "notes.txt"}) == {
         "content": "é" * 5,
         "truncated": True,
@@ -584,7 +586,7 @@ async def test_commit_records_what_is_staged_with_the_configured_author(registry
 async def test_commit_with_a_custom_author_and_a_message_that_looks_like_an_option(
     workspace: Workspace, project: Path,
 ) -> None:
-    registry = ToolRegistry(git_tools(workspace, author_name="Bot", author_email="bot@example.com"))
+    registry = ToolRegistry(git_tools(workspace, **GIT_LIMITS, author_name="Bot", author_email="bot@example.com"))
     (project / "README.md").write_text("staged\n")
     git(project, "add", "README.md")
     await call(registry, "git_commit", {"repo_path": "project", "message": "--amend"})

@@ -16,9 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jws
 
 from adapters.jwt import JoseTokenVerifier, mint_token
+from adapters.system import SystemClock
 from domain.model.errors import AuthError
 from domain.model.identity import Claims
 from domain.model.ports import Clock
+from tests.defaults import DEFAULTS
 
 NOW = 1_767_000_000
 SECRET = "test-secret-with-more-than-32-bytes!"
@@ -60,14 +62,21 @@ def keys() -> Keys:
     return Keys(_rsa_private_pem(key), public_pem.decode(), _rsa_private_pem(other))
 
 
+def jose_verifier(**options: Any) -> JoseTokenVerifier:
+    """A verifier with the settings' defaults for what a case does not name."""
+    defaults = {"leeway_seconds": DEFAULTS.auth.leeway_seconds,
+                "max_token_age_seconds": DEFAULTS.auth.max_token_age_seconds, "clock": SystemClock()}
+    return JoseTokenVerifier(**(defaults | options))
+
+
 def make_verifier(name: str, keys: Keys) -> JoseTokenVerifier:
     clock = FixedClock(NOW)
     if name == "hs":
-        return JoseTokenVerifier(
+        return jose_verifier(
             algorithms=["HS256"], secret=SECRET, issuer=ISSUER, audience=AUDIENCE, key_id=KID, clock=clock
         )
     if name == "rs":
-        return JoseTokenVerifier(
+        return jose_verifier(
             algorithms=["RS256"],
             public_key=keys.public_pem,
             issuer=ISSUER,
@@ -76,7 +85,7 @@ def make_verifier(name: str, keys: Keys) -> JoseTokenVerifier:
             clock=clock,
         )
     if name == "hs_open":  # no issuer, audience or key id configured
-        return JoseTokenVerifier(algorithms=["HS256"], secret=SECRET, clock=clock)
+        return jose_verifier(algorithms=["HS256"], secret=SECRET, clock=clock)
     raise AssertionError(name)
 
 
@@ -366,8 +375,8 @@ def test_claims_extra_is_read_only(keys: Keys) -> None:
 
 def test_token_of_exactly_max_bytes_is_accepted_one_more_is_not() -> None:
     token = hs(claims())
-    at_limit = JoseTokenVerifier(algorithms=["HS256"], secret=SECRET, max_token_bytes=len(token), clock=FixedClock(NOW))
-    below_limit = JoseTokenVerifier(
+    at_limit = jose_verifier(algorithms=["HS256"], secret=SECRET, max_token_bytes=len(token), clock=FixedClock(NOW))
+    below_limit = jose_verifier(
         algorithms=["HS256"], secret=SECRET, max_token_bytes=len(token) - 1, clock=FixedClock(NOW)
     )
 
@@ -378,7 +387,7 @@ def test_token_of_exactly_max_bytes_is_accepted_one_more_is_not() -> None:
 
 
 def test_verifier_pinned_to_several_hs_algorithms_accepts_each() -> None:
-    verifier = JoseTokenVerifier(algorithms=["HS256", "HS512"], secret=SECRET, clock=FixedClock(NOW))
+    verifier = jose_verifier(algorithms=["HS256", "HS512"], secret=SECRET, clock=FixedClock(NOW))
 
     assert verifier.verify(hs(claims(), alg="HS512")).tenant_id == "t1"
     with pytest.raises(AuthError) as raised:
@@ -417,21 +426,21 @@ def test_verifier_pinned_to_several_hs_algorithms_accepts_each() -> None:
 )
 def test_constructor_refuses_bad_configuration(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        JoseTokenVerifier(**settings)
+        jose_verifier(**settings)
 
 
 def test_constructor_refuses_a_pem_as_hmac_secret(keys: Keys) -> None:
     with pytest.raises(ValueError, match="looks like a PEM key"):
-        JoseTokenVerifier(algorithms=["HS256"], secret=keys.public_pem)
+        jose_verifier(algorithms=["HS256"], secret=keys.public_pem)
 
 
 def test_constructor_refuses_a_private_key_as_public_key(keys: Keys) -> None:
     with pytest.raises(ValueError, match="holds a private key"):
-        JoseTokenVerifier(algorithms=["RS256"], public_key=keys.private_pem)
+        jose_verifier(algorithms=["RS256"], public_key=keys.private_pem)
 
 
 def test_short_secret_is_accepted_in_explicit_dev_mode() -> None:
-    verifier = JoseTokenVerifier(algorithms=["HS256"], secret="dev", allow_short_secret=True, clock=FixedClock(NOW))
+    verifier = jose_verifier(algorithms=["HS256"], secret="dev", allow_short_secret=True, clock=FixedClock(NOW))
 
     assert verifier.verify(hs(claims(), secret="dev")).sub == "u1"
 
@@ -485,7 +494,7 @@ def test_minted_rs256_token_verifies_to_exact_claims(keys: Keys) -> None:
 def test_minted_token_verifies_against_the_system_clock() -> None:
     token = mint_token(key=SECRET, sub="u1", tenant_id="t1")
 
-    verified = JoseTokenVerifier(algorithms=["HS256"], secret=SECRET).verify(token)
+    verified = jose_verifier(algorithms=["HS256"], secret=SECRET).verify(token)
 
     assert verified.exp - 3600 == verified.iat
 

@@ -15,10 +15,8 @@ from domain.model.approval import ApprovalRequest, Signal
 from domain.model.chat import ChatMessage, Purpose, Role, ToolCall, pack_messages, unpack_messages
 from domain.model.events import Event
 from domain.model.ports import Clock
-from domain.services.agent import Agent
-from domain.services.gate import ApprovalGate, GateSettings
+from domain.services.gate import GateSettings
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import RunService
 from tests.unit.fakes import (
     MemoryApprovalStore,
     MemorySignalBus,
@@ -133,18 +131,16 @@ class _WallClock(Clock):
         return time.time()
 
 
-def _gate_harness(bus: MemorySignalBus, settings: GateSettings,
+def _gate_harness(bus: MemorySignalBus, settings: GateSettings, recheck_seconds: float,
                   clock: Clock | None = None) -> tuple[Harness, RecordingTool]:
     commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
     model = ScriptedModel(text(PLAN), tool_call("commit", '{"value": "v"}'), text("step note"), text("All done."))
-    h = Harness(model, tools=[commit], gate_settings=settings)
+    h = Harness(model, tools=[commit], gate_settings=settings, recheck_seconds=recheck_seconds)
     h.bus = bus
     h.store.bus = bus
     if clock is not None:
         h.clock = clock  # type: ignore[assignment]
-    h.gate = ApprovalGate(h.store, bus, h.clock, h.ids, settings)
-    h.agent = Agent(h.model, h.registry, h.gate, h.limits)
-    h.service = RunService(h.agent, h.clock, h.ids, h.log, h.directory, h.run_limits, "instance-a")
+    h.rebuild()
     return h, commit
 
 
@@ -152,7 +148,7 @@ _PROCESS_TASKS = {"aura-hitl-recheck", "run lease renewal"}
 
 
 async def test_a_parked_run_waits_in_its_own_task_alone_and_a_signal_still_wakes_it() -> None:
-    h, commit = _gate_harness(_FutureSignalBus(), GateSettings(timeout_seconds=300, recheck_seconds=5))
+    h, commit = _gate_harness(_FutureSignalBus(), GateSettings(timeout_seconds=300), 5)
     handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
@@ -167,7 +163,7 @@ async def test_a_parked_run_waits_in_its_own_task_alone_and_a_signal_still_wakes
 
 async def test_a_wait_nobody_decides_ends_at_its_expiry_though_the_next_recheck_is_far_later() -> None:
     # The re-check's read is a minute away: only the process's expiry timer can end it in time.
-    h, commit = _gate_harness(MemorySignalBus(), GateSettings(timeout_seconds=1, recheck_seconds=60), _WallClock())
+    h, commit = _gate_harness(MemorySignalBus(), GateSettings(timeout_seconds=1), 60, _WallClock())
     _, watcher = await h.start()
     seen: list[Event] = []
     async with asyncio.timeout(5):

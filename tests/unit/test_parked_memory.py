@@ -17,13 +17,14 @@ from quart import Quart, request
 
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.routes.stream import forget_body
-from adapters.http.streams import StreamConfig, StreamMeter, WatcherRelease, live_frames
+from adapters.http.streams import StreamMeter, WatcherRelease, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
 from domain.model.approval import Signal
 from domain.model.chat import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
 from domain.services.runs import RunFeed, Subscription, SubscriptionOverflow
+from tests.defaults import stream_config
 from tests.unit.harness import summary
 from tests.unit.test_approval_gate import approval_harness, finish, until
 
@@ -104,7 +105,7 @@ class _Release:
 async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_frames_it_wrote() -> None:
     watcher = Subscription(max_buffered=64)
     release = _Release(run_waits_for_a_human=True)
-    frames = live_frames(release, watcher, StreamConfig(heartbeat_seconds=60))  # type: ignore[arg-type]
+    frames = live_frames(release, watcher, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.HITL))
     watcher.push(event(2, EventType.PLAN_STEP_UPDATE))
     first = await frames.__anext__()
@@ -130,7 +131,7 @@ async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_
 async def test_a_stream_whose_run_is_working_writes_no_empty_bodies() -> None:
     watcher = Subscription(max_buffered=64)
     release = _Release(run_waits_for_a_human=False)
-    frames = live_frames(release, watcher, StreamConfig(heartbeat_seconds=60))  # type: ignore[arg-type]
+    frames = live_frames(release, watcher, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.PLAN_STEP_UPDATE))
     assert (await frames.__anext__()).startswith(b"id: run_1:1\nevent: plan_step_update\n")
     waiting = asyncio.ensure_future(frames.__anext__())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adapters.http.streams import StreamConfig, resumed_frames
+from adapters.http.streams import resumed_frames
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event, EventType
 from domain.services.access import Notice, RunAccess
+from tests.defaults import stream_config
 from tests.unit.fakes import LogPollingFollower, RecordingControl, ScriptedModel, text
 from tests.unit.harness import ALICE, Harness, collect
 
@@ -34,7 +35,7 @@ async def test_a_store_failure_during_a_resume_ends_the_stream_with_error_end_an
     await collect(watcher)
     reads = FailingReads(h)
     access = RunAccess(h.service, h.directory, reads, LogPollingFollower(h.log),  # type: ignore[arg-type]
-                       RecordingControl(), h.clock)
+                       RecordingControl(), h.clock, retention_seconds=h.run_limits.retention_seconds)
     reads.fail = True
     items = [item async for item in access.resume(ALICE, handle.run_id, 1, 15.0)]
     assert [(type(i).__name__, i.type, i.data.get("errorType") or i.data.get("reason")) for i in items
@@ -43,6 +44,6 @@ async def test_a_store_failure_during_a_resume_ends_the_stream_with_error_end_an
     assert all(isinstance(i, Notice) for i in items)
     reads.fail = True
     body = b"".join([frame async for frame in resumed_frames(access.resume(ALICE, handle.run_id, 1, 15.0),
-                                                              StreamConfig())])
+                                                              stream_config())])
     assert body.count(b"event: error\n") == 1 and body.count(b"event: end\n") == 1
     assert body.endswith(b"data: [DONE]\n\n") and b"id:" not in body

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from domain.model.approval import ApprovalStatus
 from domain.model.chat import ChatRequest, ModelChunk
-from domain.services.runs import RunLimits
+from tests.defaults import RUN_LIMITS
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, collect, summary
 
@@ -33,7 +34,7 @@ class SlowModel(ScriptedModel):
 
 
 def budget_harness(model: ScriptedModel, seconds: float, tools: list[Any] | None = None) -> Harness:
-    return Harness(model, tools=tools or [], run_limits=RunLimits(max_run_seconds=seconds))
+    return Harness(model, tools=tools or [], run_limits=replace(RUN_LIMITS, max_run_seconds=seconds))
 
 
 async def test_a_run_past_its_budget_in_a_model_call_ends_failed_with_budget_exceeded() -> None:

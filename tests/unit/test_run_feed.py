@@ -12,7 +12,7 @@ import pytest
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import Telemetry
-from domain.services.runs import RunFeed, RunService, Subscription
+from domain.services.runs import RunFeed, Subscription
 from tests.unit.fakes import MemoryEventLog, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 
@@ -52,7 +52,7 @@ async def until(condition: Callable[[], bool]) -> None:
 def harness_with(log: HeldEventLog, *model_turns: Any, tools: list[Any] | None = None) -> Harness:
     h = Harness(ScriptedModel(*model_turns), tools=tools or [])
     h.log = log
-    h.service = RunService(h.agent, h.clock, h.ids, log, h.directory, h.run_limits, "instance-a")
+    h.rebuild()
     return h
 
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextvars import Context
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ class StreamSlots:
     stream ends or its request's task does (a client gone during the headers never starts the
     body)."""
 
-    def __init__(self, per_user: int = 50, per_run: int = 10) -> None:
+    def __init__(self, per_user: int, per_run: int) -> None:
         self.per_user = per_user
         self.per_run = per_run
         self._users: dict[tuple[str, str], int] = {}
@@ -97,15 +97,16 @@ class StreamSlot:
 
 @dataclass(frozen=True, slots=True)
 class StreamConfig:
-    heartbeat_seconds: float = 15.0
-    max_context_bytes: int = 262_144
-    max_prompt_chars: int = 32_000
-    on_disconnect: str = "cancel"
-    max_stream_seconds: float = 3600.0
-    reconnect_hint_ms: int = 1000
-    retention_seconds: int = 3600
-    metrics: PrometheusMetrics | None = None
-    slots: StreamSlots = field(default_factory=StreamSlots)
+    """Values come from the settings (app/settings.py, the one place a default is written)."""
+
+    heartbeat_seconds: float
+    max_context_bytes: int
+    max_prompt_chars: int
+    on_disconnect: str
+    max_stream_seconds: float
+    reconnect_hint_ms: int
+    metrics: PrometheusMetrics | None
+    slots: StreamSlots
 
 
 class StreamMeter:

@@ -12,7 +12,6 @@ import base64
 import json
 import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -34,11 +33,6 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _REQUIRED_CLAIMS = ("sub", "tenant_id", "exp")
 # Claims that become fields of `Claims`; every other claim is kept in `Claims.extra`.
 _MAPPED_CLAIMS = frozenset({"sub", "tenant_id", "exp", "iat", "email", "role"})
-
-
-class _SystemClock(Clock):
-    def now(self) -> float:
-        return time.time()
 
 
 def _reject(code: str, message: str) -> NoReturn:
@@ -70,13 +64,13 @@ class JoseTokenVerifier(TokenVerifier):
         public_key: str | None = None,
         issuer: str | None = None,
         audience: str | None = None,
-        leeway_seconds: int = 30,
-        max_token_age_seconds: int = 86_400,
+        leeway_seconds: int,
+        max_token_age_seconds: int,
         key_id: str | None = None,
         max_token_bytes: int = 8192,
         min_secret_bytes: int = 32,
         allow_short_secret: bool = False,
-        clock: Clock | None = None,
+        clock: Clock,
     ) -> None:
         pinned = tuple(algorithms)
         if isinstance(algorithms, str) or not pinned:
@@ -114,7 +108,7 @@ class JoseTokenVerifier(TokenVerifier):
         self._max_age = max_token_age_seconds
         self._key_id = key_id
         self._max_token_bytes = max_token_bytes
-        self._clock = clock or _SystemClock()
+        self._clock = clock
 
     @staticmethod
     def _hmac_keys(

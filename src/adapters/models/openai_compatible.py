@@ -70,29 +70,32 @@ _CREDENTIAL_STATUSES = frozenset({401, 403})
 _CONTEXT_OVERFLOW_CODES = frozenset({"context_length_exceeded"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OpenAICompatibleConfig:
+    """The fields without a default come from the settings (app/settings.py, the one place a
+    setting's default is written); the others are this adapter's own."""
+
     base_url: str
     model: str
-    api_key: str | None = None
-    flavour: Flavour = "openai"
-    azure_deployment: str | None = None
-    azure_api_version: str | None = None
-    temperature: float | None = 0.2
+    api_key: str | None
+    flavour: Flavour
+    azure_deployment: str | None
+    azure_api_version: str | None
+    temperature: float | None
+    timeout_seconds: float  # longest silence allowed between two chunks
+    max_retries: int
+    # how a JSON Schema is asked for; "auto" picks by flavour (see the module's docstring)
+    structured_output: Literal["auto", "json_schema", "json_object"]
+    # how the conversation is sent: "native" (system, user, assistant with `tool_calls`, tool) or
+    # "plain" (user and assistant turns only, for chat templates that know no other roles);
+    # "auto" = plain for llama.cpp
+    messages: Literal["auto", "native", "plain"]
     max_tokens: int | None = None
-    timeout_seconds: float = 60.0  # longest silence allowed between two chunks
     connect_timeout_seconds: float = 10.0
-    max_retries: int = 2
     backoff_base_seconds: float = 0.5
     backoff_max_seconds: float = 8.0
     include_usage: bool = True
     extra_headers: Mapping[str, str] = field(default_factory=dict)
-    # how a JSON Schema is asked for; "auto" picks by flavour (see the module's docstring)
-    structured_output: Literal["auto", "json_schema", "json_object"] = "auto"
-    # how the conversation is sent: "native" (system, user, assistant with `tool_calls`, tool) or
-    # "plain" (user and assistant turns only, for chat templates that know no other roles);
-    # "auto" = plain for llama.cpp
-    messages: Literal["auto", "native", "plain"] = "auto"
 
     def __post_init__(self) -> None:
         if self.flavour == "azure" and not (self.azure_deployment and self.azure_api_version):
@@ -137,20 +140,14 @@ class OpenAICompatibleChatModel(ChatModel):
     def __init__(
         self,
         config: OpenAICompatibleConfig,
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient,
         *,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._config = config
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
+        self._client = client  # the composition root's: it closes it at shutdown
         self._sleep = sleep
         self._timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
-
-    async def aclose(self) -> None:
-        """Close the HTTP client if this adapter created it; a client passed in belongs to the caller."""
-        if self._owns_client:
-            await self._client.aclose()
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelChunk, None]:
         body = self.request_body(request)

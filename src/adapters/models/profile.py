@@ -126,8 +126,7 @@ def _count_of_tokenize(body: Any) -> int:
 
 class ServerModelProfile(ModelProfile):
     def __init__(self, config: OpenAICompatibleConfig, client: httpx.AsyncClient, *,
-                 context_window: int | None = None, default_context_window: int = 4096,
-                 tokenizer: Tokenizer = "auto",
+                 context_window: int | None, default_context_window: int, tokenizer: Tokenizer,
                  tiktoken_loader: Callable[[str], Any] | None = None) -> None:
         self._config = config
         self._client = client

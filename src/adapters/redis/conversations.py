@@ -79,8 +79,8 @@ return 1
 
 
 class RedisConversationStore(ConversationStore):
-    def __init__(self, redis: Redis, *, ttl_seconds: int = 7 * 86_400, max_turns: int = 20,
-                 max_turn_bytes: int = 65_536, max_user_bytes: int = 4_194_304) -> None:
+    def __init__(self, redis: Redis, *, ttl_seconds: int, max_turns: int, max_turn_bytes: int,
+                 max_user_bytes: int) -> None:
         self._redis = redis
         self._shared = shared_connection(redis)  # the append is on every remembered run's path
         self._ttl = ttl_seconds

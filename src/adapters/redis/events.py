@@ -103,7 +103,7 @@ class _PendingAppend:
 
 
 class RedisEventLog(EventLog):
-    def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
+    def __init__(self, redis: Redis, *, max_length: int, retention_seconds: int,
                  active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None,
                  confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis

@@ -7,7 +7,6 @@ says how long until the next window opens."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -24,8 +23,7 @@ def starts_key(tenant_id: str, user_id: str, window: int) -> str:
 
 
 class RedisStartRateLimiter(StartRateLimiter):
-    def __init__(self, redis: Redis, *, limit: int, window_seconds: int,
-                 now: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis: Redis, *, limit: int, window_seconds: int, now: Callable[[], float]) -> None:
         if limit < 1 or window_seconds < 1:
             raise ValueError("limit and window_seconds must be positive")
         self._shared = shared_connection(redis)

@@ -37,6 +37,7 @@ from adapters.redis.client import LuaScript, shared_connection
 from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part
+from adapters.redis.readers import stop_reader
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
@@ -160,7 +161,7 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisRunDirectory(RunDirectory):
-    def __init__(self, redis: Redis, *, max_log_length: int = 10_000) -> None:
+    def __init__(self, redis: Redis, *, max_log_length: int) -> None:
         self._redis = redis
         self._max_log_length = max_log_length
         # Admission and close are on every run's path: they go through the shared connection.
@@ -360,9 +361,7 @@ class RedisRunFollower(RunFollower):
         return list(replies or ())  # None: the XREAD timed out
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        await stop_reader(self._reader)
 
 
 CancelHandler = Callable[[str, str], object]
@@ -410,6 +409,4 @@ class RedisRunControl(RunControl):
                     await pubsub.aclose()
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        await stop_reader(self._listener)

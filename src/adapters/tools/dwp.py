@@ -224,10 +224,10 @@ class DwpRequestTool(Tool):
         base_url: str,
         *,
         client: httpx.AsyncClient | None = None,
-        timeout_seconds: float = 15.0,
-        max_response_bytes: int = 65536,
+        timeout_seconds: float,
+        max_response_bytes: int,
         allowed_methods: Collection[str] = ALL_METHODS,
-        now: Callable[[], float] = time.time,
+        now: Callable[[], float],
     ) -> None:
         self._now = now
         if timeout_seconds <= 0:
@@ -423,12 +423,13 @@ def dwp_tools(
     base_url: str | None,
     *,
     client: httpx.AsyncClient | None = None,
-    timeout_seconds: float = 15.0,
-    max_response_bytes: int = 65536,
+    timeout_seconds: float,
+    max_response_bytes: int,
     allowed_methods: Collection[str] = ALL_METHODS,
+    now: Callable[[], float],
 ) -> list[Tool]:
     """The DWP tool when a backend is configured; none (the model is not offered it) otherwise."""
     if base_url is None or not base_url.strip():
         return []
     return [DwpRequestTool(base_url, client=client, timeout_seconds=timeout_seconds,
-                           max_response_bytes=max_response_bytes, allowed_methods=allowed_methods)]
+                           max_response_bytes=max_response_bytes, allowed_methods=allowed_methods, now=now)]

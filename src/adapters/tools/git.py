@@ -699,8 +699,8 @@ class GitCommitTool(GitTool):
 def git_tools(
     workspace: Workspace,
     *,
-    timeout_seconds: float = 10.0,
-    max_output_bytes: int = 65536,
+    timeout_seconds: float,
+    max_output_bytes: int,
     author_name: str = "Aura",
     author_email: str = "aura@localhost",
 ) -> list[Tool]:

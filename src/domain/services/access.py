@@ -72,7 +72,7 @@ class RunAccess:
     def __init__(self, runs: RunService, directory: RunDirectory, event_log: EventLog, follower: RunFollower,
                  control: RunControl, clock: Clock, *,
                  conversations: ConversationStore | None = None, approvals: ApprovalStore | None = None,
-                 retention_seconds: int = 3600) -> None:
+                 retention_seconds: int) -> None:
         self._runs = runs
         self._approvals = approvals
         self._retention_seconds = retention_seconds
@@ -87,7 +87,7 @@ class RunAccess:
     async def start(self, principal: Principal, request: RunRequest, *, trace_id: str | None,
                     idempotency: tuple[str, str] | None = None, fingerprint: str = "",
                     resume_run_id: str | None = None, after_seq: int = 0,
-                    heartbeat_seconds: float = 15.0, retention_seconds: int = 3600) -> Started | Attached:
+                    heartbeat_seconds: float) -> Started | Attached:
         """Start a run, or attach to the run a retried POST already started, so that a retry never
         runs the agent twice: the run its Last-Event-ID names (`resume_run_id`: this user's, asked
         with the same body, on any instance), or the run of an Idempotency-Key this user already
@@ -102,7 +102,7 @@ class RunAccess:
         if idempotency is not None:
             key, fingerprint = idempotency
             claim = await self._directory.claim_idempotency(principal.tenant_id, principal.user_id, key, ids.run_id,
-                                                            fingerprint, retention_seconds)
+                                                            fingerprint, self._retention_seconds)
             if claim is not None:
                 if claim.fingerprint != fingerprint:
                     raise IdempotencyKeyReused("This Idempotency-Key was used with a different request body.")

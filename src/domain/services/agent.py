@@ -16,7 +16,6 @@ from domain.model.chat import (
     ChatMessage,
     ChatRequest,
     ContentDelta,
-    EstimatedModelProfile,
     Finish,
     ModelChunk,
     ModelProfile,
@@ -45,16 +44,16 @@ RESULT_FOR_MODEL_CHARS = 8000
 # own words from an echo of Aura's instructions, which is never shown.
 THOUGHT_HOLD_CHARS = 24
 DIRECT_ANSWER = "Answer the request directly"
-# The window assumed when nothing says otherwise: every current chat model has at least this much.
-DEFAULT_CONTEXT_WINDOW = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class AgentLimits:
-    max_steps: int = 12
-    max_tool_calls: int = 24
-    max_tool_calls_per_step: int = 6
-    tool_timeout_seconds: float = 30.0
+    """Values come from the settings (app/settings.py, the one place a default is written)."""
+
+    max_steps: int
+    max_tool_calls: int
+    max_tool_calls_per_step: int
+    tool_timeout_seconds: float
 
 
 # called with the text and the reasoning a model call has written so far
@@ -65,9 +64,9 @@ _Shown = Callable[[str, str], Awaitable[None]]
 class TokenBudgets:
     """`max_tokens` of each kind of model call: a plan, one call of a step, the answer."""
 
-    plan: int = 768
-    step: int = 384
-    answer: int = 1024
+    plan: int
+    step: int
+    answer: int
 
 
 class ToolCallMode(StrEnum):
@@ -142,15 +141,15 @@ def _plan_preview(descriptions: Sequence[tuple[str, bool]]) -> str:
 
 class Agent:
     def __init__(self, model: ChatModel, tools: ToolRegistry, gate: ApprovalGate, limits: AgentLimits,
-                 telemetry: Telemetry | None = None, *, profile: ModelProfile | None = None,
-                 budgets: TokenBudgets | None = None, tool_calls: ToolCallMode = ToolCallMode.NATIVE) -> None:
-        self._telemetry = telemetry or Telemetry()
+                 telemetry: Telemetry, *, profile: ModelProfile, budgets: TokenBudgets,
+                 tool_calls: ToolCallMode) -> None:
+        self._telemetry = telemetry
         self._model = model
         self._tools = tools
         self._gate = gate
         self._limits = limits
-        self._fitter = ContextFitter(profile or EstimatedModelProfile(DEFAULT_CONTEXT_WINDOW))
-        self._budgets = budgets or TokenBudgets()
+        self._fitter = ContextFitter(profile)
+        self._budgets = budgets
         self._tool_mode = tool_calls
         self._zdict = self._pack_dictionary()
 
@@ -540,4 +539,4 @@ def _hints(run: Run) -> dict[str, Any]:
     return {"prompt": run.request.prompt, "context": run.request.agent_context()}
 
 
-__all__ = ["DEFAULT_CONTEXT_WINDOW", "Agent", "AgentLimits", "AuraError", "TokenBudgets", "ToolCallMode"]
+__all__ = ["Agent", "AgentLimits", "AuraError", "TokenBudgets", "ToolCallMode"]

@@ -24,11 +24,9 @@ audit = logging.getLogger("aura.audit")
 
 @dataclass(frozen=True, slots=True)
 class GateSettings:
-    timeout_seconds: float = 300.0
-    # How often the waiting runs' requests are re-read from the store (all of a process's at once,
-    # by its ApprovalRecheck), so a decision whose signal was lost (publisher crashed between SET
-    # and PUBLISH, Pub/Sub outage) is still seen.
-    recheck_seconds: float = 5.0
+    """Values come from the settings (app/settings.py, the one place a default is written)."""
+
+    timeout_seconds: float
 
 
 def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
@@ -46,9 +44,9 @@ def audit_line(event: str, request: ApprovalRequest, **extra: Any) -> None:
 
 class ApprovalGate:
     def __init__(self, store: ApprovalStore, bus: SignalBus, clock: Clock, ids: IdFactory,
-                 settings: GateSettings, telemetry: Telemetry | None = None,
-                 recheck: ApprovalRecheck | None = None, seal: DecisionSeal | None = None) -> None:
-        self._telemetry = telemetry or Telemetry()
+                 settings: GateSettings, telemetry: Telemetry, recheck: ApprovalRecheck,
+                 seal: DecisionSeal | None = None) -> None:
+        self._telemetry = telemetry
         # The seal Aura's API puts on its signals; without it every signal is recorded in the store.
         self._seal = seal
         self._store = store
@@ -56,8 +54,10 @@ class ApprovalGate:
         self._clock = clock
         self._ids = ids
         self._settings = settings
-        # One per process (the composition root shares it); a gate built alone gets its own.
-        self._recheck = recheck or ApprovalRecheck(store, clock, settings.recheck_seconds)
+        # One per process: every waiting run's request is re-read from the store each interval, so
+        # a decision whose signal was lost (publisher crashed between SET and PUBLISH, Pub/Sub
+        # outage) is still seen.
+        self._recheck = recheck
 
     async def await_decision(self, run: Run, step: PlanStep, tool_name: str, action_type: str,
                              args: Mapping[str, Any], message: str) -> ApprovalRequest:

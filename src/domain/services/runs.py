@@ -311,13 +311,15 @@ class RunHandle:
 
 @dataclass(frozen=True, slots=True)
 class RunLimits:
-    max_run_seconds: float = 900.0
-    watcher_buffer: int = 4096
-    lease_seconds: float = 15.0
-    retention_seconds: int = 3600
-    max_runs_per_user: int = 10
-    max_runs_per_tenant: int = 200
-    disconnect_grace_seconds: float = 30.0
+    """Values come from the settings (app/settings.py, the one place a default is written)."""
+
+    max_run_seconds: float
+    watcher_buffer: int
+    lease_seconds: float
+    retention_seconds: int
+    max_runs_per_user: int
+    max_runs_per_tenant: int
+    disconnect_grace_seconds: float
 
 
 class TooManyRuns(AuraError):
@@ -345,9 +347,9 @@ class ShuttingDown(AuraError):
 
 class RunService:
     def __init__(self, agent: Agent, clock: Clock, ids: IdFactory, event_log: EventLog, directory: RunDirectory,
-                 limits: RunLimits, instance_id: str, conversations: ConversationStore | None = None,
-                 telemetry: Telemetry | None = None, start_limiter: StartRateLimiter | None = None) -> None:
-        self._telemetry = telemetry or Telemetry()
+                 limits: RunLimits, instance_id: str, conversations: ConversationStore | None,
+                 telemetry: Telemetry, start_limiter: StartRateLimiter | None = None) -> None:
+        self._telemetry = telemetry
         self._start_limiter = start_limiter
         self._agent = agent
         self._conversations = conversations

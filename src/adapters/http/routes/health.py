@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
+from adapters.http.auth import RequestAuthenticator
 from adapters.http.event_schema import events_json_schema
 from adapters.http.problems import Problem
 from adapters.metrics.prometheus import PrometheusMetrics
@@ -14,13 +15,6 @@ from domain.model.ports import HealthProbe
 from domain.services.runs import RunService
 
 bp = Blueprint("health", __name__)
-
-
-def require_token() -> None:
-    """/metrics behind a token when configured: any valid Aura token may scrape."""
-    from quart import current_app, request
-
-    current_app.extensions["aura_authenticator"].authenticate(request)
 
 
 @bp.get("/health")
@@ -45,10 +39,12 @@ async def ready(probe: HealthProbe = Provide["health_probe"],
 @bp.get("/metrics")
 @inject
 async def metrics(exposition: PrometheusMetrics = Provide["metrics"],
-                  protected: bool = Provide["metrics_require_auth"]) -> Response:
-    """Prometheus exposition of Aura's metrics."""
+                  protected: bool = Provide["metrics_require_auth"],
+                  authenticator: RequestAuthenticator = Provide["authenticator"]) -> Response:
+    """Prometheus exposition of Aura's metrics; behind a token when configured (any valid Aura
+    token may scrape)."""
     if protected:
-        require_token()
+        authenticator.authenticate(request)
     return Response(exposition.exposition(), content_type=exposition.content_type)
 
 

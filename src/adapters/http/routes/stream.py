@@ -127,8 +127,7 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
     try:
         outcome = await access.start(principal, run_request, trace_id=g.trace_id, idempotency=idempotency,
                                      fingerprint=fingerprint, resume_run_id=resume_from.run_id,
-                                     after_seq=resume_from.seq, heartbeat_seconds=config.heartbeat_seconds,
-                                     retention_seconds=config.retention_seconds)
+                                     after_seq=resume_from.seq, heartbeat_seconds=config.heartbeat_seconds)
     except TooManyRuns as error:
         slot.release()
         raise Problem(429, error.code, error.message, headers={"Retry-After": "5"}) from None

@@ -1,0 +1,37 @@
+"""The settings model's defaults, for tests that build domain objects and adapters by hand: their
+values come from the one place a default is written (app/settings.py), through the same functions
+the container uses (app/values.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from adapters.http.streams import StreamConfig
+from adapters.models.openai_compatible import OpenAICompatibleConfig
+from adapters.system import SystemClock
+from app import values
+from app.settings import Settings
+
+DEFAULTS = Settings.model_construct()  # the model's own defaults: no environment, no settings file
+
+RUN_LIMITS = values.run_limits(DEFAULTS)
+AGENT_LIMITS = values.agent_limits(DEFAULTS.agent)
+GATE_SETTINGS = values.gate_settings(DEFAULTS.hitl)
+TOKEN_BUDGETS = values.token_budgets(DEFAULTS.model)
+TOOL_CALLS = values.tool_call_mode(DEFAULTS.model)
+EVENT_LOG = {"max_length": DEFAULTS.events.max_length, "retention_seconds": DEFAULTS.events.retention_seconds}
+THREADS = DEFAULTS.threads.model_dump()
+GIT_LIMITS = {"timeout_seconds": DEFAULTS.tools.timeout_seconds, "max_output_bytes": DEFAULTS.tools.max_output_bytes}
+DWP_LIMITS = {"timeout_seconds": DEFAULTS.tools.dwp_timeout_seconds,
+              "max_response_bytes": DEFAULTS.tools.max_output_bytes, "now": SystemClock().now}
+
+
+def stream_config(**fields: Any) -> StreamConfig:
+    return replace(values.stream_config(DEFAULTS, None), **fields)
+
+
+def model_config(**fields: Any) -> OpenAICompatibleConfig:
+    """An OpenAI-compatible adapter's config as the default settings make it, with `fields` on top."""
+    return replace(values.model_config(DEFAULTS.model.model_copy(update={"base_url": "http://model.test/v1"})),
+                   **fields)

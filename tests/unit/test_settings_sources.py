@@ -1,0 +1,43 @@
+"""Where a setting's value comes from: the model's default, else a YAML file named by
+AURA_CONFIG_FILE, else the environment, which wins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.settings import ConfigError, Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def no_aura_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("AURA_")]:
+        monkeypatch.delenv(name)
+
+
+def test_without_a_file_or_environment_every_setting_is_the_models_default() -> None:
+    loaded = load_settings()
+
+    assert loaded.model_dump(mode="json") == Settings.model_construct().model_dump(mode="json")
+
+
+def test_a_named_file_overrides_the_defaults_and_the_environment_overrides_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings_file = tmp_path / "aura.yaml"
+    settings_file.write_text("server:\n  port: 9100\n  max_body_bytes: 4096\nhitl:\n  approver_roles: [lead]\n")
+    monkeypatch.setenv("AURA_CONFIG_FILE", str(settings_file))
+    monkeypatch.setenv("AURA_SERVER__PORT", "9200")
+
+    loaded = load_settings()
+
+    assert (loaded.server.port, loaded.server.max_body_bytes, loaded.hitl.approver_roles) == (9200, 4096, ["lead"])
+    assert loaded.server.host == Settings.model_construct().server.host
+
+
+def test_a_named_file_that_is_missing_stops_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURA_CONFIG_FILE", str(tmp_path / "absent.yaml"))
+
+    with pytest.raises(ConfigError, match="does not exist or is not a file"):
+        load_settings()
