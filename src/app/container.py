@@ -18,7 +18,7 @@ from adapters.models.openai_compatible import OpenAICompatibleChatModel, OpenAIC
 from adapters.models.profile import ServerModelProfile
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import create_redis
+from adapters.redis.client import RedisClient, create_redis
 from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
@@ -29,6 +29,7 @@ from adapters.system import SecureIdFactory, SystemClock
 from adapters.tools.dwp import dwp_tools
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
+from app.embedded_redis import embedded_redis
 from app.settings import Settings
 from domain.model.approval import DecisionSeal
 from domain.model.chat import EstimatedModelProfile, ModelProfile
@@ -96,6 +97,15 @@ def _instance_id(settings: Settings) -> str:
 OFFLINE_CONTEXT_WINDOW = 10_000_000
 
 
+def _redis(settings: Settings) -> RedisClient:
+    """The Redis of `redis.url` (one server or a cluster, by its scheme); without a URL, the
+    embedded mode's in-process Redis."""
+    if settings.redis.url is None:
+        return embedded_redis()
+    return create_redis(settings.redis.url, max_connections=settings.redis.max_connections,
+                        pool_timeout_seconds=settings.redis.pool_timeout_seconds)
+
+
 def _model_config(settings: Settings) -> OpenAICompatibleConfig:
     model = settings.model
     assert model.base_url is not None  # enforced by Settings
@@ -144,9 +154,7 @@ class Container(containers.DeclarativeContainer):
     instance_id = providers.Singleton(_instance_id, settings)
     ids = providers.Singleton(SecureIdFactory)
 
-    redis = providers.Singleton(create_redis, settings.provided.redis.url,
-                                max_connections=settings.provided.redis.max_connections,
-                                pool_timeout_seconds=settings.provided.redis.pool_timeout_seconds)
+    redis = providers.Singleton(_redis, settings)
     approval_store = providers.Singleton(RedisApprovalStore, redis)
     signal_bus = providers.Singleton(RedisSignalBus, redis)
     event_log = providers.Singleton(
@@ -157,7 +165,8 @@ class Container(containers.DeclarativeContainer):
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis)
     run_directory = providers.Singleton(RedisRunDirectory, redis,
-                                        max_log_length=settings.provided.events.max_length)
+                                        max_log_length=settings.provided.events.max_length,
+                                        approvals=approval_store)
     conversations = providers.Singleton(RedisConversationStore, redis,
                                         ttl_seconds=settings.provided.threads.ttl_seconds,
                                         max_turns=settings.provided.threads.max_turns,

@@ -6,9 +6,9 @@ first retained id. The `end` entry carries a field `t`: a finished run's log ref
 append. Each append is one script (`_APPEND`) that checks, in the same step as the XADD, that the
 log holds no `end` yet, that the run's lease still names this instance (fencing: an owner that lost
 its lease cannot write) and that no *different* event holds the seq (a retried append of the same
-bytes is answered "already logged"). Appends from all runs of the process are gathered into one batch per round
-trip, written on the client's shared connection (with other runs' admissions and closes): under
-load many events cost one network exchange; alone, an event costs one. Appends are submitted
+bytes is answered "already logged"). Appends from all runs of the process are gathered into one
+pipeline per round trip (on a cluster, one write per server holding those runs): under load many
+events cost one network exchange; alone, an event costs one. Appends are submitted
 without waiting; each caller learns, through its callback and in order, when its event is stored,
 and only then hands it to clients ("logged before it is written to any client").
 """
@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from adapters.redis.client import LuaScript, pack, shared_connection
-from adapters.redis.keys import key_part
+from adapters.redis.client import RedisClient, batch, run_batch
+from adapters.redis.keys import run_key
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType
@@ -36,23 +35,24 @@ log = logging.getLogger("aura.eventlog")
 
 
 def event_log_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:events"
+    return run_key(run_id, "events")
 
 
 def snapshot_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:snapshot"
+    return run_key(run_id, "snapshot")
 
 
 def lease_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:lease"
+    return run_key(run_id, "lease")
 
 
 # The field that marks a run's terminal entry.
 TERMINAL_FIELD = b"t"
 
-# KEYS: 1 log, 2 lease, 3 snapshot
+# KEYS: 1 log, 2 lease, 3 snapshot, 4 reader (one run: one slot)
 # ARGV: 1 entry id, 2 envelope, 3 '1' for the run's `end`, 4 the owner the lease must name ('' when
-#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it)
+#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it),
+#       9 the run's tail channel (published to while another instance reads the run)
 # Reply: 'ok', 'dup' (these exact bytes are logged at this id already), 'collision' (other bytes
 # are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's)
 _APPEND = """
@@ -82,9 +82,9 @@ if type(added) == 'table' and added.err then return 'collision' end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PUBLISH', ARGV[9], ARGV[2]) end
 return 'ok'
 """
-APPEND_SCRIPT = LuaScript.of(_APPEND)
 
 
 # A run whose append failed gets only its closing events written after that: anything else would
@@ -102,13 +102,13 @@ class _PendingAppend:
 
 
 class RedisEventLog(EventLog):
-    def __init__(self, redis: Redis, *, max_length: int = 10_000, retention_seconds: int = 3600,
+    def __init__(self, redis: RedisClient, *, max_length: int = 10_000, retention_seconds: int = 3600,
                  active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None) -> None:
         self._redis = redis
         # The instance id a run's lease must name for its events to be logged (None: not checked,
         # for a log used without a run directory).
         self._owner = (owner or "").encode()
-        self._connection = shared_connection(redis)
+        self._append = redis.register_script(_APPEND)
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
@@ -155,16 +155,9 @@ class RedisEventLog(EventLog):
             written.append(item)
         if not written:
             return
-        arguments = [self._append_arguments(item, last_snapshot) for item in written]
+        calls = [self._append_call(item, last_snapshot) for item in written]
         try:
-            results = await self._connection.execute(
-                b"".join(pack(b"EVALSHA", APPEND_SCRIPT.sha, *args) for args in arguments), len(written))
-            unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if unknown:  # a restarted or flushed server: send the body once, for those only
-                again = await self._connection.execute(
-                    b"".join(pack(b"EVAL", APPEND_SCRIPT.body, *arguments[index]) for index in unknown), len(unknown))
-                for index, result in zip(unknown, again, strict=True):
-                    results[index] = result
+            results = await run_batch(self._redis, calls)
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -176,7 +169,11 @@ class RedisEventLog(EventLog):
                 _report(item, StoreUnavailable("The event log is unavailable."))
             return
         for item, result in zip(written, results, strict=True):
-            outcome = result.decode() if isinstance(result, bytes) else result
+            if isinstance(result, Exception):
+                log.warning("event log append failed: %s", type(result).__name__)
+                outcome = None
+            else:
+                outcome = result.decode() if isinstance(result, bytes) else result
             if outcome in ("ok", "dup"):  # dup: a retried append of the same event, nothing lost
                 if item.event.type is EventType.END:
                     self._closed.add(item.event.ids.run_id)
@@ -190,7 +187,8 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log refused an event."))
 
-    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]) -> list[bytes]:
+    def _append_call(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]
+                     ) -> tuple[Any, list[bytes | str], list[bytes | str]]:
         event = item.event
         run_id = event.ids.run_id
         ending = event.type is EventType.END
@@ -198,9 +196,12 @@ class RedisEventLog(EventLog):
         if item.snapshot is not None and last_snapshot[run_id] is item:
             snapshot = orjson.dumps(item.snapshot)
         log_ttl = self._retention_arg if ending else self._active_ttl_arg if event.seq == 1 else b""
-        return [b"3", event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
-                b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
-                snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl]
+        keys: list[bytes | str] = [event_log_key(run_id), lease_key(run_id), snapshot_key(run_id),
+                                   run_key(run_id, "reader")]
+        return (self._append, keys,
+                [b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
+                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl,
+                 run_key(run_id, "tail")])
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
@@ -240,7 +241,7 @@ class RedisEventLog(EventLog):
             self._closed.discard(run_id)
             return
         try:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = batch(self._redis)
             pipe.expire(event_log_key(run_id), self._retention)
             pipe.expire(snapshot_key(run_id), self._retention)
             await pipe.execute()
