@@ -1,4 +1,5 @@
-"""Two Aura instances on one real Redis: approvals, resume, idempotency, cancel, leases, limits."""
+"""Two Aura instances on one real Redis (a redis-server, and a 3-master Redis Cluster): approvals,
+resume, idempotency, cancel, leases, limits."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import redis
 
 from adapters.redis import approvals
 from tests.aura_process import AuraProcess
+from tests.conftest import Store
 from tests.redis_server import RedisServer
 from tests.sse_client import open_run
 from tests.support import bearer, check_event, git
@@ -45,9 +47,9 @@ def frames_to_events(body: str) -> list[dict[str, Any]]:
 
 
 async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path,
-        clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, store: Store) -> None:
+    clean_redis = store.client
+    a, b = instances()
     repo = stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -79,7 +81,9 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
                                       "status": "rejected", "reason": "not now", "userId": "u1",
                                       "timestamp": int(time.time())})
             clean_redis.set(f"hitl:signal:{session}", signal_json, ex=300)
-            assert clean_redis.publish(f"hitl:channel:{session}", signal_json) == 1  # one connection listens
+            # one connection listens (on a cluster PUBLISH counts the listeners of its node only)
+            assert clean_redis.publish(f"hitl:channel:{session}", signal_json) in (
+                {0, 1} if store.kind == "redis-cluster" else {1})
             events = await run.rest()
         assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "rejected"]
         assert git(repo, "log", "-1", "--format=%s") == "Add feature"  # the rejected commit does not exist
@@ -128,7 +132,7 @@ class ScriptCalls:
 
 
 @pytest.mark.parametrize("shared_key", [True, False], ids=["shared-seal-key", "own-keys"])
-async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_records_nothing(
+async def test_an_approval_on_b_is_two_script_calls_and_a_with_the_shared_key_records_nothing(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, redis_server: RedisServer,
         clean_redis: redis.Redis, shared_key: bool) -> None:
     a, b = cluster(**({"AURA_HITL__SEAL_KEY": "one-key-every-instance-shares-01"} if shared_key else {}))
@@ -147,17 +151,18 @@ async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_rec
                     pass
                 assert event is not None
             events = await run.rest()
-    # B: one script checks who may decide, decides and publishes. A: with the shared key, the
-    # signal's seal says the decision is stored; with keys of their own, A records it (one more).
-    assert scripts.calls == (["EVALSHA"] if shared_key else ["EVALSHA", "EVALSHA"])
+    # B: one script checks who may decide and decides, one updates the session. A: with the shared
+    # key, the signal's seal says the decision is stored; with keys of their own, A records it (it
+    # finds it decided and makes sure of the session: two more).
+    assert scripts.calls == ["EVALSHA"] * (2 if shared_key else 4)
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "running", "success"]
     stored = json.loads(clean_redis.get(f"hitl:request:{request_id}"))
     assert (stored["status"], stored["decidedBy"]) == ("approved", "alice")
 
 
 async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances()
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -194,9 +199,10 @@ async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(
         assert (await on_a.get(f"/aura/runs/{run_id}", headers=bearer("alice", "globex"))).status_code == 404
 
 
-async def test_trimmed_log_says_events_were_lost(cluster: Callable[..., tuple[AuraProcess, AuraProcess]],
-                                                 clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+async def test_trimmed_log_says_events_were_lost(instances: Callable[..., tuple[AuraProcess, AuraProcess]],
+                                                 store: Store) -> None:
+    clean_redis = store.client
+    a, b = instances()
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a:
         response = await on_a.post("/aura/test/stream", headers=bearer(),
                                    json={"prompt": '@answer {"text": "one two three four five", "chunks": 5}'})
@@ -216,9 +222,9 @@ async def test_trimmed_log_says_events_were_lost(cluster: Callable[..., tuple[Au
 
 
 async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path,
-        clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, store: Store) -> None:
+    clean_redis = store.client
+    a, b = instances()
     stage(e2e_workspace)
     headers = {**bearer(), "Idempotency-Key": "click-42"}
     body = {"prompt": COMMIT, "onDisconnect": "continue"}
@@ -242,8 +248,8 @@ async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
 
 
 async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, _ = cluster(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, _ = instances(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         async with open_run(client, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
@@ -266,8 +272,8 @@ async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it
 
 
 async def test_cancel_through_the_api_ends_the_run_for_every_watcher(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances()
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -294,8 +300,8 @@ async def test_cancel_through_the_api_ends_the_run_for_every_watcher(
 
 
 async def test_follower_reports_run_lost_when_the_owner_is_killed(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster(AURA_RUNS__LEASE_SECONDS="1", AURA_STREAM__HEARTBEAT_SECONDS="0.5")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances(AURA_RUNS__LEASE_SECONDS="1", AURA_STREAM__HEARTBEAT_SECONDS="0.5")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -320,8 +326,8 @@ async def test_follower_reports_run_lost_when_the_owner_is_killed(
 
 
 async def test_per_user_limit_answers_429_with_retry_after(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster(AURA_RUNS__MAX_PER_USER="2")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances(AURA_RUNS__MAX_PER_USER="2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
