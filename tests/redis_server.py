@@ -139,28 +139,30 @@ class RedisCluster:
         return [node.port for node in self.nodes]
 
 
-def start_redis_cluster(directory: Path, masters: int = CLUSTER_MASTERS) -> RedisCluster:
-    """Start twice `masters` cluster-enabled servers, join them with `redis-cli --cluster create …
-    --cluster-replicas 1` and wait until every node says the cluster is ok."""
+def start_redis_cluster(directory: Path, masters: int = CLUSTER_MASTERS, replicas: int = 1) -> RedisCluster:
+    """Start `masters` times (1 + `replicas`) cluster-enabled servers, join them with `redis-cli
+    --cluster create … --cluster-replicas <replicas>` and wait until every node says the cluster
+    is ok."""
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not on PATH: the cluster tests need it (apt-get install redis-tools)",
                     pytrace=False)
     nodes: list[RedisServer] = []
     try:
-        for index in range(masters * 2):
+        for index in range(masters * (1 + replicas)):
             node_dir = directory / f"node-{index}"
             node_dir.mkdir(parents=True, exist_ok=True)
             nodes.append(start_redis_server(
                 node_dir, free_cluster_port(), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"))
         created = subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes), "--cluster-replicas", "1",
-             "--cluster-yes"], capture_output=True, timeout=CLUSTER_FORM_TIMEOUT_SECONDS, check=False)
+            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            capture_output=True, timeout=CLUSTER_FORM_TIMEOUT_SECONDS, check=False)
         if created.returncode != 0:
             pytest.fail("redis-cli --cluster create failed:\n" + created.stdout.decode(errors="replace")
                         + created.stderr.decode(errors="replace"), pytrace=False)
-        _wait_until_cluster_ok(cli, nodes)
+        _wait_until_cluster_ok(cli, nodes, masters * replicas)
     except BaseException:
         for node in nodes:
             stop_redis_server(node)
@@ -168,14 +170,14 @@ def start_redis_cluster(directory: Path, masters: int = CLUSTER_MASTERS) -> Redi
     return RedisCluster(nodes)
 
 
-def _wait_until_cluster_ok(cli: str, nodes: list[RedisServer]) -> None:
+def _wait_until_cluster_ok(cli: str, nodes: list[RedisServer], replicas: int) -> None:
     deadline = time.monotonic() + CLUSTER_FORM_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         states = [subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
                                  timeout=5, check=False).stdout for node in nodes]
-        replicas = subprocess.run([cli, "-p", str(nodes[0].port), "cluster", "nodes"], capture_output=True,
-                                  timeout=5, check=False).stdout.count(b"slave")
-        if all(b"cluster_state:ok" in state for state in states) and replicas == len(nodes) // 2:
+        found = subprocess.run([cli, "-p", str(nodes[0].port), "cluster", "nodes"], capture_output=True,
+                               timeout=5, check=False).stdout.count(b"slave")
+        if all(b"cluster_state:ok" in state for state in states) and found == replicas:
             return
         time.sleep(0.1)
     pytest.fail("the Redis Cluster did not become ok", pytrace=False)
