@@ -7,8 +7,9 @@ append. Each append is one script (`_APPEND`) that checks, in the same step as t
 log holds no `end` yet, that the run's lease still names this instance (fencing: an owner that lost
 its lease cannot write) and that no *different* event holds the seq (a retried append of the same
 bytes is answered "already logged"). Appends from all runs of the process are gathered into one
-pipeline per round trip (on a cluster, one write per server holding those runs): under load many
-events cost one network exchange; alone, an event costs one. Appends are submitted
+batch per round trip: on one server, commands packed here and written on a connection the log
+holds (`packed.py` says why); on a cluster, a pipeline (one write per server holding those runs).
+Under load many events cost one network exchange; alone, an event costs one. Appends are submitted
 without waiting; each caller learns, through its callback and in order, when its event is stored,
 and only then hands it to clients ("logged before it is written to any client").
 """
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.client import RedisClient, batch, run_batch
 from adapters.redis.keys import run_key
+from adapters.redis.packed import PackedConnection, pack
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType
@@ -109,6 +112,10 @@ class RedisEventLog(EventLog):
         # for a log used without a run directory).
         self._owner = (owner or "").encode()
         self._append = redis.register_script(_APPEND)
+        self._append_sha = self._append.sha.encode()
+        self._packed = PackedConnection(redis) if isinstance(redis, Redis) else None
+        # Each run's keys and channel, encoded once (until its close_run).
+        self._run_keys: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
@@ -155,9 +162,8 @@ class RedisEventLog(EventLog):
             written.append(item)
         if not written:
             return
-        calls = [self._append_call(item, last_snapshot) for item in written]
         try:
-            results = await run_batch(self._redis, calls)
+            results = await self._send([self._append_arguments(item, last_snapshot) for item in written])
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -187,8 +193,35 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log refused an event."))
 
-    def _append_call(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]
-                     ) -> tuple[Any, list[bytes | str], list[bytes | str]]:
+    async def _send(self, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
+        """Each (keys, args) as an EVALSHA of the append script, in one batch; the replies in order
+        (error replies as values). A server that does not know the script (a restart, a flushed
+        cache) gets it loaded, and those calls again: they did not run."""
+        if self._packed is None:
+            return await run_batch(self._redis, [(self._append, keys, args) for keys, args in calls])
+        numkeys = b"%d" % len(calls[0][0])
+        results = await self._packed.execute(
+            b"".join(pack(b"EVALSHA", self._append_sha, numkeys, *keys, *args) for keys, args in calls), len(calls))
+        unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:
+            await self._redis.script_load(_APPEND)
+            again = await self._packed.execute(b"".join(
+                pack(b"EVALSHA", self._append_sha, numkeys, *calls[index][0], *calls[index][1]) for index in unknown),
+                len(unknown))
+            for index, result in zip(unknown, again, strict=True):
+                results[index] = result
+        return results
+
+    def _keys_of(self, run_id: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        keys = self._run_keys.get(run_id)
+        if keys is None:
+            keys = self._run_keys[run_id] = (
+                event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
+                run_key(run_id, "reader").encode(), run_key(run_id, "tail").encode())
+        return keys
+
+    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]
+                          ) -> tuple[list[bytes], list[bytes]]:
         event = item.event
         run_id = event.ids.run_id
         ending = event.type is EventType.END
@@ -196,12 +229,10 @@ class RedisEventLog(EventLog):
         if item.snapshot is not None and last_snapshot[run_id] is item:
             snapshot = orjson.dumps(item.snapshot)
         log_ttl = self._retention_arg if ending else self._active_ttl_arg if event.seq == 1 else b""
-        keys: list[bytes | str] = [event_log_key(run_id), lease_key(run_id), snapshot_key(run_id),
-                                   run_key(run_id, "reader")]
-        return (self._append, keys,
+        log_key, lease, snapshot_name, reader, tail = self._keys_of(run_id)
+        return ([log_key, lease, snapshot_name, reader],
                 [b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
-                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl,
-                 run_key(run_id, "tail")])
+                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl, tail])
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
@@ -232,6 +263,7 @@ class RedisEventLog(EventLog):
         return int(text.split("-", 1)[0])
 
     async def close_run(self, run_id: str) -> None:
+        self._run_keys.pop(run_id, None)
         self._broken.discard(run_id)
         if run_id in self._fenced:  # another writer finished the log: its retention is theirs
             self._fenced.discard(run_id)
@@ -255,6 +287,8 @@ class RedisEventLog(EventLog):
         queued, self._queue = self._queue, []
         for item in queued:  # nobody may wait forever for an append that will never be tried
             _report(item, StoreUnavailable("The event log is closed."))
+        if self._packed is not None:
+            await self._packed.aclose()
 
 
 _REFUSALS = {

@@ -5,9 +5,10 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
 - `aura:run:{runId}:meta`      JSON RunRecord; a day while running, the retention time after the end
 - `aura:run:{runId}:lease`     the owner instance id, PX lease milliseconds, renewed by the owner only
                                while it still holds it (compare and set)
-- `aura:run:{runId}:reader`    set while another instance streams the run to a client (PX a few
-                               seconds, refreshed): its owner does not cancel it for want of a reader
-                               and publishes its events on the run's tail channel
+- `aura:run:{runId}:reader`    sorted set of the follows reading the run on other instances, scored
+                               by when each lapses (ms), refreshed by each follow: while it exists
+                               the owner publishes the run's events on its tail channel, and while
+                               a member is current the owner does not cancel it for want of a reader
 - `aura:runs:active`           sorted set of running run ids, scored by when their lease lapses (ms),
                                so lost runs are found even when nobody follows them
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -141,6 +143,17 @@ return 'declared'
 """
 
 
+# KEYS: the run's reader set. ARGV: 1 this follow's lapse time (ms), 2 its token, 3 the set's TTL
+# (ms), 4 now (ms). Reply: 1 when the token was not in the set (first note, or the set lapsed:
+# events may have gone unpublished), else 0.
+_NOTE_READER = """
+local added = redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return added
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -156,6 +169,7 @@ class RedisRunDirectory(RunDirectory):
         self._renew = redis.register_script(_RENEW)
         self._close = redis.register_script(_CLOSE)
         self._declare_lost = redis.register_script(_DECLARE_LOST)
+        self._note_reader = redis.register_script(_NOTE_READER)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -294,10 +308,12 @@ class RedisRunDirectory(RunDirectory):
         return running
 
     async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
-        await self._call(self._redis.set(reader_key(run_id), b"1", px=int(ttl_seconds * 1000)))
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(ttl_seconds * 1000)
+        await self._call(self._note_reader(keys=[reader_key(run_id)], args=[now_ms + ttl_ms, "note", ttl_ms, now_ms]))
 
     async def has_reader(self, run_id: str) -> bool:
-        return bool(await self._call(self._redis.exists(reader_key(run_id))))
+        return bool(await self._call(self._redis.zcount(reader_key(run_id), int(time.time() * 1000), "+inf")))
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))
@@ -322,14 +338,15 @@ class _Follow:
 
 
 class RedisRunFollower(RunFollower):
-    """Follows runs other instances own. A follow subscribes to the run's tail channel, sets the
-    run's `reader` key (from then on the owner's append script publishes each event it logs, in
-    the same step), reads the log after its position once (XRANGE), then takes the events as they
-    are published: no command per event and none while the run is idle, beyond refreshing the
-    reader key (`SET … GET` every third of its time to live; a key found lapsed means events may
-    not have been published: the log is read again). A seq gap, or a resubscription after a lost
+    """Follows runs other instances own. A follow subscribes to the run's tail channel, adds itself
+    to the run's reader set (from then on the owner's append script publishes each event it logs,
+    in the same step), reads the log after its position once (XRANGE), then takes the events as
+    they are published: no command per event and none while the run is idle but the refresh of its
+    reader entry (one script every third of `reader_ttl_seconds`; an entry found gone means events
+    may have gone unpublished: the log is read again). A seq gap, or a resubscription after a lost
     connection, is filled from the log too. One Pub/Sub connection serves every follow of the
-    process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH)."""
+    process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
+    reader for the owner (`RunDirectory.has_reader`) until it ends."""
 
     def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
                  page: int = 500) -> None:
@@ -337,6 +354,7 @@ class RedisRunFollower(RunFollower):
         self._block_seconds = block_ms / 1000
         self._reader_ttl_ms = int(reader_ttl_seconds * 1000)
         self._page = page
+        self._note = redis.register_script(_NOTE_READER)
         self._follows: dict[str, set[_Follow]] = {}
         # channel -> the run it tails, and the confirmation of its SUBSCRIBE on the current connection
         self._runs: dict[bytes, str] = {}
@@ -346,11 +364,12 @@ class RedisRunFollower(RunFollower):
 
     async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
         follow = _Follow(after_seq)
+        token = secrets.token_hex(8)
         self._follows.setdefault(run_id, set()).add(follow)
         try:
             await self._subscribe(run_id)
             loop = asyncio.get_running_loop()
-            await self._note_reader(run_id)
+            await self._note_reader(run_id, token)
             next_note = loop.time() + self._reader_ttl_ms / 3000
             async for event in self._catch_up(run_id, follow):
                 yield event
@@ -365,7 +384,7 @@ class RedisRunFollower(RunFollower):
                 except TimeoutError:
                     if loop.time() >= next_note:
                         next_note = loop.time() + self._reader_ttl_ms / 3000
-                        if await self._note_reader(run_id):
+                        if await self._note_reader(run_id, token):
                             async for event in self._catch_up(run_id, follow):
                                 yield event
                     if loop.time() - idle_since >= self._block_seconds:
@@ -386,14 +405,19 @@ class RedisRunFollower(RunFollower):
                 followers.discard(follow)
                 if not followers:
                     del self._follows[run_id]
+            with contextlib.suppress(RedisError, OSError):  # else its entry lapses by itself
+                await self._redis.zrem(reader_key(run_id), token)
 
-    async def _note_reader(self, run_id: str) -> bool:
-        """Set the run's reader key; True when it had lapsed (events may have gone unpublished)."""
+    async def _note_reader(self, run_id: str, token: str) -> bool:
+        """Add or refresh this follow's reader entry; True when it was not there (events may have
+        gone unpublished)."""
+        now_ms = int(time.time() * 1000)
         try:
-            previous = await self._redis.set(reader_key(run_id), b"1", px=self._reader_ttl_ms, get=True)
+            added = await self._note(keys=[reader_key(run_id)],
+                                     args=[now_ms + self._reader_ttl_ms, token, self._reader_ttl_ms, now_ms])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
-        return previous is None
+        return bool(added)
 
     async def _catch_up(self, run_id: str, follow: _Follow) -> AsyncIterator[Event]:
         while True:
