@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ResponseError
 
 from adapters.redis.client import create_redis
-from adapters.redis.health import PROBE_KEY, RedisHealthProbe
+from adapters.redis.health import PROBE_KEY, SCRIPT_PROBE_KEYS, RedisHealthProbe, store_problem
 from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster, stop_redis_server
 
 pytestmark = pytest.mark.redis_server
@@ -30,8 +31,9 @@ async def test_a_healthy_cluster_is_ready_and_takes_the_probe_write(redis_cluste
     client = create_redis(redis_cluster.url)
     try:
         assert await RedisHealthProbe(client).check() is None
-        assert await client.get(PROBE_KEY) == b"1"
-        assert 0 < await client.pttl(PROBE_KEY) <= 10_000
+        for key in (PROBE_KEY, *SCRIPT_PROBE_KEYS):
+            assert await client.get(key) == b"1"
+            assert 0 < await client.pttl(key) <= 10_000
     finally:
         await client.aclose()
 
@@ -52,5 +54,19 @@ async def test_a_single_server_url_at_a_cluster_node_is_not_ready(redis_cluster:
     client = create_redis(f"redis://127.0.0.1:{redis_cluster.ports[0]}")
     try:
         assert await RedisHealthProbe(client).check() == "redis is a cluster node: use a redis+cluster:// URL"
+    finally:
+        await client.aclose()
+
+
+async def test_a_set_up_that_refuses_a_runs_script_is_not_ready(redis_cluster: RedisCluster) -> None:
+    """What a proxy without scripts, or one that spreads a hash tag over slots, answers."""
+    client = create_redis(redis_cluster.url)
+
+    async def refused(*_: object, **__: object) -> object:
+        raise ResponseError("CROSSSLOT Keys in request don't hash to the same slot")
+
+    try:
+        client.evalsha = refused  # type: ignore[method-assign]
+        assert await store_problem(client) == "redis refuses writes: CROSSSLOT"
     finally:
         await client.aclose()

@@ -54,7 +54,22 @@ async def accepts_writes(redis: RedisClient) -> str | None:
     return None
 
 
-WRITE_CHECKS: list[WriteCheck] = [cluster_mode_matches, accepts_writes]
+# Two keys under one hash tag, written by one script: what every run's atomic step needs. A proxy
+# or set-up that refuses scripts or splits one tag over two slots (CROSSSLOT) fails it.
+_SCRIPT_PROBE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+SCRIPT_PROBE_KEYS = ("aura:ready:{probe}:a", "aura:ready:{probe}:b")
+
+
+async def runs_single_slot_scripts(redis: RedisClient) -> str | None:
+    await redis.register_script(_SCRIPT_PROBE)(keys=list(SCRIPT_PROBE_KEYS), args=[b"1", PROBE_TTL_MS])
+    return None
+
+
+WRITE_CHECKS: list[WriteCheck] = [cluster_mode_matches, accepts_writes, runs_single_slot_scripts]
 
 
 async def store_problem(redis: RedisClient, checks: list[WriteCheck] | None = None) -> str | None:
@@ -98,4 +113,4 @@ def _text(value: object) -> str:
 
 
 __all__ = ["WRITE_CHECKS", "RedisHealthProbe", "WriteCheck", "accepts_writes", "cluster_mode_matches",
-           "is_cluster", "store_problem"]
+           "is_cluster", "runs_single_slot_scripts", "store_problem"]

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import RedisClient, batch, raise_error, run_batch
+from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, run_batch
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.wire import envelope_bytes, event_from_bytes
@@ -229,15 +229,26 @@ class RedisRunDirectory(RunDirectory):
         now = time.time()
         run_id = record.run_id
         lease_deadline = int((now + lease_seconds) * 1000)
+        slot_keys = [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)]
+        slot_args: list[float | int | str] = [now, now + slot_seconds, run_id, user_limit, tenant_limit,
+                                              int(slot_seconds) + 60]
         pipe = batch(self._redis)
         pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
         pipe.set(meta_key(run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
         pipe.set(lease_key(run_id), record.instance_id, px=int(lease_seconds * 1000))
-        for reply in await self._call(pipe.execute(raise_on_error=False)):
+        # One server runs a pipeline's commands in order: the slots' script can ride along. A
+        # cluster runs each server's part side by side: there it waits for the first two steps.
+        together = not is_cluster(self._redis)
+        if together:
+            pipe.evalsha(self._take_slots.sha, len(slot_keys), *slot_keys, *slot_args)
+        replies = await self._call(pipe.execute(raise_on_error=False))
+        for reply in replies[:3]:
             self._raise(reply)
-        result = await self._call(self._take_slots(
-            keys=[user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)],
-            args=[now, now + slot_seconds, run_id, user_limit, tenant_limit, int(slot_seconds) + 60]))
+        if together and not isinstance(replies[3], NoScriptError):
+            self._raise(replies[3])
+            result = replies[3]
+        else:  # a cluster, or a server that does not know the script yet (it is loaded now)
+            result = await self._call(self._take_slots(keys=slot_keys, args=slot_args))
         text = _text(result)
         if text == "ok":
             return None
@@ -460,12 +471,16 @@ class RedisRunFollower(RunFollower):
             try:
                 if self._confirmed:
                     await pubsub.subscribe(*self._confirmed)
+                loop = asyncio.get_running_loop()
+                tidy_at = loop.time() + self._block_seconds
                 while self._confirmed:
                     message = await pubsub.get_message(timeout=self._block_seconds)
                     backoff = 0.1
                     if message is not None:
                         self._dispatch(message)
-                    await self._unsubscribe_unfollowed(pubsub)
+                    if message is None or loop.time() >= tidy_at:  # not once per message
+                        tidy_at = loop.time() + self._block_seconds
+                        await self._unsubscribe_unfollowed(pubsub)
             except (RedisError, OSError):
                 log.warning("run follower: lost the tail channels; resubscribing")
                 await asyncio.sleep(backoff)
