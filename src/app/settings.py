@@ -65,7 +65,9 @@ class ServerSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    url: str | None = Field(None, description="redis:// URL; unset = in-process Redis (fakeredis).")
+    url: str | None = Field(None, description="redis://, rediss://, unix:// (one server) or "
+                            "redis+cluster://host:port[,host:port…], rediss+cluster://… (a cluster's seed "
+                            "nodes); unset = in-process Redis (fakeredis).")
     max_connections: int = Field(256, ge=4, description="Connection pool size (one is held for the shared hot-path "
                                  "writes); a command waits for a free one.")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="How long a command waits for a pooled connection.")

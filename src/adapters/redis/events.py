@@ -6,9 +6,10 @@ first retained id. The `end` entry carries a field `t`: a finished run's log ref
 append. Each append is one script (`_APPEND`) that checks, in the same step as the XADD, that the
 log holds no `end` yet, that the run's lease still names this instance (fencing: an owner that lost
 its lease cannot write) and that no *different* event holds the seq (a retried append of the same
-bytes is answered "already logged"). Appends from all runs of the process are gathered into one batch per round
-trip, written on the client's shared connection (with other runs' admissions and closes): under
-load many events cost one network exchange; alone, an event costs one. Appends are submitted
+bytes is answered "already logged"). Appends from all runs of the process are gathered into one
+batch per round trip: on one server, commands packed here and written on a connection the log
+holds (`packed.py` says why); on a cluster, a pipeline (one write per server holding those runs).
+Under load many events cost one network exchange; alone, an event costs one. Appends are submitted
 without waiting; each caller learns, through its callback and in order, when its event is stored,
 and only then hands it to clients ("logged before it is written to any client").
 """
@@ -25,8 +26,9 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from adapters.redis.client import LuaScript, pack, shared_connection
-from adapters.redis.keys import key_part
+from adapters.redis.client import RedisClient, batch, run_batch
+from adapters.redis.keys import run_key
+from adapters.redis.packed import PackedConnection, pack
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType
@@ -36,23 +38,24 @@ log = logging.getLogger("aura.eventlog")
 
 
 def event_log_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:events"
+    return run_key(run_id, "events")
 
 
 def snapshot_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:snapshot"
+    return run_key(run_id, "snapshot")
 
 
 def lease_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:lease"
+    return run_key(run_id, "lease")
 
 
 # The field that marks a run's terminal entry.
 TERMINAL_FIELD = b"t"
 
-# KEYS: 1 log, 2 lease, 3 snapshot
+# KEYS: 1 log, 2 lease, 3 snapshot, 4 reader (one run: one slot)
 # ARGV: 1 entry id, 2 envelope, 3 '1' for the run's `end`, 4 the owner the lease must name ('' when
-#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it)
+#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it),
+#       9 the run's tail channel (published to while another instance reads the run)
 # Reply: 'ok', 'dup' (these exact bytes are logged at this id already), 'collision' (other bytes
 # are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's)
 _APPEND = """
@@ -82,9 +85,9 @@ if type(added) == 'table' and added.err then return 'collision' end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PUBLISH', ARGV[9], ARGV[2]) end
 return 'ok'
 """
-APPEND_SCRIPT = LuaScript.of(_APPEND)
 
 
 # A run whose append failed gets only its closing events written after that: anything else would
@@ -102,13 +105,17 @@ class _PendingAppend:
 
 
 class RedisEventLog(EventLog):
-    def __init__(self, redis: Redis, *, max_length: int, retention_seconds: int,
+    def __init__(self, redis: RedisClient, *, max_length: int, retention_seconds: int,
                  active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None) -> None:
         self._redis = redis
         # The instance id a run's lease must name for its events to be logged (None: not checked,
         # for a log used without a run directory).
         self._owner = (owner or "").encode()
-        self._connection = shared_connection(redis)
+        self._append = redis.register_script(_APPEND)
+        self._append_sha = self._append.sha.encode()
+        self._packed = PackedConnection(redis) if isinstance(redis, Redis) else None
+        # Each run's keys and channel, encoded once (until its close_run).
+        self._run_keys: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
@@ -155,16 +162,8 @@ class RedisEventLog(EventLog):
             written.append(item)
         if not written:
             return
-        arguments = [self._append_arguments(item, last_snapshot) for item in written]
         try:
-            results = await self._connection.execute(
-                b"".join(pack(b"EVALSHA", APPEND_SCRIPT.sha, *args) for args in arguments), len(written))
-            unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if unknown:  # a restarted or flushed server: send the body once, for those only
-                again = await self._connection.execute(
-                    b"".join(pack(b"EVAL", APPEND_SCRIPT.body, *arguments[index]) for index in unknown), len(unknown))
-                for index, result in zip(unknown, again, strict=True):
-                    results[index] = result
+            results = await self._send([self._append_arguments(item, last_snapshot) for item in written])
         except asyncio.CancelledError:
             for item in written:
                 _report(item, StoreUnavailable("The event log is closed."))
@@ -176,7 +175,11 @@ class RedisEventLog(EventLog):
                 _report(item, StoreUnavailable("The event log is unavailable."))
             return
         for item, result in zip(written, results, strict=True):
-            outcome = result.decode() if isinstance(result, bytes) else result
+            if isinstance(result, Exception):
+                log.warning("event log append failed: %s", type(result).__name__)
+                outcome = None
+            else:
+                outcome = result.decode() if isinstance(result, bytes) else result
             if outcome in ("ok", "dup"):  # dup: a retried append of the same event, nothing lost
                 if item.event.type is EventType.END:
                     self._closed.add(item.event.ids.run_id)
@@ -190,7 +193,35 @@ class RedisEventLog(EventLog):
                 self._broken.add(item.event.ids.run_id)
                 _report(item, StoreUnavailable("The event log refused an event."))
 
-    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]) -> list[bytes]:
+    async def _send(self, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
+        """Each (keys, args) as an EVALSHA of the append script, in one batch; the replies in order
+        (error replies as values). A server that does not know the script (a restart, a flushed
+        cache) gets it loaded, and those calls again: they did not run."""
+        if self._packed is None:
+            return await run_batch(self._redis, [(self._append, keys, args) for keys, args in calls])
+        numkeys = b"%d" % len(calls[0][0])
+        results = await self._packed.execute(
+            b"".join(pack(b"EVALSHA", self._append_sha, numkeys, *keys, *args) for keys, args in calls), len(calls))
+        unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:
+            await self._redis.script_load(_APPEND)
+            again = await self._packed.execute(b"".join(
+                pack(b"EVALSHA", self._append_sha, numkeys, *calls[index][0], *calls[index][1]) for index in unknown),
+                len(unknown))
+            for index, result in zip(unknown, again, strict=True):
+                results[index] = result
+        return results
+
+    def _keys_of(self, run_id: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        keys = self._run_keys.get(run_id)
+        if keys is None:
+            keys = self._run_keys[run_id] = (
+                event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
+                run_key(run_id, "reader").encode(), run_key(run_id, "tail").encode())
+        return keys
+
+    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]
+                          ) -> tuple[list[bytes], list[bytes]]:
         event = item.event
         run_id = event.ids.run_id
         ending = event.type is EventType.END
@@ -198,9 +229,10 @@ class RedisEventLog(EventLog):
         if item.snapshot is not None and last_snapshot[run_id] is item:
             snapshot = orjson.dumps(item.snapshot)
         log_ttl = self._retention_arg if ending else self._active_ttl_arg if event.seq == 1 else b""
-        return [b"3", event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
-                b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
-                snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl]
+        log_key, lease, snapshot_name, reader, tail = self._keys_of(run_id)
+        return ([log_key, lease, snapshot_name, reader],
+                [b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
+                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl, tail])
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         try:
@@ -231,6 +263,7 @@ class RedisEventLog(EventLog):
         return int(text.split("-", 1)[0])
 
     async def close_run(self, run_id: str) -> None:
+        self._run_keys.pop(run_id, None)
         self._broken.discard(run_id)
         if run_id in self._fenced:  # another writer finished the log: its retention is theirs
             self._fenced.discard(run_id)
@@ -240,7 +273,7 @@ class RedisEventLog(EventLog):
             self._closed.discard(run_id)
             return
         try:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = batch(self._redis)
             pipe.expire(event_log_key(run_id), self._retention)
             pipe.expire(snapshot_key(run_id), self._retention)
             await pipe.execute()
@@ -254,6 +287,8 @@ class RedisEventLog(EventLog):
         queued, self._queue = self._queue, []
         for item in queued:  # nobody may wait forever for an append that will never be tried
             _report(item, StoreUnavailable("The event log is closed."))
+        if self._packed is not None:
+            await self._packed.aclose()
 
 
 _REFUSALS = {
