@@ -107,7 +107,7 @@ def kept_bytes(master: redis.Redis, run_ids: list[str]) -> dict[str, float]:
     """Mean MEMORY USAGE per finished run, by kind of key (`run_ids`: every run since the flush)."""
     kinds: dict[str, int] = {}
     for run_id in run_ids:
-        for key in master.scan_iter(match=f"aura:run:{run_id}:*", count=1000):
+        for key in master.scan_iter(match=f"aura:run:{{{run_id}}}:*", count=1000):
             kind = key.decode().rsplit(":", 1)[1]
             kinds[f"run {kind}"] = kinds.get(f"run {kind}", 0) + int(master.memory_usage(key, samples=0) or 0)
     for pattern, kind in (("aura:threads:*:turns", "thread turns"), ("aura:threads:*:bytes", "user thread bytes"),

@@ -9,6 +9,9 @@ from typing import Any
 
 from adapters.http.streams import StreamConfig
 from adapters.models.openai_compatible import OpenAICompatibleConfig
+from adapters.redis.approvals import RedisApprovalStore
+from adapters.redis.client import RedisClient, create_redis
+from adapters.redis.runs import RedisRunDirectory
 from adapters.system import SystemClock
 from app import values
 from app.settings import Settings
@@ -35,3 +38,15 @@ def model_config(**fields: Any) -> OpenAICompatibleConfig:
     """An OpenAI-compatible adapter's config as the default settings make it, with `fields` on top."""
     return replace(values.model_config(DEFAULTS.model.model_copy(update={"base_url": "http://model.test/v1"})),
                    **fields)
+
+
+def client_of(url: str, **options: Any) -> RedisClient:
+    """A client of `url` with the default settings' pool, `options` on top."""
+    pool = {"max_connections": DEFAULTS.redis.max_connections,
+            "pool_timeout_seconds": DEFAULTS.redis.pool_timeout_seconds}
+    return create_redis(url, **(pool | options))
+
+
+def run_directory(redis: RedisClient) -> RedisRunDirectory:
+    """A run directory as the container builds it, over `redis`."""
+    return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis))

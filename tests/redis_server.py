@@ -1,4 +1,6 @@
-"""A real `redis-server` for tests: started on a free port, without persistence, killed at the end.
+"""A real `redis-server` for tests: started on a free port, without persistence, killed at the end;
+and a real Redis Cluster of 3 masters and 3 replicas made of such servers (`redis-cli --cluster
+create`).
 
 Used by the integration tests (next to fakeredis) and by the end-to-end tests of several Aura
 instances. A missing binary fails the run: these tests exist to prove Aura against the real thing.
@@ -7,6 +9,7 @@ instances. A missing binary fails the run: these tests exist to prove Aura again
 from __future__ import annotations
 
 import os
+import random
 import selectors
 import shutil
 import socket
@@ -26,6 +29,26 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port below 55536 whose cluster bus port (+10000) is free too, picked at random (below
+    the kernel's ephemeral range, so no client connection takes it meanwhile)."""
+    chooser = random.SystemRandom()
+    for _ in range(1000):
+        port = chooser.randrange(20_000, 28_000)
+        if _is_free(port) and _is_free(port + 10_000):
+            return port
+    pytest.fail("no free port pair for a cluster node", pytrace=False)
 
 
 @dataclass
@@ -70,9 +93,7 @@ def _drain(process: subprocess.Popen[bytes]) -> None:
         pass
 
 
-
-
-def start_redis_server(directory: Path, port: int | None = None) -> RedisServer:
+def start_redis_server(directory: Path, port: int | None = None, *extra: str) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not on PATH: these tests need a real server "
@@ -80,7 +101,7 @@ def start_redis_server(directory: Path, port: int | None = None) -> RedisServer:
     port = port or free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--logfile", "", "--daemonize", "no"],
+         "--dir", str(directory), "--logfile", "", "--daemonize", "no", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     _wait_until_ready(process)
@@ -97,3 +118,85 @@ def restart_redis_server(server: RedisServer) -> RedisServer:
     """Kill the server and start a new, empty one on the same port (an outage and a recovery)."""
     stop_redis_server(server)
     return start_redis_server(server.directory, server.port)
+
+
+CLUSTER_MASTERS = 3
+CLUSTER_FORM_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class RedisCluster:
+    """3 masters and 3 replicas on loopback; `url` is Aura's (every node a seed)."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+
+def start_redis_cluster(directory: Path, masters: int = CLUSTER_MASTERS, replicas: int = 1) -> RedisCluster:
+    """Start `masters` times (1 + `replicas`) cluster-enabled servers, join them with `redis-cli
+    --cluster create … --cluster-replicas <replicas>` and wait until every node says the cluster
+    is ok."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli is not on PATH: the cluster tests need it (apt-get install redis-tools)",
+                    pytrace=False)
+    nodes: list[RedisServer] = []
+    try:
+        for index in range(masters * (1 + replicas)):
+            node_dir = directory / f"node-{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            nodes.append(start_redis_server(
+                node_dir, free_cluster_port(), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"))
+        created = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            capture_output=True, timeout=CLUSTER_FORM_TIMEOUT_SECONDS, check=False)
+        if created.returncode != 0:
+            pytest.fail("redis-cli --cluster create failed:\n" + created.stdout.decode(errors="replace")
+                        + created.stderr.decode(errors="replace"), pytrace=False)
+        _wait_until_cluster_ok(cli, nodes, masters * replicas)
+    except BaseException:
+        for node in nodes:
+            stop_redis_server(node)
+        raise
+    return RedisCluster(nodes)
+
+
+def _wait_until_cluster_ok(cli: str, nodes: list[RedisServer], replicas: int) -> None:
+    deadline = time.monotonic() + CLUSTER_FORM_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        states = [subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
+                                 timeout=5, check=False).stdout for node in nodes]
+        found = subprocess.run([cli, "-p", str(nodes[0].port), "cluster", "nodes"], capture_output=True,
+                               timeout=5, check=False).stdout.count(b"slave")
+        if all(b"cluster_state:ok" in state for state in states) and found == replicas:
+            return
+        time.sleep(0.1)
+    pytest.fail("the Redis Cluster did not become ok", pytrace=False)
+
+
+def stop_redis_cluster(cluster: RedisCluster) -> None:
+    for node in cluster.nodes:
+        stop_redis_server(node)
+
+
+def flush_redis_cluster(cluster: RedisCluster) -> None:
+    """Empty every master (replicas follow) and forget every Lua script, as a fresh cluster."""
+    import redis
+
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port)
+        try:
+            if client.info("replication")["role"] == "master":
+                client.flushall()
+                client.script_flush()
+        finally:
+            client.close()

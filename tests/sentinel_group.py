@@ -130,6 +130,12 @@ def start_replica(directory: Path, master: RedisServer) -> RedisServer:
         client.config_set("repl-diskless-sync-delay", 0)  # it is the master after a failover
         client.execute_command("REPLICAOF", "127.0.0.1", str(master.port))
         wait_for(lambda: client.info("replication")["master_link_status"] == "up", "the replica to sync")
+    with redis.Redis(host="127.0.0.1", port=master.port) as client:
+        # A replica whose link is up may take a while more to apply the master's stream (offset
+        # 0 for up to a second here): until it does, every WAIT for it times out.
+        wait_for(lambda: client.set("aura:test:replicating", b"1") and client.execute_command("WAIT", 1, 100) == 1,
+                 "the replica to confirm a write")
+        client.delete("aura:test:replicating")
     return replica
 
 

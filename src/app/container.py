@@ -11,7 +11,6 @@ from typing import TypeVar
 
 import httpx
 from dependency_injector import containers, providers
-from redis.asyncio import Redis
 
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.routes.console import ConsoleConfig
@@ -21,7 +20,7 @@ from adapters.models.openai_compatible import OpenAICompatibleChatModel
 from adapters.models.profile import ServerModelProfile
 from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import create_redis
+from adapters.redis.client import RedisClient, close_redis, create_redis
 from adapters.redis.conversations import RedisConversationStore
 from adapters.redis.durability import replica_confirmation
 from adapters.redis.events import RedisEventLog
@@ -34,6 +33,7 @@ from adapters.tools.dwp import dwp_tools
 from adapters.tools.git import git_tools
 from adapters.tools.workspace import Workspace
 from app import values
+from app.embedded_redis import embedded_redis
 from app.settings import ModelSettings, RedisSettings, Settings, ThreadSettings
 from domain.model.approval import DecisionSeal
 from domain.model.chat import EstimatedModelProfile, ModelProfile
@@ -138,18 +138,17 @@ def _closed_at_shutdown(closing: AsyncExitStack, resource: _Closable, close: str
     return resource
 
 
-def _redis(settings: RedisSettings, closing: AsyncExitStack) -> Redis:
-    redis = create_redis(settings.url, max_connections=settings.max_connections,
-                         pool_timeout_seconds=settings.pool_timeout_seconds)
-    # The client does not own the pool it was given: closing it alone would leave the connections open.
-    closing.push_async_callback(redis.aclose, close_connection_pool=True)
-    sentinels = getattr(redis.connection_pool, "sentinel_manager", None)
-    if sentinels is not None:  # redis+sentinel://: the clients of the sentinels, closed after the master's
-        closing.push_async_callback(sentinels.aclose)
+def _redis(settings: RedisSettings, closing: AsyncExitStack) -> RedisClient:
+    """The Redis of `redis.url` (one server, a cluster or a Sentinel group's master, by its scheme);
+    without a URL, the embedded mode's in-process Redis. Closed at shutdown with every connection it
+    opened (under Sentinel, the sentinels' too)."""
+    redis = embedded_redis() if settings.url is None else create_redis(
+        settings.url, max_connections=settings.max_connections, pool_timeout_seconds=settings.pool_timeout_seconds)
+    closing.push_async_callback(close_redis, redis)
     return redis
 
 
-def _conversations(redis: Redis, threads: ThreadSettings) -> RedisConversationStore:
+def _conversations(redis: RedisClient, threads: ThreadSettings) -> RedisConversationStore:
     return RedisConversationStore(redis, **threads.model_dump())
 
 
@@ -178,7 +177,8 @@ class Container(containers.DeclarativeContainer):
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis,
                                        required_replicas=settings.provided.redis.confirming_replicas)
-    run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length)
+    run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
+                                        approvals=approval_store)
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
                                         limit=settings.provided.runs.max_starts_per_window,

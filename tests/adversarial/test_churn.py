@@ -87,7 +87,7 @@ async def test_a_thousand_rapid_connect_disconnects_leak_nothing(
             metrics = (await client.get("/metrics")).text
             left = {name: gauge(metrics, name) for name in
                     ("aura_runs_active", "aura_open_streams", "aura_approval_waits_open")}
-            slots = store.zcard("aura:slots:user:acme:alice") + store.zcard("aura:slots:tenant:acme")
+            slots = store.zcard("aura:slots:{acme}:user:alice") + store.zcard("aura:slots:{acme}:tenant")
             channels = store.pubsub_channels("hitl:channel:*")
             if not any(left.values()) and slots == 0 and not channels:
                 break

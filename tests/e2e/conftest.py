@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from tests.aura_process import AuraProcess
+from tests.conftest import Store
 from tests.redis_server import RedisServer
 from tests.support import make_repo
 
@@ -40,5 +41,15 @@ def cluster(start_aura: Callable[..., AuraProcess], redis_server: RedisServer,
     def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
         a = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-a", **env})
         b = start_aura(redis_url=redis_server.url, env={"AURA_RUNS__INSTANCE_ID": "aura-b", **env})
+        return a, b
+    return start
+
+
+@pytest.fixture
+def instances(start_aura: Callable[..., AuraProcess], store: Store) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
+    """Two Aura instances on one Redis: once a redis-server, once a 3-master Redis Cluster."""
+    def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
+        a = start_aura(redis_url=store.url, env={"AURA_RUNS__INSTANCE_ID": "aura-a", **env})
+        b = start_aura(redis_url=store.url, env={"AURA_RUNS__INSTANCE_ID": "aura-b", **env})
         return a, b
     return start

@@ -1,8 +1,10 @@
-"""Two Aura instances on one real Redis: approvals, resume, idempotency, cancel, leases, limits."""
+"""Two Aura instances on one real Redis (a redis-server, and a 3-master Redis Cluster): approvals,
+resume, idempotency, cancel, leases, limits."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import socket
@@ -17,8 +19,8 @@ import pytest
 import redis
 
 from adapters.redis import approvals
-from adapters.redis.client import LuaScript
 from tests.aura_process import AuraProcess
+from tests.conftest import Store
 from tests.redis_server import RedisServer
 from tests.sse_client import open_run
 from tests.support import bearer, check_event, git
@@ -45,9 +47,9 @@ def frames_to_events(body: str) -> list[dict[str, Any]]:
 
 
 async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path,
-        clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, store: Store) -> None:
+    clean_redis = store.client
+    a, b = instances()
     repo = stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -79,7 +81,9 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
                                       "status": "rejected", "reason": "not now", "userId": "u1",
                                       "timestamp": int(time.time())})
             clean_redis.set(f"hitl:signal:{session}", signal_json, ex=300)
-            assert clean_redis.publish(f"hitl:channel:{session}", signal_json) == 1  # one connection listens
+            # one connection listens (on a cluster PUBLISH counts the listeners of its node only)
+            assert clean_redis.publish(f"hitl:channel:{session}", signal_json) in (
+                {0, 1} if store.kind == "redis-cluster" else {1})
             events = await run.rest()
         assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "rejected"]
         assert git(repo, "log", "-1", "--format=%s") == "Add feature"  # the rejected commit does not exist
@@ -88,7 +92,8 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
         assert (decided["status"], decided["decidedBy"], decided["reason"]) == ("rejected", None, "not now")
 
 
-APPROVAL_SCRIPTS = {LuaScript.of(body).sha.decode() for body in (approvals._DECIDE, approvals._DECIDE_IN_PLACE)}
+APPROVAL_SCRIPTS = {hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
+                    for body in (approvals._SWAP, approvals._DECIDE_IN_PLACE)}
 
 
 class ScriptCalls:
@@ -127,12 +132,12 @@ class ScriptCalls:
 
 
 @pytest.mark.parametrize("shared_key", [True, False], ids=["shared-seal-key", "own-keys"])
-async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_records_nothing(
+async def test_an_approval_on_b_is_two_script_calls_and_a_with_the_shared_key_records_nothing(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, redis_server: RedisServer,
         clean_redis: redis.Redis, shared_key: bool) -> None:
     a, b = cluster(**({"AURA_HITL__SEAL_KEY": "one-key-every-instance-shares-01"} if shared_key else {}))
     stage(e2e_workspace)
-    for body in (approvals._DECIDE, approvals._DECIDE_IN_PLACE):  # known to the server: each call is one EVALSHA
+    for body in (approvals._SWAP, approvals._DECIDE_IN_PLACE):  # known to the server: each call is one EVALSHA
         clean_redis.script_load(body)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -146,17 +151,18 @@ async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_rec
                     pass
                 assert event is not None
             events = await run.rest()
-    # B: one script checks who may decide, decides and publishes. A: with the shared key, the
-    # signal's seal says the decision is stored; with keys of their own, A records it (one more).
-    assert scripts.calls == (["EVALSHA"] if shared_key else ["EVALSHA", "EVALSHA"])
+    # B: one script checks who may decide and decides, one updates the session. A: with the shared
+    # key, the signal's seal says the decision is stored; with keys of their own, A records it (it
+    # finds it decided and makes sure of the session: two more).
+    assert scripts.calls == ["EVALSHA"] * (2 if shared_key else 4)
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "running", "success"]
     stored = json.loads(clean_redis.get(f"hitl:request:{request_id}"))
     assert (stored["status"], stored["decidedBy"]) == ("approved", "alice")
 
 
 async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances()
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -193,15 +199,16 @@ async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(
         assert (await on_a.get(f"/aura/runs/{run_id}", headers=bearer("alice", "globex"))).status_code == 404
 
 
-async def test_trimmed_log_says_events_were_lost(cluster: Callable[..., tuple[AuraProcess, AuraProcess]],
-                                                 clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+async def test_trimmed_log_says_events_were_lost(instances: Callable[..., tuple[AuraProcess, AuraProcess]],
+                                                 store: Store) -> None:
+    clean_redis = store.client
+    a, b = instances()
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a:
         response = await on_a.post("/aura/test/stream", headers=bearer(),
                                    json={"prompt": '@answer {"text": "one two three four five", "chunks": 5}'})
         run_id = response.headers["x-aura-run-id"]
         total = len(frames_to_events(response.text))
-    clean_redis.xtrim(f"aura:run:{run_id}:events", minid=f"{total - 2}-0", approximate=False)  # keep 3
+    clean_redis.xtrim(f"aura:run:{{{run_id}}}:events", minid=f"{total - 2}-0", approximate=False)  # keep 3
     async with httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
         body = (await on_b.get(f"/aura/runs/{run_id}/events", headers={**bearer(), "Last-Event-ID": "2"})).text
     blocks = body.split("\n\n")
@@ -215,9 +222,8 @@ async def test_trimmed_log_says_events_were_lost(cluster: Callable[..., tuple[Au
 
 
 async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path,
-        clean_redis: redis.Redis) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, store: Store) -> None:
+    a, b = instances()
     stage(e2e_workspace)
     headers = {**bearer(), "Idempotency-Key": "click-42"}
     body = {"prompt": COMMIT, "onDisconnect": "continue"}
@@ -234,15 +240,15 @@ async def test_retried_post_with_the_same_idempotency_key_runs_the_agent_once(
             events = await retry.rest()
         assert sum(1 for e in events if e["type"] == "start") == 1
         assert sum(1 for e in events if e["type"] == "hitl") == 1
-        assert len(clean_redis.keys("hitl:request:*")) == 1
-        assert len(clean_redis.keys("aura:run:*:meta")) == 1
+        assert len(store.keys("hitl:request:*")) == 1
+        assert len(store.keys("aura:run:*:meta")) == 1
         changed = await on_a.post("/aura/test/stream", json={"prompt": "something else"}, headers=headers)
         assert changed.status_code == 422 and changed.json()["code"] == "idempotency_key_reused"
 
 
 async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, _ = cluster(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, _ = instances(AURA_STREAM__DISCONNECT_GRACE_SECONDS="0.2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         async with open_run(client, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
@@ -265,8 +271,8 @@ async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it
 
 
 async def test_cancel_through_the_api_ends_the_run_for_every_watcher(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances()
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -293,8 +299,8 @@ async def test_cancel_through_the_api_ends_the_run_for_every_watcher(
 
 
 async def test_follower_reports_run_lost_when_the_owner_is_killed(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster(AURA_RUNS__LEASE_SECONDS="1", AURA_STREAM__HEARTBEAT_SECONDS="0.5")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances(AURA_RUNS__LEASE_SECONDS="1", AURA_STREAM__HEARTBEAT_SECONDS="0.5")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
@@ -319,8 +325,8 @@ async def test_follower_reports_run_lost_when_the_owner_is_killed(
 
 
 async def test_per_user_limit_answers_429_with_retry_after(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
-    a, b = cluster(AURA_RUNS__MAX_PER_USER="2")
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
+    a, b = instances(AURA_RUNS__MAX_PER_USER="2")
     stage(e2e_workspace)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:

@@ -191,7 +191,7 @@ def check_one_run(result: dict[str, Any], store: redis.Redis, status: str = "com
     assert [e["type"] for e in events].count("end") == 1 and events[-1]["type"] == "end"
     assert events[-1]["data"]["status"] == status
     assert len({e["runId"] for e in events}) == 1
-    assert store.keys("aura:run:*:meta") == [f"aura:run:{events[0]['runId']}:meta".encode()]
+    assert store.keys("aura:run:*:meta") == [f"aura:run:{{{events[0]['runId']}}}:meta".encode()]
     return events
 
 

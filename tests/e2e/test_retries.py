@@ -53,7 +53,7 @@ async def test_a_post_retried_with_its_last_event_id_resumes_that_run_on_the_oth
         seqs = [e["seq"] for e in seen + rest]
         assert seqs == list(range(1, len(seqs) + 1))
         assert [e["type"] for e in seen + rest].count("end") == 1 and rest[-1]["data"]["status"] == "completed"
-        assert run_keys(clean_redis) == [f"aura:run:{run_id}:meta".encode()]  # exactly one run
+        assert run_keys(clean_redis) == [f"aura:run:{{{run_id}}}:meta".encode()]  # exactly one run
         # after the end, the same retry is answered with [DONE] and nothing else
         done = await on_a.post("/aura/test/stream", json=body,
                                headers={**bearer(), "Last-Event-ID": f"{run_id}:{seqs[-1]}"})
@@ -66,7 +66,7 @@ async def test_a_post_retried_with_its_last_event_id_resumes_that_run_on_the_oth
         elsewhere = await on_b.get(f"/aura/runs/{run_id}/events",
                                    headers={**bearer(), "Last-Event-ID": "run_other:3"})
         assert elsewhere.status_code == 422 and elsewhere.json()["code"] == "invalid_last_event_id"
-        assert run_keys(clean_redis) == [f"aura:run:{run_id}:meta".encode()]
+        assert run_keys(clean_redis) == [f"aura:run:{{{run_id}}}:meta".encode()]
 
 
 async def test_a_reader_back_within_the_grace_period_keeps_the_run_and_none_cancels_it(

@@ -22,11 +22,11 @@ from tests.support import bearer, git
 
 
 def log_entries(clean_redis: redis.Redis, run_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    return clean_redis.xrange(f"aura:run:{run_id}:events")  # type: ignore[return-value]
+    return clean_redis.xrange(f"aura:run:{{{run_id}}}:events")  # type: ignore[return-value]
 
 
 def meta(clean_redis: redis.Redis, run_id: str) -> dict[str, Any]:
-    raw = clean_redis.get(f"aura:run:{run_id}:meta")
+    raw = clean_redis.get(f"aura:run:{{{run_id}}}:meta")
     assert isinstance(raw, bytes)
     return json.loads(raw)  # type: ignore[no-any-return]
 
@@ -158,8 +158,9 @@ async def test_a_killed_owner_leaves_no_pending_approval_no_taken_slot_and_no_ru
         assert (await on_b.get("/aura/hitl/requests", headers=bearer())).json() == {"requests": []}
         refused = await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
         assert refused.status_code == 409
-        assert clean_redis.zcard("aura:slots:user:acme:alice") == 0 and clean_redis.zcard("aura:slots:tenant:acme") == 0
-        assert clean_redis.zcard("aura:runs:active") == 0 and clean_redis.exists(f"aura:run:{run_id}:lease") == 0
+        assert clean_redis.zcard("aura:slots:{acme}:user:alice") == 0
+        assert clean_redis.zcard("aura:slots:{acme}:tenant") == 0
+        assert clean_redis.zcard("aura:runs:active") == 0 and clean_redis.exists(f"aura:run:{{{run_id}}}:lease") == 0
         snapshot = (await on_b.get(f"/aura/runs/{run_id}", headers=bearer())).json()
         assert (snapshot["status"], snapshot["pendingApproval"], snapshot["end"]["reason"]) == (
             "failed", None, "run_lost")

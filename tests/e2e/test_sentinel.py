@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from tests.aura_process import AuraProcess
+from tests.conftest import Store
 from tests.e2e.test_cluster import (  # the scenarios, run here against the Sentinel group
     test_cancel_through_the_api_ends_the_run_for_every_watcher,
     test_follower_reports_run_lost_when_the_owner_is_killed,
@@ -55,8 +56,14 @@ def clean_redis(sentinel_group: SentinelGroup) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def cluster(start_aura: Callable[..., AuraProcess], sentinel_group: SentinelGroup,
-            clean_redis: redis.Redis) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
+def store(sentinel_group: SentinelGroup, clean_redis: redis.Redis) -> Store:
+    """The scenarios' view of the store: the group's URL, and a client of its master now."""
+    return Store("redis-sentinel", sentinel_group.url, clean_redis)
+
+
+@pytest.fixture
+def instances(start_aura: Callable[..., AuraProcess], sentinel_group: SentinelGroup,
+              clean_redis: redis.Redis) -> Callable[..., tuple[AuraProcess, AuraProcess]]:
     def start(**env: str) -> tuple[AuraProcess, AuraProcess]:
         a = start_aura(redis_url=sentinel_group.url, env={"AURA_RUNS__INSTANCE_ID": "aura-a", **env})
         b = start_aura(redis_url=sentinel_group.url, env={"AURA_RUNS__INSTANCE_ID": "aura-b", **env})
@@ -65,8 +72,8 @@ def cluster(start_aura: Callable[..., AuraProcess], sentinel_group: SentinelGrou
 
 
 async def test_ready_names_the_master_and_new_runs_follow_it(
-        cluster: Callable[..., tuple[AuraProcess, AuraProcess]]) -> None:
-    a, _b = cluster()
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]]) -> None:
+    a, _b = instances()
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         assert (await client.get("/ready")).json() == {"status": "ready"}
 
@@ -301,7 +308,7 @@ async def test_a_failover_under_load_loses_no_received_event_and_reverts_no_deci
         assert master.execute_command("ROLE")[0] == b"master"
         lost, notices = [], 0
         for (run_id, seq), data in [*load.received.items(), *load.followed.items()]:
-            entries = master.xrange(f"aura:run:{run_id}:events", min=f"{seq}-1", max=f"{seq}-1")
+            entries = master.xrange(f"aura:run:{{{run_id}}}:events", min=f"{seq}-1", max=f"{seq}-1")
             if entries and entries[0][1].get(b"e") == data:
                 continue
             if is_store_failure_notice(data):

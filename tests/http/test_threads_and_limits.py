@@ -44,13 +44,13 @@ async def test_a_thread_squatted_by_another_tenant_or_user_stays_the_owners(app:
     assert first[-1]["data"]["status"] == second[-1]["data"]["status"] == "completed"
     assert {e["threadId"] for e in first + second} == {"thr-alice"}
     redis: Redis = container.redis()
-    mine = [t for t in await redis.lrange("aura:thread:acme:alice:thr-alice:turns", 0, -1)]  # type: ignore[misc]
+    mine = [t for t in await redis.lrange("aura:thread:{acme:alice}:thr-alice:turns", 0, -1)]  # type: ignore[misc]
     assert [b"first question" in t for t in mine] == [True, False]
     assert [b"second question" in t for t in mine] == [False, True]
     assert await thread_keys(container) == [
-        "aura:thread:acme:alice:thr-alice:turns", "aura:thread:acme:bob:thr-alice:turns",
-        "aura:thread:globex:mallory:thr-alice:turns", "aura:threads:acme:alice:bytes",
-        "aura:threads:acme:bob:bytes", "aura:threads:globex:mallory:bytes"]
+        "aura:thread:{acme:alice}:thr-alice:turns", "aura:thread:{acme:bob}:thr-alice:turns",
+        "aura:thread:{globex:mallory}:thr-alice:turns", "aura:threads:{acme:alice}:bytes",
+        "aura:threads:{acme:bob}:bytes", "aura:threads:{globex:mallory}:bytes"]
 
 
 async def test_run_starts_beyond_the_rate_limit_get_429_with_retry_after(

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from fakeredis import FakeAsyncRedis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus, create_redis
+from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
+from app.embedded_redis import embedded_redis
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
+from tests.defaults import client_of
 from tests.integration.commands import CommandLog
 
 CREATED_AT = 1767000000
@@ -61,6 +63,11 @@ def assert_ttl_near(ttl: int, expected: int) -> None:
 @pytest.fixture
 def store(redis_client: Redis) -> RedisApprovalStore:
     return RedisApprovalStore(redis_client)
+
+
+def publish_apart(client: object) -> list[str]:
+    """A cluster pipeline takes no PUBLISH: it follows the pipeline as a command of its own."""
+    return ["PUBLISH"] if isinstance(client, RedisCluster) else []
 
 
 async def load_the_script(store: RedisApprovalStore) -> None:
@@ -300,7 +307,7 @@ async def assert_decided_and_signalled(redis_client: Redis, pubsub: Any, decided
     assert (message["channel"], message["data"]) == (b"hitl:channel:" + session.encode(), wire)
 
 
-async def test_an_api_decision_with_its_signal_is_one_round_trip_with_exact_records(
+async def test_an_api_decision_with_its_signal_is_the_decision_then_its_follow_ups_with_exact_records(
     redis_client: Redis, store: RedisApprovalStore
 ) -> None:
     await load_the_script(store)
@@ -317,7 +324,7 @@ async def test_an_api_decision_with_its_signal_is_one_round_trip_with_exact_reco
         result = await store.decide(request.request_id, ApprovalStatus.REJECTED, decided_by="boss",
                                     decided_at=CREATED_AT + 20, reason="not now", expected=seen, signal=signal)
 
-        assert log.take() == ["EVALSHA"]
+        assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]  # the decision, its follow-ups
         rejected = request.decide(ApprovalStatus.REJECTED, by="boss", at=CREATED_AT + 20, reason="not now")
         assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
         wire = b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"boss",' \
@@ -361,7 +368,7 @@ async def test_a_stale_read_of_a_decided_request_returns_the_winner_and_writes_n
                                   decided_at=CREATED_AT + 2, reason="no", expected=seen,
                                   signal=Signal.rejection(request.request_id, "boss", CREATED_AT + 2, "no"))
 
-        assert log.take() == ["EVALSHA"]  # one round trip, also when another decision won
+        assert log.take() == ["EVALSHA", "PIPELINE"]  # refused; the winner's follow-ups made sure of
         assert late is not None and (late.applied, late.request, late.signalled) == (False, winner.request, False)
         assert await redis_client.get("hitl:request:" + request.request_id) == before
         assert json.loads(await stored(redis_client, "hitl:session:" + request.session_id))["status"] == "approved"
@@ -385,7 +392,7 @@ async def test_a_pending_record_rewritten_since_the_read_is_decided_as_it_now_is
     result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1", decided_at=7,
                                 reason=None, expected=seen)
 
-    assert log.take() == ["EVALSHA", "EVALSHA"]  # the first compare failed and returned the new bytes
+    assert log.take() == ["EVALSHA", "EVALSHA", "PIPELINE"]  # the first compare failed and returned the new bytes
     approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=7, reason=None)
     assert result is not None and (result.applied, result.request) == (True, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
@@ -458,7 +465,7 @@ def test_pending_index_keys_cannot_collide_across_tenant_and_user() -> None:
 
 
 async def test_in_process_client_has_lua_and_shares_one_server_between_connections() -> None:
-    client = create_redis(None)
+    client = embedded_redis()
     other_connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
     try:
         assert await client.eval("return redis.call('SET', KEYS[1], ARGV[1])", 1, "k", "v") == b"OK"
@@ -476,7 +483,7 @@ async def test_health_probe_reports_a_reachable_server_as_healthy(redis_client: 
 
 @pytest.fixture
 async def unused_port_client(unused_port: int) -> AsyncIterator[Redis]:
-    client = create_redis(f"redis://127.0.0.1:{unused_port}/0")
+    client = client_of(f"redis://127.0.0.1:{unused_port}/0")
     try:
         yield client
     finally:
@@ -499,7 +506,7 @@ async def test_health_probe_gives_up_on_a_server_that_never_answers() -> None:
 
     silent = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
-    client = create_redis(f"redis://127.0.0.1:{port}/0", socket_timeout_seconds=30.0)
+    client = client_of(f"redis://127.0.0.1:{port}/0", socket_timeout_seconds=30.0)
     try:
         started = time.monotonic()
 
@@ -549,7 +556,7 @@ async def test_a_guarded_decision_is_one_round_trip_and_writes_what_python_would
             # there the script answers with the record and Python decides on it, as for a record
             # written by someone else.
             fallback = ["EVALSHA"] if "big" in context and isinstance(redis_client, FakeAsyncRedis) else []
-            assert log.take() == ["EVALSHA", *fallback], context
+            assert log.take() == ["EVALSHA", *fallback, "PIPELINE", *publish_apart(redis_client)], context
             rejected = request.decide(ApprovalStatus.REJECTED, by=odd + "u", at=CREATED_AT + 20, reason='no "now" ✓')
             assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
             await assert_decided_and_signalled(redis_client, pubsub, rejected, signal.to_json().encode("utf-8"))
@@ -618,12 +625,12 @@ async def test_a_guarded_decision_on_a_record_in_another_layout_is_decided_by_py
                                 decided_at=CREATED_AT + 5, reason=None, decider=OWNER)
 
     approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=CREATED_AT + 5, reason=None)
-    assert log.take() == ["EVALSHA", "EVALSHA"]
+    assert log.take() == ["EVALSHA", "EVALSHA", "PIPELINE"]
     assert result is not None and (result.applied, result.request) == (True, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
 
 
-async def test_a_decision_without_a_stored_copy_is_one_round_trip(
+async def test_a_decision_without_a_stored_copy_needs_no_read_first(
     redis_client: Redis, store: RedisApprovalStore
 ) -> None:
     # What a waiting run does on a signal: it keeps no copy of the stored record while it waits.
@@ -638,7 +645,7 @@ async def test_a_decision_without_a_stored_copy_is_one_round_trip(
                                 decided_at=CREATED_AT + 10, reason="no")
 
     approved = request.decide(ApprovalStatus.APPROVED, by="ext", at=CREATED_AT + 9, reason=None)
-    assert log.take() == ["EVALSHA", "EVALSHA"]
+    assert log.take() == ["EVALSHA", "PIPELINE", "EVALSHA", "PIPELINE"]
     assert first is not None and (first.applied, first.request) == (True, approved)
     assert second is not None and (second.applied, second.request) == (False, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from adapters.redis.client import create_redis
+from tests.defaults import client_of
 from tests.redis_server import RedisServer
 
 MAX_LOOP_STEPS = 500  # a SET on a local server completes long before that
@@ -21,7 +21,7 @@ async def loop_steps(count: int) -> None:
 
 
 async def test_a_command_cancelled_at_any_loop_step_ends_cancelled_or_completed(redis_server: RedisServer) -> None:
-    client = create_redis(redis_server.url, max_connections=1)
+    client = client_of(redis_server.url, max_connections=1)
     try:
         await client.ping()  # connected: the first step of a command is its write
         lost: list[int] = []

@@ -41,7 +41,7 @@ async def test_ids_with_colons_never_share_a_key(redis_client: Redis) -> None:
     assert [t["runId"] for t in await store.open("a:b", "c", "t")] == ["run_1"]
     assert [t["runId"] for t in await store.open("a", "b:c", "t")] == ["run_2"]
     assert [t["runId"] for t in await store.open("a", "b", "c:t")] == ["run_3"]
-    assert turns_key("a:b", "c", "t") == "aura:thread:a%3Ab:c:t:turns"
+    assert turns_key("a:b", "c", "t") == "aura:thread:{a%3Ab:c}:t:turns"
 
 
 async def test_turns_are_trimmed_and_expire(redis_client: Redis) -> None:

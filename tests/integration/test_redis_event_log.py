@@ -11,11 +11,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from adapters.redis.client import create_redis, shared_connection
-from adapters.redis.events import APPEND_SCRIPT, RedisEventLog
+from adapters.redis import events
+from adapters.redis.events import RedisEventLog
+from adapters.redis.packed import PackedConnection
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
-from tests.defaults import DEFAULTS, EVENT_LOG
+from tests.defaults import DEFAULTS, EVENT_LOG, client_of
 from tests.integration.commands import CommandLog
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
@@ -51,30 +52,30 @@ async def test_appends_land_as_seq_ids_with_the_exact_envelope_and_the_latest_sn
     await event_log.append(event(4), {"lastSeq": 4, "run": "run_a"})  # waits for everything before it too
     assert reports == [("run_a", 1, None), ("run_b", 1, None), ("run_a", 2, None), ("run_a", 3, None),
                        ("run_b", 2, None)]
-    entries = await redis_client.xrange("aura:run:run_a:events")
+    entries = await redis_client.xrange("aura:run:{run_a}:events")
     assert [entry_id for entry_id, _ in entries] == [b"1-1", b"2-1", b"3-1", b"4-1"]
     assert entries[0][1] == {b"e": orjson.dumps(event(1).envelope())}
-    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 4, "run": "run_a"}
-    assert orjson.loads(await redis_client.get("aura:run:run_b:snapshot")) == {"lastSeq": 2, "run": "run_b"}
-    assert 590 < await redis_client.ttl("aura:run:run_a:events") <= 600
-    assert 590 < await redis_client.ttl("aura:run:run_a:snapshot") <= 600
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {"lastSeq": 4, "run": "run_a"}
+    assert orjson.loads(await redis_client.get("aura:run:{run_b}:snapshot")) == {"lastSeq": 2, "run": "run_b"}
+    assert 590 < await redis_client.ttl("aura:run:{run_a}:events") <= 600
+    assert 590 < await redis_client.ttl("aura:run:{run_a}:snapshot") <= 600
     assert [e.seq for e in await event_log.read_after("run_a", 2)] == [3, 4]
     assert await event_log.read_after("run_a", 1) == [event(2), event(3), event(4)]
     assert await event_log.first_seq("run_a") == 1
 
     await event_log.close_run("run_a")
-    assert 50 < await redis_client.ttl("aura:run:run_a:events") <= 60
-    assert 50 < await redis_client.ttl("aura:run:run_a:snapshot") <= 60
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:events") <= 60
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:snapshot") <= 60
 
 
 async def test_a_repeated_append_is_not_an_error(event_log: RedisEventLog, redis_client: Redis) -> None:
     await event_log.append(event(1))
     await event_log.append(event(1))  # a retry after an unclear outcome: already logged, nothing lost
-    assert await redis_client.xlen("aura:run:run_a:events") == 1
+    assert await redis_client.xlen("aura:run:{run_a}:events") == 1
 
 
 async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unused_port: int) -> None:
-    down = create_redis(f"redis://127.0.0.1:{unused_port}")
+    down = client_of(f"redis://127.0.0.1:{unused_port}")
     log = RedisEventLog(down, **EVENT_LOG)
     reports: list[tuple[int, str | None]] = []
 
@@ -91,7 +92,8 @@ async def test_after_a_failed_append_only_the_runs_error_and_end_are_written(unu
     import fakeredis
 
     log._redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    log._connection = shared_connection(log._redis)
+    log._append = log._redis.register_script(events._APPEND)
+    log._packed = PackedConnection(log._redis)
     log.submit(event(3), None, report(3))  # would leave a hole after the lost 1 and 2: refused
     log.submit(event(4, EventType.ERROR), None, report(4))
     await log.append(event(5, EventType.END))
@@ -118,9 +120,9 @@ async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
     commands = CommandLog(redis_client)
     event_log.submit(event(1), {"lastSeq": 1}, lambda _: None)
     await event_log.append(event(2, EventType.END), {"lastSeq": 2, "end": True})
-    assert 50 < await redis_client.ttl("aura:run:run_a:events") <= 60
-    assert 50 < await redis_client.ttl("aura:run:run_a:snapshot") <= 60
-    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 2, "end": True}
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:events") <= 60
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:snapshot") <= 60
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {"lastSeq": 2, "end": True}
     commands.take()
     await event_log.close_run("run_a")
     assert commands.take() == []
@@ -130,21 +132,32 @@ async def test_a_logged_end_starts_the_retention_so_closing_costs_no_round_trip(
 
 async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: RedisEventLog,
                                                                     redis_client: Redis) -> None:
-    await redis_client.script_load(APPEND_SCRIPT.body)  # known to the server, as after the first batch
+    await redis_client.script_load(events._APPEND)  # known to the server, as after the first batch
     commands = CommandLog(redis_client)
+    writes: list[int] = []
+    packed = event_log._packed  # on one server the log writes its own packed batches
+    if packed is not None:
+        execute = packed.execute
+
+        async def counted(data: bytes, replies: int) -> list[Any]:
+            writes.append(replies)
+            return await execute(data, replies)
+
+        packed.execute = counted  # type: ignore[method-assign]
     for seq in range(1, 51):
         event_log.submit(event(seq), {"lastSeq": seq} if seq % 10 == 0 else None, lambda _: None)
         event_log.submit(event(seq, ids=OTHER), None, lambda _: None)
     await event_log.append(event(51))
-    assert commands.take() == ["EVALSHA"]  # all 101 were queued before the flusher ran: one round trip
-    assert await redis_client.xlen("aura:run:run_a:events") == 51
-    assert await redis_client.xlen("aura:run:run_b:events") == 50
-    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {"lastSeq": 50}
+    # all 101 were queued before the flusher ran: one round trip
+    assert (commands.take(), writes) == (([], [101]) if packed is not None else (["PIPELINE"], []))
+    assert await redis_client.xlen("aura:run:{run_a}:events") == 51
+    assert await redis_client.xlen("aura:run:{run_b}:events") == 50
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {"lastSeq": 50}
 
 
 async def test_an_event_the_store_refuses_fails_its_run_and_no_other(event_log: RedisEventLog,
                                                                       redis_client: Redis) -> None:
-    await redis_client.set("aura:run:run_b:events", b"not a stream")  # WRONGTYPE for run_b
+    await redis_client.set("aura:run:{run_b}:events", b"not a stream")  # WRONGTYPE for run_b
     reports: list[tuple[str, str | None]] = []
     for ids in (IDS, OTHER):
         event_log.submit(event(1, ids=ids), None,
@@ -153,5 +166,5 @@ async def test_an_event_the_store_refuses_fails_its_run_and_no_other(event_log: 
     assert reports == [("run_a", None), ("run_b", "The event log refused an event.")]
     with pytest.raises(StoreUnavailable):
         await event_log.append(event(2, ids=OTHER))  # nothing more of run_b is written
-    assert await redis_client.get("aura:run:run_b:events") == b"not a stream"
-    assert await redis_client.xlen("aura:run:run_a:events") == 2
+    assert await redis_client.get("aura:run:{run_b}:events") == b"not a stream"
+    assert await redis_client.xlen("aura:run:{run_a}:events") == 2

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
@@ -28,6 +28,16 @@ from tests.unit.harness import Harness
 PLAN = json.dumps({"steps": [{"description": "Commit the work", "tool": "commit"}]})
 MANAGER = Principal("mgr", "acme", "mgr", "manager")
 SEAL = DecisionSeal(b"shared-by-every-instance-0123456")
+
+
+def publish_apart(client: object) -> list[str]:
+    """A cluster pipeline takes no PUBLISH: it follows the pipeline as a command of its own."""
+    return ["PUBLISH"] if isinstance(client, RedisCluster) else []
+
+
+def mget(client: object) -> str:
+    """One MGET on a server; on a cluster, one per slot in a pipeline."""
+    return "PIPELINE" if isinstance(client, RedisCluster) else "MGET"
 
 
 def compact_json(record: dict[str, Any]) -> bytes:
@@ -52,8 +62,8 @@ async def harness(redis_client: Redis, request: pytest.FixtureRequest) -> AsyncI
     # has none the desk's signals verify with (an instance left on its own random key).
     h, commit = redis_harness(redis_client, seal=request.param)
     # The server learns the decision scripts once; every test here counts steady-state round trips.
-    await redis_client.script_load(h.store._decide_script.body)  # type: ignore[attr-defined]
-    await redis_client.script_load(h.store._decide_in_place_script.body)  # type: ignore[attr-defined]
+    await redis_client.script_load(h.store._swap.script)  # type: ignore[attr-defined]
+    await redis_client.script_load(h.store._decide_in_place_script.script)  # type: ignore[attr-defined]
     try:
         yield h, commit
     finally:
@@ -98,7 +108,7 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
 
     await until(watcher, tool_status("running"))
 
-    assert log.take() == ["PUBLISH", "EVALSHA"]  # the gate: one compare-and-set
+    assert log.take() == ["PUBLISH", "EVALSHA", "PIPELINE"]  # the gate: the decision, then its follow-ups
     # "dwp-user" is not the request's own user, so Aura cannot check it: decidedBy stays null.
     approved = pending.decide(ApprovalStatus.APPROVED, by=None, at=h.clock.timestamp(), reason=None)
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(approved.to_record())
@@ -126,11 +136,12 @@ async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_
     desk_commands = log.take()
     events = [await until(watcher, tool_status("rejected"))]
 
-    assert desk_commands == ["EVALSHA"]  # checks who may decide, decides, publishes
+    # checks who may decide and decides; then the session, the index and the signal stored and published
+    assert desk_commands == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
     sealed = h.gate._seal is SEAL  # type: ignore[attr-defined]
     # The gate, on the signal: with the shared seal it knows the decision is stored; otherwise it
-    # records it (and finds the desk's decision, writing nothing).
-    assert log.take() == ([] if sealed else ["EVALSHA"])
+    # records it (finds the desk's decision and makes sure of its follow-ups).
+    assert log.take() == ([] if sealed else ["EVALSHA", "PIPELINE"])
     rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
     assert decided == rejected
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(rejected.to_record())
@@ -164,7 +175,8 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
         log = CommandLog(redis_client)
 
         await recheck.check()
-        assert log.take() == ["MGET", "MGET"]  # 3 waits in chunks of 2; nothing decided, nobody woken
+        # 3 waits in chunks of 2; nothing decided, nobody woken (on a cluster: MGETs by slot in a pipeline)
+        assert log.take() == [mget(redis_client)] * 2
 
         # Another instance decided the second request, and its signal was lost.
         other = RedisApprovalStore(redis_client)
@@ -174,7 +186,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
         await recheck.check()
         await until(watchers[1], tool_status("running"))
 
-        assert log.take() == ["MGET", "MGET"]  # the woken run takes the stored decision as it is
+        assert log.take() == [mget(redis_client)] * 2  # the woken run takes the stored decision as it is
         assert await redis_client.get("hitl:request:" + request_ids[1]) == stored
         await until(watchers[1], is_type("end"))
         assert runs[1][1].calls == [{"value": "v"}]
@@ -199,14 +211,14 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     log = CommandLog(redis_client)  # the bus's own Pub/Sub connection is not seen here
     _, watcher = await h.start()
     hitl = await until(watcher, is_type("hitl"))
-    # the request, its session and the pending index in one transaction; subscribed before it was
+    # the pending index, the request and its session in one pipeline; subscribed before it was
     # stored, the run reads no stored signal
-    assert log.take() == ["MULTI"]
+    assert log.take() == ["PIPELINE"]
 
     await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
-    assert log.take() == ["EVALSHA"]
+    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
     await until(watcher, tool_status("running"))
-    assert log.take() == ([] if h.gate._seal is SEAL else ["EVALSHA"])  # type: ignore[attr-defined]
+    assert log.take() == ([] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
     await until(watcher, is_type("end"))
 
 
@@ -220,11 +232,13 @@ async def _commands_run(client: Redis) -> dict[str, int]:
 
 async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_redis: Redis) -> None:
     """The commands Redis executes for one approval, a script's own calls included (what INFO
-    commandstats counts, as the bench does): the run stores the request, the session and its
-    pending-index entry (one transaction) and subscribes; the desk decides, stores and publishes
-    the signal in one script; the run unsubscribes. Nothing else."""
+    commandstats counts, as the bench does): the run stores the pending-index entry, the request
+    and the session (one pipeline) and subscribes; the desk decides (one script on the request),
+    then updates the session (one script on it), the index and stores and publishes the signal
+    (one pipeline); the run unsubscribes. Nothing else."""
     h, _ = redis_harness(real_redis, seal=SEAL)
-    await real_redis.script_load(h.store._decide_in_place_script.body)  # type: ignore[attr-defined]
+    await real_redis.script_load(h.store._decide_in_place_script.script)  # type: ignore[attr-defined]
+    await real_redis.script_load(h.store._swap.script)  # type: ignore[attr-defined]
     desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL)
     try:
         before = await _commands_run(real_redis)
@@ -239,11 +253,11 @@ async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_r
     executed = {name: n - before.get(name, 0) for name, n in after.items()
                 if n != before.get(name, 0) and name not in _CONNECTION_SET_UP}
     assert executed == {
-        # the run: MULTI, SET request, SET session, ZADD + EXPIRE pending index, EXEC; SUBSCRIBE
-        "multi": 1, "exec": 1, "zadd": 1, "expire": 1, "subscribe": 1,
-        # the desk's script: EVALSHA, GET + SET request, GET + SET session, ZREM, SET signal, PUBLISH
-        "evalsha": 1, "get": 2, "zrem": 1, "publish": 1,
-        "set": 5,  # 2 by the run, 3 by the desk's script
+        # the run: ZADD + EXPIRE pending index, SET request, SET session; SUBSCRIBE
+        "zadd": 1, "expire": 1, "subscribe": 1,
+        # the desk: EVALSHA (GET + SET request); EVALSHA (GET + SET session), ZREM, SET signal, PUBLISH
+        "evalsha": 2, "get": 2, "zrem": 1, "publish": 1,
+        "set": 5,  # 2 by the run, 3 by the desk
         "unsubscribe": 1,  # the run, once decided
     }
-    assert sum(executed.values()) == 16
+    assert sum(executed.values()) == 15

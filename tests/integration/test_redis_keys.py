@@ -6,9 +6,8 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.redis.keys import key_part
-from adapters.redis.runs import RedisRunDirectory
 from domain.model.runs import RunRecord
-from tests.defaults import DEFAULTS
+from tests.defaults import run_directory
 
 # Pairs of (tenant, user) that joined with ':' spell the same text.
 COLLIDING = [(("a:b", "c"), ("a", "b:c")), (("acme", "bob:x"), ("acme:bob", "x")), (("t%3Au", "v"), ("t:u", "v"))]
@@ -22,7 +21,7 @@ def record(run_id: str, tenant: str, user: str) -> RunRecord:
 @pytest.mark.parametrize(("first", "second"), COLLIDING)
 async def test_run_slots_are_counted_per_real_tenant_and_user(
         redis_client: Redis, first: tuple[str, str], second: tuple[str, str]) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
 
     assert await directory.admit(record("run_1", *first), user_limit=1, tenant_limit=1, slot_seconds=60,
                                  lease_seconds=15) is None
@@ -34,7 +33,7 @@ async def test_run_slots_are_counted_per_real_tenant_and_user(
 @pytest.mark.parametrize(("first", "second"), COLLIDING)
 async def test_idempotency_keys_are_per_real_tenant_and_user(
         redis_client: Redis, first: tuple[str, str], second: tuple[str, str]) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
 
     assert await directory.claim_idempotency(*first, "key-1", "run_1", "f1", 60) is None
     # Before the fix the second caller was attached to the first caller's run.

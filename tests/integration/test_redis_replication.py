@@ -16,14 +16,14 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import create_redis
+from adapters.redis.client import close_redis
 from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
 from adapters.redis.runs import RedisRunFollower
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
-from tests.defaults import EVENT_LOG
+from tests.defaults import EVENT_LOG, client_of
 from tests.integration.test_redis_approvals import approval_request
 from tests.integration.test_redis_event_log import event
 from tests.redis_server import RedisServer, start_redis_server, stop_redis_server
@@ -66,21 +66,21 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 @pytest.fixture
 async def master(pair: Pair) -> AsyncIterator[Redis]:
-    client = create_redis(pair.master.url)
+    client = client_of(pair.master.url)
     await client.flushall()
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 @pytest.fixture
 async def replica(pair: Pair) -> AsyncIterator[Redis]:
-    client = create_redis(pair.replica.url)
+    client = client_of(pair.replica.url)
     try:
         yield client
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 async def test_an_event_is_acknowledged_once_the_replica_holds_it_and_never_before(
@@ -89,13 +89,13 @@ async def test_an_event_is_acknowledged_once_the_replica_holds_it_and_never_befo
     try:
         await log.append(event(1))
         # acknowledged: the replica (the master's successor in a failover) holds it already
-        assert [entry_id for entry_id, _ in await replica.xrange("aura:run:run_a:events")] == [b"1-1"]
+        assert [entry_id for entry_id, _ in await replica.xrange("aura:run:{run_a}:events")] == [b"1-1"]
         with pair.replica_frozen():
             with pytest.raises(StoreUnavailable):
                 await log.append(event(2))
         # the master took it, the replica had not confirmed it: it was not acknowledged, and the
         # run's log takes nothing but its closing events after that hole-that-may-be
-        assert await master.xlen("aura:run:run_a:events") == 2
+        assert await master.xlen("aura:run:{run_a}:events") == 2
         with pytest.raises(StoreUnavailable):
             await log.append(event(3))
     finally:
@@ -107,7 +107,7 @@ async def test_without_confirmation_no_wait_is_sent(pair: Pair, master: Redis) -
     try:
         with pair.replica_frozen():
             await log.append(event(1))  # the plain single-Redis set-up: acknowledged at once
-        assert await master.xlen("aura:run:run_a:events") == 1
+        assert await master.xlen("aura:run:{run_a}:events") == 1
     finally:
         await log.aclose()
 
@@ -141,8 +141,8 @@ async def test_a_decision_is_applied_only_once_the_replica_holds_it(
 
 async def test_ready_on_a_master_with_its_replica(master: Redis) -> None:
     assert await RedisHealthProbe(master, required_replicas=1).check() is None
-    assert await master.get("aura:ready") == b"1"  # the probe's write
-    assert 0 < await master.pttl("aura:ready") <= 10_000
+    assert await master.get("aura:ready:probe") == b"1"  # the probe's write
+    assert 0 < await master.pttl("aura:ready:probe") <= 10_000
 
 
 async def test_not_ready_with_fewer_replicas_than_writes_need(master: Redis) -> None:
@@ -157,18 +157,18 @@ async def test_not_ready_on_a_replica(replica: Redis) -> None:
 async def test_not_ready_when_the_master_refuses_writes(master: Redis) -> None:
     await master.config_set("min-replicas-to-write", 2)
     try:
-        assert await RedisHealthProbe(master).check() == "redis refuses writes (NOREPLICAS)"
+        assert await RedisHealthProbe(master).check() == "redis refuses writes: NOREPLICAS"
     finally:
         await master.config_set("min-replicas-to-write", 0)
 
 
 async def test_not_ready_when_no_sentinel_names_a_master(tmp_path: Path) -> None:
     port, process = start_sentinel(tmp_path, 0, monitor_port=None)
-    client = create_redis(f"redis+sentinel://127.0.0.1:{port}/aura")
+    client = client_of(f"redis+sentinel://127.0.0.1:{port}/aura")
     try:
         assert await RedisHealthProbe(client).check() == "redis master unknown: no sentinel names one"
     finally:
-        await client.aclose()
+        await close_redis(client)
         process.kill()
         process.wait(timeout=10)
 
@@ -176,7 +176,7 @@ async def test_not_ready_when_no_sentinel_names_a_master(tmp_path: Path) -> None
 async def test_a_read_sets_its_connections_wait_offset(pair: Pair, master: Redis) -> None:
     """The server property the confirmed reads rely on (Redis 7): WAIT after a read, on the read's
     connection, waits for every write the read could see, though the connection wrote nothing."""
-    writer = create_redis(pair.master.url)
+    writer = client_of(pair.master.url)
     try:
         with pair.replica_frozen():
             await writer.set("written", b"1")
@@ -185,7 +185,7 @@ async def test_a_read_sets_its_connections_wait_offset(pair: Pair, master: Redis
             pipe.execute_command("WAIT", 1, 100)
             assert await pipe.execute() == [b"1", 0]
     finally:
-        await writer.aclose()
+        await close_redis(writer)
 
 
 async def test_a_replay_hands_out_only_what_the_replica_holds(pair: Pair, master: Redis) -> None:
@@ -204,33 +204,60 @@ async def test_a_replay_hands_out_only_what_the_replica_holds(pair: Pair, master
         await confirmed.aclose()
 
 
-async def test_a_follower_hands_on_an_event_only_once_the_replica_holds_it(pair: Pair, master: Redis) -> None:
-    writer = RedisEventLog(master, **EVENT_LOG)
+async def test_a_follower_catches_up_only_on_what_the_replica_holds(pair: Pair, master: Redis) -> None:
+    """The follow's log read ends with a WAIT on its connection: an event the master took but the
+    replica does not hold yet is not handed on (the follow fails, retryable), and is once it does."""
+    writer = RedisEventLog(master, **EVENT_LOG)  # writes without waiting, as a demoted master's last ones
     follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
-    follow = follower.follow("run_a", 0)
+    try:
+        with pair.replica_frozen():
+            await writer.append(event(1))
+            with pytest.raises(StoreUnavailable):
+                async for _ in follower.follow("run_a", 0):
+                    pass
+        async with asyncio.timeout(10):
+            async for followed in follower.follow("run_a", 0):
+                assert followed == event(1)
+                break
+    finally:
+        await follower.aclose()
+        await writer.aclose()
+
+
+async def test_the_owner_publishes_an_event_to_followers_only_once_the_replica_holds_it(
+        pair: Pair, master: Redis) -> None:
+    """A follower takes the run's tail as published, without a WAIT of its own: so the owner
+    publishes an event only after its WAIT confirmed it, and never one the replica did not confirm."""
+    first = RedisEventLog(master, **EVENT_LOG, confirmation=CONFIRM)
+    follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
     delivered: list[int] = []
+    following = asyncio.Event()
 
     async def read() -> None:
-        async for followed in follow:
+        async for followed in follower.follow("run_a", 0):
+            following.set()
             if followed is not None:
                 delivered.append(followed.seq)
-                return
 
     reading = asyncio.create_task(read())
     try:
+        async with asyncio.timeout(10):
+            await following.wait()  # subscribed and registered as a reader, the log read once
+        await first.append(event(1))
+        async with asyncio.timeout(10):
+            while delivered != [1]:  # noqa: ASYNC110 - the follow's task appends
+                await asyncio.sleep(0.01)
+        published = await _calls(master, "publish")
         with pair.replica_frozen():
-            waits = await _calls(master, "wait")
-            await writer.append(event(1))
-            # the follower read it, asked the replica and was refused, twice (at least)
-            await _until(lambda: _calls(master, "wait"), waits + 3)
-            assert delivered == []
-        await reading
+            with pytest.raises(StoreUnavailable):
+                await first.append(event(2))
+        assert await _calls(master, "publish") == published  # the unconfirmed event went to no follower
         assert delivered == [1]
     finally:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
         await follower.aclose()
-        await writer.aclose()
+        await first.aclose()
 
 
 async def _calls(client: Redis, command: str) -> int:

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from adapters.redis.runs import RedisRunDirectory
 from domain.model.runs import RunRecord
-from tests.defaults import DEFAULTS
+from tests.defaults import run_directory
 
 
 def record(run_id: str, user: str = "alice", tenant: str = "acme") -> RunRecord:
@@ -22,14 +22,14 @@ async def admit(directory: RedisRunDirectory, run: RunRecord) -> str | None:
 
 
 async def test_admission_takes_both_slots_and_registers_the_run_with_its_lease(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     before = time.time()
     assert await admit(directory, record("run_1")) is None
-    assert orjson.loads(await redis_client.get("aura:run:run_1:meta")) == record("run_1").to_record()
-    assert 86_390 < await redis_client.ttl("aura:run:run_1:meta") <= 86_400
-    assert await redis_client.get("aura:run:run_1:lease") == b"aura-a"
-    assert 14_000 < await redis_client.pttl("aura:run:run_1:lease") <= 15_000
-    for key in ("aura:slots:user:acme:alice", "aura:slots:tenant:acme"):
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta")) == record("run_1").to_record()
+    assert 86_390 < await redis_client.ttl("aura:run:{run_1}:meta") <= 86_400
+    assert await redis_client.get("aura:run:{run_1}:lease") == b"aura-a"
+    assert 14_000 < await redis_client.pttl("aura:run:{run_1}:lease") <= 15_000
+    for key in ("aura:slots:{acme}:user:alice", "aura:slots:{acme}:tenant"):
         ((member, score),) = await redis_client.zrange(key, 0, -1, withscores=True)
         assert member == b"run_1" and before + 900 <= score <= time.time() + 900
         assert 950 < await redis_client.ttl(key) <= 960
@@ -37,24 +37,24 @@ async def test_admission_takes_both_slots_and_registers_the_run_with_its_lease(r
 
 
 async def test_a_full_user_or_tenant_is_refused_and_nothing_is_written(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     assert [await admit(directory, record(r)) for r in ("run_1", "run_2")] == [None, None]
     assert await admit(directory, record("run_3")) == "user"
     assert await admit(directory, record("run_4", user="bob")) is None
     assert await admit(directory, record("run_5", user="carol")) == "tenant"
     for refused in ("run_3", "run_5"):
-        assert await redis_client.exists(f"aura:run:{refused}:meta", f"aura:run:{refused}:lease") == 0
-    assert await redis_client.zcard("aura:slots:tenant:acme") == 3
+        assert await redis_client.exists(f"aura:run:{{{refused}}}:meta", f"aura:run:{{{refused}}}:lease") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 3
 
 
 async def test_close_keeps_the_record_for_the_retention_time_and_frees_lease_and_slots(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     run = record("run_1")
     assert await admit(directory, run) is None
     await directory.close(run, "completed", 60)
-    assert orjson.loads(await redis_client.get("aura:run:run_1:meta")) == {**run.to_record(), "status": "completed"}
-    assert 50 < await redis_client.ttl("aura:run:run_1:meta") <= 60
-    assert await redis_client.exists("aura:run:run_1:lease") == 0
-    assert await redis_client.zcard("aura:slots:user:acme:alice") == 0
-    assert await redis_client.zcard("aura:slots:tenant:acme") == 0
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta")) == {**run.to_record(), "status": "completed"}
+    assert 50 < await redis_client.ttl("aura:run:{run_1}:meta") <= 60
+    assert await redis_client.exists("aura:run:{run_1}:lease") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
     assert [await admit(directory, record(r)) for r in ("run_2", "run_3")] == [None, None]  # the slot is free

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, cast
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
-from adapters.redis import RedisSignalBus, SignalBusClosed, create_redis
+from adapters.redis import RedisSignalBus, SignalBusClosed
 from domain.model.approval import Signal
+from tests.defaults import client_of
 
 WAIT_SECONDS = 10.0
 APPROVAL = Signal.approval("req_00000000000000000000000000000001", "u1", 1767000000)
@@ -32,18 +33,42 @@ async def bus(redis_client: Redis) -> AsyncIterator[RedisSignalBus]:
         await signal_bus.close()
 
 
+async def on_every_node(client: Redis, *command: Any) -> list[Any]:
+    """A command's reply from the server, or from each node of a cluster (Pub/Sub subscriptions
+    and client connections are a node's own)."""
+    if isinstance(client, RedisCluster):
+        return [await client.execute_command(*command, target_nodes=node) for node in client.get_nodes()]
+    return [await client.execute_command(*command)]
+
+
+def receivers(client: Redis, subscribed: int) -> set[int]:
+    """What PUBLISH answers with `subscribed` connections listening: on a cluster it counts only
+    the listeners on the node that took it (every node's listeners hear the message)."""
+    return set(range(subscribed + 1)) if isinstance(client, RedisCluster) else {subscribed}
+
+
 async def subscriber_counts(client: Redis, *sessions: str) -> list[int]:
-    return [count for _, count in await client.pubsub_numsub(*(f"hitl:channel:{s}" for s in sessions))]
+    channels = [f"hitl:channel:{s}" for s in sessions]
+    totals = [0] * len(channels)
+    for reply in await on_every_node(client, "PUBSUB NUMSUB", *channels):
+        for index, (_, count) in enumerate(reply):
+            totals[index] += count
+    return totals
+
+
+async def subscribed_channels(client: Redis, pattern: str) -> list[Any]:
+    return [channel for reply in await on_every_node(client, "PUBSUB CHANNELS", pattern) for channel in reply]
 
 
 async def pubsub_connections(client: Redis) -> int:
     """Connections the server counts as subscribers (those with at least one channel)."""
-    return len(await client.client_list(_type="pubsub"))
+    return sum(len(reply) for reply in await on_every_node(client, "CLIENT LIST", "TYPE", "pubsub"))
 
 
 async def signal_bus_connections(client: Redis) -> int:
     """Connections opened by signal buses, subscribed or not (they are named for it)."""
-    return sum(1 for entry in await client.client_list() if entry["name"] == "aura-hitl-signals")
+    return sum(1 for reply in await on_every_node(client, "CLIENT LIST") for entry in reply
+               if entry["name"] == "aura-hitl-signals")
 
 
 async def test_publish_stores_then_publishes_the_exact_json(redis_client: Redis, bus: RedisSignalBus) -> None:
@@ -77,7 +102,7 @@ async def test_a_signal_published_after_subscribing_is_received(redis_client: Re
         # Subscribed means confirmed by the server: nothing published from here on is missed.
         assert await subscriber_counts(redis_client, "sess_a") == [1]
 
-        assert await bus.publish("sess_a", APPROVAL) == 1
+        assert await bus.publish("sess_a", APPROVAL) in receivers(redis_client, 1)
 
         assert await asyncio.wait_for(subscription.next_message(), WAIT_SECONDS) == wire(APPROVAL)
         assert await bus.latest("sess_a") == wire(APPROVAL)
@@ -107,7 +132,7 @@ async def test_two_waits_on_one_session_share_the_channel_until_the_last_leaves(
             assert bus.live_channels() == 1
             assert await subscriber_counts(redis_client, "sess_a") == [1]
 
-            assert await bus.publish("sess_a", APPROVAL) == 1
+            assert await bus.publish("sess_a", APPROVAL) in receivers(redis_client, 1)
 
             assert await asyncio.wait_for(first.next_message(), WAIT_SECONDS) == wire(APPROVAL)
             assert await asyncio.wait_for(second.next_message(), WAIT_SECONDS) == wire(APPROVAL)
@@ -119,7 +144,7 @@ async def test_two_waits_on_one_session_share_the_channel_until_the_last_leaves(
 
     assert bus.live_channels() == 0
     await bus.settled()  # leaving does not wait for the server's confirmation
-    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+    assert await subscribed_channels(redis_client, "hitl:channel:*") == []
 
 
 async def test_leaving_a_wait_never_waits_for_the_server(redis_client: Redis, bus: RedisSignalBus) -> None:
@@ -132,7 +157,7 @@ async def test_leaving_a_wait_never_waits_for_the_server(redis_client: Redis, bu
         leaving.send(None)
     assert bus.live_channels() == 0
     await bus.settled()
-    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+    assert await subscribed_channels(redis_client, "hitl:channel:*") == []
 
 
 async def test_a_wait_that_fails_releases_its_channel(redis_client: Redis, bus: RedisSignalBus) -> None:
@@ -142,7 +167,7 @@ async def test_a_wait_that_fails_releases_its_channel(redis_client: Redis, bus: 
 
     assert bus.live_channels() == 0
     await bus.settled()
-    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+    assert await subscribed_channels(redis_client, "hitl:channel:*") == []
 
 
 async def test_a_session_can_be_waited_on_again_after_its_channel_was_released(
@@ -204,7 +229,7 @@ async def test_500_concurrent_waits_share_one_pubsub_connection_and_leave_no_cha
     assert sum(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes) == 199 + 100
     assert bus.live_channels() == 0
     await bus.settled()
-    assert await redis_client.pubsub_channels("hitl:channel:*") == []
+    assert await subscribed_channels(redis_client, "hitl:channel:*") == []
     if real_server:
         assert await pubsub_connections(redis_client) == 0
         assert await signal_bus_connections(redis_client) == 1
@@ -354,7 +379,7 @@ async def test_a_wait_survives_its_pubsub_connection_being_killed(real_redis: Re
 
 @pytest.fixture
 async def proxied_bus(redis_proxy: RedisProxy) -> AsyncIterator[RedisSignalBus]:
-    client = create_redis(redis_proxy.url)
+    client = client_of(redis_proxy.url)
     bus = RedisSignalBus(client, reconnect_initial_delay_seconds=0.01, reconnect_max_delay_seconds=0.05)
     try:
         yield bus
@@ -386,7 +411,7 @@ async def test_a_signal_published_while_the_connection_is_down_is_delivered_afte
 async def test_a_silently_dead_connection_is_detected_by_ping_and_replaced(
     real_redis: Redis, redis_proxy: RedisProxy
 ) -> None:
-    client = create_redis(redis_proxy.url)
+    client = client_of(redis_proxy.url)
     bus = RedisSignalBus(client, idle_ping_seconds=0.1, reconnect_initial_delay_seconds=0.01)
     try:
         async with bus.subscribe("sess_a") as subscription:

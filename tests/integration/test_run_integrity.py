@@ -20,7 +20,7 @@ from domain.model.errors import RunFenced
 from domain.model.events import Event, EventType, RunIds
 from domain.model.runs import RunRecord
 from domain.services.access import RunAccess
-from tests.defaults import DEFAULTS, EVENT_LOG
+from tests.defaults import DEFAULTS, EVENT_LOG, run_directory
 from tests.unit.fakes import FakeClock, LogPollingFollower, MemoryEventLog, RecordingControl
 
 IDS = RunIds("run_a", "ses_a", "thr_a", "t" * 32)
@@ -51,14 +51,14 @@ async def admit(directory: RedisRunDirectory, lease_seconds: float = 15) -> None
 
 
 async def seqs(redis_client: Redis) -> list[bytes]:
-    return [entry_id for entry_id, _ in await redis_client.xrange("aura:run:run_a:events")]
+    return [entry_id for entry_id, _ in await redis_client.xrange("aura:run:{run_a}:events")]
 
 
 async def test_a_finished_runs_log_refuses_every_later_append(redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
+    await admit(run_directory(redis_client))
     await owner_log.append(event(1))
     await owner_log.append(event(2, EventType.END))
-    ended = await redis_client.xrange("aura:run:run_a:events")
+    ended = await redis_client.xrange("aura:run:{run_a}:events")
     assert ended[-1][1] == {b"e": ended[-1][1][b"e"], b"t": b"1"}  # the terminal entry is marked
     with pytest.raises(RunFenced, match="already ended"):
         await owner_log.append(event(3))
@@ -73,49 +73,49 @@ async def test_a_finished_runs_log_refuses_every_later_append(redis_client: Redi
 
 async def test_an_owner_whose_lease_is_gone_or_someone_elses_writes_nothing(
         redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
+    await admit(run_directory(redis_client))
     await owner_log.append(event(1))
-    await redis_client.set("aura:run:run_a:lease", "aura-b")
+    await redis_client.set("aura:run:{run_a}:lease", "aura-b")
     with pytest.raises(RunFenced, match="no longer holds"):
         await owner_log.append(event(2), {"lastSeq": 2})
-    await redis_client.delete("aura:run:run_a:lease")
+    await redis_client.delete("aura:run:{run_a}:lease")
     with pytest.raises(RunFenced):  # fenced for good: nothing more is even sent
         await owner_log.append(event(3))
     assert await seqs(redis_client) == [b"1-1"]
-    assert await redis_client.get("aura:run:run_a:snapshot") is None
+    assert await redis_client.get("aura:run:{run_a}:snapshot") is None
 
 
 async def test_a_different_event_at_a_logged_seq_fails_loudly_and_the_same_one_is_already_logged(
         redis_client: Redis, owner_log: RedisEventLog) -> None:
-    await admit(RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length))
+    await admit(run_directory(redis_client))
     await owner_log.append(event(1))
     await owner_log.append(event(1))  # a retried append of the same bytes: already logged
     with pytest.raises(RunFenced, match="Another event"):
         await owner_log.append(event(1, text="something else"))
     assert [orjson.loads(fields[b"e"])["data"]["content"]
-            for _, fields in await redis_client.xrange("aura:run:run_a:events")] == ["c1"]
+            for _, fields in await redis_client.xrange("aura:run:{run_a}:events")] == ["c1"]
 
 
 async def test_lease_renewal_is_compare_and_set(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     await admit(directory, lease_seconds=1)
     assert await directory.renew_leases(["run_a"], "aura-a", 20) == []
-    assert 19_000 < await redis_client.pttl("aura:run:run_a:lease") <= 20_000
-    await redis_client.delete("aura:run:run_a:lease")  # lapsed (or declared lost)
+    assert 19_000 < await redis_client.pttl("aura:run:{run_a}:lease") <= 20_000
+    await redis_client.delete("aura:run:{run_a}:lease")  # lapsed (or declared lost)
     assert await directory.renew_leases(["run_a"], "aura-a", 20) == ["run_a"]
-    assert await redis_client.exists("aura:run:run_a:lease") == 0  # never re-created
-    await redis_client.set("aura:run:run_a:lease", "aura-b")
+    assert await redis_client.exists("aura:run:{run_a}:lease") == 0  # never re-created
+    await redis_client.set("aura:run:{run_a}:lease", "aura-b")
     assert await directory.renew_leases(["run_a"], "aura-a", 20) == ["run_a"]
-    assert await redis_client.get("aura:run:run_a:lease") == b"aura-b"
+    assert await redis_client.get("aura:run:{run_a}:lease") == b"aura-b"
 
 
 async def test_close_by_an_owner_without_its_lease_changes_nothing(redis_client: Redis) -> None:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     await admit(directory)
-    await redis_client.delete("aura:run:run_a:lease")
+    await redis_client.delete("aura:run:{run_a}:lease")
     assert await directory.close(RECORD, "completed", 60) is False
-    assert orjson.loads(await redis_client.get("aura:run:run_a:meta"))["status"] == "running"
-    assert await redis_client.zrange("aura:slots:user:acme:alice", 0, -1) == [b"run_a"]
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:meta"))["status"] == "running"
+    assert await redis_client.zrange("aura:slots:{acme}:user:alice", 0, -1) == [b"run_a"]
 
 
 def pending_request() -> ApprovalRequest:
@@ -125,7 +125,7 @@ def pending_request() -> ApprovalRequest:
 
 
 async def access_over(redis_client: Redis) -> tuple[RunAccess, RedisRunDirectory, RedisApprovalStore]:
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     approvals = RedisApprovalStore(redis_client)
     log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60)
     access = RunAccess(runs=None, directory=directory, event_log=log,  # type: ignore[arg-type]
@@ -146,11 +146,11 @@ async def test_declaring_a_lost_run_closes_everything_at_once_and_only_when_the_
     assert await access.declare_lost(RECORD) is False  # the lease is there: the owner is alive
     assert await seqs(redis_client) == [b"1-1", b"2-1"]
 
-    await redis_client.delete("aura:run:run_a:lease")
+    await redis_client.delete("aura:run:{run_a}:lease")
     await redis_client.zadd("aura:runs:active", {"run_a": 0})  # its lease deadline passed
     assert await directory.stale_runs(10) == ["run_a"]
     assert await access.sweep_lost_runs() == 1
-    entries = await redis_client.xrange("aura:run:run_a:events")
+    entries = await redis_client.xrange("aura:run:{run_a}:events")
     assert [entry_id for entry_id, _ in entries] == [b"1-1", b"2-1", b"3-1", b"4-1"]
     error, end = (orjson.loads(fields[b"e"]) for _, fields in entries[2:])
     message = "The instance running this run stopped; the run is lost. Please start it again."
@@ -159,13 +159,13 @@ async def test_declaring_a_lost_run_closes_everything_at_once_and_only_when_the_
     assert (end["type"], end["seq"], end["data"]) == (
         "end", 4, {"status": "failed", "reason": "run_lost", "message": message})
     assert entries[3][1][b"t"] == b"1"
-    assert orjson.loads(await redis_client.get("aura:run:run_a:meta"))["status"] == "failed"
-    assert 50 < await redis_client.ttl("aura:run:run_a:meta") <= 60
-    assert orjson.loads(await redis_client.get("aura:run:run_a:snapshot")) == {
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:meta"))["status"] == "failed"
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:meta") <= 60
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {
         "status": "failed", "lastSeq": 4, "pendingApproval": None,
         "end": {"status": "failed", "reason": "run_lost", "message": message}}
-    assert await redis_client.zcard("aura:slots:user:acme:alice") == 0
-    assert await redis_client.zcard("aura:slots:tenant:acme") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
     assert await redis_client.zcard("aura:runs:active") == 0
     cancelled = await approvals.get("req_1")
     assert cancelled is not None
@@ -176,7 +176,7 @@ async def test_declaring_a_lost_run_closes_everything_at_once_and_only_when_the_
 
     # once declared, nobody writes after the end: a second declaration, the old owner
     assert await access.declare_lost(RECORD) is False
-    await redis_client.set("aura:run:run_a:lease", "aura-a")  # even if it somehow had its lease again
+    await redis_client.set("aura:run:{run_a}:lease", "aura-a")  # even if it somehow had its lease again
     with pytest.raises(RunFenced):
         await owner_log.append(event(3))
     assert await seqs(redis_client) == [b"1-1", b"2-1", b"3-1", b"4-1"]
@@ -192,18 +192,18 @@ async def test_a_run_that_ended_normally_is_never_declared_lost(redis_client: Re
     assert await access.declare_lost(RECORD) is False
     assert await access.sweep_lost_runs() == 0
     assert await seqs(redis_client) == [b"1-1", b"2-1"]
-    assert orjson.loads(await redis_client.get("aura:run:run_a:meta"))["status"] == "completed"
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:meta"))["status"] == "completed"
 
 
 async def test_a_declaration_prepared_before_the_log_grew_is_refused(redis_client: Redis,
                                                                       owner_log: RedisEventLog) -> None:
     from domain.model.runs import LostRun
 
-    directory = RedisRunDirectory(redis_client, max_log_length=DEFAULTS.events.max_length)
+    directory = run_directory(redis_client)
     await admit(directory)
     await owner_log.append(event(1))
     await owner_log.append(event(2))
-    await redis_client.delete("aura:run:run_a:lease")
+    await redis_client.delete("aura:run:{run_a}:lease")
     stale = LostRun(record=RECORD, after_seq=1, error=event(2, EventType.ERROR), end=event(3, EventType.END),
                     snapshot=None, approval=None, retention_seconds=60)
     assert await directory.declare_lost(stale) == "moved"

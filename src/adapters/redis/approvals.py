@@ -8,28 +8,29 @@ Keys:
   percent-encoded so that ids containing `:` can never collide. Its TTL is pushed to the request
   TTL on every create, so it never outlives the newest request it names.
 
-A decision is one round trip: a Lua script (`_DECIDE`, loaded once, run by EVALSHA) compares the
-request's current bytes with the bytes the caller read (or created) and, only when they are equal,
-writes the decided request and session records (XX, KEEPTTL), removes the request from the pending
-index and, for a decision with a signal, stores and publishes that signal (`hitl:signal:*` with its
-TTL, `hitl:channel:*`, exactly as `RedisSignalBus.publish` does). Python computes every new record;
-Lua only compares and copies bytes: decoding and re-encoding with cjson would turn `{}` into `[]`
-and reformat large numbers, and the records must stay byte-for-byte what `to_record()` says. The
-session record is updated only while it is still exactly the pending record Aura wrote for this
-request (a session that moved on to a later request is left alone).
+A decision is two ordered steps. First the request alone (one key, so one slot on a cluster): a
+Lua script compares the request's current bytes with the bytes the caller read (or created) and,
+only when they are equal, writes the decided record (XX, KEEPTTL) — the decision's one point of
+truth. Then, in one pipeline, the follow-ups, each idempotent: the session record updated only while
+it is still exactly the pending record Aura wrote for this request (a compare-and-set on that one
+key), the request removed from the pending index, and for a decision with a signal, that signal
+stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly as
+`RedisSignalBus.publish` does). A crash between the two steps loses nothing: the decided request is
+what every waiting run re-reads (the approval recheck), and a later decision attempt on the request
+finds it decided and runs the follow-ups again. Python computes every new record; Lua only
+compares and copies bytes: decoding and re-encoding with cjson would turn `{}` into `[]` and
+reformat large numbers, and the records must stay byte-for-byte what `to_record()` says.
 
-A decision without `expected` (the API's, the waiting run's) is one round trip without a read
-first: `_DECIDE_IN_PLACE` checks that the request is pending and, with a `decider`, what
+A decision without `expected` (the API's, the waiting run's) needs no read first:
+`_DECIDE_IN_PLACE` checks that the request is pending and, with a `decider`, what
 `Decider.may_decide` checks in Python (same tenant, the request's own user or an approver, not
-expired at the decision's time), and builds the decided
-record from the stored bytes by replacing exactly the parts a decision changes: the top-level
-`"status"` (the last `,"status":"pending","userId":` of the record; everything after it is plain
-strings and numbers, whose quotes are escaped) and the `"decidedAt":null,"decidedBy":null,
-"reason":null}` tail, with values Python encoded. The result is the same bytes as `to_record()` of
-the decided request; a record that is not in that layout (written by someone else) makes the
-script answer with the stored bytes, and Python decides on them as above. The script derives the
-session, pending-index, signal and channel keys from the record (so it is for a single Redis, not
-a cluster, which is what the contract describes).
+expired at the decision's time), and builds the decided record from the stored bytes by replacing
+exactly the parts a decision changes: the top-level `"status"` (the last
+`,"status":"pending","userId":` of the record; everything after it is plain strings and numbers,
+whose quotes are escaped) and the `"decidedAt":null,"decidedBy":null,"reason":null}` tail, with
+values Python encoded. The result is the same bytes as `to_record()` of the decided request; a
+record that is not in that layout (written by someone else) makes the script answer with the
+stored bytes, and Python decides on them as above.
 """
 
 from __future__ import annotations
@@ -40,18 +41,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from adapters.redis.client import LuaScript, arg, pack, raise_error, shared_connection
+from adapters.redis.client import RedisClient, batch, execute_and_publish, get_values, raise_error
 from adapters.redis.durability import ReplicaConfirmation
-from adapters.redis.signals import (
-    CHANNEL_PREFIX,
-    DEFAULT_SIGNAL_TTL_SECONDS,
-    SIGNAL_KEY_PREFIX,
-    channel_name,
-    signal_key,
-)
+from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import ApprovalStore
@@ -64,30 +58,18 @@ DEFAULT_SESSION_TTL_SECONDS = 3600
 # the new bytes, which are normally decided, and the loop stops. This only bounds a pathology.
 MAX_DECIDE_ATTEMPTS = 32
 
-# KEYS: request, session, pending index[, signal]
-# ARGV: expected request bytes, decided request bytes, expected session bytes, decided session
-#       bytes, request id[, signal bytes, signal TTL, channel]
-# Reply: 0 when the request does not exist; its current bytes when they are not the expected
-# ones (nothing written); 1 when decided (and signalled); 2 when decided but the signal part
-# failed (the decision stands: writes of a script are never rolled back, and pcall keeps going).
-_DECIDE = """
+# KEYS: one record. ARGV: 1 its expected bytes, 2 its new bytes. Reply: 0 when the key does not
+# exist; 1 when it held the expected bytes (now the new ones) or already holds the new ones (a
+# retried call); else the bytes it holds (nothing written).
+_SWAP = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
+if current == ARGV[2] then return 1 end
 if current ~= ARGV[1] then return current end
 redis.call('SET', KEYS[1], ARGV[2], 'XX', 'KEEPTTL')
-if redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('SET', KEYS[2], ARGV[4], 'XX', 'KEEPTTL')
-end
-redis.call('ZREM', KEYS[3], ARGV[5])
-if #KEYS < 4 then return 1 end
-local stored = redis.pcall('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
-if type(stored) == 'table' and stored.err then return 2 end
-local published = redis.pcall('PUBLISH', ARGV[8], ARGV[6])
-if type(published) == 'table' and published.err then return 2 end
 return 1
 """
-_DECIDED = 1
-_DECIDED_SIGNAL_FAILED = 2
+_SWAPPED = 1
 
 SESSION_KEY_PREFIX = "hitl:session:"
 PENDING_INDEX_PREFIX = "aura:hitl:pending:"
@@ -97,11 +79,9 @@ _PENDING_STATUS = ',"status":"pending","userId":'
 # KEYS: request
 # ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, '0' when not,
 #       '-' for no decider (only "still pending" is checked), 4 decidedAt,
-#       5 status, 6 decidedBy as JSON, 7 reason as JSON, 8 request id, 9 session key prefix,
-#       10 pending index prefix[, 11 signal bytes, 12 signal TTL, 13 signal key prefix,
-#       14 channel prefix]
+#       5 status, 6 decidedBy as JSON, 7 reason as JSON
 # Reply: 0 when the request does not exist; its current bytes when the decider may not decide it
-# now (or it is not in Aura's layout); {1 or 2 (as _DECIDE), the decided bytes} when decided.
+# now (or it is not in Aura's layout); {1, the decided bytes} when decided.
 _DECIDE_IN_PLACE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
@@ -131,25 +111,6 @@ local decided = string.sub(current, 1, last - 1) .. ',"status":"' .. ARGV[5] .. 
 local check_ok, check = pcall(cjson.decode, decided)
 if not check_ok or check.status ~= ARGV[5] then return current end
 redis.call('SET', KEYS[1], decided, 'XX', 'KEEPTTL')
-local session_key = ARGV[9] .. record.sessionId
-local session = redis.call('GET', session_key)
-local pending = ',"status":"pending"}'
-if session and string.sub(session, -#pending) == pending then
-  local s_ok, s = pcall(cjson.decode, session)
-  if s_ok and type(s) == 'table' and s.requestId == ARGV[8] and s.status == 'pending' then
-    redis.call('SET', session_key, string.sub(session, 1, -#pending - 1) .. ',"status":"' .. ARGV[5] .. '"}',
-      'XX', 'KEEPTTL')
-  end
-end
-local function quote(text)
-  return (string.gsub(text, '[^%w_%.%-~]', function(c) return string.format('%%%02X', string.byte(c)) end))
-end
-redis.call('ZREM', ARGV[10] .. quote(record.tenantId) .. ':' .. quote(record.userId), ARGV[8])
-if #ARGV < 11 then return {1, decided} end
-local stored = redis.pcall('SET', ARGV[13] .. record.sessionId, ARGV[11], 'EX', ARGV[12])
-if type(stored) == 'table' and stored.err then return {2, decided} end
-local published = redis.pcall('PUBLISH', ARGV[14] .. record.sessionId, ARGV[11])
-if type(published) == 'table' and published.err then return {2, decided} end
 return {1, decided}
 """
 
@@ -188,7 +149,7 @@ def _as_text(value: bytes | str) -> str:
 class RedisApprovalStore(ApprovalStore):
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         request_ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS,
@@ -196,32 +157,28 @@ class RedisApprovalStore(ApprovalStore):
         confirmation: ReplicaConfirmation | None = None,
     ) -> None:
         self._redis = redis
-        # A decision is reported applied only once this many replicas hold it.
+        # A decision is reported (applied or already made) only once this many replicas hold it.
         self._confirmation = confirmation
-        # An approval's creation, read and decision are on the approval's path (a run parking, a
-        # POST deciding): they go through the client's shared connection.
-        self._shared = shared_connection(redis)
         self._request_ttl_seconds = request_ttl_seconds
         self._session_ttl_seconds = session_ttl_seconds
         self._signal_ttl_seconds = signal_ttl_seconds
-        # EVALSHA, with the body once when the server does not know the script yet.
-        self._decide_script = LuaScript.of(_DECIDE)
-        self._decide_in_place_script = LuaScript.of(_DECIDE_IN_PLACE)
+        self._swap = redis.register_script(_SWAP)
+        self._decide_in_place_script = redis.register_script(_DECIDE_IN_PLACE)
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
+        """The pending index first (a request is never pending unlisted), then the request, then
+        its session: one pipeline, each write idempotent."""
         index_key = pending_index_key(request.tenant_id, request.user_id)
         record = encode_json(request.to_record())
+        pipe = batch(self._redis)
+        if request.status is ApprovalStatus.PENDING:
+            pipe.zadd(index_key, {request.request_id: request.created_at})
+            pipe.expire(index_key, self._request_ttl_seconds)
+        pipe.set(request_key(request.request_id), record, ex=self._request_ttl_seconds)
+        pipe.set(session_key(request.session_id), encode_json(request.session_record()), ex=self._session_ttl_seconds)
         try:
-            commands = [
-                pack(b"SET", request_key(request.request_id).encode(), record, b"EX", arg(self._request_ttl_seconds)),
-                pack(b"SET", session_key(request.session_id).encode(), encode_json(request.session_record()),
-                     b"EX", arg(self._session_ttl_seconds)),
-            ]
-            if request.status is ApprovalStatus.PENDING:
-                commands.append(pack(b"ZADD", index_key.encode(), arg(request.created_at),
-                                     request.request_id.encode()))
-                commands.append(pack(b"EXPIRE", index_key.encode(), arg(self._request_ttl_seconds)))
-            await self._shared.transaction(*commands)
+            for reply in await pipe.execute(raise_on_error=False):
+                raise_error(reply)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return StoredApproval(request, record)
@@ -233,8 +190,7 @@ class RedisApprovalStore(ApprovalStore):
     async def read(self, request_id: str) -> StoredApproval | None:
         key = request_key(request_id)
         try:
-            (raw,) = await self._shared.execute(pack(b"GET", key.encode()), 1)
-            raise_error(raw)
+            raw = await self._redis.get(key)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return None if raw is None else _stored(raw, key)
@@ -244,7 +200,7 @@ class RedisApprovalStore(ApprovalStore):
             return []
         keys = [request_key(request_id) for request_id in request_ids]
         try:
-            raws = await self._redis.mget(keys)
+            raws = await get_values(self._redis, keys)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return [None if raw is None else _decode_request(raw, key) for key, raw in zip(keys, raws, strict=True)]
@@ -256,7 +212,7 @@ class RedisApprovalStore(ApprovalStore):
             ids = [_as_text(member) for member in members if isinstance(member, bytes | str)]
             if not ids:
                 return []
-            raws = await self._redis.mget([request_key(request_id) for request_id in ids])
+            raws = await get_values(self._redis, [request_key(request_id) for request_id in ids])
             pending: list[ApprovalRequest] = []
             stale: list[str] = []
             for request_id, raw in zip(ids, raws, strict=True):
@@ -288,90 +244,112 @@ class RedisApprovalStore(ApprovalStore):
         if expected is not None and expected.request.request_id != request_id:
             raise ValueError(f"expected a record of {request_id}, got {expected.request.request_id}")
         key = request_key(request_id)
-        if expected is None:
-            outcome = await self._decide_in_place(key, request_id, status, decider, decided_at, decided_by, reason,
-                                                  signal)
-            if not isinstance(outcome, StoredApproval | None):
-                return outcome
-            seen: StoredApproval | None = outcome  # refused, or not in Aura's layout: the loop tells which
-        else:
-            seen = expected
         try:
+            if expected is None:
+                outcome = await self._decide_in_place(key, request_id, status, decider, decided_at, decided_by,
+                                                      reason, signal)
+                if not isinstance(outcome, StoredApproval | None):
+                    return outcome
+                seen: StoredApproval | None = outcome  # refused, or not in Aura's layout: the loop tells which
+            else:
+                seen = expected
             for _ in range(MAX_DECIDE_ATTEMPTS):
                 if seen is None:
                     return None
                 current = seen.request
                 if current.status.is_decided or (decider is not None and not decider.may_decide(current, decided_at)):
+                    if current.status.is_decided:  # a decision whose follow-ups a crash may have cut short
+                        await self._follow_up(current, None)
                     return DecisionResult(applied=False, request=current)
                 decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
-                keys = [key, session_key(current.session_id), pending_index_key(current.tenant_id, current.user_id)]
-                args: list[bytes | str | int] = [
-                    seen.version,
-                    encode_json(decided.to_record()),
-                    encode_json(current.session_record()),
-                    encode_json(decided.session_record()),
-                    request_id,
-                ]
-                if signal is not None:
-                    keys.append(signal_key(current.session_id))
-                    args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds,
-                             channel_name(current.session_id)]
-                reply = await self._decide_script.run(self._shared, keys, args)
+                reply = await self._swap(keys=[key], args=[seen.version, encode_json(decided.to_record())])
                 if isinstance(reply, bytes | str):
                     seen = _stored(reply, key)  # changed since it was read: decide on what is there now
                     continue
                 if not reply:
                     return None  # expired (or deleted) since it was read: there is nothing to decide
-                if signal is not None and reply == _DECIDED_SIGNAL_FAILED:
-                    _log.warning("decided %s but could not store or publish its signal", request_id)
-                await self._confirm()
-                return DecisionResult(applied=True, request=decided,
-                                      signalled=signal is not None and reply == _DECIDED)
+                signalled = await self._follow_up(decided, signal)
+                return DecisionResult(applied=True, request=decided, signalled=signalled)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         raise StoreUnavailable(f"approval {request_id} is changing too often to decide")
 
+    async def replace(self, stored: StoredApproval, replacement: ApprovalRequest) -> bool:
+        """`stored` becomes `replacement` (a decided copy) only while its bytes are unchanged, with
+        the same follow-ups as a decision without a signal. True when it applied (or had)."""
+        try:
+            reply = await self._swap(keys=[request_key(stored.request.request_id)],
+                                     args=[stored.version, encode_json(replacement.to_record())])
+            if reply != _SWAPPED:
+                return False
+            await self._follow_up(replacement, None)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
+        return True
+
+    async def _follow_up(self, decided: ApprovalRequest, signal: Signal | None) -> bool:
+        """The writes after a decision, each idempotent, in one pipeline: the session record (only
+        while it is exactly this request's pending record), the pending index, and the signal stored
+        then published. True when the signal was stored and published.
+
+        When replicas must confirm writes, the pipeline's last command is a `WAIT`, which covers
+        the decision too (it ran before: durability.py); only once it confirmed is the signal
+        published and the decision reported, else `ReplicasDidNotConfirm` (a retryable error): a
+        failover could revert it."""
+        pending_session = encode_json({**decided.session_record(), "status": ApprovalStatus.PENDING.value})
+        pipe = batch(self._redis)
+        pipe.evalsha(self._swap.sha, 1, session_key(decided.session_id), pending_session,
+                     encode_json(decided.session_record()))
+        pipe.zrem(pending_index_key(decided.tenant_id, decided.user_id), decided.request_id)
+        payload = None if signal is None else signal.to_json().encode("utf-8")
+        if payload is not None:
+            pipe.set(signal_key(decided.session_id), payload, ex=self._signal_ttl_seconds)
+        confirmation = self._confirmation
+        if confirmation is not None:
+            pipe.execute_command(*confirmation.arguments())
+            replies = await pipe.execute(raise_on_error=False)
+            confirmation.check(replies.pop())
+            if payload is not None:
+                try:
+                    replies.append(await self._redis.publish(channel_name(decided.session_id), payload))
+                except RedisError as error:
+                    replies.append(error)
+        elif payload is None:
+            replies = await pipe.execute(raise_on_error=False)
+        else:
+            replies, published = await execute_and_publish(self._redis, pipe, channel_name(decided.session_id),
+                                                           payload)
+            replies.append(published)
+        if isinstance(replies[0], NoScriptError):  # a restarted server: load the script, swap again
+            await self._swap(keys=[session_key(decided.session_id)],
+                             args=[pending_session, encode_json(decided.session_record())])
+        if signal is None:
+            return False
+        if any(isinstance(reply, Exception) for reply in replies[2:]):
+            _log.warning("decided %s but could not store or publish its signal", decided.request_id)
+            return False
+        return True
+
     async def _decide_in_place(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider | None,
                                decided_at: int, decided_by: str | None, reason: str | None,
                                signal: Signal | None) -> DecisionResult | StoredApproval | None:
-        """One round trip: the decision when the script applied it; otherwise the request as stored
-        (None when absent or unreadable), which the caller's loop refuses by the same rules or, when
-        only its layout stopped the script, decides on."""
+        """The decision when the script applied it; otherwise the request as stored (None when
+        absent or unreadable), which the caller's loop refuses by the same rules or, when only its
+        layout stopped the script, decides on."""
         mode = "-" if decider is None else "1" if decider.approver else "0"
-        args: list[bytes | str | int] = [
+        reply = await self._decide_in_place_script(keys=[key], args=[
             "" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id, mode,
-            decided_at, status.value,
-            encode_json(decided_by), encode_json(reason), request_id, SESSION_KEY_PREFIX, PENDING_INDEX_PREFIX,
-        ]
-        if signal is not None:
-            args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX]
-        try:
-            reply = await self._decide_in_place_script.run(self._shared, [key], args)
-        except RedisError as exc:
-            raise StoreUnavailable("the approval store is unavailable") from exc
+            decided_at, status.value, encode_json(decided_by), encode_json(reason)])
         if isinstance(reply, list):
-            code, raw = reply
+            _code, raw = reply
             decided = _decode_request(raw, key)
             if decided is None:  # cannot be: the script checked that it decodes
                 raise StoreUnavailable(f"approval {request_id} was decided into an unreadable record")
-            if signal is not None and code == _DECIDED_SIGNAL_FAILED:
-                _log.warning("decided %s but could not store or publish its signal", request_id)
-            try:
-                await self._confirm()
-            except RedisError as exc:
-                raise StoreUnavailable("the approval store is unavailable") from exc
-            return DecisionResult(applied=True, request=decided, signalled=signal is not None and code == _DECIDED)
+            signalled = await self._follow_up(decided, signal)
+            return DecisionResult(applied=True, request=decided, signalled=signalled)
         if not reply:
             return None
         return _stored(reply, key)
-
-    async def _confirm(self) -> None:
-        """Wait until the replicas hold the decision just written (on the shared connection, like
-        every write before it), or raise `ReplicasDidNotConfirm`: a decision a failover could revert
-        is not reported applied, so the caller answers a retryable error instead of 200."""
-        if self._confirmation is not None:
-            (reply,) = await self._shared.execute(self._confirmation.command(), 1)
-            self._confirmation.check(reply)
 
 
 def _stored(raw: bytes | str, key: str) -> StoredApproval | None:

@@ -5,11 +5,13 @@ sending the same id reaches a thread of their own, so nobody can block, read or 
 else's thread, and the owner is never locked out.
 
 Keys (Aura's own; ids percent-encoded, see `keys.key_part`):
-- `aura:thread:{tenant}:{user}:{threadId}:turns`: a list of JSON turns trimmed to the newest
+- `aura:thread:{<tenant>:<user>}:<threadId>:turns`: a list of JSON turns trimmed to the newest
   `max_turns`; it expires `ttl_seconds` after the last turn;
-- `aura:threads:{tenant}:{user}:bytes`: a hash of the bytes each of the user's threads holds, so
+- `aura:threads:{<tenant>:<user>}:bytes`: a hash of the bytes each of the user's threads holds, so
   one user cannot store more than `max_user_bytes` in all; a thread whose list has expired is
   dropped from it on the user's next append.
+Both carry the user's hash tag (the braces are literal): on a cluster all of a user's threads live
+in one slot, which the append script, reading the user's other threads, needs.
 
 A turn longer than `max_turn_bytes` is stored shortened (its tool notes dropped, then its prompt
 and answer cut, with a visible marker)."""
@@ -20,11 +22,10 @@ import logging
 from typing import Any, cast
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.redis.client import LuaScript, shared_connection
-from adapters.redis.keys import key_part
+from adapters.redis.client import RedisClient
+from adapters.redis.keys import key_part, user_tag
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import ConversationStore
 
@@ -39,17 +40,17 @@ def turns_key(tenant_id: str, user_id: str, thread_id: str) -> str:
 
 
 def usage_key(tenant_id: str, user_id: str) -> str:
-    return f"aura:threads:{key_part(tenant_id)}:{key_part(user_id)}:bytes"
+    return f"aura:threads:{user_tag(tenant_id, user_id)}:bytes"
 
 
 def _thread_prefix(tenant_id: str, user_id: str) -> str:
-    return f"aura:thread:{key_part(tenant_id)}:{key_part(user_id)}:"
+    return f"aura:thread:{user_tag(tenant_id, user_id)}:"
 
 
 # KEYS: the thread's turns, the user's usage hash. ARGV: the turn, max turns, ttl, the usage field
 # (the encoded thread id), max bytes per user, the prefix of the user's turns keys.
 # Returns 1 when stored, 0 when the user's threads would hold more than the limit.
-_APPEND = LuaScript.of("""
+_APPEND = """
 local turns, usage = KEYS[1], KEYS[2]
 local turn, max_turns, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local field, max_bytes, prefix = ARGV[4], tonumber(ARGV[5]), ARGV[6]
@@ -75,14 +76,14 @@ redis.call('EXPIRE', turns, ttl)
 redis.call('HSET', usage, field, size)
 redis.call('EXPIRE', usage, ttl)
 return 1
-""")
+"""
 
 
 class RedisConversationStore(ConversationStore):
-    def __init__(self, redis: Redis, *, ttl_seconds: int, max_turns: int, max_turn_bytes: int,
+    def __init__(self, redis: RedisClient, *, ttl_seconds: int, max_turns: int, max_turn_bytes: int,
                  max_user_bytes: int) -> None:
         self._redis = redis
-        self._shared = shared_connection(redis)  # the append is on every remembered run's path
+        self._append = redis.register_script(_APPEND)
         self._ttl = ttl_seconds
         self._max_turns = max_turns
         self._max_turn_bytes = max_turn_bytes
@@ -98,9 +99,9 @@ class RedisConversationStore(ConversationStore):
     async def append(self, tenant_id: str, user_id: str, thread_id: str, turn: dict[str, Any]) -> bool:
         packed = fitted(turn, self._max_turn_bytes)
         try:
-            stored = await _APPEND.run(
-                self._shared, [turns_key(tenant_id, user_id, thread_id), usage_key(tenant_id, user_id)],
-                [packed, self._max_turns, self._ttl, key_part(thread_id), self._max_user_bytes,
+            stored = await self._append(
+                keys=[turns_key(tenant_id, user_id, thread_id), usage_key(tenant_id, user_id)],
+                args=[packed, self._max_turns, self._ttl, key_part(thread_id), self._max_user_bytes,
                  _thread_prefix(tenant_id, user_id)])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("Conversation memory is unavailable.") from exc

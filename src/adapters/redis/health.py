@@ -1,103 +1,177 @@
-"""Readiness of Redis: can the store take a write now? Reported as a short reason, never raised.
+"""Readiness of Redis: whether the store can take a write now, reported as a short reason, never
+raised, and bounded by a timeout (the client's own retries could outlast a readiness check).
 
-A PING is not enough: a replica, a demoted master (READONLY), a master without the replicas its
-writes must reach, or a Sentinel group that names no master all answer PING while every run
-would fail. `write_refusal` asks what a write needs, in one round trip (plus one to a sentinel
-under Sentinel): the master the sentinels name, `ROLE` (a master, with enough replicas connected
-to confirm writes), and a real write (`SET aura:ready ... PX`), which also meets whatever else
-refuses writes (`min-replicas-to-write` not met, out of memory). It is a list of checks of the
-replies, so a deployment kind with its own failure modes (Redis Cluster) adds its own.
-"""
+`store_problem` runs `WRITE_CHECKS` in order and reports the first problem; each check is a small
+function of the client: under Sentinel, that a sentinel names a master; the cluster state; that the
+server is a master (`ROLE`: a replica or a demoted master answers PING but takes no write); a real
+write; a two-key script of one hash tag. When writes must be confirmed by replicas (`WAIT`), the
+probe adds a check that the master has that many replicas connected (`write_checks`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from adapters.redis.client import RedisClient, is_cluster
 from adapters.redis.sentinel import current_master
 from domain.model.ports import HealthProbe
 
 _log = logging.getLogger(__name__)
 
-PROBE_KEY = "aura:ready"
+PROBE_KEY = "aura:ready:probe"
 PROBE_TTL_MS = 10_000
 
-# A check of the replies to `ROLE` and to the probe write (each a value or the error it is): the
-# reason the store cannot take a write, or None.
-ReplyCheck = Callable[[Any, Any, int], str | None]
+WriteCheck = Callable[[RedisClient], Awaitable[str | None]]
 
 
-def _role(role: Any, _write: Any, required_replicas: int) -> str | None:
-    if isinstance(role, ResponseError):
-        # Only the in-process fake (dev) lacks ROLE; the write below still judges it.
-        return None if "unknown command" in str(role).lower() else f"redis refuses ROLE: {_first_word(role)}"
-    kind = role[0]
-    if kind != b"master":
-        return f"redis is a {kind.decode('utf-8', 'replace')}, not a master: it takes no writes"
-    connected = len(role[2])
-    if connected < required_replicas:
-        return f"redis master has {connected} of the {required_replicas} replica(s) that must confirm writes"
+async def cluster_mode_matches(redis: RedisClient) -> str | None:
+    """A cluster is reached through a cluster client and every primary says the cluster is ok; a
+    single-server URL pointed at a cluster node would refuse most of a run's keys (MOVED)."""
+    if isinstance(redis, RedisCluster):
+        states = await redis.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+        for node, info in (states.items() if isinstance(states, dict) and "cluster_state" not in states
+                           else [("", states)]):
+            state = info.get("cluster_state") if isinstance(info, dict) else None
+            if state not in ("ok", b"ok"):
+                return f"redis cluster state is {_text(state)} at {node}".rstrip(" at")
+        return None
+    try:
+        info = await redis.info("cluster")
+    except ResponseError:  # a server without the section (the in-process one) is no cluster node
+        return None
+    if info.get("cluster_enabled") in (1, "1", b"1"):
+        return "redis is a cluster node: use a redis+cluster:// URL"
     return None
 
 
-def _write(_role: Any, write: Any, _required_replicas: int) -> str | None:
-    if isinstance(write, Exception):
-        return f"redis refuses writes ({_first_word(write)})"
-    return None
-
-
-WRITE_CHECKS: tuple[ReplyCheck, ...] = (_role, _write)
-
-
-def _first_word(error: Exception) -> str:
-    """READONLY, NOREPLICAS, OOM, CLUSTERDOWN...: the error code, not the server's whole sentence."""
-    text = str(error).split(" ", 1)[0]
-    return text or type(error).__name__
-
-
-async def write_refusal(redis: Redis, *, required_replicas: int = 0,
-                        checks: Sequence[ReplyCheck] = WRITE_CHECKS) -> str | None:
-    """Why `redis` cannot take a write now, or None when it can. Raises what the client raises
-    for an unreachable server (ConnectionError, TimeoutError)."""
+async def sentinel_names_master(redis: RedisClient) -> str | None:
+    """Under Sentinel, a sentinel names the service's master (asks nobody for another client)."""
     try:
         await current_master(redis)
     except MasterNotFoundError:
         return "redis master unknown: no sentinel names one"
-    pipe = redis.pipeline(transaction=False)
-    pipe.execute_command("ROLE")
-    pipe.set(PROBE_KEY, b"1", px=PROBE_TTL_MS)
-    role, write = await pipe.execute(raise_on_error=False)
-    for error in (role, write):
-        if isinstance(error, RedisConnectionError | RedisTimeoutError):
-            raise error
-    for check in checks:
-        reason = check(role, write, required_replicas)
-        if reason is not None:
-            return reason
+    return None
+
+
+async def _role(redis: RedisClient) -> list[object] | None:
+    """`ROLE`'s reply; None where there is no one server to ask (a cluster: its state check covers
+    its nodes) or no `ROLE` (the in-process Redis of the embedded mode)."""
+    if isinstance(redis, RedisCluster):
+        return None
+    try:
+        role = await redis.execute_command("ROLE")  # type: ignore[no-untyped-call]  # unannotated in redis-py
+    except ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return None
+        raise
+    return list(role)
+
+
+async def is_master(redis: RedisClient) -> str | None:
+    """The server is a master: a replica, or a master Sentinel demoted, answers PING but refuses
+    every write."""
+    role = await _role(redis)
+    if role is not None and role[0] not in (b"master", "master"):
+        return f"redis is a {_text(role[0])}, not a master: it takes no writes"
+    return None
+
+
+def has_replicas(required: int) -> WriteCheck:
+    """A check that the master has `required` replicas connected: with fewer, every `WAIT` for
+    them fails and no event or decision can be acknowledged."""
+    async def replicas_connected(redis: RedisClient) -> str | None:
+        role = await _role(redis)
+        if role is not None and role[0] in (b"master", "master"):
+            connected = len(role[2])  # type: ignore[arg-type]  # ROLE's third part lists the replicas
+            if connected < required:
+                return f"redis master has {connected} of the {required} replica(s) that must confirm writes"
+        return None
+    return replicas_connected
+
+
+async def accepts_writes(redis: RedisClient) -> str | None:
+    """A real write (a key of its own, expiring): a replica, a READONLY or OOM server, a cluster
+    slot without a primary all refuse it."""
+    await redis.set(PROBE_KEY, b"1", px=PROBE_TTL_MS)
+    return None
+
+
+# Two keys under one hash tag, written by one script: what every run's atomic step needs. A proxy
+# or set-up that refuses scripts or splits one tag over two slots (CROSSSLOT) fails it.
+_SCRIPT_PROBE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+SCRIPT_PROBE_KEYS = ("aura:ready:{probe}:a", "aura:ready:{probe}:b")
+
+
+async def runs_single_slot_scripts(redis: RedisClient) -> str | None:
+    await redis.register_script(_SCRIPT_PROBE)(keys=list(SCRIPT_PROBE_KEYS), args=[b"1", PROBE_TTL_MS])
+    return None
+
+
+WRITE_CHECKS: list[WriteCheck] = [sentinel_names_master, cluster_mode_matches, is_master, accepts_writes,
+                                  runs_single_slot_scripts]
+
+
+def write_checks(required_replicas: int) -> list[WriteCheck]:
+    """`WRITE_CHECKS`, with the replica count when writes wait for `required_replicas` (> 0)."""
+    if required_replicas <= 0:
+        return list(WRITE_CHECKS)
+    checks = list(WRITE_CHECKS)
+    checks.insert(checks.index(is_master) + 1, has_replicas(required_replicas))
+    return checks
+
+
+async def store_problem(redis: RedisClient, checks: list[WriteCheck] | None = None) -> str | None:
+    """The first reason the store cannot take a write now, or None."""
+    for check in WRITE_CHECKS if checks is None else checks:
+        try:
+            problem = await check(redis)
+        except (TimeoutError, RedisTimeoutError, RedisConnectionError):
+            raise  # not a refusal: the probe reports them as such
+        except RedisError as exc:
+            _log.debug("redis readiness check %s failed: %r", check.__name__, exc)
+            return f"redis refuses writes: {_first_word(exc)}"
+        if problem is not None:
+            return problem
     return None
 
 
 class RedisHealthProbe(HealthProbe):
-    def __init__(self, redis: Redis, timeout_seconds: float = 1.0, *, required_replicas: int = 0) -> None:
+    def __init__(self, redis: RedisClient, timeout_seconds: float = 1.0, *, required_replicas: int = 0) -> None:
         self._redis = redis
         self._timeout_seconds = timeout_seconds
-        self._required_replicas = required_replicas
+        self._checks = write_checks(required_replicas)
 
     async def check(self) -> str | None:
         try:
-            # The client's own retries could outlast a readiness check; the timeout bounds them.
             async with asyncio.timeout(self._timeout_seconds):
-                return await write_refusal(self._redis, required_replicas=self._required_replicas)
+                return await store_problem(self._redis, self._checks)
         except (TimeoutError, RedisTimeoutError):
             return "redis timed out"
         except Exception as exc:  # a probe reports, it never raises
             _log.debug("redis health check failed: %r", exc)
             return "redis unreachable"
+
+
+def _first_word(error: Exception) -> str:
+    words = str(error).split()
+    return words[0] if words and words[0].isupper() else type(error).__name__
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["WRITE_CHECKS", "RedisHealthProbe", "WriteCheck", "accepts_writes", "cluster_mode_matches",
+           "has_replicas", "is_cluster", "is_master", "runs_single_slot_scripts", "sentinel_names_master",
+           "store_problem", "write_checks"]

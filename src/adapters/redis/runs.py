@@ -1,18 +1,29 @@
 """The run directory, follower and control channel in Redis.
 
-Keys (Aura's own; not part of the DWP contract; every id percent-encoded, see `keys.key_part`):
+Keys (Aura's own; not part of the DWP contract; every id percent-encoded, see `keys`): a run's keys
+share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is a single-slot script.
 - `aura:run:{runId}:meta`      JSON RunRecord; a day while running, the retention time after the end
 - `aura:run:{runId}:lease`     the owner instance id, PX lease milliseconds, renewed by the owner only
                                while it still holds it (compare and set)
-- `aura:run:{runId}:reader`    set while another instance streams the run to a client (PX a few
-                               seconds, refreshed): its owner does not cancel it for want of a reader
+- `aura:run:{runId}:reader`    sorted set of the follows reading the run on other instances, scored
+                               by when each lapses (ms), refreshed by each follow: while it exists
+                               the owner publishes the run's events on its tail channel, and while
+                               a member is current the owner does not cancel it for want of a reader
 - `aura:runs:active`           sorted set of running run ids, scored by when their lease lapses (ms),
                                so lost runs are found even when nobody follows them
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
 - `aura:idem:{tenant}:{user}:{sha256(key)}`  {"runId", "fingerprint"} for Idempotency-Key
-- `aura:slots:user:{tenant}:{user}`, `aura:slots:tenant:{tenant}`  sorted sets of running run ids,
-  scored by when their slot lapses (so a crashed instance's runs free their slots by themselves)
+- `aura:slots:{tenant}:user:{user}`, `aura:slots:{tenant}:tenant`  sorted sets of running run ids,
+  scored by when their slot lapses (so a crashed instance's runs free their slots by themselves);
+  both carry the tenant's hash tag, so the admission's check-and-take is one single-slot script
 - channel `aura:instance:{instanceId}:control`  cancel requests for the runs an instance owns
+- channel `aura:run:{runId}:tail`  the run's events as they are logged, while it has a remote reader
+
+What spans slots (a run's keys, its tenant's slots, the active index, the approval's `hitl:*` keys)
+is written in idempotent steps, in an order that a crash between two of them leaves nothing lost:
+the active index first (a run is findable before anything else of it exists), the run's own keys,
+then the slots; on the way out the run's keys first, the slots and the index last. Whatever a crash
+leaves behind is cleaned by the lost-run sweep (`stale_runs`, `declare_lost`).
 """
 
 from __future__ import annotations
@@ -21,23 +32,23 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import unquote
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
-from adapters.redis.approvals import encode_json, pending_index_key, request_key, session_key
-from adapters.redis.client import LuaScript, shared_connection
-from adapters.redis.durability import ReplicaConfirmation
+from adapters.redis.approvals import RedisApprovalStore
+from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, run_batch
+from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
-from adapters.redis.keys import key_part
+from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.redis.readers import stop_reader
+from adapters.redis.sentinel import master_moved
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
@@ -46,34 +57,39 @@ from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirector
 log = logging.getLogger("aura.runs")
 
 ACTIVE_TTL_SECONDS = 86_400
-
-
-def meta_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:meta"
-
-
 ACTIVE_RUNS_KEY = "aura:runs:active"
 
 
+def meta_key(run_id: str) -> str:
+    return run_key(run_id, "meta")
+
+
 def reader_key(run_id: str) -> str:
-    return f"aura:run:{key_part(run_id)}:reader"
+    return run_key(run_id, "reader")
 
 
-def _user_slots(tenant_id: str, user_id: str) -> str:
-    return f"aura:slots:user:{key_part(tenant_id)}:{key_part(user_id)}"
+def tail_channel(run_id: str) -> str:
+    return run_key(run_id, "tail")
 
 
-def _tenant_slots(tenant_id: str) -> str:
-    return f"aura:slots:tenant:{key_part(tenant_id)}"
+def user_slots_key(tenant_id: str, user_id: str) -> str:
+    return f"aura:slots:{tenant_tag(tenant_id)}:user:{key_part(user_id)}"
+
+
+def tenant_slots_key(tenant_id: str) -> str:
+    return f"aura:slots:{tenant_tag(tenant_id)}:tenant"
 
 
 def control_channel(instance_id: str) -> str:
     return f"aura:instance:{key_part(instance_id)}:control"
 
 
-# A run's admission in one atomic step: drop lapsed slots, refuse when the user's or the tenant's
-# limit is reached, else take both slots and write the run's record and owner lease.
-_ADMIT = """
+# KEYS: user slots, tenant slots (one tenant: one slot). ARGV: 1 now, 2 slot deadline, 3 run id,
+# 4 user limit, 5 tenant limit, 6 TTL seconds. Drops lapsed slots, refuses when the user's or the
+# tenant's limit is reached, else takes both. A run that holds its slots already (a retried call)
+# is admitted again without counting twice.
+_TAKE_SLOTS = """
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 'ok' end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'user' end
@@ -82,77 +98,63 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
-redis.call('SET', KEYS[4], ARGV[9], 'PX', ARGV[10])
-redis.call('ZADD', KEYS[5], ARGV[11], ARGV[3])
 return 'ok'
 """
 
-# KEYS: active runs, then each run's lease; ARGV: 1 owner, 2 lease ms, 3 lease deadline (ms), then
-# each run id. Reply: the runs whose lease is not the owner's any more (nothing written for them).
+# KEYS: the run's lease; ARGV: owner, lease ms. 1 when renewed, 0 when the lease is not the owner's.
 _RENEW = """
-local lost = {}
-for i = 2, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[i + 2])
-  else
-    lost[#lost + 1] = ARGV[i + 2]
-  end
-end
-return lost
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
-# KEYS: meta, lease, user slots, tenant slots, active runs; ARGV: owner, final record, retention, run id
+# KEYS: meta, lease; ARGV: owner, final record, retention
 _CLOSE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[4])
-redis.call('ZREM', KEYS[5], ARGV[4])
 return 1
 """
 
-# KEYS: 1 log, 2 lease, 3 meta, 4 snapshot, 5 user slots, 6 tenant slots, 7 active runs
-#       [, 8 approval request, 9 approval session, 10 pending approvals index]
+# KEYS: 1 log, 2 lease, 3 meta, 4 snapshot (one run: one slot)
 # ARGV: 1 the log's expected last entry id ('' for an empty log), 2 error entry id, 3 error bytes,
 #       4 end entry id, 5 end bytes, 6 final record, 7 final snapshot ('' for none), 8 retention,
-#       9 run id, 10 max log length[, 11 expected request bytes, 12 cancelled request bytes,
-#       13 expected session bytes, 14 cancelled session bytes, 15 request id]
+#       9 max log length, 10 the run's tail channel
 _DECLARE_LOST = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
-local function forget()
-  redis.call('ZREM', KEYS[7], ARGV[9])
-  redis.call('ZREM', KEYS[5], ARGV[9])
-  redis.call('ZREM', KEYS[6], ARGV[9])
-end
 local meta = redis.call('GET', KEYS[3])
-if not meta then forget() return 'finished' end
+if not meta then return 'finished' end
 local ok, record = pcall(cjson.decode, meta)
-if not ok or type(record) ~= 'table' or record.status ~= 'running' then forget() return 'finished' end
+if not ok or type(record) ~= 'table' or record.status ~= 'running' then return 'finished' end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last then
   local fields = last[2]
   for i = 1, #fields, 2 do
-    if fields[i] == 't' then forget() return 'finished' end
+    if fields[i] == 't' then return 'finished' end
   end
   if last[1] ~= ARGV[1] then return 'moved' end
 elseif ARGV[1] ~= '' then
   return 'moved'
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[10], ARGV[2], 'e', ARGV[3])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[10], ARGV[4], 'e', ARGV[5], 't', '1')
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], ARGV[2], 'e', ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], ARGV[4], 'e', ARGV[5], 't', '1')
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[8])
 if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[8]) end
-forget()
-if #KEYS >= 8 and redis.call('GET', KEYS[8]) == ARGV[11] then
-  redis.call('SET', KEYS[8], ARGV[12], 'XX', 'KEEPTTL')
-  if redis.call('GET', KEYS[9]) == ARGV[13] then redis.call('SET', KEYS[9], ARGV[14], 'XX', 'KEEPTTL') end
-  redis.call('ZREM', KEYS[10], ARGV[15])
-end
+redis.call('PUBLISH', ARGV[10], ARGV[3])
+redis.call('PUBLISH', ARGV[10], ARGV[5])
 return 'declared'
+"""
+
+
+# KEYS: the run's reader set. ARGV: 1 this follow's lapse time (ms), 2 its token, 3 the set's TTL
+# (ms), 4 now (ms). Reply: 1 when the token was not in the set (first note, or the set lapsed:
+# events may have gone unpublished), else 0.
+_NOTE_READER = """
+local added = redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return added
 """
 
 
@@ -161,15 +163,16 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisRunDirectory(RunDirectory):
-    def __init__(self, redis: Redis, *, max_log_length: int) -> None:
+    def __init__(self, redis: RedisClient, *, max_log_length: int, approvals: RedisApprovalStore) -> None:
         self._redis = redis
         self._max_log_length = max_log_length
-        # Admission and close are on every run's path: they go through the shared connection.
-        self._shared = shared_connection(redis)
-        self._admit = LuaScript.of(_ADMIT)
-        self._renew = LuaScript.of(_RENEW)
-        self._close = LuaScript.of(_CLOSE)
-        self._declare_lost = LuaScript.of(_DECLARE_LOST)
+        # A lost run's pending approval is cancelled through the approval store's own steps.
+        self._approvals = approvals or RedisApprovalStore(redis)
+        self._take_slots = redis.register_script(_TAKE_SLOTS)
+        self._renew = redis.register_script(_RENEW)
+        self._close = redis.register_script(_CLOSE)
+        self._declare_lost = redis.register_script(_DECLARE_LOST)
+        self._note_reader = redis.register_script(_NOTE_READER)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -185,10 +188,16 @@ class RedisRunDirectory(RunDirectory):
         if not run_ids:
             return []
         lease_ms = int(lease_seconds * 1000)
-        lost = await self._call(self._renew.run(
-            self._shared, keys=[ACTIVE_RUNS_KEY, *(lease_key(run_id) for run_id in run_ids)],
-            args=[instance_id, lease_ms, int(time.time() * 1000) + lease_ms, *run_ids]))
-        return [_text(run_id) for run_id in lost or ()]
+        replies = await self._call(run_batch(
+            self._redis, [(self._renew, [lease_key(run_id)], [instance_id, lease_ms]) for run_id in run_ids]))
+        renewed = [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply == 1]
+        if renewed:  # the index only says when to look again: it may lag the leases, never lead them
+            deadline = int(time.time() * 1000) + lease_ms
+            await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, dict.fromkeys(renewed, deadline), xx=True))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable("The run directory is unavailable.") from reply
+        return [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply != 1]
 
     async def lease_holder(self, run_id: str) -> str | None:
         raw = await self._call(self._redis.get(lease_key(run_id)))
@@ -211,60 +220,114 @@ class RedisRunDirectory(RunDirectory):
         if raw is None:  # expired in between: try once more
             return await self.claim_idempotency(tenant_id, user_id, key, run_id, fingerprint, ttl_seconds)
         existing = orjson.loads(raw)
+        if existing["runId"] == run_id:  # our own claim, answered again after a retried SET
+            return None
         return IdempotencyClaim(run_id=existing["runId"], fingerprint=existing["fingerprint"])
 
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
+        """Three ordered steps: the active index, the run's record and lease (so a crash from here
+        on leaves a run the sweep declares lost, which frees whatever it holds), then the tenant's
+        slots in one script. A refusal takes the first two back."""
         now = time.time()
-        result = await self._call(self._admit.run(
-            self._shared,
-            keys=[_user_slots(record.tenant_id, record.user_id), _tenant_slots(record.tenant_id),
-                  meta_key(record.run_id), lease_key(record.run_id), ACTIVE_RUNS_KEY],
-            args=[now, now + slot_seconds, record.run_id, user_limit, tenant_limit, int(slot_seconds) + 60,
-                  orjson.dumps(record.to_record()), ACTIVE_TTL_SECONDS, record.instance_id,
-                  int(lease_seconds * 1000), int((now + lease_seconds) * 1000)]))
+        run_id = record.run_id
+        lease_deadline = int((now + lease_seconds) * 1000)
+        slot_keys = [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)]
+        slot_args: list[float | int | str] = [now, now + slot_seconds, run_id, user_limit, tenant_limit,
+                                              int(slot_seconds) + 60]
+        pipe = batch(self._redis)
+        pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
+        pipe.set(meta_key(run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
+        pipe.set(lease_key(run_id), record.instance_id, px=int(lease_seconds * 1000))
+        # One server runs a pipeline's commands in order: the slots' script can ride along. A
+        # cluster runs each server's part side by side: there it waits for the first two steps.
+        together = not is_cluster(self._redis)
+        if together:
+            pipe.evalsha(self._take_slots.sha, len(slot_keys), *slot_keys, *slot_args)
+        replies = await self._call(pipe.execute(raise_on_error=False))
+        for reply in replies[:3]:
+            self._raise(reply)
+        if together and not isinstance(replies[3], NoScriptError):
+            self._raise(replies[3])
+            result = replies[3]
+        else:  # a cluster, or a server that does not know the script yet (it is loaded now)
+            result = await self._call(self._take_slots(keys=slot_keys, args=slot_args))
         text = _text(result)
-        return None if text == "ok" else text
+        if text == "ok":
+            return None
+        undo = batch(self._redis)
+        undo.delete(meta_key(run_id), lease_key(run_id))
+        undo.zrem(ACTIVE_RUNS_KEY, run_id)
+        await self._call(undo.execute())
+        return text
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first."""
-        closed = await self._call(self._close.run(
-            self._shared,
-            keys=[meta_key(record.run_id), lease_key(record.run_id), _user_slots(record.tenant_id, record.user_id),
-                  _tenant_slots(record.tenant_id), ACTIVE_RUNS_KEY],
-            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds,
-                  record.run_id]))
+        closed = await self._call(self._close(
+            keys=[meta_key(record.run_id), lease_key(record.run_id)],
+            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds]))
+        if closed:
+            await self._forget(record.run_id, record.tenant_id, record.user_id)
         return bool(closed)
 
+    async def _forget(self, run_id: str, tenant_id: str, user_id: str) -> None:
+        """A finished run's slots and index entry, dropped last (idempotent: a crash before this
+        leaves an entry the sweep finds finished and drops)."""
+        pipe = batch(self._redis)
+        pipe.zrem(user_slots_key(tenant_id, user_id), run_id)
+        pipe.zrem(tenant_slots_key(tenant_id), run_id)
+        pipe.zrem(ACTIVE_RUNS_KEY, run_id)
+        await self._call(pipe.execute())
+
     async def declare_lost(self, lost: LostRun) -> str:
+        """The run's own keys in one script (the decision point); then its pending approval
+        cancelled by compare-and-set, then its slots and index entry dropped. A crash after the
+        script leaves the run in the active index: the next sweep finds it finished and does the
+        rest (`finished` runs the same steps, each a no-op once done)."""
         record = lost.record
         run_id = record.run_id
-        keys = [event_log_key(run_id), lease_key(run_id), meta_key(run_id), snapshot_key(run_id),
-                _user_slots(record.tenant_id, record.user_id), _tenant_slots(record.tenant_id), ACTIVE_RUNS_KEY]
-        args: list[bytes | str | int] = [
-            f"{lost.after_seq}-1" if lost.after_seq else "", f"{lost.error.seq}-1", envelope_bytes(lost.error),
-            f"{lost.end.seq}-1", envelope_bytes(lost.end), orjson.dumps({**record.to_record(), "status": "failed"}),
-            b"" if lost.snapshot is None else orjson.dumps(lost.snapshot), lost.retention_seconds, run_id,
-            self._max_log_length]
-        if lost.approval is not None:
-            stored, cancelled = lost.approval
-            pending = stored.request
-            keys += [request_key(pending.request_id), session_key(pending.session_id),
-                     pending_index_key(pending.tenant_id, pending.user_id)]
-            args += [stored.version, encode_json(cancelled.to_record()), encode_json(pending.session_record()),
-                     encode_json(cancelled.session_record()), pending.request_id]
-        return _text(await self._call(self._declare_lost.run(self._shared, keys=keys, args=args)))
+        outcome = _text(await self._call(self._declare_lost(
+            keys=[event_log_key(run_id), lease_key(run_id), meta_key(run_id), snapshot_key(run_id)],
+            args=[f"{lost.after_seq}-1" if lost.after_seq else "", f"{lost.error.seq}-1", envelope_bytes(lost.error),
+                  f"{lost.end.seq}-1", envelope_bytes(lost.end),
+                  orjson.dumps({**record.to_record(), "status": "failed"}),
+                  b"" if lost.snapshot is None else orjson.dumps(lost.snapshot), lost.retention_seconds,
+                  self._max_log_length, tail_channel(run_id)])))
+        if outcome in ("declared", "finished"):
+            if lost.approval is not None:
+                stored, cancelled = lost.approval
+                await self._approvals.replace(stored, cancelled)
+            await self._forget(run_id, record.tenant_id, record.user_id)
+        return outcome
 
     async def stale_runs(self, limit: int) -> list[str]:
-        due = await self._call(self._redis.zrangebyscore(ACTIVE_RUNS_KEY, "-inf", int(time.time() * 1000),
-                                                         start=0, num=limit))
-        return [_text(run_id) for run_id in due]
+        """Runs due for a look; entries a crash left behind (a run finished or gone whose entry was
+        not dropped) are dropped here, with the finished run's slots."""
+        due = [_text(run_id) for run_id in await self._call(self._redis.zrangebyscore(
+            ACTIVE_RUNS_KEY, "-inf", int(time.time() * 1000), start=0, num=limit))]
+        if not due:
+            return []
+        pipe = batch(self._redis)
+        for run_id in due:
+            pipe.get(meta_key(run_id))
+        running: list[str] = []
+        for run_id, raw in zip(due, await self._call(pipe.execute()), strict=True):
+            current = None if raw is None else RunRecord.from_record(orjson.loads(raw))
+            if current is not None and current.status == "running":
+                running.append(run_id)
+            elif current is not None:
+                await self._forget(run_id, current.tenant_id, current.user_id)
+            else:
+                await self._call(self._redis.zrem(ACTIVE_RUNS_KEY, run_id))
+        return running
 
     async def note_reader(self, run_id: str, ttl_seconds: float) -> None:
-        await self._call(self._redis.set(reader_key(run_id), b"1", px=int(ttl_seconds * 1000)))
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(ttl_seconds * 1000)
+        await self._call(self._note_reader(keys=[reader_key(run_id)], args=[now_ms + ttl_ms, "note", ttl_ms, now_ms]))
 
     async def has_reader(self, run_id: str) -> bool:
-        return bool(await self._call(self._redis.exists(reader_key(run_id))))
+        return bool(await self._call(self._redis.zcount(reader_key(run_id), int(time.time() * 1000), "+inf")))
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))
@@ -273,92 +336,199 @@ class RedisRunDirectory(RunDirectory):
         raw = await self._call(self._redis.get(snapshot_key(run_id)))
         return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
 
+    @staticmethod
+    def _raise(reply: Any) -> None:
+        try:
+            raise_error(reply)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory is unavailable.") from exc
+
 
 @dataclass(eq=False)
 class _Follow:
     position: int
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Events as published; None asks the follow to read the log (a message may have been missed).
+    queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
 
 
 class RedisRunFollower(RunFollower):
-    """One blocking XREAD per process serves every remote follow: the reader asks for all followed
-    logs at once and hands each new entry to the follows of that run."""
+    """Follows runs other instances own. A follow subscribes to the run's tail channel, adds itself
+    to the run's reader set (from then on the owner's append script publishes each event it logs,
+    in the same step), reads the log after its position once (XRANGE), then takes the events as
+    they are published: no command per event and none while the run is idle but the refresh of its
+    reader entry (one script every third of `reader_ttl_seconds`; an entry found gone means events
+    may have gone unpublished: the log is read again). A seq gap, or a resubscription after a lost
+    connection, is filled from the log too. One Pub/Sub connection serves every follow of the
+    process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
+    reader for the owner (`RunDirectory.has_reader`) until it ends."""
 
-    def __init__(self, redis: Redis, *, block_ms: int = 1000, confirmation: ReplicaConfirmation | None = None) -> None:
+    def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
+                 page: int = 500, confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
-        self._block_ms = block_ms
-        # Events read are handed on only once the replicas hold them (see `_read`).
+        # When replicas must confirm writes, a follow hands on only events they hold: the log reads
+        # end with a `WAIT` on their connection, and the owner publishes an event only once its own
+        # `WAIT` confirmed it (events.py), so a published event needs none.
         self._confirmation = confirmation
-        self._follows: dict[str, set[_Follow]] = defaultdict(set)
-        self._positions: dict[str, int] = {}
+        self._block_seconds = block_ms / 1000
+        self._reader_ttl_ms = int(reader_ttl_seconds * 1000)
+        self._page = page
+        self._note = redis.register_script(_NOTE_READER)
+        self._follows: dict[str, set[_Follow]] = {}
+        # channel -> the run it tails, and the confirmation of its SUBSCRIBE on the current connection
+        self._runs: dict[bytes, str] = {}
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
 
     async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
         follow = _Follow(after_seq)
-        self._follows[run_id].add(follow)
-        self._positions[run_id] = min(self._positions.get(run_id, after_seq), after_seq)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_forever(), name="run follower")
+        token = secrets.token_hex(8)
+        self._follows.setdefault(run_id, set()).add(follow)
         try:
+            await self._subscribe(run_id)
+            loop = asyncio.get_running_loop()
+            await self._note_reader(run_id, token)
+            next_note = loop.time() + self._reader_ttl_ms / 3000
+            async for event in self._catch_up(run_id, follow):
+                yield event
+            idle_since = loop.time()
             while True:
+                wait = max(0.0, min(idle_since + self._block_seconds, next_note) - loop.time())
                 try:
                     # Not asyncio.wait_for: on Python 3.11 it can swallow the cancel of a client
                     # that leaves just as an event arrives, and the follow would outlive it.
-                    async with asyncio.timeout(self._block_ms / 1000):
-                        event = await follow.queue.get()
+                    async with asyncio.timeout(wait):
+                        item = await follow.queue.get()
                 except TimeoutError:
-                    yield None
+                    if loop.time() >= next_note:
+                        next_note = loop.time() + self._reader_ttl_ms / 3000
+                        if await self._note_reader(run_id, token):
+                            async for event in self._catch_up(run_id, follow):
+                                yield event
+                    if loop.time() - idle_since >= self._block_seconds:
+                        idle_since = loop.time()
+                        yield None
                     continue
-                if event.seq <= follow.position:
-                    continue
-                follow.position = event.seq
-                yield event
+                if item is None or item.seq > follow.position + 1:
+                    async for event in self._catch_up(run_id, follow):
+                        idle_since = loop.time()
+                        yield event
+                elif item.seq == follow.position + 1:
+                    follow.position = item.seq
+                    idle_since = loop.time()
+                    yield item
         finally:
             followers = self._follows.get(run_id)
             if followers is not None:
                 followers.discard(follow)
                 if not followers:
                     del self._follows[run_id]
-                    self._positions.pop(run_id, None)
+            with contextlib.suppress(RedisError, OSError):  # else its entry lapses by itself
+                await self._redis.zrem(reader_key(run_id), token)
+
+    async def _note_reader(self, run_id: str, token: str) -> bool:
+        """Add or refresh this follow's reader entry; True when it was not there (events may have
+        gone unpublished)."""
+        now_ms = int(time.time() * 1000)
+        try:
+            added = await self._note(keys=[reader_key(run_id)],
+                                     args=[now_ms + self._reader_ttl_ms, token, self._reader_ttl_ms, now_ms])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The event log is unavailable.") from exc
+        return bool(added)
+
+    async def _catch_up(self, run_id: str, follow: _Follow) -> AsyncIterator[Event]:
+        while True:
+            try:
+                entries = await read_log_confirmed(self._redis, self._confirmation, event_log_key(run_id),
+                                                   f"{follow.position + 1}-0", self._page)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable("The event log is unavailable.") from exc
+            for _entry_id, fields in entries:
+                event = event_from_bytes(fields.get(b"e") or fields["e"])
+                if event.seq > follow.position:
+                    follow.position = event.seq
+                    yield event
+            if len(entries) < self._page:
+                return
+
+    async def _subscribe(self, run_id: str) -> None:
+        channel = tail_channel(run_id).encode()
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            self._runs[channel] = run_id
+            if self._pubsub is not None:
+                try:
+                    await self._pubsub.subscribe(channel)
+                except (RedisError, OSError):
+                    log.warning("run follower: SUBSCRIBE failed; the reader subscribes again")
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_forever(), name="run follower")
+        try:
+            async with asyncio.timeout(max(5.0, self._block_seconds * 5)):
+                await asyncio.shield(confirmed)
+        except TimeoutError:
+            raise StoreUnavailable("The event log's channel is unavailable.") from None
 
     async def _read_forever(self) -> None:
         backoff = 0.1
-        while self._follows:
-            streams = {event_log_key(run_id): f"{self._positions[run_id]}-1" for run_id in self._follows}
+        while self._confirmed:
+            pubsub = self._pubsub = self._redis.pubsub()
             try:
-                replies = await self._read(streams)
-                backoff = 0.1
+                if self._confirmed:
+                    await pubsub.subscribe(*self._confirmed)
+                loop = asyncio.get_running_loop()
+                tidy_at = loop.time() + self._block_seconds
+                while self._confirmed:
+                    message = await pubsub.get_message(timeout=self._block_seconds)
+                    backoff = 0.1
+                    if message is not None:
+                        self._dispatch(message)
+                    if message is None or loop.time() >= tidy_at:  # not once per message
+                        tidy_at = loop.time() + self._block_seconds
+                        await self._unsubscribe_unfollowed(pubsub)
+                        # Under Sentinel a demoted master keeps this connection until Sentinel
+                        # reconfigures it, while the owner publishes on the new one: move at once.
+                        if pubsub.connection is not None and await master_moved(self._redis, pubsub.connection):
+                            raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
             except (RedisError, OSError):
-                log.warning("run follower: the event log is unreachable; retrying")
+                log.warning("run follower: lost the tail channels; resubscribing")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                continue
-            for key, entries in replies or []:
-                run_id = unquote(_text(key).split(":")[2])
-                for _entry_id, fields in entries:
-                    event = event_from_bytes(fields.get(b"e") or fields["e"])
-                    self._positions[run_id] = max(self._positions.get(run_id, 0), event.seq)
-                    for follow in tuple(self._follows.get(run_id, ())):
-                        follow.queue.put_nowait(event)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
-    async def _read(self, streams: dict[str, str]) -> list[Any]:
-        """The XREAD, followed on the same connection by the `WAIT` when replicas must confirm: a
-        follower may read an event its owner wrote but has not acknowledged yet (the replicas did
-        not confirm it, and a failover would drop it), so what it read goes on only once the replicas
-        hold everything the read could see (on Redis 7 every command, reads too, moves the
-        connection's WAIT offset to the master's current one)."""
-        if self._confirmation is None:
-            replies: list[Any] = cast(Any, await self._redis.xread(cast(Any, streams), block=self._block_ms, count=500))
-            return replies
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xread(cast(Any, streams), block=self._block_ms, count=500)
-        pipe.execute_command(*self._confirmation.arguments())
-        replies, confirmed = await pipe.execute(raise_on_error=False)
-        if isinstance(replies, Exception):
-            raise replies
-        self._confirmation.check(confirmed)
-        return list(replies or ())  # None: the XREAD timed out
+    def _dispatch(self, message: Mapping[str, Any]) -> None:
+        channel = message.get("channel")
+        run_id = self._runs.get(channel) if isinstance(channel, bytes) else None
+        if run_id is None:
+            return
+        if message["type"] == "subscribe":
+            confirmed = self._confirmed.get(channel)  # type: ignore[arg-type]  # bytes, checked above
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+                return
+            for follow in self._follows.get(run_id, ()):  # subscribed again: messages may be missing
+                follow.queue.put_nowait(None)
+        elif message["type"] == "message":
+            try:
+                event = event_from_bytes(message["data"])
+            except Exception:  # not one of Aura's envelopes: read the log instead
+                event = None
+            for follow in self._follows.get(run_id, ()):
+                follow.queue.put_nowait(event)
+
+    async def _unsubscribe_unfollowed(self, pubsub: Any) -> None:
+        gone = [channel for channel, confirmed in self._confirmed.items()
+                if confirmed.done() and self._runs[channel] not in self._follows]
+        for channel in gone:
+            del self._confirmed[channel]
+            del self._runs[channel]
+        if gone:
+            await pubsub.unsubscribe(*gone)
 
     async def aclose(self) -> None:
         await stop_reader(self._reader)
@@ -370,7 +540,7 @@ CancelHandler = Callable[[str, str], object]
 class RedisRunControl(RunControl):
     """Cancel requests travel on the owner instance's own channel: one subscription per process."""
 
-    def __init__(self, redis: Redis, instance_id: str) -> None:
+    def __init__(self, redis: RedisClient, instance_id: str) -> None:
         self._redis = redis
         self._instance_id = instance_id
         self._listener: asyncio.Task[None] | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
@@ -130,17 +130,18 @@ def create_sentinel_redis(address: SentinelAddress, connection_options: dict[str
     return redis
 
 
-async def current_master(redis: Redis) -> tuple[str, int] | None:
-    """The master the sentinels name now for a client of `create_sentinel_redis` (None for another
-    client); raises `MasterNotFoundError` (a ConnectionError) when no sentinel names one."""
-    pool = redis.connection_pool
+async def current_master(redis: Redis | RedisCluster) -> tuple[str, int] | None:
+    """The master the sentinels name now for a client of `create_sentinel_redis` (None, asking
+    nobody, for another client); raises `MasterNotFoundError` (a ConnectionError) when no sentinel
+    names one."""
+    pool = getattr(redis, "connection_pool", None)
     if not isinstance(pool, SentinelConnectionPool):
         return None
     host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]  # unannotated in redis-py
     return str(host), int(port)
 
 
-async def master_moved(redis: Redis, connection: AbstractConnection) -> bool:
+async def master_moved(redis: Redis | RedisCluster, connection: AbstractConnection) -> bool:
     """Whether the sentinels now name another master than the one `connection` (of `redis`'s
     pool) is connected to: a connection that must follow failovers at once (the signal bus's
     Pub/Sub connection, which a demoted master keeps serving until Sentinel reconfigures it, some

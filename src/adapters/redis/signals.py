@@ -35,7 +35,6 @@ from collections.abc import Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelManagedConnection
@@ -43,6 +42,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from adapters.redis.client import RedisClient, execute_and_publish, get_values, new_connection, raise_error
+from adapters.redis.client import batch as command_batch
 from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_moved
 from domain.model.approval import Signal
 from domain.model.errors import StoreUnavailable
@@ -259,7 +260,7 @@ _Ack = _Channel | asyncio.Future[None]
 class RedisSignalBus(SignalBus):
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
         queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -300,10 +301,13 @@ class RedisSignalBus(SignalBus):
         """As the Java service does: store the signal (TTL 300 s), then publish the same JSON."""
         payload = signal.to_json().encode("utf-8")
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(signal_key(session_id), payload, ex=self._signal_ttl_seconds)
-                pipe.publish(channel_name(session_id), payload)
-                _, receivers = await pipe.execute()
+            # Stored, then published (a PUBLISH names no key: on a cluster it belongs to no slot,
+            # so no MULTI around both; the message carries the signal itself).
+            pipe = command_batch(self._redis)
+            pipe.set(signal_key(session_id), payload, ex=self._signal_ttl_seconds)
+            (stored,), receivers = await execute_and_publish(self._redis, pipe, channel_name(session_id), payload)
+            raise_error(stored)
+            raise_error(receivers)
         except RedisError as exc:
             raise StoreUnavailable("the signal store is unavailable") from exc
         return int(receivers)
@@ -429,7 +433,12 @@ class RedisSignalBus(SignalBus):
         while True:
             if self._failed_attempts:
                 await asyncio.sleep(self._reconnect_delay(self._failed_attempts))
-            connection = self._new_connection()
+            try:
+                connection = await self._new_connection()
+            except (RedisError, OSError) as exc:
+                self._failed_attempts += 1
+                _log.warning("signal bus cannot reach Redis (%s); retrying, attempt %d", exc, self._failed_attempts)
+                continue
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 await self._adopt(connection)
@@ -449,18 +458,15 @@ class RedisSignalBus(SignalBus):
         # Jitter, so that every instance of the service does not reconnect in the same instant.
         return capped * random.uniform(0.5, 1.0)  # nosec B311 # reconnect jitter, not a secret
 
-    def _new_connection(self) -> AbstractConnection:
-        pool = self._redis.connection_pool
-        options: dict[str, Any] = dict(pool.connection_kwargs)
-        client_name = options.get("client_name")
-        options.update(
+    async def _new_connection(self) -> AbstractConnection:
+        return await new_connection(
+            self._redis,
             protocol=2,
             decode_responses=False,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
-            client_name=f"{client_name}-signals" if client_name else "aura-hitl-signals",
+            client_name="aura-hitl-signals",
         )
-        return pool.connection_class(**options)
 
     async def _adopt(self, connection: AbstractConnection) -> None:
         """Make `connection` current and subscribe every live channel on it."""
@@ -574,7 +580,7 @@ class RedisSignalBus(SignalBus):
         A failure here propagates: the connection is then dropped and the next one replays."""
         due, self._replay_due = self._replay_due, []
         for batch in _batches(due, _BATCH_SIZE):
-            stored = await self._redis.mget([_signal_key_of_channel(channel.name) for channel in batch])
+            stored = await get_values(self._redis, [_signal_key_of_channel(channel.name) for channel in batch])
             for channel, raw in zip(batch, stored, strict=True):
                 if raw is None or self._channels.get(channel.name) is not channel:
                     continue

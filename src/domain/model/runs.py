@@ -135,8 +135,9 @@ class RunFollower(ABC):
 
     @abstractmethod
     def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
-        """Events after `after_seq` as they are logged; yields None when a poll found nothing
-        (so the caller can send a heartbeat or check the owner's lease)."""
+        """Events after `after_seq` as they are logged; yields None now and then while nothing
+        comes (so the caller can send a heartbeat). While it is open the run has a reader here
+        (`RunDirectory.has_reader`): its owner does not cancel it for want of one."""
 
 
 class RunControl(ABC):

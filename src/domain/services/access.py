@@ -22,7 +22,6 @@ log = logging.getLogger("aura.runs")
 
 REPLAY_BATCH = 500
 MAX_DECLARE_ATTEMPTS = 3
-READER_NOTE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,15 +242,12 @@ class RunAccess:
                 return
 
     async def _follow_remote(self, record: RunRecord, last: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
-        """Follow a run owned by another instance. When its lease lapsed, the owner stopped (an
-        owner that cannot renew it stops its run before writing again): declare the run lost, so
-        every follower reads the same `error` run_lost and `end`."""
+        """Follow a run owned by another instance (the follow counts as a reader for its owner,
+        see `RunFollower`). An idle follow costs nothing here: when the owner stops, its lease
+        lapses and the lost-run sweep of any instance (`watch_for_lost_runs`) declares the run
+        lost, which logs the `error` run_lost and `end` every follower then reads."""
         idle_since = self._clock.now()
-        noted = 0.0
         async for event in self._follower.follow(record.run_id, last):
-            if self._clock.now() - noted >= READER_NOTE_SECONDS:
-                noted = self._clock.now()  # the owner keeps a run someone reads here (disconnect grace)
-                await self._directory.note_reader(record.run_id, READER_NOTE_SECONDS * 3)
             if event is not None:
                 idle_since = self._clock.now()
                 yield event
@@ -261,8 +257,6 @@ class RunAccess:
             if self._clock.now() - idle_since >= heartbeat_seconds:
                 idle_since = self._clock.now()
                 yield None
-            if await self._directory.lease_holder(record.run_id) is None:
-                await self.declare_lost(record)
 
     async def declare_lost(self, record: RunRecord) -> bool:
         """Close a run whose owner stopped: its `error` run_lost and `end` logged, its record
