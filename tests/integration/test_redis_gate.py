@@ -17,11 +17,12 @@ from adapters.system import SecureIdFactory
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
 from domain.model.events import Event
 from domain.model.identity import Principal
+from domain.runtime.feed import Subscription
 from domain.services.agent import Agent
 from domain.services.desk import ApprovalDesk
 from domain.services.gate import ApprovalGate, GateSettings
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import RunService, Subscription
+from domain.services.runs import RunService
 from tests.integration.commands import CommandLog
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness

@@ -10,9 +10,10 @@ from domain.model.identity import Principal
 from domain.model.run import RunRequest
 from domain.model.telemetry import Telemetry
 from domain.model.tools import Tool, ToolRegistry
+from domain.runtime.feed import Subscription
 from domain.services.agent import Agent, AgentLimits
 from domain.services.gate import ApprovalGate, GateSettings
-from domain.services.runs import RunLimits, RunService, Subscription
+from domain.services.runs import RunLimits, RunService
 from tests.unit.fakes import (
     FakeClock,
     MemoryApprovalStore,

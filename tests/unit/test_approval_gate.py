@@ -10,9 +10,10 @@ import pytest
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.model.events import Event
+from domain.runtime.feed import Subscription
 from domain.services.agent import Agent
 from domain.services.gate import ApprovalGate, GateSettings
-from domain.services.runs import RunService, Subscription
+from domain.services.runs import RunService
 from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 

@@ -40,6 +40,7 @@ from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
 from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.runtime.waits import Backoff
 
 log = logging.getLogger("aura.runs")
 
@@ -319,17 +320,17 @@ class RedisRunFollower(RunFollower):
                     self._positions.pop(run_id, None)
 
     async def _read_forever(self) -> None:
-        backoff = 0.1
+        retry = Backoff(0.1, 2.0)
         while self._follows:
             streams = {event_log_key(run_id): f"{self._positions[run_id]}-1" for run_id in self._follows}
             try:
                 replies: list[Any] = cast(Any, await self._redis.xread(cast(Any, streams), block=self._block_ms,
                                                                         count=500))
-                backoff = 0.1
+                retry.succeeded()
             except (RedisError, OSError):
                 log.warning("run follower: the event log is unreachable; retrying")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                retry.failed()
+                await retry.pause()
                 continue
             for key, entries in replies or []:
                 run_id = unquote(_text(key).split(":")[2])
@@ -368,12 +369,12 @@ class RedisRunControl(RunControl):
             self._listener = asyncio.create_task(self._listen_forever(on_cancel), name="run control")
 
     async def _listen_forever(self, on_cancel: CancelHandler) -> None:
-        backoff = 0.1
+        retry = Backoff(0.1, 2.0)
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(control_channel(self._instance_id))
-                backoff = 0.1
+                retry.succeeded()
                 async for message in pubsub.listen():
                     try:
                         command = orjson.loads(message["data"])
@@ -383,8 +384,8 @@ class RedisRunControl(RunControl):
                         on_cancel(command["runId"], str(command.get("reason") or "user_cancelled"))
             except (RedisError, OSError):
                 log.warning("run control: lost the control channel; resubscribing")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                retry.failed()
+                await retry.pause()
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response
 
 from adapters.http.event_schema import events_json_schema
 from adapters.http.problems import Problem
-from adapters.metrics.prometheus import PrometheusMetrics
 from domain.model.ports import HealthProbe
 from domain.services.runs import RunService
 
 bp = Blueprint("health", __name__)
+
+
+class MetricsExposition(Protocol):
+    """The metrics as a scraper reads them (the Prometheus adapter's registry)."""
+
+    content_type: str
+
+    def exposition(self) -> bytes: ...
 
 
 def require_token() -> None:
@@ -44,7 +51,7 @@ async def ready(probe: HealthProbe = Provide["health_probe"],
 
 @bp.get("/metrics")
 @inject
-async def metrics(exposition: PrometheusMetrics = Provide["metrics"],
+async def metrics(exposition: MetricsExposition = Provide["metrics"],
                   protected: bool = Provide["metrics_require_auth"]) -> Response:
     """Prometheus exposition of Aura's metrics."""
     if protected:
