@@ -31,6 +31,8 @@ class Subscription(Generic[T]):
     armed for and re-arms itself for the current one when the stream was not quiet after all, so
     a busy stream keeps one timer per heartbeat interval, not one per wait."""
 
+    # Every open stream keeps one, a parked one for the whole approval: slots, and no buffer while
+    # it waits on an empty one (both pinned by tests/unit/runtime/test_memory.py).
     __slots__ = ("_deadline", "_events", "_max", "_timer", "_waiter", "overflowed")
 
     def __init__(self, max_buffered: int) -> None:

@@ -181,7 +181,9 @@ class RunService:
                 "resumeUrl": f"/aura/runs/{run.ids.run_id}/events",
             })
             agent_run = self._agent.execute(run, history)
-            del history  # the agent keeps the conversation; this frame waits as long as the run
+            # This frame waits as long as the run and the agent keeps its own copy of the conversation
+            # (pinned by tests/unit/runtime/test_memory.py: `history` is not a local of a parked run).
+            del history
             answer = await agent_run
             self._budgets.discard(run.ids.run_id)  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)

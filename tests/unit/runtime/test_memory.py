@@ -242,7 +242,8 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
 
 
 def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
-    for kept in (RunWatch(None, None, None), StreamMeter(None, "run"), Timer()):  # type: ignore[arg-type]
+    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), Subscription(1))  # type: ignore[arg-type]
+    for kept in kept_objects:
         assert not hasattr(kept, "__dict__")
 
 
