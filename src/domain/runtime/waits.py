@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Coroutine, Iterator
-from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -14,27 +13,34 @@ T = TypeVar("T")
 def first_of(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
     """A future done as soon as one of `futures` is (at once if one already is); the caller then
     looks at which. asyncio.wait would keep two more coroutines, a set, a closure and a timer for
-    as long as the wait takes (an approval: minutes); this keeps one future and a callback on each
-    of `futures`, removed once it is done or cancelled."""
+    as long as the wait takes (an approval: minutes); this keeps one future and one small object,
+    a callback on each of `futures` that is removed as soon as one of them is done or the
+    returned future is cancelled."""
     woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     if any(future.done() for future in futures):
         woken.set_result(None)
         return woken
-    wake = partial(_set_once, woken)
+    wake = _Wake(woken, futures)
     for future in futures:
         future.add_done_callback(wake)
-    woken.add_done_callback(partial(_remove_callbacks, futures, wake))
+    woken.add_done_callback(wake)
     return woken
 
 
-def _set_once(future: asyncio.Future[None], *_: object) -> None:
-    if not future.done():
-        future.set_result(None)
+class _Wake:
+    """`first_of`'s callback: completes the wait and takes itself off every input."""
 
+    __slots__ = ("_futures", "_woken")
 
-def _remove_callbacks(futures: tuple[asyncio.Future[Any], ...], wake: partial[None], *_: object) -> None:
-    for future in futures:
-        future.remove_done_callback(wake)
+    def __init__(self, woken: asyncio.Future[None], futures: tuple[asyncio.Future[Any], ...]) -> None:
+        self._woken = woken
+        self._futures = futures
+
+    def __call__(self, _: object) -> None:
+        if not self._woken.done():
+            self._woken.set_result(None)
+        for future in self._futures:
+            future.remove_done_callback(self)
 
 
 class Flag:
