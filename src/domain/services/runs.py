@@ -31,7 +31,6 @@ from domain.services.agent import Agent
 from domain.services.disconnects import DisconnectGrace
 from domain.services.leases import LeaseRenewal
 from domain.services.run_handle import RunHandle
-from domain.services.watch import RunWatch
 
 log = logging.getLogger("aura.runs")
 
@@ -133,11 +132,6 @@ class RunService:
         if handle.feed.fenced:
             watcher.detach()  # the run's rest is in the event log only
         return watcher
-
-    def follow(self, run_id: str) -> RunWatch | None:
-        """A new reader of the run, when it is in flight in this process."""
-        handle = self._runs.get(run_id)
-        return None if handle is None else RunWatch(self, handle, self.watch(handle))
 
     def release(self, handle: RunHandle, watcher: Subscription[Event], *, disconnected: bool) -> None:
         """A watcher left. When the client went away mid-run and the run's policy is `cancel`,

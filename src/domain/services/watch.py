@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from contextvars import Context
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from domain.model.events import Event
 from domain.runtime.feed import Subscription
 from domain.services.run_handle import RunHandle
-
-if TYPE_CHECKING:
-    from domain.services.runs import RunService
+from domain.services.runs import RunService
 
 
 class RunWatch:
