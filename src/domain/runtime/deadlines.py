@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Callable, Hashable
-from itertools import count
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -22,13 +21,16 @@ class Timer:
     Asking for a later time than the armed one keeps the armed timer: when it fires, its callback
     looks at the current deadline and asks again (`arm`) if that is still ahead. A deadline that
     keeps moving later (a heartbeat on a busy stream) thus costs one timer per interval, not one
-    per move. The callback lives only in the loop's handle, so an idle timer keeps nothing alive.
-    A timer armed on another loop (a process-wide owner used by a later loop, in tests) is replaced."""
+    per move. The callback is held only while the timer is armed, so an idle timer keeps nothing
+    alive. A timer armed on another loop (a process-wide owner used by a later loop, in tests) is
+    replaced."""
 
-    __slots__ = ("_handle", "_loop", "_when")
+    # Every open stream keeps one, armed for its heartbeat: slots, and no tuple of arguments.
+    __slots__ = ("_callback", "_handle", "_loop", "_when")
 
     def __init__(self) -> None:
         self._handle: asyncio.TimerHandle | None = None
+        self._callback: Callable[[], object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._when = 0.0  # loop time the armed timer fires at
 
@@ -36,45 +38,46 @@ class Timer:
     def armed(self) -> bool:
         return self._handle is not None
 
-    def arm(self, when: float, callback: Callable[..., object], *args: Any) -> None:
-        """Fire `callback(*args)` at loop time `when`, unless the armed timer fires no later."""
+    def arm(self, when: float, callback: Callable[[], object]) -> None:
+        """Call `callback()` at loop time `when`, unless the armed timer fires no later (it then
+        calls the callback it was armed with)."""
         loop = asyncio.get_running_loop()
         handle = self._handle
         if handle is not None:
             if self._when <= when and self._loop is loop:
                 return
             handle.cancel()
-        self._when, self._loop = when, loop
-        self._handle = loop.call_at(when, self._fire, callback, args)
+        self._when, self._loop, self._callback = when, loop, callback
+        self._handle = loop.call_at(when, self._fire)
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-            self._handle = self._loop = None
+            self._handle = self._loop = self._callback = None
 
-    def _fire(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self._handle = self._loop = None
-        callback(*args)
+    def _fire(self) -> None:
+        callback = self._callback
+        self._handle = self._loop = self._callback = None
+        if callback is not None:
+            callback()
 
 
-class Deadlines(Generic[K]):
-    """Deadlines by key, one timer at the earliest: `on_due(key)` once the deadline of `key` passed
-    (it is forgotten first). `now` is the time the deadlines are written in (loop time by default;
-    the approval expiries are wall-clock seconds): the timer is armed that far from the loop's now,
-    and fires only what `now` says is due.
+class Deadlines:
+    """Deadlines by key (a run's id, a request's), one timer at the earliest: `on_due(key)` once
+    the deadline of `key` passed (it is forgotten first). `now` is the time the deadlines are
+    written in (loop time by default; the approval expiries are wall-clock seconds): the timer is
+    armed that far from the loop's now, and fires only what `now` says is due.
 
     Keys whose deadline was dropped or moved stay in the heap until they come up, or until they
     outnumber the live ones (then the heap is rebuilt), so dropping one costs a dict deletion."""
 
-    __slots__ = ("_due_at", "_heap", "_now", "_on_due", "_order", "_timer")
+    __slots__ = ("_due_at", "_heap", "_now", "_on_due", "_timer")
 
-    def __init__(self, on_due: Callable[[K], object], now: Callable[[], float] | None = None) -> None:
+    def __init__(self, on_due: Callable[[str], object], now: Callable[[], float] | None = None) -> None:
         self._on_due = on_due
         self._now = now
-        self._due_at: dict[K, float] = {}
-        # (deadline, order, key): `order` keeps keys that cannot be compared out of the comparison.
-        self._heap: list[tuple[float, int, K]] = []
-        self._order = count()
+        self._due_at: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # (deadline, key), earliest first
         self._timer = Timer()
 
     def __len__(self) -> int:
@@ -83,23 +86,23 @@ class Deadlines(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._due_at
 
-    def at(self, key: K) -> float | None:
+    def at(self, key: str) -> float | None:
         return self._due_at.get(key)
 
-    def set(self, key: K, when: float) -> None:
+    def set(self, key: str, when: float) -> None:
         """`key` is due at `when` (replacing its deadline, if it had one)."""
         self._due_at[key] = when
-        heapq.heappush(self._heap, (when, next(self._order), key))
+        heapq.heappush(self._heap, (when, key))
         self._arm(when)
 
-    def discard(self, key: K) -> None:
+    def discard(self, key: str) -> None:
         if self._due_at.pop(key, None) is None:
             return
         if not self._due_at:
             self._heap.clear()
             self._timer.cancel()
         elif len(self._heap) > 64 and len(self._heap) > 2 * len(self._due_at):
-            self._heap = [(when, next(self._order), key) for key, when in self._due_at.items()]
+            self._heap = [(when, key) for key, when in self._due_at.items()]
             heapq.heapify(self._heap)
 
     def close(self) -> None:
@@ -117,11 +120,11 @@ class Deadlines(Generic[K]):
         now = asyncio.get_running_loop().time() if self._now is None else self._now()
         heap, due_at = self._heap, self._due_at
         while heap and heap[0][0] <= now:
-            when, _, key = heapq.heappop(heap)
+            when, key = heapq.heappop(heap)
             if due_at.get(key) == when:
                 del due_at[key]
                 self._on_due(key)
-        while heap and due_at.get(heap[0][2]) != heap[0][0]:
+        while heap and due_at.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)  # dropped or moved: not worth a timer
         if heap:
             self._arm(heap[0][0])

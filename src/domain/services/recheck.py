@@ -48,7 +48,7 @@ class ApprovalRecheck:
         self._task: asyncio.Task[None] | None = None
         self._tick: asyncio.Future[bool] | None = None
         # The waits' `expiresAt`, by request id, in the clock's (wall) time.
-        self._expiries: Deadlines[str] = Deadlines(self._expired, now=clock.now)
+        self._expiries: Deadlines = Deadlines(self._expired, now=clock.now)
 
     def watch(self, request: ApprovalRequest) -> asyncio.Future[ApprovalRequest | None]:
         """Re-check `request` until `unwatch`. The future completes with the request as re-read

@@ -67,7 +67,7 @@ class RunService:
         self._disconnects = DisconnectGrace(directory, limits.disconnect_grace_seconds)
         # The agents' time budgets, by run id, on one timer for the process: a timer per run
         # (asyncio.timeout) was one more handle and object kept by every run waiting for approval.
-        self._budgets: Deadlines[str] = Deadlines(self._over_budget)
+        self._budgets: Deadlines = Deadlines(self._over_budget)
         self.accepting = True
 
     # -- queries ---------------------------------------------------------------------------

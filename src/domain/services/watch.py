@@ -57,7 +57,8 @@ class RunWatch:
         if task is not None:
             # An empty context: a callback keeps the context it was added in, and the request's
             # (a web framework's request and app contexts) would otherwise live as long as the stream.
-            task.add_done_callback(self._task_done, context=Context())
+            task.add_done_callback(self, context=Context())
 
-    def _task_done(self, _: object) -> None:
+    def __call__(self, _task: object) -> None:
+        """`task` ended (the watch itself is its callback: no bound method kept per stream)."""
         self.release(disconnected=True)
