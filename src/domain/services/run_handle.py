@@ -20,6 +20,7 @@ class RunHandle:
     record: RunRecord
     started: bool = False
     failure: Exception | None = None  # the store failed while the run was not writing to it
+    deadline: float | None = None  # loop time by which the agent must be done; None once it is
     over_budget: bool = False
     # While no reader is attached after a disconnect: the timer of the grace period, then its check.
     disconnect_timer: asyncio.TimerHandle | None = None

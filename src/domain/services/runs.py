@@ -25,7 +25,7 @@ from domain.model.ports import Clock, ConversationStore, EventLog, IdFactory, St
 from domain.model.run import DisconnectPolicy, Run, RunRequest
 from domain.model.runs import RunDirectory, RunRecord
 from domain.model.telemetry import Telemetry, detached_log_context
-from domain.runtime.deadlines import Deadlines
+from domain.runtime.deadlines import Timer
 from domain.runtime.feed import RunFeed, Subscription
 from domain.services.agent import Agent
 from domain.services.disconnects import DisconnectGrace
@@ -65,9 +65,12 @@ class RunService:
         self._runs: dict[str, RunHandle] = {}
         self._leases = LeaseRenewal(directory, instance_id, limits.lease_seconds, self._runs)
         self._disconnects = DisconnectGrace(directory, limits.disconnect_grace_seconds)
-        # The agents' time budgets, by run id, on one timer for the process: a timer per run
-        # (asyncio.timeout) was one more handle and object kept by every run waiting for approval.
-        self._budgets: Deadlines = Deadlines(self._over_budget)
+        # The agents' time budgets on one timer for the process, at the earliest deadline of an
+        # agent still working. Every run has the same budget and `_runs` keeps them in start order,
+        # so the oldest such run's is the earliest: no keyed deadlines (`Deadlines`) needed, and a
+        # run keeps nothing for its budget but `RunHandle.deadline` (a timer per run, as
+        # asyncio.timeout would be, was one more handle kept by every run waiting for approval).
+        self._budget_timer = Timer()
         self.accepting = True
 
     # -- queries ---------------------------------------------------------------------------
@@ -117,12 +120,13 @@ class RunService:
         feed.on_failure = handle.fail
         watcher = self.watch(handle)
         self._runs[ids.run_id] = handle
-        self._budgets.set(ids.run_id, asyncio.get_running_loop().time() + self._limits.max_run_seconds)
+        handle.deadline = asyncio.get_running_loop().time() + self._limits.max_run_seconds
         # Its own context, with only the log context: the request's would keep Quart's request
         # and app contexts for as long as the run lives.
         context = detached_log_context(runId=ids.run_id, sessionId=ids.session_id, traceId=ids.trace_id,
                                        tenantId=principal.tenant_id, userId=principal.user_id)
         handle.task = asyncio.create_task(self._drive(handle, history), name=f"run {ids.run_id}", context=context)
+        self._budget_timer.arm(handle.deadline, self._budget_due)
         self._leases.ensure()
         return handle, watcher
 
@@ -157,11 +161,17 @@ class RunService:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._leases.stop()
-        self._budgets.close()
+        self._budget_timer.cancel()
 
-    def _over_budget(self, run_id: str) -> None:
-        handle = self._runs.get(run_id)
-        if handle is not None:
+    def _budget_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for handle in list(self._runs.values()):
+            if handle.deadline is None:
+                continue
+            if handle.deadline > now:
+                self._budget_timer.arm(handle.deadline, self._budget_due)
+                return
+            handle.deadline = None
             handle.exceed_budget()
 
     # -- internals -------------------------------------------------------------------------
@@ -179,7 +189,7 @@ class RunService:
             # (pinned by tests/unit/runtime/test_memory.py: `history` is not a local of a parked run).
             del history
             answer = await agent_run
-            self._budgets.discard(run.ids.run_id)  # the budget is the agent's: what follows is not cut short by it
+            handle.deadline = None  # the budget is the agent's: what follows is not cut short by it
             await self._remember(run, answer)
             await run.end(RunStatus.COMPLETED, *run.completion)
         except asyncio.CancelledError:
@@ -214,7 +224,7 @@ class RunService:
             await self._finish(run, RunStatus.FAILED, "internal_error", SAFE_INTERNAL_MESSAGE,
                                error=("internal_error", True))
         finally:
-            self._budgets.discard(run.ids.run_id)
+            handle.deadline = None
             self._disconnects.stop(handle)
             handle.feed.close()
             self._telemetry.run_ended(run.status.value)
