@@ -26,13 +26,15 @@ class Timer:
     replaced."""
 
     # Every open stream keeps one, armed for its heartbeat: slots, and no tuple of arguments.
-    __slots__ = ("_callback", "_handle", "_loop", "_when")
+    __slots__ = ("_callback", "_handle", "_loop", "fires_at")
 
     def __init__(self) -> None:
         self._handle: asyncio.TimerHandle | None = None
         self._callback: Callable[[], object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._when = 0.0  # loop time the armed timer fires at
+        # Loop time the armed timer fires at (None: not armed). An attribute, so that a hot path
+        # (a stream's every wait) can see without a call that the armed timer fires soon enough.
+        self.fires_at: float | None = None
 
     @property
     def armed(self) -> bool:
@@ -44,20 +46,20 @@ class Timer:
         loop = asyncio.get_running_loop()
         handle = self._handle
         if handle is not None:
-            if self._when <= when and self._loop is loop:
+            if self.fires_at is not None and self.fires_at <= when and self._loop is loop:
                 return
             handle.cancel()
-        self._when, self._loop, self._callback = when, loop, callback
+        self.fires_at, self._loop, self._callback = when, loop, callback
         self._handle = loop.call_at(when, self._fire)
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-            self._handle = self._loop = self._callback = None
+            self._handle = self._loop = self._callback = self.fires_at = None
 
     def _fire(self) -> None:
         callback = self._callback
-        self._handle = self._loop = self._callback = None
+        self._handle = self._loop = self._callback = self.fires_at = None
         if callback is not None:
             callback()
 
@@ -150,7 +152,7 @@ class Sweep(Generic[K]):
     def start(self, key: K) -> None:
         now = asyncio.get_running_loop().time()
         self._began[key] = now
-        if not self._timer.armed:
+        if self._timer.fires_at is None:  # an attribute, not `armed`: this runs for every write
             self._timer.arm(now + self._timeout / 4, self._fire)
 
     def stop(self, key: K) -> None:

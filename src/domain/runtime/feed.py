@@ -71,8 +71,12 @@ class Subscription(Generic[T]):
             if wait_seconds is None:
                 self._deadline = None
             else:
-                self._deadline = loop.time() + wait_seconds
-                self._timer.arm(self._deadline, self._deadline_reached)
+                deadline = self._deadline = loop.time() + wait_seconds
+                # A busy stream's waits almost always find the timer armed for an earlier deadline:
+                # seen here without a call (this runs for every event of every stream).
+                fires_at = self._timer.fires_at
+                if fires_at is None or fires_at > deadline:
+                    self._timer.arm(deadline, self._deadline_reached)
             waiter = self._waiter = loop.create_future()
             try:
                 await waiter
