@@ -14,7 +14,8 @@ from domain.model.approval import Signal
 from domain.model.errors import ToolFailure
 from domain.model.events import Event
 from domain.model.run import Run
-from domain.services.runs import RunFeed, RunHandle
+from domain.runtime.feed import RunFeed
+from domain.services.run_handle import RunHandle
 from tests.unit.fakes import RecordingTool
 from tests.unit.test_approval_gate import approval_harness, finish, until
 
