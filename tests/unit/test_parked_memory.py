@@ -1,5 +1,5 @@
-"""What a run waiting for approval keeps in memory (docs/performance.md, parked runs): each cut here
-must keep the behaviour it replaced."""
+"""What a run waiting for approval keeps in memory (docs/performance.md, "Parked runs"): each
+saving here is pinned, and so is the behaviour it must keep."""
 
 from __future__ import annotations
 
