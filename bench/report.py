@@ -337,7 +337,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                f"{', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}. Load generator event loop: "
                f"{results['client_event_loop']}. Packages: "
                + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v) + ".")
-    if machine.get("langgraph_packages"):
+    if machine.get("langgraph_packages") and "langgraph_remote_connections" in results:  # LangGraph was run
         out.append("LangGraph's Agent Server (`langgraph dev`, its own locked virtualenv): "
                    + ", ".join(f"{k} {v}" for k, v in machine["langgraph_packages"].items())
                    + f"; connections beyond loopback seen: {results.get('langgraph_remote_connections') or 'none'}.")
