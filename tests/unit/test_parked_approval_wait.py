@@ -1,5 +1,5 @@
 """A run waiting for approval waits on its signal channel with a future, not a task and a queue
-(docs/performance.md, parked runs); the behaviour of the queue and the event they replaced stays."""
+(docs/performance.md, "Parked runs"), and keeps a queue's behaviour: no signal lost, none read twice."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Approval signals over Redis Pub/Sub (contract section 4), one subscriber connection per bus.
 
 Every waiting run of the process shares one dedicated Pub/Sub connection, read by one reader
-task; the previous implementation's single shared `PubSub` object let one user's approval break
-another user's wait. Here each `subscribe()` gets its own bounded queue, channels are
+task. Each `subscribe()` gets its own bounded queue (one `PubSub` object shared by every wait would
+let one user's approval break another user's wait), channels are
 reference-counted (two waits on one session share a SUBSCRIBE), and a channel is UNSUBSCRIBEd
 when its last wait ends, however it ends.
 

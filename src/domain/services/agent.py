@@ -473,6 +473,7 @@ class Agent:
         request = await self._request(run, conversation, Purpose.ANSWER, self._budgets.answer,
                                       instruction=prompts.answer_prompt())
         written = ""  # what the model wrote; what of it is shown trails it while it may be an echo
+        guard = prompts.AnswerGuard()
         shown = 0
         echoed = False
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)
@@ -482,7 +483,7 @@ class Agent:
             async for chunk in chunks:
                 if isinstance(chunk, ContentDelta) and chunk.text:
                     written += chunk.text
-                    end, echoed = prompts.answer_cut(written, final=False)
+                    end, echoed = guard.feed(chunk.text)
                     if end > shown:
                         await run.content(written[shown:end], chunk=True)
                         shown = end
@@ -498,7 +499,7 @@ class Agent:
                 elif isinstance(chunk, Finish):
                     finish_reason = chunk.reason
         if not echoed:
-            end, echoed = prompts.answer_cut(written, final=True)
+            end, echoed = guard.feed("", final=True)
             written = written[:max(end, shown)]
             if end > shown:
                 await run.content(written[shown:end], chunk=True)

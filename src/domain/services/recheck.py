@@ -4,13 +4,14 @@ A waiting run hears its decision on the signal channel. The re-check is the safe
 decision whose signal was lost (the publisher died between its writes, a Pub/Sub outage): every
 `interval_seconds` it reads the requests of all waits of the process in chunks of `chunk_size`
 (one `ApprovalStore.get_many` each, an MGET in Redis) and wakes only the waits whose request was
-decided or vanished, rather than each waiting run reading its own request on its own timer.
+decided or vanished: thousands of parked runs cost one read per chunk and interval, not a timer
+and a GET each.
 
 It also wakes a wait whose `expiresAt` the clock has passed, so a wait's expiry follows the
 `Clock` (wall time, as `expiresAt` is) at least every interval; and the waits' expiries share one
-timer for the whole process (`Deadlines`), which wakes each at its exact moment. A failed read
-ends no wait: it is logged and the next interval tries again. The loop runs only while some wait
-is registered.
+timer for the whole process (`Deadlines`), which wakes each at its exact moment (a timer per wait
+would be one more handle kept by every parked run). A failed read ends no wait: it is logged and
+the next interval tries again. The loop runs only while some wait is registered.
 """
 
 from __future__ import annotations

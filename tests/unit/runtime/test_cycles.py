@@ -1,6 +1,6 @@
 """A finished run leaves no reference cycles: reference counting frees it as soon as the last
-reference goes, instead of a garbage collection freeing every finished run at once, in pauses that
-reached tens of milliseconds under load (docs/performance.md, "Garbage collection pauses")."""
+reference goes, instead of a garbage collection freeing every finished run at once, in pauses of
+tens of milliseconds under load (docs/performance.md, "Parked runs")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""What a run waiting for approval, and its open stream, keep in memory (bench/memory.py measures it):
-each cut pinned here must keep the behaviour it replaced."""
+"""What a run waiting for approval keeps in memory (docs/performance.md, "Parked runs"): each
+saving here is pinned, and so is the behaviour it must keep."""
 
 from __future__ import annotations
 
