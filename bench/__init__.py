@@ -1,4 +1,4 @@
-"""Aura's benchmark suite (issue 7): one command, `python -m bench`, runs everything.
+"""Aura's benchmark suite: one command, `python -m bench`, runs everything.
 
 See docs/performance.md for what is measured, against which baselines, and the latest figures.
 """

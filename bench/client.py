@@ -220,10 +220,10 @@ async def cmd_park(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             async with connect:
                 if spec.get("kind") == "langgraph":
-                    stream = await _langgraph_park(port, spec["body"])
+                    thread_stream = await _langgraph_park(port, spec["body"])
                     parked_at.append(time.perf_counter() - started)
-                    PARKED.streams.append(stream)
-                    PARKED.tasks.append(asyncio.create_task(hold(stream)))
+                    PARKED.streams.append(thread_stream)
+                    PARKED.tasks.append(asyncio.create_task(hold(thread_stream)))
                     return
                 response = await request(HOST, port, method, path, _headers(spec, index, body), body)
                 if response.status != 200:
@@ -304,8 +304,8 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
             if langgraph:
                 try:
                     async with connect:
-                        stream = await _langgraph_park(a, spec["body"])
-                    return stream, stream.thread_id, user  # type: ignore[attr-defined]
+                        thread_stream = await _langgraph_park(a, spec["body"])
+                    return thread_stream, thread_stream.thread_id, user
                 except Exception as exc:
                     errors.append(f"open: {type(exc).__name__}: {exc}")
                     return None
@@ -446,7 +446,7 @@ async def cmd_redis_rtt(spec: dict[str, Any]) -> dict[str, Any]:
                 break
         latencies.append((time.perf_counter() - started) * 1000.0)
     cpu = cpu_seconds() - cpu0
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
     await publisher.aclose()
     await subscriber.aclose()
     return {"latency_ms": latencies, "hiredis": HIREDIS_AVAILABLE, "client_cpu_s": cpu}

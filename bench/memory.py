@@ -100,7 +100,7 @@ async def _serve(app: Any, port: int, stop: asyncio.Event) -> None:
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75
-    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    await serve(app, config, shutdown_trigger=stop.wait)
 
 
 def _site_table(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int, top: int,
@@ -226,7 +226,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         if args.inspect:
             _inspect(parked)
         await call("release")
-        if args.target == "aura":  # let the released runs end while Redis is still there
+        if container is not None:  # Aura's: let the released runs end while Redis is still there
             runs = container.run_service()
             for _ in range(200):
                 if not runs.active():
@@ -263,7 +263,7 @@ def _inspect(parked: int) -> None:
             frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
             code = frame.f_code if frame is not None else None
             print(f"  {type(coro).__name__} {getattr(coro, '__qualname__', '?')}"
-                  + (f" ({_short(code.co_filename)}:{frame.f_lineno})" if code else "")
+                  + (f" ({_short(code.co_filename)}:{frame.f_lineno})" if frame is not None and code else "")
                   + (f" locals: {sorted(frame.f_locals)}" if frame is not None else ""))
             coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
     events = [o for o in gc.get_objects() if isinstance(o, Event)]

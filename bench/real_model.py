@@ -109,7 +109,7 @@ async def through_aura(aura_url: str) -> dict[str, Any]:
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
-    return round(statistics.median(row[key] for row in rows), 2)
+    return round(float(statistics.median(row[key] for row in rows)), 2)
 
 
 async def measure(rounds: int, workdir: Path) -> dict[str, Any]:

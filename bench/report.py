@@ -25,6 +25,7 @@ GOALS = {
     "approval_ratio": 2.0,
     "approval_cpu_ratio": 2.0,  # (A + B) CPU per approval ÷ the floor's
     "approval_redis_commands": 10,  # Redis commands per approval: its own (see approval_commands)
+    "embedded_ratio": 2.0,  # server CPU per event on the in-process fakeredis ÷ Aura's on redis-server
 }
 
 
@@ -242,6 +243,29 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             options[row["server"]].append(row["server_us_per_event"])
     summary["options"] = {name: median(v) for name, v in options.items()}
 
+    # -- embedded mode (in-process fakeredis) against real Redis, same rounds -----------------------
+    embedded: dict[str, Any] = {}
+    by_level: dict[int, dict[int, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        if row["phase"] == "embedded":
+            by_level[row["concurrency"]][row["round"]][row["server"]] = row
+    for level, level_rounds in sorted(by_level.items()):
+        pairs = [(r["aura (embedded)"], r["aura"]) for r in level_rounds.values()
+                 if {"aura", "aura (embedded)"} <= r.keys()]
+        over_aura = [e["server_us_per_event"] / a["server_us_per_event"] for e, a in pairs]
+        over_aura_redis = [e["server_us_per_event"] / (a["server_us_per_event"] + a["redis_us_per_event"])
+                           for e, a in pairs]
+        embedded[str(level)] = {
+            "embedded_us_per_event": median([e["server_us_per_event"] for e, _ in pairs]),
+            "aura_us_per_event": median([a["server_us_per_event"] for _, a in pairs]),
+            "aura_redis_us_per_event": median([a["redis_us_per_event"] for _, a in pairs]),
+            "embedded_over_aura": median(over_aura), "embedded_over_aura_by_round": over_aura,
+            "embedded_over_aura_with_redis": median(over_aura_redis),
+            "errors": sum(e["errors"] + a["errors"] for e, a in pairs), "rounds": len(pairs)}
+        ratio = embedded[str(level)]["embedded_over_aura"]
+        embedded[str(level)]["met"] = None if ratio is None else ratio <= GOALS["embedded_ratio"]
+    summary["embedded"] = embedded
+
     # -- against (the working tree's Aura vs another revision's, same run) ------------------------
     against: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
@@ -313,14 +337,13 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                f"{', '.join(f'{x:.2f}' for x in machine['loadavg_start'])}. Load generator event loop: "
                f"{results['client_event_loop']}. Packages: "
                + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v) + ".")
-    if machine.get("langgraph_packages"):
+    if machine.get("langgraph_packages") and "langgraph_remote_connections" in results:  # LangGraph was run
         out.append("LangGraph's Agent Server (`langgraph dev`, its own locked virtualenv): "
                    + ", ".join(f"{k} {v}" for k, v in machine["langgraph_packages"].items())
                    + f"; connections beyond loopback seen: {results.get('langgraph_remote_connections') or 'none'}.")
     if machine.get("code"):
         out.append(f"Code measured: {machine['code']}"
                    + (f"; against {machine['against_commit']}" if machine.get("against_commit") else "")
-                   + (f"; what-if {results['whatif']}" if results.get("whatif") else "")
                    + (f"; approvals' prompt {results['approval_prompt']!r}" if results.get("approval_prompt") else "")
                    + ".")
     out += ["", f"![Aura vs its baselines]({chart_name})", ""]
@@ -453,15 +476,26 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                 "| load | server | server µs/event | ttfe p50 / p99 ms | samples | ÷ the other revision |",
                 "|---|---|---:|---:|---:|---:|"]
         for load, servers in summary["against"].items():
-            names = list(servers)
-            for name in names:
+            revisions = list(servers)
+            for name in revisions:
                 cell = servers[name]
-                other = next((servers[n] for n in names if n != name), None)
+                other = next((servers[n] for n in revisions if n != name), None)
                 key = "ttfe_p99_ms" if load.startswith("ttfe") else "us_per_event"
                 ratio = cell[key] / other[key] if other and cell[key] and other[key] else None
                 ttfe = f"{_fmt(cell.get('ttfe_p50_ms'), 2)} / {_fmt(cell['ttfe_p99_ms'], 2)}"
                 out.append(f"| {load} | {name} | {_fmt(cell['us_per_event'])} | {ttfe} | "
                            f"{cell['samples']} | {_fmt(ratio, 2)}× |")
+    if summary.get("embedded"):
+        out += ["", "## Embedded mode: Aura on its in-process fakeredis against Aura on redis-server "
+                "(same run, interleaved; 200 events per run; medians)", "",
+                "| streams | embedded µs/event | Aura µs/event (+ redis-server's) | embedded ÷ Aura (per round) "
+                "| embedded ÷ (Aura + redis-server) | ≤ 2× | errors |",
+                "|---:|---:|---:|---:|---:|---|---:|"]
+        for level, e in summary["embedded"].items():
+            by_round = ", ".join(f"{v:.2f}" for v in e["embedded_over_aura_by_round"])
+            out.append(f"| {level} | {_fmt(e['embedded_us_per_event'])} | {_fmt(e['aura_us_per_event'])} "
+                       f"(+ {_fmt(e['aura_redis_us_per_event'])}) | {_fmt(e['embedded_over_aura'], 2)}× ({by_round}) "
+                       f"| {_fmt(e['embedded_over_aura_with_redis'], 2)}× | {_verdict(e['met'])} | {e['errors']} |")
     if summary["options"]:
         out += ["", "## Options (concurrency 100, 200 events per run, server µs/event)", ""]
         out += [f"- {name}: {_fmt(v)}" for name, v in summary["options"].items()]

@@ -162,10 +162,9 @@ class Calibration:
 
 class Bench:
     def __init__(self, mode: Mode, workdir: Path, use_uvloop_client: bool, options: bool,
-                 whatif: str | None = None, approval_prompt: str = PARK_PROMPT, langgraph: bool = True) -> None:
+                 approval_prompt: str = PARK_PROMPT, langgraph: bool = True) -> None:
         self.mode = mode
         self.langgraph = langgraph
-        self.whatif = whatif
         self.approval_prompt = approval_prompt
         self.workdir = workdir
         self.options = options
@@ -386,7 +385,7 @@ class Bench:
         import redis
 
         seen: list[dict[str, Any]] = []
-        monitor = redis.Redis(port=self.redis.port).monitor()
+        monitor = redis.Redis(port=self.redis.port).monitor()  # type: ignore[no-untyped-call]
         stop = threading.Event()
 
         def read() -> None:
@@ -442,6 +441,25 @@ class Bench:
                 f"{row['redis_commands_per_event'] or 0:.2f} commands, {row['redis_info_us_per_event'] or 0:.1f} us "
                 f"per event (owner + follower)")
 
+    def phase_embedded(self, real: S.Server) -> None:
+        """Aura's embedded mode (no Redis URL: an in-process fakeredis, one instance, for development)
+        against the same Aura on the real redis-server, interleaved, at the throughput phase's loads.
+        The embedded process does Redis's work itself, so the report sets its CPU per event beside
+        both Aura's own and Aura's plus redis-server's."""
+        embedded = self._start(S.aura_server("aura-embedded", self.workdir, None))
+        targets = [Target("aura", real, "aura"), Target("aura (embedded)", embedded, "aura")]
+        self.warm(targets[1:])
+        log("== embedded: Aura on its in-process fakeredis against Aura on redis-server")
+        for round_no in range(self.mode.rounds):
+            for concurrency, runs in self.mode.throughput.items():
+                if concurrency >= 1000 and round_no >= self.mode.big_rounds:
+                    continue
+                for target in self.rotate(targets, round_no):
+                    spec = {**target.stream_spec(self.cal, 200), "total": runs, "concurrency": concurrency,
+                            "connect_limit": min(concurrency, 50)}
+                    self.load(target, "embedded", round_no, spec, concurrency=concurrency)
+        embedded.stop()
+
     def phase_redis_rtt(self, round_no: int, n: int) -> None:
         result = self.client("redis_rtt", url=self.redis.url, n=n)
         lat = result["latency_ms"]
@@ -470,7 +488,7 @@ class Bench:
 
     def _park_level(self, kind: str, n: int) -> dict[str, Any]:
         if kind == "aura":
-            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url, whatif=self.whatif)
+            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url)
             spec: dict[str, Any] = {"port": 0, "path": STREAM_PATH, "method": "POST", "until": "hitl",
                                     "body": {"prompt": PARK_PROMPT},
                                     "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9},
@@ -655,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes, for development")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    parser.add_argument("--phases", default="calibrate,redis,throughput,ttfe,approvals,follow,growth,options,parked",
+    parser.add_argument("--phases",
+                        default="calibrate,redis,throughput,ttfe,approvals,follow,growth,options,embedded,parked",
                         help="comma-separated subset (calibrate is always run)")
     parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
@@ -667,8 +686,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against-phases", default="streams",
                         help="what --against compares: 'streams' (the loads above), 'approvals' (a second pair "
                              "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
-    parser.add_argument("--whatif", help="run Aura with a proposed fix applied in-process (see bench/whatif.py); "
-                                         "the files get a whatif-<fix> tag")
     parser.add_argument("--no-langgraph", action="store_true",
                         help="leave LangGraph's Agent Server (`langgraph dev`) out of the baselines")
     parser.add_argument("--approval-run", choices=["full", "short"], default="full",
@@ -694,13 +711,11 @@ def main(argv: list[str] | None = None) -> int:
     langgraph: S.Server | None = None
     log(f"mode {mode.name}, {mode.rounds} rounds, logs in {workdir}")
     uvloop = S.uvloop_available()
-    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop, whatif=args.whatif,
+    bench = Bench(mode, workdir, use_uvloop_client=uvloop, options=uvloop,
                   approval_prompt=SHORT_PARK_PROMPT if args.approval_run == "short" else PARK_PROMPT,
                   langgraph=not args.no_langgraph)
     if args.approval_run != "full":
         args.tag = "-".join(filter(None, [args.tag, f"approval-run-{args.approval_run}"]))
-    if args.whatif:
-        args.tag = "-".join(filter(None, [args.tag, "whatif-" + args.whatif.replace(",", "+")]))
     if args.against and "streams" in args.against_phases.split(","):
         phases.add("against")
     if args.against:
@@ -711,11 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         info["against_commit"] = source_revision(args.against)
     bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
-                          "whatif": args.whatif, "approval_prompt": bench.approval_prompt,
+                          "approval_prompt": bench.approval_prompt,
                           "client_event_loop": "uvloop" if uvloop else "asyncio"})
     try:
-        aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url, whatif=args.whatif))
-        aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url, whatif=args.whatif))
+        aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url))
+        aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url))
         peer = bench._start(S.peer_server(workdir))
         floor = bench._start(S.floor_server("floor", workdir, bench.redis.url))
         floor_b = bench._start(S.floor_server("floor-b", workdir, bench.redis.url))
@@ -734,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             source = bench.checkout(args.against)
             other_pair = [bench._start(S.aura_server(f"aura-against-{side}", workdir, bench.redis.url, source=source))
                           for side in ("a", "b")]
-            approval_pairs.append((f"aura@{args.against}", *other_pair))
+            approval_pairs.append((f"aura@{args.against}", other_pair[0], other_pair[1]))
         if "approvals" in phases:
             bench.phase_approval_commands(aura_a, aura_b)
         for round_no in range(mode.rounds):
@@ -767,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench.load(target, "options", round_no, spec, concurrency=100)
             aura_aio.stop()
             peer_aio.stop()
+        if "embedded" in phases:
+            bench.phase_embedded(aura_a)
         if "parked" in phases:
             log("== parked runs (the other servers are stopped first)")
             for server in (aura_a, aura_b, peer, floor, floor_b, *other_pair, *([langgraph] if langgraph else [])):

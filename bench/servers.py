@@ -147,19 +147,19 @@ def redis_server(workdir: Path) -> RedisServer:
     return server
 
 
-def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "auto",
-                extra_env: dict[str, str] | None = None, whatif: str | None = None,
+def aura_server(name: str, workdir: Path, redis_url: str | None, *, event_loop: str = "auto",
+                extra_env: dict[str, str] | None = None,
                 source: Path | None = None) -> Server:
     """Aura as operators run it: `aura serve` (hypercorn), configured by AURA_* variables. Its
     event loop is its default (`auto`: uvloop when installed) unless `event_loop` says otherwise.
-    `source` is another checkout's root (an older revision, for an A/B in the same run)."""
+    `source` is another checkout's root (an older revision, for an A/B in the same run). With no
+    `redis_url` it runs in its embedded mode: an in-process fakeredis."""
     workspace = workdir / "workspace"
     workspace.mkdir(exist_ok=True)
     env = base_env()
     server = Server(name, [], env, workdir / f"{name}.log")
     env.update({
         "AURA_AUTH__JWT_SECRET": SECRET,
-        "AURA_REDIS__URL": redis_url,
         "AURA_SERVER__HOST": "127.0.0.1",
         "AURA_SERVER__PORT": str(server.port),
         "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
@@ -175,13 +175,12 @@ def aura_server(name: str, workdir: Path, redis_url: str, *, event_loop: str = "
         "AURA_LOG__LEVEL": "WARNING",
         "AURA_SERVER__EVENT_LOOP": event_loop,
     })
+    if redis_url is not None:
+        env["AURA_REDIS__URL"] = redis_url
     env.update(extra_env or {})
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source / "src"), env["PYTHONPATH"]])
-    if whatif:
-        server.argv = [sys.executable, "-m", "bench.whatif", whatif]
-    else:
-        server.argv = [sys.executable, "-m", "app.cli", "serve"]
+    server.argv = [sys.executable, "-m", "app.cli", "serve"]
     return server
 
 

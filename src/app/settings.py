@@ -197,7 +197,10 @@ class RunSettings(BaseModel):
 
 
 class HitlSettings(BaseModel):
-    timeout_seconds: float = Field(300.0, gt=0)
+    # At most the 1800 s TTL the contract gives `hitl:request:*`: a wait longer than its request's
+    # life would find the request gone from Redis while the run still waits for it.
+    timeout_seconds: float = Field(300.0, gt=0, le=1800, description="How long a run waits for a decision; at most "
+                                   "the contract's 1800 s life of an approval request.")
     approver_roles: StrList = Field(default_factory=lambda: ["admin", "manager"])
     recheck_seconds: float = Field(5.0, gt=0)
     seal_key: SecretStr | None = Field(

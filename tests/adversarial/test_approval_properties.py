@@ -187,10 +187,9 @@ def test_a_signal_contradicting_its_type_is_never_read_as_a_decision() -> None:
 
 
 async def test_an_api_decision_stands_when_its_publish_fails() -> None:
-    """Found by the soak: under load the PUBLISH after a stored decision failed and the API answered
-    503 although the decision was made (a retry would get 409). The publish is now part of the
-    store's decision step; when only that part fails, the decision still stands and the run sees
-    it by its recheck."""
+    """Under load the PUBLISH after a stored decision can fail; answering 503 then would be wrong,
+    as the decision is made (a retry would get 409). The publish is part of the store's decision
+    step; when only that part fails, the decision still stands and the run sees it by its recheck."""
     from domain.model.errors import StoreUnavailable
 
     class DeadPublish(MemorySignalBus):

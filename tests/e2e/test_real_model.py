@@ -105,8 +105,8 @@ def aura_on_llama(start_aura: Callable[..., AuraProcess], llama_server: LlamaCpp
         "AURA_MODEL__BASE_URL": f"{llama_server.url}/v1", "AURA_MODEL__NAME": "gemma-3-270m",
         "AURA_MODEL__CONTEXT_WINDOW": str(WINDOW), "AURA_MODEL__TEMPERATURE": "0",
         "AURA_MODEL__TIMEOUT_SECONDS": "120", **BUDGETS,
-        # httpx-sse hands a heartbeat to tests.sse_client as an empty event (issue 17 changes
-        # heartbeats); these runs are about the model, so none is sent during one
+        # httpx-sse hands a heartbeat to tests.sse_client as an empty event; these runs are about
+        # the model, so none is sent during one
         "AURA_STREAM__HEARTBEAT_SECONDS": "600"})
 
 

@@ -40,7 +40,7 @@ class LiveStream:
     async def _chunk(self) -> bytes:
         """The next non-empty body chunk, or b"" once the response ended. The test client hands on
         every body message, and Aura sends an empty one when its run starts waiting for a human
-        (docs/performance.md), so an empty chunk is the end only if nothing follows it."""
+        (adapters/http/streams.py), so an empty chunk is the end only if nothing follows it."""
         chunk = await self.connection.receive()
         while not chunk:
             try:

@@ -120,7 +120,7 @@ def test_every_label_comes_from_a_closed_set() -> None:
             name = f"invented_{number}"
             metrics.tool_call(name, name)
             metrics.run_ended(name)
-            metrics.events_written(name)
+            metrics.event_written(name)
             metrics.approval_wait_ended(name, 1.0)
             metrics.model_call(name, 1.0, name)
             metrics.auth_failed(name)

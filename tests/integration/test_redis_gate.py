@@ -17,10 +17,10 @@ from adapters.system import SecureIdFactory
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
 from domain.model.events import Event
 from domain.model.identity import Principal
+from domain.runtime.feed import Subscription
 from domain.services.desk import ApprovalDesk
 from domain.services.gate import GateSettings
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import Subscription
 from tests.integration.commands import CommandLog
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness

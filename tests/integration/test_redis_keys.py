@@ -25,7 +25,7 @@ async def test_run_slots_are_counted_per_real_tenant_and_user(
 
     assert await directory.admit(record("run_1", *first), user_limit=1, tenant_limit=1, slot_seconds=60,
                                  lease_seconds=15) is None
-    # Before the fix the second pair found the first's user (and tenant) slots taken: 429 for nothing.
+    # keys built by plain concatenation would give the second pair the first's slots: 429 for nothing
     assert await directory.admit(record("run_2", *second), user_limit=1, tenant_limit=1, slot_seconds=60,
                                  lease_seconds=15) is None
 
@@ -36,7 +36,7 @@ async def test_idempotency_keys_are_per_real_tenant_and_user(
     directory = run_directory(redis_client)
 
     assert await directory.claim_idempotency(*first, "key-1", "run_1", "f1", 60) is None
-    # Before the fix the second caller was attached to the first caller's run.
+    # keys built by plain concatenation would attach the second caller to the first caller's run
     assert await directory.claim_idempotency(*second, "key-1", "run_2", "f2", 60) is None
     claim = await directory.claim_idempotency(*first, "key-1", "run_3", "f1", 60)
     assert claim is not None and claim.run_id == "run_1"

@@ -1,4 +1,4 @@
-"""Aura behind a real nginx with nginx's default buffering on (issue 6, item 6).
+"""Aura behind a real nginx with nginx's default buffering on.
 
 - Events pass nginx one by one because Aura sends `X-Accel-Buffering: no`: the `start` and `hitl`
   events of a run parked at an approval are read through nginx while the run still waits, which

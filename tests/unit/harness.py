@@ -13,10 +13,11 @@ from domain.model.ports import ApprovalStore
 from domain.model.run import RunRequest
 from domain.model.telemetry import Telemetry
 from domain.model.tools import Tool, ToolRegistry
+from domain.runtime.feed import Subscription
 from domain.services.agent import Agent, AgentLimits
 from domain.services.gate import ApprovalGate, GateSettings
 from domain.services.recheck import ApprovalRecheck
-from domain.services.runs import RunLimits, RunService, Subscription
+from domain.services.runs import RunLimits, RunService
 from tests.defaults import AGENT_LIMITS, DEFAULTS, GATE_SETTINGS, RUN_LIMITS, TOKEN_BUDGETS, TOOL_CALLS
 from tests.unit.fakes import (
     FakeClock,

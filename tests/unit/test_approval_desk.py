@@ -18,9 +18,9 @@ from domain.model.approval import (
     Signal,
     StoredApproval,
 )
-from domain.model.errors import NotFound, StoreUnavailable
+from domain.model.errors import AlreadyDecided, ApprovalExpired, NotFound, StoreUnavailable
 from domain.model.identity import Principal
-from domain.services.desk import AlreadyDecided, ApprovalDesk, ApprovalExpired
+from domain.services.desk import ApprovalDesk
 from tests.unit.fakes import FakeClock, MemoryApprovalStore, MemorySignalBus
 
 OWNER = Principal("alice", "acme", "alice", "user")

@@ -10,8 +10,8 @@ import pytest
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
 from domain.model.events import Event
+from domain.runtime.feed import Subscription
 from domain.services.gate import GateSettings
-from domain.services.runs import Subscription
 from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 

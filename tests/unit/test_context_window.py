@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import pytest
 
 from domain.model.chat import ChatMessage, ModelProfile, Role
-from domain.services.context_window import MESSAGE_OVERHEAD_TOKENS, ContextFitter, ContextOverflow, shorten_text
+from domain.model.errors import ContextOverflow
+from domain.services.context_window import MESSAGE_OVERHEAD_TOKENS, ContextFitter, shorten_text
 
 
 class CharProfile(ModelProfile):

@@ -53,7 +53,7 @@ async def test_a_stalled_write_ends_the_response_within_the_timeout_and_a_quarte
     await asyncio.wait_for(middleware(SCOPE, receive, transport.send), timeout=5)
     assert 0.2 <= loop.time() - began < 0.2 * 1.25 + 0.2  # cut between 1 and 1.25 timeouts (+ scheduling)
     assert len(transport.sent) == 5 and finished == ["SlowClient"]  # the middleware swallows it
-    assert middleware._writing == {} and middleware._expired == set()
+    assert len(middleware._writing) == 0 and middleware._expired == set()
 
 
 async def test_writes_that_complete_at_once_are_never_cut() -> None:
@@ -71,4 +71,4 @@ async def test_a_cancellation_from_elsewhere_is_not_mistaken_for_a_slow_client()
     task.cancel()  # e.g. the client disconnected
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert finished == ["CancelledError"] and middleware._writing == {}
+    assert finished == ["CancelledError"] and len(middleware._writing) == 0

@@ -41,3 +41,14 @@ def test_a_named_file_that_is_missing_stops_start_up(tmp_path: Path, monkeypatch
 
     with pytest.raises(ConfigError, match="does not exist or is not a file"):
         load_settings()
+
+
+def test_an_approval_wait_longer_than_the_requests_life_in_redis_stops_start_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURA_HITL__TIMEOUT_SECONDS", "1801")
+
+    with pytest.raises(ConfigError, match="AURA_HITL__TIMEOUT_SECONDS"):
+        load_settings()
+
+    monkeypatch.setenv("AURA_HITL__TIMEOUT_SECONDS", "1800")
+    assert load_settings().hitl.timeout_seconds == 1800

@@ -14,10 +14,11 @@ from quart import Response, request
 
 from adapters.http.problems import Problem
 from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encode_event, encode_run_event
-from adapters.metrics.prometheus import PrometheusMetrics
 from domain.model.events import Event, EventType
+from domain.model.telemetry import Telemetry
+from domain.runtime.feed import SubscriptionOverflow
 from domain.services.access import Notice, ResumeItem
-from domain.services.runs import RunHandle, RunService, Subscription, SubscriptionOverflow
+from domain.services.watch import RunWatch
 
 BATCH_EVENTS = 64
 
@@ -105,7 +106,7 @@ class StreamConfig:
     on_disconnect: str
     max_stream_seconds: float
     reconnect_hint_ms: int
-    metrics: PrometheusMetrics | None
+    metrics: Telemetry | None
     slots: StreamSlots
 
 
@@ -114,31 +115,29 @@ class StreamMeter:
 
     __slots__ = ("_first", "_kind", "_metrics", "_started")  # kept by every open stream
 
-    def __init__(self, metrics: PrometheusMetrics | None, kind: str) -> None:
+    def __init__(self, metrics: Telemetry | None, kind: str) -> None:
         self._metrics = metrics
         self._kind = kind
         self._started = time.monotonic()
         self._first = True
         if metrics is not None:
-            metrics.open_streams.labels(kind).inc()
-            if kind == "resume":
-                metrics.resumes.inc()
+            metrics.stream_opened(kind)
 
     def event(self, type_: str) -> None:
         if self._metrics is None:
             return
-        self._metrics.events_written(type_)
+        self._metrics.event_written(type_)
         if self._first and self._kind == "run":
             self._first = False
-            self._metrics.first_event.observe(time.monotonic() - self._started)
+            self._metrics.first_event_written(time.monotonic() - self._started)
 
     def heartbeat(self) -> None:
         if self._metrics is not None:
-            self._metrics.heartbeats.inc()
+            self._metrics.heartbeat_written()
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.open_streams.labels(self._kind).dec()
+            self._metrics.stream_closed(self._kind)
 
 
 def sse_headers() -> dict[str, str]:
@@ -159,43 +158,10 @@ def reconnect_frame(config: StreamConfig, why: str) -> bytes:
     return encode_comment(why) + f"retry: {config.reconnect_hint_ms}\n".encode()
 
 
-class WatcherRelease:
-    """Releases a watcher exactly once, whichever comes first: the frames generator ending, or the
-    request's task ending. The second matters: a client that hangs up while the response headers
-    are being sent cancels the task before the body generator ever starts, and an unstarted
-    generator runs no `finally`."""
-
-    __slots__ = ("_handle", "_released", "_runs", "_watcher", "finished")  # kept by every open stream
-
-    def __init__(self, runs: RunService, handle: RunHandle, watcher: Subscription) -> None:
-        self._runs = runs
-        self._handle = handle
-        self._watcher = watcher
-        self.finished = False
-        self._released = False
-
-    def __call__(self, *_: object) -> None:
-        if not self._released:
-            self._released = True
-            self._runs.release(self._handle, self._watcher, disconnected=not self.finished)
-
-    @property
-    def run_waits_for_a_human(self) -> bool:
-        return self._handle.run.pending_approval is not None
-
-    def bind_to_current_task(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            # An empty context: a callback keeps the context it was added in, and this one (Quart's
-            # request and app contexts) would otherwise live as long as the stream.
-            task.add_done_callback(self, context=Context())
-
-
-async def live_frames(release: WatcherRelease, watcher: Subscription, config: StreamConfig,
-                      slot: StreamSlot | None = None) -> AsyncIterator[bytes]:
+async def live_frames(watcher: RunWatch, config: StreamConfig, slot: StreamSlot | None = None) -> AsyncIterator[bytes]:
     """Frames of one watcher until `end` + [DONE]. A comment heartbeat whenever the stream was
-    quiet for the interval. When the client goes away the generator is cancelled, and `release`
-    applies the run's disconnect policy."""
+    quiet for the interval. When the client goes away the generator is cancelled, and releasing
+    the watcher as disconnected applies the run's disconnect policy."""
     finished = False
     deadline = time.monotonic() + config.max_stream_seconds
     meter = StreamMeter(config.metrics, "run")
@@ -218,7 +184,7 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
             yield chunk
             if finished:
                 return
-            if release.run_waits_for_a_human:
+            if watcher.run_waits_for_a_human:
                 # The server's send loop keeps the last body it sent until the next one (Quart's
                 # `_send_response`), as does `chunk` here: an empty body, which puts nothing on the
                 # wire, lets both go for the minutes the approval takes.
@@ -233,13 +199,12 @@ async def live_frames(release: WatcherRelease, watcher: Subscription, config: St
                                       "from the event log")
     finally:
         meter.close()
-        release.finished = finished
-        release()
+        watcher.release(disconnected=not finished)
         if slot is not None:
             slot.release()
 
 
-def _batch(event: Event, watcher: Subscription, meter: StreamMeter, config: StreamConfig) -> tuple[bytes, bool]:
+def _batch(event: Event, watcher: RunWatch, meter: StreamMeter, config: StreamConfig) -> tuple[bytes, bool]:
     """`event` and whatever else is already buffered, as one write (under load a connection sends a
     batch per wake-up instead of one frame per event); True when it ends the stream."""
     batch: list[bytes] = []

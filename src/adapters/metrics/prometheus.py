@@ -81,7 +81,7 @@ class PrometheusMetrics(Telemetry):
         self.resumes = Counter("aura_resumes_served", "Resumed streams (GET events or a retried POST)", registry=r)
         self._events_sent_by_type: dict[str, Any] = {}
 
-    def events_written(self, type_: str) -> None:
+    def event_written(self, type_: str) -> None:
         """One event written to a client. The labelled child is looked up once per type: this runs
         for every event of every stream."""
         child = self._events_sent_by_type.get(type_)
@@ -121,6 +121,20 @@ class PrometheusMetrics(Telemetry):
 
     def store_error(self) -> None:
         self.redis_errors.inc()
+
+    def stream_opened(self, kind: str) -> None:
+        self.open_streams.labels(kind).inc()
+        if kind == "resume":
+            self.resumes.inc()
+
+    def stream_closed(self, kind: str) -> None:
+        self.open_streams.labels(kind).dec()
+
+    def first_event_written(self, seconds: float) -> None:
+        self.first_event.observe(seconds)
+
+    def heartbeat_written(self) -> None:
+        self.heartbeats.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

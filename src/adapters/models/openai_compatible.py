@@ -55,6 +55,7 @@ from domain.model.chat import (
 )
 from domain.model.errors import ModelError
 from domain.model.ports import ChatModel
+from domain.runtime.waits import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class OpenAICompatibleChatModel(ChatModel):
             # Retrying earlier than the server allows only burns an attempt; waiting longer than
             # our cap holds the user's stream hostage. Give up instead.
             return failure.retry_after if failure.retry_after <= config.backoff_max_seconds else None
-        return float(min(config.backoff_max_seconds, config.backoff_base_seconds * 2**attempt))
+        return Backoff(config.backoff_base_seconds, config.backoff_max_seconds).delay(attempt + 1)
 
     async def _attempt(
         self, body: dict[str, Any], headers: dict[str, str], attempt: int

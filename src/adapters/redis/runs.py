@@ -53,6 +53,7 @@ from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
 from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.runtime.waits import Backoff
 
 log = logging.getLogger("aura.runs")
 
@@ -472,7 +473,7 @@ class RedisRunFollower(RunFollower):
             raise StoreUnavailable("The event log's channel is unavailable.") from None
 
     async def _read_forever(self) -> None:
-        backoff = 0.1
+        retry = Backoff(0.1, 2.0)
         while self._confirmed:
             pubsub = self._pubsub = self._redis.pubsub()
             try:
@@ -482,7 +483,7 @@ class RedisRunFollower(RunFollower):
                 tidy_at = loop.time() + self._block_seconds
                 while self._confirmed:
                     message = await pubsub.get_message(timeout=self._block_seconds)
-                    backoff = 0.1
+                    retry.succeeded()
                     if message is not None:
                         self._dispatch(message)
                     if message is None or loop.time() >= tidy_at:  # not once per message
@@ -494,8 +495,8 @@ class RedisRunFollower(RunFollower):
                             raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
             except (RedisError, OSError):
                 log.warning("run follower: lost the tail channels; resubscribing")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                retry.failed()
+                await retry.pause()
             finally:
                 self._pubsub = None
                 with contextlib.suppress(Exception):
@@ -557,12 +558,12 @@ class RedisRunControl(RunControl):
             self._listener = asyncio.create_task(self._listen_forever(on_cancel), name="run control")
 
     async def _listen_forever(self, on_cancel: CancelHandler) -> None:
-        backoff = 0.1
+        retry = Backoff(0.1, 2.0)
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(control_channel(self._instance_id))
-                backoff = 0.1
+                retry.succeeded()
                 async for message in pubsub.listen():
                     try:
                         command = orjson.loads(message["data"])
@@ -572,8 +573,8 @@ class RedisRunControl(RunControl):
                         on_cancel(command["runId"], str(command.get("reason") or "user_cancelled"))
             except (RedisError, OSError):
                 log.warning("run control: lost the control channel; resubscribing")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                retry.failed()
+                await retry.pause()
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()

@@ -1,8 +1,8 @@
 """Approval signals over Redis Pub/Sub (contract section 4), one subscriber connection per bus.
 
 Every waiting run of the process shares one dedicated Pub/Sub connection, read by one reader
-task; the previous implementation's single shared `PubSub` object let one user's approval break
-another user's wait. Here each `subscribe()` gets its own bounded queue, channels are
+task. Each `subscribe()` gets its own bounded queue (one `PubSub` object shared by every wait would
+let one user's approval break another user's wait), channels are
 reference-counted (two waits on one session share a SUBSCRIBE), and a channel is UNSUBSCRIBEd
 when its last wait ends, however it ends.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -48,6 +47,7 @@ from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_moved
 from domain.model.approval import Signal
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import SignalBus, SignalSubscription
+from domain.runtime.waits import Backoff, Flag, TaskSet
 
 _log = logging.getLogger(__name__)
 
@@ -150,43 +150,6 @@ class _Subscription(SignalSubscription):
         return await self.receive()
 
 
-class _Confirmation:
-    """Whether the server confirmed a channel's SUBSCRIBE: an asyncio.Event's behaviour (set, clear,
-    wait until set) without its deque, which every waiting run's channel held for its whole wait."""
-
-    __slots__ = ("_confirmed", "_waiters")
-
-    def __init__(self) -> None:
-        self._confirmed = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._confirmed
-
-    def set(self) -> None:
-        self._confirmed = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._confirmed = False
-
-    async def wait(self) -> None:
-        if self._confirmed:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-
 class _Channel:
     """A channel with at least one wait, and where its SUBSCRIBE stands on the current connection."""
 
@@ -198,7 +161,7 @@ class _Channel:
         # SUBSCRIBE sent on the current connection and no UNSUBSCRIBE since.
         self.on_wire = False
         # The server confirmed that SUBSCRIBE; cleared when the connection is lost.
-        self.confirmed = _Confirmation()
+        self.confirmed = Flag()
         # Resubscribed after an outage: deliver the stored signal once confirmed.
         self.replay_when_confirmed = False
 
@@ -274,8 +237,7 @@ class RedisSignalBus(SignalBus):
         self._signal_ttl_seconds = signal_ttl_seconds
         self._queue_size = queue_size
         self._idle_ping_seconds = idle_ping_seconds
-        self._reconnect_initial_delay_seconds = reconnect_initial_delay_seconds
-        self._reconnect_max_delay_seconds = reconnect_max_delay_seconds
+        self._reconnects = Backoff(reconnect_initial_delay_seconds, reconnect_max_delay_seconds, jitter=True)
 
         self._channels: dict[bytes, _Channel] = {}
         # Serialises every command sent on the Pub/Sub connection with the bookkeeping that goes
@@ -286,9 +248,8 @@ class RedisSignalBus(SignalBus):
         self._had_connection = False
         self._resubscribes_outstanding = 0
         self._replay_due: list[_Channel] = []
-        self._failed_attempts = 0
         self._reader: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet()
         self._unsubscribing: set[asyncio.Future[None]] = set()  # sent, not yet confirmed
         self._closed = False
 
@@ -343,8 +304,7 @@ class RedisSignalBus(SignalBus):
             channel.confirmed.set()  # waits still starting see the bus closed
             for subscription in channel.subscribers:
                 subscription.end()
-        if self._background:
-            await asyncio.wait(set(self._background))
+        await self._background.wait()
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -355,10 +315,7 @@ class RedisSignalBus(SignalBus):
             await asyncio.wait(pending)
 
     def _in_background(self, operation: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(operation)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        return self._background.spawn(operation)
 
     async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
         """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
@@ -431,32 +388,25 @@ class RedisSignalBus(SignalBus):
 
     async def _read_forever(self) -> None:
         while True:
-            if self._failed_attempts:
-                await asyncio.sleep(self._reconnect_delay(self._failed_attempts))
+            await self._reconnects.pause()
             try:
                 connection = await self._new_connection()
             except (RedisError, OSError) as exc:
-                self._failed_attempts += 1
-                _log.warning("signal bus cannot reach Redis (%s); retrying, attempt %d", exc, self._failed_attempts)
+                attempt = self._reconnects.failed()
+                _log.warning("signal bus cannot reach Redis (%s); retrying, attempt %d", exc, attempt)
                 continue
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 await self._adopt(connection)
                 await self._pump(connection)
             except (RedisError, OSError) as exc:
-                self._failed_attempts += 1
-                _log.warning("signal bus connection lost (%s); reconnecting, attempt %d", exc, self._failed_attempts)
+                attempt = self._reconnects.failed()
+                _log.warning("signal bus connection lost (%s); reconnecting, attempt %d", exc, attempt)
             except Exception:
-                self._failed_attempts += 1
-                _log.exception("signal bus reader failed; reconnecting, attempt %d", self._failed_attempts)
+                attempt = self._reconnects.failed()
+                _log.exception("signal bus reader failed; reconnecting, attempt %d", attempt)
             finally:
                 await self._abandon(connection)
-
-    def _reconnect_delay(self, attempt: int) -> float:
-        doubling = float(2 ** min(attempt - 1, 32))
-        capped = min(self._reconnect_max_delay_seconds, self._reconnect_initial_delay_seconds * doubling)
-        # Jitter, so that every instance of the service does not reconnect in the same instant.
-        return capped * random.uniform(0.5, 1.0)  # nosec B311 # reconnect jitter, not a secret
 
     async def _new_connection(self) -> AbstractConnection:
         return await new_connection(
@@ -538,7 +488,7 @@ class RedisSignalBus(SignalBus):
                 continue
             quiet_since = now
             awaiting_pong = False
-            self._failed_attempts = 0
+            self._reconnects.succeeded()
             self._dispatch(reply)
             if self._replay_due and not self._resubscribes_outstanding:
                 await self._replay()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from domain.model.approval import ApprovalRequest
+
 
 class AuraError(Exception):
     """Base of every expected failure. `code` is stable; `message` is safe to show to a client."""
@@ -92,3 +97,52 @@ class RunFenced(AuraError):
 
     code = "run_lost"
     retryable = True
+
+
+class ContextOverflow(AuraError):
+    """The request cannot be made to fit the model's context window."""
+
+    code = "context_overflow"
+
+
+class TooManyRuns(AuraError):
+    code = "too_many_runs"
+    retryable = True
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"Too many concurrent runs for this {scope} (limit {limit}); retry when one ends.")
+        self.scope = scope
+
+
+class RunStartsTooFrequent(AuraError):
+    code = "too_many_run_starts"
+    retryable = True
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(f"Too many runs started; retry in {retry_after_seconds:g} s.")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ShuttingDown(AuraError):
+    code = "shutting_down"
+    retryable = True
+
+
+class IdempotencyKeyReused(InvalidInput):
+    code = "idempotency_key_reused"
+
+
+class ResumedWithAnotherRequest(Conflict):
+    code = "resume_request_mismatch"
+
+
+class AlreadyDecided(Conflict):
+    code = "already_decided"
+
+    def __init__(self, request: ApprovalRequest) -> None:
+        super().__init__(f"The request was already {request.status.value}.")
+        self.request = request
+
+
+class ApprovalExpired(Gone):
+    code = "approval_expired"

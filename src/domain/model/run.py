@@ -46,7 +46,8 @@ class Run:
     """Holds a run's visible state and numbers its events. Every state change the user can see
     goes through `emit`, so the snapshot and the event stream never disagree."""
 
-    # A run waiting for approval keeps its Run for as long as the approval takes: no __dict__.
+    # A run waiting for approval keeps its Run for as long as the approval takes: no __dict__
+    # (pinned by tests/unit/runtime/test_memory.py; add a field to the slots, never a __dict__).
     __slots__ = ("_clock", "_seq", "_sink", "answer_parts", "cancel_reason", "completion", "created_at", "end_data",
                  "ids", "pending_approval", "plan", "principal", "request", "status", "timeline", "tool_calls",
                  "tool_notes")

@@ -42,7 +42,8 @@ def _with_fields(fields: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class Telemetry:
-    """Observations of runs, approvals, models and tools. The defaults record nothing."""
+    """Observations of runs, approvals, models, tools and the streams that carry a run's events.
+    The defaults record nothing."""
 
     def run_started(self) -> None: ...
 
@@ -57,3 +58,16 @@ class Telemetry:
     def tool_call(self, tool: str, status: str) -> None: ...
 
     def store_error(self) -> None: ...
+
+    def stream_opened(self, kind: str) -> None:
+        """A stream of a run's events opened: `run` (a new run's own) or `resume`."""
+
+    def stream_closed(self, kind: str) -> None: ...
+
+    def event_written(self, type_: str) -> None:
+        """One event written to a client; called for every event of every stream."""
+
+    def first_event_written(self, seconds: float) -> None:
+        """A new run's first event reached its client, `seconds` after its request began."""
+
+    def heartbeat_written(self) -> None: ...

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.model.approval import ApprovalStatus
-from domain.model.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from domain.model.errors import IdempotencyKeyReused, NotFound, ResumedWithAnotherRequest, StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.identity import Principal
 from domain.model.ports import ApprovalStore, Clock, ConversationStore, EventLog
 from domain.model.run import RunRequest
 from domain.model.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.runtime.feed import Subscription, SubscriptionOverflow
 from domain.services.agent import Agent
-from domain.services.runs import RunHandle, RunService, Subscription, SubscriptionOverflow
+from domain.services.runs import RunService
+from domain.services.watch import RunWatch
 
 log = logging.getLogger("aura.runs")
 
@@ -43,20 +45,11 @@ class Notice:
 ResumeItem = Event | Notice | None  # None: nothing happened for a heartbeat interval
 
 
-class IdempotencyKeyReused(InvalidInput):
-    code = "idempotency_key_reused"
-
-
-class ResumedWithAnotherRequest(Conflict):
-    code = "resume_request_mismatch"
-
-
 @dataclass(frozen=True, slots=True)
 class Started:
-    """A new run and its first watcher."""
+    """A new run, as its first reader sees it."""
 
-    handle: RunHandle
-    watcher: Subscription
+    watch: RunWatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +111,7 @@ class RunAccess:
             if idempotency is not None:
                 await self._directory.release_idempotency(principal.tenant_id, principal.user_id, idempotency[0])
             raise
-        return Started(handle, watcher)
+        return Started(RunWatch(self._runs, handle, watcher))
 
     async def record_for(self, principal: Principal, run_id: str) -> RunRecord:
         """The run's record, only for its own user and tenant (anyone else: not found)."""
@@ -178,7 +171,7 @@ class RunAccess:
             if watcher is not None and handle is not None:
                 self._runs.release(handle, watcher, disconnected=not finished)
 
-    async def _resume(self, record: RunRecord, ids: RunIds, watcher: Subscription | None, after_seq: int,
+    async def _resume(self, record: RunRecord, ids: RunIds, watcher: Subscription[Event] | None, after_seq: int,
                       heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         run_id = record.run_id
         newest = await self._log.last_event(run_id)

@@ -151,6 +151,8 @@ class Agent:
         self._fitter = ContextFitter(profile)
         self._budgets = budgets
         self._tool_mode = tool_calls
+        # A zlib preset dictionary for parked conversations; the sample may change freely (the
+        # ratio is pinned by tests/unit/runtime/test_memory.py), the packing only with unpacking.
         self._zdict = self._pack_dictionary()
 
     def _pack_dictionary(self) -> bytes:
@@ -192,7 +194,9 @@ class Agent:
                       *history, ChatMessage(Role.USER, run.request.prompt)],
             history=len(history), context_chars=len(rendered))
         # From here on the conversation is in `conversation`, and the hints are made per model
-        # call: a run waiting for approval holds neither the history nor the context twice.
+        # call: a run waiting for approval holds neither the history nor the context twice. These
+        # `del`s are pinned by tests/unit/runtime/test_memory.py (a parked run's frame locals);
+        # other locals of a waiting frame may come and go, these names may not come back.
         del history, rendered
         await self._analyse(run, context)
         del context
@@ -270,7 +274,7 @@ class Agent:
             await reasoning.finish(reasoned)
         reading = read_plan(turn.text, schema, prompts.echoes_a_prompt)
         cut_off = turn.finish_reason == "length"
-        del turn
+        del turn  # the model's whole reply: not kept while the plan's steps run (frees memory only)
         if reading.steps:
             planned = reading.steps
         else:
@@ -318,7 +322,7 @@ class Agent:
                                                    "description": step.description, "tool": step.tool,
                                                    "args": step.args}})
                 calls, reply = await self._step_turn(run, request)
-                del request
+                del request  # the call's messages and hints: not kept by a step that parks (test_memory.py)
             messages.append(ChatMessage(Role.ASSISTANT, reply, tool_calls=tuple(calls)))
             if not calls:
                 note = reply.strip()
@@ -409,8 +413,9 @@ class Agent:
         await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "pending", "result": None, "error": None})
         if needs_approval:
             # A human may take minutes to decide, and the conversation with the model is most of
-            # what a waiting run holds: keep it packed until the decision (docs/performance.md).
-            # The events' common fields are rebuilt after it, from what the run keeps anyway.
+            # what a waiting run holds: keep it packed until the decision. The events' common
+            # fields are rebuilt after it, from what the run keeps anyway. Pinned by
+            # tests/unit/runtime/test_memory.py: `base` and `messages`' content stay out of the wait.
             del base
             packed = pack_messages(messages, self._zdict)
             messages.clear()
@@ -468,6 +473,7 @@ class Agent:
         request = await self._request(run, conversation, Purpose.ANSWER, self._budgets.answer,
                                       instruction=prompts.answer_prompt())
         written = ""  # what the model wrote; what of it is shown trails it while it may be an echo
+        guard = prompts.AnswerGuard()
         shown = 0
         echoed = False
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)
@@ -477,7 +483,7 @@ class Agent:
             async for chunk in chunks:
                 if isinstance(chunk, ContentDelta) and chunk.text:
                     written += chunk.text
-                    end, echoed = prompts.answer_cut(written, final=False)
+                    end, echoed = guard.feed(chunk.text)
                     if end > shown:
                         await run.content(written[shown:end], chunk=True)
                         shown = end
@@ -493,7 +499,7 @@ class Agent:
                 elif isinstance(chunk, Finish):
                     finish_reason = chunk.reason
         if not echoed:
-            end, echoed = prompts.answer_cut(written, final=True)
+            end, echoed = guard.feed("", final=True)
             written = written[:max(end, shown)]
             if end > shown:
                 await run.content(written[shown:end], chunk=True)

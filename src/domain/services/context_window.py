@@ -18,19 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from domain.model.chat import ChatMessage, ModelProfile, Role
-from domain.model.errors import AuraError
+from domain.model.errors import ContextOverflow
 
 # Role markers and separators a chat template adds around each message.
 MESSAGE_OVERHEAD_TOKENS = 4
 # Nothing is shortened below this: a stub of a tool output still tells the model what it was.
 MIN_ITEM_TOKENS = 48
 SHORTENED_MARKER = "\n…[{left} more characters left out to fit the model's context window]"
-
-
-class ContextOverflow(AuraError):
-    """The request cannot be made to fit the model's context window."""
-
-    code = "context_overflow"
 
 
 @dataclass(frozen=True, slots=True)

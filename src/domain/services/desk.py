@@ -15,24 +15,12 @@ from dataclasses import replace
 from typing import Any
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal
-from domain.model.errors import Conflict, Gone, NotFound
+from domain.model.errors import AlreadyDecided, ApprovalExpired, NotFound
 from domain.model.identity import Principal
 from domain.model.ports import ApprovalStore, Clock, SignalBus
 from domain.services.gate import audit_line
 
 log = logging.getLogger("aura.hitl")
-
-
-class AlreadyDecided(Conflict):
-    code = "already_decided"
-
-    def __init__(self, request: ApprovalRequest) -> None:
-        super().__init__(f"The request was already {request.status.value}.")
-        self.request = request
-
-
-class ApprovalExpired(Gone):
-    code = "approval_expired"
 
 
 class ApprovalDesk:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
@@ -16,6 +15,7 @@ from domain.model.plan import PlanStep, StepStatus
 from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
+from domain.runtime.waits import first_of
 from domain.services.recheck import ApprovalRecheck
 
 log = logging.getLogger("aura.hitl")
@@ -134,18 +134,7 @@ class ApprovalGate:
             while True:
                 if request.expires_at - self._clock.now() <= 0:
                     return await self._close(request, ApprovalStatus.EXPIRED, None)
-                if not (message.done() or rechecked.done()):
-                    # asyncio.wait would keep two more coroutines, a set, a closure and a timer
-                    # for as long as the approval takes; one future and two callbacks do.
-                    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                    wake = partial(_set_once, woken)
-                    message.add_done_callback(wake)
-                    rechecked.add_done_callback(wake)
-                    try:
-                        await woken
-                    finally:
-                        message.remove_done_callback(wake)
-                        rechecked.remove_done_callback(wake)
+                await first_of(message, rechecked)
                 if rechecked.done():
                     current = rechecked.result()
                     if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
@@ -208,8 +197,3 @@ class ApprovalGate:
             unchecked = {"claimedBy": claimed_by} if claimed_by is not None and claimed_by != by else {}
             audit_line("decided", result.request, via=via, **unchecked)
         return result.request
-
-
-def _set_once(future: asyncio.Future[None], *_: object) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -151,41 +151,103 @@ TURN_MARKERS = ("[inst]", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>", "<|
                 "<|start_header_id|>", "<|eot_id|>")
 
 
-def _normalised_with_positions(text: str) -> tuple[str, list[int]]:
-    """`text` lower-cased with each run of whitespace as one space, and the index in `text` of
-    each character kept."""
-    chars: list[str] = []
-    positions: list[int] = []
-    for index, char in enumerate(text):
-        if char.isspace():
-            if chars and chars[-1] == " ":
-                continue
-            char = " "
-        chars.append(char.lower())
-        positions.append(index)
-    return "".join(chars), positions
+class _EchoAutomaton:
+    """Aho-Corasick over the echoes (instruction lines and turn markers): fed the normalised answer
+    one character at a time, its state is the longest end of the answer that begins an echo, and
+    it knows at once when an echo is complete."""
+
+    __slots__ = ("depth", "fail", "goto", "held", "longest_match")
+
+    def __init__(self, needles: Sequence[str], markers: Sequence[str]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth = [0]
+        ends: list[int] = [0]  # the length of the echo that ends at the node, if one does
+        markers_prefix = [False]
+        for needle in needles:
+            node = 0
+            for char in needle:
+                if char not in self.goto[node]:
+                    self.goto[node][char] = len(self.goto)
+                    self.goto.append({})
+                    self.depth.append(self.depth[node] + 1)
+                    ends.append(0)
+                    markers_prefix.append(False)
+                node = self.goto[node][char]
+                markers_prefix[node] = markers_prefix[node] or needle in markers
+            ends[node] = len(needle)
+        self.fail = [0] * len(self.goto)
+        # the longest echo ending at a node's end, and the longest end of a node's text that may be
+        # held back: a marker's prefix from its first character ("<", "["); an instruction line's
+        # from its first few words, so that ordinary text ("The …") streams as written
+        self.longest_match = list(ends)
+        self.held = [0] * len(self.goto)
+        order = list(self.goto[0].values())
+        for node in order:
+            self.held[node] = self.depth[node] if markers_prefix[node] or self.depth[node] >= ECHO_HOLD_MIN_CHARS \
+                else self.held[self.fail[node]]
+            self.longest_match[node] = max(self.longest_match[node], self.longest_match[self.fail[node]])
+            for char, child in self.goto[node].items():
+                fallback = self.fail[node]
+                while fallback and char not in self.goto[fallback]:
+                    fallback = self.fail[fallback]
+                self.fail[child] = self.goto[fallback].get(char, 0)
+                order.append(child)
+
+    def step(self, state: int, char: str) -> int:
+        while state and char not in self.goto[state]:
+            state = self.fail[state]
+        return self.goto[state].get(char, 0)
+
+
+_ECHOES = _EchoAutomaton((*_TEMPLATE_LINES, *TURN_MARKERS), TURN_MARKERS)
+
+
+class AnswerGuard:
+    """How much of an answer being written may be shown, fed piece by piece as the model writes
+    it. When the model began to repeat Aura's instructions or to write the chat's next turn, the
+    answer is complete where that began; text that may be the start of such an echo waits.
+
+    The answer is matched lower-cased with each run of whitespace as one space, one character at a
+    time, so a long answer costs the same per piece as a short one. Once a feed reports an echo the
+    answer is over: feed no more."""
+
+    __slots__ = ("_length", "_positions", "_space", "_state")
+
+    def __init__(self) -> None:
+        self._positions: list[int] = []  # the index in the answer of each normalised character
+        self._length = 0  # the answer's length as written
+        self._space = False  # the last normalised character is a space
+        self._state = 0  # in `_ECHOES`
+
+    def feed(self, piece: str, *, final: bool = False) -> tuple[int, bool]:
+        """Add `piece` to the answer: `(end, echoed)`. When `echoed`, the answer is `[:end]`,
+        complete. Otherwise `[:end]` is safe to show now; the rest (unless `final`) waits, as it
+        may be the start of an echo."""
+        echo_start: int | None = None
+        state, space, positions = self._state, self._space, self._positions
+        for index, char in enumerate(piece, self._length):
+            if char.isspace():
+                if space:
+                    continue
+                char = " "
+            space = char == " "
+            for lowered in char.lower():  # one character, or more ("İ")
+                positions.append(index)
+                state = _ECHOES.step(state, lowered)
+                if _ECHOES.longest_match[state]:
+                    start = len(positions) - _ECHOES.longest_match[state]
+                    echo_start = start if echo_start is None else min(echo_start, start)
+        self._state, self._space = state, space
+        self._length += len(piece)
+        if echo_start is not None:
+            return positions[echo_start], True
+        held = _ECHOES.held[state]
+        if final:
+            # the model stopped in the middle of an echo: cut it if it is long enough to be one
+            return (positions[-held], True) if held >= ECHO_MIN_CHARS else (self._length, False)
+        return (positions[-held] if held else self._length), False
 
 
 def answer_cut(text: str, *, final: bool) -> tuple[int, bool]:
-    """How much of an answer being written may be shown: `(end, echoed)`. When the model began to
-    repeat Aura's instructions or to write the chat's next turn, `echoed` is True and `text[:end]`
-    is the answer, complete. Otherwise `text[:end]` is safe to show now; the rest (unless `final`)
-    waits, as it may be the start of such an echo."""
-    normal, positions = _normalised_with_positions(text)
-    starts = [normal.find(needle) for needle in (*_TEMPLATE_LINES, *TURN_MARKERS)]
-    found = [start for start in starts if start >= 0]
-    if found:
-        return positions[min(found)], True
-    hold, longest = len(normal), 0
-    for needle in (*_TEMPLATE_LINES, *TURN_MARKERS):
-        # a marker is held from its first character ("<", "["); an instruction line from its first
-        # few words, so that ordinary text ("The …") streams as written
-        shortest = 1 if needle in TURN_MARKERS else ECHO_HOLD_MIN_CHARS
-        for size in range(min(len(needle), len(normal)), shortest - 1, -1):
-            if normal.endswith(needle[:size]):
-                hold, longest = min(hold, len(normal) - size), max(longest, size)
-                break
-    if final:
-        # the model stopped in the middle of an echo: cut it if it is long enough to be one
-        return (positions[hold], True) if longest >= ECHO_MIN_CHARS else (len(text), False)
-    return (positions[hold] if hold < len(normal) else len(text)), False
+    """`AnswerGuard`'s verdict on a whole answer at once: `(end, echoed)`."""
+    return AnswerGuard().feed(text, final=final)

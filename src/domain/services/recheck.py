@@ -1,28 +1,29 @@
-"""One periodic re-check of every pending approval of the process (docs/performance.md, finding 5).
+"""One periodic re-check of every pending approval of the process.
 
 A waiting run hears its decision on the signal channel. The re-check is the safety net for a
 decision whose signal was lost (the publisher died between its writes, a Pub/Sub outage): every
 `interval_seconds` it reads the requests of all waits of the process in chunks of `chunk_size`
 (one `ApprovalStore.get_many` each, an MGET in Redis) and wakes only the waits whose request was
-decided or vanished. Before, each waiting run woke on its own timer to GET its own request.
+decided or vanished: thousands of parked runs cost one read per chunk and interval, not a timer
+and a GET each.
 
 It also wakes a wait whose `expiresAt` the clock has passed, so a wait's expiry follows the
-`Clock` (wall time, as `expiresAt` is) at least every interval; and one timer for the whole
-process, at the earliest `expiresAt` of the waits, wakes each at its exact moment (a timer per
-wait was one more handle kept by every parked run). A failed read ends no wait: it is logged and
+`Clock` (wall time, as `expiresAt` is) at least every interval; and the waits' expiries share one
+timer for the whole process (`Deadlines`), which wakes each at its exact moment (a timer per wait
+would be one more handle kept by every parked run). A failed read ends no wait: it is logged and
 the next interval tries again. The loop runs only while some wait is registered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 from dataclasses import dataclass
 
 from domain.model.approval import ApprovalRequest
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import ApprovalStore, Clock
+from domain.runtime.deadlines import Deadlines
 
 log = logging.getLogger("aura.hitl")
 
@@ -47,12 +48,8 @@ class ApprovalRecheck:
         self._watches: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
         self._tick: asyncio.Future[bool] | None = None
-        # (expiresAt, requestId) of the waits, earliest first; entries of waits that ended are
-        # dropped when they come up (or all at once when they outnumber the live ones).
-        self._expiries: list[tuple[int, str]] = []
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self._expiry_at = 0.0  # loop time the timer fires at
-        self._expiry_loop: asyncio.AbstractEventLoop | None = None
+        # The waits' `expiresAt`, by request id, in the clock's (wall) time.
+        self._expiries: Deadlines = Deadlines(self._expired, now=clock.now)
 
     def watch(self, request: ApprovalRequest) -> asyncio.Future[ApprovalRequest | None]:
         """Re-check `request` until `unwatch`. The future completes with the request as re-read
@@ -62,10 +59,9 @@ class ApprovalRecheck:
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[ApprovalRequest | None] = loop.create_future()
         self._watches[request.request_id] = _Watch(request, woken)
-        heapq.heappush(self._expiries, (request.expires_at, request.request_id))
+        self._expiries.set(request.request_id, request.expires_at)
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._task = loop.create_task(self._run(), name="aura-hitl-recheck")
-        self._arm_expiry(loop)
         return woken
 
     def unwatch(self, request_id: str, woken: asyncio.Future[ApprovalRequest | None]) -> None:
@@ -73,14 +69,9 @@ class ApprovalRecheck:
         watch = self._watches.get(request_id)
         if watch is not None and watch.woken is woken:
             del self._watches[request_id]
+            self._expiries.discard(request_id)
         if not woken.done():
             woken.cancel()
-        if not self._watches:
-            self._expiries.clear()
-            self._disarm_expiry()
-        elif len(self._expiries) > 64 and len(self._expiries) > 2 * len(self._watches):
-            self._expiries = [(w.request.expires_at, rid) for rid, w in self._watches.items()]
-            heapq.heapify(self._expiries)
         tick = self._tick
         if not self._watches and tick is not None and not tick.done() \
                 and tick.get_loop() is asyncio.get_running_loop():
@@ -90,42 +81,11 @@ class ApprovalRecheck:
         """Waits registered (for tests and metrics)."""
         return len(self._watches)
 
-    def _arm_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The process's expiry timer, at the earliest `expiresAt` of a registered wait."""
-        expiries = self._expiries
-        while expiries:
-            expires_at, request_id = expiries[0]
-            watch = self._watches.get(request_id)
-            if watch is not None and watch.request.expires_at == expires_at:
-                break
-            heapq.heappop(expiries)  # the wait ended (or was registered again)
-        else:
-            self._disarm_expiry()
-            return
-        when = loop.time() + max(0.0, expiries[0][0] - self._clock.now())
-        if self._expiry_timer is not None:
-            if self._expiry_loop is loop and self._expiry_at <= when:
-                return
-            self._expiry_timer.cancel()
-        self._expiry_timer = loop.call_at(when, self._expire_due)
-        self._expiry_at, self._expiry_loop = when, loop
-
-    def _disarm_expiry(self) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = self._expiry_loop = None
-
-    def _expire_due(self) -> None:
-        """Wake every wait whose `expiresAt` the clock has passed; the wait records the expiry."""
-        self._expiry_timer = self._expiry_loop = None
-        now = self._clock.now()
-        expiries = self._expiries
-        while expiries and expiries[0][0] <= now:
-            expires_at, request_id = heapq.heappop(expiries)
-            watch = self._watches.get(request_id)
-            if watch is not None and watch.request.expires_at == expires_at:
-                _wake(watch, watch.request)
-        self._arm_expiry(asyncio.get_running_loop())
+    def _expired(self, request_id: str) -> None:
+        """The clock passed the request's `expiresAt`: wake its wait, which records the expiry."""
+        watch = self._watches.get(request_id)
+        if watch is not None:
+            _wake(watch, watch.request)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response, request
@@ -10,11 +10,18 @@ from quart import Blueprint, Response, request
 from adapters.http.auth import RequestAuthenticator
 from adapters.http.event_schema import events_json_schema
 from adapters.http.problems import Problem
-from adapters.metrics.prometheus import PrometheusMetrics
 from domain.model.ports import HealthProbe
 from domain.services.runs import RunService
 
 bp = Blueprint("health", __name__)
+
+
+class MetricsExposition(Protocol):
+    """The metrics as a scraper reads them (the Prometheus adapter's registry)."""
+
+    content_type: str
+
+    def exposition(self) -> bytes: ...
 
 
 @bp.get("/health")
@@ -38,7 +45,7 @@ async def ready(probe: HealthProbe = Provide["health_probe"],
 
 @bp.get("/metrics")
 @inject
-async def metrics(exposition: PrometheusMetrics = Provide["metrics"],
+async def metrics(exposition: MetricsExposition = Provide["metrics"],
                   protected: bool = Provide["metrics_require_auth"],
                   authenticator: RequestAuthenticator = Provide["authenticator"]) -> Response:
     """Prometheus exposition of Aura's metrics; behind a token when configured (any valid Aura

@@ -10,7 +10,8 @@ from quart_schema import document_request
 from adapters.http.bodies import optional_body
 from adapters.http.problems import Problem
 from adapters.http.web import current_principal, json_response
-from domain.services.desk import AlreadyDecided, ApprovalDesk
+from domain.model.errors import AlreadyDecided
+from domain.services.desk import ApprovalDesk
 
 bp = Blueprint("hitl", __name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -15,11 +16,11 @@ from quart_schema import validate_request
 
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
-from adapters.http.streams import StreamConfig, WatcherRelease, live_frames, resumed_frames, sse_response
+from adapters.http.streams import StreamConfig, live_frames, resumed_frames, sse_response
 from adapters.http.web import current_principal
+from domain.model.errors import RunStartsTooFrequent, ShuttingDown, TooManyRuns
 from domain.model.run import DisconnectPolicy, RunRequest
 from domain.services.access import Attached, RunAccess
-from domain.services.runs import RunService, RunStartsTooFrequent, ShuttingDown, TooManyRuns
 
 bp = Blueprint("stream", __name__)
 
@@ -86,8 +87,7 @@ def forget_body() -> None:
 @bp.post("/aura/test/stream")
 @validate_request(StreamRequest)
 @inject
-async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
-                 access: RunAccess = Provide["run_access"],
+async def stream(data: StreamRequest, access: RunAccess = Provide["run_access"],
                  config: StreamConfig = Provide["stream_config"]) -> Response:
     """Start an agent run and stream its events as Server-Sent Events."""
     if len(data.prompt) > config.max_prompt_chars:
@@ -143,8 +143,7 @@ async def stream(data: StreamRequest, runs: RunService = Provide["run_service"],
     forget_body()
     if isinstance(outcome, Attached):
         return sse_response(resumed_frames(outcome.items, config, slot), {"X-Aura-Run-ID": outcome.run_id})
-    slot.add_run(outcome.handle.run_id)
-    release = WatcherRelease(runs, outcome.handle, outcome.watcher)
-    release.bind_to_current_task()  # released even if the body never starts (client gone during headers)
-    return sse_response(live_frames(release, outcome.watcher, config, slot),
-                        {"X-Aura-Run-ID": outcome.handle.run_id})
+    watch = outcome.watch
+    slot.add_run(watch.run_id)
+    watch.release_when_done(asyncio.current_task())  # even if the body never starts (client gone during headers)
+    return sse_response(live_frames(watch, config, slot), {"X-Aura-Run-ID": watch.run_id})

@@ -1,5 +1,5 @@
-"""What a run waiting for approval keeps in memory (docs/performance.md, parked runs): each cut here
-must keep the behaviour it replaced."""
+"""What a run waiting for approval keeps in memory (docs/performance.md, "Parked runs"): each
+saving here is pinned, and so is the behaviour it must keep."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from quart import Quart, request
 
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.routes.stream import forget_body
-from adapters.http.streams import StreamMeter, WatcherRelease, live_frames
+from adapters.http.streams import StreamMeter, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
 from domain.model.approval import Signal
 from domain.model.chat import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
-from domain.services.runs import RunFeed, Subscription, SubscriptionOverflow
+from domain.runtime.deadlines import Timer
+from domain.runtime.feed import RunFeed, Subscription, SubscriptionOverflow
+from domain.services.watch import RunWatch
 from tests.defaults import stream_config
 from tests.unit.harness import summary
 from tests.unit.test_approval_gate import approval_harness, finish, until
@@ -64,7 +66,7 @@ def _holds_a_deque(watcher: Subscription) -> bool:
 
 
 async def test_a_watcher_waiting_on_an_empty_buffer_holds_no_deque_and_still_gets_every_event() -> None:
-    watcher = Subscription(max_buffered=8)
+    watcher: Subscription[Event] = Subscription(max_buffered=8)
     for seq in (1, 2):
         watcher.push(event(seq))
     assert [(await watcher.next(1.0)).seq, (await watcher.next(1.0)).seq] == [1, 2]  # type: ignore[union-attr]
@@ -79,7 +81,7 @@ async def test_a_watcher_waiting_on_an_empty_buffer_holds_no_deque_and_still_get
 
 
 async def test_a_quiet_watcher_still_gets_its_heartbeat_and_an_overflow_still_raises() -> None:
-    watcher = Subscription(max_buffered=2)
+    watcher: Subscription[Event] = Subscription(max_buffered=2)
     assert await watcher.next(0.01) is None
     for seq in range(1, 4):
         watcher.push(event(seq))
@@ -91,21 +93,28 @@ async def test_a_quiet_watcher_still_gets_its_heartbeat_and_an_overflow_still_ra
 
 # -- the SSE writer of a live stream ------------------------------------------------------------------
 
-class _Release:
-    finished = False
-    calls = 0
+class _Watch:
+    """A reader of a run as the SSE writer sees it (RunWatch's surface), over a bare subscription."""
 
-    def __init__(self, run_waits_for_a_human: bool) -> None:
+    def __init__(self, subscription: Subscription[Event], run_waits_for_a_human: bool) -> None:
+        self.subscription = subscription
         self.run_waits_for_a_human = run_waits_for_a_human
+        self.releases: list[bool] = []
 
-    def __call__(self) -> None:
-        self.calls += 1
+    def next(self, wait_seconds: float | None) -> Any:
+        return self.subscription.next(wait_seconds)
+
+    def take_buffered(self, limit: int) -> list[Event]:
+        return self.subscription.take_buffered(limit)
+
+    def release(self, *, disconnected: bool) -> None:
+        self.releases.append(disconnected)
 
 
 async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_frames_it_wrote() -> None:
-    watcher = Subscription(max_buffered=64)
-    release = _Release(run_waits_for_a_human=True)
-    frames = live_frames(release, watcher, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
+    watcher: Subscription[Event] = Subscription(max_buffered=64)
+    release = _Watch(watcher, run_waits_for_a_human=True)
+    frames = live_frames(release, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.HITL))
     watcher.push(event(2, EventType.PLAN_STEP_UPDATE))
     first = await frames.__anext__()
@@ -125,13 +134,13 @@ async def test_a_stream_whose_run_waits_for_a_human_holds_none_of_the_events_or_
     assert last.startswith(b"id: run_1:3\nevent: end\n") and last.endswith(b"data: [DONE]\n\n")
     with pytest.raises(StopAsyncIteration):
         await frames.__anext__()
-    assert release.finished is True and release.calls == 1
+    assert release.releases == [False]  # the stream ended: not a disconnect
 
 
 async def test_a_stream_whose_run_is_working_writes_no_empty_bodies() -> None:
-    watcher = Subscription(max_buffered=64)
-    release = _Release(run_waits_for_a_human=False)
-    frames = live_frames(release, watcher, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
+    watcher: Subscription[Event] = Subscription(max_buffered=64)
+    release = _Watch(watcher, run_waits_for_a_human=False)
+    frames = live_frames(release, stream_config(heartbeat_seconds=60))  # type: ignore[arg-type]
     watcher.push(event(1, EventType.PLAN_STEP_UPDATE))
     assert (await frames.__anext__()).startswith(b"id: run_1:1\nevent: plan_step_update\n")
     waiting = asyncio.ensure_future(frames.__anext__())
@@ -140,7 +149,7 @@ async def test_a_stream_whose_run_is_working_writes_no_empty_bodies() -> None:
     watcher.push(event(2, EventType.THOUGHT))
     assert (await waiting).startswith(b"id: run_1:2\nevent: thought\n")
     await frames.aclose()
-    assert release.calls == 1
+    assert release.releases == [True]  # the client went away
 
 
 # -- what a started run keeps ------------------------------------------------------------------------
@@ -219,7 +228,7 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
 
     async def request_task() -> None:
         _REQUEST_SCOPED.set("the request")
-        WatcherRelease(Runs(), None, None).bind_to_current_task()  # type: ignore[arg-type]
+        RunWatch(Runs(), None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
         await asyncio.sleep(3600)
 
     task = asyncio.ensure_future(request_task())
@@ -234,7 +243,8 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
 
 
 def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
-    for kept in (WatcherRelease(None, None, None), StreamMeter(None, "run")):  # type: ignore[arg-type]
+    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), Subscription(1))  # type: ignore[arg-type]
+    for kept in kept_objects:
         assert not hasattr(kept, "__dict__")
 
 

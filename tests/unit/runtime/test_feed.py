@@ -12,7 +12,7 @@ import pytest
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import Telemetry
-from domain.services.runs import RunFeed, Subscription
+from domain.runtime.feed import RunFeed, Subscription
 from tests.unit.fakes import MemoryEventLog, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
 

@@ -1,6 +1,6 @@
 """A finished run leaves no reference cycles: reference counting frees it as soon as the last
-reference goes, instead of a garbage collection freeing every finished run at once, in pauses that
-reached tens of milliseconds under load (docs/performance.md, "Garbage collection pauses")."""
+reference goes, instead of a garbage collection freeing every finished run at once, in pauses of
+tens of milliseconds under load (docs/performance.md, "Parked runs")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from domain.model.approval import Signal
 from domain.model.errors import ToolFailure
 from domain.model.events import Event
 from domain.model.run import Run
-from domain.services.runs import RunFeed, RunHandle
+from domain.runtime.feed import RunFeed
+from domain.services.run_handle import RunHandle
 from tests.unit.fakes import RecordingTool
 from tests.unit.test_approval_gate import approval_harness, finish, until
 
