@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from redis.asyncio.sentinel import SentinelManagedConnection
 
-from adapters.redis.client import create_redis
+from adapters.redis.client import RedisTarget, close_redis, create_redis, parse_redis_url
+from adapters.redis.connection import cancellation_safe
 from adapters.redis.sentinel import BlockingSentinelConnectionPool, SentinelAddress, parse_sentinel_url
 from app.settings import RedisSettings
 
@@ -43,6 +45,18 @@ def test_a_malformed_url_is_refused_with_its_reason(url: str, says: str) -> None
         RedisSettings(url=url)
 
 
+def test_parse_redis_url_selects_sentinel_by_the_scheme() -> None:
+    address = parse_sentinel_url("rediss+sentinel://app:pw@s1:1,s2:2/svc/1")
+    assert parse_redis_url("rediss+sentinel://app:pw@s1:1,s2:2/svc/1") == RedisTarget(
+        "sentinel", sentinel=address, tls=True, username="app", password="pw")
+
+
+def test_wait_is_refused_on_a_cluster() -> None:
+    with pytest.raises(ValidationError, match="not to a cluster"):
+        RedisSettings(url="redis+cluster://c1:7000", wait_replicas=1)
+    assert RedisSettings(url="redis+cluster://c1:7000").confirming_replicas == 0
+
+
 def test_replicas_confirm_writes_by_default_under_sentinel_only() -> None:
     assert RedisSettings(url="redis+sentinel://s1/svc").confirming_replicas == 1
     assert RedisSettings(url="redis://r:6379/0").confirming_replicas == 0
@@ -61,5 +75,8 @@ async def test_the_client_asks_the_sentinels_with_a_blocking_pool() -> None:
         assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["protocol"] == 2
         sentinels = pool.sentinel_manager.sentinels
         assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [1, 2]
+        # its connections write cancellation-safely, as every other client's
+        assert pool.connection_class is cancellation_safe(pool.connection_class)
+        assert issubclass(pool.connection_class, SentinelManagedConnection)
     finally:
-        await client.aclose()
+        await close_redis(client)
