@@ -296,14 +296,14 @@ class Bench:
                 time.sleep(0.5)
         other.stop()
 
-    def phase_throughput(self, targets: list[Target], round_no: int) -> None:
+    def phase_throughput(self, targets: list[Target], round_no: int, phase: str = "cpu_per_event") -> None:
         for concurrency, runs in self.mode.throughput.items():
             if concurrency >= 1000 and round_no >= self.mode.big_rounds:
                 continue
             for target in self.rotate(targets, round_no):
                 spec = {**target.stream_spec(self.cal, 200), "total": runs, "concurrency": concurrency,
                         "connect_limit": min(concurrency, 50)}
-                self.load(target, "cpu_per_event", round_no, spec, concurrency=concurrency)
+                self.load(target, phase, round_no, spec, concurrency=concurrency)
 
     def phase_ttfe(self, targets: list[Target], round_no: int) -> None:
         for target in self.rotate(targets, round_no):
@@ -451,13 +451,7 @@ class Bench:
         self.warm(targets[1:])
         log("== embedded: Aura on its in-process fakeredis against Aura on redis-server")
         for round_no in range(self.mode.rounds):
-            for concurrency, runs in self.mode.throughput.items():
-                if concurrency >= 1000 and round_no >= self.mode.big_rounds:
-                    continue
-                for target in self.rotate(targets, round_no):
-                    spec = {**target.stream_spec(self.cal, 200), "total": runs, "concurrency": concurrency,
-                            "connect_limit": min(concurrency, 50)}
-                    self.load(target, "embedded", round_no, spec, concurrency=concurrency)
+            self.phase_throughput(targets, round_no, "embedded")
         embedded.stop()
 
     def phase_redis_rtt(self, round_no: int, n: int) -> None:
