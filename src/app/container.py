@@ -22,6 +22,7 @@ from adapters.offline import OfflineChatModel
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import RedisClient, close_redis, create_redis
 from adapters.redis.conversations import RedisConversationStore
+from adapters.redis.durability import replica_confirmation
 from adapters.redis.events import RedisEventLog
 from adapters.redis.health import RedisHealthProbe
 from adapters.redis.limits import RedisStartRateLimiter
@@ -138,8 +139,9 @@ def _closed_at_shutdown(closing: AsyncExitStack, resource: _Closable, close: str
 
 
 def _redis(settings: RedisSettings, closing: AsyncExitStack) -> RedisClient:
-    """The Redis of `redis.url` (one server or a cluster, by its scheme); without a URL, the
-    embedded mode's in-process Redis. Closed at shutdown with every connection it opened."""
+    """The Redis of `redis.url` (one server, a cluster or a Sentinel group's master, by its scheme);
+    without a URL, the embedded mode's in-process Redis. Closed at shutdown with every connection it
+    opened (under Sentinel, the sentinels' too)."""
     redis = embedded_redis() if settings.url is None else create_redis(
         settings.url, max_connections=settings.max_connections, pool_timeout_seconds=settings.pool_timeout_seconds)
     closing.push_async_callback(close_redis, redis)
@@ -162,14 +164,19 @@ class Container(containers.DeclarativeContainer):
 
     redis = providers.Singleton(_redis, settings.provided.redis, closing)
     http_client = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(httpx.AsyncClient))
-    approval_store = providers.Singleton(RedisApprovalStore, redis)
+    # The writes Aura acknowledges wait for this many replicas (None: no WAIT).
+    replica_confirmation = providers.Singleton(replica_confirmation, settings.provided.redis.confirming_replicas,
+                                               settings.provided.redis.wait_timeout_ms)
+    approval_store = providers.Singleton(RedisApprovalStore, redis, confirmation=replica_confirmation)
     signal_bus = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(RedisSignalBus, redis), "close")
     event_log = providers.Singleton(
         _closed_at_shutdown, closing,
         providers.Factory(RedisEventLog, redis, max_length=settings.provided.events.max_length,
-                          retention_seconds=settings.provided.events.retention_seconds, owner=instance_id),
+                          retention_seconds=settings.provided.events.retention_seconds, owner=instance_id,
+                          confirmation=replica_confirmation),
     )
-    health_probe = providers.Singleton(RedisHealthProbe, redis)
+    health_probe = providers.Singleton(RedisHealthProbe, redis,
+                                       required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
                                         approvals=approval_store)
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
@@ -177,7 +184,8 @@ class Container(containers.DeclarativeContainer):
                                         limit=settings.provided.runs.max_starts_per_window,
                                         window_seconds=settings.provided.runs.start_window_seconds,
                                         now=clock.provided.now)
-    run_follower = providers.Singleton(_closed_at_shutdown, closing, providers.Factory(RedisRunFollower, redis))
+    run_follower = providers.Singleton(_closed_at_shutdown, closing,
+                                       providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation))
     run_control = providers.Singleton(_closed_at_shutdown, closing,
                                       providers.Factory(RedisRunControl, redis, instance_id))
 

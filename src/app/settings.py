@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from adapters.redis.client import parse_redis_url
+
 MIN_SECRET_BYTES = 32
 # AURA_* variables read by something other than the settings model
 OTHER_ENVIRONMENT = {
@@ -65,12 +67,41 @@ class ServerSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    url: str | None = Field(None, description="redis://, rediss://, unix:// (one server) or "
-                            "redis+cluster://host:port[,host:port…], rediss+cluster://… (a cluster's seed "
-                            "nodes); unset = in-process Redis (fakeredis).")
+    url: str | None = Field(None, description="`redis://`, `rediss://` (TLS), `unix://` for one server; "
+                            "`redis+cluster://host:port[,host:port…]` (`rediss+cluster://` for TLS) for a Redis "
+                            "Cluster (see [Redis Cluster](#redis-cluster)); "
+                            "`redis+sentinel://host:port[,host:port…]/<service-name>[/db]` (`rediss+sentinel://` "
+                            "for TLS) for the master a Sentinel group names (see "
+                            "[Redis Sentinel](#redis-sentinel-high-availability)); unset = in-process Redis "
+                            "(fakeredis).")
     max_connections: int = Field(256, ge=4, description="Connection pool size (one is held for the shared hot-path "
                                  "writes); a command waits for a free one.")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="How long a command waits for a pooled connection.")
+    wait_replicas: int | None = Field(
+        None, ge=0, description="Replicas that must confirm (`WAIT`) an event before it is streamed and an approval "
+        "decision before it is answered 200; unset = 1 with a `redis+sentinel://` URL, 0 (no `WAIT`) otherwise.")
+    wait_timeout_ms: int = Field(500, ge=1, description="How long Aura waits for those confirmations; past it the "
+                                 "write is reported failed (a retryable error), never acknowledged.")
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_redis_url(url)  # a malformed URL stops start-up with its reason
+        return url
+
+    @model_validator(mode="after")
+    def _wait_on_one_server(self) -> RedisSettings:
+        if self.url is not None and self.wait_replicas and parse_redis_url(self.url).topology == "cluster":
+            raise ValueError("wait_replicas applies to one server or a Sentinel group, not to a cluster")
+        return self
+
+    @property
+    def confirming_replicas(self) -> int:
+        """`wait_replicas`, or its default for the URL."""
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        return 1 if self.url is not None and parse_redis_url(self.url).topology == "sentinel" else 0
 
 
 class AuthSettings(BaseModel):
@@ -153,7 +184,10 @@ class StreamSettings(BaseModel):
 
 
 class RunSettings(BaseModel):
-    lease_seconds: float = Field(15.0, gt=0, description="Owner lease; followers report run_lost after it lapses.")
+    lease_seconds: float = Field(15.0, gt=0, description=(
+        "Owner lease; a run whose lease lapsed is declared lost by the next sweep (every instance sweeps "
+        "once a lease), and its followers then read `run_lost`."
+    ))
     max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
     max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
     max_starts_per_window: int = Field(30, ge=1, description="Runs one user may start per rate-limit window "

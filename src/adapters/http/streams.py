@@ -191,10 +191,12 @@ async def live_frames(watcher: RunWatch, config: StreamConfig, slot: StreamSlot 
                 chunk = b""
                 yield chunk
     except SubscriptionOverflow:
-        # The client reads slower than the run writes: drop this connection (not the run); the
-        # client resumes from the event log with Last-Event-ID. Not a disconnect: the run goes on.
+        # The client reads slower than the run writes, or the run cannot feed it any more (fenced,
+        # or the log refused an event): drop this connection (not the run); the client resumes
+        # from the event log with Last-Event-ID. Not a disconnect: the run goes on.
         finished = True
-        yield reconnect_frame(config, "too far behind; reconnect with Last-Event-ID to resume")
+        yield reconnect_frame(config, "this connection ends here; reconnect with Last-Event-ID to resume "
+                                      "from the event log")
     finally:
         meter.close()
         watcher.release(disconnected=not finished)

@@ -44,6 +44,7 @@ from urllib.parse import quote
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.client import RedisClient, batch, execute_and_publish, get_values, raise_error
+from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.model.errors import StoreUnavailable
@@ -153,8 +154,11 @@ class RedisApprovalStore(ApprovalStore):
         request_ttl_seconds: int = DEFAULT_REQUEST_TTL_SECONDS,
         session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS,
         signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
+        confirmation: ReplicaConfirmation | None = None,
     ) -> None:
         self._redis = redis
+        # A decision is reported (applied or already made) only once this many replicas hold it.
+        self._confirmation = confirmation
         self._request_ttl_seconds = request_ttl_seconds
         self._session_ttl_seconds = session_ttl_seconds
         self._signal_ttl_seconds = signal_ttl_seconds
@@ -286,17 +290,33 @@ class RedisApprovalStore(ApprovalStore):
     async def _follow_up(self, decided: ApprovalRequest, signal: Signal | None) -> bool:
         """The writes after a decision, each idempotent, in one pipeline: the session record (only
         while it is exactly this request's pending record), the pending index, and the signal stored
-        then published. True when the signal was stored and published."""
+        then published. True when the signal was stored and published.
+
+        When replicas must confirm writes, the pipeline's last command is a `WAIT`, which covers
+        the decision too (it ran before: durability.py); only once it confirmed is the signal
+        published and the decision reported, else `ReplicasDidNotConfirm` (a retryable error): a
+        failover could revert it."""
         pending_session = encode_json({**decided.session_record(), "status": ApprovalStatus.PENDING.value})
         pipe = batch(self._redis)
         pipe.evalsha(self._swap.sha, 1, session_key(decided.session_id), pending_session,
                      encode_json(decided.session_record()))
         pipe.zrem(pending_index_key(decided.tenant_id, decided.user_id), decided.request_id)
-        if signal is None:
+        payload = None if signal is None else signal.to_json().encode("utf-8")
+        if payload is not None:
+            pipe.set(signal_key(decided.session_id), payload, ex=self._signal_ttl_seconds)
+        confirmation = self._confirmation
+        if confirmation is not None:
+            pipe.execute_command(*confirmation.arguments())
+            replies = await pipe.execute(raise_on_error=False)
+            confirmation.check(replies.pop())
+            if payload is not None:
+                try:
+                    replies.append(await self._redis.publish(channel_name(decided.session_id), payload))
+                except RedisError as error:
+                    replies.append(error)
+        elif payload is None:
             replies = await pipe.execute(raise_on_error=False)
         else:
-            payload = signal.to_json().encode("utf-8")
-            pipe.set(signal_key(decided.session_id), payload, ex=self._signal_ttl_seconds)
             replies, published = await execute_and_publish(self._redis, pipe, channel_name(decided.session_id),
                                                            payload)
             replies.append(published)

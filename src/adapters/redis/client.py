@@ -3,7 +3,10 @@
 The URL alone chooses the topology (`parse_redis_url`):
 - `redis://`, `rediss://` (TLS), `unix://`: one server;
 - `redis+cluster://host:port[,host:port…]`, `rediss+cluster://…` (TLS): a Redis Cluster, from
-  its seed nodes; redis-py's `RedisCluster` follows the slot map, redirections and failovers.
+  its seed nodes; redis-py's `RedisCluster` follows the slot map, redirections and failovers;
+- `redis+sentinel://host:port[,host:port…]/<service-name>[/db]`, `rediss+sentinel://…` (TLS): the
+  master a Sentinel group names (sentinel.py: the URL's details and the client that follows
+  failovers).
 
 Storage format: every client built here returns **bytes** (`decode_responses=False`). Values
 Aura writes are UTF-8 JSON encoded by Aura itself, so the stored bytes are exactly what the DWP
@@ -34,6 +37,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
 from adapters.redis.connection import make_cancellation_safe
+from adapters.redis.sentinel import SENTINEL_SCHEMES, SentinelAddress, create_sentinel_redis, parse_sentinel_url
 
 _log = logging.getLogger(__name__)
 
@@ -53,10 +57,12 @@ CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> 
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
-    """Where Aura's Redis is: one server (`url`, as redis-py reads it) or a cluster (`nodes`)."""
+    """Where Aura's Redis is: one server (`url`, as redis-py reads it), a cluster (`nodes`) or the
+    master of a Sentinel group (`sentinel`)."""
 
-    topology: Literal["single", "cluster"]
+    topology: Literal["single", "cluster", "sentinel"]
     url: str | None = None
+    sentinel: SentinelAddress | None = None
     nodes: tuple[tuple[str, int], ...] = ()
     tls: bool = False
     username: str | None = None
@@ -74,8 +80,12 @@ def parse_redis_url(url: str) -> RedisTarget:
         return RedisTarget("single", url=url)
     if scheme in CLUSTER_SCHEMES:
         return _cluster_target(rest, tls=CLUSTER_SCHEMES[scheme], url=url)
+    if scheme in SENTINEL_SCHEMES:
+        address = parse_sentinel_url(url)
+        return RedisTarget("sentinel", sentinel=address, tls=address.tls, username=address.username,
+                           password=address.password)
     raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, unix://, "
-                     f"redis+cluster:// or rediss+cluster://")
+                     f"redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel://")
 
 
 def _cluster_target(rest: str, *, tls: bool, url: str) -> RedisTarget:
@@ -136,8 +146,7 @@ def create_redis(
         # A blocking pool: when every connection is busy a command waits for one (up to the pool
         # timeout) instead of failing at once, which is what redis-py's default pool does past its
         # cap. The benchmark's bursts of new streams and thousands of parked runs hit exactly that.
-        pool = BlockingConnectionPool.from_url(
-            url,
+        options: dict[str, Any] = dict(
             max_connections=max_connections,
             timeout=pool_timeout_seconds,
             decode_responses=False,
@@ -149,7 +158,10 @@ def create_redis(
             retry=retry,
             **_hiredis_options(),
         )
-        client = Redis(connection_pool=pool)
+        if target.sentinel is not None:
+            client = create_sentinel_redis(target.sentinel, options)
+        else:
+            client = Redis(connection_pool=BlockingConnectionPool.from_url(url, **options))
     make_cancellation_safe(client)
     return client
 
@@ -159,8 +171,11 @@ async def close_redis(redis: RedisClient) -> None:
     given, so closing it alone would leave the pool's connections open."""
     if isinstance(redis, RedisCluster):
         await redis.aclose()
-    else:
-        await redis.aclose(close_connection_pool=True)
+        return
+    await redis.aclose(close_connection_pool=True)
+    sentinels = getattr(redis.connection_pool, "sentinel_manager", None)
+    if sentinels is not None:  # redis+sentinel://: the clients of the sentinels too
+        await sentinels.aclose()
 
 
 def is_cluster(redis: RedisClient) -> bool:

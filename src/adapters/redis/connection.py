@@ -13,7 +13,8 @@ lifted for the write and puts the same bound around it. Every error is redis-py'
 redis-py raises it. What this relies on, checked by tests/integration/test_redis_cancellation.py
 on a single server and on a cluster: `AbstractConnection.send_packed_command` and its
 `socket_timeout` attribute, `ConnectionPool.connection_class`, and for a cluster the
-`connection_kwargs` its nodes are built from and `ClusterNode.connection_class`.
+`connection_kwargs` its nodes are built from and `ClusterNode.connection_class`; under Sentinel,
+`SentinelManagedConnection.connect`, which asks the sentinels for the master.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class _CancellationSafeWrites(AbstractConnection):
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        if not self.is_connected and isinstance(self, SentinelManagedConnection):
+            # redis-py reconnects a dropped connection to the address it had; one that follows a
+            # Sentinel group (dropped on a demoted master's READONLY) asks the sentinels first.
+            await self.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         timeout = self.socket_timeout
         if not timeout:
             await super().send_packed_command(command, check_health)

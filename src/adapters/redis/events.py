@@ -12,6 +12,13 @@ holds (`packed.py` says why); on a cluster, a pipeline (one write per server hol
 Under load many events cost one network exchange; alone, an event costs one. Appends are submitted
 without waiting; each caller learns, through its callback and in order, when its event is stored,
 and only then hands it to clients ("logged before it is written to any client").
+
+When replicas must confirm writes (`WAIT`, under Sentinel: durability.py), "stored" means "held by
+the replicas too": the batch ends with a `WAIT` in the same write, and an event it did not confirm
+is reported failed. Followers on other instances then must not see an event before that either, so
+the append script does not publish it but says whether the run has readers ('read'); once the
+`WAIT` confirmed the batch, those events are published, in the next write on the same connection.
+A reader that registers after the append finds the event in its first log read instead.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.client import RedisClient, batch, run_batch
+from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.keys import run_key
 from adapters.redis.packed import PackedConnection, pack
 from adapters.wire import envelope_bytes, event_from_bytes
@@ -55,9 +63,10 @@ TERMINAL_FIELD = b"t"
 # KEYS: 1 log, 2 lease, 3 snapshot, 4 reader (one run: one slot)
 # ARGV: 1 entry id, 2 envelope, 3 '1' for the run's `end`, 4 the owner the lease must name ('' when
 #       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it),
-#       9 the run's tail channel (published to while another instance reads the run)
+#       9 the run's tail channel (published to while another instance reads the run; '' publishes nothing)
 # Reply: 'ok', 'dup' (these exact bytes are logged at this id already), 'collision' (other bytes
-# are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's)
+# are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's);
+# 'read' for 'ok' when ARGV[9] is '' and the run has readers: the caller publishes it later itself
 _APPEND = """
 local same = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
 if same then
@@ -85,7 +94,10 @@ if type(added) == 'table' and added.err then return 'collision' end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PUBLISH', ARGV[9], ARGV[2]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  if ARGV[9] == '' then return 'read' end
+  redis.call('PUBLISH', ARGV[9], ARGV[2])
+end
 return 'ok'
 """
 
@@ -106,8 +118,14 @@ class _PendingAppend:
 
 class RedisEventLog(EventLog):
     def __init__(self, redis: RedisClient, *, max_length: int, retention_seconds: int,
-                 active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None) -> None:
+                 active_ttl_seconds: int = 86_400, max_batch: int = 512, owner: str | None = None,
+                 confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
+        # Events are acknowledged (handed to clients, published to followers) only once this many
+        # replicas hold them.
+        self._confirmation = confirmation
+        if confirmation is not None and not isinstance(redis, Redis):
+            raise ValueError("replica confirmation (WAIT) needs one server or a Sentinel group, not a cluster")
         # The instance id a run's lease must name for its events to be logged (None: not checked,
         # for a log used without a run directory).
         self._owner = (owner or "").encode()
@@ -180,10 +198,13 @@ class RedisEventLog(EventLog):
                 outcome = None
             else:
                 outcome = result.decode() if isinstance(result, bytes) else result
-            if outcome in ("ok", "dup"):  # dup: a retried append of the same event, nothing lost
+            if outcome in ("ok", "dup", "read"):  # dup: a retried append of the same event, nothing lost
                 if item.event.type is EventType.END:
                     self._closed.add(item.event.ids.run_id)
                 _report(item, None)
+            elif outcome == _UNCONFIRMED:
+                self._broken.add(item.event.ids.run_id)
+                _report(item, StoreUnavailable("The event log's replicas did not confirm an event."))
             elif outcome in ("finished", "fenced", "collision"):
                 run_id = item.event.ids.run_id
                 log.warning("event log refused seq %d of run %s: %s", item.event.seq, run_id, outcome)
@@ -195,22 +216,58 @@ class RedisEventLog(EventLog):
 
     async def _send(self, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
         """Each (keys, args) as an EVALSHA of the append script, in one batch; the replies in order
-        (error replies as values). A server that does not know the script (a restart, a flushed
-        cache) gets it loaded, and those calls again: they did not run."""
+        (error replies as values; `_UNCONFIRMED` for an append the replicas did not confirm). A
+        server that does not know the script (a restart, a flushed cache) gets it loaded, and those
+        calls again: they did not run."""
         if self._packed is None:
             return await run_batch(self._redis, [(self._append, keys, args) for keys, args in calls])
+        if self._confirmation is None:
+            return await self._evalsha(self._append_sha, _APPEND, calls)
+        # The script publishes nothing (no channel): the events of followed runs go to followers
+        # once confirmed (a retried append's too: its first attempt published nothing).
+        results = await self._evalsha(self._append_sha, _APPEND, [(keys, [*args[:8], b""]) for keys, args in calls])
+        published = [(args[8], args[1]) for (_keys, args), result in zip(calls, results, strict=True)
+                     if result in (b"read", b"dup")]
+        if published:
+            await self._publish_confirmed(published)
+        return results
+
+    async def _evalsha(self, sha: bytes, body: str, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
+        """Each call of the script `sha` in one packed write (then the `WAIT`, when replicas must
+        confirm: an unconfirmed batch's successes become `_UNCONFIRMED`)."""
+        assert self._packed is not None  # one server: the caller checked
         numkeys = b"%d" % len(calls[0][0])
-        results = await self._packed.execute(
-            b"".join(pack(b"EVALSHA", self._append_sha, numkeys, *keys, *args) for keys, args in calls), len(calls))
-        unknown = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+        confirmation = self._confirmation
+        wait = confirmation.command() if confirmation is not None else b""
+        packed = b"".join(pack(b"EVALSHA", sha, numkeys, *keys, *args) for keys, args in calls)
+        results = await self._packed.execute(packed + wait, len(calls) + bool(wait))
+        unknown = [index for index, result in enumerate(results[:len(calls)]) if isinstance(result, NoScriptError)]
         if unknown:
-            await self._redis.script_load(_APPEND)
+            await self._redis.script_load(body)
             again = await self._packed.execute(b"".join(
-                pack(b"EVALSHA", self._append_sha, numkeys, *calls[index][0], *calls[index][1]) for index in unknown),
-                len(unknown))
+                pack(b"EVALSHA", sha, numkeys, *calls[index][0], *calls[index][1]) for index in unknown) + wait,
+                len(unknown) + bool(wait))
+            if wait:  # the later WAIT covers the first write's commands too
+                results[-1] = again.pop()
             for index, result in zip(unknown, again, strict=True):
                 results[index] = result
+        if confirmation is not None:
+            try:
+                confirmation.check(results.pop())
+            except RedisError as error:
+                log.warning("event log: %s", error)
+                results = [_UNCONFIRMED if result in (b"ok", b"dup", b"read") else result for result in results]
         return results
+
+    async def _publish_confirmed(self, publications: list[tuple[bytes, bytes]]) -> None:
+        """PUBLISH each confirmed (channel, envelope) in one write. A lost publication is a gap the
+        follower fills from the log at the run's next event, or at its next reader refresh."""
+        assert self._packed is not None
+        try:
+            packed = b"".join(pack(b"PUBLISH", channel, payload) for channel, payload in publications)
+            await self._packed.execute(packed, len(publications))
+        except (RedisError, OSError) as exc:
+            log.warning("event log: could not publish confirmed events to followers: %s", type(exc).__name__)
 
     def _keys_of(self, run_id: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
         keys = self._run_keys.get(run_id)
@@ -235,9 +292,11 @@ class RedisEventLog(EventLog):
                  snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl, tail])
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
+        """Events after `after_seq`; when replicas must confirm writes, only once they hold all of
+        them (a `WAIT` after the XRANGE, on its connection: durability.py)."""
         try:
-            entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrange(
-                event_log_key(run_id), min=f"{after_seq + 1}-0", max="+", count=limit))
+            entries = await read_log_confirmed(self._redis, self._confirmation, event_log_key(run_id),
+                                               f"{after_seq + 1}-0", limit)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
         return [event_from_bytes(fields.get(b"e") or fields["e"]) for _entry_id, fields in entries]
@@ -290,6 +349,9 @@ class RedisEventLog(EventLog):
         if self._packed is not None:
             await self._packed.aclose()
 
+
+# The outcome of an append the master took but the replicas did not confirm in time.
+_UNCONFIRMED = "unconfirmed"
 
 _REFUSALS = {
     "finished": "The run already ended; nothing more is logged for it.",

@@ -2,8 +2,10 @@
 raised, and bounded by a timeout (the client's own retries could outlast a readiness check).
 
 `store_problem` runs `WRITE_CHECKS` in order and reports the first problem; each check is a small
-function of the client, so another condition (a replica, a Sentinel that lost its primary) is one
-more function in the list."""
+function of the client: under Sentinel, that a sentinel names a master; the cluster state; that the
+server is a master (`ROLE`: a replica or a demoted master answers PING but takes no write); a real
+write; a two-key script of one hash tag. When writes must be confirmed by replicas (`WAIT`), the
+probe adds a check that the master has that many replicas connected (`write_checks`)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import RedisCluster
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.redis.client import RedisClient, is_cluster
+from adapters.redis.sentinel import current_master
 from domain.model.ports import HealthProbe
 
 _log = logging.getLogger(__name__)
@@ -47,6 +51,51 @@ async def cluster_mode_matches(redis: RedisClient) -> str | None:
     return None
 
 
+async def sentinel_names_master(redis: RedisClient) -> str | None:
+    """Under Sentinel, a sentinel names the service's master (asks nobody for another client)."""
+    try:
+        await current_master(redis)
+    except MasterNotFoundError:
+        return "redis master unknown: no sentinel names one"
+    return None
+
+
+async def _role(redis: RedisClient) -> list[object] | None:
+    """`ROLE`'s reply; None where there is no one server to ask (a cluster: its state check covers
+    its nodes) or no `ROLE` (the in-process Redis of the embedded mode)."""
+    if isinstance(redis, RedisCluster):
+        return None
+    try:
+        role = await redis.execute_command("ROLE")  # type: ignore[no-untyped-call]  # unannotated in redis-py
+    except ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return None
+        raise
+    return list(role)
+
+
+async def is_master(redis: RedisClient) -> str | None:
+    """The server is a master: a replica, or a master Sentinel demoted, answers PING but refuses
+    every write."""
+    role = await _role(redis)
+    if role is not None and role[0] not in (b"master", "master"):
+        return f"redis is a {_text(role[0])}, not a master: it takes no writes"
+    return None
+
+
+def has_replicas(required: int) -> WriteCheck:
+    """A check that the master has `required` replicas connected: with fewer, every `WAIT` for
+    them fails and no event or decision can be acknowledged."""
+    async def replicas_connected(redis: RedisClient) -> str | None:
+        role = await _role(redis)
+        if role is not None and role[0] in (b"master", "master"):
+            connected = len(role[2])  # type: ignore[arg-type]  # ROLE's third part lists the replicas
+            if connected < required:
+                return f"redis master has {connected} of the {required} replica(s) that must confirm writes"
+        return None
+    return replicas_connected
+
+
 async def accepts_writes(redis: RedisClient) -> str | None:
     """A real write (a key of its own, expiring): a replica, a READONLY or OOM server, a cluster
     slot without a primary all refuse it."""
@@ -69,7 +118,17 @@ async def runs_single_slot_scripts(redis: RedisClient) -> str | None:
     return None
 
 
-WRITE_CHECKS: list[WriteCheck] = [cluster_mode_matches, accepts_writes, runs_single_slot_scripts]
+WRITE_CHECKS: list[WriteCheck] = [sentinel_names_master, cluster_mode_matches, is_master, accepts_writes,
+                                  runs_single_slot_scripts]
+
+
+def write_checks(required_replicas: int) -> list[WriteCheck]:
+    """`WRITE_CHECKS`, with the replica count when writes wait for `required_replicas` (> 0)."""
+    if required_replicas <= 0:
+        return list(WRITE_CHECKS)
+    checks = list(WRITE_CHECKS)
+    checks.insert(checks.index(is_master) + 1, has_replicas(required_replicas))
+    return checks
 
 
 async def store_problem(redis: RedisClient, checks: list[WriteCheck] | None = None) -> str | None:
@@ -88,14 +147,15 @@ async def store_problem(redis: RedisClient, checks: list[WriteCheck] | None = No
 
 
 class RedisHealthProbe(HealthProbe):
-    def __init__(self, redis: RedisClient, timeout_seconds: float = 1.0) -> None:
+    def __init__(self, redis: RedisClient, timeout_seconds: float = 1.0, *, required_replicas: int = 0) -> None:
         self._redis = redis
         self._timeout_seconds = timeout_seconds
+        self._checks = write_checks(required_replicas)
 
     async def check(self) -> str | None:
         try:
             async with asyncio.timeout(self._timeout_seconds):
-                return await store_problem(self._redis)
+                return await store_problem(self._redis, self._checks)
         except (TimeoutError, RedisTimeoutError):
             return "redis timed out"
         except Exception as exc:  # a probe reports, it never raises
@@ -113,4 +173,5 @@ def _text(value: object) -> str:
 
 
 __all__ = ["WRITE_CHECKS", "RedisHealthProbe", "WriteCheck", "accepts_writes", "cluster_mode_matches",
-           "is_cluster", "runs_single_slot_scripts", "store_problem"]
+           "has_replicas", "is_cluster", "is_master", "runs_single_slot_scripts", "sentinel_names_master",
+           "store_problem", "write_checks"]

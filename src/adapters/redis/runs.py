@@ -39,13 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, run_batch
+from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.redis.readers import stop_reader
+from adapters.redis.sentinel import master_moved
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
@@ -361,8 +364,12 @@ class RedisRunFollower(RunFollower):
     reader for the owner (`RunDirectory.has_reader`) until it ends."""
 
     def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
-                 page: int = 500) -> None:
+                 page: int = 500, confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
+        # When replicas must confirm writes, a follow hands on only events they hold: the log reads
+        # end with a `WAIT` on their connection, and the owner publishes an event only once its own
+        # `WAIT` confirmed it (events.py), so a published event needs none.
+        self._confirmation = confirmation
         self._block_seconds = block_ms / 1000
         self._reader_ttl_ms = int(reader_ttl_seconds * 1000)
         self._page = page
@@ -434,8 +441,8 @@ class RedisRunFollower(RunFollower):
     async def _catch_up(self, run_id: str, follow: _Follow) -> AsyncIterator[Event]:
         while True:
             try:
-                entries: list[tuple[Any, dict[Any, Any]]] = cast(Any, await self._redis.xrange(
-                    event_log_key(run_id), min=f"{follow.position + 1}-0", max="+", count=self._page))
+                entries = await read_log_confirmed(self._redis, self._confirmation, event_log_key(run_id),
+                                                   f"{follow.position + 1}-0", self._page)
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable("The event log is unavailable.") from exc
             for _entry_id, fields in entries:
@@ -482,6 +489,10 @@ class RedisRunFollower(RunFollower):
                     if message is None or loop.time() >= tidy_at:  # not once per message
                         tidy_at = loop.time() + self._block_seconds
                         await self._unsubscribe_unfollowed(pubsub)
+                        # Under Sentinel a demoted master keeps this connection until Sentinel
+                        # reconfigures it, while the owner publishes on the new one: move at once.
+                        if pubsub.connection is not None and await master_moved(self._redis, pubsub.connection):
+                            raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
             except (RedisError, OSError):
                 log.warning("run follower: lost the tail channels; resubscribing")
                 retry.failed()

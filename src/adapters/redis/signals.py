@@ -36,12 +36,14 @@ from typing import Any, TypeVar
 
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from adapters.redis.client import RedisClient, execute_and_publish, get_values, new_connection, raise_error
 from adapters.redis.client import batch as command_batch
+from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_moved
 from domain.model.approval import Signal
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import SignalBus, SignalSubscription
@@ -228,7 +230,9 @@ class RedisSignalBus(SignalBus):
         idle_ping_seconds: float = DEFAULT_IDLE_PING_SECONDS,
         reconnect_initial_delay_seconds: float = DEFAULT_RECONNECT_INITIAL_DELAY_SECONDS,
         reconnect_max_delay_seconds: float = DEFAULT_RECONNECT_MAX_DELAY_SECONDS,
+        master_check_seconds: float = DEFAULT_MASTER_CHECK_SECONDS,
     ) -> None:
+        self._master_check_seconds = master_check_seconds
         self._redis = redis
         self._signal_ttl_seconds = signal_ttl_seconds
         self._queue_size = queue_size
@@ -454,15 +458,35 @@ class RedisSignalBus(SignalBus):
     async def _pump(self, connection: AbstractConnection) -> None:
         """Read and dispatch replies until the connection fails (then raise)."""
         awaiting_pong = False
+        loop = asyncio.get_running_loop()
+        # Under Sentinel, a demoted master keeps this connection (and its subscriptions) until
+        # Sentinel reconfigures it, seconds after the failover, while signals are published on the
+        # new master: ask the sentinels where the master is, and move as soon as it moved.
+        follows_master = isinstance(connection, SentinelManagedConnection)
+        master_checked = loop.time()
+        quiet_since = loop.time()
         while True:
-            reply = await connection.read_response(timeout=self._idle_ping_seconds, push_request=True)
-            if reply is None:  # quiet for a while: prove the connection is still alive
+            timeout = self._idle_ping_seconds
+            if follows_master:
+                timeout = min(timeout, self._master_check_seconds)
+            reply = await connection.read_response(timeout=timeout, push_request=True)
+            now = loop.time()
+            if follows_master and now - master_checked >= self._master_check_seconds:
+                master_checked = now
+                if await master_moved(self._redis, connection):
+                    raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
+            if reply is None:
+                if now - quiet_since < self._idle_ping_seconds:
+                    continue
+                # quiet for a while: prove the connection is still alive
                 if awaiting_pong:
                     raise RedisConnectionError("the signal connection did not answer PING")
                 async with self._send_lock:
                     await connection.send_command("PING", check_health=False)
                 awaiting_pong = True
+                quiet_since = now
                 continue
+            quiet_since = now
             awaiting_pong = False
             self._reconnects.succeeded()
             self._dispatch(reply)

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 class SubscriptionOverflow(Exception):
-    """A watcher fell too far behind; it must reconnect and resume from the event log."""
+    """A watcher fell too far behind, or the run can no longer feed it (fenced, or its log refused
+    an event); it must reconnect and resume from the event log."""
 
 
 class Subscription(Generic[T]):
@@ -100,8 +101,8 @@ class Subscription(Generic[T]):
             self._timer.arm(deadline, self._deadline_reached)
 
     def detach(self) -> None:
-        """The run can no longer feed this watcher (it was fenced): the watcher resumes from the
-        event log, which holds whatever ended the run."""
+        """The run can no longer feed this watcher (it was fenced, or the log refused an event):
+        the watcher resumes from the event log, which holds whatever the run logged."""
         self.overflowed = True
         self._events = None
         self._wake()
@@ -138,7 +139,7 @@ class RunFeed:
     The run does not suspend for every log write: events are submitted to the event log, which
     writes many at once and reports each back in order; only then does an event reach a watcher
     ("logged before it is written to any client"). A failed write is raised to the run at its next
-    event (the failed event itself is still delivered, as is every `error` and `end` after it)."""
+    event; the failed event reaches no watcher: the watchers are detached and resume from the log."""
 
     # Slots, and bound methods instead of closures, for every object a run keeps: a run waiting for
     # approval keeps them for as long as the approval takes (tests/unit/runtime/test_memory.py).
@@ -214,12 +215,18 @@ class RunFeed:
             # Not delivered: the log holds something else at this seq (or will: a run_lost).
             if isinstance(error, RunFenced):
                 self.fence(error)
-        else:
-            if error is not None:
-                self._telemetry.store_error()
-                self._failure = self._failure or error
+        elif error is None:
             for watcher in tuple(self.watchers):
                 watcher.push(event)
+        else:
+            self._telemetry.store_error()
+            self._failure = self._failure or error
+            # An event the log did not take (or whose replicas did not confirm it) goes to no
+            # client: a client must never hold an event a resume may not find (a Redis failover
+            # drops what the old master took last). Its watchers resume from the log instead,
+            # which says how far the run got, or that the store is unavailable.
+            for watcher in tuple(self.watchers):
+                watcher.detach()
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (first_failure or self._unlogged <= self._wait_until):
             waiter.set_result(None)  # the run is in `publish`: it raises the failure itself
