@@ -92,6 +92,8 @@ class RedisSettings(BaseModel):
 
     @model_validator(mode="after")
     def _wait_on_one_server(self) -> RedisSettings:
+        if self.wait_replicas and self.url is None:
+            raise ValueError("wait_replicas needs a Redis URL: the in-process Redis has no replicas")
         if self.url is not None and self.wait_replicas and parse_redis_url(self.url).topology == "cluster":
             raise ValueError("wait_replicas applies to one server or a Sentinel group, not to a cluster")
         return self

@@ -52,3 +52,13 @@ def test_an_approval_wait_longer_than_the_requests_life_in_redis_stops_start_up(
 
     monkeypatch.setenv("AURA_HITL__TIMEOUT_SECONDS", "1800")
     assert load_settings().hitl.timeout_seconds == 1800
+
+
+def test_replica_confirmations_without_a_redis_url_stop_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURA_REDIS__WAIT_REPLICAS", "1")
+
+    with pytest.raises(ConfigError, match="the in-process Redis has no replicas"):
+        load_settings()
+
+    monkeypatch.setenv("AURA_REDIS__URL", "redis://127.0.0.1:6379/0")
+    assert load_settings().redis.confirming_replicas == 1
