@@ -61,22 +61,27 @@ async def test_redis_unavailable_at_start_is_not_ready_and_refuses_streams_witho
 async def test_redis_stopped_mid_run_ends_the_stream_with_a_typed_error(
         start_aura: Callable[..., AuraProcess], own_redis: list[RedisServer], e2e_workspace: Path) -> None:
     # The run is writing when Redis stops: an answer of 300 chunks, one every 10 ms. (A run parked
-    # on an approval writes nothing while it waits; it survives an outage, see the restart test.
-    # Stopping Redis just after `hitl` raced with the events that follow it.)
+    # on an approval writes nothing while it waits; it survives an outage, see the restart test.)
+    # An event the log refused reaches no client (a resume could not find it), so the connection
+    # ends with a reconnect hint; the resume is refused, typed and retryable: the store is gone.
     aura = start_aura(redis_url=own_redis[0].url, env={"AURA_HITL__RECHECK_SECONDS": "0.5"})
-    answer = '@answer {"text": "' + "x" * 300 + '", "chunks": 300, "intervalMs": 10}'
+    body = {"prompt": '@answer {"text": "' + "x" * 300 + '", "chunks": 300, "intervalMs": 10}'}
     async with httpx.AsyncClient(base_url=aura.url, timeout=30) as client:
-        async with raw_stream(client, {"prompt": answer}, bearer()) as stream:
+        async with raw_stream(client, body, bearer()) as stream:
             await stream.until("event: content", 10)
             stop_redis_server(own_redis[0])
             started = time.monotonic()
-            await stream.done(15)
-            elapsed = time.monotonic() - started
-        error = tail_is_error_end_done(stream, "store_unavailable")
-        assert error["data"]["retryable"] is True
-        assert elapsed < 15
+            await stream.until("retry: 1000\n", 15)  # the reconnect hint
+        assert "reconnect with Last-Event-ID" in stream.body and "data: [DONE]" not in stream.body
+        seqs = [e["seq"] for e in stream.events]
+        assert seqs == list(range(1, len(seqs) + 1))  # what reached the client is gapless
         chunks = [e for e in stream.events if e["type"] == "content" and e["data"]["chunk"]]
         assert 0 < len(chunks) < 300  # it stopped mid-answer
+        last_id = f"{stream.events[-1]['runId']}:{seqs[-1]}"
+        resumed = await client.post("/aura/test/stream", json=body, headers={**bearer(), "Last-Event-ID": last_id})
+        elapsed = time.monotonic() - started
+        assert resumed.status_code == 503 and resumed.json()["code"] == "store_unavailable"
+        assert elapsed < 15
         ready = await client.get("/ready")
         assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
 
