@@ -5,9 +5,9 @@ have no defaults of their own, so a setting cannot be forgotten on the way in.""
 from __future__ import annotations
 
 from adapters.http.streams import StreamConfig, StreamSlots
-from adapters.metrics.prometheus import PrometheusMetrics
 from adapters.models.openai_compatible import OpenAICompatibleConfig
 from app.settings import AgentSettings, HitlSettings, ModelSettings, Settings
+from domain.model.telemetry import Telemetry
 from domain.services.agent import AgentLimits, TokenBudgets, ToolCallMode
 from domain.services.gate import GateSettings
 from domain.services.runs import RunLimits
@@ -43,7 +43,7 @@ def gate_settings(hitl: HitlSettings) -> GateSettings:
     return GateSettings(timeout_seconds=hitl.timeout_seconds)
 
 
-def stream_config(settings: Settings, metrics: PrometheusMetrics | None) -> StreamConfig:
+def stream_config(settings: Settings, metrics: Telemetry | None) -> StreamConfig:
     stream = settings.stream
     return StreamConfig(
         heartbeat_seconds=stream.heartbeat_seconds,
