@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         container.run_control().listen(lambda run_id, reason: run_service.cancel(run_id, reason))
         # Lost runs are declared even when nobody follows them: every instance looks, once a lease.
         container.run_access().watch_for_lost_runs(settings.runs.lease_seconds)
+        # The approval signals' one pattern subscription, before the first run waits on it.
+        container.signal_bus().listen()
 
     @app.after_serving
     async def _shutdown() -> None:
