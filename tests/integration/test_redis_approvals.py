@@ -684,3 +684,23 @@ async def test_every_nth_create_trims_its_users_index_of_requests_past_their_ttl
     assert log.take() == ["PIPELINE"]  # the trim rides in the create's pipeline
     assert await redis_client.zrange(index, 0, -1) == [recent.request_id.encode(), third.request_id.encode()]
     assert_ttl_near(await redis_client.ttl(index), 1800)
+
+
+async def test_scripts_loaded_ahead_make_the_first_decision_one_script_call(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    # The app loads them at start-up; without that, the first decision on a server finds its
+    # script missing and loads it (SCRIPT LOAD, then EVALSHA again).
+    await redis_client.script_flush()
+    await store.load_scripts()
+    request = approval_request()
+    await store.create(request)
+    signal = Signal.approval(request.request_id, "u1", CREATED_AT + 5)
+    log = CommandLog(redis_client)
+
+    result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                decided_at=CREATED_AT + 5, reason=None, signal=signal,
+                                decider=Decider("acme", "u1", approver=False))
+
+    assert result is not None and result.applied
+    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]

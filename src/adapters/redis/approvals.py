@@ -179,6 +179,16 @@ class RedisApprovalStore(ApprovalStore):
         self._swap = redis.register_script(_SWAP)
         self._decide_in_place_script = redis.register_script(_DECIDE_IN_PLACE)
 
+    async def load_scripts(self) -> None:
+        """Load the decision scripts on the server (every primary of a cluster) ahead of the first
+        decision, which would otherwise find them missing and pay a round trip to load them. A
+        server that lost them later (a restart, a failover) gets them again the same way."""
+        try:
+            for script in (self._decide_in_place_script, self._swap):
+                await self._redis.script_load(script.script)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
+
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         """The pending index first (a request is never pending unlisted), then the request, then
         its session: one pipeline, each write idempotent. Every `index_trim_every`-th create also
