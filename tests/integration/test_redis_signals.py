@@ -242,14 +242,24 @@ async def test_500_concurrent_waits_share_one_pattern_subscription_and_leave_no_
         assert await signal_bus_connections(redis_client) == 1
 
 
+async def publish_through_one_node(client: Redis, session: str, signal: Signal) -> None:
+    """PUBLISH on the server, or always on the same node of a cluster: messages that entered
+    through different nodes may reach the subscriber's node in either order."""
+    if isinstance(client, RedisCluster):
+        await client.execute_command("PUBLISH", f"hitl:channel:{session}", wire(signal),
+                                     target_nodes=client.get_primaries()[0])
+    else:
+        await client.publish(f"hitl:channel:{session}", wire(signal))
+
+
 async def test_a_wait_that_never_reads_keeps_only_the_newest_signals(redis_client: Redis) -> None:
     bus = RedisSignalBus(redis_client, queue_size=2)
     try:
         async with bus.subscribe("sess_slow") as slow, bus.subscribe("sess_marker") as marker:
             signals = [Signal.approval(f"req_{i}", "u1", i) for i in range(3)]
             for signal in signals:
-                await bus.publish("sess_slow", signal)
-            await bus.publish("sess_marker", APPROVAL)
+                await publish_through_one_node(redis_client, "sess_slow", signal)
+            await publish_through_one_node(redis_client, "sess_marker", APPROVAL)
             # One connection, one reader, in order: once the marker is here, so are all three.
             assert await asyncio.wait_for(marker.next_message(), WAIT_SECONDS) == wire(APPROVAL)
 
