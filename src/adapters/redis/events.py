@@ -106,6 +106,9 @@ return 'ok'
 # leave a silent hole in its log that a resume could not see.
 _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 
+# How many more loop passes a batch waits for while runs keep adding to it (see `_gather`).
+_MAX_GATHER_PASSES = 4
+
 
 @dataclass(slots=True)
 class _PendingAppend:
@@ -161,14 +164,23 @@ class RedisEventLog(EventLog):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                # One pass of the event loop first: every run already scheduled adds its next
-                # event to this batch, so a round trip carries several events per run and each
-                # stream is woken once for them (one SSE write), not once per event. It costs the
-                # batch one loop pass of latency; without it, the batches of 100 busy streams
-                # were a third of the size and Aura's CPU per event 1.5x (docs/performance.md).
-                await asyncio.sleep(0)
+                await self._gather()
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 await self._flush(batch)
+
+    async def _gather(self) -> None:
+        """Let the event loop run while the runs it schedules keep adding to the batch (at most
+        `_MAX_GATHER_PASSES` passes, and not past a full batch): a round trip then carries several
+        events per run, and each stream is woken once for them (one SSE write), not once per event.
+        A pass that adds nothing ends it, so a lone event (a run's `start`, an approval's `hitl`)
+        waits one pass. Without it the batches of 100 busy streams held one pass of events, a third
+        of 884ab3f's (whose shared-connection task added two passes per round trip), and Aura's CPU
+        per event was 1.5x (bench, `against`)."""
+        for _ in range(_MAX_GATHER_PASSES):
+            queued = len(self._queue)
+            await asyncio.sleep(0)
+            if len(self._queue) == queued or len(self._queue) >= self._max_batch:
+                return
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
         written: list[_PendingAppend] = []
