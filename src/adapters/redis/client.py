@@ -172,6 +172,9 @@ async def close_redis(redis: RedisClient) -> None:
     if isinstance(redis, RedisCluster):
         await redis.aclose()
         return
+    watch = getattr(redis.connection_pool, "master_watch", None)
+    if watch is not None:
+        await watch.stop()
     await redis.aclose(close_connection_pool=True)
     sentinels = getattr(redis.connection_pool, "sentinel_manager", None)
     if sentinels is not None:  # redis+sentinel://: the clients of the sentinels too
