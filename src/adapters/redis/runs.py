@@ -242,25 +242,32 @@ class RedisRunDirectory(RunDirectory):
 
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
-        """Three ordered steps: the active index, the run's record and lease (so a crash from here
-        on leaves a run the sweep declares lost, which frees whatever it holds), then the tenant's
-        slots in one script. A refusal takes the first two back."""
+        """Three ordered steps: the active index, the run's record and lease (so a crash or a
+        failure from here on leaves a run the sweep declares lost, which frees whatever it holds),
+        then the tenant's slots in one script. A refusal takes the first two back."""
         now = time.time()
         run_id = record.run_id
         lease_deadline = int((now + lease_seconds) * 1000)
         slot_keys = [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)]
         slot_args: list[float | int | str] = [now, now + slot_seconds, run_id, user_limit, tenant_limit,
                                               int(slot_seconds) + 60]
+        # One server runs a pipeline's commands in order: the three steps ride in one. A cluster
+        # runs each server's part of a pipeline side by side (a failing node fails its part alone):
+        # there each step waits for the one before, or a run could be recorded running where the
+        # lost-run sweep never looks (its index entry refused by a node in a failover).
+        together = not is_cluster(self._redis)
+        if not together:
+            await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline}))
         pipe = batch(self._redis)
-        pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
+        if together:
+            pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
         pipe.set(meta_key(run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
         pipe.set(lease_key(run_id), record.instance_id, px=int(lease_seconds * 1000))
-        # One server runs a pipeline's commands in order: the slots' script can ride along. A
-        # cluster runs each server's part side by side: there it waits for the first two steps.
-        together = not is_cluster(self._redis)
         if together:
             pipe.evalsha(self._take_slots.sha, len(slot_keys), *slot_keys, *slot_args)
         replies = await self._call(pipe.execute(raise_on_error=False))
+        if not together:
+            replies = [None, *replies]  # the index's reply, raised above if it was an error
         for reply in replies[:3]:
             self._raise(reply)
         if together and not isinstance(replies[3], NoScriptError):
