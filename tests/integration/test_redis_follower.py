@@ -20,6 +20,7 @@ from adapters.redis.client import RedisClient, is_cluster
 from adapters.redis.events import RedisEventLog, lease_key
 from adapters.redis.runs import RedisRunFollower
 from domain.model.events import Event, EventType, RunIds
+from domain.model.runs import RunRecord
 from domain.services.leases import LeaseRenewal
 from tests.defaults import EVENT_LOG, client_of, run_directory
 from tests.integration.commands import CommandLog
@@ -28,6 +29,8 @@ from tests.redis_server import RedisCluster, RedisServer, flush_redis_cluster
 pytestmark = pytest.mark.redis_server
 
 IDS = RunIds("run_f", "ses_f", "thr_f", "t" * 32)
+RECORD = RunRecord(run_id=IDS.run_id, session_id=IDS.session_id, thread_id=IDS.thread_id, trace_id=IDS.trace_id,
+                   tenant_id="acme", user_id="alice", instance_id="aura-a", created_at=1767000000000)
 
 
 def event(seq: int, type_: EventType = EventType.CONTENT) -> Event:
@@ -291,6 +294,7 @@ async def test_a_follower_whose_presence_lapsed_notes_itself_again_and_reads_wha
     log = RedisEventLog(owner, **EVENT_LOG)
     directory = run_directory(owner)
     follower = RedisRunFollower(follower_client, block_ms=1000)
+    assert await directory.admit(RECORD, user_limit=5, tenant_limit=5, slot_seconds=60, lease_seconds=60) is None
     await log.append(event(1))
     clock = LoopClock()
     follow = follower.follow(IDS.run_id, 0)
@@ -321,3 +325,31 @@ async def test_a_follower_whose_presence_lapsed_notes_itself_again_and_reads_wha
         await log.aclose()
         await owner.aclose()
         await follower_client.aclose()
+
+
+async def test_a_follow_ends_when_its_run_closes_without_an_end_in_its_log(
+        clients: tuple[RedisClient, RedisClient]) -> None:
+    """The store refused the run's `end` (a failover) but took the close of its record: the owner
+    announces the close on the tail channel and the follow ends, so its reader resumes and learns
+    how the run ended, instead of waiting for an `end` that never comes."""
+    owner, follower_client = clients
+    log = RedisEventLog(owner, **EVENT_LOG)
+    directory = run_directory(owner)
+    record = RECORD
+    assert await directory.admit(record, user_limit=5, tenant_limit=5, slot_seconds=60, lease_seconds=15) is None
+    follower = RedisRunFollower(follower_client, block_ms=100)
+    await log.append(event(1))
+    follow = follower.follow(IDS.run_id, 0)
+    try:
+        assert (await anext(follow)).seq == 1
+        await log.append(event(2))
+        assert await directory.close(record, "failed", 60)  # its `end` never logged
+        seen = []
+        async with asyncio.timeout(5):
+            async for item in follow:
+                seen.append(item)
+        assert [item.seq for item in seen if item is not None] == [2]
+    finally:
+        await follow.aclose()
+        await follower.aclose()
+        await log.aclose()

@@ -124,11 +124,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: meta, lease; ARGV: owner, final record, retention
+# A run's record was closed: published on its tail channel (when it has readers) after its last
+# event, so a follow whose run closed without logging an `end` (the store refused it) ends too.
+RUN_CLOSED = b'{"aura":"run_closed"}'
+
+# KEYS: meta, lease, reader; ARGV: owner, final record, retention, the run's tail channel, RUN_CLOSED
 _CLOSE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 """
 
@@ -286,9 +291,11 @@ class RedisRunDirectory(RunDirectory):
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first."""
+        run_id = record.run_id
         closed = await self._call(self._close(
-            keys=[meta_key(record.run_id), lease_key(record.run_id)],
-            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds]))
+            keys=[meta_key(run_id), lease_key(run_id), reader_key(run_id)],
+            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds,
+                  tail_channel(run_id), RUN_CLOSED]))
         if closed:
             await self._forget(record.run_id, record.tenant_id, record.user_id)
         return bool(closed)
@@ -402,7 +409,10 @@ class RedisRunFollower(RunFollower):
     an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
     it), when the tail channels are subscribed again after a lost connection (or a Sentinel
     failover, announced by the sentinels: `MasterWatch`) and at a seq gap, each follow notes its
-    entry again and fills the gap from the log. One Pub/Sub connection serves every follow of the
+    entry again and fills the gap from the log (and after all but a gap, looks whether the run's
+    record was closed meanwhile: a run whose store refused its `end` closes without one, and its
+    owner announces the close, `RUN_CLOSED`; the follow then ends, and its reader resumes to learn
+    how the run ended). One Pub/Sub connection serves every follow of the
     process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
     reader for the owner (`RunDirectory.has_reader`) until it ends."""
 
@@ -451,9 +461,14 @@ class RedisRunFollower(RunFollower):
                     idle_since = loop.time()
                     yield None
                     continue
-                if item is None:
+                if item is None:  # something may have been missed: note the entry, read the log
                     await self._note_reader(run_id, follow.entry)
-                if item is None or item.seq > follow.position + 1:
+                    async for event in self._catch_up(run_id, follow):
+                        idle_since = loop.time()
+                        yield event
+                    if await self._closed(run_id):
+                        return  # closed without an `end` in its log: nothing more will come
+                elif item.seq > follow.position + 1:
                     async for event in self._catch_up(run_id, follow):
                         idle_since = loop.time()
                         yield event
@@ -490,6 +505,14 @@ class RedisRunFollower(RunFollower):
             for follows in self._follows.values():
                 for follow in follows:
                     follow.queue.put_nowait(None)
+
+    async def _closed(self, run_id: str) -> bool:
+        """Whether the run's record is final (or gone)."""
+        try:
+            raw = await self._redis.get(meta_key(run_id))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory is unavailable.") from exc
+        return raw is None or RunRecord.from_record(orjson.loads(raw)).status != "running"
 
     async def _note_reader(self, run_id: str, entry: str) -> bool:
         """Add this follow's reader entry (again); True when it was not there (events may have gone
@@ -587,9 +610,9 @@ class RedisRunFollower(RunFollower):
             for follow in self._follows.get(run_id, ()):  # subscribed again: messages may be missing
                 follow.queue.put_nowait(None)
         elif message["type"] == "message":
-            try:
-                event = event_from_bytes(message["data"])
-            except Exception:  # not one of Aura's envelopes: read the log instead
+            try:  # RUN_CLOSED, or anything else not one of Aura's envelopes: read the log and the record
+                event = None if message["data"] == RUN_CLOSED else event_from_bytes(message["data"])
+            except Exception:
                 event = None
             for follow in self._follows.get(run_id, ()):
                 follow.queue.put_nowait(event)
