@@ -23,8 +23,12 @@ async def test_a_script_a_batch_loads_is_known_to_every_node_replicas_too(redis_
     flush_redis_cluster(redis_cluster)
     client = client_of(redis_cluster.url)
     log = RedisEventLog(client, **EVENT_LOG)
+    for port in redis_cluster.ports:  # no node knows it (a replica keeps what was loaded on it)
+        with sync_redis.Redis(host="127.0.0.1", port=port) as node:
+            node.script_flush()
+            assert node.script_exists(log._append.sha) == [False]
     try:
-        await log.append(event("run_a", 1))  # NOSCRIPT on a fresh cluster: loaded, then sent again
+        await log.append(event("run_a", 1))  # NOSCRIPT: loaded, then sent again
         for port in redis_cluster.ports:
             with sync_redis.Redis(host="127.0.0.1", port=port) as node:
                 assert node.script_exists(log._append.sha) == [True], f"node {port} lacks the append script"

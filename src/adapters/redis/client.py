@@ -257,14 +257,14 @@ async def load_on_every_node(redis: RedisCluster, body: ScriptTextT) -> None:
     """SCRIPT LOAD `body` on the primaries, then on every other node `CLUSTER NODES` names (the
     replicas, which the client does not hold connections to): a replica that a failover promotes
     then runs the script at once. A replica that cannot be reached now is skipped."""
-    await redis.script_load(body)
-    nodes = redis.get_nodes()
-    known = {node.name for node in nodes}
-    template = nodes[0]
+    await redis.script_load(body)  # on the primaries redis-py knows
+    primaries = redis.get_primaries()
+    loaded = {node.name for node in primaries}
+    template = primaries[0]
     options = {key: value for key, value in template.connection_kwargs.items() if key not in ("host", "port")}
     for address, info in (await redis.cluster_nodes()).items():
         flags = str(info.get("flags", ""))
-        if address in known or "fail" in flags or "noaddr" in flags:
+        if address in loaded or "fail" in flags or "noaddr" in flags:
             continue
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
