@@ -231,6 +231,10 @@ class RunAccess:
         current = await self._directory.get(run_id)
         if current is None or current.status != "running":
             yield await self._final_notice(run_id, ids, current)
+            return
+        # A record still running here (read from another connection than the follow's, across a
+        # failover): never a [DONE] without an `end`; the client reconnects and resumes.
+        raise StoreUnavailable("The run's follow ended before its end.")
 
     async def _final_notice(self, run_id: str, ids: RunIds, current: RunRecord | None) -> Notice:
         """How a run ended whose log has no `end` after what the client has (it expired, or the
