@@ -272,9 +272,10 @@ async def test_a_killed_master_costs_retryable_errors_and_every_run_still_ends(
     is gone (asynchronous replication, no `WAIT` on a cluster; docs/operators.md). What holds is
     that every run ends and the clients see only errors they retry."""
     outcome = await failover_under_load(failover_cluster, start_aura, kill_master, limit=1)
+    # (a hole in a run's log is what such a loss looks like: the owner went on after the events the
+    # dying master had taken and not sent on)
     print(f"killed master: {len(outcome.lost)} received events not in the log, "
-          f"{len(outcome.reverted)} decisions reverted")
+          f"{len(outcome.reverted)} decisions reverted, {len(outcome.holes)} runs' logs with a hole")
     assert outcome.failed_over
     assert outcome.running == []
-    assert outcome.holes == []
     assert_only_retryable_errors(outcome.load)
