@@ -198,5 +198,7 @@ def flush_redis_cluster(cluster: RedisCluster) -> None:
             if client.info("replication")["role"] == "master":
                 client.flushall()
                 client.script_flush()
+                # both reach the replica later: wait, or a script loaded there meanwhile is flushed
+                client.execute_command("WAIT", 1, 1000)
         finally:
             client.close()

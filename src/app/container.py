@@ -185,7 +185,8 @@ class Container(containers.DeclarativeContainer):
                                         window_seconds=settings.provided.runs.start_window_seconds,
                                         now=clock.provided.now)
     run_follower = providers.Singleton(_closed_at_shutdown, closing,
-                                       providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation))
+                                       providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation,
+                                                         instance_id=instance_id))
     run_control = providers.Singleton(_closed_at_shutdown, closing,
                                       providers.Factory(RedisRunControl, redis, instance_id))
 

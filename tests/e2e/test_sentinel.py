@@ -246,7 +246,7 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], load: Load) -> None:
                 if last != b"[DONE]" or retry:
                     await asyncio.sleep(0.2)  # the client's reconnect delay (the stream's retry: hint)
     except TimeoutError:
-        load.runs_failed.append(f"{i}: timed out")
+        load.runs_failed.append(f"{i}: run {run_id} after seq {last_seq} timed out")
         return
     finally:
         if follower is not None:

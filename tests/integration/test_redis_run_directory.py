@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
-from adapters.redis.runs import RedisRunDirectory
+from adapters.redis.runs import ACTIVE_RUNS_KEY, RedisRunDirectory
+from domain.model.errors import StoreUnavailable
 from domain.model.runs import RunRecord
-from tests.defaults import run_directory
+from tests.defaults import client_of, run_directory
+from tests.redis_server import RedisCluster, flush_redis_cluster
 
 
 def record(run_id: str, user: str = "alice", tenant: str = "acme") -> RunRecord:
@@ -58,3 +61,23 @@ async def test_close_keeps_the_record_for_the_retention_time_and_frees_lease_and
     assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
     assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
     assert [await admit(directory, record(r)) for r in ("run_2", "run_3")] == [None, None]  # the slot is free
+
+
+async def test_on_a_cluster_a_run_is_recorded_only_once_the_active_index_holds_it(
+        redis_cluster: RedisCluster) -> None:
+    """A cluster runs a pipeline's parts on their nodes side by side: when the node of the active
+    index refuses the run's entry (here a key of the wrong type stands in for a node lost in a
+    failover), the run's record and lease must not be written, or the run stays `running` where
+    the lost-run sweep never looks."""
+    flush_redis_cluster(redis_cluster)
+    client = client_of(redis_cluster.url)
+    try:
+        await client.set(ACTIVE_RUNS_KEY, b"not a sorted set")
+        with pytest.raises(StoreUnavailable):
+            await admit(run_directory(client), record("run_1"))
+        assert await client.exists("aura:run:{run_1}:meta", "aura:run:{run_1}:lease") == 0
+        await client.delete(ACTIVE_RUNS_KEY)
+        assert await admit(run_directory(client), record("run_1")) is None
+        assert await client.zscore(ACTIVE_RUNS_KEY, "run_1") is not None
+    finally:
+        await client.aclose()

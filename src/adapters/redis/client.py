@@ -19,6 +19,7 @@ The embedded mode's in-process Redis (fakeredis) is chosen by the composition ro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, TryAgainError
+from redis.typing import ScriptTextT
 from redis.utils import HIREDIS_AVAILABLE
 
 from adapters.redis.connection import make_cancellation_safe
@@ -53,6 +55,9 @@ DEFAULT_HEALTH_CHECK_INTERVAL_SECONDS = 30
 DEFAULT_COMMAND_RETRIES = 2
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+# How long a batch waits before it sends again the calls a cluster node refused with CLUSTERDOWN
+# (redis-py's own pause for a command that failed so).
+CLUSTER_DOWN_PAUSE_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +178,9 @@ async def close_redis(redis: RedisClient) -> None:
     if isinstance(redis, RedisCluster):
         await redis.aclose()
         return
+    watch = getattr(redis.connection_pool, "master_watch", None)
+    if watch is not None:
+        await watch.stop()
     await redis.aclose(close_connection_pool=True)
     sentinels = getattr(redis.connection_pool, "sentinel_manager", None)
     if sentinels is not None:  # redis+sentinel://: the clients of the sentinels too
@@ -211,15 +219,32 @@ async def run_batch(redis: RedisClient, calls: Sequence[tuple[AsyncScript, Seque
                     ) -> list[Any]:
     """Each (script, keys, args) by EVALSHA in one pipeline; the replies in order, an error reply
     as its exception (not raised). A script the server does not know yet (a restart, a failover, a
-    flushed cache) is loaded and its calls sent again: they did not run."""
+    flushed cache) is loaded and its calls sent again: they did not run.
+
+    On a cluster the calls of one slot must run in the order given (the event log's appends of a
+    run), so a redirected call is not resent by itself: redis-py resends each redirected command
+    on its own, one round trip after another, and a failover's new master that lacks the script
+    would then refuse the first ones (NOSCRIPT) and run the later ones once another client loaded
+    it, out of order. Here a redirection or a missing script fails the call; the scripts are then
+    loaded on every node, replicas too (a replica a failover promotes knows them already), and the
+    failed calls are sent again, in order (those a node refused with CLUSTERDOWN, a moment later)."""
+    cluster = isinstance(redis, RedisCluster)
     pipe = batch(redis)
     for script, keys, args in calls:
         pipe.evalsha(script.sha, len(keys), *keys, *args)
-    replies: list[Any] = await pipe.execute(raise_on_error=False)
-    unknown = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    replies: list[Any] = await (pipe.execute(raise_on_error=False, allow_redirections=False)  # type: ignore[call-arg]
+                                if cluster else pipe.execute(raise_on_error=False))
+    # MOVED is an ASK; a node in a failover may answer CLUSTERDOWN for a moment
+    again_after = (NoScriptError, AskError, TryAgainError, ClusterDownError) if cluster else (NoScriptError,)
+    unknown = [index for index, reply in enumerate(replies) if isinstance(reply, again_after)]
+    if any(isinstance(replies[index], ClusterDownError) for index in unknown):
+        await asyncio.sleep(CLUSTER_DOWN_PAUSE_SECONDS)
     if unknown:
-        for script in {calls[index][0] for index in unknown}:
-            await redis.script_load(script.script)
+        for body in {calls[index][0].script for index in unknown}:
+            if isinstance(redis, RedisCluster):
+                await load_on_every_node(redis, body)
+            else:
+                await redis.script_load(body)
         again = batch(redis)
         for index in unknown:
             script, keys, args = calls[index]
@@ -227,6 +252,31 @@ async def run_batch(redis: RedisClient, calls: Sequence[tuple[AsyncScript, Seque
         for index, reply in zip(unknown, await again.execute(raise_on_error=False), strict=True):
             replies[index] = reply
     return replies
+
+
+async def load_on_every_node(redis: RedisCluster, body: ScriptTextT) -> None:
+    """SCRIPT LOAD `body` on the primaries, then on every other node `CLUSTER NODES` names (the
+    replicas, which the client does not hold connections to): a replica that a failover promotes
+    then runs the script at once. A replica that cannot be reached now is skipped."""
+    await redis.script_load(body)  # on the primaries redis-py knows
+    primaries = redis.get_primaries()
+    loaded = {node.name for node in primaries}
+    template = primaries[0]
+    options = {key: value for key, value in template.connection_kwargs.items() if key not in ("host", "port")}
+    for address, info in (await redis.cluster_nodes()).items():
+        flags = str(info.get("flags", ""))
+        if address in loaded or "fail" in flags or "noaddr" in flags:
+            continue
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        node = ClusterNode(host, int(port), connection_class=template.connection_class, **options)
+        try:
+            await node.execute_command("SCRIPT", "LOAD", body)
+        except (RedisError, OSError) as exc:
+            _log.warning("could not load a script on cluster node %s: %s", address, exc)
+        finally:
+            await node.disconnect()
 
 
 def raise_error(reply: Any) -> Any:

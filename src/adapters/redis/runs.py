@@ -5,10 +5,16 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
 - `aura:run:{runId}:meta`      JSON RunRecord; a day while running, the retention time after the end
 - `aura:run:{runId}:lease`     the owner instance id, PX lease milliseconds, renewed by the owner only
                                while it still holds it (compare and set)
-- `aura:run:{runId}:reader`    sorted set of the follows reading the run on other instances, scored
-                               by when each lapses (ms), refreshed by each follow: while it exists
-                               the owner publishes the run's events on its tail channel, and while
-                               a member is current the owner does not cancel it for want of a reader
+- `aura:run:{runId}:reader`    sorted set of the follows reading the run on other instances
+                               (`<follower>/<token>`, scored by when the entry lapses at the latest,
+                               ms): while it exists the owner publishes the run's events on its tail
+                               channel, and while one of its followers is present the owner does not
+                               cancel the run for want of a reader. A follow adds its entry once and
+                               removes it when it ends; nothing refreshes it
+- `aura:follower:<follower>`   a following process's presence, PX `reader_ttl_seconds`, refreshed
+                               every third of that while it follows anything (one command per
+                               process, however many runs it follows): an entry whose follower is
+                               absent is a follow that died with its process
 - `aura:runs:active`           sorted set of running run ids, scored by when their lease lapses (ms),
                                so lost runs are found even when nobody follows them
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
@@ -43,12 +49,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, run_batch
+from adapters.redis.client import RedisClient, batch, get_values, is_cluster, raise_error, run_batch
 from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.redis.readers import stop_reader
-from adapters.redis.sentinel import master_moved
+from adapters.redis.sentinel import master_watch
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
@@ -71,6 +77,15 @@ def reader_key(run_id: str) -> str:
 
 def tail_channel(run_id: str) -> str:
     return run_key(run_id, "tail")
+
+
+def presence_key(follower: str) -> str:
+    return f"aura:follower:{follower}"
+
+
+# A reader entry's lapse time at the latest (its follow removes it, or the owner once its follower
+# is absent): the run's own keys live no longer.
+READER_ENTRY_TTL_MS = ACTIVE_TTL_SECONDS * 1000
 
 
 def user_slots_key(tenant_id: str, user_id: str) -> str:
@@ -109,11 +124,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: meta, lease; ARGV: owner, final record, retention
+# A run's record was closed: published on its tail channel (when it has readers) after its last
+# event, so a follow whose run closed without logging an `end` (the store refused it) ends too.
+RUN_CLOSED = b'{"aura":"run_closed"}'
+
+# KEYS: meta, lease, reader; ARGV: owner, final record, retention, the run's tail channel, RUN_CLOSED
 _CLOSE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 """
 
@@ -148,9 +168,9 @@ return 'declared'
 """
 
 
-# KEYS: the run's reader set. ARGV: 1 this follow's lapse time (ms), 2 its token, 3 the set's TTL
-# (ms), 4 now (ms). Reply: 1 when the token was not in the set (first note, or the set lapsed:
-# events may have gone unpublished), else 0.
+# KEYS: the run's reader set. ARGV: 1 the entry's lapse time (ms), 2 the entry, 3 the set's TTL
+# (ms), 4 now (ms). Reply: 1 when the entry was not in the set (a first note, or the entry was
+# dropped: events may have gone unpublished), else 0.
 _NOTE_READER = """
 local added = redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
@@ -227,25 +247,32 @@ class RedisRunDirectory(RunDirectory):
 
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
                     lease_seconds: float) -> str | None:
-        """Three ordered steps: the active index, the run's record and lease (so a crash from here
-        on leaves a run the sweep declares lost, which frees whatever it holds), then the tenant's
-        slots in one script. A refusal takes the first two back."""
+        """Three ordered steps: the active index, the run's record and lease (so a crash or a
+        failure from here on leaves a run the sweep declares lost, which frees whatever it holds),
+        then the tenant's slots in one script. A refusal takes the first two back."""
         now = time.time()
         run_id = record.run_id
         lease_deadline = int((now + lease_seconds) * 1000)
         slot_keys = [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)]
         slot_args: list[float | int | str] = [now, now + slot_seconds, run_id, user_limit, tenant_limit,
                                               int(slot_seconds) + 60]
+        # One server runs a pipeline's commands in order: the three steps ride in one. A cluster
+        # runs each server's part of a pipeline side by side (a failing node fails its part alone):
+        # there each step waits for the one before, or a run could be recorded running where the
+        # lost-run sweep never looks (its index entry refused by a node in a failover).
+        together = not is_cluster(self._redis)
+        if not together:
+            await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline}))
         pipe = batch(self._redis)
-        pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
+        if together:
+            pipe.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline})
         pipe.set(meta_key(run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
         pipe.set(lease_key(run_id), record.instance_id, px=int(lease_seconds * 1000))
-        # One server runs a pipeline's commands in order: the slots' script can ride along. A
-        # cluster runs each server's part side by side: there it waits for the first two steps.
-        together = not is_cluster(self._redis)
         if together:
             pipe.evalsha(self._take_slots.sha, len(slot_keys), *slot_keys, *slot_args)
         replies = await self._call(pipe.execute(raise_on_error=False))
+        if not together:
+            replies = [None, *replies]  # the index's reply, raised above if it was an error
         for reply in replies[:3]:
             self._raise(reply)
         if together and not isinstance(replies[3], NoScriptError):
@@ -264,9 +291,11 @@ class RedisRunDirectory(RunDirectory):
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first."""
+        run_id = record.run_id
         closed = await self._call(self._close(
-            keys=[meta_key(record.run_id), lease_key(record.run_id)],
-            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds]))
+            keys=[meta_key(run_id), lease_key(run_id), reader_key(run_id)],
+            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds,
+                  tail_channel(run_id), RUN_CLOSED]))
         if closed:
             await self._forget(record.run_id, record.tenant_id, record.user_id)
         return bool(closed)
@@ -328,7 +357,23 @@ class RedisRunDirectory(RunDirectory):
         await self._call(self._note_reader(keys=[reader_key(run_id)], args=[now_ms + ttl_ms, "note", ttl_ms, now_ms]))
 
     async def has_reader(self, run_id: str) -> bool:
-        return bool(await self._call(self._redis.zcount(reader_key(run_id), int(time.time() * 1000), "+inf")))
+        """A current entry whose follower is present (an entry without a follower, written by
+        `note_reader`, counts until it lapses). Entries of absent followers are dropped: once none
+        is left the owner stops publishing the run's events."""
+        entries = [_text(entry) for entry in await self._call(
+            self._redis.zrangebyscore(reader_key(run_id), int(time.time() * 1000), "+inf"))]
+        if any("/" not in entry for entry in entries):
+            return True
+        followers = sorted({entry.rpartition("/")[0] for entry in entries})
+        if not followers:
+            return False
+        present = {follower for follower, value in zip(
+            followers, await self._call(get_values(self._redis, [presence_key(f) for f in followers])), strict=True)
+            if value is not None}
+        absent = [entry for entry in entries if entry.rpartition("/")[0] not in present]
+        if absent:
+            await self._call(self._redis.zrem(reader_key(run_id), *absent))
+        return bool(present)
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))
@@ -348,23 +393,32 @@ class RedisRunDirectory(RunDirectory):
 @dataclass(eq=False)
 class _Follow:
     position: int
-    # Events as published; None asks the follow to read the log (a message may have been missed).
+    entry: str  # its entry in the run's reader set
+    # Events as published; None asks the follow to note itself again and read the log (its entry
+    # or a message may be missing).
     queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
 
 
 class RedisRunFollower(RunFollower):
-    """Follows runs other instances own. A follow subscribes to the run's tail channel, adds itself
-    to the run's reader set (from then on the owner's append script publishes each event it logs,
-    in the same step), reads the log after its position once (XRANGE), then takes the events as
-    they are published: no command per event and none while the run is idle but the refresh of its
-    reader entry (one script every third of `reader_ttl_seconds`; an entry found gone means events
-    may have gone unpublished: the log is read again). A seq gap, or a resubscription after a lost
-    connection, is filled from the log too. One Pub/Sub connection serves every follow of the
+    """Follows runs other instances own. A follow subscribes to the run's tail channel, adds its
+    entry to the run's reader set (from then on the owner's append script publishes each event it
+    logs, in the same step), reads the log after its position once (XRANGE), then takes the events
+    as they are published: no command per event, and none while the run is idle. What keeps its
+    entry counted is the process's presence key, one `SET` every third of `reader_ttl_seconds`
+    for all its follows (an idle follow costs nothing of its own; the owner drops the entries of
+    an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
+    it), when the tail channels are subscribed again after a lost connection (or a Sentinel
+    failover, announced by the sentinels: `MasterWatch`) and at a seq gap, each follow notes its
+    entry again and fills the gap from the log (and after all but a gap, looks whether the run's
+    record was closed meanwhile: a run whose store refused its `end` closes without one, and its
+    owner announces the close, `RUN_CLOSED`; the follow then ends, and its reader resumes to learn
+    how the run ended). One Pub/Sub connection serves every follow of the
     process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
     reader for the owner (`RunDirectory.has_reader`) until it ends."""
 
     def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
-                 page: int = 500, confirmation: ReplicaConfirmation | None = None) -> None:
+                 page: int = 500, confirmation: ReplicaConfirmation | None = None,
+                 instance_id: str = "aura") -> None:
         self._redis = redis
         # When replicas must confirm writes, a follow hands on only events they hold: the log reads
         # end with a `WAIT` on their connection, and the owner publishes an event only once its own
@@ -374,6 +428,10 @@ class RedisRunFollower(RunFollower):
         self._reader_ttl_ms = int(reader_ttl_seconds * 1000)
         self._page = page
         self._note = redis.register_script(_NOTE_READER)
+        # This process's name in reader entries: a restarted instance of the same id is another follower.
+        self._follower = f"{key_part(instance_id)}.{secrets.token_hex(4)}"
+        self._presence_key = presence_key(self._follower)
+        self._presence_due: float | None = None  # loop time of the next presence refresh; None: not present
         self._follows: dict[str, set[_Follow]] = {}
         # channel -> the run it tails, and the confirmation of its SUBSCRIBE on the current connection
         self._runs: dict[bytes, str] = {}
@@ -382,35 +440,35 @@ class RedisRunFollower(RunFollower):
         self._reader: asyncio.Task[None] | None = None
 
     async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
-        follow = _Follow(after_seq)
-        token = secrets.token_hex(8)
+        follow = _Follow(after_seq, f"{self._follower}/{secrets.token_hex(8)}")
         self._follows.setdefault(run_id, set()).add(follow)
         try:
             await self._subscribe(run_id)
             loop = asyncio.get_running_loop()
-            await self._note_reader(run_id, token)
-            next_note = loop.time() + self._reader_ttl_ms / 3000
+            await self._keep_present(loop.time())
+            await self._note_reader(run_id, follow.entry)
             async for event in self._catch_up(run_id, follow):
                 yield event
             idle_since = loop.time()
             while True:
-                wait = max(0.0, min(idle_since + self._block_seconds, next_note) - loop.time())
+                wait = max(0.0, idle_since + self._block_seconds - loop.time())
                 try:
                     # Not asyncio.wait_for: on Python 3.11 it can swallow the cancel of a client
                     # that leaves just as an event arrives, and the follow would outlive it.
                     async with asyncio.timeout(wait):
                         item = await follow.queue.get()
                 except TimeoutError:
-                    if loop.time() >= next_note:
-                        next_note = loop.time() + self._reader_ttl_ms / 3000
-                        if await self._note_reader(run_id, token):
-                            async for event in self._catch_up(run_id, follow):
-                                yield event
-                    if loop.time() - idle_since >= self._block_seconds:
-                        idle_since = loop.time()
-                        yield None
+                    idle_since = loop.time()
+                    yield None
                     continue
-                if item is None or item.seq > follow.position + 1:
+                if item is None:  # something may have been missed: note the entry, read the log
+                    await self._note_reader(run_id, follow.entry)
+                    async for event in self._catch_up(run_id, follow):
+                        idle_since = loop.time()
+                        yield event
+                    if await self._closed(run_id):
+                        return  # closed without an `end` in its log: nothing more will come
+                elif item.seq > follow.position + 1:
                     async for event in self._catch_up(run_id, follow):
                         idle_since = loop.time()
                         yield event
@@ -424,16 +482,45 @@ class RedisRunFollower(RunFollower):
                 followers.discard(follow)
                 if not followers:
                     del self._follows[run_id]
-            with contextlib.suppress(RedisError, OSError):  # else its entry lapses by itself
-                await self._redis.zrem(reader_key(run_id), token)
+            if not self._follows:
+                self._presence_due = None  # left to lapse
+            with contextlib.suppress(RedisError, OSError):  # else the owner drops it once this process is gone
+                await self._redis.zrem(reader_key(run_id), follow.entry)
 
-    async def _note_reader(self, run_id: str, token: str) -> bool:
-        """Add or refresh this follow's reader entry; True when it was not there (events may have
-        gone unpublished)."""
+    async def _keep_present(self, now: float) -> None:
+        """Refresh this process's presence when due. Found lapsed while it follows (the process
+        stalled longer than the TTL, or Redis lost the key), its entries may have been dropped and
+        events gone unpublished: every follow notes its entry again and reads the log."""
+        due = self._presence_due
+        if due is not None and now < due:
+            return
+        self._presence_due = now + self._reader_ttl_ms / 3000
+        try:
+            previous = await self._redis.set(self._presence_key, b"1", px=self._reader_ttl_ms, get=True)
+        except (RedisError, OSError) as exc:
+            self._presence_due = due
+            raise StoreUnavailable("The event log is unavailable.") from exc
+        if due is not None and previous is None:
+            log.warning("run follower: this process's presence had lapsed; reading the followed runs again")
+            for follows in self._follows.values():
+                for follow in follows:
+                    follow.queue.put_nowait(None)
+
+    async def _closed(self, run_id: str) -> bool:
+        """Whether the run's record is final (or gone)."""
+        try:
+            raw = await self._redis.get(meta_key(run_id))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory is unavailable.") from exc
+        return raw is None or RunRecord.from_record(orjson.loads(raw)).status != "running"
+
+    async def _note_reader(self, run_id: str, entry: str) -> bool:
+        """Add this follow's reader entry (again); True when it was not there (events may have gone
+        unpublished)."""
         now_ms = int(time.time() * 1000)
         try:
             added = await self._note(keys=[reader_key(run_id)],
-                                     args=[now_ms + self._reader_ttl_ms, token, self._reader_ttl_ms, now_ms])
+                                     args=[now_ms + READER_ENTRY_TTL_MS, entry, READER_ENTRY_TTL_MS, now_ms])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
         return bool(added)
@@ -474,12 +561,16 @@ class RedisRunFollower(RunFollower):
 
     async def _read_forever(self) -> None:
         retry = Backoff(0.1, 2.0)
+        loop = asyncio.get_running_loop()
         while self._confirmed:
             pubsub = self._pubsub = self._redis.pubsub()
+            # Under Sentinel a demoted master keeps this connection until Sentinel reconfigures it,
+            # while the owner publishes on the new one: move as soon as the sentinels announce it.
+            watch = master_watch(self._redis)
+            watched = watch.generation if watch is not None else 0
             try:
                 if self._confirmed:
                     await pubsub.subscribe(*self._confirmed)
-                loop = asyncio.get_running_loop()
                 tidy_at = loop.time() + self._block_seconds
                 while self._confirmed:
                     message = await pubsub.get_message(timeout=self._block_seconds)
@@ -489,10 +580,14 @@ class RedisRunFollower(RunFollower):
                     if message is None or loop.time() >= tidy_at:  # not once per message
                         tidy_at = loop.time() + self._block_seconds
                         await self._unsubscribe_unfollowed(pubsub)
-                        # Under Sentinel a demoted master keeps this connection until Sentinel
-                        # reconfigures it, while the owner publishes on the new one: move at once.
-                        if pubsub.connection is not None and await master_moved(self._redis, pubsub.connection):
+                        if watch is not None and pubsub.connection is not None \
+                                and watch.moved(pubsub.connection, watched):
                             raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
+                        if self._follows:
+                            try:
+                                await self._keep_present(loop.time())
+                            except StoreUnavailable:
+                                log.warning("run follower: could not refresh this process's presence")
             except (RedisError, OSError):
                 log.warning("run follower: lost the tail channels; resubscribing")
                 retry.failed()
@@ -515,9 +610,9 @@ class RedisRunFollower(RunFollower):
             for follow in self._follows.get(run_id, ()):  # subscribed again: messages may be missing
                 follow.queue.put_nowait(None)
         elif message["type"] == "message":
-            try:
-                event = event_from_bytes(message["data"])
-            except Exception:  # not one of Aura's envelopes: read the log instead
+            try:  # RUN_CLOSED, or anything else not one of Aura's envelopes: read the log and the record
+                event = None if message["data"] == RUN_CLOSED else event_from_bytes(message["data"])
+            except Exception:
                 event = None
             for follow in self._follows.get(run_id, ()):
                 follow.queue.put_nowait(event)

@@ -9,11 +9,16 @@ speaks TLS to the data nodes (the sentinels too, unless `sentinel_ssl=false`). Q
 The client is redis-py's own (`redis.asyncio.sentinel.Sentinel.master_for`): every new
 connection asks a sentinel for the current master, and a connection that meets a demoted master
 (a READONLY reply) is dropped so the next command reconnects to the new one. Aura adds a blocking
-pool (a burst waits for a connection instead of failing, as with `redis://`).
+pool (a burst waits for a connection instead of failing, as with `redis://`), and `MasterWatch`:
+the Pub/Sub connections, which send no command a demoted master could refuse, learn that the
+master moved from the sentinels' own `+switch-master` message instead of asking them over and over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -21,11 +26,20 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+from domain.runtime.waits import Backoff
+
+_log = logging.getLogger(__name__)
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
-# How often a connection that follows failovers itself asks a sentinel where the master is.
+# How often a connection that follows failovers looks (in memory) whether the watch saw the master move.
 DEFAULT_MASTER_CHECK_SECONDS = 1.0
+# The sentinels' message for a completed failover: "<service> <old ip> <old port> <new ip> <new port>".
+SWITCH_MASTER_CHANNEL = b"+switch-master"
+# An idle subscription to a sentinel is PINGed this often, so a dead one is noticed and replaced.
+SENTINEL_KEEPALIVE_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +120,104 @@ def _host_port(item: str) -> tuple[str, int]:
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
     """redis-py's Sentinel pool with the blocking pool's waiting for a free connection (the MRO
-    puts the sentinel's master lookup in front of `BlockingConnectionPool`)."""
+    puts the sentinel's master lookup in front of `BlockingConnectionPool`), and the pool's
+    `MasterWatch`."""
+
+    master_watch: MasterWatch | None = None
+
+
+class MasterWatch:
+    """Where the sentinels say the service's master is, kept current without polling them: one
+    subscription to `+switch-master` on one sentinel at a time (the next one when it fails), and
+    one `SENTINEL MASTERS` query (through redis-py's `get_master_address`, which also moves the
+    pool) each time the subscription is (re)made, so a switch missed while unsubscribed counts
+    too. An idle subscription is PINGed every `SENTINEL_KEEPALIVE_SECONDS`: that, per process, is
+    all it costs while nothing fails over.
+
+    `generation` grows each time the master it knows changes; a connection notes it when it
+    connects and moves when it grew and the master is no longer the one it is connected to
+    (`moved`). Started by the first connection that asks (`start`), stopped with the client."""
+
+    def __init__(self, sentinel: Sentinel, pool: SentinelConnectionPool, service_name: str) -> None:
+        self._sentinel = sentinel
+        self._pool = pool
+        self._service_name = service_name.encode()
+        self.address: tuple[str, int] | None = None
+        self.generation = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._watch(), name="sentinel master watch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def moved(self, connection: AbstractConnection, since_generation: int) -> bool:
+        """Whether `connection` (connected when the watch was at `since_generation`) must move: the
+        master changed since, and it is not the one `connection` is connected to."""
+        if self.generation == since_generation or self.address is None:
+            return False
+        return (getattr(connection, "host", None), getattr(connection, "port", None)) != self.address
+
+    def _learn(self, address: tuple[str, int]) -> None:
+        if address != self.address:
+            if self.address is not None:
+                _log.warning("redis master moved from %s:%s to %s:%s", *self.address, *address)
+            self.address = address
+            self.generation += 1
+
+    async def _watch(self) -> None:
+        retry = Backoff(0.1, 2.0)
+        turn = 0
+        while True:
+            sentinel = self._sentinel.sentinels[turn % len(self._sentinel.sentinels)]
+            turn += 1
+            pubsub = sentinel.pubsub()
+            try:
+                await pubsub.subscribe(SWITCH_MASTER_CHANNEL)
+                confirmed = await pubsub.get_message(timeout=SENTINEL_KEEPALIVE_SECONDS)
+                if confirmed is None or confirmed.get("type") != "subscribe":
+                    raise RedisError("the sentinel did not confirm the +switch-master subscription")
+                host, port = await self._pool.get_master_address()  # type: ignore[no-untyped-call]
+                self._learn((str(host), int(port)))
+                retry.succeeded()
+                pinged = False
+                while True:
+                    message = await pubsub.get_message(timeout=SENTINEL_KEEPALIVE_SECONDS)
+                    if message is None:
+                        if pinged:
+                            raise RedisError("the sentinel did not answer PING")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False
+                    if message.get("type") == "message":
+                        self._on_switch(message.get("data"))
+            except (RedisError, OSError) as exc:
+                _log.warning("sentinel master watch: %s; trying the next sentinel", exc)
+                retry.failed()
+                await retry.pause()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _on_switch(self, data: Any) -> None:
+        parts = data.split() if isinstance(data, bytes) else []
+        if len(parts) == 5 and parts[0] == self._service_name and parts[4].isdigit():
+            self._learn((parts[3].decode(), int(parts[4])))
+
+
+def master_watch(redis: Redis | RedisCluster) -> MasterWatch | None:
+    """The `MasterWatch` of a client of `create_sentinel_redis`, started (None for another client)."""
+    watch = getattr(getattr(redis, "connection_pool", None), "master_watch", None)
+    if isinstance(watch, MasterWatch):
+        watch.start()
+        return watch
+    return None
 
 
 def create_sentinel_redis(address: SentinelAddress, connection_options: dict[str, Any]) -> Redis:
@@ -127,6 +238,9 @@ def create_sentinel_redis(address: SentinelAddress, connection_options: dict[str
         data_options.update(ssl=True, **dict(address.tls_options))
     redis: Redis = sentinel.master_for(address.service_name, connection_pool_class=BlockingSentinelConnectionPool,
                                        **pool_options, **data_options)
+    pool = redis.connection_pool
+    assert isinstance(pool, BlockingSentinelConnectionPool)
+    pool.master_watch = MasterWatch(sentinel, pool, address.service_name)
     return redis
 
 
@@ -139,17 +253,3 @@ async def current_master(redis: Redis | RedisCluster) -> tuple[str, int] | None:
         return None
     host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]  # unannotated in redis-py
     return str(host), int(port)
-
-
-async def master_moved(redis: Redis | RedisCluster, connection: AbstractConnection) -> bool:
-    """Whether the sentinels now name another master than the one `connection` (of `redis`'s
-    pool) is connected to: a connection that must follow failovers at once (the signal bus's
-    Pub/Sub connection, which a demoted master keeps serving until Sentinel reconfigures it, some
-    seconds later) drops itself then. Asking also moves the pool: its idle connections to the old
-    master are closed."""
-    address = await current_master(redis)
-    if address is None:
-        return False
-    host = getattr(connection, "host", None)
-    port = getattr(connection, "port", None)
-    return (host, port) != address

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 from adapters.redis.client import RedisClient, execute_and_publish, get_values, new_connection, raise_error
 from adapters.redis.client import batch as command_batch
-from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_moved
+from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_watch
 from domain.model.approval import Signal
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import SignalBus, SignalSubscription
@@ -241,6 +241,7 @@ class RedisSignalBus(SignalBus):
         # Re-read every live wait's stored signal once the pattern is confirmed again.
         self._replay_when_subscribed = False
         self._reader: asyncio.Task[None] | None = None
+        self._watched_generation = 0
         self._closed = False
 
     # -- the port -----------------------------------------------------------------------------
@@ -321,6 +322,9 @@ class RedisSignalBus(SignalBus):
                 attempt = self._reconnects.failed()
                 _log.warning("signal bus cannot reach Redis (%s); retrying, attempt %d", exc, attempt)
                 continue
+            watch = master_watch(self._redis)
+            # The master the watch knew before this connection asked the sentinels for it.
+            self._watched_generation = watch.generation if watch is not None else 0
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 await self._adopt(connection)
@@ -369,20 +373,18 @@ class RedisSignalBus(SignalBus):
         loop = asyncio.get_running_loop()
         # Under Sentinel, a demoted master keeps this connection (and its subscriptions) until
         # Sentinel reconfigures it, seconds after the failover, while signals are published on the
-        # new master: ask the sentinels where the master is, and move as soon as it moved.
-        follows_master = isinstance(connection, SentinelManagedConnection)
-        master_checked = loop.time()
+        # new master: move as soon as the sentinels announce the switch (`MasterWatch`: no command).
+        watch = master_watch(self._redis) if isinstance(connection, SentinelManagedConnection) else None
+        watched = self._watched_generation
         quiet_since = loop.time()
         while True:
             timeout = self._idle_ping_seconds
-            if follows_master:
+            if watch is not None:
                 timeout = min(timeout, self._master_check_seconds)
             reply = await connection.read_response(timeout=timeout, push_request=True)
             now = loop.time()
-            if follows_master and now - master_checked >= self._master_check_seconds:
-                master_checked = now
-                if await master_moved(self._redis, connection):
-                    raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
+            if watch is not None and watch.moved(connection, watched):
+                raise RedisConnectionError("the Redis master moved (a Sentinel failover)")
             if reply is None:
                 if now - quiet_since < self._idle_ping_seconds:
                     continue

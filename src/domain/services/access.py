@@ -221,18 +221,29 @@ class RunAccess:
                 pass  # too far behind, or the run was fenced here: the rest comes from the log
         current = await self._directory.get(run_id)
         if current is None or current.status != "running":
-            # Final, yet its log has no `end` after `last` (it expired, or the store failed when
-            # the run ended): say how it ended rather than wait for an event that never comes.
-            snapshot = await self._directory.get_snapshot(run_id)
-            end = (snapshot or {}).get("end") or {
-                "status": current.status if current else "failed", "reason": "unknown",
-                "message": "The run ended; its final events are no longer retained."}
-            yield Notice(EventType.END, ids, self._clock.timestamp(), end)
+            yield await self._final_notice(run_id, ids, current)
             return
         async for item in self._follow_remote(record, last, heartbeat_seconds):
             yield item
             if isinstance(item, Event) and item.is_terminal:
                 return
+        # The follow ended without an `end`: the run's record was closed without one in its log.
+        current = await self._directory.get(run_id)
+        if current is None or current.status != "running":
+            yield await self._final_notice(run_id, ids, current)
+            return
+        # A record still running here (read from another connection than the follow's, across a
+        # failover): never a [DONE] without an `end`; the client reconnects and resumes.
+        raise StoreUnavailable("The run's follow ended before its end.")
+
+    async def _final_notice(self, run_id: str, ids: RunIds, current: RunRecord | None) -> Notice:
+        """How a run ended whose log has no `end` after what the client has (it expired, or the
+        store failed when the run ended): said rather than waited for."""
+        snapshot = await self._directory.get_snapshot(run_id)
+        end = (snapshot or {}).get("end") or {
+            "status": current.status if current else "failed", "reason": "unknown",
+            "message": "The run ended; its final events are no longer retained."}
+        return Notice(EventType.END, ids, self._clock.timestamp(), end)
 
     async def _follow_remote(self, record: RunRecord, last: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         """Follow a run owned by another instance (the follow counts as a reader for its owner,
