@@ -286,7 +286,7 @@ class RedisEventLog(EventLog):
 
     async def _publish_confirmed(self, publications: list[tuple[bytes, bytes]]) -> None:
         """PUBLISH each confirmed (channel, envelope) in one write. A lost publication is a gap the
-        follower fills from the log at the run's next event, or at its next reader refresh."""
+        follower fills from the log at the run's next event, or when its subscription is renewed."""
         assert self._packed is not None
         try:
             packed = b"".join(pack(b"PUBLISH", channel, payload) for channel, payload in publications)
