@@ -353,3 +353,29 @@ async def test_a_follow_ends_when_its_run_closes_without_an_end_in_its_log(
         await follow.aclose()
         await follower.aclose()
         await log.aclose()
+
+
+async def test_the_owner_never_drops_an_entry_its_follower_noted_again_after_the_presence_was_read(
+        clients: tuple[RedisClient, RedisClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner reads a follower's presence as lapsed; before it drops that follower's entries, the
+    follower refreshes its presence and notes its entry again (same name, a later expiry). The
+    owner drops only entries it read unchanged, so the follow stays a reader and keeps getting
+    events."""
+    owner, _ = clients
+    directory = run_directory(owner)
+    entry = "aura-b.0000beef/1"
+    noted_at = int(time.time() * 1000) + runs.READER_ENTRY_TTL_MS
+    await owner.zadd(runs.reader_key(IDS.run_id), {entry: noted_at})
+    read_presence = runs.get_values
+
+    async def presence_then_the_follower_notes_again(client: RedisClient, keys: list[str]) -> list[Any]:
+        values = await read_presence(client, keys)
+        await owner.set(runs.presence_key("aura-b.0000beef"), b"1", px=30_000)
+        await owner.zadd(runs.reader_key(IDS.run_id), {entry: noted_at + 1000})
+        return values
+
+    monkeypatch.setattr(runs, "get_values", presence_then_the_follower_notes_again)
+    assert not await directory.has_reader(IDS.run_id)  # as read: no follower present
+    monkeypatch.setattr(runs, "get_values", read_presence)
+    assert await owner.zscore(runs.reader_key(IDS.run_id), entry) == noted_at + 1000
+    assert await directory.has_reader(IDS.run_id)

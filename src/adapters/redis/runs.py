@@ -179,6 +179,20 @@ return added
 """
 
 
+# Drops the reader entries (ARGV: entry, score, …) that still have the score they were read with:
+# an entry its follower noted again meanwhile has a later score and stays.
+_DROP_UNCHANGED_READERS = """
+local dropped = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return dropped
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -188,12 +202,13 @@ class RedisRunDirectory(RunDirectory):
         self._redis = redis
         self._max_log_length = max_log_length
         # A lost run's pending approval is cancelled through the approval store's own steps.
-        self._approvals = approvals or RedisApprovalStore(redis)
+        self._approvals = approvals
         self._take_slots = redis.register_script(_TAKE_SLOTS)
         self._renew = redis.register_script(_RENEW)
         self._close = redis.register_script(_CLOSE)
         self._declare_lost = redis.register_script(_DECLARE_LOST)
         self._note_reader = redis.register_script(_NOTE_READER)
+        self._drop_unchanged_readers = redis.register_script(_DROP_UNCHANGED_READERS)
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -358,10 +373,12 @@ class RedisRunDirectory(RunDirectory):
 
     async def has_reader(self, run_id: str) -> bool:
         """A current entry whose follower is present (an entry without a follower, written by
-        `note_reader`, counts until it lapses). Entries of absent followers are dropped: once none
-        is left the owner stops publishing the run's events."""
-        entries = [_text(entry) for entry in await self._call(
-            self._redis.zrangebyscore(reader_key(run_id), int(time.time() * 1000), "+inf"))]
+        `note_reader`, counts until it lapses). Entries of absent followers are dropped, unless
+        noted again since they were read: once none is left the owner stops publishing the run's
+        events."""
+        scored = {_text(entry): int(score) for entry, score in await self._call(
+            self._redis.zrangebyscore(reader_key(run_id), int(time.time() * 1000), "+inf", withscores=True))}
+        entries = list(scored)
         if any("/" not in entry for entry in entries):
             return True
         followers = sorted({entry.rpartition("/")[0] for entry in entries})
@@ -372,7 +389,8 @@ class RedisRunDirectory(RunDirectory):
             if value is not None}
         absent = [entry for entry in entries if entry.rpartition("/")[0] not in present]
         if absent:
-            await self._call(self._redis.zrem(reader_key(run_id), *absent))
+            await self._call(self._drop_unchanged_readers(
+                keys=[reader_key(run_id)], args=[part for entry in absent for part in (entry, scored[entry])]))
         return bool(present)
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
