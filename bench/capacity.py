@@ -1,22 +1,25 @@
 """Redis cost per run, per event and per approval, bytes kept per run, and what `WAIT` costs:
 the figures docs/operators.md ("Capacity") sizes deployments with.
 
-    python -m bench.capacity [--runs 200] [--concurrency 50] [--approvals 100]
+    python -m bench.capacity [--runs 200] [--concurrency 50] [--approvals 100] [--no-cluster]
 
-Starts a real `redis-server` master and a replica of it (free ports, no persistence) and one
-`aura serve` per mode: `AURA_REDIS__WAIT_REPLICAS=0` (no WAIT: a single Redis) and `=1` (what a
-Sentinel deployment runs by default; the per-command cost is the same whether the client found the
-master through sentinels or not). Per mode:
+Starts a real `redis-server` master and a replica of it (free ports, no persistence), a Redis
+Cluster of 3 masters without replicas (tests/redis_nodes.py), and one `aura serve` per set-up: the
+master with `AURA_REDIS__WAIT_REPLICAS=0` (no WAIT: a single Redis) and `=1` (what a Sentinel
+deployment runs by default; the per-command cost is the same whether the client found the master
+through sentinels or not), and the cluster (`redis+cluster://`). Per set-up:
 
 - streams: `--runs` runs of 20 and of 200 events (the offline model's `@answer`), `--concurrency`
-  at once; Redis's INFO commandstats and INFO cpu before and after each, so commands = fixed per
-  run + per event * events is solved from the two sizes, and Aura's and Redis's CPU per event;
+  at once; the masters' INFO commandstats and INFO cpu before and after each (summed over the
+  masters), so commands = fixed per run + per event * events is solved from the two sizes, and
+  Aura's and Redis's CPU per event;
 - approvals: `--approvals` runs parked on an approval, each approved through the API once
   parked; their commands minus the streams' per-run and per-event cost = an approval's own;
 - bytes kept: MEMORY USAGE of every key a finished run leaves (its log, record, snapshot, the
   thread's turns, the approval's records), summed per run.
 
-Writes bench/results/<date>-capacity.json and .md.
+How the store's capacity grows with a cluster's masters is bench/cluster_scaling.py's.
+Writes bench/results/<date>-capacity.json and .md (the commit and the machine measured included).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import datetime
 import json
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,8 @@ import httpx
 import redis
 
 from bench import servers as S
-from bench.run import ANSWER_TEXT, CHUNK_CHARS, PARK_PROMPT, STREAM_PATH
+from bench.run import ANSWER_TEXT, CHUNK_CHARS, PARK_PROMPT, STREAM_PATH, machine_info, source_revision
+from tests.redis_nodes import start_redis_cluster, stop_redis_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (20, 200)  # content chunks per run (each run has a few more events: start, plan, end...)
@@ -47,11 +53,14 @@ def headers(index: int) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
 
 
-def redis_counters(client: redis.Redis) -> dict[str, float]:
-    stats = client.info("commandstats")
-    cpu = client.info("cpu")
-    out = {name.removeprefix("cmdstat_"): float(value["calls"]) for name, value in stats.items()}
-    out["_cpu"] = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+def redis_counters(ports: list[int]) -> dict[str, float]:
+    """Commands by name and CPU seconds (`_cpu`), summed over the masters on `ports`."""
+    out: dict[str, float] = {"_cpu": 0.0}
+    for port in ports:
+        stats = S.redis_stats(port)
+        for name, calls in stats["calls"].items():
+            out[name] = out.get(name, 0.0) + calls
+        out["_cpu"] += stats["cpu_s"]
     return out
 
 
@@ -61,8 +70,10 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 async def stream_run(client: httpx.AsyncClient, index: int, body: dict[str, Any], *,
                      approve_on: httpx.AsyncClient | None = None) -> tuple[str, int]:
-    """Runs one stream to its end (approving its request when there is one): (run id, events)."""
+    """Runs one stream to its end (approving its request when there is one): (run id, events).
+    Each run names a thread of its own, so it keeps its turn as a conversation's run does."""
     events = 0
+    body = {**body, "thread_id": f"cap-{uuid.uuid4().hex}"}
     async with client.stream("POST", STREAM_PATH, json=body, headers=headers(index)) as response:
         response.raise_for_status()
         run_id = response.headers["x-aura-run-id"]
@@ -82,7 +93,7 @@ async def stream_run(client: httpx.AsyncClient, index: int, body: dict[str, Any]
     return run_id, events
 
 
-async def phase(url: str, master: redis.Redis, aura: S.Server, runs: int, concurrency: int,
+async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurrency: int,
                 body: dict[str, Any], approve: bool = False) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -92,29 +103,38 @@ async def phase(url: str, master: redis.Redis, aura: S.Server, runs: int, concur
             async with gate:
                 return await stream_run(client, index, body, approve_on=client if approve else None)
 
-        before, cpu_before, started = redis_counters(master), aura.cpu(), time.monotonic()
+        before, cpu_before, started = redis_counters(ports), aura.cpu(), time.monotonic()
         done = await asyncio.gather(*(one(i) for i in range(runs)))
-        seconds, cpu_after, after = time.monotonic() - started, aura.cpu(), redis_counters(master)
+        seconds, cpu_after, after = time.monotonic() - started, aura.cpu(), redis_counters(ports)
     commands = delta(before, after)
     redis_cpu = commands.pop("_cpu", 0.0)
-    commands.pop("info", None)
+    for own in S.BENCH_COMMANDS:  # the bench's look-ups are not Aura's work
+        commands.pop(own, None)
     return {"runs": runs, "events": sum(events for _, events in done), "seconds": round(seconds, 2),
             "aura_cpu_s": round(cpu_after - cpu_before, 3), "redis_cpu_s": round(redis_cpu, 3),
             "commands": commands, "run_ids": [run_id for run_id, _ in done]}
 
 
-def kept_bytes(master: redis.Redis, run_ids: list[str]) -> dict[str, float]:
-    """Mean MEMORY USAGE per finished run, by kind of key (`run_ids`: every run since the flush)."""
+def kept_bytes(ports: list[int], run_ids: list[str]) -> dict[str, float]:
+    """Mean MEMORY USAGE per finished run, by kind of key, over the masters on `ports` (`run_ids`:
+    every run since the flush)."""
     kinds: dict[str, int] = {}
-    for run_id in run_ids:
-        for key in master.scan_iter(match=f"aura:run:{{{run_id}}}:*", count=1000):
-            kind = key.decode().rsplit(":", 1)[1]
-            kinds[f"run {kind}"] = kinds.get(f"run {kind}", 0) + int(master.memory_usage(key, samples=0) or 0)
-    for pattern, kind in (("aura:threads:*:turns", "thread turns"), ("aura:threads:*:bytes", "user thread bytes"),
-                          ("hitl:request:*", "hitl request"), ("hitl:session:*", "hitl session"),
-                          ("hitl:signal:*", "hitl signal")):
-        for key in master.scan_iter(match=pattern, count=1000):
-            kinds[kind] = kinds.get(kind, 0) + int(master.memory_usage(key, samples=0) or 0)
+
+    def add(client: redis.Redis, pattern: str, kind: str | None = None) -> None:
+        """Every key matching `pattern` as `kind` (a run's keys: by their last part)."""
+        for key in client.scan_iter(match=pattern, count=1000):
+            name = kind or "run " + key.decode().rsplit(":", 1)[1]
+            kinds[name] = kinds.get(name, 0) + int(client.memory_usage(key, samples=0) or 0)
+
+    for port in ports:
+        with redis.Redis(port=port) as client:
+            for run_id in run_ids:
+                add(client, f"aura:run:{{{run_id}}}:*")
+            for pattern, kind in (("aura:thread:*:turns", "thread turns"),
+                                  ("aura:threads:*:bytes", "user thread bytes"),
+                                  ("hitl:request:*", "hitl request"), ("hitl:session:*", "hitl session"),
+                                  ("hitl:signal:*", "hitl signal")):
+                add(client, pattern, kind)
     return {kind: round(total / len(run_ids), 1) for kind, total in sorted(kinds.items())}
 
 
@@ -141,51 +161,79 @@ def per_unit(streams: list[dict[str, Any]], approvals: dict[str, Any]) -> dict[s
     }
 
 
-def run_mode(workdir: Path, master_server: S.RedisServer, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
-    aura = S.aura_server(f"aura-wait{replicas}", workdir, f"redis://127.0.0.1:{master_server.port}/0",
-                         extra_env={"AURA_REDIS__WAIT_REPLICAS": str(replicas),
+@dataclass
+class Mode:
+    """One store set-up Aura is measured on: its `AURA_REDIS__URL`, the ports of the masters whose
+    counters are summed, and `AURA_REDIS__WAIT_REPLICAS`."""
+
+    name: str
+    redis_url: str
+    masters: list[int]
+    wait_replicas: int = 0
+
+
+def flush(ports: list[int]) -> None:
+    for port in ports:
+        with redis.Redis(port=port) as client:
+            client.flushall()
+
+
+def run_mode(workdir: Path, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
+    aura = S.aura_server(f"aura-{mode.name.replace(' ', '-')}", workdir, mode.redis_url,
+                         extra_env={"AURA_REDIS__WAIT_REPLICAS": str(mode.wait_replicas),
                                     "AURA_EVENTS__RETENTION_SECONDS": "3600"}).start()
     url = f"http://127.0.0.1:{aura.port}"
-    master = redis.Redis(port=master_server.port)
+    ports = mode.masters
     try:
-        master.flushall()
+        flush(ports)
         streams = []
         for chunks in SIZES:
             text = (ANSWER_TEXT * (1 + chunks * CHUNK_CHARS // len(ANSWER_TEXT)))[: chunks * CHUNK_CHARS]
             body = {"prompt": "@answer " + json.dumps({"text": text, "chunks": chunks})}
-            asyncio.run(phase(url, master, aura, 10, 5, body))  # warm-up
-            streams.append(asyncio.run(phase(url, master, aura, args.runs, args.concurrency, body)))
-        kept = kept_bytes(master, streams[1]["run_ids"])
-        master.flushall()
-        approvals = asyncio.run(phase(url, master, aura, args.approvals, args.concurrency,
+            asyncio.run(phase(url, ports, aura, 10, 5, body))  # warm-up
+            streams.append(asyncio.run(phase(url, ports, aura, args.runs, args.concurrency, body)))
+        kept = kept_bytes(ports, streams[1]["run_ids"])
+        flush(ports)
+        approvals = asyncio.run(phase(url, ports, aura, args.approvals, args.concurrency,
                                       {"prompt": PARK_PROMPT}, approve=True))
-        kept_approval = kept_bytes(master, approvals["run_ids"])
-        result = {"wait_replicas": replicas, "streams": streams, "approvals": approvals,
-                  "kept_bytes_per_run_200_chunks": kept, "kept_bytes_per_approval_run": kept_approval,
-                  **per_unit(streams, approvals)}
+        kept_approval = kept_bytes(ports, approvals["run_ids"])
+        result = {"mode": mode.name, "wait_replicas": mode.wait_replicas, "streams": streams,
+                  "approvals": approvals, "kept_bytes_per_run_200_chunks": kept,
+                  "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals)}
         for p in (*streams, approvals):
             p.pop("run_ids")
         return result
     finally:
-        master.close()
         aura.stop()
 
 
-def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    out = [f"# Capacity figures ({datetime.date.today().isoformat()})", "",
-           f"`python -m bench.capacity --runs {args.runs} --concurrency {args.concurrency} "
-           f"--approvals {args.approvals}`: one `aura serve`, a redis-server master and one replica on this "
-           "machine's loopback.", "",
-           "| WAIT replicas | commands/run | commands/event | commands/approval | WAIT per event | "
+def machine_line(info: dict[str, Any]) -> str:
+    """The machine a result was measured on, for its report (from `bench.run.machine_info`)."""
+    load = ", ".join(f"{value:.2f}" for value in info["loadavg_start"])
+    return (f"{info['host']}: {info['cpus']} cores ({info['cpu_model']}), {info['memory_gib']} GiB, Python "
+            f"{info['python']}, {info['redis_server'].split(' sha=')[0]}, redis-py {info['packages']['redis']}; "
+            f"load average at the start {load}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    args, results = report["args"], report["results"]
+    out = [f"# Capacity figures ({report['date']})", "",
+           f"`python -m bench.capacity --runs {args['runs']} --concurrency {args['concurrency']} "
+           f"--approvals {args['approvals']}`; commit {report['commit']}; {machine_line(report['machine'])}.", "",
+           "One `aura serve` per set-up, on this machine's loopback: a redis-server master with one replica "
+           "fed (`WAIT` replicas 0 and 1), and a Redis Cluster of 3 masters without replicas "
+           "(`redis+cluster://`). Commands and Redis CPU are the masters' own (INFO commandstats, a script's "
+           "own calls included; INFO cpu), summed over the masters.", "",
+           "| set-up | WAIT replicas | commands/run | commands/event | commands/approval | WAIT per event | "
            "Aura µs/event | Redis µs/event | Redis µs per approved run | events/s (200-chunk runs) |",
-           "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        out.append(f"| {r['wait_replicas']} | {r['commands_per_run']} | {r['commands_per_event']} | "
+        out.append(f"| {r['mode']} | {r['wait_replicas']} | {r['commands_per_run']} | {r['commands_per_event']} | "
                    f"{r['commands_per_approval']} | {r['wait_per_event']} | {r['aura_cpu_us_per_event']} | "
                    f"{r['redis_cpu_us_per_event']} | {r['redis_cpu_us_per_approval_run']} | "
                    f"{r['events_per_second_large']} |")
     for r in results:
-        out += ["", f"WAIT replicas {r['wait_replicas']}: bytes kept per finished 200-chunk run "
+        out += ["", f"{r['mode']}, WAIT replicas {r['wait_replicas']}: bytes kept per finished 200-chunk run "
                 f"{r['kept_bytes_per_run_200_chunks']}; per approved run {r['kept_bytes_per_approval_run']}; "
                 f"commands per event by name (200-chunk runs) {r['commands_by_name_per_event_large']}"]
         for p in (*r["streams"], r["approvals"]):
@@ -194,18 +242,32 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(out) + "\n"
 
 
+def publish(report: dict[str, Any], tool: str, text: str) -> None:
+    """bench/results/<date>-<tool>.json and .md: the latest published run of that tool."""
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"{report['date']}-{tool}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--approvals", type=int, default=100)
+    parser.add_argument("--no-cluster", dest="cluster", action="store_false",
+                        help="skip the Redis Cluster set-up (3 masters)")
     args = parser.parse_args()
+    report: dict[str, Any] = {"date": datetime.date.today().isoformat(), "commit": source_revision(),
+                              "machine": machine_info(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="aura-capacity-") as tmp:
         workdir = Path(tmp)
         (workdir / "master").mkdir()
         (workdir / "replica").mkdir()
         master_server = S.redis_server(workdir / "master").start()
         replica_server = S.redis_server(workdir / "replica").start()
+        cluster = None
         try:
             with redis.Redis(port=replica_server.port) as replica:
                 replica.execute_command("REPLICAOF", "127.0.0.1", str(master_server.port))
@@ -214,15 +276,19 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         raise SystemExit("bench: the replica did not sync")
                     time.sleep(0.1)  # start-up poll with a deadline
-            results = [run_mode(workdir, master_server, replicas, args) for replicas in (0, 1)]
+            single = f"redis://127.0.0.1:{master_server.port}/0"
+            modes = [Mode("one master", single, [master_server.port], 0),
+                     Mode("one master", single, [master_server.port], 1)]
+            if args.cluster:
+                cluster = start_redis_cluster(workdir / "cluster", masters=3, replicas=0)
+                modes.append(Mode("cluster, 3 masters", cluster.url, [node.port for node in cluster.nodes]))
+            report["results"] = [run_mode(workdir, mode, args) for mode in modes]
         finally:
+            if cluster is not None:
+                stop_redis_cluster(cluster)
             replica_server.stop()
             master_server.stop()
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{datetime.date.today().isoformat()}-capacity"
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results, args))
-    print(markdown(results, args))
+    publish(report, "capacity", markdown(report))
 
 
 if __name__ == "__main__":
