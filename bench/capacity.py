@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import json
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from tests.redis_nodes import start_redis_cluster, stop_redis_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (20, 200)  # content chunks per run (each run has a few more events: start, plan, end...)
+PACED_SIZES = (20, 100)  # content chunks of the paced runs: 2 s and 10 s at 10 events/s
+PACED_INTERVAL_MS = 100
 
 
 def headers(index: int) -> dict[str, str]:
@@ -93,6 +96,34 @@ async def stream_run(client: httpx.AsyncClient, index: int, body: dict[str, Any]
     return run_id, events
 
 
+class PeakRss:
+    """The servers' resident memory before a phase and its peak during it (sampled every 0.25 s)."""
+
+    def __init__(self, servers: list[S.Server]) -> None:
+        self.servers = servers
+        self.before = [server.rss() for server in servers]
+        self.peak = list(self.before)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            for index, server in enumerate(self.servers):
+                self.peak[index] = max(self.peak[index], server.rss())
+
+    def __enter__(self) -> PeakRss:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._sampler.join()
+
+    def kib_per(self, streams: int) -> float:
+        """The growth over all servers, per stream open at once."""
+        return round(sum(p - b for p, b in zip(self.peak, self.before, strict=True)) / 1024 / streams, 1)
+
+
 async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurrency: int,
                 body: dict[str, Any], approve: bool = False) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=concurrency * 2)
@@ -104,7 +135,8 @@ async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurren
                 return await stream_run(client, index, body, approve_on=client if approve else None)
 
         before, cpu_before, started = redis_counters(ports), aura.cpu(), time.monotonic()
-        done = await asyncio.gather(*(one(i) for i in range(runs)))
+        with PeakRss([aura]) as rss:
+            done = await asyncio.gather(*(one(i) for i in range(runs)))
         seconds, cpu_after, after = time.monotonic() - started, aura.cpu(), redis_counters(ports)
     commands = delta(before, after)
     redis_cpu = commands.pop("_cpu", 0.0)
@@ -112,6 +144,7 @@ async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurren
         commands.pop(own, None)
     return {"runs": runs, "events": sum(events for _, events in done), "seconds": round(seconds, 2),
             "aura_cpu_s": round(cpu_after - cpu_before, 3), "redis_cpu_s": round(redis_cpu, 3),
+            "aura_rss_kib_per_open_stream": rss.kib_per(concurrency),
             "commands": commands, "run_ids": [run_id for run_id, _ in done]}
 
 
@@ -138,12 +171,33 @@ def kept_bytes(ports: list[int], run_ids: list[str]) -> dict[str, float]:
     return {kind: round(total / len(run_ids), 1) for kind, total in sorted(kinds.items())}
 
 
+def solve(small: dict[str, Any], large: dict[str, Any], value: str) -> tuple[float, float]:
+    """(per run, per event) of `value` from two phases of the same runs but for their length."""
+    def of(p: dict[str, Any]) -> float:
+        return float(sum(p["commands"].values()) if value == "commands" else p[value])
+
+    per_event = (of(large) - of(small)) / (large["events"] - small["events"])
+    return (of(small) - per_event * small["events"]) / small["runs"], per_event
+
+
+def per_paced_unit(paced: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a stream at 10 events/s costs: per run and per event (its lease renewals, heartbeats and
+    the rest of what a run's time costs fall in the per-event share: time and events grow together)."""
+    small, large = paced
+    commands, aura, redis_cpu = (solve(small, large, v) for v in ("commands", "aura_cpu_s", "redis_cpu_s"))
+    return {
+        "commands_per_run": round(commands[0], 1), "commands_per_event": round(commands[1], 3),
+        "aura_cpu_ms_per_run": round(aura[0] * 1e3, 2), "aura_cpu_us_per_event": round(aura[1] * 1e6, 1),
+        "redis_cpu_ms_per_run": round(redis_cpu[0] * 1e3, 3), "redis_cpu_us_per_event": round(redis_cpu[1] * 1e6, 2),
+        "aura_rss_kib_per_open_stream": large["aura_rss_kib_per_open_stream"],
+        "events_per_second": round(large["events"] / large["seconds"], 0),
+    }
+
+
 def per_unit(streams: list[dict[str, Any]], approvals: dict[str, Any]) -> dict[str, Any]:
     """Commands per run and per event from the two run sizes; an approval's own commands."""
     small, large = streams
-    total = [sum(p["commands"].values()) for p in streams]
-    per_event = (total[1] - total[0]) / (large["events"] - small["events"])
-    per_run = (total[0] - per_event * small["events"]) / small["runs"]
+    per_run, per_event = solve(small, large, "commands")
     approval_total = sum(approvals["commands"].values())
     per_approval = (approval_total - per_run * approvals["runs"] - per_event * approvals["events"]) / approvals["runs"]
     waits = {f"{size} chunks": p["commands"].get("wait", 0.0) / p["events"]
@@ -170,6 +224,11 @@ class Mode:
     redis_url: str
     masters: list[int]
     wait_replicas: int = 0
+    paced: bool = False  # also measure streams paced at 10 events/s (what the sizing uses)
+
+
+def answer_text(chunks: int) -> str:
+    return (ANSWER_TEXT * (1 + chunks * CHUNK_CHARS // len(ANSWER_TEXT)))[: chunks * CHUNK_CHARS]
 
 
 def flush(ports: list[int]) -> None:
@@ -179,7 +238,7 @@ def flush(ports: list[int]) -> None:
 
 
 def run_mode(workdir: Path, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
-    aura = S.aura_server(f"aura-{mode.name.replace(' ', '-')}", workdir, mode.redis_url,
+    aura = S.aura_server(f"aura-{mode.name.replace(' ', '-')}-wait{mode.wait_replicas}", workdir, mode.redis_url,
                          extra_env={"AURA_REDIS__WAIT_REPLICAS": str(mode.wait_replicas),
                                     "AURA_EVENTS__RETENTION_SECONDS": "3600"}).start()
     url = f"http://127.0.0.1:{aura.port}"
@@ -188,19 +247,25 @@ def run_mode(workdir: Path, mode: Mode, args: argparse.Namespace) -> dict[str, A
         flush(ports)
         streams = []
         for chunks in SIZES:
-            text = (ANSWER_TEXT * (1 + chunks * CHUNK_CHARS // len(ANSWER_TEXT)))[: chunks * CHUNK_CHARS]
-            body = {"prompt": "@answer " + json.dumps({"text": text, "chunks": chunks})}
+            body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks})}
             asyncio.run(phase(url, ports, aura, 10, 5, body))  # warm-up
+            flush(ports)  # the bytes kept are the measured runs' alone (threads are found by pattern)
             streams.append(asyncio.run(phase(url, ports, aura, args.runs, args.concurrency, body)))
         kept = kept_bytes(ports, streams[1]["run_ids"])
         flush(ports)
         approvals = asyncio.run(phase(url, ports, aura, args.approvals, args.concurrency,
                                       {"prompt": PARK_PROMPT}, approve=True))
         kept_approval = kept_bytes(ports, approvals["run_ids"])
+        paced = []
+        for chunks in PACED_SIZES if mode.paced and args.paced_streams else ():
+            body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks,
+                                                       "intervalMs": PACED_INTERVAL_MS})}
+            paced.append(asyncio.run(phase(url, ports, aura, args.paced_streams, args.paced_streams, body)))
         result = {"mode": mode.name, "wait_replicas": mode.wait_replicas, "streams": streams,
                   "approvals": approvals, "kept_bytes_per_run_200_chunks": kept,
-                  "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals)}
-        for p in (*streams, approvals):
+                  "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals),
+                  "paced": paced, "paced_per_unit": per_paced_unit(paced) if paced else None}
+        for p in (*streams, approvals, *paced):
             p.pop("run_ids")
         return result
     finally:
@@ -219,7 +284,8 @@ def markdown(report: dict[str, Any]) -> str:
     args, results = report["args"], report["results"]
     out = [f"# Capacity figures ({report['date']})", "",
            f"`python -m bench.capacity --runs {args['runs']} --concurrency {args['concurrency']} "
-           f"--approvals {args['approvals']}`; commit {report['commit']}; {machine_line(report['machine'])}.", "",
+           f"--approvals {args['approvals']} --paced-streams {args['paced_streams']}`; commit {report['commit']}; "
+           f"{machine_line(report['machine'])}.", "",
            "One `aura serve` per set-up, on this machine's loopback: a redis-server master with one replica "
            "fed (`WAIT` replicas 0 and 1), and a Redis Cluster of 3 masters without replicas "
            "(`redis+cluster://`). Commands and Redis CPU are the masters' own (INFO commandstats, a script's "
@@ -232,6 +298,23 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{r['commands_per_approval']} | {r['wait_per_event']} | {r['aura_cpu_us_per_event']} | "
                    f"{r['redis_cpu_us_per_event']} | {r['redis_cpu_us_per_approval_run']} | "
                    f"{r['events_per_second_large']} |")
+    for r in results:
+        unit = r.get("paced_per_unit")
+        if not unit:
+            continue
+        out += ["", f"Streams paced at 10 events/s ({r['mode']}, WAIT replicas {r['wait_replicas']}; "
+                f"{args['paced_streams']} at once, runs of {' and '.join(map(str, PACED_SIZES))} chunks, solved "
+                "for per run and per event as above; a run's time costs fall in the per-event share):", "",
+                "| per | Redis commands | Aura CPU | Redis CPU |", "|---|---:|---:|---:|",
+                f"| event | {unit['commands_per_event']} | {unit['aura_cpu_us_per_event']} µs | "
+                f"{unit['redis_cpu_us_per_event']} µs |",
+                f"| run (fixed) | {unit['commands_per_run']} | {unit['aura_cpu_ms_per_run']} ms | "
+                f"{unit['redis_cpu_ms_per_run']} ms |", "",
+                f"Aura's RSS per open stream (peak over the {PACED_SIZES[-1]}-chunk runs, less the RSS before): "
+                f"{unit['aura_rss_kib_per_open_stream']} KiB; {unit['events_per_second']} events/s."]
+        for p in r["paced"]:
+            out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU {p['aura_cpu_s']} s, "
+                       f"Redis CPU {p['redis_cpu_s']} s, commands {int(sum(p['commands'].values()))}")
     for r in results:
         out += ["", f"{r['mode']}, WAIT replicas {r['wait_replicas']}: bytes kept per finished 200-chunk run "
                 f"{r['kept_bytes_per_run_200_chunks']}; per approved run {r['kept_bytes_per_approval_run']}; "
@@ -256,6 +339,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--approvals", type=int, default=100)
+    parser.add_argument("--paced-streams", type=int, default=200,
+                        help="streams at once at 10 events/s (on the master without WAIT; 0: none)")
     parser.add_argument("--no-cluster", dest="cluster", action="store_false",
                         help="skip the Redis Cluster set-up (3 masters)")
     args = parser.parse_args()
@@ -277,7 +362,7 @@ def main() -> None:
                         raise SystemExit("bench: the replica did not sync")
                     time.sleep(0.1)  # start-up poll with a deadline
             single = f"redis://127.0.0.1:{master_server.port}/0"
-            modes = [Mode("one master", single, [master_server.port], 0),
+            modes = [Mode("one master", single, [master_server.port], 0, paced=True),
                      Mode("one master", single, [master_server.port], 1)]
             if args.cluster:
                 cluster = start_redis_cluster(workdir / "cluster", masters=3, replicas=0)

@@ -1,6 +1,6 @@
 """What Redis Cluster adds: the store's capacity growing with its masters (1 → 3).
 
-    python -m bench.cluster_scaling [--streams 150] [--rounds 2] [--chunks 60] [--approvals 40]
+    python -m bench.cluster_scaling [--streams 150] [--rounds 2] [--chunks 60] [--approvals 100]
                                     [--instances 2] [--masters 1,3]
 
 For each number of masters: a real Redis Cluster on loopback (cluster-enabled `redis-server`s, no
@@ -29,7 +29,6 @@ import asyncio
 import datetime
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ import httpx
 import redis
 
 from bench import servers as S
-from bench.capacity import machine_line, publish, stream_run
-from bench.run import ANSWER_TEXT, CHUNK_CHARS, PARK_PROMPT, machine_info, source_revision
+from bench.capacity import PeakRss, answer_text, machine_line, publish, stream_run
+from bench.run import PARK_PROMPT, machine_info, source_revision
 from tests.redis_nodes import RedisCluster, start_redis_cluster, stop_redis_cluster
 
 EVENT_INTERVAL_MS = 100  # 10 events/s per stream, the rate docs/operators.md sizes with
@@ -95,23 +94,9 @@ async def load(auras: list[S.Server], runs: int, concurrency: int, body: dict[st
 
 def measure(ports: list[int], auras: list[S.Server], idle: dict[int, float], runs: int, concurrency: int,
             body: dict[str, Any], approve: bool = False) -> dict[str, Any]:
-    rss_before = [aura.rss() for aura in auras]
-    peak = list(rss_before)
-    stop = threading.Event()
-
-    def sample_rss() -> None:
-        while not stop.wait(0.25):
-            for index, aura in enumerate(auras):
-                peak[index] = max(peak[index], aura.rss())
-
-    sampler = threading.Thread(target=sample_rss, daemon=True)
     before, aura_before, started = snapshot(ports), sum(a.cpu() for a in auras), time.monotonic()
-    sampler.start()
-    try:
+    with PeakRss(auras) as rss:
         events = asyncio.run(load(auras, runs, concurrency, body, approve))
-    finally:
-        stop.set()
-        sampler.join()
     seconds = time.monotonic() - started
     after, aura_after = snapshot(ports), sum(a.cpu() for a in auras)
     total_events = sum(events)
@@ -131,11 +116,9 @@ def measure(ports: list[int], auras: list[S.Server], idle: dict[int, float], run
         "runs": runs, "concurrency": concurrency, "events": total_events, "seconds": round(seconds, 2),
         "events_per_second": round(rate, 1), "aura_cpu_s": round(aura_after - aura_before, 2),
         "aura_cpu_us_per_event": round((aura_after - aura_before) / total_events * 1e6, 1),
-        "aura_rss_mib_idle": [round(rss / 2**20, 1) for rss in rss_before],
-        "aura_rss_mib_peak": [round(rss / 2**20, 1) for rss in peak],
-        # streams open at once on each instance: `concurrency` spread round-robin
-        "aura_rss_kib_per_open_stream": round(
-            sum(p - b for p, b in zip(peak, rss_before, strict=True)) / 1024 / concurrency, 1),
+        "aura_rss_mib_before": [round(value / 2**20, 1) for value in rss.before],
+        "aura_rss_mib_peak": [round(value / 2**20, 1) for value in rss.peak],
+        "aura_rss_kib_per_open_stream": rss.kib_per(concurrency),
         "redis_commands": commands, "redis_commands_per_event": round(commands / total_events, 3),
         "redis_net_cpu_us_per_event": round(sum(m["net_cpu_s"] for m in masters) / total_events * 1e6, 2),
         "busiest_master_core_share": busiest,
@@ -171,7 +154,7 @@ def one_size(workdir: Path, masters: int, args: argparse.Namespace, control_stre
         ports = masters_of(cluster)
         for index in range(args.instances):
             auras.append(S.aura_server(f"aura-m{masters}-{index}", workdir, cluster.url).start())
-        text = (ANSWER_TEXT * (1 + args.chunks * CHUNK_CHARS // len(ANSWER_TEXT)))[: args.chunks * CHUNK_CHARS]
+        text = answer_text(args.chunks)
         paced = {"prompt": "@answer " + json.dumps({"text": text, "chunks": args.chunks,
                                                     "intervalMs": EVENT_INTERVAL_MS})}
         asyncio.run(load(auras, 10, 10, {"prompt": "@answer " + json.dumps({"text": text[:200], "chunks": 10})}))
@@ -224,7 +207,7 @@ def markdown(report: dict[str, Any]) -> str:
                        f"master) | {control['events_per_second']} | {control['redis_commands_per_event']} | "
                        f"{control['redis_net_cpu_us_per_event']} | {control['busiest_master_core_share']} | "
                        f"{control['store_events_per_second_at_full_core']} | | | {control['aura_cpu_us_per_event']} "
-                       f"| {control['aura_rss_kib_per_open_stream']} |")
+                       "| (after a larger phase: not measured) |")
     if len(sizes) >= 2:
         first, last = sizes[0]["streams"], sizes[-1]["streams"]
 
@@ -267,7 +250,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=150, help="streams at once (10 events/s each)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=60, help="content chunks per run (+ start, plan, end...)")
-    parser.add_argument("--approvals", type=int, default=40)
+    parser.add_argument("--approvals", type=int, default=100)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--masters", default="1,3", help="comma-separated cluster sizes, measured in turn")
     args = parser.parse_args()
