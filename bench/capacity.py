@@ -47,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (20, 200)  # content chunks per run (each run has a few more events: start, plan, end...)
 PACED_SIZES = (20, 100)  # content chunks of the paced runs: 2 s and 10 s at 10 events/s
 PACED_INTERVAL_MS = 100
+PACED_RAMP_SECONDS = 1.0  # the paced streams start over a second, as a second's events spread
 
 
 def headers(index: int) -> dict[str, str]:
@@ -125,12 +126,16 @@ class PeakRss:
 
 
 async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurrency: int,
-                body: dict[str, Any], approve: bool = False) -> dict[str, Any]:
+                body: dict[str, Any], approve: bool = False, ramp_seconds: float = 0.0) -> dict[str, Any]:
+    """`runs` runs, `concurrency` at once; the first `concurrency` start spread over `ramp_seconds`
+    (hundreds of connections opened in one instant overflow the listen backlog)."""
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(index: int) -> tuple[str, int]:
+            if index < concurrency and ramp_seconds:
+                await asyncio.sleep(ramp_seconds * index / concurrency)  # the start's spread, not a wait
             async with gate:
                 return await stream_run(client, index, body, approve_on=client if approve else None)
 
@@ -145,6 +150,7 @@ async def phase(url: str, ports: list[int], aura: S.Server, runs: int, concurren
     return {"runs": runs, "events": sum(events for _, events in done), "seconds": round(seconds, 2),
             "aura_cpu_s": round(cpu_after - cpu_before, 3), "redis_cpu_s": round(redis_cpu, 3),
             "aura_rss_kib_per_open_stream": rss.kib_per(concurrency),
+            "aura_rss_mib_before": round(rss.before[0] / 2**20, 1),
             "commands": commands, "run_ids": [run_id for run_id, _ in done]}
 
 
@@ -190,6 +196,7 @@ def per_paced_unit(paced: list[dict[str, Any]]) -> dict[str, Any]:
         "aura_cpu_ms_per_run": round(aura[0] * 1e3, 2), "aura_cpu_us_per_event": round(aura[1] * 1e6, 1),
         "redis_cpu_ms_per_run": round(redis_cpu[0] * 1e3, 3), "redis_cpu_us_per_event": round(redis_cpu[1] * 1e6, 2),
         "aura_rss_kib_per_open_stream": large["aura_rss_kib_per_open_stream"],
+        "aura_rss_mib_before": large["aura_rss_mib_before"],
         "events_per_second": round(large["events"] / large["seconds"], 0),
     }
 
@@ -260,7 +267,8 @@ def run_mode(workdir: Path, mode: Mode, args: argparse.Namespace) -> dict[str, A
         for chunks in PACED_SIZES if mode.paced and args.paced_streams else ():
             body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks,
                                                        "intervalMs": PACED_INTERVAL_MS})}
-            paced.append(asyncio.run(phase(url, ports, aura, args.paced_streams, args.paced_streams, body)))
+            paced.append(asyncio.run(phase(url, ports, aura, args.paced_streams, args.paced_streams, body,
+                                           ramp_seconds=PACED_RAMP_SECONDS)))
         result = {"mode": mode.name, "wait_replicas": mode.wait_replicas, "streams": streams,
                   "approvals": approvals, "kept_bytes_per_run_200_chunks": kept,
                   "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals),
@@ -311,7 +319,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| run (fixed) | {unit['commands_per_run']} | {unit['aura_cpu_ms_per_run']} ms | "
                 f"{unit['redis_cpu_ms_per_run']} ms |", "",
                 f"Aura's RSS per open stream (peak over the {PACED_SIZES[-1]}-chunk runs, less the RSS before): "
-                f"{unit['aura_rss_kib_per_open_stream']} KiB; {unit['events_per_second']} events/s."]
+                f"{unit['aura_rss_kib_per_open_stream']} KiB over {unit['aura_rss_mib_before']} MiB; "
+                f"{unit['events_per_second']} events/s."]
         for p in r["paced"]:
             out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU {p['aura_cpu_s']} s, "
                        f"Redis CPU {p['redis_cpu_s']} s, commands {int(sum(p['commands'].values()))}")
