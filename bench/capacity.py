@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import statistics
 import tempfile
 import threading
 import time
@@ -244,40 +245,55 @@ def flush(ports: list[int]) -> None:
             client.flushall()
 
 
+def one_round(url: str, ports: list[int], aura: S.Server, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
+    streams = []
+    for chunks in SIZES:
+        body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks})}
+        asyncio.run(phase(url, ports, aura, 10, 5, body))  # warm-up
+        flush(ports)  # the bytes kept are the measured runs' alone (threads are found by pattern)
+        streams.append(asyncio.run(phase(url, ports, aura, args.runs, args.concurrency, body)))
+    kept = kept_bytes(ports, streams[1]["run_ids"])
+    flush(ports)
+    approvals = asyncio.run(phase(url, ports, aura, args.approvals, args.concurrency,
+                                  {"prompt": PARK_PROMPT}, approve=True))
+    kept_approval = kept_bytes(ports, approvals["run_ids"])
+    paced = []
+    for chunks in PACED_SIZES if mode.paced and args.paced_streams else ():
+        body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks,
+                                                   "intervalMs": PACED_INTERVAL_MS})}
+        paced.append(asyncio.run(phase(url, ports, aura, args.paced_streams, args.paced_streams, body,
+                                       ramp_seconds=PACED_RAMP_SECONDS)))
+    for p in (*streams, approvals, *paced):
+        p.pop("run_ids")
+    return {"streams": streams, "approvals": approvals, "kept_bytes_per_run_200_chunks": kept,
+            "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals),
+            "paced": paced, "paced_per_unit": per_paced_unit(paced) if paced else None}
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds (the first round's for what is not a number)."""
+    out: dict[str, Any] = {}
+    for key, first in rounds[0].items():
+        if isinstance(first, int | float):
+            out[key] = round(statistics.median(r[key] for r in rounds), 3)
+        elif key == "paced_per_unit" and first is not None:
+            out[key] = {k: round(statistics.median(r[key][k] for r in rounds), 3) for k in first}
+        else:
+            out[key] = first
+    return out
+
+
 def run_mode(workdir: Path, mode: Mode, args: argparse.Namespace) -> dict[str, Any]:
     aura = S.aura_server(f"aura-{mode.name.replace(' ', '-')}-wait{mode.wait_replicas}", workdir, mode.redis_url,
                          extra_env={"AURA_REDIS__WAIT_REPLICAS": str(mode.wait_replicas),
                                     "AURA_EVENTS__RETENTION_SECONDS": "3600"}).start()
     url = f"http://127.0.0.1:{aura.port}"
-    ports = mode.masters
     try:
-        flush(ports)
-        streams = []
-        for chunks in SIZES:
-            body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks})}
-            asyncio.run(phase(url, ports, aura, 10, 5, body))  # warm-up
-            flush(ports)  # the bytes kept are the measured runs' alone (threads are found by pattern)
-            streams.append(asyncio.run(phase(url, ports, aura, args.runs, args.concurrency, body)))
-        kept = kept_bytes(ports, streams[1]["run_ids"])
-        flush(ports)
-        approvals = asyncio.run(phase(url, ports, aura, args.approvals, args.concurrency,
-                                      {"prompt": PARK_PROMPT}, approve=True))
-        kept_approval = kept_bytes(ports, approvals["run_ids"])
-        paced = []
-        for chunks in PACED_SIZES if mode.paced and args.paced_streams else ():
-            body = {"prompt": "@answer " + json.dumps({"text": answer_text(chunks), "chunks": chunks,
-                                                       "intervalMs": PACED_INTERVAL_MS})}
-            paced.append(asyncio.run(phase(url, ports, aura, args.paced_streams, args.paced_streams, body,
-                                           ramp_seconds=PACED_RAMP_SECONDS)))
-        result = {"mode": mode.name, "wait_replicas": mode.wait_replicas, "streams": streams,
-                  "approvals": approvals, "kept_bytes_per_run_200_chunks": kept,
-                  "kept_bytes_per_approval_run": kept_approval, **per_unit(streams, approvals),
-                  "paced": paced, "paced_per_unit": per_paced_unit(paced) if paced else None}
-        for p in (*streams, approvals, *paced):
-            p.pop("run_ids")
-        return result
+        flush(mode.masters)
+        rounds = [one_round(url, mode.masters, aura, mode, args) for _ in range(args.rounds)]
     finally:
         aura.stop()
+    return {"mode": mode.name, "wait_replicas": mode.wait_replicas, **medians(rounds), "rounds": rounds}
 
 
 def machine_line(info: dict[str, Any]) -> str:
@@ -288,24 +304,33 @@ def machine_line(info: dict[str, Any]) -> str:
             f"load average at the start {load}")
 
 
+def spread(result: dict[str, Any], key: str, paced: bool = False) -> str:
+    """A figure's median and, when there are several rounds, each round's value."""
+    values = [(r["paced_per_unit"] if paced else r)[key] for r in result["rounds"]]
+    median = (result["paced_per_unit"] if paced else result)[key]
+    return f"{median:g}" + (f" ({', '.join(f'{v:g}' for v in values)})" if len(values) > 1 else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
     args, results = report["args"], report["results"]
     out = [f"# Capacity figures ({report['date']})", "",
            f"`python -m bench.capacity --runs {args['runs']} --concurrency {args['concurrency']} "
-           f"--approvals {args['approvals']} --paced-streams {args['paced_streams']}`; commit {report['commit']}; "
-           f"{machine_line(report['machine'])}.", "",
+           f"--approvals {args['approvals']} --paced-streams {args['paced_streams']} --rounds {args['rounds']}`; "
+           f"commit {report['commit']}; {machine_line(report['machine'])}.", "",
            "One `aura serve` per set-up, on this machine's loopback: a redis-server master with one replica "
            "fed (`WAIT` replicas 0 and 1), and a Redis Cluster of 3 masters without replicas "
            "(`redis+cluster://`). Commands and Redis CPU are the masters' own (INFO commandstats, a script's "
-           "own calls included; INFO cpu), summed over the masters.", "",
+           f"own calls included; INFO cpu), summed over the masters. Medians of {args['rounds']} rounds (each "
+           "round's figure in brackets).", "",
            "| set-up | WAIT replicas | commands/run | commands/event | commands/approval | WAIT per event | "
            "Aura µs/event | Redis µs/event | Redis µs per approved run | events/s (200-chunk runs) |",
            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        out.append(f"| {r['mode']} | {r['wait_replicas']} | {r['commands_per_run']} | {r['commands_per_event']} | "
-                   f"{r['commands_per_approval']} | {r['wait_per_event']} | {r['aura_cpu_us_per_event']} | "
-                   f"{r['redis_cpu_us_per_event']} | {r['redis_cpu_us_per_approval_run']} | "
-                   f"{r['events_per_second_large']} |")
+        out.append(f"| {r['mode']} | {r['wait_replicas']} | {spread(r, 'commands_per_run')} | "
+                   f"{spread(r, 'commands_per_event')} | {spread(r, 'commands_per_approval')} | "
+                   f"{r['wait_per_event']} | {spread(r, 'aura_cpu_us_per_event')} | "
+                   f"{spread(r, 'redis_cpu_us_per_event')} | {spread(r, 'redis_cpu_us_per_approval_run')} | "
+                   f"{spread(r, 'events_per_second_large')} |")
     for r in results:
         unit = r.get("paced_per_unit")
         if not unit:
@@ -314,23 +339,27 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{args['paced_streams']} at once, runs of {' and '.join(map(str, PACED_SIZES))} chunks, solved "
                 "for per run and per event as above; a run's time costs fall in the per-event share):", "",
                 "| per | Redis commands | Aura CPU | Redis CPU |", "|---|---:|---:|---:|",
-                f"| event | {unit['commands_per_event']} | {unit['aura_cpu_us_per_event']} µs | "
-                f"{unit['redis_cpu_us_per_event']} µs |",
-                f"| run (fixed) | {unit['commands_per_run']} | {unit['aura_cpu_ms_per_run']} ms | "
-                f"{unit['redis_cpu_ms_per_run']} ms |", "",
+                f"| event | {spread(r, 'commands_per_event', True)} | {spread(r, 'aura_cpu_us_per_event', True)} µs | "
+                f"{spread(r, 'redis_cpu_us_per_event', True)} µs |",
+                f"| run (fixed) | {spread(r, 'commands_per_run', True)} | {spread(r, 'aura_cpu_ms_per_run', True)} ms "
+                f"| {spread(r, 'redis_cpu_ms_per_run', True)} ms |", "",
                 f"Aura's RSS per open stream (peak over the {PACED_SIZES[-1]}-chunk runs, less the RSS before): "
-                f"{unit['aura_rss_kib_per_open_stream']} KiB over {unit['aura_rss_mib_before']} MiB; "
-                f"{unit['events_per_second']} events/s."]
-        for p in r["paced"]:
-            out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU {p['aura_cpu_s']} s, "
-                       f"Redis CPU {p['redis_cpu_s']} s, commands {int(sum(p['commands'].values()))}")
+                f"{spread(r, 'aura_rss_kib_per_open_stream', True)} KiB over "
+                f"{spread(r, 'aura_rss_mib_before', True)} MiB; {spread(r, 'events_per_second', True)} events/s."]
+        for one in r["rounds"]:
+            for p in one["paced"]:
+                out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU "
+                           f"{p['aura_cpu_s']} s, Redis CPU {p['redis_cpu_s']} s, "
+                           f"commands {int(sum(p['commands'].values()))}")
     for r in results:
         out += ["", f"{r['mode']}, WAIT replicas {r['wait_replicas']}: bytes kept per finished 200-chunk run "
                 f"{r['kept_bytes_per_run_200_chunks']}; per approved run {r['kept_bytes_per_approval_run']}; "
                 f"commands per event by name (200-chunk runs) {r['commands_by_name_per_event_large']}"]
-        for p in (*r["streams"], r["approvals"]):
-            out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU {p['aura_cpu_s']} s, "
-                       f"Redis CPU {p['redis_cpu_s']} s, commands {int(sum(p['commands'].values()))}")
+        for one in r["rounds"]:
+            for p in (*one["streams"], one["approvals"]):
+                out.append(f"- {p['runs']} runs, {p['events']} events, {p['seconds']} s, Aura CPU "
+                           f"{p['aura_cpu_s']} s, Redis CPU {p['redis_cpu_s']} s, "
+                           f"commands {int(sum(p['commands'].values()))}")
     return "\n".join(out) + "\n"
 
 
@@ -348,6 +377,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--approvals", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="each set-up's phases this many times (medians)")
     parser.add_argument("--paced-streams", type=int, default=200,
                         help="streams at once at 10 events/s (on the master without WAIT; 0: none)")
     parser.add_argument("--no-cluster", dest="cluster", action="store_false",
