@@ -1,16 +1,19 @@
-"""What Redis Cluster adds: the store's capacity growing with its masters (1 → 3).
+"""What Redis Cluster adds: the store's capacity growing with its masters (1 -> 3).
 
-    python -m bench.cluster_scaling [--streams 150] [--rounds 2] [--chunks 60] [--approvals 100]
-                                    [--instances 2] [--masters 1,3]
+    python -m bench.cluster_scaling [--streams 150] [--waves 2] [--chunks 60] [--rounds 3]
+                                    [--approvals 100] [--instances 2] [--masters 1,3]
 
 For each number of masters: a real Redis Cluster on loopback (cluster-enabled `redis-server`s, no
-replicas, tests/redis_nodes.py) and `--instances` `aura serve` on its `redis+cluster://` URL. The
-same offered load runs on each: `--streams` streams at once, each paced at 10 events/s (the offline
-model's `@answer` with `intervalMs` 100), `--rounds` of them, spread over the instances; then
-`--approvals` runs parked on an approval, each approved through another instance's API. Per master,
-from its own INFO commandstats and INFO cpu before and after (and over an idle window first, Aura
-running, to take off what a master spends with no load: cron, cluster bus): commands, CPU seconds,
-CPU per event, the share of a core it used at that load, its keys (DBSIZE).
+replicas, tests/redis_nodes.py) and `--instances` `aura serve` on its `redis+cluster://` URL, all
+deployed at once. The same offered load runs on each: `--streams` streams at once, each paced at
+10 events/s (the offline model's `@answer` with `intervalMs` 100), `--waves` of them, spread over
+the instances; the sizes take turns, `--rounds` times (medians, and same-round ratios). The
+smallest cluster also runs the streams at the largest one's load per master (streams ÷ masters):
+whether a master's cost per event depends on its own load only. Then `--approvals` runs parked
+on an approval, each approved through another instance's API. Per master, from its own INFO
+commandstats and INFO cpu before and after (less what it spends idle, Aura running: cron, cluster
+bus, measured first): commands, CPU seconds, CPU per event, the share of a core it used at that
+load, its keys (DBSIZE).
 
 Why this measure: on a 2-core machine Aura's own CPU (and the load client's) saturates the cores
 long before even one Redis master does, so throughput cannot be driven to the store's limit here.
@@ -28,8 +31,10 @@ import argparse
 import asyncio
 import datetime
 import json
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,94 +150,155 @@ def keys_per_master(ports: list[int]) -> dict[int, int]:
     return out
 
 
-def one_size(workdir: Path, masters: int, args: argparse.Namespace, control_streams: int = 0) -> dict[str, Any]:
-    """One cluster size's phases; `control_streams`: the streams phase again with that many streams
-    at once (the load each master of a larger cluster gets), after the others."""
+@dataclass
+class Deployment:
+    """One cluster size: its cluster, its masters' ports, the Aura instances on it, their idle cost."""
+
+    masters: int
+    cluster: RedisCluster
+    ports: list[int]
+    auras: list[S.Server] = field(default_factory=list)
+    idle: dict[int, float] = field(default_factory=dict)
+
+
+def deploy(workdir: Path, masters: int, args: argparse.Namespace) -> Deployment:
     cluster = start_redis_cluster(workdir / f"cluster-{masters}", masters=masters, replicas=0)
-    auras: list[S.Server] = []
+    deployment = Deployment(masters, cluster, masters_of(cluster))
     try:
-        ports = masters_of(cluster)
         for index in range(args.instances):
-            auras.append(S.aura_server(f"aura-m{masters}-{index}", workdir, cluster.url).start())
-        text = answer_text(args.chunks)
-        paced = {"prompt": "@answer " + json.dumps({"text": text, "chunks": args.chunks,
-                                                    "intervalMs": EVENT_INTERVAL_MS})}
-        asyncio.run(load(auras, 10, 10, {"prompt": "@answer " + json.dumps({"text": text[:200], "chunks": 10})}))
-        asyncio.run(load(auras, 4, 4, {"prompt": PARK_PROMPT}, approve=True))  # warm-up: scripts loaded
-        idle = idle_share(ports)
-        streams = measure(ports, auras, idle, args.streams * args.rounds, args.streams, paced)
-        keys = keys_per_master(ports)
-        approvals = (measure(ports, auras, idle, args.approvals, args.approvals, {"prompt": PARK_PROMPT},
-                             approve=True) if args.approvals else None)
-        control = (measure(ports, auras, idle, control_streams * args.rounds, control_streams, paced)
-                   if control_streams else None)
-        return {"masters": masters, "slots": {port: slots_of(port) for port in ports},
-                "keys_after_streams": keys, "streams": streams, "approvals": approvals,
-                "streams_at_a_larger_clusters_per_master_load": control}
+            deployment.auras.append(S.aura_server(f"aura-m{masters}-{index}", workdir, cluster.url).start())
+        short = {"prompt": "@answer " + json.dumps({"text": answer_text(10), "chunks": 10})}
+        asyncio.run(load(deployment.auras, 10, 10, short))  # warm-up: scripts loaded, code paths taken
+        asyncio.run(load(deployment.auras, 4, 4, {"prompt": PARK_PROMPT}, approve=True))
+    except BaseException:
+        teardown(deployment)
+        raise
+    return deployment
+
+
+def teardown(deployment: Deployment) -> None:
+    for aura in deployment.auras:
+        aura.stop()
+    stop_redis_cluster(deployment.cluster)
+
+
+SUMMARY = ("events_per_second", "redis_commands_per_event", "redis_net_cpu_us_per_event", "busiest_master_core_share",
+           "store_events_per_second_at_full_core", "command_share_max_over_mean", "aura_cpu_us_per_event",
+           "aura_rss_kib_per_open_stream")
+
+
+def summary(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds, and each round's value."""
+    return {key: {"median": statistics.median(p[key] for p in phases), "rounds": [p[key] for p in phases]}
+            for key in SUMMARY}
+
+
+def run(workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every cluster size deployed at once, their streams phases interleaved round by round (the
+    machine's noise then falls on every size alike); then each size's approvals."""
+    sizes = sorted(int(masters) for masters in args.masters.split(","))
+    # the smallest cluster also runs the streams at the per-master load of the largest
+    control_streams = args.streams * sizes[0] // sizes[-1] if len(sizes) > 1 else 0
+    paced = {"prompt": "@answer " + json.dumps({"text": answer_text(args.chunks), "chunks": args.chunks,
+                                                "intervalMs": EVENT_INTERVAL_MS})}
+    deployments: list[Deployment] = []
+    try:
+        for masters in sizes:
+            deployments.append(deploy(workdir, masters, args))
+        for d in deployments:
+            d.idle = idle_share(d.ports)
+        streams: dict[int, list[dict[str, Any]]] = {d.masters: [] for d in deployments}
+        control: list[dict[str, Any]] = []
+        for _ in range(args.rounds):
+            for d in deployments:
+                streams[d.masters].append(measure(d.ports, d.auras, d.idle, args.streams * args.waves,
+                                                  args.streams, paced))
+            if control_streams:
+                first = deployments[0]
+                control.append(measure(first.ports, first.auras, first.idle, control_streams * args.waves,
+                                       control_streams, paced))
+        results = []
+        for d in deployments:
+            keys = keys_per_master(d.ports)
+            approvals = (measure(d.ports, d.auras, d.idle, args.approvals, args.approvals, {"prompt": PARK_PROMPT},
+                                 approve=True) if args.approvals else None)
+            results.append({
+                "masters": d.masters, "slots": {port: slots_of(port) for port in d.ports},
+                "keys_after_streams": keys, "streams": summary(streams[d.masters]),
+                "streams_rounds": streams[d.masters], "approvals": approvals,
+                "control": summary(control) if control and d is deployments[0] else None,
+                "control_rounds": control if d is deployments[0] else [],
+                "control_streams": control_streams if d is deployments[0] else 0})
+        return results
     finally:
-        for aura in auras:
-            aura.stop()
-        stop_redis_cluster(cluster)
+        for d in deployments:
+            teardown(d)
+
+
+def figure(entry: dict[str, Any]) -> str:
+    rounds = entry["rounds"]
+    return f"{entry['median']:g}" + (f" ({', '.join(f'{v:g}' for v in rounds)})" if len(rounds) > 1 else "")
 
 
 def markdown(report: dict[str, Any]) -> str:
     args = report["args"]
     sizes = report["results"]
     out = [f"# Redis Cluster: capacity by masters ({report['date']})", "",
-           f"`python -m bench.cluster_scaling --streams {args['streams']} --rounds {args['rounds']} "
-           f"--chunks {args['chunks']} --approvals {args['approvals']} --instances {args['instances']}`; "
-           f"commit {report['commit']}; {machine_line(report['machine'])}.", "",
-           f"{args['instances']} `aura serve` on `redis+cluster://`; each cluster's masters without replicas. "
-           f"The same load on each: {args['streams']} streams at once at 10 events/s each "
-           f"({args['chunks']}-chunk answers, {args['rounds']} rounds), then {args['approvals']} runs parked "
-           "on an approval and approved through another instance. A master's *core share* is its CPU "
-           "seconds (INFO cpu) over the phase's seconds, less what it spends idle (measured first, Aura "
-           "running); the store's limit is the offered rate scaled until the busiest master takes a whole "
-           "core.", "",
+           f"`python -m bench.cluster_scaling --streams {args['streams']} --waves {args['waves']} "
+           f"--chunks {args['chunks']} --rounds {args['rounds']} --approvals {args['approvals']} "
+           f"--instances {args['instances']}`; commit {report['commit']}; {machine_line(report['machine'])}.", "",
+           f"{args['instances']} `aura serve` on `redis+cluster://` per cluster size, each cluster's masters "
+           f"without replicas, all deployed at once. The same load on each: {args['streams']} streams at once at "
+           f"10 events/s each ({args['chunks']}-chunk answers, {args['waves']} waves of them), the sizes "
+           f"interleaved over {args['rounds']} rounds (medians; each round's value in brackets); then "
+           f"{args['approvals']} runs parked on an approval and approved through another instance. A master's "
+           "*core share* is its CPU seconds (INFO cpu) over the phase's seconds, less what it spends idle "
+           "(measured first, Aura running); the store's limit is the offered rate scaled until the busiest "
+           "master takes a whole core.", "",
            "| masters | events/s | Redis commands/event | Redis CPU µs/event (all masters) "
            "| busiest master's core share | store's limit (events/s at a full core) | commands max/mean over "
-           "masters | keys per master | Aura CPU µs/event | Aura RSS KiB per open stream |",
-           "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+           "masters | keys per master | Aura CPU µs/event | Aura RSS KiB per open stream (the first round: fresh "
+           "instances) |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+
+    def row(label: str, st: dict[str, Any], keys: str) -> str:
+        return (f"| {label} | {figure(st['events_per_second'])} | {figure(st['redis_commands_per_event'])} | "
+                f"{figure(st['redis_net_cpu_us_per_event'])} | {figure(st['busiest_master_core_share'])} | "
+                f"{figure(st['store_events_per_second_at_full_core'])} | "
+                f"{figure(st['command_share_max_over_mean'])} | {keys} | {figure(st['aura_cpu_us_per_event'])} | "
+                f"{figure(st['aura_rss_kib_per_open_stream'])} |")
+
     for size in sizes:
-        st = size["streams"]
-        out.append(f"| {size['masters']} | {st['events_per_second']} | {st['redis_commands_per_event']} | "
-                   f"{st['redis_net_cpu_us_per_event']} | {st['busiest_master_core_share']} | "
-                   f"{st['store_events_per_second_at_full_core']} | {st['command_share_max_over_mean']} | "
-                   f"{list(size['keys_after_streams'].values())} | {st['aura_cpu_us_per_event']} | "
-                   f"{st['aura_rss_kib_per_open_stream']} |")
-    for size in sizes:
-        control = size.get("streams_at_a_larger_clusters_per_master_load")
-        if control:
-            out.append(f"| {size['masters']}, {control['concurrency']} streams (the larger cluster's load per "
-                       f"master) | {control['events_per_second']} | {control['redis_commands_per_event']} | "
-                       f"{control['redis_net_cpu_us_per_event']} | {control['busiest_master_core_share']} | "
-                       f"{control['store_events_per_second_at_full_core']} | | | {control['aura_cpu_us_per_event']} "
-                       "| (after a larger phase: not measured) |")
+        out.append(row(str(size["masters"]), size["streams"], str(list(size["keys_after_streams"].values()))))
+    first = sizes[0]
+    if first["control"]:
+        out.append(row(f"{first['masters']}, {first['control_streams']} streams (the largest cluster's load per "
+                       "master)", first["control"], ""))
     if len(sizes) >= 2:
-        first, last = sizes[0]["streams"], sizes[-1]["streams"]
+        last = sizes[-1]
 
-        def ratio(key: str) -> str:
-            return f"{last[key] / first[key]:.2f}"
+        def ratio(key: str, low: list[dict[str, Any]], high: list[dict[str, Any]]) -> str:
+            values = [h[key] / lo[key] for lo, h in zip(low, high, strict=True)]
+            return f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
 
-        out += ["", f"Same-run ratios, {sizes[-1]['masters']} masters over {sizes[0]['masters']}: the store's "
-                f"limit {ratio('store_events_per_second_at_full_core')}; the busiest master's load at the same "
-                f"rate {ratio('busiest_master_core_share')}; Redis CPU per event over all masters "
-                f"{ratio('redis_net_cpu_us_per_event')}."]
-        control = sizes[0].get("streams_at_a_larger_clusters_per_master_load")
-        if control:
-            out.append(f"At the same load per master ({sizes[0]['masters']} master(s) with "
-                       f"{control['concurrency']} streams against {sizes[-1]['masters']} with {args['streams']}), "
-                       f"Redis CPU per event over all masters {control['redis_net_cpu_us_per_event']} µs against "
-                       f"{last['redis_net_cpu_us_per_event']} µs: ratio "
-                       f"{last['redis_net_cpu_us_per_event'] / control['redis_net_cpu_us_per_event']:.2f}.")
+        low, high = first["streams_rounds"], last["streams_rounds"]
+        out += ["", f"Same-round ratios, {last['masters']} masters over {first['masters']} (median, each round): "
+                f"the store's limit {ratio('store_events_per_second_at_full_core', low, high)}; the busiest "
+                f"master's load at the same rate {ratio('busiest_master_core_share', low, high)}; Redis CPU per "
+                f"event over all masters {ratio('redis_net_cpu_us_per_event', low, high)}."]
+        if first["control_rounds"]:
+            out.append(f"At the same load per master ({first['masters']} master with {first['control_streams']} "
+                       f"streams against {last['masters']} with {args['streams']}), Redis CPU per event over all "
+                       f"masters, {last['masters']} masters over 1: "
+                       f"{ratio('redis_net_cpu_us_per_event', first['control_rounds'], high)}.")
     for size in sizes:
         out += ["", f"## {size['masters']} master(s)", "",
                 "| phase | master | slots | commands | CPU s (idle share) | core share | CPU µs/event |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
-        for name in ("streams", "approvals"):
-            phase = size[name]
-            if phase is None:
-                continue
+        phases = [("streams", p) for p in size["streams_rounds"]] + [("control", p) for p in size["control_rounds"]]
+        if size["approvals"] is not None:
+            phases.append(("approvals", size["approvals"]))
+        for name, phase in phases:
             for m in phase["masters"]:
                 out.append(f"| {name}: {phase['runs']} runs, {phase['events']} events, {phase['seconds']} s | "
                            f"{m['port']} | {size['slots'][m['port']]} | {m['commands']} | {m['cpu_s']} "
@@ -248,20 +314,17 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=150, help="streams at once (10 events/s each)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--waves", type=int, default=2, help="runs per phase = streams * waves")
     parser.add_argument("--chunks", type=int, default=60, help="content chunks per run (+ start, plan, end...)")
+    parser.add_argument("--rounds", type=int, default=3, help="the sizes' streams phases, interleaved, this often")
     parser.add_argument("--approvals", type=int, default=100)
     parser.add_argument("--instances", type=int, default=2)
-    parser.add_argument("--masters", default="1,3", help="comma-separated cluster sizes, measured in turn")
+    parser.add_argument("--masters", default="1,3", help="comma-separated cluster sizes")
     args = parser.parse_args()
     report: dict[str, Any] = {"date": datetime.date.today().isoformat(), "commit": source_revision(),
                               "machine": machine_info(), "args": vars(args)}
-    sizes = [int(masters) for masters in args.masters.split(",")]
     with tempfile.TemporaryDirectory(prefix="aura-cluster-scaling-") as tmp:
-        # the smallest cluster runs the streams again at the per-master load of the largest
-        report["results"] = [one_size(Path(tmp), masters, args,
-                                      args.streams * masters // max(sizes) if masters < max(sizes) else 0)
-                             for masters in sizes]
+        report["results"] = run(Path(tmp), args)
     publish(report, "cluster-scaling", markdown(report))
 
 
