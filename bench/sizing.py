@@ -41,23 +41,37 @@ def costs(report: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def small_batches(report: dict[str, Any]) -> float:
+    """Redis CPU per event with several instances per master, from a bench/cluster_scaling.py result:
+    the smallest cluster's median (each instance's pipeline to a master carries smaller batches than
+    bench/capacity.py's single instance sends, and a master's cost per event grows as they shrink)."""
+    return float(report["results"][0]["streams"]["redis_net_cpu_us_per_event"]["median"])
+
+
+def masters_for(streams: int, us_per_event: float, c: dict[str, float], args: argparse.Namespace) -> tuple[int, int]:
+    """(streams per master, masters) when a master may use `args.core_share` of a core."""
+    per_stream = args.rate * us_per_event * 1e-6 + c["redis_ms_per_run"] * 1e-3 / args.run_seconds
+    per_master = math.floor(args.core_share / per_stream)
+    return per_master, math.ceil(streams / per_master)
+
+
 def size(streams: int, c: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
     rate, length, retention, share = args.rate, args.run_seconds, args.retention, args.core_share
     aura_per_stream = rate * c["aura_us_per_event"] * 1e-6 + c["aura_ms_per_run"] * 1e-3 / length  # core-seconds/s
     per_instance = math.floor(share / aura_per_stream)
     instances = math.ceil(streams / per_instance)
     instance_mib = c["rss_mib_base"] + per_instance * c["rss_kib_per_stream"] / 1024
-    redis_per_stream = rate * c["redis_us_per_event"] * 1e-6 + c["redis_ms_per_run"] * 1e-3 / length
-    per_master = math.floor(share / redis_per_stream)
-    masters = math.ceil(streams / per_master)
+    per_master, masters = masters_for(streams, c["redis_us_per_event"], c, args)
+    per_master_small, masters_small = (masters_for(streams, c["redis_us_per_event_small_batches"], c, args)
+                                       if "redis_us_per_event_small_batches" in c else (per_master, masters))
     events = streams * rate
     live = streams * (length * rate / 2) * c["log_bytes_per_event"] + streams * c["record_bytes_per_run"]
     retained = events * retention * c["log_bytes_per_event"] + streams / length * retention * c["record_bytes_per_run"]
     memory = live + retained
     return {"streams": streams, "events_per_second": events, "streams_per_instance": per_instance,
             "instances": instances, "instance_mib": instance_mib, "streams_per_master": per_master,
-            "masters": masters, "nodes": masters * 2 + (3 if masters == 1 else 0), "redis_gb": memory / 1e9,
-            "redis_gb_per_master": memory / 1e9 / masters}
+            "masters": masters, "streams_per_master_small_batches": per_master_small,
+            "masters_small_batches": masters_small, "redis_gb": memory / 1e9}
 
 
 def markdown(rows: list[dict[str, Any]], c: dict[str, float], args: argparse.Namespace, source: str) -> str:
@@ -70,15 +84,18 @@ def markdown(rows: list[dict[str, Any]], c: dict[str, float], args: argparse.Nam
            f"retention {args.retention:g} s, "
            f"{args.core_share:.0%} of a core per process.", "",
            "| concurrent streams | events/s | Aura instances (streams each; 1 core each; memory) | Redis masters "
-           "(streams each, by CPU) | Redis nodes (1 replica each; +3 sentinels for Sentinel) | Redis memory "
+           f"by CPU, at {c['redis_us_per_event']:g} to {c.get('redis_us_per_event_small_batches', 0):g} µs per event "
+           "(streams each) | Redis nodes (1 replica per master; +3 sentinels for Sentinel) | Redis memory "
            f"(R = {args.retention:g} s; per master) |",
            "|---:|---:|---|---|---|---|"]
     for r in rows:
         memory_mib = 64 * math.ceil(r["instance_mib"] / 64)
+        low, high = r["masters"], r["masters_small_batches"]
+        nodes = f"{low * 2:,} to {high * 2:,}" + (" (+3 sentinels)" if low == 1 else "")
         out.append(f"| {r['streams']:,} | {r['events_per_second']:,.0f} | {r['instances']:,} "
                    f"({r['streams_per_instance']:,}; {r['instances']:,} cores; {memory_mib} MiB each) | "
-                   f"{r['masters']:,} ({r['streams_per_master']:,}) | {r['nodes']:,} | {r['redis_gb']:,.0f} GB "
-                   f"({r['redis_gb_per_master']:.1f} GB) |")
+                   f"{low:,} to {high:,} ({r['streams_per_master']:,} to {r['streams_per_master_small_batches']:,}) | "
+                   f"{nodes} | {r['redis_gb']:,.0f} GB ({r['redis_gb'] / high:.1f} to {r['redis_gb'] / low:.1f} GB) |")
     return "\n".join(out) + "\n"
 
 
@@ -92,6 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     source = Path(args.results or sorted(RESULTS.glob("*-capacity.json"))[-1]).resolve()
     c = costs(json.loads(source.read_text()))
+    scaling = sorted(RESULTS.glob("*-cluster-scaling.json"))
+    if scaling:
+        c["redis_us_per_event_small_batches"] = small_batches(json.loads(scaling[-1].read_text()))
     rows = [size(streams, c, args) for streams in STREAMS]
     root = RESULTS.parent.parent
     print(markdown(rows, c, args, str(source.relative_to(root) if source.is_relative_to(root) else source)))
