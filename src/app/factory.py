@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from quart import Quart
@@ -16,6 +17,7 @@ from adapters.http.routes import console, docs, health, hitl, runs, stream
 from adapters.http.web import CorsPolicy, install_authentication, install_request_context
 from app.container import Container, shutdown
 from app.settings import Settings, load_settings
+from domain.model.errors import StoreUnavailable
 
 log = logging.getLogger("aura")
 
@@ -55,15 +57,22 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     app.register_blueprint(hitl.bp)
     app.register_blueprint(runs.bp)
 
+    preparing: set[asyncio.Task[None]] = set()
+
     @app.before_serving
     async def _start() -> None:
         run_service = container.run_service()
         container.run_control().listen(lambda run_id, reason: run_service.cancel(run_id, reason))
         # Lost runs are declared even when nobody follows them: every instance looks, once a lease.
         container.run_access().watch_for_lost_runs(settings.runs.lease_seconds)
+        # The approval signals' one pattern subscription, before the first run waits on it.
+        container.signal_bus().listen()
+        preparing.add(asyncio.get_running_loop().create_task(_load_approval_scripts(container)))
 
     @app.after_serving
     async def _shutdown() -> None:
+        for task in preparing:
+            task.cancel()
         await shutdown(container)
 
     # Writes to a client that stopped reading must not block forever (hypercorn waits for the
@@ -72,3 +81,12 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         app.asgi_app, settings.stream.send_timeout_seconds)
 
     return app
+
+
+async def _load_approval_scripts(container: Container) -> None:
+    # In the background: an instance starts while Redis is away too (/ready says so meanwhile),
+    # and a decision that finds its script missing loads it itself.
+    try:
+        await container.approval_store().load_scripts()
+    except StoreUnavailable as exc:
+        log.warning("could not load the approval scripts at start-up: %s", exc)

@@ -66,6 +66,9 @@ class CountingStore(ApprovalStore):
     async def pending_for_user(self, tenant_id: str, user_id: str) -> Any:
         return await self.inner.pending_for_user(tenant_id, user_id)
 
+    async def settle_session(self, decided: Any) -> None:
+        await self.inner.settle_session(decided)
+
     async def decide(self, request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
         result = await self.inner.decide(request_id, status, **kw)
         if result is not None and result.applied:

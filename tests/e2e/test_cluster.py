@@ -81,9 +81,10 @@ async def test_run_on_a_is_approved_through_b_and_another_by_a_raw_publish(
                                       "status": "rejected", "reason": "not now", "userId": "u1",
                                       "timestamp": int(time.time())})
             clean_redis.set(f"hitl:signal:{session}", signal_json, ex=300)
-            # one connection listens (on a cluster PUBLISH counts the listeners of its node only)
+            # every instance listens to every session's channel, through one pattern subscription
+            # each: A and B (on a cluster PUBLISH counts the listeners of its node only)
             assert clean_redis.publish(f"hitl:channel:{session}", signal_json) in (
-                {0, 1} if store.kind == "redis-cluster" else {1})
+                {0, 1, 2} if store.kind == "redis-cluster" else {2})
             events = await run.rest()
         assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "rejected"]
         assert git(repo, "log", "-1", "--format=%s") == "Add feature"  # the rejected commit does not exist
@@ -132,7 +133,7 @@ class ScriptCalls:
 
 
 @pytest.mark.parametrize("shared_key", [True, False], ids=["shared-seal-key", "own-keys"])
-async def test_an_approval_on_b_is_two_script_calls_and_a_with_the_shared_key_records_nothing(
+async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_writes_only_its_session(
         cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, redis_server: RedisServer,
         clean_redis: redis.Redis, shared_key: bool) -> None:
     a, b = cluster(**({"AURA_HITL__SEAL_KEY": "one-key-every-instance-shares-01"} if shared_key else {}))
@@ -142,7 +143,8 @@ async def test_an_approval_on_b_is_two_script_calls_and_a_with_the_shared_key_re
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
             httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
         async with open_run(on_a, {"prompt": COMMIT}, bearer()) as run:
-            request_id = (await run.until("hitl"))["data"]["requestId"]
+            hitl = (await run.until("hitl"))["data"]
+            request_id, session_id = hitl["requestId"], hitl["sessionId"]
             with ScriptCalls(redis_server.url) as scripts:
                 approved = await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
                 assert approved.status_code == 200
@@ -151,13 +153,18 @@ async def test_an_approval_on_b_is_two_script_calls_and_a_with_the_shared_key_re
                     pass
                 assert event is not None
             events = await run.rest()
-    # B: one script checks who may decide and decides, one updates the session. A: with the shared
-    # key, the signal's seal says the decision is stored; with keys of their own, A records it (it
-    # finds it decided and makes sure of the session: two more).
-    assert scripts.calls == ["EVALSHA"] * (2 if shared_key else 4)
+    # B: one script checks who may decide and decides (then the signal is stored and published).
+    # A: with the shared key, the signal's seal says the decision is stored, and A writes its
+    # session's record with a plain SET; with keys of their own, A records it (it finds it decided
+    # and updates the session by compare-and-set: two more).
+    assert scripts.calls == ["EVALSHA"] * (1 if shared_key else 3)
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "running", "success"]
     stored = json.loads(clean_redis.get(f"hitl:request:{request_id}"))
     assert (stored["status"], stored["decidedBy"]) == ("approved", "alice")
+    # the session record says so too: A wrote it before the run went on
+    assert json.loads(clean_redis.get(f"hitl:session:{session_id}")) == {
+        "sessionId": session_id, "runId": stored["runId"], "requestId": request_id, "userId": "alice",
+        "tenantId": stored["tenantId"], "status": "approved"}
 
 
 async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(

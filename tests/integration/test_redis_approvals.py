@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -291,20 +292,30 @@ async def test_create_and_read_return_the_exact_stored_bytes(redis_client: Redis
     assert await store.read("req_unknown") is None
 
 
-async def assert_decided_and_signalled(redis_client: Redis, pubsub: Any, decided: ApprovalRequest, wire: bytes) -> None:
-    """The exact records of a decision whose request and session had TTLs 100 and 200 s, out of the
-    pending index, and its signal stored (TTL 300 s) and published as `wire`."""
+async def assert_decided_and_signalled(redis_client: Redis, store: RedisApprovalStore, pubsub: Any,
+                                      decided: ApprovalRequest, wire: bytes) -> None:
+    """The exact records of an API decision whose request and session had TTLs 100 and 200 s: the
+    request decided, its signal stored (TTL 300 s) and published as `wire`; the session still the
+    pending record until the waiting run writes it (`settle_session`, keeping its TTL); the pending
+    index untouched until it is read."""
     request_key, session = "hitl:request:" + decided.request_id, decided.session_id
     assert await redis_client.get(request_key) == compact_json(decided.to_record())
-    assert await redis_client.get("hitl:session:" + session) == compact_json(decided.session_record())
+    pending = compact_json({**decided.session_record(), "status": "pending"})
+    assert await redis_client.get("hitl:session:" + session) == pending
     assert_ttl_near(await redis_client.ttl(request_key), 100)
-    assert_ttl_near(await redis_client.ttl("hitl:session:" + session), 200)
-    assert await redis_client.zrange(pending_index_key(decided.tenant_id, decided.user_id), 0, -1) == []
+    index = pending_index_key(decided.tenant_id, decided.user_id)
+    assert await redis_client.zrange(index, 0, -1) == [decided.request_id.encode()]
     assert await redis_client.get("hitl:signal:" + session) == wire
     assert_ttl_near(await redis_client.ttl("hitl:signal:" + session), 300)
     message = await next_message(pubsub)
     assert message is not None
     assert (message["channel"], message["data"]) == (b"hitl:channel:" + session.encode(), wire)
+
+    await store.settle_session(decided)  # the waiting run, once it heard the signal
+    assert await redis_client.get("hitl:session:" + session) == compact_json(decided.session_record())
+    assert_ttl_near(await redis_client.ttl("hitl:session:" + session), 200)
+    assert await store.pending_for_user(decided.tenant_id, decided.user_id) == []
+    assert await redis_client.zrange(index, 0, -1) == []
 
 
 async def test_an_api_decision_with_its_signal_is_the_decision_then_its_follow_ups_with_exact_records(
@@ -330,7 +341,7 @@ async def test_an_api_decision_with_its_signal_is_the_decision_then_its_follow_u
         wire = b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"boss",' \
                b'"timestamp":%d}' % (request.request_id.encode(), CREATED_AT + 20)
         assert signal.to_json().encode("utf-8") == wire
-        await assert_decided_and_signalled(redis_client, pubsub, rejected, wire)
+        await assert_decided_and_signalled(redis_client, store, pubsub, rejected, wire)
     finally:
         await pubsub.aclose()
 
@@ -559,7 +570,8 @@ async def test_a_guarded_decision_is_one_round_trip_and_writes_what_python_would
             assert log.take() == ["EVALSHA", *fallback, "PIPELINE", *publish_apart(redis_client)], context
             rejected = request.decide(ApprovalStatus.REJECTED, by=odd + "u", at=CREATED_AT + 20, reason='no "now" ✓')
             assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
-            await assert_decided_and_signalled(redis_client, pubsub, rejected, signal.to_json().encode("utf-8"))
+            await assert_decided_and_signalled(redis_client, store, pubsub, rejected,
+                                              signal.to_json().encode("utf-8"))
         finally:
             await pubsub.aclose()
 
@@ -650,3 +662,45 @@ async def test_a_decision_without_a_stored_copy_needs_no_read_first(
     assert second is not None and (second.applied, second.request) == (False, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
     assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(approved.session_record())
+
+
+async def test_every_nth_create_trims_its_users_index_of_requests_past_their_ttl(redis_client: Redis) -> None:
+    """A decision leaves the pending index alone (it is trimmed when read); so that an index nobody
+    reads stays bounded, every `index_trim_every`-th create drops its entries older than the
+    request TTL, whose requests Redis has expired."""
+    store = RedisApprovalStore(redis_client, request_ttl_seconds=1800, index_trim_every=3)
+    old = approval_request(1)
+    recent = approval_request(2)
+    for request, created_at in ((old, CREATED_AT), (recent, CREATED_AT + 1)):
+        await store.create(replace(request, created_at=created_at, expires_at=created_at + 300))
+    index = pending_index_key("acme", "u1")
+    assert await redis_client.zrange(index, 0, -1) == [old.request_id.encode(), recent.request_id.encode()]
+
+    # The third create, 1800 s after `old` was created and 1799 s after `recent`: `old` is past its TTL.
+    third = approval_request(3)
+    log = CommandLog(redis_client)
+    await store.create(replace(third, created_at=CREATED_AT + 1800, expires_at=CREATED_AT + 2100))
+
+    assert log.take() == ["PIPELINE"]  # the trim rides in the create's pipeline
+    assert await redis_client.zrange(index, 0, -1) == [recent.request_id.encode(), third.request_id.encode()]
+    assert_ttl_near(await redis_client.ttl(index), 1800)
+
+
+async def test_scripts_loaded_ahead_make_the_first_decision_one_script_call(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    # The app loads them at start-up; without that, the first decision on a server finds its
+    # script missing and loads it (SCRIPT LOAD, then EVALSHA again).
+    await redis_client.script_flush()
+    await store.load_scripts()
+    request = approval_request()
+    await store.create(request)
+    signal = Signal.approval(request.request_id, "u1", CREATED_AT + 5)
+    log = CommandLog(redis_client)
+
+    result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                decided_at=CREATED_AT + 5, reason=None, signal=signal,
+                                decider=Decider("acme", "u1", approver=False))
+
+    assert result is not None and result.applied
+    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]

@@ -115,6 +115,9 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
     assert await redis_client.get("hitl:session:" + session) == compact_json(approved.session_record())
     assert 1798 <= await redis_client.ttl("hitl:request:" + request_id) <= 1800
     assert 3598 <= await redis_client.ttl("hitl:session:" + session) <= 3600
+    # The decision leaves the pending index alone; listing skips the decided request and drops it.
+    assert await redis_client.zrange(pending_index_key("acme", "alice"), 0, -1) == [request_id.encode()]
+    assert await h.store.pending_for_user("acme", "alice") == []
     assert await redis_client.zrange(pending_index_key("acme", "alice"), 0, -1) == []
     assert await redis_client.get("hitl:signal:" + session) == payload  # the gate publishes nothing
     await until(watcher, is_type("end"))
@@ -135,14 +138,15 @@ async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_
     decided = await desk.decide(MANAGER, request_id, approve=False, reason="not now")
     events = [await until(watcher, tool_status("rejected"))]
 
-    # The desk checks who may decide and decides; then stores the session, the index and the
-    # signal and publishes it. The gate hears the PUBLISH, so its round trips come after, though
-    # they may go out before desk.decide has returned: the log is read once, in causal order.
+    # The desk checks who may decide and decides; then stores the signal and publishes it. The
+    # gate hears the PUBLISH, so its round trips come after, though they may go out before
+    # desk.decide has returned: the log is read once, in causal order.
     desk_commands = ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
     sealed = h.gate._seal is SEAL  # type: ignore[attr-defined]
-    # The gate, on the signal: with the shared seal it knows the decision is stored; otherwise it
-    # records it (finds the desk's decision and makes sure of its follow-ups).
-    gate_commands = [] if sealed else ["EVALSHA", "PIPELINE"]
+    # The gate, on the signal: with the shared seal it knows the decision is stored and writes
+    # its session's record (one SET); otherwise it records the decision (finds the desk's and
+    # makes sure of its follow-ups, the session's compare-and-set among them).
+    gate_commands = ["SET"] if sealed else ["EVALSHA", "PIPELINE"]
     assert log.take() == desk_commands + gate_commands
     rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
     assert decided == rejected
@@ -188,8 +192,12 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
         await recheck.check()
         await until(watchers[1], tool_status("running"))
 
-        assert log.take() == [mget(redis_client)] * 2  # the woken run takes the stored decision as it is
+        # the woken run takes the stored decision as it is, and writes its session's record (an API
+        # decision leaves that to the run; here it is the same record again)
+        assert log.take() == [mget(redis_client)] * 2 + ["SET"]
         assert await redis_client.get("hitl:request:" + request_ids[1]) == stored
+        decided = ApprovalRequest.from_record(json.loads(stored))
+        assert await redis_client.get("hitl:session:" + decided.session_id) == compact_json(decided.session_record())
         await until(watchers[1], is_type("end"))
         assert runs[1][1].calls == [{"value": "v"}]
         assert runs[0][1].calls == [] and runs[2][1].calls == []
@@ -205,7 +213,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
             await h.bus.close()  # type: ignore[attr-defined]
 
 
-async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
+async def test_one_approval_is_two_round_trips_on_the_run_and_two_on_the_desk(
     redis_client: Redis, harness: tuple[Harness, RecordingTool]
 ) -> None:
     h, _ = harness
@@ -218,9 +226,12 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     assert log.take() == ["PIPELINE"]
 
     await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
-    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
     await until(watcher, tool_status("running"))
-    assert log.take() == ([] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
+    # the desk: the decision, then the signal stored and published; the run, once it heard it:
+    # its session's record (one SET) when it trusts the desk's seal, else the decision recorded
+    # (the session's compare-and-set among its follow-ups). Read once, in causal order.
+    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)] + (
+        ["SET"] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
     await until(watcher, is_type("end"))
 
 
@@ -235,14 +246,18 @@ async def _commands_run(client: Redis) -> dict[str, int]:
 async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_redis: Redis) -> None:
     """The commands Redis executes for one approval, a script's own calls included (what INFO
     commandstats counts, as the bench does): the run stores the pending-index entry, the request
-    and the session (one pipeline) and subscribes; the desk decides (one script on the request),
-    then updates the session (one script on it), the index and stores and publishes the signal
-    (one pipeline); the run unsubscribes. Nothing else."""
+    and the session (one pipeline); the desk decides (one script on the request), then stores and
+    publishes the signal (one pipeline); the run, once it heard the signal, writes its session's
+    record (one SET). Nothing else: the run's wait rides on its process's one pattern
+    subscription (subscribed at start-up), and the decision leaves the pending index to be
+    trimmed when it is read."""
     h, _ = redis_harness(real_redis, seal=SEAL)
     await real_redis.script_load(h.store._decide_in_place_script.script)  # type: ignore[attr-defined]
     await real_redis.script_load(h.store._swap.script)  # type: ignore[attr-defined]
     desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], SEAL)
     try:
+        async with h.bus.subscribe("sess_earlier_run"):  # the process's pattern subscription, once
+            pass
         before = await _commands_run(real_redis)
         _, watcher = await h.start()
         hitl = await until(watcher, is_type("hitl"))
@@ -255,11 +270,10 @@ async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_r
     executed = {name: n - before.get(name, 0) for name, n in after.items()
                 if n != before.get(name, 0) and name not in _CONNECTION_SET_UP}
     assert executed == {
-        # the run: ZADD + EXPIRE pending index, SET request, SET session; SUBSCRIBE
-        "zadd": 1, "expire": 1, "subscribe": 1,
-        # the desk: EVALSHA (GET + SET request); EVALSHA (GET + SET session), ZREM, SET signal, PUBLISH
-        "evalsha": 2, "get": 2, "zrem": 1, "publish": 1,
-        "set": 5,  # 2 by the run, 3 by the desk
-        "unsubscribe": 1,  # the run, once decided
+        # the run: ZADD + EXPIRE pending index, SET request, SET session
+        "zadd": 1, "expire": 1,
+        # the desk: EVALSHA (GET + SET request); SET signal, PUBLISH
+        "evalsha": 1, "get": 1, "publish": 1,
+        "set": 5,  # 2 by the run at the request, 2 by the desk, 1 by the run at the decision (its session)
     }
-    assert sum(executed.values()) == 15
+    assert sum(executed.values()) == 10

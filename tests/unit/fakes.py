@@ -44,6 +44,8 @@ class MemoryApprovalStore(ApprovalStore):
         self.requests: dict[str, ApprovalRequest] = {}
         self.decisions: list[tuple[str, ApprovalStatus, bool]] = []
         self.get_many_calls: list[list[str]] = []
+        # Each session's record as the store holds it: the pending request's, then its decision.
+        self.sessions: dict[str, ApprovalRequest] = {}
         self.bus = bus
 
     @staticmethod
@@ -52,6 +54,7 @@ class MemoryApprovalStore(ApprovalStore):
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         self.requests[request.request_id] = request
+        self.sessions[request.session_id] = request
         return self._stored(request)
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
@@ -79,6 +82,10 @@ class MemoryApprovalStore(ApprovalStore):
             return DecisionResult(False, current)
         decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
         self.requests[request_id] = decided
+        # Like the Redis store: a decision with a signal leaves the session to the waiting run;
+        # one without updates it while it is still this request's pending record.
+        if signal is None and self.sessions.get(decided.session_id) == current:
+            self.sessions[decided.session_id] = decided
         self.decisions.append((request_id, status, True))
         signalled = False
         if signal is not None and self.bus is not None:
@@ -88,6 +95,10 @@ class MemoryApprovalStore(ApprovalStore):
             except StoreUnavailable:
                 pass
         return DecisionResult(True, decided, signalled)
+
+    async def settle_session(self, decided: ApprovalRequest) -> None:
+        if decided.session_id in self.sessions:
+            self.sessions[decided.session_id] = decided
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         return [r for r in self.requests.values()

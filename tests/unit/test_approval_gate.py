@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
-from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, Signal, StoredApproval
+from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, DecisionSeal, Signal, StoredApproval
 from domain.model.events import Event
+from domain.model.identity import Principal
 from domain.runtime.feed import Subscription
+from domain.services.desk import ApprovalDesk
 from domain.services.gate import GateSettings
 from tests.unit.fakes import MemoryApprovalStore, RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness, summary
@@ -279,3 +281,28 @@ async def test_a_signals_user_is_recorded_as_decider_only_when_checked(
     [audit] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("event") == "decided"]  # type: ignore[attr-defined]
     assert audit["decidedBy"] == recorded and audit["via"] == "signal"
     assert audit.get("claimedBy") == audited
+
+
+async def test_a_sealed_api_decision_leaves_the_session_record_to_the_run_that_waited() -> None:
+    # The desk stores the decision and publishes its sealed signal; the session record is the
+    # waiting run's to write (its instance is its one writer while it waits), once it heard it.
+    seal = DecisionSeal(b"shared-by-every-instance-0123456")
+    h, commit = approval_harness()
+    h.store = MemoryApprovalStore(h.bus)
+    h.rebuild(seal=seal)
+    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], seal)
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    session_id = handle.run.ids.session_id
+    assert h.store.sessions[session_id].status is ApprovalStatus.PENDING
+
+    decided = await desk.decide(Principal("mgr", "acme", "mgr", "manager"), hitl.data["requestId"], approve=True)
+    assert h.store.sessions[session_id].status is ApprovalStatus.PENDING  # the desk left it alone
+
+    running = await until(watcher, "tool_execution", seen)
+    assert running.data["status"] == "running"  # the first event after the decision's own
+    assert h.store.sessions[session_id] == decided  # written before the run went on
+    assert h.store.decisions == [(hitl.data["requestId"], ApprovalStatus.APPROVED, True)]  # no second decision
+    await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}]

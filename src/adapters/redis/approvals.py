@@ -3,21 +3,28 @@
 Keys:
 - `hitl:request:{requestId}`  the domain's request record as compact UTF-8 JSON, TTL 1800 s;
 - `hitl:session:{sessionId}`  the session record (which request is pending), TTL 3600 s;
-- `aura:hitl:pending:{tenant}:{user}`  Aura's own sorted set of the user's pending request ids
-  (score `createdAt`), so consoles can list them without scanning; tenant and user are
+- `aura:hitl:pending:{tenant}:{user}`  Aura's own sorted set of the user's request ids (score
+  `createdAt`), so consoles can list the pending ones without scanning; tenant and user are
   percent-encoded so that ids containing `:` can never collide. Its TTL is pushed to the request
-  TTL on every create, so it never outlives the newest request it names.
+  TTL on every create, so it never outlives the newest request it names. It is trimmed lazily: a
+  decision does not touch it (one command less per approval); listing reads the requests it names
+  and drops the decided and vanished ones, and every `index_trim_every`-th create drops the
+  entries older than the request TTL, so it stays bounded when nobody lists it.
 
 A decision is two ordered steps. First the request alone (one key, so one slot on a cluster): a
 Lua script compares the request's current bytes with the bytes the caller read (or created) and,
 only when they are equal, writes the decided record (XX, KEEPTTL) — the decision's one point of
-truth. Then, in one pipeline, the follow-ups, each idempotent: the session record updated only while
-it is still exactly the pending record Aura wrote for this request (a compare-and-set on that one
-key), the request removed from the pending index, and for a decision with a signal, that signal
-stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly as
-`RedisSignalBus.publish` does). A crash between the two steps loses nothing: the decided request is
-what every waiting run re-reads (the approval recheck), and a later decision attempt on the request
-finds it decided and runs the follow-ups again. Python computes every new record; Lua only
+truth. Then, in one pipeline, the follow-ups, each idempotent. For a decision with a signal (the
+API's): that signal stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly
+as `RedisSignalBus.publish` does); the session record is then written by the run that waited, when
+it hears the decision (`settle_session`, one plain SET: while a run waits, its instance is the one
+writer of its session record). For a decision without one (the waiting run's own, on a timeout or
+the DWP backend's signal; or an instance cancelling a run it does not own): the session record,
+updated only while it is still exactly the pending record Aura wrote for this request (a
+compare-and-set on that one key, so a late write can never overwrite the run's next request). A
+crash between the two steps loses nothing: the decided request is what every waiting run re-reads
+(the approval recheck), and a later decision attempt on the request finds it decided and runs the
+follow-ups again. Python computes every new record; Lua only
 compares and copies bytes: decoding and re-encoding with cjson would turn `{}` into `[]` and
 reformat large numbers, and the records must stay byte-for-byte what `to_record()` says.
 
@@ -54,6 +61,8 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TTL_SECONDS = 1800
 DEFAULT_SESSION_TTL_SECONDS = 3600
+# Every this many creates, one also trims its user's pending index of entries past the request TTL.
+DEFAULT_INDEX_TRIM_EVERY = 32
 # A failed compare means another writer changed the request in between; the reply then carries
 # the new bytes, which are normally decided, and the loop stops. This only bounds a pathology.
 MAX_DECIDE_ATTEMPTS = 32
@@ -155,8 +164,13 @@ class RedisApprovalStore(ApprovalStore):
         session_ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS,
         signal_ttl_seconds: int = DEFAULT_SIGNAL_TTL_SECONDS,
         confirmation: ReplicaConfirmation | None = None,
+        index_trim_every: int = DEFAULT_INDEX_TRIM_EVERY,
     ) -> None:
+        if index_trim_every < 1:
+            raise ValueError("index_trim_every must be at least 1")
         self._redis = redis
+        self._index_trim_every = index_trim_every
+        self._creates = 0
         # A decision is reported (applied or already made) only once this many replicas hold it.
         self._confirmation = confirmation
         self._request_ttl_seconds = request_ttl_seconds
@@ -165,15 +179,31 @@ class RedisApprovalStore(ApprovalStore):
         self._swap = redis.register_script(_SWAP)
         self._decide_in_place_script = redis.register_script(_DECIDE_IN_PLACE)
 
+    async def load_scripts(self) -> None:
+        """Load the decision scripts on the server (every primary of a cluster) ahead of the first
+        decision, which would otherwise find them missing and pay a round trip to load them. A
+        server that lost them later (a restart, a failover) gets them again the same way."""
+        try:
+            for script in (self._decide_in_place_script, self._swap):
+                await self._redis.script_load(script.script)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
+
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         """The pending index first (a request is never pending unlisted), then the request, then
-        its session: one pipeline, each write idempotent."""
+        its session: one pipeline, each write idempotent. Every `index_trim_every`-th create also
+        drops the index's entries older than the request TTL (their requests are gone), so an
+        index nobody lists stays bounded by the requests of one TTL; decided ones leave it when
+        it is read (`pending_for_user`)."""
         index_key = pending_index_key(request.tenant_id, request.user_id)
         record = encode_json(request.to_record())
         pipe = batch(self._redis)
         if request.status is ApprovalStatus.PENDING:
             pipe.zadd(index_key, {request.request_id: request.created_at})
             pipe.expire(index_key, self._request_ttl_seconds)
+            self._creates += 1
+            if self._creates % self._index_trim_every == 0:
+                pipe.zremrangebyscore(index_key, "-inf", request.created_at - self._request_ttl_seconds)
         pipe.set(request_key(request.request_id), record, ex=self._request_ttl_seconds)
         pipe.set(session_key(request.session_id), encode_json(request.session_record()), ex=self._session_ttl_seconds)
         try:
@@ -288,21 +318,26 @@ class RedisApprovalStore(ApprovalStore):
         return True
 
     async def _follow_up(self, decided: ApprovalRequest, signal: Signal | None) -> bool:
-        """The writes after a decision, each idempotent, in one pipeline: the session record (only
-        while it is exactly this request's pending record), the pending index, and the signal stored
-        then published. True when the signal was stored and published.
+        """The writes after a decision, each idempotent, in one pipeline. With a signal (the API's
+        decision): the signal stored then published; the session record is the waiting run's to
+        write (`settle_session`), and the pending index drops the request when it is next read.
+        Without one (a decision of the waiting run itself, or of an instance that does not own
+        the run): the session record, only while it is exactly this request's pending record. True
+        when the signal was stored and published.
 
         When replicas must confirm writes, the pipeline's last command is a `WAIT`, which covers
         the decision too (it ran before: durability.py); only once it confirmed is the signal
         published and the decision reported, else `ReplicasDidNotConfirm` (a retryable error): a
         failover could revert it."""
-        pending_session = encode_json({**decided.session_record(), "status": ApprovalStatus.PENDING.value})
         pipe = batch(self._redis)
-        pipe.evalsha(self._swap.sha, 1, session_key(decided.session_id), pending_session,
-                     encode_json(decided.session_record()))
-        pipe.zrem(pending_index_key(decided.tenant_id, decided.user_id), decided.request_id)
-        payload = None if signal is None else signal.to_json().encode("utf-8")
-        if payload is not None:
+        pending_session = b""
+        if signal is None:
+            pending_session = encode_json({**decided.session_record(), "status": ApprovalStatus.PENDING.value})
+            pipe.evalsha(self._swap.sha, 1, session_key(decided.session_id), pending_session,
+                         encode_json(decided.session_record()))
+            payload = None
+        else:
+            payload = signal.to_json().encode("utf-8")
             pipe.set(signal_key(decided.session_id), payload, ex=self._signal_ttl_seconds)
         confirmation = self._confirmation
         if confirmation is not None:
@@ -320,15 +355,25 @@ class RedisApprovalStore(ApprovalStore):
             replies, published = await execute_and_publish(self._redis, pipe, channel_name(decided.session_id),
                                                            payload)
             replies.append(published)
-        if isinstance(replies[0], NoScriptError):  # a restarted server: load the script, swap again
-            await self._swap(keys=[session_key(decided.session_id)],
-                             args=[pending_session, encode_json(decided.session_record())])
-        if signal is None:
+        if payload is None:
+            if isinstance(replies[0], NoScriptError):  # a restarted server: load the script, swap again
+                await self._swap(keys=[session_key(decided.session_id)],
+                                 args=[pending_session, encode_json(decided.session_record())])
             return False
-        if any(isinstance(reply, Exception) for reply in replies[2:]):
+        if any(isinstance(reply, Exception) for reply in replies):
             _log.warning("decided %s but could not store or publish its signal", decided.request_id)
             return False
         return True
+
+    async def settle_session(self, decided: ApprovalRequest) -> None:
+        """The session record of a decision the waiting run heard (its instance is the one writer
+        of its session while it waits: no compare needed). XX: a session record that expired
+        stays gone; KEEPTTL: it keeps the TTL its creation gave it."""
+        try:
+            await self._redis.set(session_key(decided.session_id), encode_json(decided.session_record()),
+                                  xx=True, keepttl=True)
+        except RedisError as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
 
     async def _decide_in_place(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider | None,
                                decided_at: int, decided_by: str | None, reason: str | None,

@@ -1,23 +1,24 @@
-"""Approval signals over Redis Pub/Sub (contract section 4), one subscriber connection per bus.
+"""Approval signals over Redis Pub/Sub (contract section 4), one pattern subscription per bus.
 
 Every waiting run of the process shares one dedicated Pub/Sub connection, read by one reader
-task. Each `subscribe()` gets its own bounded queue (one `PubSub` object shared by every wait would
-let one user's approval break another user's wait), channels are
-reference-counted (two waits on one session share a SUBSCRIBE), and a channel is UNSUBSCRIBEd
-when its last wait ends, however it ends.
+task, subscribed once to the pattern `hitl:channel:*`. Each `subscribe()` gets its own bounded
+queue (one `PubSub` object shared by every wait would let one user's approval break another
+user's wait) and registers its session's channel in the bus; the reader hands each message to the
+waits of its channel and drops the rest (signals of runs other instances own). A wait therefore
+costs Redis nothing: no SUBSCRIBE before it, no UNSUBSCRIBE after it, however it ends; the price
+is that every instance receives every signal, a few hundred bytes each.
 
 Ordering guarantees the approval flow relies on:
-- `subscribe()` yields only after the server confirmed the SUBSCRIBE, so a caller that then
-  stores its request (or reads `hitl:signal:{sessionId}`) cannot miss a signal published after;
-- leaving it does not wait for the server: the UNSUBSCRIBE (when it was the channel's last wait)
-  is sent and confirmed in the background, so a decided run goes on at once instead of after one
-  more round trip; a new wait on the same session meanwhile either keeps the channel or
-  subscribes again behind the UNSUBSCRIBE. `settled()` waits for those confirmations.
+- `subscribe()` yields only after the server confirmed the pattern subscription (once per
+  connection), so a caller that then stores its request (or reads `hitl:signal:{sessionId}`)
+  cannot miss a signal published after;
+- leaving it is immediate and local.
 
 When the connection drops, the reader reconnects with capped, jittered exponential backoff,
-resubscribes every live channel and then re-reads `hitl:signal:{sessionId}` of each, delivering
-the stored value as if it had been published: a signal sent during the outage still counts (the
-domain ignores duplicates and signals for other requests). Waiters see no error meanwhile.
+subscribes the pattern again and then re-reads `hitl:signal:{sessionId}` of every live wait,
+delivering the stored value as if it had been published: a signal sent during the outage still
+counts (the domain ignores duplicates and signals for other requests). Waiters see no error
+meanwhile.
 
 Wire details: the connection is built from the client's own settings but speaks RESP2 with raw
 bytes, has no redis-py retries (this bus reconnects and resubscribes itself) and no redis-py
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -47,7 +48,7 @@ from adapters.redis.sentinel import DEFAULT_MASTER_CHECK_SECONDS, master_moved
 from domain.model.approval import Signal
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import SignalBus, SignalSubscription
-from domain.runtime.waits import Backoff, Flag, TaskSet
+from domain.runtime.waits import Backoff, Flag
 
 _log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ DEFAULT_QUEUE_SIZE = 64
 DEFAULT_IDLE_PING_SECONDS = 15.0
 DEFAULT_RECONNECT_INITIAL_DELAY_SECONDS = 0.05
 DEFAULT_RECONNECT_MAX_DELAY_SECONDS = 5.0
-# Channels per SUBSCRIBE command and keys per MGET when a whole connection is resubscribed.
+# Keys per MGET when the stored signals of every live wait are re-read after a reconnect.
 _BATCH_SIZE = 256
+# The one subscription of a bus: every session's channel.
+_PATTERN = (CHANNEL_PREFIX + "*").encode()
 
 _T = TypeVar("_T")
 
@@ -151,26 +154,20 @@ class _Subscription(SignalSubscription):
 
 
 class _Channel:
-    """A channel with at least one wait, and where its SUBSCRIBE stands on the current connection."""
+    """A session's channel with at least one wait in this process."""
 
-    __slots__ = ("confirmed", "name", "on_wire", "replay_when_confirmed", "subscribers")
+    __slots__ = ("name", "subscribers")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.subscribers: set[_Subscription] = set()
-        # SUBSCRIBE sent on the current connection and no UNSUBSCRIBE since.
-        self.on_wire = False
-        # The server confirmed that SUBSCRIBE; cleared when the connection is lost.
-        self.confirmed = Flag()
-        # Resubscribed after an outage: deliver the stored signal once confirmed.
-        self.replay_when_confirmed = False
 
 
 class _Wait:
-    """`RedisSignalBus.subscribe`: joins the session's channel (SUBSCRIBE confirmed before it enters)
-    and leaves it however the wait ends (UNSUBSCRIBE when it was the channel's last wait). A class
-    rather than an @asynccontextmanager: a waiting run keeps it for the whole wait, and a generator,
-    its frame and the context manager around it are several times this object's size."""
+    """`RedisSignalBus.subscribe`: registers the wait with its session's channel once the bus's
+    pattern subscription is confirmed, and removes it however the wait ends. A class rather than
+    an @asynccontextmanager: a waiting run keeps it for the whole wait, and a generator, its frame
+    and the context manager around it are several times this object's size."""
 
     __slots__ = ("_bus", "_channel", "_session_id", "_subscription")
 
@@ -192,32 +189,27 @@ class _Wait:
         channel.subscribers.add(subscription)
         self._channel, self._subscription = channel, subscription
         try:
-            bus._ensure_reader()
-            await bus._shielded(bus._put_on_wire(channel))
-            await channel.confirmed.wait()
+            if not bus._subscribed.is_set():
+                bus._ensure_reader()
+                await bus._subscribed.wait()
             if bus._closed:
                 raise SignalBusClosed("the signal bus is closed")
         except BaseException:
-            await self._leave()
+            self._leave()
             raise
         return subscription
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._leave()
+        self._leave()
 
-    async def _leave(self) -> None:
+    def _leave(self) -> None:
         channel, subscription = self._channel, self._subscription
         if channel is None or subscription is None:
             return
         self._channel = self._subscription = None
         channel.subscribers.discard(subscription)
-        if not channel.subscribers:
-            self._bus._in_background(self._bus._release(channel))
-
-
-# What the reader expects back, per channel and in command order: a SUBSCRIBE confirmation
-# completes the `_Channel` that asked for it, an UNSUBSCRIBE confirmation completes a future.
-_Ack = _Channel | asyncio.Future[None]
+        if not channel.subscribers and self._bus._channels.get(channel.name) is channel:
+            del self._bus._channels[channel.name]
 
 
 class RedisSignalBus(SignalBus):
@@ -240,17 +232,15 @@ class RedisSignalBus(SignalBus):
         self._reconnects = Backoff(reconnect_initial_delay_seconds, reconnect_max_delay_seconds, jitter=True)
 
         self._channels: dict[bytes, _Channel] = {}
-        # Serialises every command sent on the Pub/Sub connection with the bookkeeping that goes
-        # with it, so the order of `_acks` is the order on the wire.
+        # Serialises the commands sent on the Pub/Sub connection (the PSUBSCRIBE, the PINGs).
         self._send_lock = asyncio.Lock()
         self._connection: AbstractConnection | None = None
-        self._acks: dict[bytes, deque[_Ack]] = {}
+        # The server confirmed the pattern subscription on the current connection.
+        self._subscribed = Flag()
         self._had_connection = False
-        self._resubscribes_outstanding = 0
-        self._replay_due: list[_Channel] = []
+        # Re-read every live wait's stored signal once the pattern is confirmed again.
+        self._replay_when_subscribed = False
         self._reader: asyncio.Task[None] | None = None
-        self._background = TaskSet()
-        self._unsubscribing: set[asyncio.Future[None]] = set()  # sent, not yet confirmed
         self._closed = False
 
     # -- the port -----------------------------------------------------------------------------
@@ -282,6 +272,11 @@ class RedisSignalBus(SignalBus):
 
     # -- the rest of the public surface ------------------------------------------------------
 
+    def listen(self) -> None:
+        """Subscribe the pattern now, in the background (the app does at start-up), so that the
+        first wait finds it confirmed instead of waiting for it."""
+        self._ensure_reader()
+
     def live_channels(self) -> int:
         """Channels with at least one open wait (for metrics and tests)."""
         return sum(1 for channel in self._channels.values() if channel.subscribers)
@@ -294,89 +289,20 @@ class RedisSignalBus(SignalBus):
         reader, self._reader = self._reader, None
         # On Python 3.11 asyncio.wait_for swallows a cancel that lands in the loop turn its awaited
         # reply arrives in (CPython issue 86296; fakeredis, the in-process Redis, reads through
-        # it, and an UNSUBSCRIBE confirmation may be on its way now): cancel until the reader ends.
+        # it): cancel until the reader ends.
         while reader is not None and not reader.done():
             reader.cancel()
             await asyncio.wait([reader], timeout=0.05)
         if self._connection is not None:
             await self._abandon(self._connection)
+        self._subscribed.set()  # waits still starting see the bus closed
         for channel in list(self._channels.values()):
-            channel.confirmed.set()  # waits still starting see the bus closed
             for subscription in channel.subscribers:
                 subscription.end()
-        await self._background.wait()
-
-    # -- subscriptions ------------------------------------------------------------------------
 
     async def settled(self) -> None:
-        """Wait until every finished wait's UNSUBSCRIBE was sent and confirmed (or its connection
-        is gone): for tests and diagnostics that look at the server's subscriptions."""
-        while pending := {*self._background, *self._unsubscribing}:
-            await asyncio.wait(pending)
-
-    def _in_background(self, operation: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        return self._background.spawn(operation)
-
-    async def _shielded(self, operation: Coroutine[Any, Any, None]) -> None:
-        """Run `operation` to the end even if the caller is cancelled meanwhile: a command cut
-        short would leave the bookkeeping out of step with the server (and redis-py drops a
-        connection whose send was cancelled)."""
-        await asyncio.shield(self._in_background(operation))
-
-    async def _put_on_wire(self, channel: _Channel) -> None:
-        async with self._send_lock:
-            connection = self._connection
-            if (
-                channel.on_wire
-                or not channel.subscribers
-                or self._channels.get(channel.name) is not channel
-                or connection is None
-                or not connection.is_connected
-            ):
-                # Already asked for, or already released; when there is no usable connection the
-                # reader subscribes every live channel as soon as it has one.
-                return
-            channel.on_wire = True
-            self._expect_ack(channel.name, channel)
-            try:
-                await connection.send_command("SUBSCRIBE", channel.name, check_health=False)
-            except (RedisError, OSError) as exc:
-                # The reader finds the connection broken and resubscribes on the next one.
-                _log.warning("SUBSCRIBE %r failed: %s", channel.name, exc)
-
-    async def _release(self, channel: _Channel) -> None:
-        async with self._send_lock:
-            if channel.subscribers or self._channels.get(channel.name) is not channel:
-                return  # a new wait joined meanwhile, or it is already released
-            # Forget it before sending, so a wait arriving now starts a fresh SUBSCRIBE that is
-            # queued behind this UNSUBSCRIBE.
-            del self._channels[channel.name]
-            connection = self._connection
-            if not channel.on_wire or connection is None or not connection.is_connected:
-                return
-            channel.on_wire = False
-            unsubscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._expect_ack(channel.name, unsubscribed)
-            # Either the server confirms, or the connection is abandoned, which completes it too.
-            self._unsubscribing.add(unsubscribed)
-            unsubscribed.add_done_callback(self._unsubscribing.discard)
-            try:
-                await connection.send_command("UNSUBSCRIBE", channel.name, check_health=False)
-            except (RedisError, OSError) as exc:
-                # The connection is broken; the server drops its subscriptions with it.
-                _log.warning("UNSUBSCRIBE %r failed: %s", channel.name, exc)
-
-    def _expect_ack(self, name: bytes, ack: _Ack) -> None:
-        self._acks.setdefault(name, deque()).append(ack)
-
-    def _pop_ack(self, name: bytes) -> _Ack | None:
-        pending = self._acks.get(name)
-        if not pending:
-            return None
-        ack = pending.popleft()
-        if not pending:
-            del self._acks[name]
-        return ack
+        """Nothing is left in flight when a wait ends (it sends nothing): kept for callers that
+        look at the server's subscriptions after waits ended."""
 
     # -- the reader ---------------------------------------------------------------------------
 
@@ -419,37 +345,19 @@ class RedisSignalBus(SignalBus):
         )
 
     async def _adopt(self, connection: AbstractConnection) -> None:
-        """Make `connection` current and subscribe every live channel on it."""
+        """Make `connection` current and subscribe the pattern on it."""
         async with self._send_lock:
-            replay = self._had_connection
-            live = [channel for channel in self._channels.values() if channel.subscribers]
             self._connection = connection
+            self._replay_when_subscribed = self._had_connection
             self._had_connection = True
-            for channel in live:
-                channel.on_wire = True
-                channel.replay_when_confirmed = replay
-                self._expect_ack(channel.name, channel)
-            self._resubscribes_outstanding = len(live) if replay else 0
-            for batch in _batches([channel.name for channel in live], _BATCH_SIZE):
-                await connection.send_command("SUBSCRIBE", *batch, check_health=False)
-        if live:
-            _log.info("signal bus subscribed %d channel(s) on a new connection", len(live))
+            await connection.send_command("PSUBSCRIBE", _PATTERN, check_health=False)
 
     async def _abandon(self, connection: AbstractConnection) -> None:
         async with self._send_lock:
             if self._connection is connection:
                 self._connection = None
-                for pending in self._acks.values():
-                    for ack in pending:
-                        if isinstance(ack, asyncio.Future) and not ack.done():
-                            ack.set_result(None)  # the subscription went with the connection
-                self._acks = {}
-                self._replay_due = []
-                self._resubscribes_outstanding = 0
-                for channel in self._channels.values():
-                    channel.on_wire = False
-                    channel.replay_when_confirmed = False
-                    channel.confirmed.clear()
+                self._subscribed.clear()
+                self._replay_when_subscribed = False
         try:
             await connection.disconnect(nowait=True)
         except Exception as exc:  # already broken; nothing more to release
@@ -489,47 +397,34 @@ class RedisSignalBus(SignalBus):
             quiet_since = now
             awaiting_pong = False
             self._reconnects.succeeded()
-            self._dispatch(reply)
-            if self._replay_due and not self._resubscribes_outstanding:
+            if self._dispatch(reply) and self._replay_when_subscribed:
+                self._replay_when_subscribed = False
                 await self._replay()
 
-    def _dispatch(self, reply: Any) -> None:
+    def _dispatch(self, reply: Any) -> bool:
+        """Deliver a message to its channel's waits; True when `reply` confirmed the pattern."""
         if not isinstance(reply, list) or len(reply) < 2:
             _log.debug("unexpected reply on the signal connection: %r", reply)
-            return
-        kind, name = reply[0], reply[1]
-        if kind == b"message" and len(reply) == 3:
-            channel = self._channels.get(name)
-            if channel is not None:
+            return False
+        kind = reply[0]
+        if kind == b"pmessage" and len(reply) == 4:
+            channel = self._channels.get(reply[2])
+            if channel is not None:  # else a run this process does not hold
                 for subscription in list(channel.subscribers):
-                    subscription.deliver(_as_bytes(reply[2]))
-        elif kind == b"subscribe":
-            self._on_subscribed(name)
-        elif kind == b"unsubscribe":
-            ack = self._pop_ack(name)
-            if isinstance(ack, asyncio.Future) and not ack.done():
-                ack.set_result(None)
+                    subscription.deliver(_as_bytes(reply[3]))
+        elif kind == b"psubscribe":
+            self._subscribed.set()
+            return True
         elif kind != b"pong":
             _log.debug("unexpected reply on the signal connection: %r", reply)
-
-    def _on_subscribed(self, name: bytes) -> None:
-        ack = self._pop_ack(name)
-        if not isinstance(ack, _Channel):
-            _log.warning("unexpected SUBSCRIBE confirmation for %r", name)
-            return
-        ack.confirmed.set()
-        if ack.replay_when_confirmed:
-            ack.replay_when_confirmed = False
-            self._resubscribes_outstanding -= 1
-            if self._channels.get(name) is ack:
-                self._replay_due.append(ack)
+        return False
 
     async def _replay(self) -> None:
-        """Deliver each resubscribed channel's stored signal, in case it was sent while down.
+        """Deliver each live wait's stored signal, in case it was sent while the bus was down.
 
         A failure here propagates: the connection is then dropped and the next one replays."""
-        due, self._replay_due = self._replay_due, []
-        for batch in _batches(due, _BATCH_SIZE):
+        live = list(self._channels.values())
+        for batch in _batches(live, _BATCH_SIZE):
             stored = await get_values(self._redis, [_signal_key_of_channel(channel.name) for channel in batch])
             for channel, raw in zip(batch, stored, strict=True):
                 if raw is None or self._channels.get(channel.name) is not channel:

@@ -90,6 +90,13 @@ class ApprovalStore(ABC):
         `applied=False` with the request as stored, from which the caller tells why."""
 
     @abstractmethod
+    async def settle_session(self, decided: ApprovalRequest) -> None:
+        """Point the request's session at its decision, for the run that waited on it (the one
+        writer of its session while it waits) once it heard a decision stored by someone else.
+        A decision through `decide` without a `signal` does this itself; one with a `signal`
+        leaves it to the waiting run."""
+
+    @abstractmethod
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         """Pending requests of one user (for consoles and the command line)."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal, Signal
-from domain.model.errors import ApprovalTimeout, RunCancelled
+from domain.model.errors import ApprovalTimeout, RunCancelled, StoreUnavailable
 from domain.model.events import EventType, RunStatus
 from domain.model.plan import PlanStep, StepStatus
 from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
@@ -101,7 +101,7 @@ class ApprovalGate:
                 await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
-                decided = await self._wait(request, subscription)
+                decided, stored_elsewhere = await self._wait(request, subscription)
                 outcome = decided.status.value
             except asyncio.CancelledError:
                 await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
@@ -111,6 +111,18 @@ class ApprovalGate:
                 run.pending_approval = None
                 if run.status is RunStatus.WAITING_APPROVAL:
                     run.status = RunStatus.RUNNING
+        # A decision stored by someone else: the session record is this run's to write, beside
+        # the events that report the decision (and before this returns, so the run's next request
+        # cannot overtake it).
+        settling = asyncio.ensure_future(self._settle_session(decided)) if stored_elsewhere else None
+        try:
+            return await self._report(run, step, tool_name, decided, timeline_id, timeline_title)
+        finally:
+            if settling is not None:
+                await asyncio.shield(settling)
+
+    async def _report(self, run: Run, step: PlanStep, tool_name: str, decided: ApprovalRequest,
+                      timeline_id: str, timeline_title: str) -> ApprovalRequest:
         if decided.status is ApprovalStatus.APPROVED:
             await run.timeline_update(timeline_id, timeline_title, StepStatus.COMPLETED, 1.0)
             await run.step_update(step, StepStatus.IN_PROGRESS, step.progress, f"{tool_name} approved")
@@ -124,23 +136,25 @@ class ApprovalGate:
             raise RunCancelled("The run was cancelled while it waited for approval.")
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
 
-    async def _wait(self, request: ApprovalRequest, subscription: SignalSubscription) -> ApprovalRequest:
+    async def _wait(self, request: ApprovalRequest, subscription: SignalSubscription) -> tuple[ApprovalRequest, bool]:
         # Two ways out: a signal on the channel; and the process's re-check, which wakes this
         # wait when the stored request was decided without a signal reaching it, vanished, or
         # reached its expiry (by the re-check's timer at the earliest expiry of the process).
+        # Returns the decided request, and whether someone else stored it (the session record is
+        # then this run's to write).
         rechecked = self._recheck.watch(request)
         message = subscription.receive()
         try:
             while True:
                 if request.expires_at - self._clock.now() <= 0:
-                    return await self._close(request, ApprovalStatus.EXPIRED, None)
+                    return await self._close(request, ApprovalStatus.EXPIRED, None), False
                 await first_of(message, rechecked)
                 if rechecked.done():
                     current = rechecked.result()
                     if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
-                        return await self._close(request, ApprovalStatus.EXPIRED, None)
+                        return await self._close(request, ApprovalStatus.EXPIRED, None), False
                     if current.status.is_decided:
-                        return current
+                        return current, True
                     rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
                 if message.done():
                     raw = message.result()
@@ -155,7 +169,7 @@ class ApprovalGate:
             elif not message.cancelled():
                 message.exception()  # a failure after the wait ended is not news
 
-    async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> ApprovalRequest | None:
+    async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> tuple[ApprovalRequest, bool] | None:
         signal = Signal.parse(raw)
         if signal is None:
             log.warning("ignored a malformed signal on session %s", request.session_id)
@@ -165,14 +179,22 @@ class ApprovalGate:
                      request.request_id)
             return None
         if self._seal is not None and self._seal.verifies(signal):
-            # Aura's API stored this decision in the step that published the signal: nothing to record.
-            return self._seal.decided(request, signal)
+            # Aura's API stored this decision in the step that published the signal: only the
+            # session record, which the run's instance writes, is left.
+            return self._seal.decided(request, signal), True
         # The backend's signal names who decided, but Aura can check only one name: the user the
         # request belongs to (it stored that itself). Any other name (a manager, a forged or
         # missing one) is not recorded as `decidedBy`; the audit line keeps it as `claimedBy`.
         checked = signal.user_id if signal.user_id == request.user_id else None
         return await self._close(request, signal.status, checked, signal.reason, via="signal",
-                                 claimed_by=signal.user_id)
+                                 claimed_by=signal.user_id), False
+
+    async def _settle_session(self, decided: ApprovalRequest) -> None:
+        try:
+            await self._store.settle_session(decided)
+        except StoreUnavailable:
+            # The decision stands; only the session record still says pending, until its TTL.
+            log.warning("could not record the decision of %s in its session", decided.request_id)
 
     async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
                      reason: str | None = None, *, via: str = "aura",
