@@ -255,6 +255,13 @@ def markdown(report: dict[str, Any]) -> str:
            "*core share* is its CPU seconds (INFO cpu) over the phase's seconds, less what it spends idle "
            "(measured first, Aura running); the store's limit is the offered rate scaled until the busiest "
            "master takes a whole core.", "",
+           "What this machine cannot show: masters driven to a full core. On 2 cores Aura's instances and the "
+           "load client take both cores while the busiest master uses a few percent of one, so the limit is "
+           "extrapolated from each master's CPU, not reached. A master's cost per event falls as its load grows "
+           "(each instance's pipeline to it carries larger batches), so the extrapolation errs low for every "
+           "size, more so for the larger cluster (each of its masters is lighter loaded); the control row (the "
+           "smallest cluster at the largest one's load per master) shows whether a master's cost per event "
+           "depends on its own load alone.", "",
            "| masters | events/s | Redis commands/event | Redis CPU µs/event (all masters) "
            "| busiest master's core share | store's limit (events/s at a full core) | commands max/mean over "
            "masters | keys per master | Aura CPU µs/event | Aura RSS KiB per open stream (the first round: fresh "
