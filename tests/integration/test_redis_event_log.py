@@ -4,6 +4,7 @@ closing events written after it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,22 @@ def event(seq: int, type_: EventType = EventType.CONTENT, ids: RunIds = IDS) -> 
     elif type_ is EventType.ERROR:
         data = {"errorType": "store_unavailable", "message": "m", "retryable": True}
     return Event(type_, seq, ids, 1767000000000 + seq, data)
+
+
+def count_packed_writes(event_log: RedisEventLog) -> tuple[PackedConnection | None, list[int]]:
+    """The log's packed connection (one server: it writes its own packed batches; None on a
+    cluster) and the list each of its writes appends its number of commands to."""
+    writes: list[int] = []
+    packed = event_log._packed
+    if packed is not None:
+        execute = packed.execute
+
+        async def counted(data: bytes, replies: int) -> list[Any]:
+            writes.append(replies)
+            return await execute(data, replies)
+
+        packed.execute = counted  # type: ignore[method-assign]
+    return packed, writes
 
 
 @pytest.fixture
@@ -134,16 +151,7 @@ async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: Re
                                                                     redis_client: Redis) -> None:
     await redis_client.script_load(events._APPEND)  # known to the server, as after the first batch
     commands = CommandLog(redis_client)
-    writes: list[int] = []
-    packed = event_log._packed  # on one server the log writes its own packed batches
-    if packed is not None:
-        execute = packed.execute
-
-        async def counted(data: bytes, replies: int) -> list[Any]:
-            writes.append(replies)
-            return await execute(data, replies)
-
-        packed.execute = counted  # type: ignore[method-assign]
+    packed, writes = count_packed_writes(event_log)
     for seq in range(1, 51):
         event_log.submit(event(seq), {"lastSeq": seq} if seq % 10 == 0 else None, lambda _: None)
         event_log.submit(event(seq, ids=OTHER), None, lambda _: None)
@@ -153,6 +161,28 @@ async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: Re
     assert await redis_client.xlen("aura:run:{run_a}:events") == 51
     assert await redis_client.xlen("aura:run:{run_b}:events") == 50
     assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {"lastSeq": 50}
+
+
+async def test_runs_that_add_an_event_per_loop_pass_share_one_round_trip(event_log: RedisEventLog,
+                                                                         redis_client: Redis) -> None:
+    """The batch waits while the runs keep adding to it (a run streaming an answer adds an event
+    per loop pass): four events of each of three runs go out in one write, not three per write."""
+    await redis_client.script_load(events._APPEND)
+    commands = CommandLog(redis_client)
+    packed, writes = count_packed_writes(event_log)
+    logged: list[asyncio.Future[None]] = []
+
+    async def run(ids: RunIds) -> None:
+        for seq in range(1, 5):
+            done = asyncio.get_running_loop().create_future()
+            logged.append(done)
+            event_log.submit(event(seq, ids=ids), None, lambda _error, done=done: done.set_result(None))
+            await asyncio.sleep(0)  # the next chunk comes a loop pass later
+
+    await asyncio.gather(*(run(RunIds(f"run_{n}", "s", "t", "t" * 32)) for n in range(3)))
+    await asyncio.gather(*logged)
+    assert (commands.take(), writes) == (([], [12]) if packed is not None else (["PIPELINE"], []))
+    assert [await redis_client.xlen(f"aura:run:{{run_{n}}}:events") for n in range(3)] == [4, 4, 4]
 
 
 async def test_an_event_the_store_refuses_fails_its_run_and_no_other(event_log: RedisEventLog,

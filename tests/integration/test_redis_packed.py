@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.redis.packed import PackedConnection, pack
 from app.embedded_redis import embedded_redis
@@ -122,3 +123,22 @@ async def test_a_batch_larger_than_the_socket_takes_at_once_is_written_whole(sin
     finally:
         await connection.aclose()
         await single.aclose()
+
+
+@pytest.mark.redis_server
+async def test_a_batch_is_bounded_by_the_socket_timeout_as_a_whole_and_fails_typed(redis_server: RedisServer) -> None:
+    """Each reply of this batch comes within the timeout of the one before, the batch's last one
+    not: the bound is the batch's (a retryable redis-py TimeoutError, after the client's retries),
+    and the next batch reads its own replies."""
+    client = client_of(redis_server.url, socket_timeout_seconds=0.3)
+    assert isinstance(client, Redis)
+    connection = PackedConnection(client)
+    slow = pack(b"BLPOP", b"aura:test:empty", b"0.2")  # nil after 0.2 s
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await connection.execute(slow + slow, 2)
+        assert await connection.execute(slow, 1) == [None]
+        assert await connection.execute(pack(b"ECHO", b"after"), 1) == [b"after"]
+    finally:
+        await connection.aclose()
+        await client.aclose()

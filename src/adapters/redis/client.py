@@ -153,11 +153,12 @@ def create_redis(
             protocol=RESP_PROTOCOL,
             socket_timeout=socket_timeout_seconds,
             socket_connect_timeout=connect_timeout_seconds,
-            socket_keepalive=True,
             health_check_interval=health_check_interval_seconds,
             retry=retry,
             **_hiredis_options(),
         )
+        if target.topology != "single" or not url.lower().startswith("unix:"):
+            options["socket_keepalive"] = True  # TCP only: a unix socket's connection refuses it
         if target.sentinel is not None:
             client = create_sentinel_redis(target.sentinel, options)
         else:

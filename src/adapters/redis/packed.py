@@ -16,11 +16,13 @@ has no one connection to hold: there the event log sends its batch as a pipeline
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def pack(*args: bytes) -> bytes:
@@ -53,7 +55,7 @@ class PackedConnection:
             async def attempt() -> list[Any]:
                 try:
                     await connection.send_packed_command(packed)
-                    return [await _reply(connection) for _ in range(replies)]
+                    return await _replies(connection, replies)
                 except BaseException:
                     await connection.disconnect(nowait=True)
                     raise
@@ -70,8 +72,21 @@ class PackedConnection:
             await self._pool.release(connection)
 
 
-async def _reply(connection: AbstractConnection) -> Any:
+async def _replies(connection: AbstractConnection, count: int) -> list[Any]:
+    """`count` replies under one bound, the connection's socket timeout, for the whole batch:
+    `read_response`'s own bound (with `timeout=None`) opens a timeout scope per reply, which cost
+    more than parsing the event log's small replies. `math.inf` is redis-py's documented "no bound
+    of its own" for one read."""
+    replies: list[Any] = []
+    bound = connection.socket_timeout
     try:
-        return await connection.read_response(disable_decoding=True)
-    except ResponseError as error:
-        return error
+        async with asyncio.timeout(bound):
+            for _ in range(count):
+                try:
+                    replies.append(await connection.read_response(disable_decoding=True, timeout=math.inf))
+                except ResponseError as error:
+                    replies.append(error)
+    except TimeoutError:
+        # as redis-py raises it (a retryable error; the caller drops the connection)
+        raise RedisTimeoutError("Timeout reading from the Redis socket") from None
+    return replies
