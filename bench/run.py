@@ -651,13 +651,15 @@ def machine_info() -> dict[str, Any]:
 
 def source_revision(revision: str | None = None) -> str | None:
     """The commit measured: `revision` resolved, or the checkout's HEAD with "+changes" when its
-    tracked files differ from it (a result must say which code it measured)."""
+    tracked files other than bench/results differ from it (a result must say which code it
+    measured; an earlier tool's result written in the same session is no change to the code)."""
     git = ["git", "-C", str(S.ROOT)]
     found = subprocess.run([*git, "rev-parse", "--short", revision or "HEAD"], capture_output=True, text=True)
     if found.returncode != 0:
         return None
     commit = found.stdout.strip()
-    if revision is None and subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode:
+    if revision is None and subprocess.run([*git, "diff", "--quiet", "HEAD", "--", ".", ":!bench/results"],
+                                           capture_output=True).returncode:
         commit += "+changes"
     return commit
 

@@ -107,18 +107,7 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stats(self) -> dict[str, Any]:
-        """Commands executed so far, by name (INFO commandstats: a script's own calls included), and
-        the server's CPU seconds by its own account (INFO cpu). Take two and subtract: `stats_delta`."""
-        import redis
-
-        client = redis.Redis(port=self.port)
-        try:
-            commands = client.info("commandstats")
-            cpu = client.info("cpu")
-        finally:
-            client.close()
-        calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in commands.items()}
-        return {"calls": calls, "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])}
+        return redis_stats(self.port)
 
     def command(self, *args: str) -> Any:
         import redis
@@ -128,6 +117,21 @@ class RedisServer(Server):
             return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
+
+
+def redis_stats(port: int) -> dict[str, Any]:
+    """Commands a Redis on loopback executed so far, by name (INFO commandstats: a script's own calls
+    included), and its CPU seconds by its own account (INFO cpu). Take two and subtract: `stats_delta`."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        commands = client.info("commandstats")
+        cpu = client.info("cpu")
+    finally:
+        client.close()
+    calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in commands.items()}
+    return {"calls": calls, "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])}
 
 
 def base_env() -> dict[str, str]:
@@ -266,12 +270,12 @@ def remote_connections(server: Server) -> list[str]:
 
 
 # The bench's own look-ups (INFO, CLIENT LIST) are not the servers' work.
-_BENCH_COMMANDS = {"info", "client|list", "hello"}
+BENCH_COMMANDS = {"info", "client|list", "hello"}
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Redis's work between two `RedisServer.stats()`: commands by name, their total, CPU seconds."""
     by_name = {name: calls - before["calls"].get(name, 0) for name, calls in after["calls"].items()
-               if name not in _BENCH_COMMANDS}
+               if name not in BENCH_COMMANDS}
     by_name = {name: n for name, n in sorted(by_name.items(), key=lambda item: -item[1]) if n}
     return {"commands": sum(by_name.values()), "by_command": by_name, "cpu_s": after["cpu_s"] - before["cpu_s"]}

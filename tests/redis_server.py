@@ -1,6 +1,5 @@
-"""A real `redis-server` for tests: started on a free port, without persistence, killed at the end;
-and a real Redis Cluster of 3 masters and 3 replicas made of such servers (`redis-cli --cluster
-create`).
+"""A real `redis-server` for tests, and a real Redis Cluster of such servers (tests/redis_nodes.py
+starts them): a server or a cluster that cannot start fails the test with the reason.
 
 Used by the integration tests (next to fakeredis) and by the end-to-end tests of several Aura
 instances. A missing binary fails the run: these tests exist to prove Aura against the real thing.
@@ -8,197 +7,41 @@ instances. A missing binary fails the run: these tests exist to prove Aura again
 
 from __future__ import annotations
 
-import os
-import random
-import selectors
-import shutil
-import socket
-import subprocess
-import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import pytest
 
-SERVER_START_TIMEOUT_SECONDS = 10.0
+from tests import redis_nodes
+from tests.redis_nodes import (
+    RedisCluster,
+    RedisServer,
+    _drain,
+    flush_redis_cluster,
+    free_port,
+    stop_redis_cluster,
+    stop_redis_server,
+)
+
+__all__ = ["RedisCluster", "RedisServer", "_drain", "flush_redis_cluster", "free_port", "restart_redis_server",
+           "start_redis_cluster", "start_redis_server", "stop_redis_cluster", "stop_redis_server"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def _failing_the_test(start: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(start)
+    def started(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+            return start(*args, **kwargs)
+        except redis_nodes.RedisStartError as error:
+            pytest.fail(str(error), pytrace=False)
+
+    return started
 
 
-def free_cluster_port() -> int:
-    """A free port below 55536 whose cluster bus port (+10000) is free too, picked at random (below
-    the kernel's ephemeral range, so no client connection takes it meanwhile)."""
-    chooser = random.SystemRandom()
-    for _ in range(1000):
-        port = chooser.randrange(20_000, 28_000)
-        if _is_free(port) and _is_free(port + 10_000):
-            return port
-    pytest.fail("no free port pair for a cluster node", pytrace=False)
-
-
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def _wait_until_ready(process: subprocess.Popen[bytes]) -> None:
-    """Read the server's log until it says it accepts connections.
-
-    Reads the pipe unbuffered: a buffered readline could pull the ready line into Python's
-    buffer, where `select` no longer sees it."""
-    assert process.stdout is not None
-    descriptor = process.stdout.fileno()
-    printed = b""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
-    with selectors.DefaultSelector() as selector:
-        selector.register(descriptor, selectors.EVENT_READ)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(remaining):
-                break
-            chunk = os.read(descriptor, 65536)
-            if not chunk:  # the process exited
-                break
-            printed += chunk
-            if b"Ready to accept connections" in printed:
-                return
-    process.kill()
-    pytest.fail("redis-server did not start:\n" + printed.decode("utf-8", "replace"), pytrace=False)
-
-
-def _drain(process: subprocess.Popen[bytes]) -> None:
-    """Keep reading the server's log so a full pipe can never block it."""
-    assert process.stdout is not None
-    for _ in process.stdout:
-        pass
-
-
-def start_redis_server(directory: Path, port: int | None = None, *extra: str) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: these tests need a real server "
-                    "(the README's test command installs it: apt-get install redis-server)", pytrace=False)
-    port = port or free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--logfile", "", "--daemonize", "no", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    _wait_until_ready(process)
-    threading.Thread(target=_drain, args=(process,), daemon=True).start()
-    return RedisServer(port=port, process=process, directory=directory)
-
-
-def stop_redis_server(server: RedisServer) -> None:
-    server.process.kill()
-    server.process.wait(timeout=10)
-
-
-def restart_redis_server(server: RedisServer) -> RedisServer:
-    """Kill the server and start a new, empty one on the same port (an outage and a recovery)."""
-    stop_redis_server(server)
-    return start_redis_server(server.directory, server.port)
-
-
-CLUSTER_MASTERS = 3
-CLUSTER_FORM_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass
-class RedisCluster:
-    """3 masters and 3 replicas on loopback; `url` is Aura's (every node a seed)."""
-
-    nodes: list[RedisServer]
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
-
-    @property
-    def ports(self) -> list[int]:
-        return [node.port for node in self.nodes]
-
-
-def start_redis_cluster(directory: Path, masters: int = CLUSTER_MASTERS, replicas: int = 1) -> RedisCluster:
-    """Start `masters` times (1 + `replicas`) cluster-enabled servers, join them with `redis-cli
-    --cluster create … --cluster-replicas <replicas>` and wait until every node says the cluster
-    is ok."""
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        pytest.fail("redis-cli is not on PATH: the cluster tests need it (apt-get install redis-tools)",
-                    pytrace=False)
-    nodes: list[RedisServer] = []
-    try:
-        for index in range(masters * (1 + replicas)):
-            node_dir = directory / f"node-{index}"
-            node_dir.mkdir(parents=True, exist_ok=True)
-            nodes.append(start_redis_server(
-                node_dir, free_cluster_port(), "--cluster-enabled", "yes",
-                "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000"))
-        created = subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
-             "--cluster-replicas", str(replicas), "--cluster-yes"],
-            capture_output=True, timeout=CLUSTER_FORM_TIMEOUT_SECONDS, check=False)
-        if created.returncode != 0:
-            pytest.fail("redis-cli --cluster create failed:\n" + created.stdout.decode(errors="replace")
-                        + created.stderr.decode(errors="replace"), pytrace=False)
-        _wait_until_cluster_ok(cli, nodes, masters * replicas)
-    except BaseException:
-        for node in nodes:
-            stop_redis_server(node)
-        raise
-    return RedisCluster(nodes)
-
-
-def _wait_until_cluster_ok(cli: str, nodes: list[RedisServer], replicas: int) -> None:
-    deadline = time.monotonic() + CLUSTER_FORM_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        states = [subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
-                                 timeout=5, check=False).stdout for node in nodes]
-        found = subprocess.run([cli, "-p", str(nodes[0].port), "cluster", "nodes"], capture_output=True,
-                               timeout=5, check=False).stdout.count(b"slave")
-        if all(b"cluster_state:ok" in state for state in states) and found == replicas:
-            return
-        time.sleep(0.1)
-    pytest.fail("the Redis Cluster did not become ok", pytrace=False)
-
-
-def stop_redis_cluster(cluster: RedisCluster) -> None:
-    for node in cluster.nodes:
-        stop_redis_server(node)
-
-
-def flush_redis_cluster(cluster: RedisCluster) -> None:
-    """Empty every master (replicas follow) and forget every Lua script, as a fresh cluster."""
-    import redis
-
-    for node in cluster.nodes:
-        client = redis.Redis(port=node.port)
-        try:
-            if client.info("replication")["role"] == "master":
-                client.flushall()
-                client.script_flush()
-                # both reach the replica later: wait, or a script loaded there meanwhile is flushed
-                client.execute_command("WAIT", 1, 1000)
-        finally:
-            client.close()
+start_redis_server = _failing_the_test(redis_nodes.start_redis_server)
+restart_redis_server = _failing_the_test(redis_nodes.restart_redis_server)
+start_redis_cluster = _failing_the_test(redis_nodes.start_redis_cluster)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from redis.exceptions import ResponseError
 
 from adapters.redis.health import PROBE_KEY, SCRIPT_PROBE_KEYS, RedisHealthProbe, store_problem
@@ -70,3 +71,24 @@ async def test_a_set_up_that_refuses_a_runs_script_is_not_ready(redis_cluster: R
         assert await store_problem(client) == "redis refuses writes: CROSSSLOT"
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_of_one_master_serves_every_slot_and_is_ready(tmp_path: Path) -> None:
+    """The smallest cluster bench/cluster_scaling.py measures (redis-cli --cluster create refuses
+    fewer than 3 masters: tests/redis_nodes.py assigns the slots by hand), with a replica."""
+    cluster = start_redis_cluster(tmp_path, masters=1, replicas=1)
+    client = client_of(cluster.url)
+    try:
+        master, replica = cluster.nodes
+        with redis.Redis(port=master.port) as node:  # every slot on the master, in one range
+            assert [(start, end, int(owner[1])) for start, end, owner, *_ in
+                    node.execute_command("CLUSTER", "SLOTS")] == [(0, 16383, master.port)]
+        with redis.Redis(port=replica.port) as node:
+            replication = node.info("replication")
+            assert (replication["role"], replication["master_port"]) == ("slave", master.port)
+        assert await RedisHealthProbe(client).check() is None
+        for key in (PROBE_KEY, *SCRIPT_PROBE_KEYS):
+            assert await client.get(key) == b"1"
+    finally:
+        await client.aclose()
+        stop_redis_cluster(cluster)
