@@ -80,7 +80,8 @@ async def _serve(settings: Settings) -> None:
     config.bind = [address]
     config.graceful_timeout = settings.server.graceful_timeout_seconds
     config.accesslog = None
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = settings.server.keep_alive_timeout_seconds
+    config.backlog = settings.server.listen_backlog
     try:
         # bound before anything starts, so a taken port or a bad host is one line, not a traceback
         sockets = config.create_sockets()

@@ -56,6 +56,12 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit; 413 beyond it.")
     cors_origins: StrList = Field(default_factory=lambda: ["http://localhost:4200"])
     graceful_timeout_seconds: float = Field(10.0, gt=0)
+    listen_backlog: int = Field(
+        2048, ge=1, le=65535, description="Connections the listening socket queues until `aura serve` accepts them "
+        "(the kernel caps it at `net.core.somaxconn`); hypercorn's 100 resets a burst of new streams.")
+    keep_alive_timeout_seconds: float = Field(
+        75.0, gt=0, description="How long an idle HTTP/1.1 connection stays open for its next request (above a "
+        "gateway's or load balancer's idle timeout, so the proxy closes first).")
     metrics_require_auth: bool = False
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="`aura serve`'s event loop; auto = uvloop when installed (about a fifth less CPU).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.aura_process import AuraProcess
+from tests.defaults import DEFAULTS
 from tests.sse_client import open_run
 from tests.support import bearer, git, token
 
@@ -48,3 +50,20 @@ async def test_requests_approve_and_reject_from_the_command_line(start_aura: Cal
     assert git(repo, "log", "-1", "--format=%s") == "cli"
     code, _, err = await aura_cli(aura, "approve", "req_unknown")
     assert code == 3 and "approval_not_found" in err
+
+
+def test_aura_serve_listens_with_the_configured_backlog(start_aura: Callable[..., AuraProcess]) -> None:
+    """A burst of new streams (a gateway reconnecting its clients at once) waits in the listening
+    socket's queue instead of being reset: `aura serve` listens with the settings' backlog, not
+    hypercorn's 100. `ss` shows a listening socket's backlog as its Send-Q."""
+    aura = start_aura()
+    configured = start_aura(env={"AURA_SERVER__LISTEN_BACKLOG": "1500"})
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+    def backlog(port: int) -> int:
+        listed = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+        [line] = listed.stdout.splitlines()
+        return int(line.split()[2])
+
+    assert backlog(aura.port) == min(DEFAULTS.server.listen_backlog, somaxconn)
+    assert backlog(configured.port) == min(1500, somaxconn)
