@@ -27,7 +27,8 @@ import redis
 from tests.aura_process import AuraProcess
 from tests.e2e.test_sentinel import NOTICES, Load, is_store_failure_notice, one_run
 from tests.fake_dwp import FakeDwp, FakeResponse
-from tests.redis_server import CLUSTER_MASTERS, RedisCluster, start_redis_cluster, stop_redis_cluster
+from tests.redis_nodes import CLUSTER_MASTERS
+from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster
 from tests.sentinel_group import wait_for
 
 pytestmark = pytest.mark.redis_server
