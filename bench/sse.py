@@ -141,7 +141,10 @@ class SSEStream:
         self.first_event_at: float | None = None
 
     async def next_frame(self) -> bytes | None:
-        """The next frame (without its blank line); None at the end of the body."""
+        """The next frame (without its blank line); None at the end of the body. Comment lines
+        are counted wherever they stand: Aura's heartbeat is a comment line with no blank line
+        after it (docs/contract.md), so it may open the next event's frame or stand alone at the
+        end of what has arrived; a frame of comments alone comes back as `b":"`."""
         while not self._pending:
             try:
                 block = await self._blocks.__anext__()
@@ -150,13 +153,16 @@ class SSEStream:
             self.bytes += len(block)
             data = self._body + block
             parts = (data.replace(b"\r\n", b"\n") if self.crlf else data).split(b"\n\n")
-            self._body = parts.pop()
+            comments = self.comments
+            self._body = self._count_leading_comments(parts.pop())
             self._pending = parts
             self._pending.reverse()
-        frame = self._pending.pop()
-        if frame.startswith(b":"):
-            self.comments += 1
-        elif frame == b"data: [DONE]":
+            if not self._pending and self.comments > comments:
+                return b":"  # comment lines, no frame yet: report them now
+        frame = self._count_leading_comments(self._pending.pop(), frame=True)
+        if not frame:
+            return b":"
+        if frame == b"data: [DONE]":
             self.done = True
         elif self.ignore is not None and frame.startswith(self.ignore):
             pass
@@ -166,8 +172,23 @@ class SSEStream:
                 self.first_event_at = time.perf_counter()
         return frame
 
+    def _count_leading_comments(self, part: bytes, *, frame: bool = False) -> bytes:
+        """`part` without the complete comment lines it starts with, each counted (in a `frame`,
+        whose blank line was cut off, the last line is complete too)."""
+        while part.startswith(b":"):
+            end = part.find(b"\n")
+            if end < 0:
+                if frame:
+                    self.comments += 1
+                    return b""
+                return part  # a comment line still arriving
+            self.comments += 1
+            part = part[end + 1:]
+        return part
+
     async def drain(self) -> None:
-        """Read to the end, counting, with as little work per frame as possible."""
+        """Read to the end, counting, with as little work per frame as possible (blocks without
+        a comment line are counted without being split into frames)."""
         while self._pending:
             if await self.next_frame() is None:
                 return
@@ -178,17 +199,23 @@ class SSEStream:
                 data = data.replace(b"\r\n", b"\n")
             cut = data.rfind(b"\n\n")
             if cut < 0:
-                self._body = data
+                self._body = self._count_leading_comments(data)
                 continue
-            complete, self._body = data[:cut + 2], data[cut + 2:]
+            complete, self._body = data[:cut + 2], self._count_leading_comments(data[cut + 2:])
+            if complete.startswith(b":") or b"\n:" in complete:
+                self._pending = complete[:-2].split(b"\n\n")
+                self._pending.reverse()
+                while self._pending:
+                    await self.next_frame()
+                if self.done:
+                    return
+                continue
             frames = complete.count(b"\n\n")
-            comments = complete.count(b"\n\n:") + (1 if complete.startswith(b":") else 0)
             done = complete.endswith(b"data: [DONE]\n\n")
             if done:
                 self.done = True
                 frames -= 1
-            self.comments += comments
-            new_events = frames - comments
+            new_events = frames
             if self.ignore is not None:
                 new_events -= complete.count(b"\n\n" + self.ignore) + (1 if complete.startswith(self.ignore) else 0)
             if new_events > 0 and self.first_event_at is None:
