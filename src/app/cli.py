@@ -233,6 +233,16 @@ def cmd_stream(args: argparse.Namespace) -> int:
         body["thread_id"] = args.thread
     headers = {"Authorization": f"Bearer {_token_for_client(args)}"}
     status, run_id = "unknown", None
+
+    def interrupted(_signum: int, _frame: object) -> None:
+        # Ends the process here: a KeyboardInterrupt raised inside httpx's connection pool can
+        # leave its lock held, and closing the client on the way out then hangs.
+        sys.stdout.flush()
+        print(f"\naura: interrupted: stopped reading {f'run {run_id}' if run_id else 'the run'}",
+              file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         with httpx.Client(base_url=args.url, timeout=httpx.Timeout(10.0, read=None)) as client, \
                 connect_sse(client, "POST", "/aura/test/stream", json=body, headers=headers) as source:
@@ -257,9 +267,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     except httpx.TransportError as exc:
         print(f"aura: {_transport_problem(args.url, exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\naura: interrupted: stopped reading {f'run {run_id}' if run_id else 'the run'}", file=sys.stderr)
-        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0 if status == "completed" else 1
 
 
