@@ -368,10 +368,30 @@ class RedisApprovalStore(ApprovalStore):
     async def settle_session(self, decided: ApprovalRequest) -> None:
         """The session record of a decision the waiting run heard (its instance is the one writer
         of its session while it waits: no compare needed). XX: a session record that expired
-        stays gone; KEEPTTL: it keeps the TTL its creation gave it."""
+        stays gone; KEEPTTL: it keeps the TTL its creation gave it. When replicas must confirm
+        writes, a `WAIT` follows in the same pipeline and an unconfirmed write raises, like a
+        decision's (the gate retries).
+
+        One plain SET, not a compare-and-set: a script would cost this approval two more
+        commands (its GET and SET). What that gives up, accepted: a SET whose bytes a stalled
+        connection delivers only after the run has moved on (the client timed out, retried or
+        gave up, the run created its next request, and only then the old bytes reached Redis)
+        would point the session at this decision while the next request is pending, until that
+        one is decided. The run writes its next request only after this returns or fails, so
+        only such a late delivery can do it."""
+        key = session_key(decided.session_id)
+        record = encode_json(decided.session_record())
         try:
-            await self._redis.set(session_key(decided.session_id), encode_json(decided.session_record()),
-                                  xx=True, keepttl=True)
+            confirmation = self._confirmation
+            if confirmation is None:
+                await self._redis.set(key, record, xx=True, keepttl=True)
+                return
+            pipe = batch(self._redis)
+            pipe.set(key, record, xx=True, keepttl=True)
+            pipe.execute_command(*confirmation.arguments())
+            written, confirmed = await pipe.execute(raise_on_error=False)
+            raise_error(written)
+            confirmation.check(confirmed)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from domain.model.approval import ApprovalStatus
+from domain.model.approval import ApprovalStatus, StoredApproval
 from domain.model.errors import IdempotencyKeyReused, NotFound, ResumedWithAnotherRequest, StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.identity import Principal
@@ -274,10 +274,12 @@ class RunAccess:
                 pending = snapshot.get("pendingApproval")
                 if isinstance(pending, dict) and self._approvals is not None:
                     stored = await self._approvals.read(str(pending.get("requestId")))
-                    if stored is not None and stored.request.status is ApprovalStatus.PENDING \
-                            and stored.request.run_id == record.run_id:
-                        approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
-                                                                  reason="run_lost"))
+                    if stored is not None and stored.request.run_id == record.run_id:
+                        if stored.request.status is ApprovalStatus.PENDING:
+                            approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
+                                                                      reason="run_lost"))
+                        else:
+                            await self._settle_session(stored)
                 snapshot = {**snapshot, "status": "failed", "lastSeq": end.seq, "pendingApproval": None,
                             "end": end_data}
             outcome = await self._directory.declare_lost(LostRun(
@@ -290,6 +292,18 @@ class RunAccess:
                             record.instance_id)
             return outcome == "declared"
         return False
+
+    async def _settle_session(self, stored: StoredApproval) -> None:
+        """A decision the run never heard (its instance stopped while it waited; Aura's API left
+        the session record to that run): the session record follows it now, by the store's
+        compare-and-set on the session (the follow-ups of a decision found already made), so it
+        never changes a session that has moved on. Before the run is declared lost: a crash in
+        between leaves the run to the next sweep, which does this again."""
+        assert self._approvals is not None
+        decided = stored.request
+        await self._approvals.decide(decided.request_id, decided.status, decided_by=decided.decided_by,
+                                     decided_at=decided.decided_at or self._clock.timestamp(),
+                                     reason=decided.reason, expected=stored)
 
     async def sweep_lost_runs(self, limit: int = 100) -> int:
         """Declare lost every run whose lease lapsed, whether or not anybody follows it; the
