@@ -235,7 +235,7 @@ async def test_500_concurrent_waits_share_one_pattern_subscription_and_leave_no_
 
     assert sum(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes) == 199 + 100
     assert bus.live_channels() == 0
-    assert await subscribed_channels(redis_client, "hitl:channel:*") == []
+    assert bus._channels == {}  # no entry left by 500 waits that finished, were cancelled or never started
     assert await pattern_subscriptions(redis_client) == 1  # kept for the next wait
     if real_server:
         assert await pubsub_connections(redis_client) == 1
