@@ -18,7 +18,9 @@ truth. Then, in one pipeline, the follow-ups, each idempotent. For a decision wi
 API's): that signal stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly
 as `RedisSignalBus.publish` does); the session record is then written by the run that waited, when
 it hears the decision (`settle_session`, one plain SET: while a run waits, its instance is the one
-writer of its session record). For a decision without one (the waiting run's own, on a timeout or
+writer of its session record; what a late delivery of that SET can do is in its docstring), or,
+when the run's instance stopped, by the lost-run sweep (a decision found already made runs the
+follow-ups below). For a decision without one (the waiting run's own, on a timeout or
 the DWP backend's signal; or an instance cancelling a run it does not own): the session record,
 updated only while it is still exactly the pending record Aura wrote for this request (a
 compare-and-set on that one key, so a late write can never overwrite the run's next request). A
@@ -61,7 +63,8 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TTL_SECONDS = 1800
 DEFAULT_SESSION_TTL_SECONDS = 3600
-# Every this many creates, one also trims its user's pending index of entries past the request TTL.
+# Every this many creates of this store (so of the process: the count is not shared), that create
+# also trims its user's pending index of entries past the request TTL.
 DEFAULT_INDEX_TRIM_EVERY = 32
 # A failed compare means another writer changed the request in between; the reply then carries
 # the new bytes, which are normally decided, and the loop stops. This only bounds a pathology.
