@@ -279,7 +279,7 @@ class RunAccess:
                             approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
                                                                       reason="run_lost"))
                         else:
-                            await self._settle_session(stored)
+                            await settle_unheard_decision(self._approvals, stored, now)
                 snapshot = {**snapshot, "status": "failed", "lastSeq": end.seq, "pendingApproval": None,
                             "end": end_data}
             outcome = await self._directory.declare_lost(LostRun(
@@ -292,18 +292,6 @@ class RunAccess:
                             record.instance_id)
             return outcome == "declared"
         return False
-
-    async def _settle_session(self, stored: StoredApproval) -> None:
-        """A decision the run never heard (its instance stopped while it waited; Aura's API left
-        the session record to that run): the session record follows it now, by the store's
-        compare-and-set on the session (the follow-ups of a decision found already made), so it
-        never changes a session that has moved on. Before the run is declared lost: a crash in
-        between leaves the run to the next sweep, which does this again."""
-        assert self._approvals is not None
-        decided = stored.request
-        await self._approvals.decide(decided.request_id, decided.status, decided_by=decided.decided_by,
-                                     decided_at=decided.decided_at or self._clock.timestamp(),
-                                     reason=decided.reason, expected=stored)
 
     async def sweep_lost_runs(self, limit: int = 100) -> int:
         """Declare lost every run whose lease lapsed, whether or not anybody follows it; the
@@ -334,3 +322,14 @@ class RunAccess:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+
+
+async def settle_unheard_decision(approvals: ApprovalStore, stored: StoredApproval, now: int) -> None:
+    """A decision the run never heard (its instance stopped while it waited; Aura's API left the
+    session record to that run): the session record follows it now, by the store's compare-and-set
+    on the session (the follow-ups of a decision found already made), so a session that moved on
+    is never changed. Done before the run is declared lost: a crash in between leaves the run to
+    the next sweep, which does this again."""
+    decided = stored.request
+    await approvals.decide(decided.request_id, decided.status, decided_by=decided.decided_by,
+                           decided_at=decided.decided_at or now, reason=decided.reason, expected=stored)
