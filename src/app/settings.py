@@ -22,7 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from adapters.redis.client import parse_redis_url
+from adapters.redis.client import DEFAULT_SOCKET_TIMEOUT_SECONDS, parse_redis_url
 
 MIN_SECRET_BYTES = 32
 # AURA_* variables read by something other than the settings model
@@ -72,6 +72,14 @@ class ServerSettings(BaseModel):
     _split = field_validator("cors_origins", mode="before")(_list_from_env)
 
 
+# A replica confirmation (`WAIT`) ends a batch of writes whose replies are read under one bound,
+# the socket timeout: the WAIT may take at most half of it, leaving the other half to the batch
+# itself (up to 2,048 appends) and the round trip on a busy server. Past the bound, the client
+# would time out first: the connection dropped and a write the replicas did confirm, or were
+# about to, reported as a connection failure instead of an unconfirmed write.
+MAX_WAIT_TIMEOUT_MS = int(DEFAULT_SOCKET_TIMEOUT_SECONDS * 1000) // 2
+
+
 class RedisSettings(BaseModel):
     url: str | None = Field(None, description="`redis://`, `rediss://` (TLS), `unix://` for one server; "
                             "`redis+cluster://host:port[,host:port…]` (`rediss+cluster://` for TLS) for a Redis "
@@ -87,7 +95,21 @@ class RedisSettings(BaseModel):
         None, ge=0, description="Replicas that must confirm (`WAIT`) an event before it is streamed and an approval "
         "decision before it is answered 200; unset = 1 with a `redis+sentinel://` URL, 0 (no `WAIT`) otherwise.")
     wait_timeout_ms: int = Field(500, ge=1, description="How long Aura waits for those confirmations; past it the "
-                                 "write is reported failed (a retryable error), never acknowledged.")
+                                 "write is reported failed (a retryable error), never acknowledged. At most "
+                                 f"{MAX_WAIT_TIMEOUT_MS} ms, half the Redis socket timeout "
+                                 f"({DEFAULT_SOCKET_TIMEOUT_SECONDS:g} s), which also bounds the batch the `WAIT` "
+                                 "ends.")
+
+    @field_validator("wait_timeout_ms")
+    @classmethod
+    def _wait_within_the_socket_timeout(cls, timeout_ms: int) -> int:
+        if timeout_ms > MAX_WAIT_TIMEOUT_MS:
+            raise ValueError(
+                f"{timeout_ms} ms is more than {MAX_WAIT_TIMEOUT_MS} ms, half the Redis socket timeout "
+                f"({DEFAULT_SOCKET_TIMEOUT_SECONDS:g} s): the socket timeout bounds a whole batch, its WAIT "
+                "included, and a WAIT that outlasted it would drop the connection and report a confirmed "
+                "write as a lost one")
+        return timeout_ms
 
     @field_validator("url")
     @classmethod

@@ -166,3 +166,26 @@ async def test_a_killed_owner_leaves_no_pending_approval_no_taken_slot_and_no_ru
             "failed", None, "run_lost")
         again = await on_b.post("/aura/test/stream", json={"prompt": "hi"}, headers=bearer())
         assert again.status_code == 200  # the one slot is free at once, not after 15 minutes
+
+
+async def test_an_approval_no_run_heard_still_reaches_the_session_record(
+        cluster: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path, clean_redis: redis.Redis) -> None:
+    # The run's instance dies while the run waits; the user approves on the other instance (200:
+    # the decision stands). Nobody will run the action, but the contract's session record must not
+    # say pending for its hour: the sweep that declares the run lost writes the decision into it.
+    a, b = cluster(AURA_RUNS__LEASE_SECONDS="1")
+    stage(e2e_workspace)
+    async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
+        async with open_run(on_a, {"prompt": COMMIT, "onDisconnect": "continue"}, bearer()) as run:
+            hitl = await run.until("hitl")
+        run_id, request_id, session = hitl["runId"], hitl["data"]["requestId"], hitl["data"]["sessionId"]
+        a.stop(signal.SIGKILL)
+        approved = await on_b.post(f"/aura/hitl/approve/{request_id}", headers=bearer())
+        assert approved.status_code == 200 and approved.json()["status"] == "approved"
+        await wait_for(lambda: meta(clean_redis, run_id)["status"] == "failed", 10)
+        record = json.loads(clean_redis.get(f"hitl:session:{session}"))  # type: ignore[arg-type]
+        assert (record["requestId"], record["status"]) == (request_id, "approved")
+        assert clean_redis.ttl(f"hitl:session:{session}") > 3500  # the TTL its creation gave it
+        request = (await on_b.get(f"/aura/hitl/requests/{request_id}", headers=bearer())).json()
+        assert (request["status"], request["decidedBy"]) == ("approved", "alice")  # the decision stands

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.redis.approvals import RedisApprovalStore
+from adapters.redis.approvals import RedisApprovalStore, encode_json
 from adapters.redis.client import close_redis
 from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import RedisEventLog
@@ -137,6 +137,23 @@ async def test_a_decision_is_applied_only_once_the_replica_holds_it(
         with pytest.raises(StoreUnavailable):
             await store.decide(third.request_id, ApprovalStatus.APPROVED, decided_by="u1",
                                decided_at=third.created_at, reason=None, expected=stored)
+
+
+async def test_a_heard_decision_is_written_to_its_session_only_once_the_replica_holds_it(
+        pair: Pair, master: Redis, replica: Redis) -> None:
+    # The waiting run's write of its session record is confirmed like every other write: an
+    # unconfirmed one raises (the gate retries it), never reported written.
+    store = RedisApprovalStore(master, confirmation=CONFIRM)
+    first, second = approval_request(1), approval_request(2)
+    for request in (first, second):
+        await store.create(request)
+    decided = first.decide(ApprovalStatus.APPROVED, by="u1", at=first.created_at, reason=None)
+    await store.settle_session(decided)
+    assert await replica.get(f"hitl:session:{first.session_id}") == encode_json(decided.session_record())
+    with pair.replica_frozen():
+        with pytest.raises(StoreUnavailable):
+            await store.settle_session(second.decide(ApprovalStatus.REJECTED, by="u1", at=second.created_at,
+                                                     reason=None))
 
 
 async def test_ready_on_a_master_with_its_replica(master: Redis) -> None:

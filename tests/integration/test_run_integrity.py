@@ -13,9 +13,10 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.redis.approvals import RedisApprovalStore
+from adapters.redis.approvals import encode_json as json_bytes
 from adapters.redis.events import RedisEventLog
 from adapters.redis.runs import RedisRunDirectory
-from domain.model.approval import ApprovalRequest, ApprovalStatus
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal
 from domain.model.errors import RunFenced
 from domain.model.events import Event, EventType, RunIds
 from domain.model.runs import RunRecord
@@ -180,6 +181,52 @@ async def test_declaring_a_lost_run_closes_everything_at_once_and_only_when_the_
     with pytest.raises(RunFenced):
         await owner_log.append(event(3))
     assert await seqs(redis_client) == [b"1-1", b"2-1", b"3-1", b"4-1"]
+
+
+async def test_a_lost_run_settles_the_session_of_an_api_decision_it_never_heard(
+        redis_client: Redis, owner_log: RedisEventLog) -> None:
+    # The run's instance stopped while it waited; Aura's API (another instance) decided the request
+    # and left the session record to that run, which will never write it: the sweep does.
+    access, directory, approvals = await access_over(redis_client)
+    await admit(directory)
+    request = pending_request()
+    await approvals.create(request)
+    await owner_log.append(event(1))
+    await owner_log.append(event(2, EventType.HITL), {"status": "waiting_approval", "lastSeq": 2,
+                                                       "pendingApproval": {"requestId": "req_1"}, "end": None})
+    result = await approvals.decide("req_1", ApprovalStatus.APPROVED, decided_by="alice", decided_at=1767000050,
+                                    reason="ok", signal=Signal.approval("req_1", "alice", 1767000050),
+                                    decider=Decider("acme", "alice", approver=False))
+    assert result is not None and result.applied
+    assert orjson.loads(await redis_client.get("hitl:session:ses_a"))["status"] == "pending"  # left to the run
+    session_ttl = await redis_client.ttl("hitl:session:ses_a")
+
+    await redis_client.delete("aura:run:{run_a}:lease")
+    await redis_client.zadd("aura:runs:active", {"run_a": 0})
+    assert await access.sweep_lost_runs() == 1
+    assert await redis_client.get("hitl:session:ses_a") == json_bytes(result.request.session_record())
+    assert orjson.loads(await redis_client.get("hitl:session:ses_a"))["status"] == "approved"
+    assert session_ttl - 2 <= await redis_client.ttl("hitl:session:ses_a") <= session_ttl  # its TTL kept
+    decided = await approvals.get("req_1")
+    assert decided is not None and (decided.status, decided.decided_by, decided.reason) == (
+        ApprovalStatus.APPROVED, "alice", "ok")  # the decision stands, untouched
+
+
+async def test_a_lost_run_leaves_alone_a_session_that_moved_on(redis_client: Redis, owner_log: RedisEventLog) -> None:
+    access, directory, approvals = await access_over(redis_client)
+    await admit(directory)
+    await approvals.create(pending_request())
+    await owner_log.append(event(1, EventType.HITL), {"status": "waiting_approval", "lastSeq": 1,
+                                                       "pendingApproval": {"requestId": "req_1"}, "end": None})
+    await approvals.decide("req_1", ApprovalStatus.REJECTED, decided_by="alice", decided_at=1767000050,
+                           reason=None, signal=Signal.rejection("req_1", "alice", 1767000050, None),
+                           decider=Decider("acme", "alice", approver=False))
+    later = {"sessionId": "ses_a", "requestId": "req_2", "status": "pending"}
+    await redis_client.set("hitl:session:ses_a", orjson.dumps(later))  # another request of the session since
+    await redis_client.delete("aura:run:{run_a}:lease")
+    await redis_client.zadd("aura:runs:active", {"run_a": 0})
+    assert await access.sweep_lost_runs() == 1
+    assert orjson.loads(await redis_client.get("hitl:session:ses_a")) == later
 
 
 async def test_a_run_that_ended_normally_is_never_declared_lost(redis_client: Redis,

@@ -79,13 +79,15 @@ class MemoryApprovalStore(ApprovalStore):
             return None
         if current.status.is_decided or (decider is not None and not decider.may_decide(current, decided_at)):
             self.decisions.append((request_id, status, False))
+            if current.status.is_decided:  # like the Redis store: the follow-ups of a decision run again
+                self._follow_session(current)
             return DecisionResult(False, current)
         decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
         self.requests[request_id] = decided
         # Like the Redis store: a decision with a signal leaves the session to the waiting run;
         # one without updates it while it is still this request's pending record.
-        if signal is None and self.sessions.get(decided.session_id) == current:
-            self.sessions[decided.session_id] = decided
+        if signal is None:
+            self._follow_session(decided)
         self.decisions.append((request_id, status, True))
         signalled = False
         if signal is not None and self.bus is not None:
@@ -96,9 +98,15 @@ class MemoryApprovalStore(ApprovalStore):
                 pass
         return DecisionResult(True, decided, signalled)
 
-    async def settle_session(self, decided: ApprovalRequest) -> None:
-        if decided.session_id in self.sessions:
+    def _follow_session(self, decided: ApprovalRequest) -> None:
+        """The session record becomes the decision only while it is this request's pending one."""
+        session = self.sessions.get(decided.session_id)
+        if session is not None and session.request_id == decided.request_id \
+                and session.status is ApprovalStatus.PENDING:
             self.sessions[decided.session_id] = decided
+
+    async def settle_session(self, decided: ApprovalRequest) -> None:
+        self._follow_session(decided)
 
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
         return [r for r in self.requests.values()

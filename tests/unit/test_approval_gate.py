@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionResult, DecisionSeal, Signal, StoredApproval
+from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
 from domain.model.identity import Principal
 from domain.runtime.feed import Subscription
@@ -283,14 +284,51 @@ async def test_a_signals_user_is_recorded_as_decider_only_when_checked(
     assert audit.get("claimedBy") == audited
 
 
-async def test_a_sealed_api_decision_leaves_the_session_record_to_the_run_that_waited() -> None:
-    # The desk stores the decision and publishes its sealed signal; the session record is the
-    # waiting run's to write (its instance is its one writer while it waits), once it heard it.
+class HeldSettleStore(MemoryApprovalStore):
+    """`settle_session` suspends until the test releases it; the first `failures` calls fail."""
+
+    def __init__(self, bus: Any, *, failures: int = 0) -> None:
+        super().__init__(bus)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.failures = failures
+        self.settle_calls = 0
+
+    async def settle_session(self, decided: ApprovalRequest) -> None:
+        self.settle_calls += 1
+        self.entered.set()
+        await self.release.wait()
+        if self.settle_calls <= self.failures:
+            raise StoreUnavailable("the approval store is unavailable")
+        await super().settle_session(decided)
+
+
+async def events_so_far(watcher: Subscription, seen: list[Event]) -> list[str]:
+    """Let the run go as far as it can without the store, then the events it logged meanwhile."""
+    for _ in range(200):
+        await asyncio.sleep(0)  # loop passes, not time: every fake here answers without waiting
+    while (event := await watcher.next(0)) is not None:
+        seen.append(event)
+    return [f"{e.type.value}:{e.data.get('status', '')}" for e in seen]
+
+
+async def sealed_decision_harness(store_failures: int = 0) -> tuple[Harness, RecordingTool, HeldSettleStore,
+                                                                    ApprovalDesk]:
     seal = DecisionSeal(b"shared-by-every-instance-0123456")
     h, commit = approval_harness()
-    h.store = MemoryApprovalStore(h.bus)
+    store = HeldSettleStore(h.bus, failures=store_failures)
+    h.store = store
     h.rebuild(seal=seal)
-    desk = ApprovalDesk(h.store, h.bus, h.clock, ["manager"], seal)
+    return h, commit, store, ApprovalDesk(h.store, h.bus, h.clock, ["manager"], seal)
+
+
+async def test_a_sealed_api_decision_leaves_the_session_record_to_the_run_that_waited() -> None:
+    # The desk stores the decision and publishes its sealed signal; the session record is the
+    # waiting run's to write (its instance is its one writer while it waits), once it heard it,
+    # and before the run goes on.
+    h, commit, store, desk = await sealed_decision_harness()
+    store.release.clear()
     handle, watcher = await h.start()
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
@@ -300,9 +338,35 @@ async def test_a_sealed_api_decision_leaves_the_session_record_to_the_run_that_w
     decided = await desk.decide(Principal("mgr", "acme", "mgr", "manager"), hitl.data["requestId"], approve=True)
     assert h.store.sessions[session_id].status is ApprovalStatus.PENDING  # the desk left it alone
 
+    await store.entered.wait()
+    so_far = await events_so_far(watcher, seen)
+    assert "tool_execution:running" not in so_far and commit.calls == []  # held while the session is written
+    assert h.store.sessions[session_id].status is ApprovalStatus.PENDING
+    store.release.set()
+
     running = await until(watcher, "tool_execution", seen)
-    assert running.data["status"] == "running"  # the first event after the decision's own
+    assert running.data["status"] == "running"
     assert h.store.sessions[session_id] == decided  # written before the run went on
     assert h.store.decisions == [(hitl.data["requestId"], ApprovalStatus.APPROVED, True)]  # no second decision
     await finish(watcher, seen)
     assert commit.calls == [{"value": "v"}]
+
+
+@pytest.mark.parametrize(("failures", "settled"), [(3, True), (4, False)])
+async def test_the_run_retries_writing_its_session_record_a_few_times(
+        failures: int, settled: bool, caplog: pytest.LogCaptureFixture) -> None:
+    # A blip of the store while the session record is written: the write is retried (4 attempts
+    # in all) before the run goes on; after that the decision still stands and the run goes on.
+    h, commit, store, desk = await sealed_decision_harness(store_failures=failures)
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    decided = await desk.decide(Principal("mgr", "acme", "mgr", "manager"), hitl.data["requestId"], approve=True)
+    await finish(watcher, seen)
+    assert store.settle_calls == 4
+    session = h.store.sessions[handle.run.ids.session_id]
+    assert session == decided if settled else session.status is ApprovalStatus.PENDING
+    assert commit.calls == [{"value": "v"}]
+    gave_up = [r.getMessage() for r in caplog.records if "could not record the decision" in r.getMessage()]
+    assert gave_up == ([] if settled else [f"could not record the decision of {decided.request_id} in its session "
+                                           "(4 attempts)"])

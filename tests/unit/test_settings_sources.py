@@ -62,3 +62,16 @@ def test_replica_confirmations_without_a_redis_url_stop_start_up(monkeypatch: py
 
     monkeypatch.setenv("AURA_REDIS__URL", "redis://127.0.0.1:6379/0")
     assert load_settings().redis.confirming_replicas == 1
+
+
+def test_a_replica_wait_longer_than_half_the_socket_timeout_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The socket timeout (5 s) bounds the read of a whole batch, its WAIT included.
+    monkeypatch.setenv("AURA_REDIS__URL", "redis+sentinel://127.0.0.1:26379/aura")
+    monkeypatch.setenv("AURA_REDIS__WAIT_TIMEOUT_MS", "2501")
+
+    with pytest.raises(ConfigError, match=r"^AURA_REDIS__WAIT_TIMEOUT_MS: 2501 ms is more than 2500 ms, half the "
+                                          r"Redis socket timeout \(5 s\)"):
+        load_settings()
+
+    monkeypatch.setenv("AURA_REDIS__WAIT_TIMEOUT_MS", "2500")
+    assert load_settings().redis.wait_timeout_ms == 2500

@@ -18,7 +18,9 @@ truth. Then, in one pipeline, the follow-ups, each idempotent. For a decision wi
 API's): that signal stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly
 as `RedisSignalBus.publish` does); the session record is then written by the run that waited, when
 it hears the decision (`settle_session`, one plain SET: while a run waits, its instance is the one
-writer of its session record). For a decision without one (the waiting run's own, on a timeout or
+writer of its session record; what a late delivery of that SET can do is in its docstring), or,
+when the run's instance stopped, by the lost-run sweep (a decision found already made runs the
+follow-ups below). For a decision without one (the waiting run's own, on a timeout or
 the DWP backend's signal; or an instance cancelling a run it does not own): the session record,
 updated only while it is still exactly the pending record Aura wrote for this request (a
 compare-and-set on that one key, so a late write can never overwrite the run's next request). A
@@ -61,7 +63,8 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TTL_SECONDS = 1800
 DEFAULT_SESSION_TTL_SECONDS = 3600
-# Every this many creates, one also trims its user's pending index of entries past the request TTL.
+# Every this many creates of this store (so of the process: the count is not shared), that create
+# also trims its user's pending index of entries past the request TTL.
 DEFAULT_INDEX_TRIM_EVERY = 32
 # A failed compare means another writer changed the request in between; the reply then carries
 # the new bytes, which are normally decided, and the loop stops. This only bounds a pathology.
@@ -368,10 +371,30 @@ class RedisApprovalStore(ApprovalStore):
     async def settle_session(self, decided: ApprovalRequest) -> None:
         """The session record of a decision the waiting run heard (its instance is the one writer
         of its session while it waits: no compare needed). XX: a session record that expired
-        stays gone; KEEPTTL: it keeps the TTL its creation gave it."""
+        stays gone; KEEPTTL: it keeps the TTL its creation gave it. When replicas must confirm
+        writes, a `WAIT` follows in the same pipeline and an unconfirmed write raises, like a
+        decision's (the gate retries).
+
+        One plain SET, not a compare-and-set: a script would cost this approval two more
+        commands (its GET and SET). What that gives up, accepted: a SET whose bytes a stalled
+        connection delivers only after the run has moved on (the client timed out, retried or
+        gave up, the run created its next request, and only then the old bytes reached Redis)
+        would point the session at this decision while the next request is pending, until that
+        one is decided. The run writes its next request only after this returns or fails, so
+        only such a late delivery can do it."""
+        key = session_key(decided.session_id)
+        record = encode_json(decided.session_record())
         try:
-            await self._redis.set(session_key(decided.session_id), encode_json(decided.session_record()),
-                                  xx=True, keepttl=True)
+            confirmation = self._confirmation
+            if confirmation is None:
+                await self._redis.set(key, record, xx=True, keepttl=True)
+                return
+            pipe = batch(self._redis)
+            pipe.set(key, record, xx=True, keepttl=True)
+            pipe.execute_command(*confirmation.arguments())
+            written, confirmed = await pipe.execute(raise_on_error=False)
+            raise_error(written)
+            confirmation.check(confirmed)
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
 

@@ -94,7 +94,9 @@ class ApprovalStore(ABC):
         """Point the request's session at its decision, for the run that waited on it (the one
         writer of its session while it waits) once it heard a decision stored by someone else.
         A decision through `decide` without a `signal` does this itself; one with a `signal`
-        leaves it to the waiting run."""
+        leaves it to the waiting run (or, when no run will hear it, to `decide` on the decided
+        request, which runs a decision's follow-ups again). Raises StoreUnavailable when the
+        write failed or was not confirmed; it is idempotent."""
 
     @abstractmethod
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from domain.model.approval import ApprovalStatus
+from domain.model.approval import ApprovalStatus, StoredApproval
 from domain.model.errors import IdempotencyKeyReused, NotFound, ResumedWithAnotherRequest, StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.identity import Principal
@@ -285,10 +285,12 @@ class RunAccess:
                 pending = snapshot.get("pendingApproval")
                 if isinstance(pending, dict) and self._approvals is not None:
                     stored = await self._approvals.read(str(pending.get("requestId")))
-                    if stored is not None and stored.request.status is ApprovalStatus.PENDING \
-                            and stored.request.run_id == record.run_id:
-                        approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
-                                                                  reason="run_lost"))
+                    if stored is not None and stored.request.run_id == record.run_id:
+                        if stored.request.status is ApprovalStatus.PENDING:
+                            approval = (stored, stored.request.decide(ApprovalStatus.CANCELLED, by=None, at=now,
+                                                                      reason="run_lost"))
+                        else:
+                            await settle_unheard_decision(self._approvals, stored, now)
                 snapshot = {**snapshot, "status": "failed", "lastSeq": end.seq, "pendingApproval": None,
                             "end": end_data}
             outcome = await self._directory.declare_lost(LostRun(
@@ -331,3 +333,14 @@ class RunAccess:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+
+
+async def settle_unheard_decision(approvals: ApprovalStore, stored: StoredApproval, now: int) -> None:
+    """A decision the run never heard (its instance stopped while it waited; Aura's API left the
+    session record to that run): the session record follows it now, by the store's compare-and-set
+    on the session (the follow-ups of a decision found already made), so a session that moved on
+    is never changed. Done before the run is declared lost: a crash in between leaves the run to
+    the next sweep, which does this again."""
+    decided = stored.request
+    await approvals.decide(decided.request_id, decided.status, decided_by=decided.decided_by,
+                           decided_at=decided.decided_at or now, reason=decided.reason, expected=stored)

@@ -15,11 +15,18 @@ from domain.model.plan import PlanStep, StepStatus
 from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.runtime.waits import first_of
+from domain.runtime.waits import Backoff, first_of
 from domain.services.recheck import ApprovalRecheck
 
 log = logging.getLogger("aura.hitl")
 audit = logging.getLogger("aura.audit")
+
+# Writing the session record of a decision heard from elsewhere: attempts, and the pauses between
+# them (0.05, 0.1, 0.2 s: at most 0.35 s more before the run goes on; each attempt has the Redis
+# client's own retries inside it).
+SETTLE_ATTEMPTS = 4
+SETTLE_BACKOFF_SECONDS = 0.05
+SETTLE_BACKOFF_MAX_SECONDS = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +197,20 @@ class ApprovalGate:
                                  claimed_by=signal.user_id), False
 
     async def _settle_session(self, decided: ApprovalRequest) -> None:
-        try:
-            await self._store.settle_session(decided)
-        except StoreUnavailable:
-            # The decision stands; only the session record still says pending, until its TTL.
-            log.warning("could not record the decision of %s in its session", decided.request_id)
+        # The write is idempotent; a blip (a failover, an unconfirmed write) is worth a few quick
+        # retries, bounded because the run goes on only after this. The decision stands either way.
+        backoff = Backoff(SETTLE_BACKOFF_SECONDS, SETTLE_BACKOFF_MAX_SECONDS)
+        while True:
+            try:
+                await self._store.settle_session(decided)
+                return
+            except StoreUnavailable:
+                if backoff.failed() >= SETTLE_ATTEMPTS:
+                    # Only the session record still says pending, until its TTL.
+                    log.warning("could not record the decision of %s in its session (%d attempts)",
+                                decided.request_id, SETTLE_ATTEMPTS)
+                    return
+                await backoff.pause()
 
     async def _close(self, request: ApprovalRequest, status: ApprovalStatus, by: str | None,
                      reason: str | None = None, *, via: str = "aura",
