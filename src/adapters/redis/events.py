@@ -107,7 +107,7 @@ return 'ok'
 _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 
 # Appends per round trip at most. A thousand busy streams add a thousand events per loop pass: a
-# batch of 512 then held less than one event per run, so each stream was woken (one SSE write) per
+# batch of 512 holds less than one event per run, so each stream is woken (one SSE write) per
 # event; 2,048 lets a batch carry a few per run (same-run A/B at 1,000 streams: 75.4 -> 60.2 us of
 # CPU per event). Redis then runs one batch for about 2,048 x the ~15 us of Redis CPU per event the
 # bench measures, ~30 ms, which other clients wait behind only when Redis is that busy anyway.
@@ -180,9 +180,8 @@ class RedisEventLog(EventLog):
         `_MAX_GATHER_PASSES` passes, and not past a full batch): a round trip then carries several
         events per run, and each stream is woken once for them (one SSE write), not once per event.
         A pass that adds nothing ends it, so a lone event (a run's `start`, an approval's `hitl`)
-        waits one pass. Without it the batches of 100 busy streams held one pass of events, a third
-        of 884ab3f's (whose shared-connection task added two passes per round trip), and Aura's CPU
-        per event was 1.5x (bench, `against`)."""
+        waits one pass. Without it a batch of 100 busy streams holds one pass of events, and Aura's
+        CPU per event is 1.2-1.3x (bench, same-run `--against`)."""
         for _ in range(_MAX_GATHER_PASSES):
             queued = len(self._queue)
             await asyncio.sleep(0)
