@@ -157,8 +157,8 @@ _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 # Appends per round trip at most. A thousand busy streams add a thousand events per loop pass: a
 # batch of 512 holds less than one event per run, so each stream is woken (one SSE write) per
 # event; 2,048 lets a batch carry a few per run (same-run A/B at 1,000 streams: 75.4 -> 60.2 us of
-# CPU per event). Redis then runs one batch for about 2,048 x the ~15 us of Redis CPU per event the
-# bench measures, ~30 ms, which other clients wait behind only when Redis is that busy anyway.
+# CPU per event). Redis then runs one batch for about 2,048 x the 7-15 us of Redis CPU per event the
+# bench measures, 15-30 ms, which other clients wait behind only when Redis is that busy anyway.
 MAX_BATCH = 2048
 
 # How many more loop passes a batch waits for while runs keep adding to it (see `_gather`).
