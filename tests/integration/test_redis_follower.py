@@ -20,6 +20,7 @@ from adapters.redis import runs
 from adapters.redis.client import RedisClient
 from adapters.redis.events import RedisEventLog, lease_key
 from adapters.redis.runs import RedisRunFollower
+from domain.model.errors import StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.runs import RunRecord
 from domain.services.leases import LeaseRenewal
@@ -354,6 +355,45 @@ async def test_a_run_whose_client_left_and_that_is_followed_elsewhere_costs_no_c
     assert kinds == {"renew a run's lease and read its readers": 3 * renewals, "the active index": renewals,
                      "the followers' presence, for all the runs": renewals, "the follower's presence": 6,
                      "the Pub/Sub connection's health check": kinds["the Pub/Sub connection's health check"]}, kinds
+
+
+async def test_the_lease_renewal_reports_which_kept_runs_lost_their_reader_elsewhere_and_since_when(
+        clients: tuple[RedisClient, RedisClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four runs of one owner kept for readers elsewhere: one read by a present follower, one whose
+    follow ended (no entry), one read only by a follower whose presence lapsed 0.5 s ago (last
+    alive a presence time, 30 s, before that), one read only by a follower with no presence left.
+    One renewal renews all four leases and reports the last three, each with when a reader was
+    last known there; the dead followers' entries are dropped. A renewal whose presence read fails
+    still renews and reports lost leases (the readers are reported at the next)."""
+    owner, _ = clients
+    directory = run_directory(owner)
+    now_ms = int(time.time() * 1000)
+    kept = ["run_read", "run_follow_ended", "run_follower_died", "run_follower_long_gone"]
+    for run_id in kept:
+        await owner.set(lease_key(run_id), "aura-a", px=5_000)
+    await owner.zadd(runs.FOLLOWERS_KEY, {"aura-b.1": now_ms + 20_000, "aura-c.1": now_ms - 500})
+    entry_score = now_ms + runs.READER_ENTRY_TTL_MS
+    await owner.zadd(runs.reader_key("run_read"), {"aura-b.1/x": entry_score, "aura-c.1/y": entry_score})
+    await owner.zadd(runs.reader_key("run_follower_died"), {"aura-c.1/z": entry_score})
+    await owner.zadd(runs.reader_key("run_follower_long_gone"), {"aura-d.1/w": entry_score})
+    await owner.set(lease_key("run_not_kept"), "aura-other", px=15_000)
+
+    renewals = await directory.renew_leases([*kept, "run_not_kept"], "aura-a", 15, kept)
+    assert renewals.lost == ["run_not_kept"]
+    assert set(renewals.unread) == {"run_follow_ended", "run_follower_died", "run_follower_long_gone"}
+    assert renewals.unread["run_follow_ended"] < 1 and renewals.unread["run_follower_long_gone"] < 1
+    assert 30.4 <= renewals.unread["run_follower_died"] < 31.5
+    assert all(14_000 < ttl <= 15_000 for ttl in [await owner.pttl(lease_key(run_id)) for run_id in kept])
+    assert await owner.zrange(runs.reader_key("run_read"), 0, -1) == [b"aura-b.1/x"]  # the dead one's dropped
+    for run_id in ("run_follower_died", "run_follower_long_gone"):
+        assert not await owner.exists(runs.reader_key(run_id))
+
+    async def unavailable(followers: list[str]) -> list[float | None]:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(directory, "_presence", unavailable)
+    renewals = await directory.renew_leases([*kept, "run_not_kept"], "aura-a", 15, kept)
+    assert renewals.lost == ["run_not_kept"] and renewals.unread == {}
 
 
 async def test_an_absent_followers_entries_are_dropped_and_the_owner_stops_publishing(

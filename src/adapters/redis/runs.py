@@ -280,11 +280,16 @@ class RedisRunDirectory(RunDirectory):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise StoreUnavailable("The run directory is unavailable.") from reply
-        last_read = await self._last_read(
-            {run_id: _scored(reply) for run_id, reply in zip(run_ids, replies, strict=True) if isinstance(reply, list)},
-            now_ms)
+        lost = [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply == 0]
+        try:  # the leases are renewed: a failure from here on only postpones the report to the next renewal
+            last_read = await self._last_read(
+                {run_id: _scored(reply) for run_id, reply in zip(run_ids, replies, strict=True)
+                 if isinstance(reply, list)}, now_ms)
+        except StoreUnavailable:
+            log.warning("could not read the presence of the followers of this instance's runs")
+            last_read = {}
         return LeaseRenewals(
-            lost=[run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply == 0],
+            lost=lost,
             unread={run_id: max(0.0, (now_ms - at) / 1000) for run_id, at in last_read.items() if at is not None})
 
     async def lease_holder(self, run_id: str) -> str | None:
