@@ -445,18 +445,22 @@ class RedisRunDirectory(RunDirectory):
                             if "/" in entry})
         lapse = dict(zip(followers, await self._presence(followers), strict=True)) if followers else {}
         last_read: dict[str, int | None] = {}
+        drops: list[tuple[Any, list[str], list[Any]]] = []
         for run_id, scored in entries.items():
             absent = {entry: lapse[entry.rpartition("/")[0]] for entry in scored
                       if "/" in entry and (lapse[entry.rpartition("/")[0]] or 0) <= now_ms}
             if absent:
-                await self._call(self._drop_unchanged_readers(
-                    keys=[reader_key(run_id)], args=[part for entry in absent for part in (entry, scored[entry])]))
+                drops.append((self._drop_unchanged_readers, [reader_key(run_id)],
+                              [part for entry in absent for part in (entry, scored[entry])]))
             if len(absent) < len(scored):
                 last_read[run_id] = None
             elif absent and all(at is not None for at in absent.values()):
                 last_read[run_id] = min(now_ms, max(int(cast(float, at)) for at in absent.values()) - self._presence_ms)
             else:  # no entry: a follow just ended; a follower with no presence left counts as just gone
                 last_read[run_id] = now_ms
+        if drops:  # a follower died: its entries in all these runs, in one round trip
+            for reply in await self._call(run_batch(self._redis, drops)):
+                self._raise(reply)
         return last_read
 
     async def _presence(self, followers: list[str]) -> list[float | None]:
@@ -493,8 +497,8 @@ class RedisRunFollower(RunFollower):
     logs, in the same step), reads the log after its position once (XRANGE), then takes the events
     as they are published: no command per event, and none while the run is idle. What keeps its
     entry counted is the process's presence in `aura:followers`, one script every third of
-    `reader_ttl_seconds` for all its follows (an idle follow costs nothing of its own; the owner drops the entries of
-    an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
+    `reader_ttl_seconds` for all its follows (an idle follow costs nothing of its own; the owner
+    drops the entries of an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
     it), when the tail channels are subscribed again after a lost connection (or a Sentinel
     failover, announced by the sentinels: `MasterWatch`) and at a seq gap, each follow notes its
     entry again and fills the gap from the log (and after all but a gap, looks whether the run's
