@@ -49,4 +49,5 @@ def client_of(url: str, **options: Any) -> RedisClient:
 
 def run_directory(redis: RedisClient) -> RedisRunDirectory:
     """A run directory as the container builds it, over `redis`."""
-    return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis))
+    return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis),
+                             presence_seconds=DEFAULTS.runs.follower_presence_seconds)
