@@ -53,6 +53,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for level in levels:
         per_server: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         ratios, ratios_with_redis, floor_ratios, over_floor, langgraph_ratios = [], [], [], [], []
+        others_over_floor: dict[str, list[float]] = defaultdict(list)
         for (c, _round), group in by.items():
             if c != level:
                 continue
@@ -74,6 +75,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 floor_ratios.append(found["floor"]["server_us_per_event"] / found["peer"]["server_us_per_event"])
             if "aura" in found and "floor" in found and found["floor"]["server_us_per_event"]:
                 over_floor.append(found["aura"]["server_us_per_event"] / found["floor"]["server_us_per_event"])
+            if "floor" in found and found["floor"]["server_us_per_event"]:
+                for name, r in found.items():  # Aura at another revision (`--against`) too
+                    if name.startswith("aura@") and r["server_us_per_event"]:
+                        others_over_floor[name].append(r["server_us_per_event"] / found["floor"]["server_us_per_event"])
             lg = found.get("langgraph", {}).get("server_us_per_event")
             au = found.get("aura", {}).get("server_us_per_event")
             if lg and au:
@@ -84,6 +89,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "aura_over_peer": median(ratios), "aura_with_redis_over_peer": median(ratios_with_redis),
             "floor_over_peer": median(floor_ratios), "rounds": len(ratios),
             "aura_over_floor": median(over_floor), "aura_over_floor_by_round": over_floor,
+            "others_over_floor_by_round": dict(others_over_floor),
             "langgraph_over_aura": median(langgraph_ratios),
         }
         ratio = cpu[str(level)]["aura_over_floor"]
@@ -370,6 +376,15 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    f"{_fmt(entry['aura_over_peer'], 2)}× | {_fmt(entry.get('langgraph_over_aura'), 1)}× | "
                    f"{_fmt(a.get('client_us_per_event'))} / {_fmt(p.get('client_us_per_event'))} | "
                    f"{a.get('errors', 0)} / {lg.get('errors', '–')} | {_verdict(entry['met'])} |")
+    others = [(level, name, entry["servers"][name], ratios) for level, entry in summary["cpu_per_event"].items()
+              for name, ratios in entry.get("others_over_floor_by_round", {}).items()]
+    if others:
+        out += ["", "Aura at another revision (`--against`), in the same rounds:", "",
+                "| concurrent streams | server | µs/event | Redis commands/event | ÷ floor (per round) |",
+                "|---:|---|---:|---:|---:|"]
+        out += [f"| {level} | {name} | {_fmt(s.get('server_us_per_event'))} | "
+                f"{_fmt(s.get('redis_commands_per_event'), 2)} | {_fmt(median(ratios), 2)}× "
+                f"({', '.join(f'{r:.2f}' for r in ratios)}) |" for level, name, s, ratios in others]
     if summary.get("follow"):
         out += ["", "### Redis per event: served by the owner, and by the owner plus a follower on B", "",
                 "| concurrent runs | Redis commands/event, owner only | owner + follower | Redis µs/event (INFO cpu), "

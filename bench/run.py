@@ -272,14 +272,20 @@ class Bench:
             subprocess.run(["git", "-C", str(S.ROOT), "worktree", "remove", "--force", str(checkout)],
                            check=False, capture_output=True)
 
-    def phase_against(self, current: S.Server, revision: str) -> None:
+    def against_target(self, revision: str) -> Target:
+        """Aura at another revision (instance `aura-against`, on the same Redis), warmed up."""
+        other = self._start(S.aura_server("aura-against", self.workdir, self.redis.url, source=self.checkout(revision)))
+        target = Target(f"aura@{revision}", other, "aura")
+        self.warm([target])
+        return target
+
+    def phase_against(self, current: S.Server, against: Target, revision: str) -> None:
         """The working tree's Aura against another revision's, interleaved, on the loads where a
         per-run or per-batch change shows: one stream of 200 events, 100 of 200, one stream of the
-        shortest run, and 100 new streams at once (time to first event, also taken at one stream)."""
-        label = f"aura@{revision}"
-        other = self._start(S.aura_server("aura-against", self.workdir, self.redis.url, source=self.checkout(revision)))
-        targets = [Target("aura", current, "aura"), Target(label, other, "aura")]
-        self.warm(targets[1:])
+        shortest run, and 100 new streams at once (time to first event, also taken at one stream).
+        (The throughput phase measures the other revision beside the floor too.)"""
+        other = against.server
+        targets = [Target("aura", current, "aura"), against]
         log(f"== against {revision}")
         loads = [("c1x200", 200, 1, self.mode.throughput[1] * 2), ("c100x200", 200, 100, self.mode.throughput[100]),
                  ("c1x19", 10, 1, self.mode.ttfe_c1_runs * 3)]
@@ -678,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", metavar="REV",
                         help="also run Aura at git revision REV (a worktree) and compare it with the working "
                              "tree's Aura in the same run: CPU per event at 1 and 100 streams, 19-event runs, "
-                             "time to first event (phase 'against'; the files get an against-<rev> tag)")
+                             "time to first event (phase 'against'; the files get an against-<rev> tag); "
+                             "with the throughput phase, also its loads beside the floor, same rounds "
+                             "(rows 'aura@REV', each round's ratio to the floor)")
     parser.add_argument("--against-phases", default="streams",
                         help="what --against compares: 'streams' (the loads above), 'approvals' (a second pair "
                              "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
@@ -748,12 +756,15 @@ def main(argv: list[str] | None = None) -> int:
             approval_pairs.append((f"aura@{args.against}", other_pair[0], other_pair[1]))
         if "approvals" in phases:
             bench.phase_approval_commands(aura_a, aura_b)
+        # Aura at REV beside the working tree's, in the throughput phase (against the floor, same
+        # rounds) and in the `against` phase
+        against = bench.against_target(args.against) if "against" in phases and args.against else None
         for round_no in range(mode.rounds):
             log(f"== round {round_no + 1} of {mode.rounds}")
             if "redis" in phases:
                 bench.phase_redis_rtt(round_no, math.ceil(mode.redis_rtt_n / mode.rounds))
             if "throughput" in phases:
-                bench.phase_throughput(targets, round_no)
+                bench.phase_throughput(targets + ([against] if against is not None else []), round_no)
             if "ttfe" in phases:
                 bench.phase_ttfe(targets, round_no)
             if "approvals" in phases:
@@ -762,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.phase_follow(aura_a, aura_b, round_no)
             if "growth" in phases and round_no < mode.growth_rounds:
                 bench.phase_growth(targets[:2], round_no)
-        if "against" in phases and args.against:
-            bench.phase_against(aura_a, args.against)
+        if against is not None:
+            bench.phase_against(aura_a, against, args.against)
         if "options" in phases and bench.options:
             log("== options: plain asyncio instead of uvloop as the event loop of Aura and the peer")
             aura_aio = bench._start(S.aura_server("aura-asyncio", workdir, bench.redis.url, event_loop="asyncio"))

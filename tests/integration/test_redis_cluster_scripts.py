@@ -8,7 +8,7 @@ from __future__ import annotations
 import redis as sync_redis
 
 from adapters.redis.client import run_batch
-from adapters.redis.events import RedisEventLog, event_log_key
+from adapters.redis.events import RedisEventLog, _PendingAppend, event_log_key
 from domain.model.events import Event, EventType, RunIds
 from tests.defaults import EVENT_LOG, client_of
 from tests.redis_server import RedisCluster, flush_redis_cluster
@@ -44,11 +44,10 @@ async def test_calls_of_one_slot_that_meet_an_unknown_script_run_again_in_order(
     client = client_of(redis_cluster.url)
     log = RedisEventLog(client, **EVENT_LOG)
     try:
-        calls = [log._append_arguments(item, {}) for item in [
-            type("Pending", (), {"event": event("run_b", seq), "payload": b"", "snapshot": None})()
-            for seq in range(1, 21)]]
+        calls = [log._append_arguments([_PendingAppend(event("run_b", seq), b"", None, lambda _: None)])
+                 for seq in range(1, 21)]
         replies = await run_batch(client, [(log._append, keys, args) for keys, args in calls])
-        assert replies == [b"ok"] * 20
+        assert replies == [[b"ok", 1, 0]] * 20
         entries = await client.xrange(event_log_key("run_b"))
         assert [entry_id for entry_id, _ in entries] == [b"%d-1" % seq for seq in range(1, 21)]
     finally:

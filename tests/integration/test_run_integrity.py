@@ -97,6 +97,70 @@ async def test_a_different_event_at_a_logged_seq_fails_loudly_and_the_same_one_i
             for _, fields in await redis_client.xrange("aura:run:{run_a}:events")] == ["c1"]
 
 
+async def submit_all(log: RedisEventLog, events: list[Event]) -> list[str | None]:
+    """`events` appended in one batch (all queued before the log writes); each one's outcome."""
+    reports: list[str | None] = []
+    for item in events[:-1]:
+        log.submit(item, None, lambda error: reports.append(None if error is None else str(error)))
+    try:
+        await log.append(events[-1])
+        reports.append(None)
+    except RunFenced as refused:
+        reports.append(str(refused))
+    return reports
+
+
+async def test_a_refused_event_ends_its_runs_batch_and_nothing_after_it_is_logged(
+        redis_client: Redis, owner_log: RedisEventLog) -> None:
+    """One script call appends a run's events of a batch: a retried one is recognised, a colliding
+    one refused, and none after the refused one is logged (the log would hold an event after a
+    hole)."""
+    await admit(run_directory(redis_client))
+    await owner_log.append(event(1))
+    await owner_log.append(event(2))
+    collision = "Another event is logged at this seq."
+    assert await submit_all(owner_log, [event(1), event(2, text="other"), event(3)]) == [None, collision, collision]
+    assert await seqs(redis_client) == [b"1-1", b"2-1"]
+    with pytest.raises(RunFenced):  # the run is fenced: nothing more is sent for it
+        await owner_log.append(event(4))
+    assert await seqs(redis_client) == [b"1-1", b"2-1"]
+
+
+async def test_a_retried_batch_is_recognised_and_completed(redis_client: Redis, owner_log: RedisEventLog) -> None:
+    await admit(run_directory(redis_client))
+    await owner_log.append(event(1))
+    await owner_log.append(event(2))
+    reports = []
+    for seq in (1, 2, 3):
+        owner_log.submit(event(seq), {"lastSeq": seq},
+                         lambda error: reports.append(None if error is None else str(error)))
+    await owner_log.append(event(4), {"lastSeq": 4})
+    assert reports == [None, None, None]
+    assert await seqs(redis_client) == [b"1-1", b"2-1", b"3-1", b"4-1"]
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {"lastSeq": 4}
+
+
+async def test_an_end_in_a_batch_closes_the_log_to_the_events_after_it(
+        redis_client: Redis, owner_log: RedisEventLog) -> None:
+    await admit(run_directory(redis_client))
+    assert await submit_all(owner_log, [event(1), event(2, EventType.END), event(3)]) == [
+        None, None, "The run already ended; nothing more is logged for it."]
+    assert await seqs(redis_client) == [b"1-1", b"2-1"]
+    assert 50 < await redis_client.ttl("aura:run:{run_a}:events") <= 60  # the end's retention
+
+
+async def test_a_fenced_owners_batch_logs_nothing_and_writes_no_snapshot(
+        redis_client: Redis, owner_log: RedisEventLog) -> None:
+    await admit(run_directory(redis_client))
+    await owner_log.append(event(1))
+    await redis_client.set("aura:run:{run_a}:lease", "aura-b")
+    fenced = "This instance no longer holds the run's lease."
+    owner_log.submit(event(2), {"lastSeq": 2}, lambda _: None)
+    assert await submit_all(owner_log, [event(3)]) == [fenced]
+    assert await seqs(redis_client) == [b"1-1"]
+    assert await redis_client.get("aura:run:{run_a}:snapshot") is None
+
+
 async def test_lease_renewal_is_compare_and_set(redis_client: Redis) -> None:
     directory = run_directory(redis_client)
     await admit(directory, lease_seconds=1)

@@ -8,7 +8,7 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.services.prompts import _TEMPLATE_LINES, TURN_MARKERS, AnswerGuard, answer_cut
+from domain.services.prompts import _ECHOES, _TEMPLATE_LINES, ECHO_MIN_CHARS, TURN_MARKERS, AnswerGuard, answer_cut
 
 ECHO = _TEMPLATE_LINES[0]
 
@@ -24,6 +24,51 @@ def echo_fragments() -> st.SearchStrategy[str]:
 
 TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(["the ", "answer", " ", "\n", "<", "[", "İ"]),
                           echo_fragments()), max_size=12).map("".join)
+
+
+class StepByStepGuard:
+    """The guard's definition, character by character with the automaton's `step` (the guard
+    normalises ASCII pieces with str methods and looks its moves up in a table instead)."""
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.length = 0
+        self.space = False
+        self.state = 0
+
+    def feed(self, piece: str, *, final: bool = False) -> tuple[int, bool]:
+        echo_start: int | None = None
+        for index, char in enumerate(piece, self.length):
+            if char.isspace():
+                if self.space:
+                    continue
+                char = " "
+            self.space = char == " "
+            for lowered in char.lower():
+                self.positions.append(index)
+                self.state = _ECHOES.step(self.state, lowered)
+                if _ECHOES.longest_match[self.state]:
+                    start = len(self.positions) - _ECHOES.longest_match[self.state]
+                    echo_start = start if echo_start is None else min(echo_start, start)
+        self.length += len(piece)
+        if echo_start is not None:
+            return self.positions[echo_start], True
+        held = _ECHOES.held[self.state]
+        if final:
+            return (self.positions[-held], True) if held >= ECHO_MIN_CHARS else (self.length, False)
+        return (self.positions[-held] if held else self.length), False
+
+
+@given(text=TEXT, cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_the_guard_gives_the_verdicts_of_its_step_by_step_definition(text: str, cuts: list[int]) -> None:
+    bounds = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    guard, definition = AnswerGuard(), StepByStepGuard()
+    for start, end in pairwise(bounds):
+        verdict = guard.feed(text[start:end])
+        assert verdict == definition.feed(text[start:end])
+        if verdict[1]:
+            return
+    assert guard.feed("", final=True) == definition.feed("", final=True)
 
 
 @given(text=TEXT, cuts=st.lists(st.integers(0, 2000), max_size=8))

@@ -35,7 +35,9 @@ from domain.model.chat import (
 from domain.model.errors import ModelError
 from domain.model.ports import ChatModel
 
-_DIRECTIVE = re.compile(r"^\s*@([A-Za-z_][A-Za-z0-9_]*)\s*(.*?)\s*$")
+# The arguments are the rest of the line, stripped by str.strip: a lazy `(.*?)\s*$` tries the end
+# of the line after every character, ~0.16 ms for the 4 KB `@answer` line of the bench's runs.
+_DIRECTIVE = re.compile(r"\s*@([A-Za-z_][A-Za-z0-9_]*)(.*)")
 ANSWER_DIRECTIVE = "answer"
 MAX_INTERVAL_MS = 10_000
 MAX_SCRIPTED_CHUNKS = 100_000
@@ -55,7 +57,7 @@ def parse_directives(prompt: str) -> list[Directive]:
         match = _DIRECTIVE.match(line)
         if not match:
             continue
-        name, raw = match.group(1), match.group(2)
+        name, raw = match.group(1), match.group(2).strip()
         try:
             args = json.loads(raw) if raw else {}
         except ValueError:

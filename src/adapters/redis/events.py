@@ -3,10 +3,13 @@
 Entry ids are `<seq>-1`, so Redis itself refuses a duplicate or out-of-order append, a reader asks
 for "everything after seq N" with one XRANGE, and a trimmed log shows as a gap between N and the
 first retained id. The `end` entry carries a field `t`: a finished run's log refuses every later
-append. Each append is one script (`_APPEND`) that checks, in the same step as the XADD, that the
-log holds no `end` yet, that the run's lease still names this instance (fencing: an owner that lost
-its lease cannot write) and that no *different* event holds the seq (a retried append of the same
-bytes is answered "already logged"). Appends from all runs of the process are gathered into one
+append. The events of one run in a batch are appended by one script call (`_APPEND`) that checks,
+in the same step as its XADDs, that the log holds no `end` yet, that the run's lease still names
+this instance (fencing: an owner that lost its lease cannot write) and that no *different* event
+holds a seq (a retried append of the same bytes is answered "already logged"); the checks are
+made once per call, and the logged entry at a seq is read only where the seq is not beyond the
+log's last id (a retry). The first event a call refuses ends it: the run's later events in it are
+refused too, so a run's log never gets an event after a hole. Appends from all runs of the process are gathered into one
 batch per round trip: on one server, commands packed here and written on a connection the log
 holds (`packed.py` says why); on a cluster, a pipeline (one write per server holding those runs).
 Under load many events cost one network exchange; alone, an event costs one. Appends are submitted
@@ -61,44 +64,89 @@ def lease_key(run_id: str) -> str:
 TERMINAL_FIELD = b"t"
 
 # KEYS: 1 log, 2 lease, 3 snapshot, 4 reader (one run: one slot)
-# ARGV: 1 entry id, 2 envelope, 3 '1' for the run's `end`, 4 the owner the lease must name ('' when
-#       not checked), 5 max length, 6 snapshot ('' for none), 7 snapshot TTL, 8 log TTL ('' keeps it),
-#       9 the run's tail channel (published to while another instance reads the run; '' publishes nothing)
-# Reply: 'ok', 'dup' (these exact bytes are logged at this id already), 'collision' (other bytes
-# are, or a later id is), 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's);
-# 'read' for 'ok' when ARGV[9] is '' and the run has readers: the caller publishes it later itself
+# ARGV: 1 the owner the lease must name ('' when not checked), 2 max length, 3 snapshot ('' for none),
+#       4 the TTL of an active run's snapshot and of its log from its first entry, 5 the retention
+#       once the run's `end` is logged, 6 the run's tail channel (published to while another
+#       instance reads the run; '' publishes nothing), then per event, in seq order: 7 entry id,
+#       8 envelope, 9 '1' for the run's `end` ('0' otherwise), 10 the next event's id, ...
+# Reply: {outcome, logged, read}. `logged` events from the first are in the log (appended now, or
+# these exact bytes at their id already: a retry); the outcome is the next one's, and every later
+# one's: 'ok' (none is left), 'collision' (other bytes are logged at its id, or a later id is),
+# 'finished' (the log holds an `end`), 'fenced' (the lease is not the owner's). `read` is 1 when
+# ARGV[6] is '' and the run has readers: the caller publishes the logged events itself, later.
+# The snapshot is written only when every event is logged (it is the state after the last one).
 _APPEND = """
-local same = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
-if same then
-  local fields = same[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'e' and fields[i + 1] == ARGV[2] then return 'dup' end
-  end
-  return 'collision'
-end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local last_seq = -1
+local finished = false
 if last then
+  last_seq = tonumber(string.match(last[1], '^%d+'))
   local fields = last[2]
   for i = 1, #fields, 2 do
-    if fields[i] == 't' then return 'finished' end
+    if fields[i] == 't' then finished = true end
   end
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 'fenced' end
-local added
-if ARGV[3] == '1' then
-  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[1], 'e', ARGV[2], 't', '1')
-else
-  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[1], 'e', ARGV[2])
+local fence_checked = ARGV[1] == ''
+local outcome = 'ok'
+local logged = 0
+local added = {}
+local ended = false
+local first = false
+for i = 7, #ARGV, 3 do
+  local id, envelope = ARGV[i], ARGV[i + 1]
+  local seq = tonumber(string.match(id, '^%d+'))
+  local same = nil
+  if seq <= last_seq then same = redis.call('XRANGE', KEYS[1], id, id)[1] end
+  if same then
+    local fields = same[2]
+    local dup = false
+    for j = 1, #fields, 2 do
+      if fields[j] == 'e' and fields[j + 1] == envelope then dup = true end
+    end
+    if not dup then outcome = 'collision' break end
+    logged = logged + 1
+  else
+    if finished then outcome = 'finished' break end
+    if not fence_checked then
+      if redis.call('GET', KEYS[2]) ~= ARGV[1] then outcome = 'fenced' break end
+      fence_checked = true
+    end
+    local ending = ARGV[i + 2] == '1'
+    local result
+    if ending then
+      result = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'e', envelope, 't', '1')
+    else
+      result = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'e', envelope)
+    end
+    if type(result) == 'table' and result.err then outcome = 'collision' break end
+    if ending then
+      finished = true
+      ended = true
+    end
+    last_seq = seq
+    if seq == 1 then first = true end
+    logged = logged + 1
+    added[#added + 1] = envelope
+  end
 end
-if type(added) == 'table' and added.err then return 'collision' end
-if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
-if ARGV[8] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
-if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  if ARGV[9] == '' then return 'read' end
-  redis.call('PUBLISH', ARGV[9], ARGV[2])
+if #added > 0 then
+  if ended then redis.call('EXPIRE', KEYS[1], ARGV[5])
+  elseif first then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+  if outcome == 'ok' and ARGV[3] ~= '' then
+    redis.call('SET', KEYS[3], ARGV[3], 'EX', ended and ARGV[5] or ARGV[4])
+  elseif ended then
+    redis.call('EXPIRE', KEYS[3], ARGV[5])
+  end
 end
-return 'ok'
+local read = 0
+if logged > 0 and redis.call('EXISTS', KEYS[4]) == 1 then
+  if ARGV[6] == '' then
+    read = 1
+  else
+    for _, envelope in ipairs(added) do redis.call('PUBLISH', ARGV[6], envelope) end
+  end
+end
+return {outcome, logged, read}
 """
 
 
@@ -109,8 +157,8 @@ _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 # Appends per round trip at most. A thousand busy streams add a thousand events per loop pass: a
 # batch of 512 holds less than one event per run, so each stream is woken (one SSE write) per
 # event; 2,048 lets a batch carry a few per run (same-run A/B at 1,000 streams: 75.4 -> 60.2 us of
-# CPU per event). Redis then runs one batch for about 2,048 x the ~15 us of Redis CPU per event the
-# bench measures, ~30 ms, which other clients wait behind only when Redis is that busy anyway.
+# CPU per event). Redis then runs one batch for about 2,048 x the 7-15 us of Redis CPU per event the
+# bench measures, 15-30 ms, which other clients wait behind only when Redis is that busy anyway.
 MAX_BATCH = 2048
 
 # How many more loop passes a batch waits for while runs keep adding to it (see `_gather`).
@@ -143,7 +191,7 @@ class RedisEventLog(EventLog):
         self._append_sha = self._append.sha.encode()
         self._packed = PackedConnection(redis) if isinstance(redis, Redis) else None
         # Each run's keys and channel, encoded once (until its close_run).
-        self._run_keys: dict[str, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
+        self._run_keys: dict[str, tuple[list[bytes], bytes]] = {}
         self._max_length = max_length
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
@@ -189,10 +237,8 @@ class RedisEventLog(EventLog):
                 return
 
     async def _flush(self, batch: list[_PendingAppend]) -> None:
-        written: list[_PendingAppend] = []
-        # A snapshot is the run's state after its event; within one batch only each run's last
-        # one needs writing, since the whole batch is sent at once.
-        last_snapshot = {item.event.ids.run_id: item for item in batch if item.snapshot is not None}
+        # Each run's events of the batch, in seq order: one script call appends them all.
+        runs: dict[str, list[_PendingAppend]] = {}
         for item in batch:
             run_id = item.event.ids.run_id
             if run_id in self._fenced:
@@ -201,69 +247,92 @@ class RedisEventLog(EventLog):
             if run_id in self._broken and item.event.type not in _ALWAYS_ATTEMPTED:
                 _report(item, StoreUnavailable("The event log is unavailable."))
                 continue
-            written.append(item)
-        if not written:
+            items = runs.get(run_id)
+            if items is None:
+                runs[run_id] = [item]
+            else:
+                items.append(item)
+        if not runs:
             return
         try:
-            results = await self._send([self._append_arguments(item, last_snapshot) for item in written])
+            results = await self._send([self._append_arguments(items) for items in runs.values()])
         except asyncio.CancelledError:
-            for item in written:
-                _report(item, StoreUnavailable("The event log is closed."))
+            for items in runs.values():
+                for item in items:
+                    _report(item, StoreUnavailable("The event log is closed."))
             raise
         except (RedisError, OSError) as exc:
             log.warning("event log append failed: %s", type(exc).__name__)
-            for item in written:
-                self._broken.add(item.event.ids.run_id)
-                _report(item, StoreUnavailable("The event log is unavailable."))
+            for run_id, items in runs.items():
+                self._broken.add(run_id)
+                for item in items:
+                    _report(item, StoreUnavailable("The event log is unavailable."))
             return
-        for item, result in zip(written, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("event log append failed: %s", type(result).__name__)
-                outcome = None
-            else:
-                outcome = result.decode() if isinstance(result, bytes) else result
-            if outcome in ("ok", "dup", "read"):  # dup: a retried append of the same event, nothing lost
+        verdicts: dict[int, Exception | None] = {}
+        for (run_id, items), result in zip(runs.items(), results, strict=True):
+            self._judge(run_id, items, result, verdicts)
+        for item in batch:  # in submission order, as the callers submitted them
+            if id(item) in verdicts:
+                _report(item, verdicts[id(item)])
+
+    def _judge(self, run_id: str, items: list[_PendingAppend], result: Any,
+               verdicts: dict[int, Exception | None]) -> None:
+        """Each of a run's items' outcome from its append call's reply (`_APPEND`)."""
+        outcome, logged = "refused", 0
+        unconfirmed = isinstance(result, _Unconfirmed)
+        if unconfirmed:
+            result = result.reply
+        if isinstance(result, Exception):
+            log.warning("event log append failed: %s", type(result).__name__)
+        elif isinstance(result, list) and len(result) == 3:
+            outcome = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+            logged = int(result[1])
+        for index, item in enumerate(items):
+            if index < logged and unconfirmed:
+                self._broken.add(run_id)
+                verdicts[id(item)] = StoreUnavailable("The event log's replicas did not confirm an event.")
+            elif index < logged:
                 if item.event.type is EventType.END:
-                    self._closed.add(item.event.ids.run_id)
-                _report(item, None)
-            elif outcome == _UNCONFIRMED:
-                self._broken.add(item.event.ids.run_id)
-                _report(item, StoreUnavailable("The event log's replicas did not confirm an event."))
-            elif outcome in ("finished", "fenced", "collision"):
-                run_id = item.event.ids.run_id
-                log.warning("event log refused seq %d of run %s: %s", item.event.seq, run_id, outcome)
+                    self._closed.add(run_id)
+                verdicts[id(item)] = None
+            elif outcome in _REFUSALS:
+                if index == logged:
+                    log.warning("event log refused seq %d of run %s: %s", item.event.seq, run_id, outcome)
                 self._fenced.add(run_id)
-                _report(item, RunFenced(_REFUSALS[outcome]))
+                verdicts[id(item)] = RunFenced(_REFUSALS[outcome])
             else:
-                self._broken.add(item.event.ids.run_id)
-                _report(item, StoreUnavailable("The event log refused an event."))
+                self._broken.add(run_id)
+                verdicts[id(item)] = StoreUnavailable("The event log refused an event.")
 
     async def _send(self, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
         """Each (keys, args) as an EVALSHA of the append script, in one batch; the replies in order
-        (error replies as values; `_UNCONFIRMED` for an append the replicas did not confirm). A
-        server that does not know the script (a restart, a flushed cache) gets it loaded, and those
-        calls again: they did not run."""
+        (error replies as values; a reply whose appends the replicas did not confirm wrapped in
+        `_Unconfirmed`). A server that does not know the script (a restart, a flushed cache) gets it
+        loaded, and those calls again: they did not run."""
         if self._packed is None:
             return await run_batch(self._redis, [(self._append, keys, args) for keys, args in calls])
         if self._confirmation is None:
             return await self._evalsha(self._append_sha, _APPEND, calls)
         # The script publishes nothing (no channel): the events of followed runs go to followers
         # once confirmed (a retried append's too: its first attempt published nothing).
-        results = await self._evalsha(self._append_sha, _APPEND, [(keys, [*args[:8], b""]) for keys, args in calls])
-        published = [(args[8], args[1]) for (_keys, args), result in zip(calls, results, strict=True)
-                     if result in (b"read", b"dup")]
+        results = await self._evalsha(self._append_sha, _APPEND,
+                                      [(keys, [*args[:_CHANNEL_ARG], b"", *args[_CHANNEL_ARG + 1:]])
+                                       for keys, args in calls])
+        published = [(args[_CHANNEL_ARG], args[_FIRST_EVENT_ARG + 1 + 3 * index])
+                     for (_keys, args), result in zip(calls, results, strict=True)
+                     if isinstance(result, list) and result[2] == 1 for index in range(int(result[1]))]
         if published:
             await self._publish_confirmed(published)
         return results
 
     async def _evalsha(self, sha: bytes, body: str, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
         """Each call of the script `sha` in one packed write (then the `WAIT`, when replicas must
-        confirm: an unconfirmed batch's successes become `_UNCONFIRMED`)."""
+        confirm: an unconfirmed batch's replies are wrapped in `_Unconfirmed`)."""
         assert self._packed is not None  # one server: the caller checked
         numkeys = b"%d" % len(calls[0][0])
         confirmation = self._confirmation
         wait = confirmation.command() if confirmation is not None else b""
-        packed = b"".join(pack(b"EVALSHA", sha, numkeys, *keys, *args) for keys, args in calls)
+        packed = b"".join([pack(b"EVALSHA", sha, numkeys, *keys, *args) for keys, args in calls])
         results = await self._packed.execute(packed + wait, len(calls) + bool(wait))
         unknown = [index for index, result in enumerate(results[:len(calls)]) if isinstance(result, NoScriptError)]
         if unknown:
@@ -280,7 +349,7 @@ class RedisEventLog(EventLog):
                 confirmation.check(results.pop())
             except RedisError as error:
                 log.warning("event log: %s", error)
-                results = [_UNCONFIRMED if result in (b"ok", b"dup", b"read") else result for result in results]
+                results = [_Unconfirmed(result) for result in results]
         return results
 
     async def _publish_confirmed(self, publications: list[tuple[bytes, bytes]]) -> None:
@@ -293,27 +362,25 @@ class RedisEventLog(EventLog):
         except (RedisError, OSError) as exc:
             log.warning("event log: could not publish confirmed events to followers: %s", type(exc).__name__)
 
-    def _keys_of(self, run_id: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    def _keys_of(self, run_id: str) -> tuple[list[bytes], bytes]:
+        """The run's keys (as `_APPEND` takes them) and its tail channel, encoded once."""
         keys = self._run_keys.get(run_id)
         if keys is None:
             keys = self._run_keys[run_id] = (
-                event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
-                run_key(run_id, "reader").encode(), run_key(run_id, "tail").encode())
+                [event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
+                 run_key(run_id, "reader").encode()], run_key(run_id, "tail").encode())
         return keys
 
-    def _append_arguments(self, item: _PendingAppend, last_snapshot: Mapping[str, _PendingAppend]
-                          ) -> tuple[list[bytes], list[bytes]]:
-        event = item.event
-        run_id = event.ids.run_id
-        ending = event.type is EventType.END
-        snapshot = b""
-        if item.snapshot is not None and last_snapshot[run_id] is item:
-            snapshot = orjson.dumps(item.snapshot)
-        log_ttl = self._retention_arg if ending else self._active_ttl_arg if event.seq == 1 else b""
-        log_key, lease, snapshot_name, reader, tail = self._keys_of(run_id)
-        return ([log_key, lease, snapshot_name, reader],
-                [b"%d-1" % event.seq, item.payload, b"1" if ending else b"0", self._owner, self._max_length_arg,
-                 snapshot, self._retention_arg if ending else self._active_ttl_arg, log_ttl, tail])
+    def _append_arguments(self, items: Sequence[_PendingAppend]) -> tuple[list[bytes], list[bytes]]:
+        """One run's events, in seq order, as `_APPEND`'s keys and arguments."""
+        keys, tail = self._keys_of(items[0].event.ids.run_id)
+        snapshot = next((item.snapshot for item in reversed(items) if item.snapshot is not None), None)
+        args = [self._owner, self._max_length_arg, b"" if snapshot is None else orjson.dumps(snapshot),
+                self._active_ttl_arg, self._retention_arg, tail]
+        for item in items:
+            event = item.event
+            args += (b"%d-1" % event.seq, item.payload, b"1" if event.type is EventType.END else b"0")
+        return keys, args
 
     async def read_after(self, run_id: str, after_seq: int, limit: int = 500) -> Sequence[Event]:
         """Events after `after_seq`; when replicas must confirm writes, only once they hold all of
@@ -374,8 +441,15 @@ class RedisEventLog(EventLog):
             await self._packed.aclose()
 
 
-# The outcome of an append the master took but the replicas did not confirm in time.
-_UNCONFIRMED = "unconfirmed"
+@dataclass(slots=True)
+class _Unconfirmed:
+    """The reply of an append call the master ran but the replicas did not confirm in time."""
+
+    reply: Any
+
+# Where `_APPEND`'s arguments hold the run's tail channel and its first event's id.
+_CHANNEL_ARG = 5
+_FIRST_EVENT_ARG = 6
 
 _REFUSALS = {
     "finished": "The run already ended; nothing more is logged for it.",

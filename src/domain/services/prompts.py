@@ -156,7 +156,7 @@ class _EchoAutomaton:
     one character at a time, its state is the longest end of the answer that begins an echo, and
     it knows at once when an echo is complete."""
 
-    __slots__ = ("depth", "fail", "goto", "held", "longest_match")
+    __slots__ = ("depth", "fail", "goto", "held", "longest_match", "moves")
 
     def __init__(self, needles: Sequence[str], markers: Sequence[str]) -> None:
         self.goto: list[dict[str, int]] = [{}]
@@ -192,6 +192,11 @@ class _EchoAutomaton:
                     fallback = self.fail[fallback]
                 self.fail[child] = self.goto[fallback].get(char, 0)
                 order.append(child)
+        # `step` resolved in advance for every state and character of an echo (those it leaves the
+        # root for; any other character leads to the root): one dict lookup per character
+        alphabet = {char for node in self.goto for char in node}
+        self.moves: list[dict[str, int]] = [{char: target for char in alphabet if (target := self.step(state, char))}
+                                            for state in range(len(self.goto))]
 
     def step(self, state: int, char: str) -> int:
         while state and char not in self.goto[state]:
@@ -200,6 +205,9 @@ class _EchoAutomaton:
 
 
 _ECHOES = _EchoAutomaton((*_TEMPLATE_LINES, *TURN_MARKERS), TURN_MARKERS)
+# What normalising changes besides the case: whitespace after whitespace (one space for the run)
+# and whitespace other than a space
+_SPACING = re.compile(r"\s\s|[^\S ]")
 
 
 class AnswerGuard:
@@ -225,18 +233,32 @@ class AnswerGuard:
         may be the start of an echo."""
         echo_start: int | None = None
         state, space, positions = self._state, self._space, self._positions
-        for index, char in enumerate(piece, self._length):
-            if char.isspace():
-                if space:
-                    continue
-                char = " "
-            space = char == " "
-            for lowered in char.lower():  # one character, or more ("İ")
-                positions.append(index)
-                state = _ECHOES.step(state, lowered)
-                if _ECHOES.longest_match[state]:
-                    start = len(positions) - _ECHOES.longest_match[state]
-                    echo_start = start if echo_start is None else min(echo_start, start)
+        if piece.isascii() and not _SPACING.search(piece) and not (space and piece[:1] == " "):
+            # each character normalises to its lower case (its spaces stand alone): normalised by
+            # a str method, not character by character
+            normal = piece.lower()
+            positions.extend(range(self._length, self._length + len(piece)))
+            if normal:
+                space = normal[-1] == " "
+        else:
+            normalised: list[str] = []
+            for index, char in enumerate(piece, self._length):
+                if char.isspace():
+                    if space:
+                        continue
+                    char = " "
+                space = char == " "
+                for lowered in char.lower():  # one character, or more ("İ")
+                    positions.append(index)
+                    normalised.append(lowered)
+            normal = "".join(normalised)
+        moves, longest_match = _ECHOES.moves, _ECHOES.longest_match
+        first = len(positions) - len(normal)  # the normalised index of `normal[0]`
+        for offset, char in enumerate(normal, first + 1):
+            state = moves[state].get(char, 0)
+            if longest_match[state]:
+                start = offset - longest_match[state]
+                echo_start = start if echo_start is None else min(echo_start, start)
         self._state, self._space = state, space
         self._length += len(piece)
         if echo_start is not None:
