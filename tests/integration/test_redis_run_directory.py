@@ -8,10 +8,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from adapters.redis.client import is_cluster
 from adapters.redis.runs import ACTIVE_RUNS_KEY, RedisRunDirectory
 from domain.model.errors import StoreUnavailable
 from domain.model.runs import RunRecord
 from tests.defaults import client_of, run_directory
+from tests.integration.commands import CommandLog
 from tests.redis_server import RedisCluster, flush_redis_cluster
 
 
@@ -81,3 +83,30 @@ async def test_on_a_cluster_a_run_is_recorded_only_once_the_active_index_holds_i
         assert await client.zscore(ACTIVE_RUNS_KEY, "run_1") is not None
     finally:
         await client.aclose()
+
+
+async def test_on_one_server_a_run_is_closed_and_forgotten_in_one_round_trip(redis_client: Redis) -> None:
+    """The close writes the final record, drops the lease and frees the slots and the index entry:
+    one script on one server (a cluster keeps two steps, its keys being in different slots)."""
+    directory = run_directory(redis_client)
+    for run in (record("run_0"), record("run_1")):
+        assert await admit(directory, run) is None
+    assert await directory.close(record("run_0"), "completed", 60)  # its scripts are loaded now
+    log = CommandLog(redis_client)
+    assert await directory.close(run, "completed", 60)
+    assert log.take() == (["EVALSHA", "PIPELINE"] if is_cluster(redis_client) else ["EVALSHA"])
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is None
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
+
+
+async def test_a_run_whose_lease_is_gone_keeps_its_slots_and_index_entry_for_the_sweep(redis_client: Redis) -> None:
+    directory = run_directory(redis_client)
+    run = record("run_1")
+    assert await admit(directory, run) is None
+    await redis_client.delete("aura:run:{run_1}:lease")
+    assert not await directory.close(run, "completed", 60)
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta"))["status"] == "running"
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is not None
+    assert await redis_client.zrange("aura:slots:{acme}:user:alice", 0, -1) == [b"run_1"]
+    assert await redis_client.zrange("aura:slots:{acme}:tenant", 0, -1) == [b"run_1"]

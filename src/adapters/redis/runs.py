@@ -34,8 +34,9 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
 What spans slots (a run's keys, its tenant's slots, the active index, the approval's `hitl:*` keys)
 is written in idempotent steps, in an order that a crash between two of them leaves nothing lost:
 the active index first (a run is findable before anything else of it exists), the run's own keys,
-then the slots; on the way out the run's keys first, the slots and the index last. Whatever a crash
-leaves behind is cleaned by the lost-run sweep (`stale_runs`, `declare_lost`).
+then the slots; on the way out the run's keys first, the slots and the index last (on one server,
+not a cluster, the way out is one script over all of them). Whatever a crash leaves behind is
+cleaned by the lost-run sweep (`stale_runs`, `declare_lost`).
 """
 
 from __future__ import annotations
@@ -158,11 +159,22 @@ return previous
 RUN_CLOSED = b'{"aura":"run_closed"}'
 
 # KEYS: meta, lease, reader; ARGV: owner, final record, retention, the run's tail channel, RUN_CLOSED
-_CLOSE = """
+_CLOSE_RECORD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+"""
+_CLOSE = _CLOSE_RECORD + "return 1\n"
+
+# The close and the forgetting of a run in one script, on one server (not a cluster, where the
+# run's keys, its tenant's slots and the active index live in different slots). KEYS as _CLOSE's,
+# then 4 user slots, 5 tenant slots, 6 the active index; ARGV as _CLOSE's, then 6 the run id. A
+# run whose lease is gone keeps its slots and index entry: the lost-run sweep finds it by them.
+_CLOSE_AND_FORGET = _CLOSE_RECORD + """
+redis.call('ZREM', KEYS[4], ARGV[6])
+redis.call('ZREM', KEYS[5], ARGV[6])
+redis.call('ZREM', KEYS[6], ARGV[6])
 return 1
 """
 
@@ -245,6 +257,7 @@ class RedisRunDirectory(RunDirectory):
         self._renew = redis.register_script(_RENEW)
         self._renew_and_read = redis.register_script(_RENEW_AND_READ)
         self._close = redis.register_script(_CLOSE)
+        self._close_and_forget = redis.register_script(_CLOSE_AND_FORGET)
         self._declare_lost = redis.register_script(_DECLARE_LOST)
         self._note_reader = redis.register_script(_NOTE_READER)
         self._drop_unchanged_readers = redis.register_script(_DROP_UNCHANGED_READERS)
@@ -362,12 +375,19 @@ class RedisRunDirectory(RunDirectory):
         return text
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
-        """The record is the one this owner registered, so it is rewritten without being read first."""
+        """The record is the one this owner registered, so it is rewritten without being read first.
+        One round trip on one server; on a cluster the run's keys first, then its slots and index
+        entry (`_forget`)."""
         run_id = record.run_id
-        closed = await self._call(self._close(
-            keys=[meta_key(run_id), lease_key(run_id), reader_key(run_id)],
-            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds,
-                  tail_channel(run_id), RUN_CLOSED]))
+        keys = [meta_key(run_id), lease_key(run_id), reader_key(run_id)]
+        args: list[Any] = [record.instance_id, orjson.dumps({**record.to_record(), "status": status}),
+                           retention_seconds, tail_channel(run_id), RUN_CLOSED]
+        if not is_cluster(self._redis):
+            return bool(await self._call(self._close_and_forget(
+                keys=[*keys, user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id),
+                      ACTIVE_RUNS_KEY],
+                args=[*args, run_id])))
+        closed = await self._call(self._close(keys=keys, args=args))
         if closed:
             await self._forget(record.run_id, record.tenant_id, record.user_id)
         return bool(closed)
