@@ -198,9 +198,13 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisRunDirectory(RunDirectory):
-    def __init__(self, redis: RedisClient, *, max_log_length: int, approvals: RedisApprovalStore) -> None:
+    def __init__(self, redis: RedisClient, *, max_log_length: int, approvals: RedisApprovalStore,
+                 confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
         self._max_log_length = max_log_length
+        # When replicas must confirm writes, a run is admitted (its id handed to the client) only
+        # once they hold its record: a failover must not turn a run id the client holds into a 404.
+        self._confirmation = confirmation
         # A lost run's pending approval is cancelled through the approval store's own steps.
         self._approvals = approvals
         self._take_slots = redis.register_script(_TAKE_SLOTS)
@@ -264,7 +268,8 @@ class RedisRunDirectory(RunDirectory):
                     lease_seconds: float) -> str | None:
         """Three ordered steps: the active index, the run's record and lease (so a crash or a
         failure from here on leaves a run the sweep declares lost, which frees whatever it holds),
-        then the tenant's slots in one script. A refusal takes the first two back."""
+        then the tenant's slots in one script. A refusal takes the first two back; so does a
+        record the replicas did not confirm (StoreUnavailable: the client may retry)."""
         now = time.time()
         run_id = record.run_id
         lease_deadline = int((now + lease_seconds) * 1000)
@@ -297,12 +302,40 @@ class RedisRunDirectory(RunDirectory):
             result = await self._call(self._take_slots(keys=slot_keys, args=slot_args))
         text = _text(result)
         if text == "ok":
+            try:
+                await self._confirm_admitted(run_id)
+            except StoreUnavailable:
+                with contextlib.suppress(StoreUnavailable):  # else the sweep declares it lost, which frees it
+                    await self._undo_admission(run_id)
+                    await self._forget(run_id, record.tenant_id, record.user_id)
+                raise
             return None
+        await self._undo_admission(run_id)
+        return text
+
+    async def _confirm_admitted(self, run_id: str) -> None:
+        """With replica confirmation: the record is on the master the client talks to now and its
+        replicas hold it (a read, then `WAIT` on its connection, which covers every write the
+        master had taken by then: durability.py)."""
+        confirmation = self._confirmation
+        if confirmation is None:
+            return
+        pipe = batch(self._redis)
+        pipe.exists(meta_key(run_id))
+        pipe.execute_command(*confirmation.arguments())
+        try:
+            exists, confirmed = await pipe.execute(raise_on_error=False)
+            if not raise_error(exists):
+                raise StoreUnavailable("The run's record is not on the current Redis master.")
+            confirmation.check(confirmed)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory's replicas did not confirm the run.") from exc
+
+    async def _undo_admission(self, run_id: str) -> None:
         undo = batch(self._redis)
         undo.delete(meta_key(run_id), lease_key(run_id))
         undo.zrem(ACTIVE_RUNS_KEY, run_id)
         await self._call(undo.execute())
-        return text
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first."""
