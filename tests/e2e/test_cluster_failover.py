@@ -13,7 +13,6 @@ says so, and this test holds Aura to the case the docs promise."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import pytest
 import redis
 
 from tests.aura_process import AuraProcess
-from tests.e2e.test_sentinel import NOTICES, Load, is_store_failure_notice, one_run
+from tests.e2e.failover_load import NOTICES, Load, LoadDriver, is_store_failure_notice
 from tests.fake_dwp import FakeDwp, FakeResponse
 from tests.redis_nodes import CLUSTER_MASTERS
 from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster
@@ -140,17 +139,8 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
            "AURA_RUNS__LEASE_SECONDS": str(LEASE_SECONDS)}
     auras = [start_aura(redis_url=cluster.url, env={**env, "AURA_RUNS__INSTANCE_ID": f"aura-{n}"})
              for n in ("a", "b")]
-    load = Load()
-    NOTICES.clear()  # the notices of this load only
-    stop = False
-    counter = itertools.count()
-    clients = [httpx.AsyncClient(base_url=aura.url, timeout=30) for aura in auras]
-
-    async def worker() -> None:
-        while not stop:
-            await one_run(next(counter), clients, load)
-
-    workers = [asyncio.create_task(worker()) for _ in range(CONCURRENCY)]
+    driver = LoadDriver(auras, CONCURRENCY)
+    load = driver.load
     failed_over: list[tuple[int, int, int]] = []
     try:
         await load.until(lambda: len(load.approved) >= APPROVED_BEFORE_FAILOVER, "approvals before the failover")
@@ -159,27 +149,19 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
             held = await asyncio.to_thread(run_keys, master)
             if held and len(failed_over) < limit:
                 failed_over.append((master, held, await asyncio.to_thread(fail_over, cluster, master)))
-        failover_seconds = time.monotonic() - started
+        driver.outcome = f"failovers {failed_over} in {time.monotonic() - started:.1f} s"
         load.failover_done = True
         await load.until(lambda: load.runs_completed_after_failover >= COMPLETED_AFTER_FAILOVER,
                          "runs completed after the failovers")
-        stop = True
-        await asyncio.gather(*workers)
-        resumed = {run_id: await resume_once(clients[0], run_id, user, seq) for run_id, user, seq in stalled(load)}
+        await driver.drain()
+        resumed = {run_id: await resume_once(driver.clients[0], run_id, user, seq)
+                   for run_id, user, seq in stalled(load)}
         for aura in auras:
             async with httpx.AsyncClient(base_url=aura.url, timeout=10) as client:
                 assert (await client.get("/ready")).json() == {"status": "ready"}
     finally:
-        stop = True
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
+        await driver.finish()
         dwp.stop()
-    print(f"failovers {failed_over} in {failover_seconds:.1f} s; runs completed {load.runs_completed}, "
-          f"failed {len(load.runs_failed)}; events received {len(load.received)} (followers {len(load.followed)}); "
-          f"approvals answered {dict(load.approval_answers)}; failed runs: {Counter(load.runs_failed_why())}")
 
     store = redis.RedisCluster(host="127.0.0.1", port=failed_over[0][2] if failed_over else cluster.ports[0])
     try:
@@ -267,6 +249,7 @@ def assert_only_retryable_errors(load: Load, *, stalled_then_resumed: dict[str, 
                      if not (why.split(": ", 1)[1] == "HTTP 503" or "store_unavailable" in why or "run_lost" in why
                              or "'status': 'failed', 'reason': 'unknown'" in why)]
     assert not_retryable == [], not_retryable
+    assert load.done_without_end == []  # every stream's last events: an `end` then [DONE], or `retry:`
     for run_id, notices_of_run in NOTICES.items():
         for notice in notices_of_run:
             if notice["type"] == "error":
@@ -282,6 +265,7 @@ async def test_cluster_failovers_under_load_lose_no_received_event_and_revert_no
     assert outcome.running == []  # every run ended
     assert outcome.holes == []  # every run's log is whole
     assert_only_retryable_errors(outcome.load)
+    assert outcome.load.not_found == []  # every run a client was given the id of is known after
     assert outcome.calls and max(outcome.calls.values()) == 1  # every approved call made once at most
 
 
