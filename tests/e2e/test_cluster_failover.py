@@ -243,11 +243,10 @@ def assert_only_retryable_errors(load: Load, *, stalled_then_resumed: dict[str, 
         assert len(stalled_then_resumed) == len(timed_out), timed_out
         assert set(stalled_then_resumed.values()) <= {b"data: [DONE]"}, stalled_then_resumed
     assert set(load.approval_answers) <= {200, 409, 503}, load.approval_answers
-    # (a run whose `end` the store refused while its record was closed `failed` ends, for a resume,
-    # with the record's status and reason `unknown`)
+    # (a run whose `end` the store refused while its record was closed ends, for a resume, with the
+    # `end` its record keeps: store_unavailable or run_lost here)
     not_retryable = [why for why in load.runs_failed
-                     if not (why.split(": ", 1)[1] == "HTTP 503" or "store_unavailable" in why or "run_lost" in why
-                             or "'status': 'failed', 'reason': 'unknown'" in why)]
+                     if not (why.split(": ", 1)[1] == "HTTP 503" or "store_unavailable" in why or "run_lost" in why)]
     assert not_retryable == [], not_retryable
     assert load.done_without_end == []  # every stream's last events: an `end` then [DONE], or `retry:`
     for run_id, notices_of_run in NOTICES.items():

@@ -4,7 +4,9 @@ has the run's `end`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -14,7 +16,14 @@ from domain.model.events import Event, EventType
 from domain.model.runs import RunFollower, RunRecord
 from domain.services.access import Notice, ResumeItem, RunAccess
 from tests.defaults import stream_config
-from tests.unit.fakes import LogPollingFollower, RecordingControl, ScriptedModel, text
+from tests.unit.fakes import (
+    LogPollingFollower,
+    MemoryEventLog,
+    MemoryRunDirectory,
+    RecordingControl,
+    ScriptedModel,
+    text,
+)
 from tests.unit.harness import ALICE, Harness, collect
 
 
@@ -99,3 +108,38 @@ async def test_a_follow_that_ends_before_the_runs_end_ends_the_stream_with_a_ret
     assert outline(items) == [("Notice", EventType.ERROR, 0, "store_unavailable"),
                               ("Notice", EventType.END, 0, "store_unavailable")]
     assert items[-1].data["status"] == "failed"  # type: ignore[union-attr]
+
+
+class BreaksAfter(MemoryEventLog):
+    """Takes the run's first `seq` events, then refuses every one (the store went away, or a
+    failover's replicas did not confirm them): the run's closing `error` and `end` never reach it."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self._seq = seq
+
+    def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
+               logged: Callable[[Exception | None], None]) -> None:
+        if event.seq > self._seq:
+            logged(StoreUnavailable("The event log is unavailable."))
+        else:
+            super().submit(event, snapshot, logged)
+
+
+async def test_a_run_whose_end_never_reached_the_log_is_said_to_have_ended_as_its_record_says() -> None:
+    """Its final record keeps how it ended (status, reason, message): a resume's closing `end`
+    notice says that, not reason `unknown`."""
+    h = Harness(ScriptedModel(text('{"steps": []}'), text("ok"), text("answer")))
+    h.log = BreaksAfter(2)
+    h.directory = MemoryRunDirectory(h.log)
+    h.rebuild()
+    handle, _watcher = await h.start()
+    assert handle.task is not None
+    await asyncio.wait([handle.task])  # it ends (cancelled by its store failure, or not)
+    assert [e.seq for e in h.log.events[handle.run_id]] == [1, 2]
+    record = h.directory.records[handle.run_id]
+    assert record.status == "failed"
+    items = [item async for item in access_of(h).resume(ALICE, handle.run_id, 2, 15.0)]
+    assert [(type(i).__name__, i.type, i.data) for i in items if i is not None] == [
+        ("Notice", EventType.END, {"status": "failed", "reason": "store_unavailable",
+                                   "message": "The event log is unavailable."})]

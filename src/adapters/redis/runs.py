@@ -41,7 +41,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import orjson
@@ -58,7 +58,7 @@ from adapters.redis.sentinel import master_watch
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
-from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunEnd, RunFollower, RunRecord
 from domain.runtime.waits import Backoff
 
 log = logging.getLogger("aura.runs")
@@ -337,12 +337,13 @@ class RedisRunDirectory(RunDirectory):
         undo.zrem(ACTIVE_RUNS_KEY, run_id)
         await self._call(undo.execute())
 
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
+    async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first."""
         run_id = record.run_id
+        final = replace(record, status=status, end=end)
         closed = await self._call(self._close(
             keys=[meta_key(run_id), lease_key(run_id), reader_key(run_id)],
-            args=[record.instance_id, orjson.dumps({**record.to_record(), "status": status}), retention_seconds,
+            args=[record.instance_id, orjson.dumps(final.to_record()), retention_seconds,
                   tail_channel(run_id), RUN_CLOSED]))
         if closed:
             await self._forget(record.run_id, record.tenant_id, record.user_id)
@@ -368,7 +369,7 @@ class RedisRunDirectory(RunDirectory):
             keys=[event_log_key(run_id), lease_key(run_id), meta_key(run_id), snapshot_key(run_id)],
             args=[f"{lost.after_seq}-1" if lost.after_seq else "", f"{lost.error.seq}-1", envelope_bytes(lost.error),
                   f"{lost.end.seq}-1", envelope_bytes(lost.end),
-                  orjson.dumps({**record.to_record(), "status": "failed"}),
+                  orjson.dumps(replace(record, status="failed", end=RunEnd.from_data(lost.end.data)).to_record()),
                   b"" if lost.snapshot is None else orjson.dumps(lost.snapshot), lost.retention_seconds,
                   self._max_log_length, tail_channel(run_id)])))
         if outcome in ("declared", "finished"):

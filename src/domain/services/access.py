@@ -14,7 +14,7 @@ from domain.model.events import Event, EventType, RunIds
 from domain.model.identity import Principal
 from domain.model.ports import ApprovalStore, Clock, ConversationStore, EventLog
 from domain.model.run import RunRequest
-from domain.model.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.runs import LostRun, RunControl, RunDirectory, RunEnd, RunFollower, RunRecord
 from domain.runtime.feed import Subscription, SubscriptionOverflow
 from domain.services.agent import Agent
 from domain.services.runs import RunService
@@ -246,13 +246,18 @@ class RunAccess:
         raise StoreUnavailable("The run's follow ended before its end.")
 
     async def _final_notice(self, run_id: str, ids: RunIds, current: RunRecord | None) -> Notice:
-        """How a run ended whose log has no `end` after what the client has (it expired, or the
-        store failed when the run ended): said rather than waited for."""
+        """How a run ended whose log has no `end` after what the client has (the store refused
+        the `end`, or the log expired): said rather than waited for, as the run's final record
+        keeps it (its status, reason and message), else its snapshot; `unknown` only when neither
+        says (both expired, or a record closed before it kept its `end`)."""
+        if current is not None and current.end is not None:
+            return Notice(EventType.END, ids, self._clock.timestamp(), current.end.data())
         snapshot = await self._directory.get_snapshot(run_id)
-        end = (snapshot or {}).get("end") or {
+        end = RunEnd.from_data((snapshot or {}).get("end"))
+        data = end.data() if end is not None else {
             "status": current.status if current else "failed", "reason": "unknown",
             "message": "The run ended; its final events are no longer retained."}
-        return Notice(EventType.END, ids, self._clock.timestamp(), end)
+        return Notice(EventType.END, ids, self._clock.timestamp(), data)
 
     async def _follow_remote(self, record: RunRecord, last: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         """Follow a run owned by another instance (the follow counts as a reader for its owner,
