@@ -23,7 +23,8 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
   scored by when their slot lapses (so a crashed instance's runs free their slots by themselves);
   both carry the tenant's hash tag, so the admission's check-and-take is one single-slot script
 - channel `aura:instance:{instanceId}:control`  cancel requests for the runs an instance owns
-- channel `aura:run:{runId}:tail`  the run's events as they are logged, while it has a remote reader
+- channel `aura:run:{runId}:tail`  the run's events as they are logged, while it has a remote reader;
+                               `RUN_CLOSED` at its close, `NOTE_AGAIN` when a failover moved its slot
 
 What spans slots (a run's keys, its tenant's slots, the active index, the approval's `hitl:*` keys)
 is written in idempotent steps, in an order that a crash between two of them leaves nothing lost:
@@ -55,6 +56,7 @@ from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.redis.readers import stop_reader
 from adapters.redis.sentinel import master_watch
+from adapters.redis.topology import NOTE_AGAIN, slot_map
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
@@ -454,19 +456,23 @@ class _Follow:
 class RedisRunFollower(RunFollower):
     """Follows runs other instances own. A follow subscribes to the run's tail channel, adds its
     entry to the run's reader set (from then on the owner's append script publishes each event it
-    logs, in the same step), reads the log after its position once (XRANGE), then takes the events
-    as they are published: no command per event, and none while the run is idle. What keeps its
+    logs, in the same step), reads the run's record once (a close before the entry was noted is
+    announced to nobody) and the log after its position once (XRANGE), then takes the events as
+    they are published: no command per event, and none while the run is idle. What keeps its
     entry counted is the process's presence key, one `SET` every third of `reader_ttl_seconds`
     for all its follows (an idle follow costs nothing of its own; the owner drops the entries of
     an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
     it), when the tail channels are subscribed again after a lost connection (or a Sentinel
-    failover, announced by the sentinels: `MasterWatch`) and at a seq gap, each follow notes its
-    entry again and fills the gap from the log (and after all but a gap, looks whether the run's
-    record was closed meanwhile: a run whose store refused its `end` closes without one, and its
-    owner announces the close, `RUN_CLOSED`; the follow then ends, and its reader resumes to learn
-    how the run ended). One Pub/Sub connection serves every follow of the
-    process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
-    reader for the owner (`RunDirectory.has_reader`) until it ends."""
+    failover, announced by the sentinels: `MasterWatch`), when a cluster failover moved the run's
+    slot (a master killed before its replica had the entry takes it along: the owner, meeting the
+    move, publishes `NOTE_AGAIN`, and this process's own slot map says so when its commands meet
+    it: topology.py) and at a seq gap, each follow notes its entry again and fills the gap from
+    the log (and after all but a gap, looks whether the run's record was closed meanwhile: a run
+    whose store refused its `end` closes without one, and its owner announces the close,
+    `RUN_CLOSED`; the follow then ends, and its reader resumes to learn how the run ended). One
+    Pub/Sub connection serves every follow of the process (classic SUBSCRIBE: on a cluster any
+    node hears every PUBLISH). A follow counts as a reader for the owner
+    (`RunDirectory.has_reader`) until it ends."""
 
     def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
                  page: int = 500, confirmation: ReplicaConfirmation | None = None,
@@ -490,6 +496,12 @@ class RedisRunFollower(RunFollower):
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
+        # On a cluster: each followed run's reader-set primary when its entries were last noted;
+        # a failover that moves it may have lost them (topology.py).
+        self._slots = slot_map(redis)
+        self._primaries: dict[str, str | None] = {}
+        if self._slots is not None:
+            self._slots.on_change(self._slot_map_changed)
 
     async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
         follow = _Follow(after_seq, f"{self._follower}/{secrets.token_hex(8)}")
@@ -499,8 +511,14 @@ class RedisRunFollower(RunFollower):
             loop = asyncio.get_running_loop()
             await self._keep_present(loop.time())
             await self._note_reader(run_id, follow.entry)
+            # A close before the entry was noted announced nothing to this follow (one after it
+            # does: RUN_CLOSED), so the record is read once, after the note and before the log: a
+            # run closed without its `end` in the log ends the follow once the log is read.
+            closed = await self._closed(run_id, gone=False)
             async for event in self._catch_up(run_id, follow):
                 yield event
+            if closed:
+                return
             idle_since = loop.time()
             while True:
                 wait = max(0.0, idle_since + self._block_seconds - loop.time())
@@ -534,6 +552,7 @@ class RedisRunFollower(RunFollower):
                 followers.discard(follow)
                 if not followers:
                     del self._follows[run_id]
+                    self._primaries.pop(run_id, None)
             if not self._follows:
                 self._presence_due = None  # left to lapse
             with contextlib.suppress(RedisError, OSError):  # else the owner drops it once this process is gone
@@ -558,13 +577,13 @@ class RedisRunFollower(RunFollower):
                 for follow in follows:
                     follow.queue.put_nowait(None)
 
-    async def _closed(self, run_id: str) -> bool:
-        """Whether the run's record is final (or gone)."""
+    async def _closed(self, run_id: str, *, gone: bool = True) -> bool:
+        """Whether the run's record is final (or, unless `gone` is False, gone)."""
         try:
             raw = await self._redis.get(meta_key(run_id))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The run directory is unavailable.") from exc
-        return raw is None or RunRecord.from_record(orjson.loads(raw)).status != "running"
+        return gone if raw is None else RunRecord.from_record(orjson.loads(raw)).status != "running"
 
     async def _note_reader(self, run_id: str, entry: str) -> bool:
         """Add this follow's reader entry (again); True when it was not there (events may have gone
@@ -575,7 +594,22 @@ class RedisRunFollower(RunFollower):
                                      args=[now_ms + READER_ENTRY_TTL_MS, entry, READER_ENTRY_TTL_MS, now_ms])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
+        if self._slots is not None:
+            self._primaries[run_id] = self._slots.primary_of(reader_key(run_id))
         return bool(added)
+
+    def _slot_map_changed(self) -> None:
+        """This process's slot map changed (a command of its own met a failover): the follows of a
+        run whose reader set has another primary now note their entries again and read the log
+        (the owner, when its own commands meet the move, says so too: `NOTE_AGAIN`)."""
+        assert self._slots is not None
+        for run_id, follows in self._follows.items():
+            primary, known = self._slots.primary_of(reader_key(run_id)), self._primaries.get(run_id)
+            if primary is not None and primary != known:
+                self._primaries[run_id] = primary
+                if known is not None:  # None: not noted yet, or the map had no primary for it then
+                    for follow in follows:
+                        follow.queue.put_nowait(None)
 
     async def _catch_up(self, run_id: str, follow: _Follow) -> AsyncIterator[Event]:
         while True:
@@ -662,8 +696,10 @@ class RedisRunFollower(RunFollower):
             for follow in self._follows.get(run_id, ()):  # subscribed again: messages may be missing
                 follow.queue.put_nowait(None)
         elif message["type"] == "message":
-            try:  # RUN_CLOSED, or anything else not one of Aura's envelopes: read the log and the record
-                event = None if message["data"] == RUN_CLOSED else event_from_bytes(message["data"])
+            # RUN_CLOSED, NOTE_AGAIN (the run's slot moved), or anything else not one of Aura's
+            # envelopes: note the entry again, read the log and the record
+            try:
+                event = None if message["data"] in (RUN_CLOSED, NOTE_AGAIN) else event_from_bytes(message["data"])
             except Exception:
                 event = None
             for follow in self._follows.get(run_id, ()):
@@ -679,6 +715,8 @@ class RedisRunFollower(RunFollower):
             await pubsub.unsubscribe(*gone)
 
     async def aclose(self) -> None:
+        if self._slots is not None:
+            self._slots.remove(self._slot_map_changed)
         await stop_reader(self._reader)
 
 
