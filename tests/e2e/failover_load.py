@@ -189,16 +189,19 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], load: Load) -> None:
     last, last_seq, run_id = b"", 0, ""
     decided: set[str] = set()
     retry = False
+    final_end: dict[str, Any] | None = None  # the last `end` the client read (an event or a notice)
     follower: asyncio.Task[None] | None = None
 
     async def consume(response: httpx.Response) -> None:
-        nonlocal last, last_seq, retry
+        nonlocal last, last_seq, retry, final_end
         retry = False
         async for data in read_events(response, load.received, load, run_id):
             last = data
             if data == b"[DONE]":
                 continue
             envelope = json.loads(data)
+            if envelope["type"] == "end":
+                final_end = envelope["data"]
             if envelope["seq"] == 0:
                 if envelope["type"] == "error" and envelope["data"]["retryable"]:
                     retry = True  # "reconnect with Last-Event-ID": the client does
@@ -244,12 +247,10 @@ async def one_run(i: int, clients: list[httpx.AsyncClient], load: Load) -> None:
         if follower is not None:
             await follower
         load.note()
-    ends = [json.loads(d) for (r, _), d in load.received.items() if r == run_id and b'"type":"end"' in d]
-    ends += [notice for notice in NOTICES.get(run_id, []) if notice["type"] == "end" and not retry]
-    if ends and ends[-1]["data"]["status"] == "completed":
+    if retry:  # its last stream said "the store failed: reconnect"
+        load.runs_failed.append(f"{i}: still failing after {RESUMES} resumes: {final_end}")
+    elif final_end is not None and final_end["status"] == "completed":
         load.runs_completed += 1
         load.runs_completed_after_failover += after_failover
-    elif retry:
-        load.runs_failed.append(f"{i}: still failing after {RESUMES} resumes: {last[:200]!r}")
     else:
-        load.runs_failed.append(f"{i}: ended {ends[-1]['data'] if ends else last[:200]!r}")
+        load.runs_failed.append(f"{i}: ended {final_end if final_end is not None else last[:200]!r}")
