@@ -51,4 +51,4 @@ def client_of(url: str, **options: Any) -> RedisClient:
 def run_directory(redis: RedisClient, confirmation: ReplicaConfirmation | None = None) -> RedisRunDirectory:
     """A run directory as the container builds it, over `redis`."""
     return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis),
-                             confirmation=confirmation)
+                             confirmation=confirmation, presence_seconds=DEFAULTS.runs.follower_presence_seconds)

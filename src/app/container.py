@@ -178,7 +178,8 @@ class Container(containers.DeclarativeContainer):
     health_probe = providers.Singleton(RedisHealthProbe, redis,
                                        required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
-                                        approvals=approval_store, confirmation=replica_confirmation)
+                                        approvals=approval_store, confirmation=replica_confirmation,
+                                        presence_seconds=settings.provided.runs.follower_presence_seconds)
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,
                                         limit=settings.provided.runs.max_starts_per_window,
@@ -186,7 +187,8 @@ class Container(containers.DeclarativeContainer):
                                         now=clock.provided.now)
     run_follower = providers.Singleton(_closed_at_shutdown, closing,
                                        providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation,
-                                                         instance_id=instance_id))
+                                                         instance_id=instance_id,
+                                                         reader_ttl_seconds=settings.provided.runs.follower_presence_seconds))
     run_control = providers.Singleton(_closed_at_shutdown, closing,
                                       providers.Factory(RedisRunControl, redis, instance_id))
 

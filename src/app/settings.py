@@ -219,6 +219,12 @@ class RunSettings(BaseModel):
         "Owner lease; a run whose lease lapsed is declared lost by the next sweep (every instance sweeps "
         "once a lease), and its followers then read `run_lost`."
     ))
+    follower_presence_seconds: float = Field(30.0, gt=0, description=(
+        "How long an instance that follows runs counts as present after it last said so (it does every "
+        "third of this). A run whose client left (onDisconnect cancel) and that was followed only from an "
+        "instance that died is cancelled once this lapsed and the grace period, counted from its last sign "
+        "of life, is over."
+    ))
     max_per_user: int = Field(10, ge=1, description="Concurrent runs per user (429 beyond).")
     max_per_tenant: int = Field(200, ge=1, description="Concurrent runs per tenant (429 beyond).")
     max_starts_per_window: int = Field(30, ge=1, description="Runs one user may start per rate-limit window "

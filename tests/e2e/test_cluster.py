@@ -277,6 +277,71 @@ async def test_disconnect_policy_continue_keeps_the_approval_and_cancel_drops_it
         assert frames_to_events(replay)[-1]["data"]["status"] == "completed"
 
 
+GRACE_SECONDS = 3.0
+RENEWAL_SECONDS = 0.5  # a third of the lease
+
+
+@pytest.mark.parametrize("the_follower_leaves", ["its client closes", "its process is killed"])
+async def test_a_run_whose_client_left_lives_while_followed_elsewhere_and_is_cancelled_a_grace_period_after(
+        instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path,
+        the_follower_leaves: str) -> None:
+    """The run's own client leaves its owner (a) while another instance (b) follows it: through
+    three grace periods the run is not cancelled. Then the follow ends: its client closes, or b
+    is SIGKILLed (its presence lapses, 3 s after its last refresh). The run is cancelled a grace
+    period after the follower was last known to read it, at most a renewal interval later than a
+    grace period after it left (for a killed process the grace period counts from its last presence
+    refresh, so never later than that either; it may come up to a refresh interval, 1 s, sooner)."""
+    a, b = instances(AURA_STREAM__DISCONNECT_GRACE_SECONDS=str(GRACE_SECONDS), AURA_RUNS__LEASE_SECONDS="1.5",
+                     AURA_RUNS__FOLLOWER_PRESENCE_SECONDS="3", AURA_STREAM__HEARTBEAT_SECONDS="0.5")
+    stage(e2e_workspace)
+    async with httpx.AsyncClient(base_url=a.url, timeout=10) as on_a, \
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
+
+        async def status() -> str:
+            response = await on_a.get(f"/aura/hitl/requests/{hitl['data']['requestId']}", headers=bearer())
+            return str(response.json()["status"])
+
+        async with open_run(on_a, {"prompt": COMMIT, "onDisconnect": "cancel"}, bearer()) as run:
+            hitl = await run.until("hitl")
+            followed = asyncio.Event()
+            body: list[str] = []
+
+            async def follow() -> None:
+                async with on_b.stream("GET", f"/aura/runs/{hitl['runId']}/events",
+                                       headers={**bearer(), "Last-Event-ID": str(hitl["seq"])}) as response:
+                    assert response.status_code == 200
+                    async for text in response.aiter_text():
+                        body.append(text)
+                        followed.set()  # its first heartbeat: the follow is the run's reader
+
+            follower = asyncio.create_task(follow())
+            await asyncio.wait_for(followed.wait(), 5)
+        left_at = time.monotonic()  # the run's own client left its owner
+        try:
+            while time.monotonic() < left_at + 3.2 * GRACE_SECONDS:  # three grace periods and a bit
+                assert await status() == "pending"
+                await asyncio.sleep(0.2)
+            assert "event: end" not in "".join(body) and not follower.done()
+            if the_follower_leaves == "its client closes":
+                follower.cancel()
+            else:
+                b.stop(signal.SIGKILL)
+            gone_at = time.monotonic()
+            while True:  # the run's approval request is cancelled with the run
+                if await status() != "pending" or time.monotonic() > gone_at + 15:
+                    break
+                await asyncio.sleep(0.05)
+            cancelled_after = time.monotonic() - gone_at
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        assert await status() == "cancelled"
+        replay = frames_to_events((await on_a.get(f"/aura/runs/{hitl['runId']}/events", headers=bearer())).text)
+    assert replay[-1]["data"]["status"] == "cancelled" and replay[-1]["data"]["reason"] == "client_disconnected"
+    earliest = GRACE_SECONDS - (0.1 if the_follower_leaves == "its client closes" else 1.5)
+    assert earliest <= cancelled_after <= GRACE_SECONDS + RENEWAL_SECONDS + 1.0, cancelled_after
+
+
 async def test_cancel_through_the_api_ends_the_run_for_every_watcher(
         instances: Callable[..., tuple[AuraProcess, AuraProcess]], e2e_workspace: Path) -> None:
     a, b = instances()

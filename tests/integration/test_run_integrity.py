@@ -100,13 +100,13 @@ async def test_a_different_event_at_a_logged_seq_fails_loudly_and_the_same_one_i
 async def test_lease_renewal_is_compare_and_set(redis_client: Redis) -> None:
     directory = run_directory(redis_client)
     await admit(directory, lease_seconds=1)
-    assert await directory.renew_leases(["run_a"], "aura-a", 20) == []
+    assert (await directory.renew_leases(["run_a"], "aura-a", 20)).lost == []
     assert 19_000 < await redis_client.pttl("aura:run:{run_a}:lease") <= 20_000
     await redis_client.delete("aura:run:{run_a}:lease")  # lapsed (or declared lost)
-    assert await directory.renew_leases(["run_a"], "aura-a", 20) == ["run_a"]
+    assert (await directory.renew_leases(["run_a"], "aura-a", 20)).lost == ["run_a"]
     assert await redis_client.exists("aura:run:{run_a}:lease") == 0  # never re-created
     await redis_client.set("aura:run:{run_a}:lease", "aura-b")
-    assert await directory.renew_leases(["run_a"], "aura-a", 20) == ["run_a"]
+    assert (await directory.renew_leases(["run_a"], "aura-a", 20)).lost == ["run_a"]
     assert await redis_client.get("aura:run:{run_a}:lease") == b"aura-b"
 
 

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -16,7 +16,16 @@ from domain.model.chat import ChatRequest, ContentDelta, Finish, ModelChunk, Too
 from domain.model.errors import StoreUnavailable, ToolFailure
 from domain.model.events import Event
 from domain.model.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
-from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunEnd, RunFollower, RunRecord
+from domain.model.runs import (
+    IdempotencyClaim,
+    LeaseRenewals,
+    LostRun,
+    RunControl,
+    RunDirectory,
+    RunEnd,
+    RunFollower,
+    RunRecord,
+)
 from domain.model.tools import Tool, ToolContext, ToolSpec
 
 
@@ -203,6 +212,8 @@ class MemoryRunDirectory(RunDirectory):
         self._log = log
         self.approvals: MemoryApprovalStore | None = None
         self.readers: set[str] = set()
+        self.reader_checks: list[str] = []  # the runs `has_reader` was asked about, in order
+        self.renewals: list[list[str]] = []  # the runs each renewal was asked about (`read_elsewhere`)
 
     async def get(self, run_id: str) -> RunRecord | None:
         return self.records.get(run_id)
@@ -212,9 +223,12 @@ class MemoryRunDirectory(RunDirectory):
             self.records[run_id] = replace(self.records[run_id], status=status, end=end)
         self.leases.pop(run_id, None)
 
-    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> list[str]:
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float,
+                           read_elsewhere: Collection[str] = ()) -> LeaseRenewals:
         lost = [run_id for run_id in run_ids if self.leases.get(run_id) != instance_id]
-        return lost
+        self.renewals.append(list(read_elsewhere))
+        return LeaseRenewals(lost=lost, unread={run_id: 0.0 for run_id in read_elsewhere
+                                                if run_id not in lost and run_id not in self.readers})
 
     async def lease_holder(self, run_id: str) -> str | None:
         return self.leases.get(run_id)
@@ -282,6 +296,7 @@ class MemoryRunDirectory(RunDirectory):
         self.readers.add(run_id)
 
     async def has_reader(self, run_id: str) -> bool:
+        self.reader_checks.append(run_id)
         return run_id in self.readers
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:

@@ -342,18 +342,34 @@ async def test_a_disconnect_cancels_only_after_a_grace_period_in_which_no_reader
     events = await collect(back)
     assert summary(events)[-1] == ("end", "completed", "completed")
 
-    gate_open.clear()
-    h2 = Harness(GatedModel(text('{"steps": []}'), text("ok"), text("answer")),
-                 run_limits=replace(RUN_LIMITS, disconnect_grace_seconds=0.2))
-    handle2, watcher2 = await h2.start()
-    h2.directory.readers.add(handle2.run_id)  # read through another instance
-    h2.service.release(handle2, watcher2, disconnected=True)
-    await until(lambda: handle2.disconnect_check is not None and handle2.disconnect_check.done())
-    assert handle2.run.cancel_reason is None and handle2.disconnect_timer is not None  # looks again later
-    h2.directory.readers.clear()
-    assert handle2.task is not None
-    await asyncio.wait_for(asyncio.shield(handle2.task), 5)
-    assert h2.log.events[handle2.run_id][-1].data["reason"] == "client_disconnected"
+
+
+async def test_a_run_read_on_another_instance_is_kept_by_its_lease_renewals_alone_until_that_reader_left() -> None:
+    """The grace period ends with the run read through another instance: the run is kept, with no
+    check of its own; each lease renewal asks about it, and the first that finds the reader gone
+    starts a new grace period, at whose end the run is cancelled."""
+    gate_open = asyncio.Event()
+    h = Harness(gated(gate_open)(text('{"steps": []}'), text("ok"), text("answer")),
+                run_limits=replace(RUN_LIMITS, disconnect_grace_seconds=0.2, lease_seconds=0.15))
+    handle, watcher = await h.start()
+    h.directory.readers.add(handle.run_id)  # read through another instance
+    h.service.release(handle, watcher, disconnected=True)
+    await until(lambda: handle.disconnect_check is not None and handle.disconnect_check.done())
+    assert handle.run.cancel_reason is None and handle.read_elsewhere and handle.disconnect_timer is None
+    assert h.directory.reader_checks == [handle.run_id]
+    renewals = len(h.directory.renewals)
+    await until(lambda: len(h.directory.renewals) >= renewals + 8)  # 8 renewals: four grace periods
+    assert h.directory.reader_checks == [handle.run_id]  # no look of its own: the renewals ask
+    assert h.directory.renewals[-1] == [handle.run_id] and handle.run.cancel_reason is None
+    h.directory.readers.clear()  # the follow on the other instance ended
+    left_at = asyncio.get_running_loop().time()
+    assert handle.task is not None
+    await asyncio.wait_for(asyncio.shield(handle.task), 5)
+    assert h.log.events[handle.run_id][-1].data["reason"] == "client_disconnected"
+    # cancelled a full grace period after the renewal that found the reader gone, at most a
+    # renewal interval (a third of the lease) later than a grace period after it left
+    assert 0.2 <= asyncio.get_running_loop().time() - left_at
+    assert h.directory.reader_checks == [handle.run_id] * 2  # the new grace period's end looked once
 
 
 async def test_principal_and_seq_are_per_run() -> None:

@@ -11,10 +11,16 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
                                channel, and while one of its followers is present the owner does not
                                cancel the run for want of a reader. A follow adds its entry once and
                                removes it when it ends; nothing refreshes it
-- `aura:follower:<follower>`   a following process's presence, PX `reader_ttl_seconds`, refreshed
-                               every third of that while it follows anything (one command per
-                               process, however many runs it follows): an entry whose follower is
-                               absent is a follow that died with its process
+- `aura:followers`             sorted set of the following processes, scored by when each one's
+                               presence lapses (ms): a process refreshes its own every third of the
+                               presence time while it follows anything (one script per process,
+                               however many runs it follows); an entry whose follower is absent is a
+                               follow that died with its process. A lapsed member is kept an hour
+                               (it says when that process was last alive), then dropped by the next
+                               refresh. One key for all: an owner whose runs are kept for readers
+                               elsewhere reads it once per lease renewal (one ZMSCORE per instance,
+                               not per run); on a cluster its slot takes one write per following
+                               process every few seconds
 - `aura:runs:active`           sorted set of running run ids, scored by when their lease lapses (ms),
                                so lost runs are found even when nobody follows them
 - `aura:run:{runId}:snapshot`  the run's state as JSON (written with the event log)
@@ -41,7 +47,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -50,7 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.approvals import RedisApprovalStore
-from adapters.redis.client import RedisClient, batch, get_values, is_cluster, raise_error, run_batch
+from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, run_batch
 from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
@@ -60,7 +66,16 @@ from adapters.redis.topology import NOTE_AGAIN, slot_map
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event
-from domain.model.runs import IdempotencyClaim, LostRun, RunControl, RunDirectory, RunEnd, RunFollower, RunRecord
+from domain.model.runs import (
+    IdempotencyClaim,
+    LeaseRenewals,
+    LostRun,
+    RunControl,
+    RunDirectory,
+    RunEnd,
+    RunFollower,
+    RunRecord,
+)
 from domain.runtime.waits import Backoff
 
 log = logging.getLogger("aura.runs")
@@ -81,8 +96,10 @@ def tail_channel(run_id: str) -> str:
     return run_key(run_id, "tail")
 
 
-def presence_key(follower: str) -> str:
-    return f"aura:follower:{follower}"
+FOLLOWERS_KEY = "aura:followers"
+
+# How long a follower's lapsed presence stays in FOLLOWERS_KEY, telling when it was last alive.
+LAPSED_PRESENCE_KEPT_MS = 3_600_000
 
 
 # A reader entry's lapse time at the latest (its follow removes it, or the owner once its follower
@@ -124,6 +141,27 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# The renewal of a run kept for a reader on another instance. KEYS: the run's lease, its reader set
+# (one run: one slot); ARGV: owner, lease ms, now (ms). 0 when the lease is not the owner's, else
+# the run's current reader entries and their scores (entry, score, ...): the owner learns whether
+# it is still read in the round trip it pays for the lease anyway.
+_RENEW_AND_READ = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf', 'WITHSCORES')
+"""
+
+# KEYS: the followers' presence set. ARGV: 1 the follower, 2 when its presence lapses (ms), 3 drop
+# the members lapsed before this (ms), 4 the set's TTL (ms). Reply: the follower's previous lapse
+# time (nil when it had none left).
+_BE_PRESENT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return previous
 """
 
 # A run's record was closed: published on its tail channel (when it has readers) after its last
@@ -199,10 +237,18 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _scored(flat: list[Any]) -> dict[str, int]:
+    """entry, score, entry, score, ... (a script's ZRANGEBYSCORE WITHSCORES) as entry -> score."""
+    return {_text(entry): int(float(score)) for entry, score in zip(flat[::2], flat[1::2], strict=True)}
+
+
 class RedisRunDirectory(RunDirectory):
     def __init__(self, redis: RedisClient, *, max_log_length: int, approvals: RedisApprovalStore,
-                 confirmation: ReplicaConfirmation | None = None) -> None:
+                 presence_seconds: float, confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
+        # The followers' presence time (`RedisRunFollower`): a lapse time minus it is when that
+        # follower last said it was alive.
+        self._presence_ms = int(presence_seconds * 1000)
         self._max_log_length = max_log_length
         # When replicas must confirm writes, a run is admitted (its id handed to the client) only
         # once they hold its record: a failover must not turn a run id the client holds into a 404.
@@ -211,6 +257,7 @@ class RedisRunDirectory(RunDirectory):
         self._approvals = approvals
         self._take_slots = redis.register_script(_TAKE_SLOTS)
         self._renew = redis.register_script(_RENEW)
+        self._renew_and_read = redis.register_script(_RENEW_AND_READ)
         self._close = redis.register_script(_CLOSE)
         self._declare_lost = redis.register_script(_DECLARE_LOST)
         self._note_reader = redis.register_script(_NOTE_READER)
@@ -226,20 +273,38 @@ class RedisRunDirectory(RunDirectory):
         raw = await self._call(self._redis.get(meta_key(run_id)))
         return None if raw is None else RunRecord.from_record(orjson.loads(raw))
 
-    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> list[str]:
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float,
+                           read_elsewhere: Collection[str] = ()) -> LeaseRenewals:
+        """One script per run in one pipeline; a run in `read_elsewhere` has its reader entries
+        read by its renewal script, and the presence of their followers is read once for all such
+        runs (one ZMSCORE): no command per run beyond its lease's script."""
         if not run_ids:
-            return []
+            return LeaseRenewals()
         lease_ms = int(lease_seconds * 1000)
-        replies = await self._call(run_batch(
-            self._redis, [(self._renew, [lease_key(run_id)], [instance_id, lease_ms]) for run_id in run_ids]))
-        renewed = [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply == 1]
+        now_ms = int(time.time() * 1000)
+        asked = set(read_elsewhere)
+        replies = await self._call(run_batch(self._redis, [
+            (self._renew_and_read, [lease_key(run_id), reader_key(run_id)], [instance_id, lease_ms, now_ms])
+            if run_id in asked else (self._renew, [lease_key(run_id)], [instance_id, lease_ms])
+            for run_id in run_ids]))
+        renewed = [run_id for run_id, reply in zip(run_ids, replies, strict=True)
+                   if reply == 1 or isinstance(reply, list)]
         if renewed:  # the index only says when to look again: it may lag the leases, never lead them
-            deadline = int(time.time() * 1000) + lease_ms
-            await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, dict.fromkeys(renewed, deadline), xx=True))
+            await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, dict.fromkeys(renewed, now_ms + lease_ms), xx=True))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise StoreUnavailable("The run directory is unavailable.") from reply
-        return [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply != 1]
+        lost = [run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply == 0]
+        try:  # the leases are renewed: a failure from here on only postpones the report to the next renewal
+            last_read = await self._last_read(
+                {run_id: _scored(reply) for run_id, reply in zip(run_ids, replies, strict=True)
+                 if isinstance(reply, list)}, now_ms)
+        except StoreUnavailable:
+            log.warning("could not read the presence of the followers of this instance's runs")
+            last_read = {}
+        return LeaseRenewals(
+            lost=lost,
+            unread={run_id: max(0.0, (now_ms - at) / 1000) for run_id, at in last_read.items() if at is not None})
 
     async def lease_holder(self, run_id: str) -> str | None:
         raw = await self._call(self._redis.get(lease_key(run_id)))
@@ -408,26 +473,43 @@ class RedisRunDirectory(RunDirectory):
         await self._call(self._note_reader(keys=[reader_key(run_id)], args=[now_ms + ttl_ms, "note", ttl_ms, now_ms]))
 
     async def has_reader(self, run_id: str) -> bool:
-        """A current entry whose follower is present (an entry without a follower, written by
-        `note_reader`, counts until it lapses). Entries of absent followers are dropped, unless
-        noted again since they were read: once none is left the owner stops publishing the run's
-        events."""
+        now_ms = int(time.time() * 1000)
         scored = {_text(entry): int(score) for entry, score in await self._call(
-            self._redis.zrangebyscore(reader_key(run_id), int(time.time() * 1000), "+inf", withscores=True))}
-        entries = list(scored)
-        if any("/" not in entry for entry in entries):
-            return True
-        followers = sorted({entry.rpartition("/")[0] for entry in entries})
-        if not followers:
-            return False
-        present = {follower for follower, value in zip(
-            followers, await self._call(get_values(self._redis, [presence_key(f) for f in followers])), strict=True)
-            if value is not None}
-        absent = [entry for entry in entries if entry.rpartition("/")[0] not in present]
-        if absent:
-            await self._call(self._drop_unchanged_readers(
-                keys=[reader_key(run_id)], args=[part for entry in absent for part in (entry, scored[entry])]))
-        return bool(present)
+            self._redis.zrangebyscore(reader_key(run_id), now_ms, "+inf", withscores=True))}
+        return (await self._last_read({run_id: scored}, now_ms))[run_id] is None
+
+    async def _last_read(self, entries: Mapping[str, Mapping[str, int]], now_ms: int) -> dict[str, int | None]:
+        """For each run's current reader entries (entry -> score): None while it is read (an entry
+        whose follower is present; an entry without a follower, written by `note_reader`, counts
+        until it lapses), else when a reader was last known there (ms: now for no entry, the last
+        sign of life of an absent follower). The followers' presence is read once for all the
+        runs. Entries of absent followers are dropped, unless noted again since they were read:
+        once none is left the owner stops publishing the run's events."""
+        followers = sorted({entry.rpartition("/")[0] for scored in entries.values() for entry in scored
+                            if "/" in entry})
+        lapse = dict(zip(followers, await self._presence(followers), strict=True)) if followers else {}
+        last_read: dict[str, int | None] = {}
+        drops: list[tuple[Any, list[str], list[Any]]] = []
+        for run_id, scored in entries.items():
+            absent = {entry: lapse[entry.rpartition("/")[0]] for entry in scored
+                      if "/" in entry and (lapse[entry.rpartition("/")[0]] or 0) <= now_ms}
+            if absent:
+                drops.append((self._drop_unchanged_readers, [reader_key(run_id)],
+                              [part for entry in absent for part in (entry, scored[entry])]))
+            if len(absent) < len(scored):
+                last_read[run_id] = None
+            elif absent and all(at is not None for at in absent.values()):
+                last_read[run_id] = min(now_ms, max(int(cast(float, at)) for at in absent.values()) - self._presence_ms)
+            else:  # no entry: a follow just ended; a follower with no presence left counts as just gone
+                last_read[run_id] = now_ms
+        if drops:  # a follower died: its entries in all these runs, in one round trip
+            for reply in await self._call(run_batch(self._redis, drops)):
+                self._raise(reply)
+        return last_read
+
+    async def _presence(self, followers: list[str]) -> list[float | None]:
+        """When each follower's presence lapses (ms; None when it has none)."""
+        return cast(list[float | None], await self._call(self._redis.zmscore(FOLLOWERS_KEY, followers)))
 
     async def save_snapshot(self, run_id: str, snapshot: Mapping[str, Any], ttl_seconds: int) -> None:
         await self._call(self._redis.set(snapshot_key(run_id), orjson.dumps(snapshot), ex=ttl_seconds))
@@ -459,10 +541,10 @@ class RedisRunFollower(RunFollower):
     logs, in the same step), reads the run's record once (a close before the entry was noted is
     announced to nobody) and the log after its position once (XRANGE), then takes the events as
     they are published: no command per event, and none while the run is idle. What keeps its
-    entry counted is the process's presence key, one `SET` every third of `reader_ttl_seconds`
-    for all its follows (an idle follow costs nothing of its own; the owner drops the entries of
-    an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
-    it), when the tail channels are subscribed again after a lost connection (or a Sentinel
+    entry counted is the process's presence in `aura:followers`, one script every third of
+    `reader_ttl_seconds` for all its follows (an idle follow costs nothing of its own; the owner
+    drops the entries of an absent follower). When the presence is found lapsed (the process
+    stalled, or Redis lost it), when the tail channels are subscribed again after a lost connection (or a Sentinel
     failover, announced by the sentinels: `MasterWatch`), when a cluster failover moved the run's
     slot (a master killed before its replica had the entry takes it along: the owner, meeting the
     move, publishes `NOTE_AGAIN`, and this process's own slot map says so when its commands meet
@@ -486,9 +568,9 @@ class RedisRunFollower(RunFollower):
         self._reader_ttl_ms = int(reader_ttl_seconds * 1000)
         self._page = page
         self._note = redis.register_script(_NOTE_READER)
+        self._be_present = redis.register_script(_BE_PRESENT)
         # This process's name in reader entries: a restarted instance of the same id is another follower.
         self._follower = f"{key_part(instance_id)}.{secrets.token_hex(4)}"
-        self._presence_key = presence_key(self._follower)
         self._presence_due: float | None = None  # loop time of the next presence refresh; None: not present
         self._follows: dict[str, set[_Follow]] = {}
         # channel -> the run it tails, and the confirmation of its SUBSCRIBE on the current connection
@@ -566,12 +648,15 @@ class RedisRunFollower(RunFollower):
         if due is not None and now < due:
             return
         self._presence_due = now + self._reader_ttl_ms / 3000
+        now_ms = int(time.time() * 1000)
         try:
-            previous = await self._redis.set(self._presence_key, b"1", px=self._reader_ttl_ms, get=True)
+            previous = await self._be_present(keys=[FOLLOWERS_KEY], args=[
+                self._follower, now_ms + self._reader_ttl_ms, now_ms - LAPSED_PRESENCE_KEPT_MS,
+                self._reader_ttl_ms + LAPSED_PRESENCE_KEPT_MS])
         except (RedisError, OSError) as exc:
             self._presence_due = due
             raise StoreUnavailable("The event log is unavailable.") from exc
-        if due is not None and previous is None:
+        if due is not None and (previous is None or float(previous) <= now_ms):
             log.warning("run follower: this process's presence had lapsed; reading the followed runs again")
             for follows in self._follows.values():
                 for follow in follows:

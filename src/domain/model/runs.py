@@ -6,8 +6,8 @@ directory and follows it through the event log."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from domain.model.approval import ApprovalRequest, StoredApproval
@@ -98,14 +98,29 @@ class LostRun:
     retention_seconds: int
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRenewals:
+    """What one renewal of an owner's leases found."""
+
+    # the runs whose lease is no longer this instance's: it must stop them
+    lost: list[str] = field(default_factory=list)
+    # of the runs asked about (`read_elsewhere`), those nobody reads on another instance any more,
+    # each with the seconds since a reader was last known there (0 when a follow just ended; for a
+    # follower process that died, the time since its last sign of life)
+    unread: dict[str, float] = field(default_factory=dict)
+
+
 class RunDirectory(ABC):
     @abstractmethod
     async def get(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod
-    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float) -> list[str]:
+    async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float,
+                           read_elsewhere: Collection[str] = ()) -> LeaseRenewals:
         """Extend the leases that still name `instance_id` (compare and set, never a blind write);
-        return the runs whose lease is no longer this instance's: it must stop them."""
+        report the runs whose lease is no longer this instance's, and which of the runs in
+        `read_elsewhere` (runs kept for a reader on another instance) no longer have one. The
+        report rides on the renewal: no command of its own per run."""
 
     @abstractmethod
     async def lease_holder(self, run_id: str) -> str | None: ...

@@ -25,6 +25,9 @@ class RunHandle:
     # While no reader is attached after a disconnect: the timer of the grace period, then its check.
     disconnect_timer: asyncio.TimerHandle | None = None
     disconnect_check: asyncio.Task[None] | None = None
+    # The grace period ended with the run read on another instance: kept until the lease renewal
+    # reports that reader gone.
+    read_elsewhere: bool = False
 
     @property
     def run_id(self) -> str:

@@ -65,8 +65,9 @@ class RunService:
         self._limits = limits
         self.instance_id = instance_id
         self._runs: dict[str, RunHandle] = {}
-        self._leases = LeaseRenewal(directory, instance_id, limits.lease_seconds, self._runs)
         self._disconnects = DisconnectGrace(directory, limits.disconnect_grace_seconds)
+        self._leases = LeaseRenewal(directory, instance_id, limits.lease_seconds, self._runs,
+                                    on_unread=self._disconnects.unread)
         # The agents' time budgets on one timer for the process, at the earliest deadline of an
         # agent still working. Every run has the same budget and `_runs` keeps them in start order,
         # so the oldest such run's is the earliest: no keyed deadlines (`Deadlines`) needed, and a
