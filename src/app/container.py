@@ -178,7 +178,7 @@ class Container(containers.DeclarativeContainer):
     health_probe = providers.Singleton(RedisHealthProbe, redis,
                                        required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
-                                        approvals=approval_store,
+                                        approvals=approval_store, confirmation=replica_confirmation,
                                         presence_seconds=settings.provided.runs.follower_presence_seconds)
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,

@@ -92,8 +92,9 @@ class RedisSettings(BaseModel):
                                  "writes); a command waits for a free one.")
     pool_timeout_seconds: float = Field(5.0, gt=0, description="How long a command waits for a pooled connection.")
     wait_replicas: int | None = Field(
-        None, ge=0, description="Replicas that must confirm (`WAIT`) an event before it is streamed and an approval "
-        "decision before it is answered 200; unset = 1 with a `redis+sentinel://` URL, 0 (no `WAIT`) otherwise.")
+        None, ge=0, description="Replicas that must confirm (`WAIT`) a run's record before it starts, an event before "
+        "it is streamed and an approval decision before it is answered 200; unset = 1 with a "
+        "`redis+sentinel://` URL, 0 (no `WAIT`) otherwise.")
     wait_timeout_ms: int = Field(500, ge=1, description="How long Aura waits for those confirmations; past it the "
                                  "write is reported failed (a retryable error), never acknowledged. At most "
                                  f"{MAX_WAIT_TIMEOUT_MS} ms, half the Redis socket timeout "
