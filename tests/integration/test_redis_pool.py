@@ -39,7 +39,7 @@ async def test_a_burst_on_the_default_pool_opens_no_more_than_its_size(redis_ser
     try:
         results = await asyncio.gather(*(client.blpop([f"aura:test:empty:{i}"], timeout=0.01) for i in range(200)))
         assert results == [None] * 200
-        assert _open_connections(client) == DEFAULTS.redis.max_connections == 16
+        assert _open_connections(client) == DEFAULTS.redis.max_connections == 32
     finally:
         await client.aclose()
 
@@ -65,8 +65,8 @@ async def test_a_full_pool_fails_a_command_as_store_unavailable_after_the_pool_t
 
 
 def test_the_pool_size_follows_the_topology() -> None:
-    assert RedisSettings(url="redis://127.0.0.1:6379/0").pool_size == 16
-    assert RedisSettings(url="redis+sentinel://127.0.0.1:26379/aura").pool_size == 16
+    assert RedisSettings(url="redis://127.0.0.1:6379/0").pool_size == 32
+    assert RedisSettings(url="redis+sentinel://127.0.0.1:26379/aura").pool_size == 32
     # redis-py's cluster client fails a command past the cap instead of waiting: its cap stays high
     assert RedisSettings(url="redis+cluster://127.0.0.1:7000").pool_size == 256
     assert RedisSettings(url="redis://h:1", max_connections=8, cluster_max_connections=64).pool_size == 8
