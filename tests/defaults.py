@@ -43,7 +43,7 @@ def model_config(**fields: Any) -> OpenAICompatibleConfig:
 
 def client_of(url: str, **options: Any) -> RedisClient:
     """A client of `url` with the default settings' pool, `options` on top."""
-    pool = {"max_connections": DEFAULTS.redis.max_connections,
+    pool = {"max_connections": DEFAULTS.redis.model_copy(update={"url": url}).pool_size,
             "pool_timeout_seconds": DEFAULTS.redis.pool_timeout_seconds}
     return create_redis(url, **(pool | options))
 
