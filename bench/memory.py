@@ -68,7 +68,8 @@ def _aura_app(redis_url: str, workdir: Path) -> tuple[Any, Any]:
         "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
         "AURA_RUNS__MAX_PER_USER": "1000000", "AURA_RUNS__MAX_PER_TENANT": "1000000",
         "AURA_STREAM__MAX_PER_USER": "1000000",
-        "AURA_RUNS__INSTANCE_ID": "memory", "AURA_HITL__TIMEOUT_SECONDS": "7200",
+        "AURA_RUNS__INSTANCE_ID": "memory", "AURA_HITL__TIMEOUT_SECONDS": "1800",
+        "AURA_HITL__SEAL_KEY": S.SEAL_KEY,
         "AURA_STREAM__HEARTBEAT_SECONDS": "5", "AURA_EVENTS__RETENTION_SECONDS": "60",
         "AURA_LOG__LEVEL": "WARNING",
     })

@@ -29,6 +29,13 @@ GOALS = {
 }
 
 
+def _same_round_ratios(numerators: list[dict[str, Any]], denominators: list[dict[str, Any]]) -> list[float]:
+    """KiB per parked stream of one server over another's, round by round."""
+    by_round = {row.get("round", 0): row["kib_per_stream_rss"] for row in denominators if row["kib_per_stream_rss"]}
+    return [row["kib_per_stream_rss"] / by_round[row.get("round", 0)] for row in numerators
+            if row["kib_per_stream_rss"] and row.get("round", 0) in by_round]
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -193,15 +200,27 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     summary["approval"] = approval
 
     # -- parked runs --------------------------------------------------------------------------
+    # With several rounds a server's row is the round of its median KiB per stream; `rounds` keeps
+    # every round's, and the ratios are the same-round ones (their median beside each round's).
     parked: dict[str, Any] = {}
     for row in rows:
         if row["phase"] == "parked":
-            parked.setdefault(str(row["n"]), {})[row["server"]] = row
+            parked.setdefault(str(row["n"]), {"rounds": {}})["rounds"].setdefault(row["server"], []).append(row)
     for entry in parked.values():
-        aura, floor = entry.get("aura"), entry.get("floor")
-        if aura and floor and floor.get("kib_per_stream_rss"):
-            entry["memory_ratio"] = aura["kib_per_stream_rss"] / floor["kib_per_stream_rss"]
-        langgraph = entry.get("langgraph")
+        for server, measured in entry["rounds"].items():
+            ranked = sorted(measured, key=lambda r: r["kib_per_stream_rss"] or 0.0)
+            entry[server] = ranked[(len(ranked) - 1) // 2]
+        for server in [s for s in entry["rounds"] if s.startswith("aura")]:
+            ratios = _same_round_ratios(entry["rounds"][server], entry["rounds"].get("floor", []))
+            if ratios:
+                entry.setdefault("memory_ratios", {})[server] = {"median": median(ratios), "rounds": ratios}
+        if "aura" in entry.get("memory_ratios", {}):
+            entry["memory_ratio"] = entry["memory_ratios"]["aura"]["median"]
+        for server in [s for s in entry["rounds"] if s.startswith("aura@")]:
+            ratios = _same_round_ratios(entry["rounds"]["aura"], entry["rounds"][server])
+            if ratios:
+                entry.setdefault("aura_over_against", {})[server] = {"median": median(ratios), "rounds": ratios}
+        aura, langgraph = entry.get("aura"), entry.get("langgraph")
         if aura and langgraph and aura.get("kib_per_stream_rss") and langgraph.get("kib_per_stream_rss"):
             entry["langgraph_memory_over_aura"] = langgraph["kib_per_stream_rss"] / aura["kib_per_stream_rss"]
         if aura:
@@ -462,18 +481,35 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
             "| N | server | parked | errors | heartbeats min | KiB/stream (RSS) | RSS parked MiB | hold CPU % | "
             "Redis CPU % | Redis connections | Aura ÷ floor memory | goal |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    several = any(len(measured) > 1 for entry in summary["parked"].values() for measured in entry["rounds"].values())
     for level, entry in summary["parked"].items():
-        for name in ("aura", "floor", "langgraph"):
+        for name in ("aura", *sorted(s for s in entry["rounds"] if s.startswith("aura@")), "floor", "langgraph"):
             row = entry.get(name)
             if not row:
                 continue
-            clients = row["redis_clients_parked"] if name == "aura" else {}
+            aura = name.startswith("aura")
+            clients = row["redis_clients_parked"] if aura else {}
+            kib = _fmt(row["kib_per_stream_rss"])
+            if len(entry["rounds"][name]) > 1:
+                kib += " (" + ", ".join(_fmt(r["kib_per_stream_rss"]) for r in entry["rounds"][name]) + ")"
+            ratio = entry.get("memory_ratios", {}).get(name)
+            ratio_cell = ""
+            if ratio:
+                ratio_cell = _fmt(ratio["median"], 2) + "×"
+                if len(ratio["rounds"]) > 1:
+                    ratio_cell += " (" + ", ".join(_fmt(r, 2) for r in ratio["rounds"]) + ")"
             out.append(f"| {level} | {name} | {row['parked']} | {row['errors_total']} | {row['heartbeats_min']} | "
-                       f"{_fmt(row['kib_per_stream_rss'])} | {_fmt(row['rss_parked_mb'])} | "
-                       f"{_fmt(row['hold_cpu_pct'])} | {_fmt(row['hold_redis_cpu_pct']) if name == 'aura' else '–'} | "
-                       f"{', '.join(f'{k} {v}' for k, v in clients.items()) or '–'} | "
-                       f"{_fmt(entry.get('memory_ratio'), 2) + '×' if name == 'aura' else ''} | "
+                       f"{kib} | {_fmt(row['rss_parked_mb'])} | "
+                       f"{_fmt(row['hold_cpu_pct'])} | {_fmt(row['hold_redis_cpu_pct']) if aura else '–'} | "
+                       f"{', '.join(f'{k} {v}' for k, v in clients.items()) or '–'} | {ratio_cell} | "
                        f"{_verdict(entry.get('met')) if name == 'aura' else ''} |")
+    for level, entry in summary["parked"].items():
+        for name, ratio in entry.get("aura_over_against", {}).items():
+            out.append(f"\nAt {level} parked, Aura ÷ {name} (KiB per parked stream, same round): "
+                       f"{_fmt(ratio['median'], 2)}× (" + ", ".join(_fmt(r, 2) for r in ratio["rounds"]) + ").")
+    if several:
+        out.append("\nWith several rounds: a row is the round of the server's median KiB per stream, the "
+                   "figures in brackets each round's; the ratios are the same round's.")
 
     g = summary["growth"]
     out += ["", "## Growth: server µs per event by events per run and concurrency", ""]

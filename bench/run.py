@@ -470,25 +470,35 @@ class Bench:
         log(f"redis floor r{round_no}: PUBLISH -> subscriber p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms "
             f"(hiredis={result['hiredis']})")
 
-    def phase_parked(self) -> None:
+    def phase_parked(self, rounds: int = 1, against: str | None = None) -> None:
         """Fresh processes per level: N streams parked on an approval (Aura) or idle (floor),
-        heartbeats on (5 s); errors, Redis connections and memory per parked stream."""
-        for n in self.mode.parked_levels:
-            broken = False
-            # LangGraph up to 1,000 parked runs: each held stream polls every 20 ms, and parking one
-            # waits for its run queue's poll
-            for kind in ("aura", "floor", *(["langgraph"] if self.langgraph and n <= 1000 else [])):
-                row = self._park_level(kind, n)
-                self.results["measurements"].append(row)
-                # errors are recorded and the next level is still tried, unless most streams failed
-                broken = broken or row["errors_total"] > n // 2
-            if broken:
-                log(f"parked: most streams failed at {n}; larger levels are not attempted")
-                break
+        heartbeats on (5 s); errors, Redis connections and memory per parked stream. With
+        `against`, Aura at that revision too (server `aura@REV`); with `rounds` > 1 each level is
+        measured that many times, the servers' order rotating each round (LangGraph in the first)."""
+        source = self.checkout(against) if against else None
+        levels = list(self.mode.parked_levels)
+        for round_no in range(rounds):
+            for n in list(levels):
+                broken = False
+                kinds = self.rotate(["aura", "floor", *([f"aura@{against}"] if against else [])], round_no)
+                # LangGraph up to 1,000 parked runs: each held stream polls every 20 ms, and parking one
+                # waits for its run queue's poll
+                if self.langgraph and n <= 1000 and round_no == 0:
+                    kinds.append("langgraph")
+                for kind in kinds:
+                    row = self._park_level(kind, n, source if kind.startswith("aura@") else None)
+                    row["round"] = round_no
+                    self.results["measurements"].append(row)
+                    # errors are recorded and the next level is still tried, unless most streams failed
+                    broken = broken or row["errors_total"] > n // 2
+                if broken:
+                    log(f"parked: most streams failed at {n}; larger levels are not attempted")
+                    del levels[levels.index(n):]
+                    break
 
-    def _park_level(self, kind: str, n: int) -> dict[str, Any]:
-        if kind == "aura":
-            server = S.aura_server(f"aura-park-{n}", self.workdir, self.redis.url)
+    def _park_level(self, kind: str, n: int, source: Path | None = None) -> dict[str, Any]:
+        if kind.startswith("aura"):
+            server = S.aura_server(f"{kind.replace('@', '-at-')}-park-{n}", self.workdir, self.redis.url, source=source)
             spec: dict[str, Any] = {"port": 0, "path": STREAM_PATH, "method": "POST", "until": "hitl",
                                     "body": {"prompt": PARK_PROMPT},
                                     "auth": {"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9},
@@ -679,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                         default="calibrate,redis,throughput,ttfe,approvals,follow,growth,options,embedded,parked",
                         help="comma-separated subset (calibrate is always run)")
     parser.add_argument("--parked-levels", help="comma-separated N, e.g. 1000,2000,5000,10000")
+    parser.add_argument("--parked-rounds", type=int, default=1,
+                        help="rounds of the parked phase (each level in each round, the servers' order rotating)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument("--tag", default="", help="suffix of the result files' name")
     parser.add_argument("--against", metavar="REV",
@@ -689,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(rows 'aura@REV', each round's ratio to the floor)")
     parser.add_argument("--against-phases", default="streams",
                         help="what --against compares: 'streams' (the loads above), 'approvals' (a second pair "
-                             "of instances at REV in the approvals phase, rows 'aura@REV'), or both")
+                             "of instances at REV in the approvals phase, rows 'aura@REV'), 'parked' (Aura at REV "
+                             "parked at each level beside Aura and the floor, rows 'aura@REV'), comma-separated")
     parser.add_argument("--no-langgraph", action="store_true",
                         help="leave LangGraph's Agent Server (`langgraph dev`) out of the baselines")
     parser.add_argument("--approval-run", choices=["full", "short"], default="full",
@@ -795,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
             log("== parked runs (the other servers are stopped first)")
             for server in (aura_a, aura_b, peer, floor, floor_b, *other_pair, *([langgraph] if langgraph else [])):
                 server.stop()
-            bench.phase_parked()
+            bench.phase_parked(args.parked_rounds,
+                               args.against if args.against and "parked" in args.against_phases.split(",") else None)
     finally:
         bench.stop_all()
         bench.remove_checkouts()

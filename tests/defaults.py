@@ -11,6 +11,7 @@ from adapters.http.streams import StreamConfig
 from adapters.models.openai_compatible import OpenAICompatibleConfig
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import RedisClient, create_redis
+from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.runs import RedisRunDirectory
 from adapters.system import SystemClock
 from app import values
@@ -42,12 +43,12 @@ def model_config(**fields: Any) -> OpenAICompatibleConfig:
 
 def client_of(url: str, **options: Any) -> RedisClient:
     """A client of `url` with the default settings' pool, `options` on top."""
-    pool = {"max_connections": DEFAULTS.redis.max_connections,
+    pool = {"max_connections": DEFAULTS.redis.model_copy(update={"url": url}).pool_size,
             "pool_timeout_seconds": DEFAULTS.redis.pool_timeout_seconds}
     return create_redis(url, **(pool | options))
 
 
-def run_directory(redis: RedisClient) -> RedisRunDirectory:
+def run_directory(redis: RedisClient, confirmation: ReplicaConfirmation | None = None) -> RedisRunDirectory:
     """A run directory as the container builds it, over `redis`."""
     return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis),
-                             presence_seconds=DEFAULTS.runs.follower_presence_seconds)
+                             confirmation=confirmation, presence_seconds=DEFAULTS.runs.follower_presence_seconds)

@@ -143,7 +143,7 @@ def _redis(settings: RedisSettings, closing: AsyncExitStack) -> RedisClient:
     without a URL, the embedded mode's in-process Redis. Closed at shutdown with every connection it
     opened (under Sentinel, the sentinels' too)."""
     redis = embedded_redis() if settings.url is None else create_redis(
-        settings.url, max_connections=settings.max_connections, pool_timeout_seconds=settings.pool_timeout_seconds)
+        settings.url, max_connections=settings.pool_size, pool_timeout_seconds=settings.pool_timeout_seconds)
     closing.push_async_callback(close_redis, redis)
     return redis
 
@@ -178,7 +178,7 @@ class Container(containers.DeclarativeContainer):
     health_probe = providers.Singleton(RedisHealthProbe, redis,
                                        required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
-                                        approvals=approval_store,
+                                        approvals=approval_store, confirmation=replica_confirmation,
                                         presence_seconds=settings.provided.runs.follower_presence_seconds)
     conversations = providers.Singleton(_conversations, redis, settings.provided.threads)
     start_limiter = providers.Singleton(RedisStartRateLimiter, redis,

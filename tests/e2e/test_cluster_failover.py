@@ -13,7 +13,6 @@ says so, and this test holds Aura to the case the docs promise."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections import Counter
@@ -25,12 +24,11 @@ import pytest
 import redis
 
 from tests.aura_process import AuraProcess
-from tests.e2e.test_sentinel import NOTICES, Load, is_store_failure_notice, one_run
+from tests.e2e.failover_load import NOTICES, Load, LoadDriver, is_store_failure_notice
 from tests.fake_dwp import FakeDwp, FakeResponse
 from tests.redis_nodes import CLUSTER_MASTERS
 from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster
 from tests.sentinel_group import wait_for
-from tests.support import bearer
 
 pytestmark = pytest.mark.redis_server
 
@@ -122,8 +120,6 @@ class Outcome:
     running: list[bytes]  # runs still recorded running after the load
     holes: list[str]  # runs whose log misses an event it has a later one of (but its closing pair)
     calls: Counter[str]  # the DWP calls made, by marker
-    # runs whose stream stalled until the client gave up -> the last line of one resume after the load
-    resumed: dict[str, bytes]
 
 
 async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., AuraProcess],
@@ -140,17 +136,8 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
            "AURA_RUNS__LEASE_SECONDS": str(LEASE_SECONDS)}
     auras = [start_aura(redis_url=cluster.url, env={**env, "AURA_RUNS__INSTANCE_ID": f"aura-{n}"})
              for n in ("a", "b")]
-    load = Load()
-    NOTICES.clear()  # the notices of this load only
-    stop = False
-    counter = itertools.count()
-    clients = [httpx.AsyncClient(base_url=aura.url, timeout=30) for aura in auras]
-
-    async def worker() -> None:
-        while not stop:
-            await one_run(next(counter), clients, load)
-
-    workers = [asyncio.create_task(worker()) for _ in range(CONCURRENCY)]
+    driver = LoadDriver(auras, CONCURRENCY)
+    load = driver.load
     failed_over: list[tuple[int, int, int]] = []
     try:
         await load.until(lambda: len(load.approved) >= APPROVED_BEFORE_FAILOVER, "approvals before the failover")
@@ -159,27 +146,17 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
             held = await asyncio.to_thread(run_keys, master)
             if held and len(failed_over) < limit:
                 failed_over.append((master, held, await asyncio.to_thread(fail_over, cluster, master)))
-        failover_seconds = time.monotonic() - started
+        driver.outcome = f"failovers {failed_over} in {time.monotonic() - started:.1f} s"
         load.failover_done = True
         await load.until(lambda: load.runs_completed_after_failover >= COMPLETED_AFTER_FAILOVER,
                          "runs completed after the failovers")
-        stop = True
-        await asyncio.gather(*workers)
-        resumed = {run_id: await resume_once(clients[0], run_id, user, seq) for run_id, user, seq in stalled(load)}
+        await driver.drain()
         for aura in auras:
             async with httpx.AsyncClient(base_url=aura.url, timeout=10) as client:
                 assert (await client.get("/ready")).json() == {"status": "ready"}
     finally:
-        stop = True
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
+        await driver.finish()
         dwp.stop()
-    print(f"failovers {failed_over} in {failover_seconds:.1f} s; runs completed {load.runs_completed}, "
-          f"failed {len(load.runs_failed)}; events received {len(load.received)} (followers {len(load.followed)}); "
-          f"approvals answered {dict(load.approval_answers)}; failed runs: {Counter(load.runs_failed_why())}")
 
     store = redis.RedisCluster(host="127.0.0.1", port=failed_over[0][2] if failed_over else cluster.ports[0])
     try:
@@ -210,29 +187,7 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
     finally:
         store.close()
     return Outcome(load, failed_over, lost, reverted, still_running, holes,
-                   Counter(r.json["marker"] for r in dwp.requests if r.method == "POST"), resumed)
-
-
-def stalled(load: Load) -> list[tuple[str, str, int]]:
-    """(run, its user, the last seq its client had) of each run whose client gave up waiting."""
-    found = []
-    for why in load.runs_failed:
-        number, _, rest = why.partition(": ")
-        if why.endswith("timed out") and rest.startswith("run run_"):
-            words = rest.split()
-            found.append((words[1], f"user{int(number) % 20}", int(words[4])))
-    return found
-
-
-async def resume_once(client: httpx.AsyncClient, run_id: str, user: str, last_seq: int) -> bytes:
-    """The last line of one resume with Last-Event-ID, read to its end (at most 30 s)."""
-    headers = {**bearer(user), "Last-Event-ID": f"{run_id}:{last_seq}"}
-    last = b""
-    async with asyncio.timeout(30), client.stream("GET", f"/aura/runs/{run_id}/events", headers=headers) as response:
-        async for line in response.aiter_lines():
-            if line:
-                last = line.encode()
-    return last
+                   Counter(r.json["marker"] for r in dwp.requests if r.method == "POST"))
 
 
 def has_hole(store: redis.RedisCluster, run_id: str) -> bool:
@@ -250,23 +205,19 @@ def has_hole(store: redis.RedisCluster, run_id: str) -> bool:
                 and after[1]["data"]["reason"] == "store_unavailable")
 
 
-def assert_only_retryable_errors(load: Load, *, stalled_then_resumed: dict[str, bytes] | None = None) -> None:
-    """Every run ended for its client (none timed out, or, where `stalled_then_resumed` allows it,
-    one resume afterwards ended it), and what went wrong is what a client retries: a 503 (never a
-    500 or a 4xx), a retryable `error`, an end saying the store failed or the run was lost."""
+def assert_only_retryable_errors(load: Load) -> None:
+    """Every run ended for its client (none stalled until it gave up), and what went wrong is what
+    a client retries: a 503 (never a 500 or a 4xx), a retryable `error`, an end saying the store
+    failed or the run was lost."""
     timed_out = [why for why in load.runs_failed if why.endswith("timed out")]
-    if stalled_then_resumed is None:
-        assert not timed_out, load.runs_failed
-    else:
-        assert len(stalled_then_resumed) == len(timed_out), timed_out
-        assert set(stalled_then_resumed.values()) <= {b"data: [DONE]"}, stalled_then_resumed
+    assert not timed_out, load.runs_failed
     assert set(load.approval_answers) <= {200, 409, 503}, load.approval_answers
-    # (a run whose `end` the store refused while its record was closed `failed` ends, for a resume,
-    # with the record's status and reason `unknown`)
+    # (a run whose `end` the store refused while its record was closed ends, for a resume, with the
+    # `end` its record keeps: store_unavailable or run_lost here)
     not_retryable = [why for why in load.runs_failed
-                     if not (why.split(": ", 1)[1] == "HTTP 503" or "store_unavailable" in why or "run_lost" in why
-                             or "'status': 'failed', 'reason': 'unknown'" in why)]
+                     if not (why.split(": ", 1)[1] == "HTTP 503" or "store_unavailable" in why or "run_lost" in why)]
     assert not_retryable == [], not_retryable
+    assert load.done_without_end == []  # every stream's last events: an `end` then [DONE], or `retry:`
     for run_id, notices_of_run in NOTICES.items():
         for notice in notices_of_run:
             if notice["type"] == "error":
@@ -282,6 +233,7 @@ async def test_cluster_failovers_under_load_lose_no_received_event_and_revert_no
     assert outcome.running == []  # every run ended
     assert outcome.holes == []  # every run's log is whole
     assert_only_retryable_errors(outcome.load)
+    assert outcome.load.not_found == []  # every run a client was given the id of is known after
     assert outcome.calls and max(outcome.calls.values()) == 1  # every approved call made once at most
 
 
@@ -302,15 +254,14 @@ async def test_a_killed_master_costs_retryable_errors_and_every_run_still_ends(
         failover_cluster: RedisCluster, start_aura: Callable[..., AuraProcess]) -> None:
     """Not a promise of no loss: what a dying master acknowledged and had not sent to its replica
     is gone (asynchronous replication, no `WAIT` on a cluster; docs/operators.md). What holds is
-    that every run ends and the clients see only errors they retry. A stream may stall (a run's
-    reader set lost with the master, so its close is not announced to the follower): a reconnect
-    with Last-Event-ID then ends it."""
+    that every run ends, no stream stalls (a run's reader set lost with the master: its owner,
+    meeting the move, tells the run's followers to note their entries again) and the clients see
+    only errors they retry."""
     outcome = await failover_under_load(failover_cluster, start_aura, kill_master, limit=1)
     # (a hole in a run's log is what such a loss looks like: the owner went on after the events the
     # dying master had taken and not sent on)
     print(f"killed master: {len(outcome.lost)} received events not in the log, "
           f"{len(outcome.reverted)} decisions reverted, {len(outcome.holes)} runs' logs with a hole")
-    print(f"killed master: streams stalled until the client gave up, then ended by a resume: {outcome.resumed}")
     assert outcome.failed_over
     assert outcome.running == []
-    assert_only_retryable_errors(outcome.load, stalled_then_resumed=outcome.resumed)
+    assert_only_retryable_errors(outcome.load)

@@ -80,8 +80,9 @@ async def test_a_followed_run_costs_the_follower_no_command_per_event_nor_while_
     follow = follower.follow(IDS.run_id, 1)
     try:
         assert (await anext(follow)).seq == 2  # read from the log once, after joining the readers
-        # the process's presence (once for all its follows), the follow's reader entry, the log read
-        assert commands.take() == ["EVALSHA", "EVALSHA", "XRANGE"]
+        # the process's presence (once for all its follows), the follow's reader entry, the run's
+        # record (whether it closed before the entry was noted), the log read
+        assert commands.take() == ["EVALSHA", "EVALSHA", "GET", "XRANGE"]
         assert await directory.has_reader(IDS.run_id)
         idle = [await anext(follow) for _ in range(5)]  # half a second with nothing logged
         assert idle == [None] * 5
@@ -483,6 +484,31 @@ async def test_a_follow_ends_when_its_run_closes_without_an_end_in_its_log(
         async with asyncio.timeout(5):
             async for item in follow:
                 seen.append(item)
+        assert [item.seq for item in seen if item is not None] == [2]
+    finally:
+        await follow.aclose()
+        await follower.aclose()
+        await log.aclose()
+
+
+async def test_a_follow_that_starts_after_its_run_closed_without_an_end_ends_at_once(
+        clients: tuple[RedisClient, RedisClient]) -> None:
+    """The run's close came before the follow noted its entry, so it announced nothing to it (and
+    its `end` never reached the log, as in a failover): the follow sees the closed record once,
+    after its first read of the log, instead of waiting for an `end` that never comes (the resume
+    read the record as running a moment before; seen as a stalled stream after a master kill)."""
+    owner, follower_client = clients
+    log = RedisEventLog(owner, **EVENT_LOG)
+    directory = run_directory(owner)
+    assert await directory.admit(RECORD, user_limit=5, tenant_limit=5, slot_seconds=60, lease_seconds=15) is None
+    await log.append(event(1))
+    await log.append(event(2))
+    assert await directory.close(RECORD, "failed", 60)  # its `end` never logged
+    follower = RedisRunFollower(follower_client, block_ms=100)
+    follow = follower.follow(IDS.run_id, 1)
+    try:
+        async with asyncio.timeout(5):
+            seen = [item async for item in follow]
         assert [item.seq for item in seen if item is not None] == [2]
     finally:
         await follow.aclose()

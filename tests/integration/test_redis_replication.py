@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -23,9 +24,10 @@ from adapters.redis.health import RedisHealthProbe
 from adapters.redis.runs import RedisRunFollower
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
-from tests.defaults import EVENT_LOG, client_of
+from tests.defaults import EVENT_LOG, client_of, run_directory
 from tests.integration.test_redis_approvals import approval_request
 from tests.integration.test_redis_event_log import event
+from tests.integration.test_redis_run_directory import record
 from tests.redis_server import RedisServer, start_redis_server, stop_redis_server
 from tests.sentinel_group import start_replica, start_sentinel
 
@@ -100,6 +102,27 @@ async def test_an_event_is_acknowledged_once_the_replica_holds_it_and_never_befo
             await log.append(event(3))
     finally:
         await log.aclose()
+
+
+async def test_a_run_is_admitted_only_once_the_replica_holds_its_record(
+        pair: Pair, master: Redis, replica: Redis) -> None:
+    """A run's id reaches its client (the POST's 200) only once the replica, the master's successor
+    in a failover, holds its record: else a resume after the failover answers 404 for a run the
+    client was told exists (seen in the Sentinel failover test). Unconfirmed, the admission is
+    taken back and refused (retryable)."""
+    directory = run_directory(master, CONFIRM)
+    admission = {"user_limit": 5, "tenant_limit": 5, "slot_seconds": 900, "lease_seconds": 15}
+    with pair.replica_frozen():
+        with pytest.raises(StoreUnavailable):
+            await directory.admit(record("run_1"), **admission)
+    assert await master.exists("aura:run:{run_1}:meta", "aura:run:{run_1}:lease") == 0
+    assert await master.zscore("aura:runs:active", "run_1") is None
+    assert await master.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await master.zcard("aura:slots:{acme}:tenant") == 0
+
+    assert await directory.admit(record("run_2"), **admission) is None
+    assert await replica.get("aura:run:{run_2}:meta") == orjson.dumps(record("run_2").to_record())
+    assert await replica.get("aura:run:{run_2}:lease") == b"aura-a"
 
 
 async def test_without_confirmation_no_wait_is_sent(pair: Pair, master: Redis) -> None:

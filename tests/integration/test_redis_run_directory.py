@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from adapters.redis.client import is_cluster
 from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.runs import ACTIVE_RUNS_KEY, RedisRunDirectory
 from domain.model.errors import RunStartsTooFrequent, StoreUnavailable
-from domain.model.runs import RunRecord
+from domain.model.runs import RunEnd, RunRecord
 from tests.defaults import client_of, run_directory
 from tests.integration.commands import CommandLog
 from tests.redis_server import RedisCluster, flush_redis_cluster
@@ -57,8 +58,11 @@ async def test_close_keeps_the_record_for_the_retention_time_and_frees_lease_and
     directory = run_directory(redis_client)
     run = record("run_1")
     assert await admit(directory, run) is None
-    await directory.close(run, "completed", 60)
-    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta")) == {**run.to_record(), "status": "completed"}
+    await directory.close(run, "completed", 60, RunEnd("completed", "completed", "Done."))
+    end = {"status": "completed", "reason": "completed", "message": "Done."}
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta")) == {
+        **run.to_record(), "status": "completed", "end": end}
+    assert await directory.get("run_1") == replace(run, status="completed", end=RunEnd(**end))
     assert 50 < await redis_client.ttl("aura:run:{run_1}:meta") <= 60
     assert await redis_client.exists("aura:run:{run_1}:lease") == 0
     assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0

@@ -224,7 +224,9 @@ async def test_declaring_a_lost_run_closes_everything_at_once_and_only_when_the_
     assert (end["type"], end["seq"], end["data"]) == (
         "end", 4, {"status": "failed", "reason": "run_lost", "message": message})
     assert entries[3][1][b"t"] == b"1"
-    assert orjson.loads(await redis_client.get("aura:run:{run_a}:meta"))["status"] == "failed"
+    assert orjson.loads(await redis_client.get("aura:run:{run_a}:meta")) == {
+        **RECORD.to_record(), "status": "failed",
+        "end": {"status": "failed", "reason": "run_lost", "message": message}}
     assert 50 < await redis_client.ttl("aura:run:{run_a}:meta") <= 60
     assert orjson.loads(await redis_client.get("aura:run:{run_a}:snapshot")) == {
         "status": "failed", "lastSeq": 4, "pendingApproval": None,

@@ -3,6 +3,7 @@ redis-server: its start (the start rate, the admission) and its close, each one 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from quart.typing import TestClientProtocol
@@ -20,6 +21,8 @@ async def _one_run(client: TestClientProtocol) -> None:
                                  json={"prompt": '@answer {"text": "one two three", "chunks": 3}'})
     assert response.status_code == 200
     assert events_of(parse_sse(await response.get_data(as_text=True)))[-1]["type"] == "end"
+    # the run's close follows its `end`: its task is done once the run is closed
+    await asyncio.gather(*(task for task in asyncio.all_tasks() if task.get_name().startswith("run run_")))
 
 
 async def test_a_run_starts_in_one_round_trip_and_closes_in_one(redis_server: RedisServer, tmp_path: Path,

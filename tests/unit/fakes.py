@@ -25,7 +25,16 @@ from domain.model.ports import (
     SignalSubscription,
     StartRateLimiter,
 )
-from domain.model.runs import IdempotencyClaim, LeaseRenewals, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.runs import (
+    IdempotencyClaim,
+    LeaseRenewals,
+    LostRun,
+    RunControl,
+    RunDirectory,
+    RunEnd,
+    RunFollower,
+    RunRecord,
+)
 from domain.model.tools import Tool, ToolContext, ToolSpec
 
 
@@ -218,9 +227,9 @@ class MemoryRunDirectory(RunDirectory):
     async def get(self, run_id: str) -> RunRecord | None:
         return self.records.get(run_id)
 
-    async def finish(self, run_id: str, status: str, retention_seconds: int) -> None:
+    async def finish(self, run_id: str, status: str, retention_seconds: int, end: RunEnd | None = None) -> None:
         if run_id in self.records:
-            self.records[run_id] = replace(self.records[run_id], status=status)
+            self.records[run_id] = replace(self.records[run_id], status=status, end=end)
         self.leases.pop(run_id, None)
 
     async def renew_leases(self, run_ids: list[str], instance_id: str, lease_seconds: float,
@@ -258,10 +267,10 @@ class MemoryRunDirectory(RunDirectory):
         self.leases[record.run_id] = record.instance_id
         return None
 
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
+    async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:
         if self.leases.get(record.run_id) != record.instance_id:
             return False
-        await self.finish(record.run_id, status, retention_seconds)
+        await self.finish(record.run_id, status, retention_seconds, end)
         self._free(record)
         return True
 
@@ -280,7 +289,7 @@ class MemoryRunDirectory(RunDirectory):
         if (log[-1].seq if log else 0) != lost.after_seq:
             return "moved"
         log += [lost.error, lost.end]
-        self.records[run_id] = replace(current, status="failed")
+        self.records[run_id] = replace(current, status="failed", end=RunEnd.from_data(lost.end.data))
         if lost.snapshot is not None:
             self._log.snapshots[run_id] = lost.snapshot
         self._free(current)

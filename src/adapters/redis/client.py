@@ -40,6 +40,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from adapters.redis.connection import make_cancellation_safe
 from adapters.redis.sentinel import SENTINEL_SCHEMES, SentinelAddress, create_sentinel_redis, parse_sentinel_url
+from adapters.redis.topology import attach_slot_map, cluster_dispatcher
 
 _log = logging.getLogger(__name__)
 
@@ -138,15 +139,17 @@ def create_redis(
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), DEFAULT_COMMAND_RETRIES)
     client: RedisClient
     if target.topology == "cluster":
+        dispatcher = cluster_dispatcher()
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             username=target.username, password=target.password, ssl=target.tls,
             decode_responses=False, protocol=RESP_PROTOCOL,
             socket_timeout=socket_timeout_seconds, socket_connect_timeout=connect_timeout_seconds,
             socket_keepalive=True, health_check_interval=health_check_interval_seconds,
-            max_connections=max_connections, retry=retry,
+            max_connections=max_connections, retry=retry, event_dispatcher=dispatcher,
             **_hiredis_options(),
         )
+        attach_slot_map(client, dispatcher)
     else:
         # A blocking pool: when every connection is busy a command waits for one (up to the pool
         # timeout) instead of failing at once, which is what redis-py's default pool does past its

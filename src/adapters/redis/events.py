@@ -40,6 +40,7 @@ from adapters.redis.client import RedisClient, batch, run_batch
 from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.keys import run_key
 from adapters.redis.packed import PackedConnection, pack
+from adapters.redis.topology import NOTE_AGAIN, slot_map
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunFenced, StoreUnavailable
 from domain.model.events import Event, EventType
@@ -161,6 +162,9 @@ _ALWAYS_ATTEMPTED = frozenset({EventType.ERROR, EventType.END})
 # bench measures, 15-30 ms, which other clients wait behind only when Redis is that busy anyway.
 MAX_BATCH = 2048
 
+# How many runs' followers are told at once that the run's slot moved (one PUBLISH each).
+_ANNOUNCE_AT_ONCE = 32
+
 # How many more loop passes a batch waits for while runs keep adding to it (see `_gather`).
 _MAX_GATHER_PASSES = 4
 
@@ -206,6 +210,13 @@ class RedisEventLog(EventLog):
         self._broken: set[str] = set()  # runs with a failed append, until they are closed
         self._closed: set[str] = set()  # runs whose `end` was logged, until close_run is called
         self._fenced: set[str] = set()  # runs this instance may no longer write, until close_run
+        # On a cluster: each open run's slot's primary as last seen. When a failover moves it, the
+        # run's followers are told to note their reader entries again (topology.py).
+        self._slots = slot_map(redis)
+        self._primaries: dict[str, str | None] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
+        if self._slots is not None:
+            self._slots.on_change(self._slot_map_changed)
 
     def submit(self, event: Event, snapshot: Mapping[str, Any] | None,
                logged: Callable[[Exception | None], None]) -> None:
@@ -369,7 +380,38 @@ class RedisEventLog(EventLog):
             keys = self._run_keys[run_id] = (
                 [event_log_key(run_id).encode(), lease_key(run_id).encode(), snapshot_key(run_id).encode(),
                  run_key(run_id, "reader").encode()], run_key(run_id, "tail").encode())
+            if self._slots is not None:
+                self._primaries[run_id] = self._slots.primary_of(keys[0][0])
         return keys
+
+    def _slot_map_changed(self) -> None:
+        """The runs this instance writes whose slot has another primary now: a master that died
+        before its replica had the run's reader set took it along, and the owner would publish
+        nothing more to a follow that waits. One `PUBLISH` of `NOTE_AGAIN` per such run, once per
+        move (not per event, nor periodically): its followers note their entries again."""
+        assert self._slots is not None
+        moved = []
+        for run_id, (keys, tail) in self._run_keys.items():
+            primary, known = self._slots.primary_of(keys[0]), self._primaries.get(run_id)
+            if primary is not None and primary != known:
+                self._primaries[run_id] = primary
+                if known is not None:  # None: the map had no primary for it yet (a first refresh)
+                    moved.append(tail)
+        if moved:
+            task = asyncio.get_running_loop().create_task(self._announce_moved(moved), name="event log: slots moved")
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    async def _announce_moved(self, channels: list[bytes]) -> None:
+        # A cluster pipeline takes no keyless command: PUBLISHes side by side, a few at a time.
+        for start in range(0, len(channels), _ANNOUNCE_AT_ONCE):
+            replies = await asyncio.gather(*(self._redis.publish(channel, NOTE_AGAIN) for channel in
+                                             channels[start:start + _ANNOUNCE_AT_ONCE]), return_exceptions=True)
+            failed = [reply for reply in replies if isinstance(reply, Exception)]
+            if failed:
+                # the followers' own slot map, resubscription and the runs' closes still reach them
+                log.warning("event log: could not tell %d runs' followers their slot moved: %s", len(failed),
+                            type(failed[0]).__name__)
 
     def _append_arguments(self, items: Sequence[_PendingAppend]) -> tuple[list[bytes], list[bytes]]:
         """One run's events, in seq order, as `_APPEND`'s keys and arguments."""
@@ -414,6 +456,7 @@ class RedisEventLog(EventLog):
 
     async def close_run(self, run_id: str) -> None:
         self._run_keys.pop(run_id, None)
+        self._primaries.pop(run_id, None)
         self._broken.discard(run_id)
         if run_id in self._fenced:  # another writer finished the log: its retention is theirs
             self._fenced.discard(run_id)
@@ -431,6 +474,9 @@ class RedisEventLog(EventLog):
             raise StoreUnavailable("The event log is unavailable.") from exc
 
     async def aclose(self) -> None:
+        if self._slots is not None:
+            self._slots.remove(self._slot_map_changed)
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)

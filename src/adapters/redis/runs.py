@@ -29,7 +29,8 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
   scored by when their slot lapses (so a crashed instance's runs free their slots by themselves);
   both carry the tenant's hash tag, so the admission's check-and-take is one single-slot script
 - channel `aura:instance:{instanceId}:control`  cancel requests for the runs an instance owns
-- channel `aura:run:{runId}:tail`  the run's events as they are logged, while it has a remote reader
+- channel `aura:run:{runId}:tail`  the run's events as they are logged, while it has a remote reader;
+                               `RUN_CLOSED` at its close, `NOTE_AGAIN` when a failover moved its slot
 
 What spans slots (a run's keys, its tenant's slots, the active index, the approval's `hitl:*` keys)
 is written in idempotent steps, in an order that a crash between two of them leaves nothing lost:
@@ -48,7 +49,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import orjson
@@ -63,11 +64,21 @@ from adapters.redis.keys import key_part, run_key, tenant_tag
 from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.readers import stop_reader
 from adapters.redis.sentinel import master_watch
+from adapters.redis.topology import NOTE_AGAIN, slot_map
 from adapters.wire import envelope_bytes, event_from_bytes
 from domain.model.errors import RunStartsTooFrequent, StoreUnavailable
 from domain.model.events import Event
 from domain.model.ports import StartRateLimiter
-from domain.model.runs import IdempotencyClaim, LeaseRenewals, LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.runs import (
+    IdempotencyClaim,
+    LeaseRenewals,
+    LostRun,
+    RunControl,
+    RunDirectory,
+    RunEnd,
+    RunFollower,
+    RunRecord,
+)
 from domain.runtime.waits import Backoff
 
 log = logging.getLogger("aura.runs")
@@ -261,12 +272,15 @@ def _scored(flat: list[Any]) -> dict[str, int]:
 
 class RedisRunDirectory(RunDirectory):
     def __init__(self, redis: RedisClient, *, max_log_length: int, approvals: RedisApprovalStore,
-                 presence_seconds: float) -> None:
+                 presence_seconds: float, confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
         # The followers' presence time (`RedisRunFollower`): a lapse time minus it is when that
         # follower last said it was alive.
         self._presence_ms = int(presence_seconds * 1000)
         self._max_log_length = max_log_length
+        # When replicas must confirm writes, a run is admitted (its id handed to the client) only
+        # once they hold its record: a failover must not turn a run id the client holds into a 404.
+        self._confirmation = confirmation
         # A lost run's pending approval is cancelled through the approval store's own steps.
         self._approvals = approvals
         self._take_slots = redis.register_script(_TAKE_SLOTS)
@@ -351,7 +365,8 @@ class RedisRunDirectory(RunDirectory):
                     lease_seconds: float, starts: StartRateLimiter | None = None) -> str | None:
         """Three ordered steps: the active index, the run's record and lease (so a crash or a
         failure from here on leaves a run the sweep declares lost, which frees whatever it holds),
-        then the tenant's slots in one script. A refusal takes the first two back. On one server
+        then the tenant's slots in one script. A refusal takes the first two back; so does a
+        record the replicas did not confirm (StoreUnavailable: the client may retry). On one server
         the start rate is counted by the slots' script (the same round trip); elsewhere first."""
         # One server runs a pipeline's commands in order: the three steps ride in one. A cluster
         # runs each server's part of a pipeline side by side (a failing node fails its part alone):
@@ -395,23 +410,52 @@ class RedisRunDirectory(RunDirectory):
             result = await self._call(take(keys=slot_keys, args=slot_args))
         text = _text(result)
         if text == "ok":
+            try:
+                await self._confirm_admitted(run_id)
+            except StoreUnavailable:
+                with contextlib.suppress(StoreUnavailable):  # else the sweep declares it lost, which frees it
+                    await self._undo_admission(run_id)
+                    await self._forget(run_id, record.tenant_id, record.user_id)
+                raise
             return None
-        undo = batch(self._redis)
-        undo.delete(meta_key(run_id), lease_key(run_id))
-        undo.zrem(ACTIVE_RUNS_KEY, run_id)
-        await self._call(undo.execute())
+        await self._undo_admission(run_id)
         if text == "starts" and window is not None:
             raise RunStartsTooFrequent(window.wait)
         return text
 
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
+    async def _confirm_admitted(self, run_id: str) -> None:
+        """With replica confirmation: the record is on the master the client talks to now and its
+        replicas hold it (a read, then `WAIT` on its connection, which covers every write the
+        master had taken by then: durability.py)."""
+        confirmation = self._confirmation
+        if confirmation is None:
+            return
+        pipe = batch(self._redis)
+        pipe.exists(meta_key(run_id))
+        pipe.execute_command(*confirmation.arguments())
+        try:
+            exists, confirmed = await pipe.execute(raise_on_error=False)
+            if not raise_error(exists):
+                raise StoreUnavailable("The run's record is not on the current Redis master.")
+            confirmation.check(confirmed)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory's replicas did not confirm the run.") from exc
+
+    async def _undo_admission(self, run_id: str) -> None:
+        undo = batch(self._redis)
+        undo.delete(meta_key(run_id), lease_key(run_id))
+        undo.zrem(ACTIVE_RUNS_KEY, run_id)
+        await self._call(undo.execute())
+
+    async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:
         """The record is the one this owner registered, so it is rewritten without being read first.
         One round trip on one server; on a cluster the run's keys first, then its slots and index
         entry (`_forget`)."""
         run_id = record.run_id
+        final = replace(record, status=status, end=end)
         keys = [meta_key(run_id), lease_key(run_id), reader_key(run_id)]
-        args: list[Any] = [record.instance_id, orjson.dumps({**record.to_record(), "status": status}),
-                           retention_seconds, tail_channel(run_id), RUN_CLOSED]
+        args: list[Any] = [record.instance_id, orjson.dumps(final.to_record()), retention_seconds,
+                           tail_channel(run_id), RUN_CLOSED]
         if not is_cluster(self._redis):
             return bool(await self._call(self._close_and_forget(
                 keys=[*keys, user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id),
@@ -442,7 +486,7 @@ class RedisRunDirectory(RunDirectory):
             keys=[event_log_key(run_id), lease_key(run_id), meta_key(run_id), snapshot_key(run_id)],
             args=[f"{lost.after_seq}-1" if lost.after_seq else "", f"{lost.error.seq}-1", envelope_bytes(lost.error),
                   f"{lost.end.seq}-1", envelope_bytes(lost.end),
-                  orjson.dumps({**record.to_record(), "status": "failed"}),
+                  orjson.dumps(replace(record, status="failed", end=RunEnd.from_data(lost.end.data)).to_record()),
                   b"" if lost.snapshot is None else orjson.dumps(lost.snapshot), lost.retention_seconds,
                   self._max_log_length, tail_channel(run_id)])))
         if outcome in ("declared", "finished"):
@@ -544,19 +588,23 @@ class _Follow:
 class RedisRunFollower(RunFollower):
     """Follows runs other instances own. A follow subscribes to the run's tail channel, adds its
     entry to the run's reader set (from then on the owner's append script publishes each event it
-    logs, in the same step), reads the log after its position once (XRANGE), then takes the events
-    as they are published: no command per event, and none while the run is idle. What keeps its
+    logs, in the same step), reads the run's record once (a close before the entry was noted is
+    announced to nobody) and the log after its position once (XRANGE), then takes the events as
+    they are published: no command per event, and none while the run is idle. What keeps its
     entry counted is the process's presence in `aura:followers`, one script every third of
     `reader_ttl_seconds` for all its follows (an idle follow costs nothing of its own; the owner
-    drops the entries of an absent follower). When the presence is found lapsed (the process stalled, or Redis lost
-    it), when the tail channels are subscribed again after a lost connection (or a Sentinel
-    failover, announced by the sentinels: `MasterWatch`) and at a seq gap, each follow notes its
-    entry again and fills the gap from the log (and after all but a gap, looks whether the run's
-    record was closed meanwhile: a run whose store refused its `end` closes without one, and its
-    owner announces the close, `RUN_CLOSED`; the follow then ends, and its reader resumes to learn
-    how the run ended). One Pub/Sub connection serves every follow of the
-    process (classic SUBSCRIBE: on a cluster any node hears every PUBLISH). A follow counts as a
-    reader for the owner (`RunDirectory.has_reader`) until it ends."""
+    drops the entries of an absent follower). When the presence is found lapsed (the process
+    stalled, or Redis lost it), when the tail channels are subscribed again after a lost connection (or a Sentinel
+    failover, announced by the sentinels: `MasterWatch`), when a cluster failover moved the run's
+    slot (a master killed before its replica had the entry takes it along: the owner, meeting the
+    move, publishes `NOTE_AGAIN`, and this process's own slot map says so when its commands meet
+    it: topology.py) and at a seq gap, each follow notes its entry again and fills the gap from
+    the log (and after all but a gap, looks whether the run's record was closed meanwhile: a run
+    whose store refused its `end` closes without one, and its owner announces the close,
+    `RUN_CLOSED`; the follow then ends, and its reader resumes to learn how the run ended). One
+    Pub/Sub connection serves every follow of the process (classic SUBSCRIBE: on a cluster any
+    node hears every PUBLISH). A follow counts as a reader for the owner
+    (`RunDirectory.has_reader`) until it ends."""
 
     def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
                  page: int = 500, confirmation: ReplicaConfirmation | None = None,
@@ -580,6 +628,12 @@ class RedisRunFollower(RunFollower):
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
+        # On a cluster: each followed run's reader-set primary when its entries were last noted;
+        # a failover that moves it may have lost them (topology.py).
+        self._slots = slot_map(redis)
+        self._primaries: dict[str, str | None] = {}
+        if self._slots is not None:
+            self._slots.on_change(self._slot_map_changed)
 
     async def follow(self, run_id: str, after_seq: int) -> AsyncIterator[Event | None]:
         follow = _Follow(after_seq, f"{self._follower}/{secrets.token_hex(8)}")
@@ -589,8 +643,14 @@ class RedisRunFollower(RunFollower):
             loop = asyncio.get_running_loop()
             await self._keep_present(loop.time())
             await self._note_reader(run_id, follow.entry)
+            # A close before the entry was noted announced nothing to this follow (one after it
+            # does: RUN_CLOSED), so the record is read once, after the note and before the log: a
+            # run closed without its `end` in the log ends the follow once the log is read.
+            closed = await self._closed(run_id, gone=False)
             async for event in self._catch_up(run_id, follow):
                 yield event
+            if closed:
+                return
             idle_since = loop.time()
             while True:
                 wait = max(0.0, idle_since + self._block_seconds - loop.time())
@@ -624,6 +684,7 @@ class RedisRunFollower(RunFollower):
                 followers.discard(follow)
                 if not followers:
                     del self._follows[run_id]
+                    self._primaries.pop(run_id, None)
             if not self._follows:
                 self._presence_due = None  # left to lapse
             with contextlib.suppress(RedisError, OSError):  # else the owner drops it once this process is gone
@@ -651,13 +712,13 @@ class RedisRunFollower(RunFollower):
                 for follow in follows:
                     follow.queue.put_nowait(None)
 
-    async def _closed(self, run_id: str) -> bool:
-        """Whether the run's record is final (or gone)."""
+    async def _closed(self, run_id: str, *, gone: bool = True) -> bool:
+        """Whether the run's record is final (or, unless `gone` is False, gone)."""
         try:
             raw = await self._redis.get(meta_key(run_id))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The run directory is unavailable.") from exc
-        return raw is None or RunRecord.from_record(orjson.loads(raw)).status != "running"
+        return gone if raw is None else RunRecord.from_record(orjson.loads(raw)).status != "running"
 
     async def _note_reader(self, run_id: str, entry: str) -> bool:
         """Add this follow's reader entry (again); True when it was not there (events may have gone
@@ -668,7 +729,22 @@ class RedisRunFollower(RunFollower):
                                      args=[now_ms + READER_ENTRY_TTL_MS, entry, READER_ENTRY_TTL_MS, now_ms])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The event log is unavailable.") from exc
+        if self._slots is not None:
+            self._primaries[run_id] = self._slots.primary_of(reader_key(run_id))
         return bool(added)
+
+    def _slot_map_changed(self) -> None:
+        """This process's slot map changed (a command of its own met a failover): the follows of a
+        run whose reader set has another primary now note their entries again and read the log
+        (the owner, when its own commands meet the move, says so too: `NOTE_AGAIN`)."""
+        assert self._slots is not None
+        for run_id, follows in self._follows.items():
+            primary, known = self._slots.primary_of(reader_key(run_id)), self._primaries.get(run_id)
+            if primary is not None and primary != known:
+                self._primaries[run_id] = primary
+                if known is not None:  # None: not noted yet, or the map had no primary for it then
+                    for follow in follows:
+                        follow.queue.put_nowait(None)
 
     async def _catch_up(self, run_id: str, follow: _Follow) -> AsyncIterator[Event]:
         while True:
@@ -755,8 +831,10 @@ class RedisRunFollower(RunFollower):
             for follow in self._follows.get(run_id, ()):  # subscribed again: messages may be missing
                 follow.queue.put_nowait(None)
         elif message["type"] == "message":
-            try:  # RUN_CLOSED, or anything else not one of Aura's envelopes: read the log and the record
-                event = None if message["data"] == RUN_CLOSED else event_from_bytes(message["data"])
+            # RUN_CLOSED, NOTE_AGAIN (the run's slot moved), or anything else not one of Aura's
+            # envelopes: note the entry again, read the log and the record
+            try:
+                event = None if message["data"] in (RUN_CLOSED, NOTE_AGAIN) else event_from_bytes(message["data"])
             except Exception:
                 event = None
             for follow in self._follows.get(run_id, ()):
@@ -772,6 +850,8 @@ class RedisRunFollower(RunFollower):
             await pubsub.unsubscribe(*gone)
 
     async def aclose(self) -> None:
+        if self._slots is not None:
+            self._slots.remove(self._slot_map_changed)
         await stop_reader(self._reader)
 
 

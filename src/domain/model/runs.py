@@ -27,13 +27,19 @@ class RunRecord:
     created_at: int
     status: str = "running"
     fingerprint: str = ""  # a hash of the request that started the run ("" when not known)
+    # How the run ended (its `end` event's data: status, reason, message), kept with the final
+    # record: the one place that says it when the `end` itself never reached the log.
+    end: RunEnd | None = None
 
     def to_record(self) -> dict[str, Any]:
-        record = {"runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
-                  "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
-                  "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
+        record: dict[str, Any] = {
+            "runId": self.run_id, "sessionId": self.session_id, "threadId": self.thread_id,
+            "traceId": self.trace_id, "tenantId": self.tenant_id, "userId": self.user_id,
+            "instanceId": self.instance_id, "createdAt": self.created_at, "status": self.status}
         if self.fingerprint:
             record["fingerprint"] = self.fingerprint
+        if self.end is not None:
+            record["end"] = self.end.data()
         return record
 
     @classmethod
@@ -42,7 +48,31 @@ class RunRecord:
                    thread_id=str(record["threadId"]), trace_id=str(record["traceId"]),
                    tenant_id=str(record["tenantId"]), user_id=str(record["userId"]),
                    instance_id=str(record["instanceId"]), created_at=int(record["createdAt"]),
-                   status=str(record.get("status", "running")), fingerprint=str(record.get("fingerprint", "")))
+                   status=str(record.get("status", "running")), fingerprint=str(record.get("fingerprint", "")),
+                   end=RunEnd.from_data(record.get("end")))
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """A run's `end`: its final status, the reason code (`completed`, an error code such as
+    `store_unavailable`, `run_lost`, `user_cancelled`, ...) and the message its client is shown."""
+
+    status: str
+    reason: str
+    message: str
+
+    def data(self) -> dict[str, str]:
+        return {"status": self.status, "reason": self.reason, "message": self.message}
+
+    @classmethod
+    def from_data(cls, data: object) -> RunEnd | None:
+        """None for anything but the three strings (a record written before they were kept)."""
+        if not isinstance(data, Mapping):
+            return None
+        fields = (data.get("status"), data.get("reason"), data.get("message"))
+        if not all(isinstance(value, str) for value in fields):
+            return None
+        return cls(*fields)  # type: ignore[arg-type]  # three strings, checked above
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +145,11 @@ class RunDirectory(ABC):
         RunStartsTooFrequent when over it; a refused start takes no slot."""
 
     @abstractmethod
-    async def close(self, record: RunRecord, status: str, retention_seconds: int) -> bool:
-        """The owner's run ended: record its final status for the retention time, drop its lease and
-        release its slots, in one step, only while the lease is still the owner's (False when it
-        is not: the run was, or will be, declared lost, and that declaration closes it)."""
+    async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:
+        """The owner's run ended: record its final status (and `end`, how it ended) for the
+        retention time, drop its lease and release its slots, in one step, only while the lease is
+        still the owner's (False when it is not: the run was, or will be, declared lost, and that
+        declaration closes it)."""
 
     @abstractmethod
     async def declare_lost(self, lost: LostRun) -> str:

@@ -14,7 +14,7 @@ from domain.model.events import Event, EventType, RunIds
 from domain.model.identity import Principal
 from domain.model.ports import ApprovalStore, Clock, ConversationStore, EventLog
 from domain.model.run import RunRequest
-from domain.model.runs import LostRun, RunControl, RunDirectory, RunFollower, RunRecord
+from domain.model.runs import LostRun, RunControl, RunDirectory, RunEnd, RunFollower, RunRecord
 from domain.runtime.feed import Subscription, SubscriptionOverflow
 from domain.services.agent import Agent
 from domain.services.runs import RunService
@@ -155,11 +155,18 @@ class RunAccess:
         finished = False
         ids = RunIds(record.run_id, record.session_id, record.thread_id, record.trace_id)
         try:
-            async for item in self._resume(record, ids, watcher, after_seq, heartbeat_seconds):
+            newest = await self._log.last_event(run_id)
+            if newest is not None and newest.is_terminal and after_seq == newest.seq:
+                finished = True
+                return  # finished, and the client has its `end`: [DONE]
+            async for item in self._resume(record, ids, watcher, newest, after_seq, heartbeat_seconds):
                 yield item
                 if item is not None and item.type is EventType.END:
                     finished = True
                     return
+            # Every way through `_resume` ends with an `end` or raises: a stream never ends with a
+            # [DONE] the client cannot tell from the run's end.
+            raise StoreUnavailable("The run's resume ended before its end.")
         except StoreUnavailable as error:
             log.warning("resume of run %s stopped: %s", run_id, error.message)
             now = self._clock.timestamp()
@@ -171,16 +178,18 @@ class RunAccess:
             if watcher is not None and handle is not None:
                 self._runs.release(handle, watcher, disconnected=not finished)
 
-    async def _resume(self, record: RunRecord, ids: RunIds, watcher: Subscription[Event] | None, after_seq: int,
-                      heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
+    async def _resume(self, record: RunRecord, ids: RunIds, watcher: Subscription[Event] | None,
+                      newest: Event | None, after_seq: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         run_id = record.run_id
-        newest = await self._log.last_event(run_id)
         if newest is not None and after_seq > newest.seq:
-            # An id the log never held (a client's bookkeeping error): resume from its last event.
+            # An id the log does not hold (a client's bookkeeping error, or events a dying Redis
+            # master took with it): resume from the log's last event, or, when that is the run's
+            # `end`, send it: the client cannot have it (its seq is not the one it names).
             log.info("resume of run %s from %d clamped to the log's last seq %d", run_id, after_seq, newest.seq)
+            if newest.is_terminal:
+                yield newest
+                return
             after_seq = newest.seq
-        if newest is not None and newest.is_terminal and after_seq >= newest.seq:
-            return  # finished, and the client has everything: [DONE]
         last = after_seq
         first = await self._log.first_seq(run_id)
         if first is None or first > after_seq + 1:
@@ -237,13 +246,18 @@ class RunAccess:
         raise StoreUnavailable("The run's follow ended before its end.")
 
     async def _final_notice(self, run_id: str, ids: RunIds, current: RunRecord | None) -> Notice:
-        """How a run ended whose log has no `end` after what the client has (it expired, or the
-        store failed when the run ended): said rather than waited for."""
+        """How a run ended whose log has no `end` after what the client has (the store refused
+        the `end`, or the log expired): said rather than waited for, as the run's final record
+        keeps it (its status, reason and message), else its snapshot; `unknown` only when neither
+        says (both expired, or a record closed before it kept its `end`)."""
+        if current is not None and current.end is not None:
+            return Notice(EventType.END, ids, self._clock.timestamp(), current.end.data())
         snapshot = await self._directory.get_snapshot(run_id)
-        end = (snapshot or {}).get("end") or {
+        end = RunEnd.from_data((snapshot or {}).get("end"))
+        data = end.data() if end is not None else {
             "status": current.status if current else "failed", "reason": "unknown",
             "message": "The run ended; its final events are no longer retained."}
-        return Notice(EventType.END, ids, self._clock.timestamp(), end)
+        return Notice(EventType.END, ids, self._clock.timestamp(), data)
 
     async def _follow_remote(self, record: RunRecord, last: int, heartbeat_seconds: float) -> AsyncIterator[ResumeItem]:
         """Follow a run owned by another instance (the follow counts as a reader for its owner,

@@ -327,16 +327,21 @@ class Agent:
             if not calls:
                 note = reply.strip()
                 break
+            # The reply and each call's result are in `messages`, which a call that waits for
+            # approval packs: this frame does not hold them unpacked for the wait (a result read
+            # before a call that needs approval, a file or a diff, can be most of what the run
+            # holds; pinned by tests/unit/runtime/test_memory.py).
+            del reply
             for call in calls:
                 if calls_in_step >= self._limits.max_tool_calls_per_step:
                     raise BudgetExceeded(f"Step {step.index} asked for more than "
                                          f"{self._limits.max_tool_calls_per_step} tool calls.")
                 calls_in_step += 1
                 noted = len(run.tool_notes)
+                note = result_text = ""
                 result_text = await self._call_tool(run, step, call, outcome, messages)
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
-                summary = run.tool_notes[-1].get("summary") if len(run.tool_notes) > noted else None
-                note = summary if isinstance(summary, str) else result_text
+                note = _step_note(run.tool_notes[noted:], result_text)
                 progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
                 await run.step_update(step, StepStatus.IN_PROGRESS, progress, f"{call.name} done")
             if not native and step.tool is not None:
@@ -546,3 +551,9 @@ def _hints(run: Run) -> dict[str, Any]:
 
 
 __all__ = ["Agent", "AgentLimits", "AuraError", "TokenBudgets", "ToolCallMode"]
+
+
+def _step_note(new_notes: list[dict[str, Any]], result_text: str) -> str:
+    """What a step's call leaves as its note: the summary its tool noted, else its result."""
+    summary = new_notes[-1].get("summary") if new_notes else None
+    return summary if isinstance(summary, str) else result_text

@@ -22,7 +22,7 @@ from domain.model.events import Event, EventType, RunIds, RunStatus
 from domain.model.identity import Principal
 from domain.model.ports import Clock, ConversationStore, EventLog, IdFactory, StartRateLimiter
 from domain.model.run import DisconnectPolicy, Run, RunRequest
-from domain.model.runs import RunDirectory, RunRecord
+from domain.model.runs import RunDirectory, RunEnd, RunRecord
 from domain.model.telemetry import Telemetry, detached_log_context
 from domain.runtime.deadlines import Timer
 from domain.runtime.feed import RunFeed, Subscription
@@ -230,8 +230,9 @@ class RunService:
             self._runs.pop(run.ids.run_id, None)
             try:
                 await self._log.close_run(run.ids.run_id)
-                if not handle.feed.fenced and not await self._directory.close(handle.record, run.status.value,
-                                                     self._limits.retention_seconds):
+                if not handle.feed.fenced and not await self._directory.close(
+                        handle.record, run.status.value, self._limits.retention_seconds,
+                        RunEnd.from_data(run.end_data)):
                     log.warning("run %s ended after its lease lapsed; its end is the declaration's",
                                 run.ids.run_id)
             except StoreUnavailable:

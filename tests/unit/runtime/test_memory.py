@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import tracemalloc
 import types
 from collections import deque
@@ -20,14 +21,24 @@ from adapters.http.routes.stream import forget_body
 from adapters.http.streams import StreamMeter, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
 from domain.model.approval import Signal
-from domain.model.chat import ChatMessage, Role, ToolCall, pack_messages, unpack_messages
+from domain.model.chat import (
+    ChatMessage,
+    ContentDelta,
+    Finish,
+    Role,
+    ToolCall,
+    ToolCallDelta,
+    pack_messages,
+    unpack_messages,
+)
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
 from domain.runtime.deadlines import Timer
 from domain.runtime.feed import RunFeed, Subscription, SubscriptionOverflow
 from domain.services.watch import RunWatch
 from tests.defaults import stream_config
-from tests.unit.harness import summary
+from tests.unit.fakes import RecordingTool, ScriptedModel, text
+from tests.unit.harness import Harness, summary
 from tests.unit.test_approval_gate import approval_harness, finish, until
 
 IDS = RunIds("run_1", "ses_1", "thr_1", "t" * 32)
@@ -208,6 +219,42 @@ async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -
     await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
     events = await finish(watcher, seen)
     assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+
+
+async def test_a_call_waiting_for_approval_holds_no_earlier_result_or_reply_of_its_step_unpacked() -> None:
+    """A step that reads (a file, a diff) and then asks to act on it: while the second call waits,
+    the first call's result and the model's replies are in the packed conversation only."""
+    read_result = "R" * 20_000
+    reader = RecordingTool("read", result={"content": read_result})
+    commit = RecordingTool("commit", requires_approval=True, result={"summary": "committed abc123"})
+    reply = "Reading it first. " * 200
+    plan = json.dumps({"steps": [{"description": "Read, then commit", "tool": "read"}]})
+    model = ScriptedModel(
+        text(plan),
+        [ContentDelta(reply), ToolCallDelta(index=0, id="call_1", name="read", arguments='{"value": "a"}'),
+         Finish("tool_calls")],
+        [ContentDelta("Now the commit. " * 200),
+         ToolCallDelta(index=0, id="call_2", name="commit", arguments='{"value": "v"}'), Finish("tool_calls")],
+        text("step note"), text("All done."))
+    h = Harness(model, tools=[reader, commit])
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    frames = _frame_locals_by_name(handle.task)
+    assert "packed" in frames["_call_tool"] and frames["_call_tool"]["messages"] == []
+    held = [name for chain in frames.values() for name, value in chain.items()
+            if isinstance(value, str) and ("RRRR" in value or "Now the commit." in value or "Reading it" in value)]
+    assert held == [], f"held unpacked while waiting: {held}"
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert reader.calls == [{"value": "a"}] and commit.calls == [{"value": "v"}]
+    assert summary(events)[-1] == ("end", "completed", "completed")
+    # the conversation came back whole after the wait: the turn after the commit has the read's
+    # result (as the model is given one: cut to its budget) and both replies
+    after = model.requests[3].messages
+    assert any(m.role is Role.TOOL and "R" * 2000 in m.content for m in after)
+    assert any(m.role is Role.ASSISTANT and m.content == reply for m in after)
+    assert any(m.role is Role.ASSISTANT and m.content == "Now the commit. " * 200 for m in after)
 
 
 def _frame_locals_by_name(task: asyncio.Task[Any]) -> dict[str, dict[str, Any]]:
