@@ -168,7 +168,7 @@ def aura_server(name: str, workdir: Path, redis_url: str | None, *, event_loop: 
         "AURA_SERVER__PORT": str(server.port),
         "AURA_TOOLS__WORKSPACE_ROOT": str(workspace),
         "AURA_RUNS__MAX_PER_USER": "1000000", "AURA_STREAM__MAX_PER_USER": "1000000",
-        "AURA_RUNS__MAX_PER_TENANT": "1000000",
+        "AURA_RUNS__MAX_PER_TENANT": "1000000", "AURA_RUNS__MAX_STARTS_PER_WINDOW": "1000000",
         "AURA_RUNS__INSTANCE_ID": name,
         "AURA_HITL__TIMEOUT_SECONDS": "1800",  # the longest wait the contract allows (a request lives 1800 s)
         # One seal key for every instance, as docs/operators.md ("Scaling out") recommends.

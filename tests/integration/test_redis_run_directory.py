@@ -9,10 +9,13 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from adapters.redis.client import is_cluster
+from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.runs import ACTIVE_RUNS_KEY, RedisRunDirectory
-from domain.model.errors import StoreUnavailable
+from domain.model.errors import RunStartsTooFrequent, StoreUnavailable
 from domain.model.runs import RunEnd, RunRecord
 from tests.defaults import client_of, run_directory
+from tests.integration.commands import CommandLog
 from tests.redis_server import RedisCluster, flush_redis_cluster
 
 
@@ -85,3 +88,68 @@ async def test_on_a_cluster_a_run_is_recorded_only_once_the_active_index_holds_i
         assert await client.zscore(ACTIVE_RUNS_KEY, "run_1") is not None
     finally:
         await client.aclose()
+
+
+async def test_on_one_server_a_run_is_closed_and_forgotten_in_one_round_trip(redis_client: Redis) -> None:
+    """The close writes the final record, drops the lease and frees the slots and the index entry:
+    one script on one server (a cluster keeps two steps, its keys being in different slots)."""
+    directory = run_directory(redis_client)
+    for run in (record("run_0"), record("run_1")):
+        assert await admit(directory, run) is None
+    assert await directory.close(record("run_0"), "completed", 60)  # its scripts are loaded now
+    log = CommandLog(redis_client)
+    assert await directory.close(run, "completed", 60)
+    assert log.take() == (["EVALSHA", "PIPELINE"] if is_cluster(redis_client) else ["EVALSHA"])
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is None
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
+
+
+async def test_a_run_whose_lease_is_gone_keeps_its_slots_and_index_entry_for_the_sweep(redis_client: Redis) -> None:
+    directory = run_directory(redis_client)
+    run = record("run_1")
+    assert await admit(directory, run) is None
+    await redis_client.delete("aura:run:{run_1}:lease")
+    assert not await directory.close(run, "completed", 60)
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta"))["status"] == "running"
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is not None
+    assert await redis_client.zrange("aura:slots:{acme}:user:alice", 0, -1) == [b"run_1"]
+    assert await redis_client.zrange("aura:slots:{acme}:tenant", 0, -1) == [b"run_1"]
+
+
+def limiter_of(client: Redis, limit: int) -> RedisStartRateLimiter:
+    return RedisStartRateLimiter(client, limit=limit, window_seconds=60, now=lambda: 6_000_030.0)
+
+
+async def test_on_one_server_the_start_rate_is_counted_in_the_admissions_round_trip(redis_client: Redis) -> None:
+    directory = run_directory(redis_client)
+    starts = limiter_of(redis_client, 2)
+    assert await directory.admit(record("run_0"), user_limit=9, tenant_limit=9, slot_seconds=900, lease_seconds=15,
+                                 starts=starts) is None  # its scripts are loaded now
+    log = CommandLog(redis_client)
+    assert await directory.admit(record("run_1"), user_limit=9, tenant_limit=9, slot_seconds=900, lease_seconds=15,
+                                 starts=starts) is None
+    assert log.take() == (["PIPELINE", "ZADD", "PIPELINE", "EVALSHA"] if is_cluster(redis_client) else ["PIPELINE"])
+    key = "aura:starts:{acme:alice}:100000"  # the window of 6,000,030 s, 60 s long
+    assert await redis_client.get(key) == b"2"
+    assert 55 < await redis_client.ttl(key) <= 61
+    assert await redis_client.zrange("aura:slots:{acme}:tenant", 0, -1) == [b"run_0", b"run_1"]
+
+
+async def test_a_start_over_the_rate_is_refused_with_the_wait_and_takes_nothing(redis_client: Redis) -> None:
+    directory = run_directory(redis_client)
+    starts = limiter_of(redis_client, 1)
+    assert await directory.admit(record("run_1"), user_limit=9, tenant_limit=9, slot_seconds=900, lease_seconds=15,
+                                 starts=starts) is None
+    with pytest.raises(RunStartsTooFrequent) as refused:
+        await directory.admit(record("run_2"), user_limit=9, tenant_limit=9, slot_seconds=900, lease_seconds=15,
+                              starts=starts)
+    assert refused.value.retry_after_seconds == 30  # the window opened at 6,000,000 s ends at 6,000,060
+    assert await redis_client.get("aura:starts:{acme:alice}:100000") == b"2"  # a refused start counts
+    assert await redis_client.exists("aura:run:{run_2}:meta", "aura:run:{run_2}:lease") == 0
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_2") is None
+    assert await redis_client.zrange("aura:slots:{acme}:user:alice", 0, -1) == [b"run_1"]
+    assert await redis_client.zrange("aura:slots:{acme}:tenant", 0, -1) == [b"run_1"]
+    # another user of the tenant has a window of their own
+    assert await directory.admit(record("run_3", user="bob"), user_limit=9, tenant_limit=9, slot_seconds=900,
+                                 lease_seconds=15, starts=starts) is None

@@ -13,9 +13,18 @@ from typing import Any
 
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.model.chat import ChatRequest, ContentDelta, Finish, ModelChunk, ToolCallDelta
-from domain.model.errors import StoreUnavailable, ToolFailure
+from domain.model.errors import RunStartsTooFrequent, StoreUnavailable, ToolFailure
 from domain.model.events import Event
-from domain.model.ports import ApprovalStore, ChatModel, Clock, EventLog, IdFactory, SignalBus, SignalSubscription
+from domain.model.ports import (
+    ApprovalStore,
+    ChatModel,
+    Clock,
+    EventLog,
+    IdFactory,
+    SignalBus,
+    SignalSubscription,
+    StartRateLimiter,
+)
 from domain.model.runs import (
     IdempotencyClaim,
     LeaseRenewals,
@@ -244,7 +253,9 @@ class MemoryRunDirectory(RunDirectory):
         self.idempotency.pop((tenant_id, user_id, key), None)
 
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
-                    lease_seconds: float) -> str | None:
+                    lease_seconds: float, starts: StartRateLimiter | None = None) -> str | None:
+        if starts is not None and (wait := await starts.admit(record.tenant_id, record.user_id)) is not None:
+            raise RunStartsTooFrequent(wait)
         user, tenant = f"user:{record.tenant_id}:{record.user_id}", f"tenant:{record.tenant_id}"
         if len(self.slots[user]) >= user_limit:
             return "user"

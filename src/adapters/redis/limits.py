@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -15,6 +16,14 @@ from adapters.redis.client import RedisClient, batch
 from adapters.redis.keys import user_tag
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import StartRateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class StartWindow:
+    key: str
+    ttl_seconds: int
+    limit: int
+    wait: float  # seconds until the next window opens: what a refusal tells the user
 
 
 def starts_key(tenant_id: str, user_id: str, window: int) -> str:
@@ -30,19 +39,23 @@ class RedisStartRateLimiter(StartRateLimiter):
         self._window = window_seconds
         self._now = now
 
-    async def admit(self, tenant_id: str, user_id: str) -> float | None:
+    def current_window(self, tenant_id: str, user_id: str) -> StartWindow:
+        """The user's counter in the window open now (also counted by the run directory's
+        admission script, in the admission's round trip, where the keys may share a script)."""
         now = self._now()
         window = int(now // self._window)
-        key = starts_key(tenant_id, user_id, window)
+        return StartWindow(key=starts_key(tenant_id, user_id, window), ttl_seconds=self._window + 1,
+                           limit=self._limit, wait=max(1.0, math.ceil((window + 1) * self._window - now)))
+
+    async def admit(self, tenant_id: str, user_id: str) -> float | None:
+        window = self.current_window(tenant_id, user_id)
         # The key is created with its expiry before it is counted: a crash between the two
         # leaves a key that expires, never one that counts forever.
         pipe = batch(self._redis)
-        pipe.set(key, 0, ex=self._window + 1, nx=True)
-        pipe.incr(key)
+        pipe.set(window.key, 0, ex=window.ttl_seconds, nx=True)
+        pipe.incr(window.key)
         try:
             _, count = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable("The run directory is unavailable.") from exc
-        if int(count) <= self._limit:
-            return None
-        return max(1.0, math.ceil((window + 1) * self._window - now))
+        return None if int(count) <= window.limit else window.wait

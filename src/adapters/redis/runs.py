@@ -35,8 +35,9 @@ share the hash tag `{runId}`, so on a Redis Cluster each of its atomic steps is 
 What spans slots (a run's keys, its tenant's slots, the active index, the approval's `hitl:*` keys)
 is written in idempotent steps, in an order that a crash between two of them leaves nothing lost:
 the active index first (a run is findable before anything else of it exists), the run's own keys,
-then the slots; on the way out the run's keys first, the slots and the index last. Whatever a crash
-leaves behind is cleaned by the lost-run sweep (`stale_runs`, `declare_lost`).
+then the slots; on the way out the run's keys first, the slots and the index last (on one server,
+not a cluster, the way out is one script over all of them). Whatever a crash leaves behind is
+cleaned by the lost-run sweep (`stale_runs`, `declare_lost`).
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ from adapters.redis.client import RedisClient, batch, is_cluster, raise_error, r
 from adapters.redis.durability import ReplicaConfirmation, read_log_confirmed
 from adapters.redis.events import event_log_key, lease_key, snapshot_key
 from adapters.redis.keys import key_part, run_key, tenant_tag
+from adapters.redis.limits import RedisStartRateLimiter
 from adapters.redis.readers import stop_reader
 from adapters.redis.sentinel import master_watch
 from adapters.redis.topology import NOTE_AGAIN, slot_map
 from adapters.wire import envelope_bytes, event_from_bytes
-from domain.model.errors import StoreUnavailable
+from domain.model.errors import RunStartsTooFrequent, StoreUnavailable
 from domain.model.events import Event
+from domain.model.ports import StartRateLimiter
 from domain.model.runs import (
     IdempotencyClaim,
     LeaseRenewals,
@@ -123,8 +126,10 @@ def control_channel(instance_id: str) -> str:
 # 4 user limit, 5 tenant limit, 6 TTL seconds. Drops lapsed slots, refuses when the user's or the
 # tenant's limit is reached, else takes both. A run that holds its slots already (a retried call)
 # is admitted again without counting twice.
-_TAKE_SLOTS = """
+_HELD_ALREADY = """
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 'ok' end
+"""
+_TAKE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 'user' end
@@ -135,6 +140,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 return 'ok'
 """
+_TAKE_SLOTS = _HELD_ALREADY + _TAKE
+
+# The start counted against the user's start rate, then the slots taken, in one script: on one
+# server (not a cluster, where the user's start counter and the tenant's slots are in different
+# slots). KEYS as _TAKE_SLOTS's, then 3 the user's start counter of the window open now
+# (`adapters.redis.limits`); ARGV as _TAKE_SLOTS's, then 7 the starts a window allows, 8 the
+# counter's TTL. 'starts' when over the rate: the start is counted, no slot is taken. A retried
+# call is not counted twice.
+_COUNT_START_AND_TAKE_SLOTS = _HELD_ALREADY + """
+redis.call('SET', KEYS[3], 0, 'EX', ARGV[8], 'NX')
+if redis.call('INCR', KEYS[3]) > tonumber(ARGV[7]) then return 'starts' end
+""" + _TAKE
 
 # KEYS: the run's lease; ARGV: owner, lease ms. 1 when renewed, 0 when the lease is not the owner's.
 _RENEW = """
@@ -169,11 +186,22 @@ return previous
 RUN_CLOSED = b'{"aura":"run_closed"}'
 
 # KEYS: meta, lease, reader; ARGV: owner, final record, retention, the run's tail channel, RUN_CLOSED
-_CLOSE = """
+_CLOSE_RECORD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+"""
+_CLOSE = _CLOSE_RECORD + "return 1\n"
+
+# The close and the forgetting of a run in one script, on one server (not a cluster, where the
+# run's keys, its tenant's slots and the active index live in different slots). KEYS as _CLOSE's,
+# then 4 user slots, 5 tenant slots, 6 the active index; ARGV as _CLOSE's, then 6 the run id. A
+# run whose lease is gone keeps its slots and index entry: the lost-run sweep finds it by them.
+_CLOSE_AND_FORGET = _CLOSE_RECORD + """
+redis.call('ZREM', KEYS[4], ARGV[6])
+redis.call('ZREM', KEYS[5], ARGV[6])
+redis.call('ZREM', KEYS[6], ARGV[6])
 return 1
 """
 
@@ -256,9 +284,11 @@ class RedisRunDirectory(RunDirectory):
         # A lost run's pending approval is cancelled through the approval store's own steps.
         self._approvals = approvals
         self._take_slots = redis.register_script(_TAKE_SLOTS)
+        self._count_start_and_take_slots = redis.register_script(_COUNT_START_AND_TAKE_SLOTS)
         self._renew = redis.register_script(_RENEW)
         self._renew_and_read = redis.register_script(_RENEW_AND_READ)
         self._close = redis.register_script(_CLOSE)
+        self._close_and_forget = redis.register_script(_CLOSE_AND_FORGET)
         self._declare_lost = redis.register_script(_DECLARE_LOST)
         self._note_reader = redis.register_script(_NOTE_READER)
         self._drop_unchanged_readers = redis.register_script(_DROP_UNCHANGED_READERS)
@@ -332,22 +362,33 @@ class RedisRunDirectory(RunDirectory):
         return IdempotencyClaim(run_id=existing["runId"], fingerprint=existing["fingerprint"])
 
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
-                    lease_seconds: float) -> str | None:
+                    lease_seconds: float, starts: StartRateLimiter | None = None) -> str | None:
         """Three ordered steps: the active index, the run's record and lease (so a crash or a
         failure from here on leaves a run the sweep declares lost, which frees whatever it holds),
         then the tenant's slots in one script. A refusal takes the first two back; so does a
-        record the replicas did not confirm (StoreUnavailable: the client may retry)."""
+        record the replicas did not confirm (StoreUnavailable: the client may retry). On one server
+        the start rate is counted by the slots' script (the same round trip); elsewhere first."""
+        # One server runs a pipeline's commands in order: the three steps ride in one. A cluster
+        # runs each server's part of a pipeline side by side (a failing node fails its part alone):
+        # there each step waits for the one before, or a run could be recorded running where the
+        # lost-run sweep never looks (its index entry refused by a node in a failover).
+        together = not is_cluster(self._redis)
+        window = None
+        if isinstance(starts, RedisStartRateLimiter) and together:
+            window = starts.current_window(record.tenant_id, record.user_id)
+        elif starts is not None and (wait := await starts.admit(record.tenant_id, record.user_id)) is not None:
+            raise RunStartsTooFrequent(wait)
         now = time.time()
         run_id = record.run_id
         lease_deadline = int((now + lease_seconds) * 1000)
         slot_keys = [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id)]
         slot_args: list[float | int | str] = [now, now + slot_seconds, run_id, user_limit, tenant_limit,
                                               int(slot_seconds) + 60]
-        # One server runs a pipeline's commands in order: the three steps ride in one. A cluster
-        # runs each server's part of a pipeline side by side (a failing node fails its part alone):
-        # there each step waits for the one before, or a run could be recorded running where the
-        # lost-run sweep never looks (its index entry refused by a node in a failover).
-        together = not is_cluster(self._redis)
+        take = self._take_slots
+        if window is not None:
+            take = self._count_start_and_take_slots
+            slot_keys.append(window.key)
+            slot_args += [window.limit, window.ttl_seconds]
         if not together:
             await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline}))
         pipe = batch(self._redis)
@@ -356,7 +397,7 @@ class RedisRunDirectory(RunDirectory):
         pipe.set(meta_key(run_id), orjson.dumps(record.to_record()), ex=ACTIVE_TTL_SECONDS)
         pipe.set(lease_key(run_id), record.instance_id, px=int(lease_seconds * 1000))
         if together:
-            pipe.evalsha(self._take_slots.sha, len(slot_keys), *slot_keys, *slot_args)
+            pipe.evalsha(take.sha, len(slot_keys), *slot_keys, *slot_args)
         replies = await self._call(pipe.execute(raise_on_error=False))
         if not together:
             replies = [None, *replies]  # the index's reply, raised above if it was an error
@@ -366,7 +407,7 @@ class RedisRunDirectory(RunDirectory):
             self._raise(replies[3])
             result = replies[3]
         else:  # a cluster, or a server that does not know the script yet (it is loaded now)
-            result = await self._call(self._take_slots(keys=slot_keys, args=slot_args))
+            result = await self._call(take(keys=slot_keys, args=slot_args))
         text = _text(result)
         if text == "ok":
             try:
@@ -378,6 +419,8 @@ class RedisRunDirectory(RunDirectory):
                 raise
             return None
         await self._undo_admission(run_id)
+        if text == "starts" and window is not None:
+            raise RunStartsTooFrequent(window.wait)
         return text
 
     async def _confirm_admitted(self, run_id: str) -> None:
@@ -405,13 +448,20 @@ class RedisRunDirectory(RunDirectory):
         await self._call(undo.execute())
 
     async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:
-        """The record is the one this owner registered, so it is rewritten without being read first."""
+        """The record is the one this owner registered, so it is rewritten without being read first.
+        One round trip on one server; on a cluster the run's keys first, then its slots and index
+        entry (`_forget`)."""
         run_id = record.run_id
         final = replace(record, status=status, end=end)
-        closed = await self._call(self._close(
-            keys=[meta_key(run_id), lease_key(run_id), reader_key(run_id)],
-            args=[record.instance_id, orjson.dumps(final.to_record()), retention_seconds,
-                  tail_channel(run_id), RUN_CLOSED]))
+        keys = [meta_key(run_id), lease_key(run_id), reader_key(run_id)]
+        args: list[Any] = [record.instance_id, orjson.dumps(final.to_record()), retention_seconds,
+                           tail_channel(run_id), RUN_CLOSED]
+        if not is_cluster(self._redis):
+            return bool(await self._call(self._close_and_forget(
+                keys=[*keys, user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id),
+                      ACTIVE_RUNS_KEY],
+                args=[*args, run_id])))
+        closed = await self._call(self._close(keys=keys, args=args))
         if closed:
             await self._forget(record.run_id, record.tenant_id, record.user_id)
         return bool(closed)

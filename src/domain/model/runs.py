@@ -12,6 +12,7 @@ from typing import Any
 
 from domain.model.approval import ApprovalRequest, StoredApproval
 from domain.model.events import Event
+from domain.model.ports import StartRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +137,12 @@ class RunDirectory(ABC):
 
     @abstractmethod
     async def admit(self, record: RunRecord, *, user_limit: int, tenant_limit: int, slot_seconds: float,
-                    lease_seconds: float) -> str | None:
+                    lease_seconds: float, starts: StartRateLimiter | None = None) -> str | None:
         """Count the run against its user's and tenant's concurrent runs and, when admitted,
         record it with its owner lease, in one atomic step. None when admitted, else which limit
-        ("user" or "tenant") is full."""
+        ("user" or "tenant") is full. With `starts`, the start is counted against the user's
+        start rate first (in the same round trip where the store can) and refused with
+        RunStartsTooFrequent when over it; a refused start takes no slot."""
 
     @abstractmethod
     async def close(self, record: RunRecord, status: str, retention_seconds: int, end: RunEnd | None = None) -> bool:

@@ -14,7 +14,6 @@ from domain.model.errors import (
     AuraError,
     RunCancelled,
     RunFenced,
-    RunStartsTooFrequent,
     ShuttingDown,
     StoreUnavailable,
     TooManyRuns,
@@ -102,10 +101,6 @@ class RunService:
         create its first watcher before the agent runs, so no event is missed."""
         if not self.accepting:
             raise ShuttingDown("Aura is shutting down; retry on another instance.")
-        if self._start_limiter is not None:
-            wait = await self._start_limiter.admit(principal.tenant_id, principal.user_id)
-            if wait is not None:
-                raise RunStartsTooFrequent(wait)
         ids = ids or self.new_ids(request, trace_id)
         record = RunRecord(
             run_id=ids.run_id, session_id=ids.session_id, thread_id=ids.thread_id, trace_id=ids.trace_id,
@@ -113,7 +108,8 @@ class RunService:
             created_at=self._clock.timestamp(), fingerprint=fingerprint)
         full = await self._directory.admit(
             record, user_limit=self._limits.max_runs_per_user, tenant_limit=self._limits.max_runs_per_tenant,
-            slot_seconds=self._limits.max_run_seconds, lease_seconds=self._limits.lease_seconds)
+            slot_seconds=self._limits.max_run_seconds, lease_seconds=self._limits.lease_seconds,
+            starts=self._start_limiter)
         if full is not None:
             raise TooManyRuns(full, self._limits.max_runs_per_user if full == "user"
                               else self._limits.max_runs_per_tenant)
