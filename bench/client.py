@@ -14,6 +14,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,7 +272,7 @@ async def cmd_release(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -291,6 +292,10 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
     latencies: list[float] = []
     post_ms: list[float] = []
     errors: list[str] = []
+    # the shape of a parked run: events up to its wait's frame, and in all (with their bytes)
+    frames_before: list[int] = []
+    frames_all: list[int] = []
+    bytes_all: list[int] = []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     done = 0
     user_base = random.randrange(10**6)
@@ -311,9 +316,9 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
                     return None
             wait_path = spec["path"] if aura else f"/wait/w{user}-{random.getrandbits(64):x}"
             try:
-                async with connect:
-                    response = await request(HOST, a, "POST" if aura else "GET", wait_path,
-                                             _headers(spec, user, body if aura else None), body if aura else None)
+                async with connect:  # the floor's wait is a POST when it writes a run's frames
+                    response = await request(HOST, a, "POST" if body is not None else "GET", wait_path,
+                                             _headers(spec, user, body), body)
                 if response.status != 200:
                     errors.append(f"open: HTTP {response.status}")
                     response.close()
@@ -324,6 +329,7 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
                     if kind == ("hitl" if aura else "ready"):
                         data = json.loads(frame_data(frame))
                         wait_id = data["data"]["requestId"] if aura else data["id"]
+                        frames_before.append(stream.events)
                         return stream, wait_id, user
                 errors.append("open: stream ended before the wait")
                 response.close()
@@ -365,17 +371,19 @@ async def cmd_approvals(spec: dict[str, Any]) -> dict[str, Any]:
                 errors.append(f"approve: {type(exc).__name__}: {exc}")
                 stream.response.close()
                 continue
-            drains.append(asyncio.create_task(_finish(stream)))
+            drains.append(asyncio.create_task(_finish(stream, frames_all, bytes_all)))
             if spec.get("isolated"):
                 await drains[-1]
         await asyncio.gather(*drains)
         done += size
     return {"approvals": len(latencies), "errors": len(errors), "error_kinds": _errors_summary(errors),
             "latency_ms": latencies, "post_ms": post_ms, "wall_s": time.perf_counter() - wall0,
-            "client_cpu_s": cpu_seconds() - cpu0}
+            "client_cpu_s": cpu_seconds() - cpu0,
+            "frames_before": _pct(frames_before, 50), "frames_all": _pct(frames_all, 50),
+            "bytes_per_frame": sum(bytes_all) / sum(frames_all) if sum(frames_all) else None}
 
 
-async def _finish(stream: SSEStream) -> None:
+async def _finish(stream: SSEStream, frames: list[int], sizes: list[int]) -> None:
     try:
         if isinstance(stream, LangGraphStream):  # a thread's stream stays open: read to the run's end
             while (frame := await asyncio.wait_for(stream.next_frame(), 60)) is not None:
@@ -383,6 +391,8 @@ async def _finish(stream: SSEStream) -> None:
                     break
         else:
             await stream.drain()
+            frames.append(stream.events)
+            sizes.append(stream.bytes)
     finally:
         stream.response.close()
 

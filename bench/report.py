@@ -188,6 +188,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         if floor_cpu:
             approval["aura_cpu_over_floor"] = approval["aura"]["servers_cpu_ms"] / floor_cpu
             approval["cpu_met"] = approval["aura_cpu_over_floor"] <= GOALS["approval_cpu_ratio"]
+        wake_only = approval.get("quart-floor (wake only)")
+        if wake_only and wake_only["servers_cpu_ms"]:  # context: a floor writing one frame each side of its wait
+            approval["aura_cpu_over_wake_only"] = approval["aura"]["servers_cpu_ms"] / wake_only["servers_cpu_ms"]
+            approval["aura_p99_over_wake_only"] = approval["aura"]["p99_ms"] / wake_only["p99_ms"]
     own = [row for row in rows if row["phase"] == "approval_commands"]
     if own:
         approval["own_commands"] = own[-1]
@@ -437,7 +441,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     # Rows of another revision (`--against REV --against-phases approvals`) follow Aura's own.
     others = sorted(name for name, entry in ap.items() if name.startswith("aura@") and isinstance(entry, dict))
-    names = ("aura", "quart-floor", "langgraph", "aura (isolated)", "quart-floor (isolated)", "redis-floor", *others)
+    names = ("aura", "quart-floor", "quart-floor (wake only)", "langgraph", "aura (isolated)",
+             "quart-floor (isolated)", "redis-floor", *others)
     for name in names:
         if name in ap:
             s = ap[name]
@@ -464,6 +469,15 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    f"{_fmt(ap['quart-floor']['servers_cpu_ms'], 2)} ms: {ap['aura_cpu_over_floor']:.2f}× (goal ≤ "
                    f"{GOALS['approval_cpu_ratio']}×: {_verdict(ap['cpu_met'])}). LangGraph's row is one process "
                    "(its in-memory runtime parks and resumes in the same server): its CPU is under A.")
+        shape = results.get("approval_shape")
+        if shape:
+            out.append(f"The floor's approval writes the frames Aura's approved run writes ({shape['before']} to "
+                       f"the wait, {shape['after']} after it, {shape['size']} bytes each, measured from Aura's "
+                       "runs at the start): the same wire work, without Aura's auth, agent, event log and "
+                       "approval records.")
+        if "aura_cpu_over_wake_only" in ap:
+            out.append(f"Against a floor that writes one frame each side of its wait (`quart-floor (wake only)`, "
+                       f"context): CPU {ap['aura_cpu_over_wake_only']:.2f}×, p99 {ap['aura_p99_over_wake_only']:.2f}×.")
     if "own_commands" in ap:
         own = ap["own_commands"]
         out.append(f"\nAn approval's own Redis commands (MONITOR over {own['approvals']} isolated approvals; a "

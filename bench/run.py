@@ -45,6 +45,10 @@ LANGGRAPH_APPROVAL_BODY = {"assistant_id": "approval", "input": {"events": 30, "
 # For `--approval-run short`: after its decision the run answers in one chunk (about 8 events
 # instead of about 30), to see how much of the approval latency A's work after a decision costs.
 SHORT_PARK_PROMPT = PARK_PROMPT + '\n@answer {"text": "Done.", "chunks": 1}'
+# The approval floors: bare Quart writing the frames Aura's approved run writes (the CPU goal's
+# baseline), and writing one frame each side of the wait (a wake alone: context).
+FLOOR_SAME_FRAMES = "quart-floor"
+FLOOR_WAKE_ONLY = "quart-floor (wake only)"
 
 
 @dataclass
@@ -166,6 +170,7 @@ class Bench:
         self.mode = mode
         self.langgraph = langgraph
         self.approval_prompt = approval_prompt
+        self.approval_shape: dict[str, int] = {}  # what Aura's approved run writes (measure_approval_shape)
         self.workdir = workdir
         self.options = options
         self.started: list[S.Server] = []
@@ -345,7 +350,7 @@ class Bench:
         runs = [(name, a, b, max(20, total // 10) if a is b else total, False)
                 for name, a, b in self.rotate(pairs, round_no)]
         runs += [(f"{name} (isolated)", a, b, max(1, total // 3), True) for name, a, b in self.rotate(pairs, round_no)
-                 if a is not b]
+                 if a is not b and name != FLOOR_WAKE_ONLY]
         for name, a, b, count, isolated in runs:
             kind = "aura" if name.startswith("aura") else "langgraph" if name.startswith("langgraph") else "floor"
             spec: dict[str, Any] = {"kind": kind, "a_port": a.port, "b_port": b.port,
@@ -355,6 +360,8 @@ class Bench:
                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
             elif kind == "langgraph":
                 spec.update(body=LANGGRAPH_APPROVAL_BODY)
+            elif name.startswith(FLOOR_SAME_FRAMES):
+                spec.update(body=self.approval_shape)
             stats0 = self.redis.stats()
             a_cpu0, b_cpu0 = a.cpu(), b.cpu()
             result = self.client("approvals", **spec)
@@ -379,6 +386,21 @@ class Bench:
                 f"{result['errors']} errors, {result['wall_s']:.1f} s, "
                 f"Redis {row['redis_commands_per_approval'] or 0:.1f} commands and "
                 f"{row['redis_info_us_per_approval'] or 0:.0f} us CPU per approval")
+
+    def measure_approval_shape(self, a: S.Server, b: S.Server, approvals: int = 5) -> None:
+        """What Aura's approved run writes (events up to its `hitl`, then to its end, and their mean
+        size), so that the floor's approval writes the same frames: its CPU per approval is then the
+        same wire work without Aura's (the auth, the agent, the event log, the approval's records)."""
+        result = self.client("approvals", kind="aura", a_port=a.port, b_port=b.port, total=approvals,
+                             batch=approvals, isolated=True, path=STREAM_PATH, body={"prompt": self.approval_prompt},
+                             auth={"secret": S.SECRET, "tenant": S.TENANT, "users": 10**9})
+        if not result["approvals"] or not result["frames_all"]:
+            raise RuntimeError(f"no approved run to measure: {result['error_kinds']}")
+        before, total = int(result["frames_before"]), int(result["frames_all"])
+        self.approval_shape = {"before": before, "after": total - before, "size": round(result["bytes_per_frame"])}
+        self.results["approval_shape"] = self.approval_shape
+        log(f"Aura's approved run: {before} events to its hitl, {total - before} after it, "
+            f"{self.approval_shape['size']} bytes per event: the floor's approval writes as many")
 
     def phase_approval_commands(self, a: S.Server, b: S.Server, approvals: int = 20) -> None:
         """An approval's own Redis commands, apart from its run's: `approvals` isolated approvals
@@ -758,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.calibrate(targets[0])
         bench.warm(targets)
         per_round_approvals = math.ceil(mode.approvals_total / mode.rounds)
-        approval_pairs = [("aura", aura_a, aura_b), ("quart-floor", floor, floor_b)]
+        approval_pairs = [("aura", aura_a, aura_b), (FLOOR_SAME_FRAMES, floor, floor_b),
+                          (FLOOR_WAKE_ONLY, floor, floor_b)]
         if langgraph is not None:  # one process parks and resumes: its in-memory runtime cannot be shared
             approval_pairs.append(("langgraph", langgraph, langgraph))
         other_pair: list[S.Server] = []
@@ -768,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                           for side in ("a", "b")]
             approval_pairs.append((f"aura@{args.against}", other_pair[0], other_pair[1]))
         if "approvals" in phases:
+            bench.measure_approval_shape(aura_a, aura_b)
             bench.phase_approval_commands(aura_a, aura_b)
         # Aura at REV beside the working tree's, in the throughput phase (against the floor, same
         # rounds) and in the `against` phase

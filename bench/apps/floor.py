@@ -7,6 +7,9 @@
 - GET /wait/<id>: `ready` once the wait is registered, then `running` when POST /approve/<id> on
   any instance published to Redis (the floor for approval latency: a bare Quart POST -> a waiting
   coroutine over Redis Pub/Sub, one pattern subscription per process).
+- POST /wait/<id> {"before": N, "after": M, "size": S}: the same wait, writing the frames Aura's
+  approved run writes: N - 1 frames then `ready`, and after the decision `running` then M - 1
+  frames, each S bytes (the floor for CPU per approval: the same wire work without Aura's).
 
 Run: python -m bench.apps.floor --port P [--redis URL] [--heartbeat S]
 """
@@ -75,13 +78,23 @@ async def idle() -> Response:
     return _sse(frames())
 
 
-@app.get("/wait/<wait_id>")
+@app.route("/wait/<wait_id>", methods=["GET", "POST"])
 async def wait(wait_id: str) -> Response:
     future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     _waiters[wait_id] = future
+    before = after = 1
+    run_id = content = ""
+    if request.method == "POST":
+        body = orjson.loads(await request.get_data())
+        before, after, size = int(body["before"]), int(body["after"]), int(body["size"])
+        run_id = new_run_id()
+        content = "x" * pad_for(size, run_id)
 
     async def frames() -> AsyncIterator[bytes]:
         try:
+            for seq in range(1, before):
+                yield frame_bytes(seq, run_id, content)
+                await asyncio.sleep(0)
             yield b"event: ready\ndata: {\"id\": \"%s\"}\n\n" % wait_id.encode()
             while True:
                 try:
@@ -89,7 +102,11 @@ async def wait(wait_id: str) -> Response:
                     break
                 except TimeoutError:
                     yield PING
-            yield b"event: tool_execution\ndata: " + payload + b"\n\n" + DONE
+            yield b"event: tool_execution\ndata: " + payload + b"\n\n"
+            for seq in range(before + 1, before + after):
+                yield frame_bytes(seq, run_id, content)
+                await asyncio.sleep(0)
+            yield DONE
         finally:
             _waiters.pop(wait_id, None)
 
