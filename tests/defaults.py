@@ -12,7 +12,8 @@ from adapters.models.openai_compatible import OpenAICompatibleConfig
 from adapters.redis.approvals import RedisApprovalStore
 from adapters.redis.client import RedisClient, create_redis
 from adapters.redis.durability import ReplicaConfirmation
-from adapters.redis.runs import RedisRunDirectory
+from adapters.redis.health import RedisHealthProbe
+from adapters.redis.runs import RedisRunDirectory, RedisRunFollower
 from adapters.system import SystemClock
 from app import values
 from app.settings import Settings
@@ -52,3 +53,16 @@ def run_directory(redis: RedisClient, confirmation: ReplicaConfirmation | None =
     """A run directory as the container builds it, over `redis`."""
     return RedisRunDirectory(redis, max_log_length=DEFAULTS.events.max_length, approvals=RedisApprovalStore(redis),
                              confirmation=confirmation, presence_seconds=DEFAULTS.runs.follower_presence_seconds)
+
+
+def run_follower(redis: RedisClient, **fields: Any) -> RedisRunFollower:
+    """A run follower as the container builds it, over `redis`, `fields` on top."""
+    return RedisRunFollower(redis, **({"block_ms": DEFAULTS.events.follow_idle_ms, "page": DEFAULTS.events.follow_page,
+                                       "reader_ttl_seconds": DEFAULTS.runs.follower_presence_seconds,
+                                       "confirmation": None, "instance_id": "aura"} | fields))
+
+
+def health_probe(redis: RedisClient, **fields: Any) -> RedisHealthProbe:
+    """A health probe as the container builds it on one server, `fields` on top."""
+    return RedisHealthProbe(redis, **({"timeout_seconds": DEFAULTS.redis.health_timeout_seconds,
+                                       "required_replicas": 0} | fields))

@@ -176,6 +176,7 @@ class Container(containers.DeclarativeContainer):
                           confirmation=replica_confirmation),
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis,
+                                       timeout_seconds=settings.provided.redis.health_timeout_seconds,
                                        required_replicas=settings.provided.redis.confirming_replicas)
     run_directory = providers.Singleton(RedisRunDirectory, redis, max_log_length=settings.provided.events.max_length,
                                         approvals=approval_store, confirmation=replica_confirmation,
@@ -188,7 +189,9 @@ class Container(containers.DeclarativeContainer):
     run_follower = providers.Singleton(_closed_at_shutdown, closing,
                                        providers.Factory(RedisRunFollower, redis, confirmation=replica_confirmation,
                                                          instance_id=instance_id,
-                                                         reader_ttl_seconds=settings.provided.runs.follower_presence_seconds))
+                                                         reader_ttl_seconds=settings.provided.runs.follower_presence_seconds,
+                                                         block_ms=settings.provided.events.follow_idle_ms,
+                                                         page=settings.provided.events.follow_page))
     run_control = providers.Singleton(_closed_at_shutdown, closing,
                                       providers.Factory(RedisRunControl, redis, instance_id))
 

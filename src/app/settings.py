@@ -98,6 +98,9 @@ class RedisSettings(BaseModel):
     pool_timeout_seconds: float = Field(
         5.0, gt=0, description="How long a command waits for a pooled connection; past it the command fails as "
         "`store_unavailable` (retryable), never hangs.")
+    health_timeout_seconds: float = Field(
+        1.0, gt=0, description="How long `GET /ready` waits for Redis to answer its checks; past it the instance "
+        "answers 503 `not_ready`.")
     cluster_max_connections: int = Field(
         256, ge=4, description="Connections per node of a Redis Cluster. redis-py's cluster client does not "
         "wait for a free connection: a command that finds a node's connections all busy at this cap fails "
@@ -292,6 +295,11 @@ class ThreadSettings(BaseModel):
 class EventLogSettings(BaseModel):
     retention_seconds: int = Field(3600, ge=1)
     max_length: int = Field(10_000, ge=100)
+    follow_idle_ms: int = Field(1000, ge=10, description=(
+        "How long a stream served from another instance's run waits for the run's next event before it "
+        "looks at its client and its subscription; also how often this instance's follows tidy their "
+        "channels and refresh its presence."))
+    follow_page: int = Field(500, ge=1, description="Events per log read when such a stream catches up.")
 
 
 class LogSettings(BaseModel):

@@ -14,11 +14,11 @@ import pytest
 from fakeredis import FakeAsyncRedis
 from redis.asyncio import Redis, RedisCluster
 
-from adapters.redis import RedisApprovalStore, RedisHealthProbe, RedisSignalBus
+from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
 from app.embedded_redis import embedded_redis
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
-from tests.defaults import client_of
+from tests.defaults import client_of, health_probe
 from tests.integration.commands import CommandLog
 
 CREATED_AT = 1767000000
@@ -489,7 +489,7 @@ async def test_in_process_client_has_lua_and_shares_one_server_between_connectio
 
 
 async def test_health_probe_reports_a_reachable_server_as_healthy(redis_client: Redis) -> None:
-    assert await RedisHealthProbe(redis_client).check() is None
+    assert await health_probe(redis_client).check() is None
 
 
 @pytest.fixture
@@ -504,7 +504,7 @@ async def unused_port_client(unused_port: int) -> AsyncIterator[Redis]:
 async def test_health_probe_reports_an_unreachable_server_within_its_timeout(unused_port_client: Redis) -> None:
     started = time.monotonic()
 
-    reason = await RedisHealthProbe(unused_port_client, timeout_seconds=1.0).check()
+    reason = await health_probe(unused_port_client, timeout_seconds=1.0).check()
 
     assert reason == "redis unreachable"
     assert time.monotonic() - started < 1.0
@@ -521,7 +521,7 @@ async def test_health_probe_gives_up_on_a_server_that_never_answers() -> None:
     try:
         started = time.monotonic()
 
-        reason = await RedisHealthProbe(client, timeout_seconds=0.3).check()
+        reason = await health_probe(client, timeout_seconds=0.3).check()
 
         assert reason == "redis timed out"
         assert time.monotonic() - started < 1.0

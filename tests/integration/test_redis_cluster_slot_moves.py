@@ -17,9 +17,9 @@ import redis as sync_redis
 
 from adapters.redis.client import RedisClient, close_redis
 from adapters.redis.events import RedisEventLog
-from adapters.redis.runs import RedisRunFollower, reader_key
+from adapters.redis.runs import reader_key
 from domain.model.events import Event
-from tests.defaults import EVENT_LOG, client_of, run_directory
+from tests.defaults import EVENT_LOG, client_of, run_directory, run_follower
 from tests.e2e.test_cluster_failover import cluster_failover
 from tests.integration.test_redis_follower import IDS, RECORD, event
 from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster
@@ -62,7 +62,7 @@ async def test_a_follow_goes_on_when_its_runs_slot_moves_and_the_reader_set_was_
     # the run's record, running (a follow told to look again also looks whether the run closed)
     assert await run_directory(owner).admit(RECORD, user_limit=5, tenant_limit=5, slot_seconds=60,
                                             lease_seconds=60) is None
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     follow = follower.follow(IDS.run_id, 0)
     try:
         await log.append(event(1))
@@ -96,7 +96,7 @@ async def test_a_follower_whose_own_command_meets_the_move_notes_its_entries_aga
                                             lease_seconds=60) is None
     await first_log.append(event(1))
     await first_log.aclose()
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     follow = follower.follow(IDS.run_id, 0)
     later_owner = None
     try:

@@ -19,12 +19,11 @@ import redis as sync_redis
 from adapters.redis import runs
 from adapters.redis.client import RedisClient
 from adapters.redis.events import RedisEventLog, lease_key
-from adapters.redis.runs import RedisRunFollower
 from domain.model.errors import StoreUnavailable
 from domain.model.events import Event, EventType, RunIds
 from domain.model.runs import RunRecord
 from domain.services.leases import LeaseRenewal
-from tests.defaults import EVENT_LOG, RUN_LIMITS, client_of, run_directory
+from tests.defaults import EVENT_LOG, RUN_LIMITS, client_of, run_directory, run_follower
 from tests.integration.commands import CommandLog
 from tests.redis_server import RedisCluster, RedisServer, flush_redis_cluster
 from tests.unit.fakes import text
@@ -70,7 +69,7 @@ async def test_a_followed_run_costs_the_follower_no_command_per_event_nor_while_
         clients: tuple[RedisClient, RedisClient]) -> None:
     owner, follower_client = clients
     log = RedisEventLog(owner, **EVENT_LOG)
-    follower = RedisRunFollower(follower_client, block_ms=100, reader_ttl_seconds=30)
+    follower = run_follower(follower_client, block_ms=100, reader_ttl_seconds=30)
     directory = run_directory(owner)
     for seq in (1, 2):
         await log.append(event(seq))
@@ -107,7 +106,7 @@ async def test_events_logged_while_nobody_followed_come_from_the_log_and_later_o
         clients: tuple[RedisClient, RedisClient]) -> None:
     owner, follower_client = clients
     log = RedisEventLog(owner, **EVENT_LOG)
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     for seq in range(1, 6):
         await log.append(event(seq))
     follow = follower.follow(IDS.run_id, 0)
@@ -235,7 +234,7 @@ async def test_idle_followed_runs_cost_no_periodic_command_but_the_leases(redis_
                                {"content": "c1", "chunk": True}))
     for script in (runs._RENEW, runs._BE_PRESENT):  # known to the server, as after a first renewal
         await owner.script_load(script)
-    follower = RedisRunFollower(follower_client, block_ms=1000)
+    follower = run_follower(follower_client, block_ms=1000)
     clock = LoopClock()
     renewal = LeaseRenewal(directory, "aura-owner", 15.0, dict.fromkeys(run_ids, None))  # type: ignore[arg-type]
     seen: dict[str, list[Event | None]] = {run_id: [] for run_id in run_ids}
@@ -297,7 +296,7 @@ async def test_a_run_whose_client_left_and_that_is_followed_elsewhere_costs_no_c
     h.log = RedisEventLog(owner, **EVENT_LOG, owner="instance-a")
     h.directory = run_directory(owner)
     h.rebuild()
-    follower = RedisRunFollower(follower_client, block_ms=1000)
+    follower = run_follower(follower_client, block_ms=1000)
     clock = LoopClock()
     handles = []
     reading: list[asyncio.Task[None]] = []
@@ -405,7 +404,7 @@ async def test_an_absent_followers_entries_are_dropped_and_the_owner_stops_publi
     owner, follower_client = clients
     log = RedisEventLog(owner, **EVENT_LOG)
     directory = run_directory(owner)
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     await log.append(event(1))
     follow = follower.follow(IDS.run_id, 0)
     try:
@@ -430,7 +429,7 @@ async def test_a_follower_whose_presence_lapsed_notes_itself_again_and_reads_wha
     follower_client = client_of(redis_server.url)
     log = RedisEventLog(owner, **EVENT_LOG)
     directory = run_directory(owner)
-    follower = RedisRunFollower(follower_client, block_ms=1000)
+    follower = run_follower(follower_client, block_ms=1000)
     assert await directory.admit(RECORD, user_limit=5, tenant_limit=5, slot_seconds=60, lease_seconds=60) is None
     await log.append(event(1))
     clock = LoopClock()
@@ -473,7 +472,7 @@ async def test_a_follow_ends_when_its_run_closes_without_an_end_in_its_log(
     directory = run_directory(owner)
     record = RECORD
     assert await directory.admit(record, user_limit=5, tenant_limit=5, slot_seconds=60, lease_seconds=15) is None
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     await log.append(event(1))
     follow = follower.follow(IDS.run_id, 0)
     try:
@@ -504,7 +503,7 @@ async def test_a_follow_that_starts_after_its_run_closed_without_an_end_ends_at_
     await log.append(event(1))
     await log.append(event(2))
     assert await directory.close(RECORD, "failed", 60)  # its `end` never logged
-    follower = RedisRunFollower(follower_client, block_ms=100)
+    follower = run_follower(follower_client, block_ms=100)
     follow = follower.follow(IDS.run_id, 1)
     try:
         async with asyncio.timeout(5):

@@ -11,8 +11,8 @@ import pytest
 import redis
 from redis.exceptions import ResponseError
 
-from adapters.redis.health import PROBE_KEY, SCRIPT_PROBE_KEYS, RedisHealthProbe, store_problem
-from tests.defaults import client_of
+from adapters.redis.health import PROBE_KEY, SCRIPT_PROBE_KEYS, store_problem
+from tests.defaults import client_of, health_probe
 from tests.redis_server import RedisCluster, start_redis_cluster, stop_redis_cluster, stop_redis_server
 
 pytestmark = pytest.mark.redis_server
@@ -31,7 +31,7 @@ def cluster_without_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
 async def test_a_healthy_cluster_is_ready_and_takes_the_probe_write(redis_cluster: RedisCluster) -> None:
     client = client_of(redis_cluster.url)
     try:
-        assert await RedisHealthProbe(client).check() is None
+        assert await health_probe(client).check() is None
         for key in (PROBE_KEY, *SCRIPT_PROBE_KEYS):
             assert await client.get(key) == b"1"
             assert 0 < await client.pttl(key) <= 10_000
@@ -42,9 +42,9 @@ async def test_a_healthy_cluster_is_ready_and_takes_the_probe_write(redis_cluste
 async def test_a_cluster_that_lost_a_master_is_not_ready(cluster_without_replicas: RedisCluster) -> None:
     client = client_of(cluster_without_replicas.url, socket_timeout_seconds=0.5, connect_timeout_seconds=0.5)
     try:
-        assert await RedisHealthProbe(client).check() is None
+        assert await health_probe(client).check() is None
         stop_redis_server(cluster_without_replicas.nodes[0])  # its slots have no primary now
-        reason = await RedisHealthProbe(client, timeout_seconds=5.0).check()
+        reason = await health_probe(client, timeout_seconds=5.0).check()
         # the primary is gone (unreachable), or the others already say the cluster failed
         assert reason == "redis unreachable" or (reason or "").startswith("redis cluster state is fail"), reason
     finally:
@@ -54,7 +54,7 @@ async def test_a_cluster_that_lost_a_master_is_not_ready(cluster_without_replica
 async def test_a_single_server_url_at_a_cluster_node_is_not_ready(redis_cluster: RedisCluster) -> None:
     client = client_of(f"redis://127.0.0.1:{redis_cluster.ports[0]}")
     try:
-        assert await RedisHealthProbe(client).check() == "redis is a cluster node: use a redis+cluster:// URL"
+        assert await health_probe(client).check() == "redis is a cluster node: use a redis+cluster:// URL"
     finally:
         await client.aclose()
 
@@ -86,7 +86,7 @@ async def test_a_cluster_of_one_master_serves_every_slot_and_is_ready(tmp_path: 
         with redis.Redis(port=replica.port) as node:
             replication = node.info("replication")
             assert (replication["role"], replication["master_port"]) == ("slave", master.port)
-        assert await RedisHealthProbe(client).check() is None
+        assert await health_probe(client).check() is None
         for key in (PROBE_KEY, *SCRIPT_PROBE_KEYS):
             assert await client.get(key) == b"1"
     finally:

@@ -20,11 +20,9 @@ from adapters.redis.approvals import RedisApprovalStore, encode_json
 from adapters.redis.client import close_redis
 from adapters.redis.durability import ReplicaConfirmation
 from adapters.redis.events import RedisEventLog
-from adapters.redis.health import RedisHealthProbe
-from adapters.redis.runs import RedisRunFollower
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
-from tests.defaults import EVENT_LOG, client_of, run_directory
+from tests.defaults import EVENT_LOG, client_of, health_probe, run_directory, run_follower
 from tests.integration.test_redis_approvals import approval_request
 from tests.integration.test_redis_event_log import event
 from tests.integration.test_redis_run_directory import record
@@ -180,24 +178,24 @@ async def test_a_heard_decision_is_written_to_its_session_only_once_the_replica_
 
 
 async def test_ready_on_a_master_with_its_replica(master: Redis) -> None:
-    assert await RedisHealthProbe(master, required_replicas=1).check() is None
+    assert await health_probe(master, required_replicas=1).check() is None
     assert await master.get("aura:ready:probe") == b"1"  # the probe's write
     assert 0 < await master.pttl("aura:ready:probe") <= 10_000
 
 
 async def test_not_ready_with_fewer_replicas_than_writes_need(master: Redis) -> None:
-    assert await RedisHealthProbe(master, required_replicas=2).check() == \
+    assert await health_probe(master, required_replicas=2).check() == \
         "redis master has 1 of the 2 replica(s) that must confirm writes"
 
 
 async def test_not_ready_on_a_replica(replica: Redis) -> None:
-    assert await RedisHealthProbe(replica).check() == "redis is a slave, not a master: it takes no writes"
+    assert await health_probe(replica).check() == "redis is a slave, not a master: it takes no writes"
 
 
 async def test_not_ready_when_the_master_refuses_writes(master: Redis) -> None:
     await master.config_set("min-replicas-to-write", 2)
     try:
-        assert await RedisHealthProbe(master).check() == "redis refuses writes: NOREPLICAS"
+        assert await health_probe(master).check() == "redis refuses writes: NOREPLICAS"
     finally:
         await master.config_set("min-replicas-to-write", 0)
 
@@ -206,7 +204,7 @@ async def test_not_ready_when_no_sentinel_names_a_master(tmp_path: Path) -> None
     port, process = start_sentinel(tmp_path, 0, monitor_port=None)
     client = client_of(f"redis+sentinel://127.0.0.1:{port}/aura")
     try:
-        assert await RedisHealthProbe(client).check() == "redis master unknown: no sentinel names one"
+        assert await health_probe(client).check() == "redis master unknown: no sentinel names one"
     finally:
         await close_redis(client)
         process.kill()
@@ -248,7 +246,7 @@ async def test_a_follower_catches_up_only_on_what_the_replica_holds(pair: Pair, 
     """The follow's log read ends with a WAIT on its connection: an event the master took but the
     replica does not hold yet is not handed on (the follow fails, retryable), and is once it does."""
     writer = RedisEventLog(master, **EVENT_LOG)  # writes without waiting, as a demoted master's last ones
-    follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
+    follower = run_follower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
     try:
         with pair.replica_frozen():
             await writer.append(event(1))
@@ -269,7 +267,7 @@ async def test_the_owner_publishes_an_event_to_followers_only_once_the_replica_h
     """A follower takes the run's tail as published, without a WAIT of its own: so the owner
     publishes an event only after its WAIT confirmed it, and never one the replica did not confirm."""
     first = RedisEventLog(master, **EVENT_LOG, confirmation=CONFIRM)
-    follower = RedisRunFollower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
+    follower = run_follower(master, block_ms=100, confirmation=ReplicaConfirmation(1, 50))
     delivered: list[int] = []
     following = asyncio.Event()
 

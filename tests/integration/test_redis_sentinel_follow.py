@@ -13,10 +13,9 @@ import redis as sync_redis
 
 from adapters.redis.client import close_redis
 from adapters.redis.events import RedisEventLog
-from adapters.redis.runs import RedisRunFollower
 from adapters.redis.sentinel import master_watch
 from domain.model.events import Event, EventType, RunIds
-from tests.defaults import EVENT_LOG, client_of
+from tests.defaults import EVENT_LOG, client_of, run_follower
 from tests.integration.commands import CommandLog
 from tests.integration.test_redis_follower import LoopClock
 from tests.sentinel_group import SentinelGroup, start_sentinel_group
@@ -52,7 +51,7 @@ async def test_an_idle_follow_asks_the_sentinels_nothing_and_a_failover_moves_it
     owner = client_of(group.url)
     follower_client = client_of(group.url)
     log = RedisEventLog(owner, **EVENT_LOG)
-    follower = RedisRunFollower(follower_client, block_ms=1000)
+    follower = run_follower(follower_client, block_ms=1000)
     await log.append(event(1))
     follow = follower.follow(IDS.run_id, 0)
     clock = LoopClock()

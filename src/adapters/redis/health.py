@@ -147,7 +147,7 @@ async def store_problem(redis: RedisClient, checks: list[WriteCheck] | None = No
 
 
 class RedisHealthProbe(HealthProbe):
-    def __init__(self, redis: RedisClient, timeout_seconds: float = 1.0, *, required_replicas: int = 0) -> None:
+    def __init__(self, redis: RedisClient, *, timeout_seconds: float, required_replicas: int) -> None:
         self._redis = redis
         self._timeout_seconds = timeout_seconds
         self._checks = write_checks(required_replicas)

@@ -606,9 +606,8 @@ class RedisRunFollower(RunFollower):
     node hears every PUBLISH). A follow counts as a reader for the owner
     (`RunDirectory.has_reader`) until it ends."""
 
-    def __init__(self, redis: RedisClient, *, block_ms: int = 1000, reader_ttl_seconds: float = 30.0,
-                 page: int = 500, confirmation: ReplicaConfirmation | None = None,
-                 instance_id: str = "aura") -> None:
+    def __init__(self, redis: RedisClient, *, block_ms: int, reader_ttl_seconds: float, page: int,
+                 confirmation: ReplicaConfirmation | None, instance_id: str) -> None:
         self._redis = redis
         # When replicas must confirm writes, a follow hands on only events they hold: the log reads
         # end with a `WAIT` on their connection, and the owner publishes an event only once its own
