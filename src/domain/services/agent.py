@@ -30,11 +30,11 @@ from domain.model.chat import (
 )
 from domain.model.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
 from domain.model.events import EventType, ThoughtType
-from domain.model.plan import PlannedStep, PlanStep, StepStatus, descriptions_so_far, read_plan
+from domain.model.plan import PlannedStep, PlanSchema, PlanStep, StepStatus, descriptions_so_far, read_plan
 from domain.model.ports import ChatModel
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.model.tools import ToolContext, ToolRegistry
+from domain.model.tools import ToolContext, ToolRegistry, ToolSpec
 from domain.services import prompts
 from domain.services.context_window import ContextFitter, shorten_text
 from domain.services.gate import ApprovalGate
@@ -154,6 +154,15 @@ class Agent:
         # A zlib preset dictionary for parked conversations; the sample may change freely (the
         # ratio is pinned by tests/unit/runtime/test_memory.py), the packing only with unpacking.
         self._zdict = self._pack_dictionary()
+        self._plan_schemas: tuple[tuple[ToolSpec, ...], PlanSchema] | None = None
+
+    def _plan_schema(self, specs: Sequence[ToolSpec]) -> PlanSchema:
+        """The plan's schema and its compiled validators, built again only when the tools change."""
+        cached = self._plan_schemas
+        if cached is None or len(cached[0]) != len(specs) \
+                or any(a is not b for a, b in zip(cached[0], specs, strict=True)):
+            cached = self._plan_schemas = (tuple(specs), PlanSchema(prompts.plan_schema(specs, self._limits.max_steps)))
+        return cached[1]
 
     def _pack_dictionary(self) -> bytes:
         """A preset dictionary for packing the conversation of a run waiting for approval: what such
@@ -253,10 +262,10 @@ class Agent:
     async def _plan(self, run: Run, conversation: _Conversation) -> list[PlanStep]:
         await run.timeline_update("plan", "Plan the work", StepStatus.IN_PROGRESS, 0.0)
         specs = self._tools.specs()
-        schema = prompts.plan_schema(specs, self._limits.max_steps)
+        schema = self._plan_schema(specs)
         request = await self._request(run, conversation, Purpose.PLAN, self._budgets.plan,
                                       instruction=prompts.plan_prompt(self._limits.max_steps, specs),
-                                      json_schema=schema)
+                                      json_schema=schema.schema)
         # The plan is shown as it is written: the step descriptions, as far as the model got.
         shown = _ThoughtStream(run, ThoughtType.PLANNING)
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)
