@@ -20,6 +20,7 @@ from app.embedded_redis import embedded_redis
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
 from tests.defaults import client_of, health_probe
 from tests.integration.commands import CommandLog
+from tests.redis_nodes import RedisServer
 
 CREATED_AT = 1767000000
 
@@ -69,6 +70,13 @@ def store(redis_client: Redis) -> RedisApprovalStore:
 def publish_apart(client: object) -> list[str]:
     """A cluster pipeline takes no PUBLISH: it follows the pipeline as a command of its own."""
     return ["PUBLISH"] if isinstance(client, RedisCluster) else []
+
+
+def signal_after_script(client: object) -> list[str]:
+    """What follows the API's decision script to store and publish its signal: nothing on one
+    server (the script does it); on a cluster, where the signal's key is on another node, a
+    pipeline and a PUBLISH."""
+    return ["PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else []
 
 
 async def load_the_script(store: RedisApprovalStore) -> None:
@@ -566,8 +574,10 @@ async def test_a_guarded_decision_is_one_round_trip_and_writes_what_python_would
             # fakeredis's cjson cannot read integers beyond 64 bits (Redis reads them as doubles):
             # there the script answers with the record and Python decides on it, as for a record
             # written by someone else.
-            fallback = ["EVALSHA"] if "big" in context and isinstance(redis_client, FakeAsyncRedis) else []
-            assert log.take() == ["EVALSHA", *fallback, "PIPELINE", *publish_apart(redis_client)], context
+            fallback = "big" in context and isinstance(redis_client, FakeAsyncRedis)
+            expected = (["EVALSHA", "EVALSHA", "PIPELINE", *publish_apart(redis_client)] if fallback
+                        else ["EVALSHA", *signal_after_script(redis_client)])
+            assert log.take() == expected, context
             rejected = request.decide(ApprovalStatus.REJECTED, by=odd + "u", at=CREATED_AT + 20, reason='no "now" ✓')
             assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
             await assert_decided_and_signalled(redis_client, store, pubsub, rejected,
@@ -703,4 +713,37 @@ async def test_scripts_loaded_ahead_make_the_first_decision_one_script_call(
                                 decider=Decider("acme", "u1", approver=False))
 
     assert result is not None and result.applied
-    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
+    assert log.take() == ["EVALSHA", *signal_after_script(redis_client)]
+
+
+async def test_a_signal_the_decision_script_cannot_store_leaves_the_decision_made_and_says_so(
+    redis_server: RedisServer, real_redis: Redis
+) -> None:
+    """On one server the API's decision script stores and publishes the signal after deciding. A
+    signal it may not write (here an ACL keeps `hitl:signal:*` from the user) does not undo the
+    decision, which is the truth the waiting run re-reads: the decision is reported as applied and
+    not signalled, and nothing is published."""
+    user = f"no-signal-{time.monotonic_ns()}"
+    await real_redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~hitl:request:*", "~hitl:session:*",
+                                     "~aura:*", "&*", "+@all")
+    limited = client_of(f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0")
+    try:
+        store = RedisApprovalStore(limited)
+        request = approval_request()
+        await store.create(request)
+        pubsub = real_redis.pubsub()
+        await pubsub.subscribe("hitl:channel:" + request.session_id)
+        result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                    decided_at=CREATED_AT + 5, reason=None,
+                                    signal=Signal.approval(request.request_id, "u1", CREATED_AT + 5),
+                                    decider=Decider("acme", "u1", approver=False))
+        approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=CREATED_AT + 5, reason=None)
+        assert result is not None and (result.applied, result.request, result.signalled) == (True, approved, False)
+        assert await real_redis.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+        assert await real_redis.exists("hitl:signal:" + request.session_id) == 0
+        await real_redis.publish("hitl:channel:" + request.session_id, b"after")
+        assert (await next_message(pubsub))["data"] == b"after"  # the first message: nothing came before it
+        await pubsub.aclose()
+    finally:
+        await limited.aclose()
+        await real_redis.execute_command("ACL", "DELUSER", user)

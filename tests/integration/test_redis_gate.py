@@ -30,9 +30,11 @@ MANAGER = Principal("mgr", "acme", "mgr", "manager")
 SEAL = DecisionSeal(b"shared-by-every-instance-0123456")
 
 
-def publish_apart(client: object) -> list[str]:
-    """A cluster pipeline takes no PUBLISH: it follows the pipeline as a command of its own."""
-    return ["PUBLISH"] if isinstance(client, RedisCluster) else []
+def desk_decision(client: object) -> list[str]:
+    """An API decision's round trips on the desk: on one server the decision script also stores and
+    publishes the signal; on a cluster the signal's key is on another node, so a pipeline stores it
+    after the script, and a PUBLISH follows (a cluster pipeline takes no PUBLISH)."""
+    return ["EVALSHA", "PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else ["EVALSHA"]
 
 
 def mget(client: object) -> str:
@@ -138,10 +140,10 @@ async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_
     decided = await desk.decide(MANAGER, request_id, approve=False, reason="not now")
     events = [await until(watcher, tool_status("rejected"))]
 
-    # The desk checks who may decide and decides; then stores the signal and publishes it. The
+    # The desk checks who may decide and decides, then stores the signal and publishes it. The
     # gate hears the PUBLISH, so its round trips come after, though they may go out before
     # desk.decide has returned: the log is read once, in causal order.
-    desk_commands = ["EVALSHA", "PIPELINE", *publish_apart(redis_client)]
+    desk_commands = desk_decision(redis_client)
     sealed = h.gate._seal is SEAL  # type: ignore[attr-defined]
     # The gate, on the signal: with the shared seal it knows the decision is stored and writes
     # its session's record (one SET); otherwise it records the decision (finds the desk's and
@@ -213,7 +215,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
             await h.bus.close()  # type: ignore[attr-defined]
 
 
-async def test_one_approval_is_two_round_trips_on_the_run_and_two_on_the_desk(
+async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     redis_client: Redis, harness: tuple[Harness, RecordingTool]
 ) -> None:
     h, _ = harness
@@ -227,10 +229,11 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_two_on_the_desk(
 
     await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
     await until(watcher, tool_status("running"))
-    # the desk: the decision, then the signal stored and published; the run, once it heard it:
-    # its session's record (one SET) when it trusts the desk's seal, else the decision recorded
-    # (the session's compare-and-set among its follow-ups). Read once, in causal order.
-    assert log.take() == ["EVALSHA", "PIPELINE", *publish_apart(redis_client)] + (
+    # the desk: the decision with the signal stored and published (on a cluster: after it); the
+    # run, once it heard it: its session's record (one SET) when it trusts the desk's seal, else the
+    # decision recorded (the session's compare-and-set among its follow-ups). Read once, in causal
+    # order.
+    assert log.take() == desk_decision(redis_client) + (
         ["SET"] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
     await until(watcher, is_type("end"))
 
@@ -246,8 +249,8 @@ async def _commands_run(client: Redis) -> dict[str, int]:
 async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_redis: Redis) -> None:
     """The commands Redis executes for one approval, a script's own calls included (what INFO
     commandstats counts, as the bench does): the run stores the pending-index entry, the request
-    and the session (one pipeline); the desk decides (one script on the request), then stores and
-    publishes the signal (one pipeline); the run, once it heard the signal, writes its session's
+    and the session (one pipeline); the desk decides, stores and publishes the signal (one script);
+    the run, once it heard the signal, writes its session's
     record (one SET). Nothing else: the run's wait rides on its process's one pattern
     subscription (subscribed at start-up), and the decision leaves the pending index to be
     trimmed when it is read."""

@@ -219,3 +219,18 @@ async def test_an_answer_that_is_only_an_echo_is_a_bad_model_response() -> None:
     events = await collect(watcher)
     assert summary(events)[-2:] == [("error", "llm_bad_response"), ("end", "failed", "llm_bad_response")]
     assert "All steps are done" not in json.dumps([e.data for e in events])
+
+
+async def test_every_native_call_offers_the_tools_as_one_tuple_built_once() -> None:
+    read = RecordingTool("read", result={"summary": "read"})
+    plan = json.dumps({"steps": [{"description": "Read it", "tool": "read", "args": {"value": "a"}},
+                                 {"description": "Read more", "tool": "read", "args": {"value": "b"}}]})
+    script = [text(plan), tool_call("read", '{"value": "a"}', "c1"), text("got a"),
+              tool_call("read", '{"value": "b"}', "c2"), text("got b"), text("Both read.")]
+    h = with_agent(Harness(ScriptedModel(*script, *script), tools=[read]), 4096)
+    for _ in range(2):
+        _, watcher = await h.start()
+        assert (await collect(watcher))[-1].data["status"] == "completed"
+    offered = [r.tools for r in h.model.requests if r.tools]
+    assert len(offered) == 8 and all(tools is offered[0] for tools in offered)
+    assert offered[0] == tuple(spec.as_model_schema() for spec in h.registry.specs())

@@ -107,3 +107,23 @@ async def test_tools_sent_with_the_request_count_against_the_window() -> None:
 def test_shorten_text_says_how_much_was_left_out() -> None:
     assert shorten_text("abcdef", 10) == "abcdef"
     assert shorten_text("abcdef", 2) == "ab\n…[4 more characters left out to fit the model's context window]"
+
+
+async def test_the_same_tuple_of_tools_is_counted_once_and_a_list_or_other_tools_again() -> None:
+    profile = CharProfile(100_000)
+    fitter = ContextFitter(profile)
+    messages = [ChatMessage(Role.USER, "hi")]
+    tools = ({"type": "function", "function": {"name": "a"}},)
+    first = await fitter.fit(messages, max_tokens=10, tools=tools)
+    again = await fitter.fit(messages, max_tokens=10, tools=tools)
+    tools_json = '[{"type": "function", "function": {"name": "a"}}]'
+    assert profile.counted.count(tools_json) == 1
+    assert first.prompt_tokens == again.prompt_tokens == len("hi") + MESSAGE_OVERHEAD_TOKENS + len(tools_json)
+    other = ({"type": "function", "function": {"name": "b"}},)
+    assert (await fitter.fit(messages, max_tokens=10, tools=other)).prompt_tokens == first.prompt_tokens
+    listed = [dict(tools[0])]
+    await fitter.fit(messages, max_tokens=10, tools=listed)
+    listed[0]["function"] = {"name": "longer"}  # a list may change between calls: counted each time
+    changed = await fitter.fit(messages, max_tokens=10, tools=listed)
+    assert profile.counted.count(tools_json) == 2
+    assert changed.prompt_tokens == first.prompt_tokens + len("longer") - len("a")

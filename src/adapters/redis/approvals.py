@@ -16,7 +16,12 @@ Lua script compares the request's current bytes with the bytes the caller read (
 only when they are equal, writes the decided record (XX, KEEPTTL) — the decision's one point of
 truth. Then, in one pipeline, the follow-ups, each idempotent. For a decision with a signal (the
 API's): that signal stored and published (`hitl:signal:*` with its TTL, `hitl:channel:*`, exactly
-as `RedisSignalBus.publish` does); the session record is then written by the run that waited, when
+as `RedisSignalBus.publish` does). On one server without replicas to confirm, the decision script
+does that itself once it decided (one round trip for the decider, not two): it names the signal's
+key from the request's `sessionId`, a key the caller cannot know before it read the request,
+which a cluster could not allow (another slot) and a server does; a failure to store or publish
+leaves the decision made and is reported as not signalled, like the pipeline's. The session
+record is then written by the run that waited, when
 it hears the decision (`settle_session`, one plain SET: while a run waits, its instance is the one
 writer of its session record; what a late delivery of that SET can do is in its docstring), or,
 when the run's instance stopped, by the lost-run sweep (a decision found already made runs the
@@ -52,9 +57,15 @@ from urllib.parse import quote
 
 from redis.exceptions import NoScriptError, RedisError
 
-from adapters.redis.client import RedisClient, batch, execute_and_publish, get_values, raise_error
+from adapters.redis.client import RedisClient, batch, execute_and_publish, get_values, is_cluster, raise_error
 from adapters.redis.durability import ReplicaConfirmation
-from adapters.redis.signals import DEFAULT_SIGNAL_TTL_SECONDS, channel_name, signal_key
+from adapters.redis.signals import (
+    CHANNEL_PREFIX,
+    DEFAULT_SIGNAL_TTL_SECONDS,
+    SIGNAL_KEY_PREFIX,
+    channel_name,
+    signal_key,
+)
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionResult, Signal, StoredApproval
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import ApprovalStore
@@ -91,9 +102,11 @@ _PENDING_STATUS = ',"status":"pending","userId":'
 # KEYS: request
 # ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, '0' when not,
 #       '-' for no decider (only "still pending" is checked), 4 decidedAt,
-#       5 status, 6 decidedBy as JSON, 7 reason as JSON
+#       5 status, 6 decidedBy as JSON, 7 reason as JSON; with the signal (one server only):
+#       8 the signal's bytes, 9 its TTL, 10 the signal key's prefix, 11 the channel's prefix
 # Reply: 0 when the request does not exist; its current bytes when the decider may not decide it
-# now (or it is not in Aura's layout); {1, the decided bytes} when decided.
+# now (or it is not in Aura's layout); {1, the decided bytes} when decided; with the signal,
+# {1, the decided bytes, 1 when the signal was stored and published, else 0}.
 _DECIDE_IN_PLACE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
@@ -123,7 +136,12 @@ local decided = string.sub(current, 1, last - 1) .. ',"status":"' .. ARGV[5] .. 
 local check_ok, check = pcall(cjson.decode, decided)
 if not check_ok or check.status ~= ARGV[5] then return current end
 redis.call('SET', KEYS[1], decided, 'XX', 'KEEPTTL')
-return {1, decided}
+if not ARGV[8] then return {1, decided} end
+local stored = redis.pcall('SET', ARGV[10] .. record.sessionId, ARGV[8], 'EX', ARGV[9])
+if type(stored) == 'table' and stored.err then return {1, decided, 0} end
+local published = redis.pcall('PUBLISH', ARGV[11] .. record.sessionId, ARGV[8])
+if type(published) == 'table' and published.err then return {1, decided, 0} end
+return {1, decided, 1}
 """
 
 
@@ -181,6 +199,10 @@ class RedisApprovalStore(ApprovalStore):
         self._signal_ttl_seconds = signal_ttl_seconds
         self._swap = redis.register_script(_SWAP)
         self._decide_in_place_script = redis.register_script(_DECIDE_IN_PLACE)
+        # On one server the decision script also stores and publishes the signal (one round trip
+        # less for the decider). On a cluster the signal's key is on another node; with replicas
+        # to confirm, the signal is published only once a WAIT confirmed the decision.
+        self._signal_inline = confirmation is None and not is_cluster(redis)
 
     async def load_scripts(self) -> None:
         """Load the decision scripts on the server (every primary of a cluster) ahead of the first
@@ -405,14 +427,20 @@ class RedisApprovalStore(ApprovalStore):
         absent or unreadable), which the caller's loop refuses by the same rules or, when only its
         layout stopped the script, decides on."""
         mode = "-" if decider is None else "1" if decider.approver else "0"
-        reply = await self._decide_in_place_script(keys=[key], args=[
-            "" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id, mode,
-            decided_at, status.value, encode_json(decided_by), encode_json(reason)])
+        args: list[Any] = ["" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id,
+                           mode, decided_at, status.value, encode_json(decided_by), encode_json(reason)]
+        if signal is not None and self._signal_inline:
+            args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX]
+        reply = await self._decide_in_place_script(keys=[key], args=args)
         if isinstance(reply, list):
-            _code, raw = reply
+            raw = reply[1]
             decided = _decode_request(raw, key)
             if decided is None:  # cannot be: the script checked that it decodes
                 raise StoreUnavailable(f"approval {request_id} was decided into an unreadable record")
+            if len(reply) > 2:  # the script stored and published the signal too
+                if not reply[2]:
+                    _log.warning("decided %s but could not store or publish its signal", request_id)
+                return DecisionResult(applied=True, request=decided, signalled=bool(reply[2]))
             signalled = await self._follow_up(decided, signal)
             return DecisionResult(applied=True, request=decided, signalled=signalled)
         if not reply:

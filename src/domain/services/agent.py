@@ -30,11 +30,11 @@ from domain.model.chat import (
 )
 from domain.model.errors import AuraError, BudgetExceeded, InvalidInput, ModelError, ToolFailure, UnknownTool
 from domain.model.events import EventType, ThoughtType
-from domain.model.plan import PlannedStep, PlanStep, StepStatus, descriptions_so_far, read_plan
+from domain.model.plan import PlannedStep, PlanSchema, PlanStep, StepStatus, descriptions_so_far, read_plan
 from domain.model.ports import ChatModel
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.model.tools import ToolContext, ToolRegistry
+from domain.model.tools import ToolContext, ToolRegistry, ToolSpec
 from domain.services import prompts
 from domain.services.context_window import ContextFitter, shorten_text
 from domain.services.gate import ApprovalGate
@@ -115,6 +115,14 @@ class _ThoughtStream:
             await self._run.thought(self._kind, final, thought_id=self.thought_id)
 
 
+@dataclass(frozen=True, slots=True)
+class _ToolSet:
+    specs: tuple[ToolSpec, ...]
+    plan: PlanSchema
+    # one tuple for every request while the tools stay: the context fitter counts its tokens once
+    model_schemas: tuple[dict[str, Any], ...]
+
+
 @dataclass(slots=True)
 class _StepOutcome:
     succeeded: int = 0
@@ -154,6 +162,19 @@ class Agent:
         # A zlib preset dictionary for parked conversations; the sample may change freely (the
         # ratio is pinned by tests/unit/runtime/test_memory.py), the packing only with unpacking.
         self._zdict = self._pack_dictionary()
+        self._tool_set: _ToolSet | None = None
+
+    def _tool_views(self) -> _ToolSet:
+        """What the agent derives from its tools (the plan's schema and validators, the tools as
+        a model is offered them), built again only when the tools change."""
+        specs = self._tools.specs()
+        cached = self._tool_set
+        if cached is None or len(cached.specs) != len(specs) \
+                or any(a is not b for a, b in zip(cached.specs, specs, strict=True)):
+            cached = self._tool_set = _ToolSet(
+                tuple(specs), PlanSchema(prompts.plan_schema(specs, self._limits.max_steps)),
+                tuple(spec.as_model_schema() for spec in specs))
+        return cached
 
     def _pack_dictionary(self) -> bytes:
         """A preset dictionary for packing the conversation of a run waiting for approval: what such
@@ -252,11 +273,11 @@ class Agent:
 
     async def _plan(self, run: Run, conversation: _Conversation) -> list[PlanStep]:
         await run.timeline_update("plan", "Plan the work", StepStatus.IN_PROGRESS, 0.0)
-        specs = self._tools.specs()
-        schema = prompts.plan_schema(specs, self._limits.max_steps)
+        views = self._tool_views()
+        specs, schema = views.specs, views.plan
         request = await self._request(run, conversation, Purpose.PLAN, self._budgets.plan,
                                       instruction=prompts.plan_prompt(self._limits.max_steps, specs),
-                                      json_schema=schema)
+                                      json_schema=schema.schema)
         # The plan is shown as it is written: the step descriptions, as far as the model got.
         shown = _ThoughtStream(run, ThoughtType.PLANNING)
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)
@@ -315,7 +336,7 @@ class Agent:
                 # waits for approval holds neither.
                 request = await self._request(
                     run, conversation, Purpose.STEP, self._budgets.step,
-                    tools=[spec.as_model_schema() for spec in self._tools.specs()] if native else (),
+                    tools=self._tool_views().model_schemas if native else (),
                     # the plan's tool, through the native interface, on the step's first call
                     tool_choice=step.tool if native and calls_in_step == 0 else None,
                     hints={**_hints(run), "step": {"index": step.index, "total": total,

@@ -61,9 +61,20 @@ class ContextFitter:
         self._min_completion = min_completion_tokens
         self._margin_ratio = margin_ratio
         self._min_margin = min_margin_tokens
+        # the tools last counted and their tokens: an agent offers the same tuple on every call
+        self._tools_counted: tuple[Sequence[Mapping[str, object]], int] | None = None
 
     async def window(self) -> int:
         return await self._profile.context_window()
+
+    async def _tool_tokens(self, tools: Sequence[Mapping[str, object]]) -> int:
+        counted = self._tools_counted
+        if counted is not None and counted[0] is tools and isinstance(tools, tuple):
+            return counted[1]
+        tokens = (await self._profile.count_tokens([json.dumps(list(tools), ensure_ascii=False)]))[0]
+        if isinstance(tools, tuple):  # a list may change in place: only a tuple is remembered
+            self._tools_counted = (tools, tokens)
+        return tokens
 
     async def fit(self, messages: Sequence[ChatMessage], *, max_tokens: int,
                   tools: Sequence[Mapping[str, object]] = (), history: int = 0,
@@ -79,7 +90,7 @@ class ContextFitter:
         await state.count_all()
         tool_tokens = 0
         if tools:
-            tool_tokens = (await self._profile.count_tokens([json.dumps(list(tools), ensure_ascii=False)]))[0]
+            tool_tokens = await self._tool_tokens(tools)
 
         def room(reserve: int) -> int:
             return window - margin - reserve - tool_tokens
