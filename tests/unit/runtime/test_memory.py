@@ -35,6 +35,7 @@ from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
 from domain.runtime.deadlines import Timer
 from domain.runtime.feed import RunFeed, Subscription, SubscriptionOverflow
+from domain.services.agent import _Conversation
 from domain.services.watch import RunWatch
 from tests.defaults import stream_config
 from tests.unit.fakes import RecordingTool, ScriptedModel, text
@@ -209,12 +210,12 @@ async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -
     chain = _frame_locals_by_name(handle.task)
     assert not {"history", "context", "hints"} & set(chain["execute"]) and "history" not in chain["_drive"]
     assert "hints" not in chain["_carry_out"]
-    packed = chain["_call_tool"]["packed"]
+    packed = chain["_carry_out"]["packed"]
     assert len(packed) < len(pack_messages(unpack_messages(packed, h.agent._zdict))) / 2
     # nor the tool events' common fields (rebuilt after the wait), nor a second copy of the
     # arguments in the approval request, nor its stored record; its watchers are a list, not a set
-    assert "base" not in chain["_call_tool"] and "created" not in chain["await_decision"]
-    assert chain["await_decision"]["request"].context is chain["_call_tool"]["args"]
+    assert not any("base" in frame for frame in chain.values()) and "created" not in chain["await_decision"]
+    assert chain["await_decision"]["request"].context is chain["_carry_out"]["args"]
     assert type(feed.watchers) is list and feed.watchers == [watcher]
     await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
     events = await finish(watcher, seen)
@@ -241,7 +242,7 @@ async def test_a_call_waiting_for_approval_holds_no_earlier_result_or_reply_of_i
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     frames = _frame_locals_by_name(handle.task)
-    assert "packed" in frames["_call_tool"] and frames["_call_tool"]["messages"] == []
+    assert "packed" in frames["_carry_out"] and frames["_carry_out"]["messages"] == []
     held = [name for chain in frames.values() for name, value in chain.items()
             if isinstance(value, str) and ("RRRR" in value or "Now the commit." in value or "Reading it" in value)]
     assert held == [], f"held unpacked while waiting: {held}"
@@ -255,6 +256,39 @@ async def test_a_call_waiting_for_approval_holds_no_earlier_result_or_reply_of_i
     assert any(m.role is Role.TOOL and "R" * 2000 in m.content for m in after)
     assert any(m.role is Role.ASSISTANT and m.content == reply for m in after)
     assert any(m.role is Role.ASSISTANT and m.content == "Now the commit. " * 200 for m in after)
+
+
+async def test_a_parked_run_waits_in_four_suspended_frames_and_still_goes_on_after_the_decision() -> None:
+    """Every suspended frame of a parked run (a coroutine with its locals and stack, about 0.3-0.45
+    KiB) is held by every parked run: the run's task, the agent's run and step, and the gate's
+    wait, which has no coroutine of its own, nor has the tool call."""
+    h, commit = approval_harness()
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    chain = _frame_locals_by_name(handle.task)
+    assert list(chain) == ["_drive", "execute", "_carry_out", "await_decision"]
+    # what the gate's wait holds: its two ways out and the request, nothing of a signal it read
+    assert {"rechecked", "signalled", "request"} <= set(chain["await_decision"])
+    assert not {"raw", "current", "considered"} & set(chain["await_decision"])
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+    statuses = [e.data["status"] for e in events if e.type is EventType.TOOL_EXECUTION]
+    assert statuses == ["pending", "running", "success"]
+
+
+async def test_a_parked_conversation_keeps_no_empty_set_of_what_the_user_was_told() -> None:
+    """An empty set is 216 bytes; what the user was told about fitting the context window is an
+    empty frozenset (shared by every run) until something is told."""
+    h, _ = approval_harness()
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    told = _frame_locals_by_name(handle.task)["execute"]["conversation"].told
+    assert type(told) is frozenset and told is _Conversation([], 0, 0).told
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    await finish(watcher, seen)
 
 
 def _frame_locals_by_name(task: asyncio.Task[Any]) -> dict[str, dict[str, Any]]:
