@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -22,9 +23,16 @@ def first_of(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
         return woken
     wake = _Wake(woken, futures)
     for future in futures:
-        future.add_done_callback(wake)
-    woken.add_done_callback(wake)
+        future.add_done_callback(wake, context=_WAKE_CONTEXT)
+    woken.add_done_callback(wake, context=_WAKE_CONTEXT)
     return woken
+
+
+# The context `_Wake` runs in, one for every wait: a callback added without one copies the current
+# context, a Context object per callback (three per wait) that every parked run would hold. `_Wake`
+# reads and sets no context variable, and a loop runs callbacks one after the other, never inside
+# each other, so sharing it is safe.
+_WAKE_CONTEXT = contextvars.Context()
 
 
 class _Wake:

@@ -28,6 +28,24 @@ async def test_first_of_wakes_on_either_and_leaves_no_callback_behind() -> None:
     await asyncio.sleep(0)
 
 
+async def test_first_of_copies_no_context_per_wait_and_still_wakes_each_wait_alone() -> None:
+    """A callback added without a context copies the current one: a Context object per callback,
+    three per parked run. Every wait's callbacks share one context instead."""
+    loop = asyncio.get_running_loop()
+    first: list[asyncio.Future[str]] = [loop.create_future(), loop.create_future()]
+    second: list[asyncio.Future[str]] = [loop.create_future(), loop.create_future()]
+    woken = [first_of(*first), first_of(*second)]
+    contexts = {id(context) for future in (*first, *second, *woken)
+                for _, context in future._callbacks}  # type: ignore[attr-defined]
+    assert len(contexts) == 1
+    second[1].set_result("decided")
+    await woken[1]
+    await asyncio.sleep(0)
+    assert not woken[0].done() and callbacks(first[0]) == callbacks(first[1]) == 1
+    first[0].set_result("signal")
+    await woken[0]
+
+
 async def test_first_of_a_done_future_is_done_at_once_and_a_cancelled_wait_cleans_up() -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
