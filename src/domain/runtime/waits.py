@@ -10,6 +10,14 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# The context of loop callbacks that read and set no context variable (`first_of`'s wake-ups, a
+# stream's release when its request's task ends). A callback added without a context copies the
+# current one (a Context object per callback: three per parked run's wait), and a copy of a
+# request's context would keep its framework's request objects. A loop runs callbacks one after
+# the other, never inside each other, so they can share this one; a callback that sets a context
+# variable must not use it.
+BARE_CONTEXT = contextvars.Context()
+
 
 def first_of(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
     """A future done as soon as one of `futures` is (at once if one already is); the caller then
@@ -23,16 +31,11 @@ def first_of(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
         return woken
     wake = _Wake(woken, futures)
     for future in futures:
-        future.add_done_callback(wake, context=_WAKE_CONTEXT)
-    woken.add_done_callback(wake, context=_WAKE_CONTEXT)
+        future.add_done_callback(wake, context=BARE_CONTEXT)
+    woken.add_done_callback(wake, context=BARE_CONTEXT)
     return woken
 
 
-# The context `_Wake` runs in, one for every wait: a callback added without one copies the current
-# context, a Context object per callback (three per wait) that every parked run would hold. `_Wake`
-# reads and sets no context variable, and a loop runs callbacks one after the other, never inside
-# each other, so sharing it is safe.
-_WAKE_CONTEXT = contextvars.Context()
 
 
 class _Wake:

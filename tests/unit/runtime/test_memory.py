@@ -18,7 +18,7 @@ from quart import Quart, request
 
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.routes.stream import forget_body
-from adapters.http.streams import StreamMeter, live_frames
+from adapters.http.streams import StreamMeter, StreamSlot, StreamSlots, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
 from domain.model.approval import Signal
 from domain.model.chat import (
@@ -33,7 +33,7 @@ from domain.model.chat import (
 )
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
-from domain.runtime.deadlines import Timer
+from domain.runtime.deadlines import SharedTimer, Timer
 from domain.runtime.feed import RunFeed, Subscription, SubscriptionOverflow
 from domain.services.agent import _Conversation
 from domain.services.watch import RunWatch
@@ -90,6 +90,21 @@ async def test_a_watcher_waiting_on_an_empty_buffer_holds_no_deque_and_still_get
     assert (await waiting).seq == 3  # type: ignore[union-attr]
     assert [e.seq for e in watcher.take_buffered(10)] == [4]
     watcher.close()
+
+
+async def test_waiting_watchers_hold_no_loop_timer_of_their_own_and_each_gets_its_heartbeat() -> None:
+    """A loop timer (handle and libuv timer) is about half a KiB held by every parked stream; the
+    watchers' heartbeats share one."""
+    loop = asyncio.get_running_loop()
+    scheduled = len(loop._scheduled)  # type: ignore[attr-defined]
+    watchers: list[Subscription[Event]] = [Subscription(max_buffered=8) for _ in range(50)]
+    waits = [asyncio.ensure_future(watcher.next(0.05 + index * 0.001)) for index, watcher in enumerate(watchers)]
+    await asyncio.sleep(0)
+    assert len(loop._scheduled) - scheduled <= 1  # type: ignore[attr-defined]
+    watchers[7].push(event(1))
+    assert [await wait for wait in waits] == [None] * 7 + [event(1)] + [None] * 42
+    for watcher in watchers:
+        watcher.close()
 
 
 async def test_a_quiet_watcher_still_gets_its_heartbeat_and_an_overflow_still_raises() -> None:
@@ -323,8 +338,37 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
     assert released == [True]  # released all the same
 
 
+async def test_a_streams_release_callbacks_share_one_empty_context_and_the_slot_is_its_own_callback() -> None:
+    """A Context (64 bytes) per callback and a bound method (64) per stream, held by every parked
+    stream: the slot is the callback itself, and both callbacks run in one shared empty context."""
+    slots = StreamSlots(per_user=2, per_run=2)
+    released: list[bool] = []
+
+    class Runs:
+        def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
+            released.append(disconnected)
+
+    async def request_task() -> None:
+        _REQUEST_SCOPED.set("the request")
+        slots.take("acme", "alice", None)
+        RunWatch(Runs(), None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(request_task())
+    await asyncio.sleep(0)
+    callbacks = task._callbacks  # type: ignore[attr-defined]
+    assert len(callbacks) == 2 and isinstance(callbacks[0][0], StreamSlot)
+    assert callbacks[0][1] is callbacks[1][1] and _REQUEST_SCOPED not in callbacks[0][1]
+    assert slots.open_streams("acme", "alice") == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert released == [True] and slots.open_streams("acme", "alice") == 0  # both released all the same
+
+
 def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
-    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), Subscription(1))  # type: ignore[arg-type]
+    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), SharedTimer(),  # type: ignore[arg-type]
+                    Subscription(1))
     for kept in kept_objects:
         assert not hasattr(kept, "__dict__")
 
