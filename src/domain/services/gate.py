@@ -15,7 +15,7 @@ from domain.model.plan import PlanStep, StepStatus
 from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.runtime.waits import Backoff, first_of
+from domain.runtime.waits import Backoff
 from domain.services.recheck import ApprovalRecheck
 
 log = logging.getLogger("aura.hitl")
@@ -115,34 +115,38 @@ class ApprovalGate:
                 # or reached its expiry (by the re-check's timer at the earliest expiry of the
                 # process). `stored_elsewhere`: someone else stored the decision (the session
                 # record is then this run's to write).
-                rechecked = self._recheck.watch(request)
                 signalled = subscription.receive()
+                rechecked = self._recheck.watch(request, also=signalled)
                 try:
                     while True:
                         if request.expires_at - self._clock.now() <= 0:
                             stored_elsewhere = False
                             decided = await self._close(request, ApprovalStatus.EXPIRED, None)
                             break
-                        await first_of(signalled, rechecked)
-                        if rechecked.done():
-                            current = rechecked.result()
-                            if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
-                                stored_elsewhere = False
-                                decided = await self._close(request, ApprovalStatus.EXPIRED, None)
-                                break
-                            if current.status.is_decided:
-                                decided, stored_elsewhere = current, True
-                                break
-                            rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
-                            del current
-                        if signalled.done():
-                            raw = signalled.result()
-                            signalled = subscription.receive()
-                            considered = await self._consider(request, raw)
-                            del raw
-                            if considered is not None:
-                                decided, stored_elsewhere = considered
-                                break
+                        # The pending request itself when the signal came or its expiry is due;
+                        # the request as re-read when it was decided; None when it vanished.
+                        current = await rechecked
+                        if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
+                            stored_elsewhere = False
+                            decided = await self._close(request, ApprovalStatus.EXPIRED, None)
+                            break
+                        if current.status.is_decided:
+                            decided, stored_elsewhere = current, True
+                            break
+                        del current
+                        if not signalled.done():
+                            rechecked = self._recheck.watch(request, also=signalled)  # its expiry is due
+                            continue
+                        raw = signalled.result()
+                        signalled = subscription.receive()
+                        # watched again before the signal is considered: a decision the re-check
+                        # finds meanwhile wakes the next round
+                        rechecked = self._recheck.watch(request, also=signalled)
+                        considered = await self._consider(request, raw)
+                        del raw
+                        if considered is not None:
+                            decided, stored_elsewhere = considered
+                            break
                 finally:
                     self._recheck.unwatch(request.request_id, rechecked)
                     if not signalled.done():

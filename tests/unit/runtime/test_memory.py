@@ -286,6 +286,8 @@ async def test_a_parked_run_waits_in_four_suspended_frames_and_still_goes_on_aft
     # what the gate's wait holds: its two ways out and the request, nothing of a signal it read
     assert {"rechecked", "signalled", "request"} <= set(chain["await_decision"])
     assert not {"raw", "current", "considered"} & set(chain["await_decision"])
+    # and waits on the re-check's future, which its signal also wakes: no third future made for both
+    assert handle.task._fut_waiter is chain["await_decision"]["rechecked"]  # type: ignore[attr-defined]
     await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
     events = await finish(watcher, seen)
     assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
