@@ -145,6 +145,8 @@ async def test_two_waits_on_one_session_both_hear_it_until_each_leaves(
             assert await asyncio.wait_for(second.next_message(), WAIT_SECONDS) == wire(APPROVAL)
 
         assert bus.live_channels() == 1
+        # its waits are a list: an empty set alone is 216 bytes, held by every parked run
+        assert bus._channels[b"hitl:channel:sess_a"].subscribers == [first]  # type: ignore[comparison-overlap]
         await bus.publish("sess_a", REJECTION)
         assert await asyncio.wait_for(first.next_message(), WAIT_SECONDS) == wire(REJECTION)
 

@@ -47,6 +47,39 @@ class FlakyStore(MemoryApprovalStore):
         return await super().get_many(request_ids)
 
 
+def callbacks(future: asyncio.Future[object]) -> int:
+    return len(future._callbacks or ())  # type: ignore[attr-defined]  # what a parked wait keeps
+
+
+async def test_a_watch_also_wakes_when_its_other_way_out_is_done_and_leaves_no_callback_behind() -> None:
+    """A parked wait waits on one future: the re-check's, which its signal also completes (with the
+    request as it was, so the wait looks at the signal), rather than on a third made for both."""
+    loop = asyncio.get_running_loop()
+    store = MemoryApprovalStore()
+    recheck = ApprovalRecheck(store, FakeClock(NOW), interval_seconds=3600)
+    request = pending(1)
+    await store.create(request)
+    signal: asyncio.Future[bytes] = loop.create_future()
+    woken = recheck.watch(request, also=signal)
+    assert callbacks(signal) == 1 and not woken.done()
+    signal.set_result(b"a signal")
+    assert await woken is request and recheck.watching() == 1
+    # watched again with the next read: a watch replaced, or ended, takes its callback off
+    following: asyncio.Future[bytes] = loop.create_future()
+    again = recheck.watch(request, also=following)
+    replaced: asyncio.Future[bytes] = loop.create_future()
+    last = recheck.watch(request, also=replaced)
+    assert callbacks(following) == 0 and callbacks(replaced) == 1 and not again.done()
+    recheck.unwatch(request.request_id, last)
+    assert callbacks(replaced) == 0 and last.cancelled() and recheck.watching() == 0
+    replaced.set_result(b"late")  # wakes nothing, raises nothing
+    await asyncio.sleep(0)
+    # a way out that is done already wakes the watch at once
+    done: asyncio.Future[bytes] = loop.create_future()
+    done.set_result(b"early")
+    assert recheck.watch(request, also=done).result() is request
+
+
 async def test_one_read_per_chunk_wakes_only_the_decided_and_the_vanished() -> None:
     store = MemoryApprovalStore()
     recheck = ApprovalRecheck(store, FakeClock(NOW), interval_seconds=3600, chunk_size=500)

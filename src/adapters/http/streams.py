@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextvars import Context
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from adapters.http.sse import DONE_FRAME, HEARTBEAT_FRAME, encode_comment, encod
 from domain.model.events import Event, EventType
 from domain.model.telemetry import Telemetry
 from domain.runtime.feed import SubscriptionOverflow
+from domain.runtime.waits import BARE_CONTEXT
 from domain.services.access import Notice, ResumeItem
 from domain.services.watch import RunWatch
 
@@ -52,7 +52,8 @@ class StreamSlots:
             slot.add_run(run_id)
         task = asyncio.current_task()
         if task is not None:
-            task.add_done_callback(slot.release, context=Context())
+            # the slot itself (no bound method per stream), in the shared empty context
+            task.add_done_callback(slot, context=BARE_CONTEXT)
         return slot
 
     def _count_run(self, run_id: str) -> None:
@@ -94,6 +95,10 @@ class StreamSlot:
         if not self._released:
             self._released = True
             self._slots._give_back(self._user, self._run_id)
+
+    def __call__(self, _task: object) -> None:
+        """Its request's task ended (the slot is that task's done callback)."""
+        self.release()
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,7 +160,9 @@ class _Channel:
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.subscribers: set[_Subscription] = set()
+        # A list: a channel has one wait (a session's run waits on one approval at a time) or a
+        # few, and an empty set alone is 216 bytes that every parked run would hold.
+        self.subscribers: list[_Subscription] = []
 
 
 class _Wait:
@@ -186,7 +188,7 @@ class _Wait:
         if channel is None:
             channel = bus._channels[name] = _Channel(name)
         subscription = _Subscription(name, bus._queue_size)
-        channel.subscribers.add(subscription)
+        channel.subscribers.append(subscription)
         self._channel, self._subscription = channel, subscription
         try:
             if not bus._subscribed.is_set():
@@ -207,7 +209,8 @@ class _Wait:
         if channel is None or subscription is None:
             return
         self._channel = self._subscription = None
-        channel.subscribers.discard(subscription)
+        if subscription in channel.subscribers:
+            channel.subscribers.remove(subscription)
         if not channel.subscribers and self._bus._channels.get(channel.name) is channel:
             del self._bus._channels[channel.name]
 

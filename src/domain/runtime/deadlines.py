@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -62,6 +63,85 @@ class Timer:
         self._handle = self._loop = self._callback = self.fires_at = None
         if callback is not None:
             callback()
+
+
+class SharedTimer:
+    """`Timer`'s behaviour for an owner that exists once per open stream (its heartbeat): the shared
+    timers of a loop wait on one loop timer, at the earliest of them, through a heap. A loop timer
+    is a handle and a libuv timer, about half a KiB, that every parked stream held for its whole
+    wait; a heap entry is a tuple. A cancelled or re-armed timer's earlier entry stays in the heap
+    until it comes up (keeping this small object, not its callback)."""
+
+    __slots__ = ("_callback", "_timers", "fires_at")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], object] | None = None
+        self._timers: _SharedTimers | None = None  # the loop's heap it is queued on
+        self.fires_at: float | None = None  # loop time it fires at (None: not armed)
+
+    @property
+    def armed(self) -> bool:
+        return self.fires_at is not None
+
+    def arm(self, when: float, callback: Callable[[], object]) -> None:
+        """Call `callback()` at loop time `when`, unless this timer fires no later (it then calls
+        the callback it was armed with)."""
+        timers = _SharedTimers.of_running_loop()
+        if self.fires_at is not None and self.fires_at <= when and self._timers is timers:
+            return
+        self.fires_at, self._callback, self._timers = when, callback, timers
+        timers.add(when, self)
+
+    def cancel(self) -> None:
+        self.fires_at = self._callback = self._timers = None
+
+    def _due(self, when: float) -> None:
+        if self.fires_at != when:
+            return  # cancelled, or armed again earlier since this entry was queued
+        callback = self._callback
+        self.fires_at = self._callback = self._timers = None
+        if callback is not None:
+            callback()
+
+
+class _SharedTimers:
+    """One loop's `SharedTimer`s: a heap of (when, order, timer), one `Timer` at its earliest."""
+
+    __slots__ = ("_heap", "_order", "_timer", "loop")
+
+    _current: ClassVar[_SharedTimers | None] = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, SharedTimer]] = []
+        self._order = itertools.count()  # ties in time go in the order they were armed
+        self._timer = Timer()
+
+    @classmethod
+    def of_running_loop(cls) -> _SharedTimers:
+        loop = asyncio.get_running_loop()
+        current = cls._current
+        if current is None or current.loop is not loop:
+            current = cls._current = cls(loop)
+        return current
+
+    def add(self, when: float, timer: SharedTimer) -> None:
+        heapq.heappush(self._heap, (when, next(self._order), timer))
+        self._timer.arm(when, self._fire)  # keeps an earlier armed time
+
+    def _fire(self) -> None:
+        now = self.loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, timer = heapq.heappop(heap)
+            try:
+                timer._due(when)
+            except Exception as exc:  # one owner's failure delays no other timer
+                self.loop.call_exception_handler({"message": "a shared timer's callback failed", "exception": exc})
+        while heap and heap[0][2].fires_at != heap[0][0]:
+            heapq.heappop(heap)  # cancelled or armed again: not worth a wake-up
+        if heap:
+            self._timer.arm(heap[0][0], self._fire)
 
 
 class Deadlines:

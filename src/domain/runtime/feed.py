@@ -14,7 +14,7 @@ from domain.model.events import Event, EventType
 from domain.model.ports import EventLog
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.runtime.deadlines import Timer
+from domain.runtime.deadlines import SharedTimer
 
 T = TypeVar("T")
 
@@ -28,7 +28,7 @@ class Subscription(Generic[T]):
     """One watcher's bounded buffer of a run's live events.
 
     A quiet stream needs a heartbeat, so every wait has a deadline; but a busy stream waits
-    thousands of times per heartbeat interval. Its `Timer` fires at the earliest deadline it was
+    thousands of times per heartbeat interval. Its timer fires at the earliest deadline it was
     armed for and re-arms itself for the current one when the stream was not quiet after all, so
     a busy stream keeps one timer per heartbeat interval, not one per wait."""
 
@@ -44,7 +44,7 @@ class Subscription(Generic[T]):
         self._waiter: asyncio.Future[None] | None = None  # set while `next` waits
         self.overflowed = False
         self._deadline: float | None = None  # when the current wait becomes a heartbeat
-        self._timer = Timer()
+        self._timer = SharedTimer()
 
     def push(self, event: T) -> None:
         if self.overflowed:

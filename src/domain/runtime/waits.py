@@ -1,46 +1,22 @@
-"""Small waits: the first of several futures, a flag, a set of background tasks, backoff."""
+"""Small waits: a flag, a set of background tasks, backoff; the context of bare callbacks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-
-def first_of(*futures: asyncio.Future[Any]) -> asyncio.Future[None]:
-    """A future done as soon as one of `futures` is (at once if one already is); the caller then
-    looks at which. asyncio.wait would keep two more coroutines, a set, a closure and a timer for
-    as long as the wait takes (an approval: minutes); this keeps one future and one small object,
-    a callback on each of `futures` that is removed as soon as one of them is done or the
-    returned future is cancelled."""
-    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    if any(future.done() for future in futures):
-        woken.set_result(None)
-        return woken
-    wake = _Wake(woken, futures)
-    for future in futures:
-        future.add_done_callback(wake)
-    woken.add_done_callback(wake)
-    return woken
-
-
-class _Wake:
-    """`first_of`'s callback: completes the wait and takes itself off every input."""
-
-    __slots__ = ("_futures", "_woken")
-
-    def __init__(self, woken: asyncio.Future[None], futures: tuple[asyncio.Future[Any], ...]) -> None:
-        self._woken = woken
-        self._futures = futures
-
-    def __call__(self, _: object) -> None:
-        if not self._woken.done():
-            self._woken.set_result(None)
-        for future in self._futures:
-            future.remove_done_callback(self)
+# The context of loop callbacks that read and set no context variable (a parked wait's wake-up
+# by its signal, a stream's release when its request's task ends). A callback added without a
+# context copies the current one, a Context object per callback that every parked run would hold,
+# and a copy of a request's context would keep its framework's request objects. A loop runs
+# callbacks one after the other, never inside each other, so they can share this one; a callback
+# that sets a context variable must not use it.
+BARE_CONTEXT = contextvars.Context()
 
 
 class Flag:

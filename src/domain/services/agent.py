@@ -7,11 +7,11 @@ import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from domain.model.approval import ApprovalStatus
+from domain.model.approval import ApprovalRequest, ApprovalStatus
 from domain.model.chat import (
     ChatMessage,
     ChatRequest,
@@ -34,7 +34,7 @@ from domain.model.plan import PlannedStep, PlanSchema, PlanStep, StepStatus, des
 from domain.model.ports import ChatModel
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.model.tools import ToolContext, ToolRegistry, ToolSpec
+from domain.model.tools import Tool, ToolContext, ToolRegistry, ToolSpec
 from domain.services import prompts
 from domain.services.context_window import ContextFitter, shorten_text
 from domain.services.gate import ApprovalGate
@@ -83,7 +83,9 @@ class _Conversation:
     messages: list[ChatMessage]
     history: int
     context_chars: int
-    told: set[str] = field(default_factory=set)  # what the user was told about fitting already
+    # What the user was told about fitting already: a frozenset, whose empty value is shared, since
+    # an empty set is 216 bytes that every parked run would hold (pinned by test_memory.py).
+    told: frozenset[str] = frozenset()
 
 
 class _ThoughtStream:
@@ -264,7 +266,7 @@ class Agent:
                                         render_system=render_system, context_chars=conversation.context_chars)
         if not fitted.kinds <= conversation.told:
             # told once per kind of change, not on every call that makes it again
-            conversation.told |= fitted.kinds
+            conversation.told = conversation.told | fitted.kinds
             for note in fitted.notes:
                 await run.thought(ThoughtType.DECISION, note)
         return ChatRequest(messages=fitted.messages, purpose=purpose, tools=tools, json_output=json_schema is not None,
@@ -360,7 +362,31 @@ class Agent:
                 calls_in_step += 1
                 noted = len(run.tool_notes)
                 note = result_text = ""
-                result_text = await self._call_tool(run, step, call, outcome, messages)
+                prepared = await self._prepare_call(run, call, outcome)
+                if isinstance(prepared, str):  # bad arguments: told to the model
+                    result_text = prepared
+                else:
+                    # The approval is awaited in this frame, not in a coroutine of the call's own:
+                    # a parked run's chain of suspended frames is what every parked run holds
+                    # (pinned by tests/unit/runtime/test_memory.py).
+                    tool, args, needs_approval = prepared
+                    decided = None
+                    del prepared
+                    if needs_approval:
+                        # A human may take minutes to decide, and the conversation with the model
+                        # is most of what a waiting run holds: keep it packed until the decision.
+                        # Pinned by test_memory.py: `messages`' content stays out of the wait.
+                        packed = pack_messages(messages, self._zdict)
+                        messages.clear()
+                        try:
+                            decided = await self._gate.await_decision(
+                                run, step, call.name, tool.spec.action_type, args,
+                                f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
+                        finally:
+                            messages[:] = unpack_messages(packed, self._zdict)
+                            del packed
+                    result_text = await self._run_call(run, call, tool, args, needs_approval, decided, outcome)
+                    del tool, args, decided
                 messages.append(ChatMessage(Role.TOOL, result_text, tool_call_id=call.id, name=call.name))
                 note = _step_note(run.tool_notes[noted:], result_text)
                 progress = round(min(0.9, calls_in_step / (calls_in_step + 1)), 2)
@@ -409,10 +435,11 @@ class Agent:
                 await on_reasoning(turn.text, "".join(reasoned))
         return turn, "".join(reasoned)
 
-    async def _call_tool(self, run: Run, step: PlanStep, call: ToolCall, outcome: _StepOutcome,
-                         messages: list[ChatMessage]) -> str:
-        """Run one tool call through validation and, when needed, the approval gate. Returns the
-        text fed back to the model. Bad arguments and tool failures are told to the model."""
+    async def _prepare_call(self, run: Run, call: ToolCall,
+                            outcome: _StepOutcome) -> str | tuple[Tool, dict[str, Any], bool]:
+        """A tool call up to its run or its approval: the budget, its arguments validated, its
+        `pending` event. Returns the text fed back to the model when the arguments are bad (they
+        are told to the model), else the call's tool and validated arguments."""
         if run.tool_calls >= self._limits.max_tool_calls:
             raise BudgetExceeded(f"The run used its {self._limits.max_tool_calls} tool calls.")
         run.tool_calls += 1
@@ -432,27 +459,18 @@ class Agent:
                                                       else {}, "status": "failed", "result": None,
                                                       "error": exc.message, "requiresApproval": False})
             return f"Error: {exc.message}"
-        del raw_args  # validated into `args`
         tool = self._tools.get(call.name)
         needs_approval = self._tools.needs_approval(call.name, args)
-        base.update({"toolArgs": args, "requiresApproval": needs_approval})
-        await run.emit(EventType.TOOL_EXECUTION, {**base, "status": "pending", "result": None, "error": None})
-        if needs_approval:
-            # A human may take minutes to decide, and the conversation with the model is most of
-            # what a waiting run holds: keep it packed until the decision. The events' common
-            # fields are rebuilt after it, from what the run keeps anyway. Pinned by
-            # tests/unit/runtime/test_memory.py: `base` and `messages`' content stay out of the wait.
-            del base
-            packed = pack_messages(messages, self._zdict)
-            messages.clear()
-            try:
-                decided = await self._gate.await_decision(
-                    run, step, call.name, tool.spec.action_type, args,
-                    f"Aura wants to run {call.name} with {json.dumps(args, ensure_ascii=False)}.")
-            finally:
-                messages[:] = unpack_messages(packed, self._zdict)
-                del packed
-            base = {"toolCallId": call.id, "toolName": call.name, "toolArgs": args, "requiresApproval": True}
+        await run.emit(EventType.TOOL_EXECUTION, {**base, "toolArgs": args, "requiresApproval": needs_approval,
+                                                  "status": "pending", "result": None, "error": None})
+        return tool, args, needs_approval
+
+    async def _run_call(self, run: Run, call: ToolCall, tool: Tool, args: dict[str, Any], needs_approval: bool,
+                        decided: ApprovalRequest | None, outcome: _StepOutcome) -> str:
+        """A validated call after its approval (`decided`, when it needed one): reported when
+        rejected, else run. Returns the text fed back to the model; tool failures are told to it."""
+        base = {"toolCallId": call.id, "toolName": call.name, "toolArgs": args, "requiresApproval": needs_approval}
+        if decided is not None:
             if decided.status is ApprovalStatus.REJECTED:
                 outcome.rejected += 1
                 self._telemetry.tool_call(call.name, "rejected")

@@ -12,10 +12,10 @@ from domain.model.approval import ApprovalRequest, ApprovalStatus, DecisionSeal,
 from domain.model.errors import ApprovalTimeout, RunCancelled, StoreUnavailable
 from domain.model.events import EventType, RunStatus
 from domain.model.plan import PlanStep, StepStatus
-from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus, SignalSubscription
+from domain.model.ports import ApprovalStore, Clock, IdFactory, SignalBus
 from domain.model.run import Run
 from domain.model.telemetry import Telemetry
-from domain.runtime.waits import Backoff, first_of
+from domain.runtime.waits import Backoff
 from domain.services.recheck import ApprovalRecheck
 
 log = logging.getLogger("aura.hitl")
@@ -108,7 +108,51 @@ class ApprovalGate:
                 await run.step_update(step, StepStatus.WAITING_APPROVAL, step.progress,
                                       f"Waiting for approval of {tool_name}")
                 await run.timeline_update(timeline_id, timeline_title, StepStatus.WAITING_APPROVAL, 0.0)
-                decided, stored_elsewhere = await self._wait(request, subscription)
+                # The wait is in this frame, not a coroutine of its own: a parked run's chain of
+                # suspended frames is what every parked run holds (pinned by test_memory.py). Two
+                # ways out: a signal on the channel; and the process's re-check, which wakes this
+                # wait when the stored request was decided without a signal reaching it, vanished,
+                # or reached its expiry (by the re-check's timer at the earliest expiry of the
+                # process). `stored_elsewhere`: someone else stored the decision (the session
+                # record is then this run's to write).
+                signalled = subscription.receive()
+                rechecked = self._recheck.watch(request, also=signalled)
+                try:
+                    while True:
+                        if request.expires_at - self._clock.now() <= 0:
+                            stored_elsewhere = False
+                            decided = await self._close(request, ApprovalStatus.EXPIRED, None)
+                            break
+                        # The pending request itself when the signal came or its expiry is due;
+                        # the request as re-read when it was decided; None when it vanished.
+                        current = await rechecked
+                        if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
+                            stored_elsewhere = False
+                            decided = await self._close(request, ApprovalStatus.EXPIRED, None)
+                            break
+                        if current.status.is_decided:
+                            decided, stored_elsewhere = current, True
+                            break
+                        del current
+                        if not signalled.done():
+                            rechecked = self._recheck.watch(request, also=signalled)  # its expiry is due
+                            continue
+                        raw = signalled.result()
+                        signalled = subscription.receive()
+                        # watched again before the signal is considered: a decision the re-check
+                        # finds meanwhile wakes the next round
+                        rechecked = self._recheck.watch(request, also=signalled)
+                        considered = await self._consider(request, raw)
+                        del raw
+                        if considered is not None:
+                            decided, stored_elsewhere = considered
+                            break
+                finally:
+                    self._recheck.unwatch(request.request_id, rechecked)
+                    if not signalled.done():
+                        signalled.cancel()
+                    elif not signalled.cancelled():
+                        signalled.exception()  # a failure after the wait ended is not news
                 outcome = decided.status.value
             except asyncio.CancelledError:
                 await asyncio.shield(self._close(request, ApprovalStatus.CANCELLED, None))
@@ -142,39 +186,6 @@ class ApprovalGate:
         if decided.status is ApprovalStatus.CANCELLED:
             raise RunCancelled("The run was cancelled while it waited for approval.")
         raise ApprovalTimeout(f"Nobody approved {tool_name} within {int(self._settings.timeout_seconds)} s.")
-
-    async def _wait(self, request: ApprovalRequest, subscription: SignalSubscription) -> tuple[ApprovalRequest, bool]:
-        # Two ways out: a signal on the channel; and the process's re-check, which wakes this
-        # wait when the stored request was decided without a signal reaching it, vanished, or
-        # reached its expiry (by the re-check's timer at the earliest expiry of the process).
-        # Returns the decided request, and whether someone else stored it (the session record is
-        # then this run's to write).
-        rechecked = self._recheck.watch(request)
-        message = subscription.receive()
-        try:
-            while True:
-                if request.expires_at - self._clock.now() <= 0:
-                    return await self._close(request, ApprovalStatus.EXPIRED, None), False
-                await first_of(message, rechecked)
-                if rechecked.done():
-                    current = rechecked.result()
-                    if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
-                        return await self._close(request, ApprovalStatus.EXPIRED, None), False
-                    if current.status.is_decided:
-                        return current, True
-                    rechecked = self._recheck.watch(request)  # its expiry is due: the loop sees to it
-                if message.done():
-                    raw = message.result()
-                    message = subscription.receive()
-                    decided = await self._consider(request, raw)
-                    if decided is not None:
-                        return decided
-        finally:
-            self._recheck.unwatch(request.request_id, rechecked)
-            if not message.done():
-                message.cancel()
-            elif not message.cancelled():
-                message.exception()  # a failure after the wait ended is not news
 
     async def _consider(self, request: ApprovalRequest, raw: str | bytes) -> tuple[ApprovalRequest, bool] | None:
         signal = Signal.parse(raw)

@@ -18,22 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from typing import Any
 
 from domain.model.approval import ApprovalRequest
 from domain.model.errors import StoreUnavailable
 from domain.model.ports import ApprovalStore, Clock
 from domain.runtime.deadlines import Deadlines
+from domain.runtime.waits import BARE_CONTEXT
 
 log = logging.getLogger("aura.hitl")
 
 DEFAULT_CHUNK_SIZE = 500
 
 
-@dataclass(slots=True)
 class _Watch:
-    request: ApprovalRequest
-    woken: asyncio.Future[ApprovalRequest | None]
+    """A registered wait; also the done callback of the wait's other way out (`also`), so that the
+    wait has one future to wait on and no object of its own to wake it."""
+
+    __slots__ = ("also", "request", "woken")
+
+    def __init__(self, request: ApprovalRequest, woken: asyncio.Future[ApprovalRequest | None],
+                 also: asyncio.Future[Any] | None) -> None:
+        self.request = request
+        self.woken = woken
+        self.also = also
+
+    def __call__(self, _: object) -> None:
+        """`also` is done: wake the wait with its request as it was (still pending to the re-check)."""
+        _wake(self, self.request)
+
+    def detach(self) -> None:
+        also, self.also = self.also, None
+        if also is not None:
+            also.remove_done_callback(self)
 
 
 class ApprovalRecheck:
@@ -51,14 +68,25 @@ class ApprovalRecheck:
         # The waits' `expiresAt`, by request id, in the clock's (wall) time.
         self._expiries: Deadlines = Deadlines(self._expired, now=clock.now)
 
-    def watch(self, request: ApprovalRequest) -> asyncio.Future[ApprovalRequest | None]:
+    def watch(self, request: ApprovalRequest,
+              also: asyncio.Future[Any] | None = None) -> asyncio.Future[ApprovalRequest | None]:
         """Re-check `request` until `unwatch`. The future completes with the request as re-read
         once it is decided; None once it vanished from the store (or cannot be read); or the
         still pending `request` itself once the clock passed its `expiresAt` (the wait then
-        records the expiry). Watch again to keep watching after a wake."""
+        records the expiry), or once `also` is done (the wait's other way out, its signal: one
+        future to wait on, rather than one more made to wait on both). Watch again to keep
+        watching after a wake."""
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[ApprovalRequest | None] = loop.create_future()
-        self._watches[request.request_id] = _Watch(request, woken)
+        previous = self._watches.get(request.request_id)
+        if previous is not None:
+            previous.detach()
+        watch = self._watches[request.request_id] = _Watch(request, woken, also)
+        if also is not None:
+            if also.done():
+                _wake(watch, request)
+            else:
+                also.add_done_callback(watch, context=BARE_CONTEXT)
         self._expiries.set(request.request_id, request.expires_at)
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._task = loop.create_task(self._run(), name="aura-hitl-recheck")
@@ -70,6 +98,7 @@ class ApprovalRecheck:
         if watch is not None and watch.woken is woken:
             del self._watches[request_id]
             self._expiries.discard(request_id)
+            watch.detach()
         if not woken.done():
             woken.cancel()
         tick = self._tick

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from contextvars import Context
 from typing import Any
 
 from domain.model.events import Event
 from domain.runtime.feed import Subscription
+from domain.runtime.waits import BARE_CONTEXT
 from domain.services.run_handle import RunHandle
 from domain.services.runs import RunService
 
@@ -55,9 +55,10 @@ class RunWatch:
         response headers are being sent cancels its task before the body's generator ever starts,
         and an unstarted generator runs no `finally`."""
         if task is not None:
-            # An empty context: a callback keeps the context it was added in, and the request's
-            # (a web framework's request and app contexts) would otherwise live as long as the stream.
-            task.add_done_callback(self, context=Context())
+            # The shared empty context: a callback keeps the context it was added in, and the
+            # request's (a web framework's request and app contexts) would otherwise live as long
+            # as the stream. `release` sets no context variable.
+            task.add_done_callback(self, context=BARE_CONTEXT)
 
     def __call__(self, _task: object) -> None:
         """`task` ended (the watch itself is its callback: no bound method kept per stream)."""

@@ -1,4 +1,4 @@
-"""One timer for the earliest of many deadlines: `Timer`, `Deadlines` and `Sweep`."""
+"""One timer for the earliest of many deadlines: `Timer`, `SharedTimer`, `Deadlines` and `Sweep`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from domain.runtime.deadlines import Deadlines, Sweep, Timer
+from domain.runtime.deadlines import Deadlines, SharedTimer, Sweep, Timer
 
 
 def count_timers(monkeypatch: pytest.MonkeyPatch) -> list[float]:
@@ -56,6 +56,71 @@ async def test_a_cancelled_timer_fires_nothing() -> None:
 
 def test_a_timer_armed_on_a_finished_loop_is_armed_again_on_the_next() -> None:
     timer = Timer()
+
+    async def arm_first() -> None:
+        timer.arm(asyncio.get_running_loop().time() + 0.01, partial(print, "never"))
+
+    asyncio.run(arm_first())  # that loop ends before its timer fires
+    assert timer.armed
+
+    async def arm_later_and_wait() -> float:
+        fired: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        timer.arm(asyncio.get_running_loop().time() + 0.02, partial(fired.set_result, 0.02))  # later, on this loop
+        return await fired
+
+    assert asyncio.run(asyncio.wait_for(arm_later_and_wait(), 5)) == 0.02
+
+
+async def test_shared_timers_wait_on_one_loop_timer_and_each_fires_at_its_own_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every open stream's heartbeat: 100 timers, one loop timer at a time (a loop timer is about
+    half a KiB that every parked stream held), each firing once, at its time, in order."""
+    timers = count_timers(monkeypatch)
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[int, float]] = []
+    shared = [SharedTimer() for _ in range(100)]
+    now = loop.time()
+    for index, timer in enumerate(shared):
+        timer.arm(now + 0.01 * (100 - index) / 100, partial(lambda i: fired.append((i, loop.time())), index))
+    assert len(timers) <= 100 and all(timer.armed for timer in shared)
+    armed_before = len(timers)
+    shared[0].arm(now + 0.5, partial(fired.append, (-1, 0.0)))  # later than its armed time: kept
+    shared[1].cancel()
+    assert len(timers) == armed_before and not shared[1].armed
+    done = loop.create_future()
+    loop.call_at(now + 0.1, done.set_result, None)
+    await done
+    assert [index for index, _ in fired] == [i for i in range(99, -1, -1) if i != 1]
+    assert all(at >= now + 0.01 * (100 - index) / 100 for index, at in fired)
+    assert not any(timer.armed or timer._callback is not None for timer in shared)  # hold nothing once fired
+    assert len(loop._scheduled) <= 1  # type: ignore[attr-defined]  # no loop timer left per shared timer
+
+
+async def test_a_shared_timer_moves_to_an_earlier_time_and_a_failing_callback_stops_no_other() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    fired: list[str] = []
+    first, second = SharedTimer(), SharedTimer()
+    now = loop.time()
+    first.arm(now + 0.2, partial(fired.append, "first, late"))
+    first.arm(now + 0.01, partial(fired.append, "first, sooner"))  # earlier: replaces it
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    second.arm(now + 0.005, fail)
+    third = SharedTimer()
+    third.arm(now + 0.005, partial(fired.append, "third"))
+    done = loop.create_future()
+    loop.call_at(now + 0.3, done.set_result, None)
+    await done
+    assert fired == ["third", "first, sooner"]
+    assert [type(context["exception"]) for context in errors] == [RuntimeError]
+
+
+def test_a_shared_timer_armed_on_a_finished_loop_is_armed_again_on_the_next() -> None:
+    timer = SharedTimer()
 
     async def arm_first() -> None:
         timer.arm(asyncio.get_running_loop().time() + 0.01, partial(print, "never"))

@@ -18,7 +18,7 @@ from quart import Quart, request
 
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.routes.stream import forget_body
-from adapters.http.streams import StreamMeter, live_frames
+from adapters.http.streams import StreamMeter, StreamSlot, StreamSlots, live_frames
 from adapters.wire import envelope_bytes, exact_bytes
 from domain.model.approval import Signal
 from domain.model.chat import (
@@ -33,8 +33,9 @@ from domain.model.chat import (
 )
 from domain.model.events import Event, EventType, RunIds
 from domain.model.telemetry import _log_context
-from domain.runtime.deadlines import Timer
+from domain.runtime.deadlines import SharedTimer, Timer
 from domain.runtime.feed import RunFeed, Subscription, SubscriptionOverflow
+from domain.services.agent import _Conversation
 from domain.services.watch import RunWatch
 from tests.defaults import stream_config
 from tests.unit.fakes import RecordingTool, ScriptedModel, text
@@ -89,6 +90,21 @@ async def test_a_watcher_waiting_on_an_empty_buffer_holds_no_deque_and_still_get
     assert (await waiting).seq == 3  # type: ignore[union-attr]
     assert [e.seq for e in watcher.take_buffered(10)] == [4]
     watcher.close()
+
+
+async def test_waiting_watchers_hold_no_loop_timer_of_their_own_and_each_gets_its_heartbeat() -> None:
+    """A loop timer (handle and libuv timer) is about half a KiB held by every parked stream; the
+    watchers' heartbeats share one."""
+    loop = asyncio.get_running_loop()
+    scheduled = len(loop._scheduled)  # type: ignore[attr-defined]
+    watchers: list[Subscription[Event]] = [Subscription(max_buffered=8) for _ in range(50)]
+    waits = [asyncio.ensure_future(watcher.next(0.05 + index * 0.001)) for index, watcher in enumerate(watchers)]
+    await asyncio.sleep(0)
+    assert len(loop._scheduled) - scheduled <= 1  # type: ignore[attr-defined]
+    watchers[7].push(event(1))
+    assert [await wait for wait in waits] == [None] * 7 + [event(1)] + [None] * 42
+    for watcher in watchers:
+        watcher.close()
 
 
 async def test_a_quiet_watcher_still_gets_its_heartbeat_and_an_overflow_still_raises() -> None:
@@ -209,12 +225,12 @@ async def test_a_parked_run_keeps_nothing_of_the_request_it_was_started_from() -
     chain = _frame_locals_by_name(handle.task)
     assert not {"history", "context", "hints"} & set(chain["execute"]) and "history" not in chain["_drive"]
     assert "hints" not in chain["_carry_out"]
-    packed = chain["_call_tool"]["packed"]
+    packed = chain["_carry_out"]["packed"]
     assert len(packed) < len(pack_messages(unpack_messages(packed, h.agent._zdict))) / 2
     # nor the tool events' common fields (rebuilt after the wait), nor a second copy of the
     # arguments in the approval request, nor its stored record; its watchers are a list, not a set
-    assert "base" not in chain["_call_tool"] and "created" not in chain["await_decision"]
-    assert chain["await_decision"]["request"].context is chain["_call_tool"]["args"]
+    assert not any("base" in frame for frame in chain.values()) and "created" not in chain["await_decision"]
+    assert chain["await_decision"]["request"].context is chain["_carry_out"]["args"]
     assert type(feed.watchers) is list and feed.watchers == [watcher]
     await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
     events = await finish(watcher, seen)
@@ -241,7 +257,7 @@ async def test_a_call_waiting_for_approval_holds_no_earlier_result_or_reply_of_i
     seen: list[Event] = []
     hitl = await until(watcher, "hitl", seen)
     frames = _frame_locals_by_name(handle.task)
-    assert "packed" in frames["_call_tool"] and frames["_call_tool"]["messages"] == []
+    assert "packed" in frames["_carry_out"] and frames["_carry_out"]["messages"] == []
     held = [name for chain in frames.values() for name, value in chain.items()
             if isinstance(value, str) and ("RRRR" in value or "Now the commit." in value or "Reading it" in value)]
     assert held == [], f"held unpacked while waiting: {held}"
@@ -255,6 +271,41 @@ async def test_a_call_waiting_for_approval_holds_no_earlier_result_or_reply_of_i
     assert any(m.role is Role.TOOL and "R" * 2000 in m.content for m in after)
     assert any(m.role is Role.ASSISTANT and m.content == reply for m in after)
     assert any(m.role is Role.ASSISTANT and m.content == "Now the commit. " * 200 for m in after)
+
+
+async def test_a_parked_run_waits_in_four_suspended_frames_and_still_goes_on_after_the_decision() -> None:
+    """Every suspended frame of a parked run (a coroutine with its locals and stack, about 0.3-0.45
+    KiB) is held by every parked run: the run's task, the agent's run and step, and the gate's
+    wait, which has no coroutine of its own, nor has the tool call."""
+    h, commit = approval_harness()
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    chain = _frame_locals_by_name(handle.task)
+    assert list(chain) == ["_drive", "execute", "_carry_out", "await_decision"]
+    # what the gate's wait holds: its two ways out and the request, nothing of a signal it read
+    assert {"rechecked", "signalled", "request"} <= set(chain["await_decision"])
+    assert not {"raw", "current", "considered"} & set(chain["await_decision"])
+    # and waits on the re-check's future, which its signal also wakes: no third future made for both
+    assert handle.task._fut_waiter is chain["await_decision"]["rechecked"]  # type: ignore[attr-defined]
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    events = await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}] and summary(events)[-1] == ("end", "completed", "completed")
+    statuses = [e.data["status"] for e in events if e.type is EventType.TOOL_EXECUTION]
+    assert statuses == ["pending", "running", "success"]
+
+
+async def test_a_parked_conversation_keeps_no_empty_set_of_what_the_user_was_told() -> None:
+    """An empty set is 216 bytes; what the user was told about fitting the context window is an
+    empty frozenset (shared by every run) until something is told."""
+    h, _ = approval_harness()
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    told = _frame_locals_by_name(handle.task)["execute"]["conversation"].told
+    assert type(told) is frozenset and told is _Conversation([], 0, 0).told
+    await h.bus.publish(handle.run.ids.session_id, Signal.approval(hitl.data["requestId"], "bob", 1))
+    await finish(watcher, seen)
 
 
 def _frame_locals_by_name(task: asyncio.Task[Any]) -> dict[str, dict[str, Any]]:
@@ -289,8 +340,37 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
     assert released == [True]  # released all the same
 
 
+async def test_a_streams_release_callbacks_share_one_empty_context_and_the_slot_is_its_own_callback() -> None:
+    """A Context (64 bytes) per callback and a bound method (64) per stream, held by every parked
+    stream: the slot is the callback itself, and both callbacks run in one shared empty context."""
+    slots = StreamSlots(per_user=2, per_run=2)
+    released: list[bool] = []
+
+    class Runs:
+        def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
+            released.append(disconnected)
+
+    async def request_task() -> None:
+        _REQUEST_SCOPED.set("the request")
+        slots.take("acme", "alice", None)
+        RunWatch(Runs(), None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(request_task())
+    await asyncio.sleep(0)
+    callbacks = task._callbacks  # type: ignore[attr-defined]
+    assert len(callbacks) == 2 and isinstance(callbacks[0][0], StreamSlot)
+    assert callbacks[0][1] is callbacks[1][1] and _REQUEST_SCOPED not in callbacks[0][1]
+    assert slots.open_streams("acme", "alice") == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert released == [True] and slots.open_streams("acme", "alice") == 0  # both released all the same
+
+
 def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
-    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), Subscription(1))  # type: ignore[arg-type]
+    kept_objects = (RunWatch(None, None, None), StreamMeter(None, "run"), Timer(), SharedTimer(),  # type: ignore[arg-type]
+                    Subscription(1))
     for kept in kept_objects:
         assert not hasattr(kept, "__dict__")
 

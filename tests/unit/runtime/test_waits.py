@@ -1,4 +1,4 @@
-"""Small waits: `first_of`, `Flag`, `TaskSet`, `Backoff`."""
+"""Small waits: `Flag`, `TaskSet`, `Backoff`."""
 
 from __future__ import annotations
 
@@ -7,40 +7,7 @@ from typing import Any
 
 import pytest
 
-from domain.runtime.waits import Backoff, Flag, TaskSet, first_of
-
-
-def callbacks(future: asyncio.Future[Any]) -> int:
-    return len(future._callbacks or ())  # type: ignore[attr-defined]  # what a parked wait keeps
-
-
-async def test_first_of_wakes_on_either_and_leaves_no_callback_behind() -> None:
-    loop = asyncio.get_running_loop()
-    message: asyncio.Future[str] = loop.create_future()
-    rechecked: asyncio.Future[str] = loop.create_future()
-    woken = first_of(message, rechecked)
-    await asyncio.sleep(0)
-    assert not woken.done() and callbacks(message) == callbacks(rechecked) == 1
-    rechecked.set_result("decided")
-    await woken
-    assert callbacks(message) == 0
-    message.set_result("late")  # completing the other one later wakes nothing and raises nothing
-    await asyncio.sleep(0)
-
-
-async def test_first_of_a_done_future_is_done_at_once_and_a_cancelled_wait_cleans_up() -> None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[int] = loop.create_future()
-    done.set_result(1)
-    pending: asyncio.Future[int] = loop.create_future()
-    assert first_of(pending, done).done() and callbacks(pending) == 0
-    other: asyncio.Future[int] = loop.create_future()
-    waiting = asyncio.ensure_future(first_of(pending, other))
-    await asyncio.sleep(0)
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
-    await asyncio.sleep(0)
-    assert callbacks(pending) == callbacks(other) == 0
+from domain.runtime.waits import Backoff, Flag, TaskSet
 
 
 async def test_a_flag_behaves_as_an_event() -> None:
