@@ -13,7 +13,8 @@ from domain.model.identity import Principal
 from domain.model.plan import PlannedStep, PlanStep, StepStatus, TimelineEntry
 from domain.model.ports import Clock
 
-EventSink = Callable[[Event], Awaitable[None]]
+# Takes each event of a run; returns None when the run goes on at once, else what it awaits first.
+EventSink = Callable[[Event], Awaitable[None] | None]
 
 
 class DisconnectPolicy(StrEnum):
@@ -80,8 +81,10 @@ class Run:
 
     async def emit(self, type_: EventType, data: Mapping[str, Any]) -> Event:
         self._seq += 1
-        event = Event(type=type_, seq=self._seq, ids=self.ids, timestamp=self._clock.timestamp(), data=data)
-        await self._sink(event)
+        event = Event(type_, self._seq, self.ids, self._clock.timestamp(), data)
+        waiting = self._sink(event)
+        if waiting is not None:
+            await waiting
         return event
 
     async def thought(self, kind: ThoughtType, content: str, sources: list[Any] | None = None,

@@ -194,3 +194,41 @@ async def test_a_quiet_watcher_gets_its_heartbeat_after_the_interval_even_after_
     assert loop.time() - rearmed >= 0.2
     assert loop.time() - began < 5
     watcher.close()
+
+
+async def test_the_sink_makes_no_coroutine_for_an_event_the_run_need_not_wait_for() -> None:
+    """A content chunk is submitted and the run goes on at once (`emit` returns None); an event the
+    run waits for (`start`, `hitl`, `tool_execution`, `end`, or the log too far behind) returns
+    what to await, and the wait ends only once it is logged."""
+    log = HeldEventLog()
+    feed = RunFeed(log, Telemetry(), on_failure=lambda _: None, max_unlogged=3)
+    assert feed.emit(content(1)) is None
+    assert feed.emit(content(2)) is None
+    assert len(log.held) == 2
+    behind = feed.emit(content(3))  # the third unlogged event: the run waits until half are written
+    assert behind is not None
+    waiting = asyncio.ensure_future(behind)
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    log.complete()
+    await waiting
+    end = Event(EventType.END, 4, IDS, 0, {"status": "completed", "reason": "completed", "message": "m"})
+    feed.run = None  # an `end` is logged with the run's snapshot: none here
+    settle = feed._submit(end, None)
+    assert settle is not None
+    ending = asyncio.ensure_future(settle)
+    await asyncio.sleep(0)
+    assert not ending.done()
+    log.complete()
+    await ending
+    assert [e.seq for e in log.events["run_1"]] == [1, 2, 3, 4]
+
+
+async def test_a_refused_event_raises_from_the_sink_itself() -> None:
+    log = HeldEventLog()
+    feed = RunFeed(log, Telemetry(), on_failure=lambda _: None)
+    assert feed.emit(content(1)) is None
+    log.complete(StoreUnavailable("down"))
+    with pytest.raises(StoreUnavailable):
+        feed.emit(content(2))  # raised at the call, before anything is submitted
+    assert log.held == []
