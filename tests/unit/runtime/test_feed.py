@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -196,6 +196,15 @@ async def test_a_quiet_watcher_gets_its_heartbeat_after_the_interval_even_after_
     watcher.close()
 
 
+async def waits_until_logged(log: HeldEventLog, waiting: Awaitable[None] | None) -> None:
+    assert waiting is not None
+    task = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0)
+    assert not task.done()
+    log.complete()
+    await task
+
+
 async def test_the_sink_makes_no_coroutine_for_an_event_the_run_need_not_wait_for() -> None:
     """A content chunk is submitted and the run goes on at once (`emit` returns None); an event the
     run waits for (`start`, `hitl`, `tool_execution`, `end`, or the log too far behind) returns
@@ -205,22 +214,10 @@ async def test_the_sink_makes_no_coroutine_for_an_event_the_run_need_not_wait_fo
     assert feed.emit(content(1)) is None
     assert feed.emit(content(2)) is None
     assert len(log.held) == 2
-    behind = feed.emit(content(3))  # the third unlogged event: the run waits until half are written
-    assert behind is not None
-    waiting = asyncio.ensure_future(behind)
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    log.complete()
-    await waiting
+    await waits_until_logged(log, feed.emit(content(3)))  # the third unlogged: until half are written
     end = Event(EventType.END, 4, IDS, 0, {"status": "completed", "reason": "completed", "message": "m"})
     feed.run = None  # an `end` is logged with the run's snapshot: none here
-    settle = feed._submit(end, None)
-    assert settle is not None
-    ending = asyncio.ensure_future(settle)
-    await asyncio.sleep(0)
-    assert not ending.done()
-    log.complete()
-    await ending
+    await waits_until_logged(log, feed._submit(end, None))
     assert [e.seq for e in log.events["run_1"]] == [1, 2, 3, 4]
 
 
