@@ -114,11 +114,14 @@ class Subscription(Generic[T]):
 
     def take_buffered(self, limit: int) -> list[T]:
         """Events already buffered (no waiting), so a writer can send them in one write."""
-        taken: list[T] = []
         events = self._events
-        while events and len(taken) < limit and not self.overflowed:
-            taken.append(events.popleft())
-        return taken
+        if not events or self.overflowed:
+            return []
+        if len(events) <= limit:  # nearly always: the whole buffer at once, not event by event
+            taken = list(events)
+            events.clear()
+            return taken
+        return [events.popleft() for _ in range(limit)]
 
 
 # The delivery policy. A run waits for these to be logged before it goes on: its `start` (so the

@@ -229,3 +229,16 @@ async def test_a_refused_event_raises_from_the_sink_itself() -> None:
     with pytest.raises(StoreUnavailable):
         feed.emit(content(2))  # raised at the call, before anything is submitted
     assert log.held == []
+
+
+def test_a_writer_takes_the_buffered_events_in_order_up_to_its_limit() -> None:
+    watcher: Subscription[int] = Subscription(100)
+    assert watcher.take_buffered(3) == []
+    for seq in range(1, 6):
+        watcher.push(seq)
+    assert watcher.take_buffered(3) == [1, 2, 3]
+    assert watcher.take_buffered(3) == [4, 5]
+    assert watcher.take_buffered(3) == []
+    watcher.push(6)
+    watcher.detach()  # resumes from the log: nothing buffered is handed out any more
+    assert watcher.take_buffered(3) == []
