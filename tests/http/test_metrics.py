@@ -120,7 +120,7 @@ def test_every_label_comes_from_a_closed_set() -> None:
             name = f"invented_{number}"
             metrics.tool_call(name, name)
             metrics.run_ended(name)
-            metrics.event_written(name)
+            metrics.events_written(name, 1)
             metrics.approval_wait_ended(name, 1.0)
             metrics.model_call(name, 1.0, name)
             metrics.auth_failed(name)
@@ -138,3 +138,30 @@ def test_every_label_comes_from_a_closed_set() -> None:
     assert 'aura_approval_decisions_total{outcome="other"} 2000.0' in text
     assert 'aura_model_call_seconds_count{purpose="other"} 2000.0' in text
     assert "invented_1999" not in text
+
+
+def test_a_write_of_many_events_is_counted_once_per_run_of_one_type() -> None:
+    """A busy stream writes a batch of events at once: the counter moves once per run of one type
+    in it, by that many (the exposition's totals are the events written, as before)."""
+    from adapters.http.streams import StreamMeter
+    from domain.model.events import EventType
+    from domain.model.telemetry import Telemetry
+
+    class Recording(Telemetry):
+        def __init__(self) -> None:
+            self.counted: list[tuple[str, int]] = []
+            self.firsts = 0
+
+        def events_written(self, type_: str, count: int) -> None:
+            self.counted.append((type_, count))
+
+        def first_event_written(self, seconds: float) -> None:
+            self.firsts += 1
+
+    recording = Recording()
+    meter = StreamMeter(recording, "run")
+    meter.events([EventType.START])
+    meter.events([EventType.CONTENT] * 5 + [EventType.THOUGHT, EventType.CONTENT, EventType.END])
+    meter.events([])
+    assert recording.counted == [("start", 1), ("content", 5), ("thought", 1), ("content", 1), ("end", 1)]
+    assert recording.firsts == 1

@@ -35,6 +35,16 @@ def test_pack_is_the_resp_array_of_its_arguments() -> None:
     assert pack(b"PING") == b"*1\r\n$4\r\nPING\r\n"
 
 
+@pytest.mark.parametrize("length", [0, 1, 9, 10, 1023, 1024, 1025, 70_000])
+def test_pack_gives_the_bytes_redis_py_packs_for_any_argument_length(length: int) -> None:
+    """Lengths below 1,024 take their header from a table, longer ones are formatted."""
+    from redis.connection import PythonRespSerializer
+
+    args = (b"EVALSHA", b"s" * 40, b"1", b"k", b"x\r\n" * (length // 3) + b"y" * (length % 3), b"")
+    expected = b"".join(PythonRespSerializer(65536, lambda value: value).pack(*args))
+    assert pack(*args) == expected
+
+
 async def test_a_batch_gets_every_reply_in_order_with_error_replies_as_values(single: Redis) -> None:
     await single.set(b"aura:test:string", b"s")
     connection = PackedConnection(single)

@@ -22,7 +22,11 @@ def echo_fragments() -> st.SearchStrategy[str]:
     return spaced
 
 
-TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(["the ", "answer", " ", "\n", "<", "[", "İ"]),
+# Printable ASCII (the pieces the guard normalises by str methods) beside any text, control
+# characters and whitespace runs included.
+PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=24)
+TEXT = st.lists(st.one_of(st.text(max_size=8), PRINTABLE,
+                          st.sampled_from(["the ", "answer", " ", "  ", "\n", "\x1f", "\x01", "<", "[", "İ"]),
                           echo_fragments()), max_size=12).map("".join)
 
 
@@ -96,3 +100,21 @@ def test_text_that_only_began_like_an_echo_is_shown_when_it_goes_elsewhere() -> 
     assert guard.feed("Sure <") == (5, False)  # "<" may begin a turn marker
     assert guard.feed("3 apples") == (14, False)
     assert guard.feed("", final=True) == (14, False)
+
+
+def test_states_where_an_echo_is_complete_are_numbered_last() -> None:
+    """The guard tells such a state by `state >= _ECHOES.echoed` alone."""
+    complete = [state for state, length in enumerate(_ECHOES.longest_match) if length]
+    assert complete == list(range(_ECHOES.echoed, len(_ECHOES.longest_match)))
+    assert _ECHOES.longest_match[0] == 0 and _ECHOES.step(0, ECHO[0]) != 0
+
+
+def test_an_answer_of_printable_pieces_keeps_one_stretch_of_positions() -> None:
+    """Where each normalised character stands is kept per stretch, not per character: a long answer
+    in ordinary pieces keeps one, and one more per whitespace run it folds."""
+    guard = AnswerGuard()
+    for _ in range(500):
+        assert guard.feed("Plain words, 20 char")[1] is False
+    assert guard._starts == [0] and guard._origins == [0]
+    assert guard.feed("s \n  then more") == answer_cut("Plain words, 20 char" * 500 + "s \n  then more", final=False)
+    assert guard._starts == [0, 10_000 + 2] and guard._origins == [0, 10_000 + 5]

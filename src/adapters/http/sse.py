@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from adapters.wire import envelope_bytes
-from domain.model.events import Event
+from domain.model.events import Event, EventType
 
 DONE_FRAME = b"data: [DONE]\n\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -52,6 +52,8 @@ def encode_comment(text: str = "") -> bytes:
 
 
 HEARTBEAT_FRAME = encode_comment("ping")
+# Each event type's name as the frame's `event` field, encoded once (a frame is made per event).
+_TYPE_NAMES = {type_: type_.value.encode() for type_ in EventType}
 
 
 def event_id(event: Event) -> str:
@@ -66,7 +68,7 @@ def encode_run_event(event: Event, *, retry_ms: int | None = None) -> bytes:
     splitting or checking (the general `encode_event` gives the same bytes; a test holds them
     equal)."""
     payload = envelope_bytes(event)
-    frame = b"id: %s:%d\nevent: %s\ndata: %s\n\n" % (event.ids.run_id.encode(), event.seq, event.type.value.encode(),
+    frame = b"id: %s:%d\nevent: %s\ndata: %s\n\n" % (event.ids.run_id.encode(), event.seq, _TYPE_NAMES[event.type],
                                                       payload)
     if retry_ms is None:
         return frame

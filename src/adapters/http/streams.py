@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,12 +129,24 @@ class StreamMeter:
             metrics.stream_opened(kind)
 
     def event(self, type_: str) -> None:
-        if self._metrics is None:
+        self.events([type_])
+
+    def events(self, types: Sequence[str]) -> None:
+        """The types of the events one write carries, in order: counted per run of one type (a
+        busy stream's write is a batch of content chunks: one count)."""
+        metrics = self._metrics
+        if metrics is None or not types:
             return
-        self._metrics.event_written(type_)
+        current, count = types[0], 0
+        for type_ in types:
+            if type_ != current:
+                metrics.events_written(current, count)
+                current, count = type_, 0
+            count += 1
+        metrics.events_written(current, count)
         if self._first and self._kind == "run":
             self._first = False
-            self._metrics.first_event_written(time.monotonic() - self._started)
+            metrics.first_event_written(time.monotonic() - self._started)
 
     def heartbeat(self) -> None:
         if self._metrics is not None:
@@ -213,12 +225,15 @@ def _batch(event: Event, watcher: RunWatch, meter: StreamMeter, config: StreamCo
     """`event` and whatever else is already buffered, as one write (under load a connection sends a
     batch per wake-up instead of one frame per event); True when it ends the stream."""
     batch: list[bytes] = []
+    types: list[str] = []
     for item in (event, *watcher.take_buffered(BATCH_EVENTS)):
-        meter.event(item.type.value)
-        if item.is_terminal:
+        types.append(item.type)
+        if item.type is EventType.END:
             batch.append(terminal_frame(item, config))
+            meter.events(types)
             return b"".join(batch), True
         batch.append(encode_run_event(item))
+    meter.events(types)
     return b"".join(batch), False
 
 

@@ -81,15 +81,15 @@ class PrometheusMetrics(Telemetry):
         self.resumes = Counter("aura_resumes_served", "Resumed streams (GET events or a retried POST)", registry=r)
         self._events_sent_by_type: dict[str, Any] = {}
 
-    def event_written(self, type_: str) -> None:
-        """One event written to a client. The labelled child is looked up once per type: this runs
-        for every event of every stream."""
+    def events_written(self, type_: str, count: int) -> None:
+        """Events of one type written to a client in one write. The labelled child is looked up
+        once per type: this runs for every write of every stream."""
         child = self._events_sent_by_type.get(type_)
         if child is None:
             child = self.events_sent.labels(self._event_type(type_))
             if type_ in EventType.__members__.values():
                 self._events_sent_by_type[type_] = child
-        child.inc()
+        child.inc(count)
 
     def auth_failed(self, code: str) -> None:
         self.auth_failures.labels(self._auth_failure_code(code)).inc()

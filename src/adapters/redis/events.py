@@ -176,6 +176,7 @@ class _PendingAppend:
     snapshot: Mapping[str, Any] | None
     logged: Callable[[Exception | None], None]
     reported: bool = False
+    verdict: Exception | None = None  # the append call's outcome for this event (None: logged)
 
 
 class RedisEventLog(EventLog):
@@ -279,16 +280,15 @@ class RedisEventLog(EventLog):
                 for item in items:
                     _report(item, StoreUnavailable("The event log is unavailable."))
             return
-        verdicts: dict[int, Exception | None] = {}
         for (run_id, items), result in zip(runs.items(), results, strict=True):
-            self._judge(run_id, items, result, verdicts)
-        for item in batch:  # in submission order, as the callers submitted them
-            if id(item) in verdicts:
-                _report(item, verdicts[id(item)])
+            self._judge(run_id, items, result)
+        # in submission order, as the callers submitted them (an item refused before the call was
+        # reported then: `_report` skips it)
+        for item in batch:
+            _report(item, item.verdict)
 
-    def _judge(self, run_id: str, items: list[_PendingAppend], result: Any,
-               verdicts: dict[int, Exception | None]) -> None:
-        """Each of a run's items' outcome from its append call's reply (`_APPEND`)."""
+    def _judge(self, run_id: str, items: list[_PendingAppend], result: Any) -> None:
+        """Each of a run's items' outcome (its `verdict`) from its append call's reply (`_APPEND`)."""
         outcome, logged = "refused", 0
         unconfirmed = isinstance(result, _Unconfirmed)
         if unconfirmed:
@@ -301,19 +301,19 @@ class RedisEventLog(EventLog):
         for index, item in enumerate(items):
             if index < logged and unconfirmed:
                 self._broken.add(run_id)
-                verdicts[id(item)] = StoreUnavailable("The event log's replicas did not confirm an event.")
+                item.verdict = StoreUnavailable("The event log's replicas did not confirm an event.")
             elif index < logged:
                 if item.event.type is EventType.END:
                     self._closed.add(run_id)
-                verdicts[id(item)] = None
+                item.verdict = None
             elif outcome in _REFUSALS:
                 if index == logged:
                     log.warning("event log refused seq %d of run %s: %s", item.event.seq, run_id, outcome)
                 self._fenced.add(run_id)
-                verdicts[id(item)] = RunFenced(_REFUSALS[outcome])
+                item.verdict = RunFenced(_REFUSALS[outcome])
             else:
                 self._broken.add(run_id)
-                verdicts[id(item)] = StoreUnavailable("The event log refused an event.")
+                item.verdict = StoreUnavailable("The event log refused an event.")
 
     async def _send(self, calls: list[tuple[list[bytes], list[bytes]]]) -> list[Any]:
         """Each (keys, args) as an EVALSHA of the append script, in one batch; the replies in order

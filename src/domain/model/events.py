@@ -55,7 +55,7 @@ class RunIds:
     trace_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Event:
     type: EventType
     seq: int
@@ -65,6 +65,17 @@ class Event:
     # Where adapters keep the event's serialised envelope: an event never changes once made, so
     # one logged and written to several clients is encoded once.
     encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    def __init__(self, type: EventType, seq: int, ids: RunIds, timestamp: int,
+                 data: Mapping[str, Any] | None = None, encoded: list[bytes] | None = None) -> None:
+        # Every event of every run is made here: its slots are set through their descriptors, about
+        # half the cost of the generated frozen __init__ (an `object.__setattr__` by name per field).
+        _SET_TYPE(self, type)
+        _SET_SEQ(self, seq)
+        _SET_IDS(self, ids)
+        _SET_TIMESTAMP(self, timestamp)
+        _SET_DATA(self, {} if data is None else data)
+        _SET_ENCODED(self, [] if encoded is None else encoded)
 
     @property
     def is_terminal(self) -> bool:
@@ -80,7 +91,8 @@ class Event:
             "threadId": self.ids.thread_id,
             "traceId": self.ids.trace_id,
             "timestamp": self.timestamp,
-            "data": dict(self.data),
+            # the event's own dict, not a copy: an envelope is encoded, never changed
+            "data": self.data if type(self.data) is dict else dict(self.data),
         }
 
     @classmethod
@@ -97,3 +109,7 @@ class Event:
             timestamp=int(envelope["timestamp"]),
             data=dict(envelope.get("data") or {}),
         )
+
+
+_SET_TYPE, _SET_SEQ, _SET_IDS, _SET_TIMESTAMP, _SET_DATA, _SET_ENCODED = (
+    getattr(Event, name).__set__ for name in ("type", "seq", "ids", "timestamp", "data", "encoded"))

@@ -64,8 +64,9 @@ class Telemetry:
 
     def stream_closed(self, kind: str) -> None: ...
 
-    def event_written(self, type_: str) -> None:
-        """One event written to a client; called for every event of every stream."""
+    def events_written(self, type_: str, count: int) -> None:
+        """`count` events of one type written to a client in one write (a stream's writes carry
+        a batch of events each under load: counted per write, not per event)."""
 
     def first_event_written(self, seconds: float) -> None:
         """A new run's first event reached its client, `seconds` after its request began."""

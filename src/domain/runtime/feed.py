@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -114,11 +114,14 @@ class Subscription(Generic[T]):
 
     def take_buffered(self, limit: int) -> list[T]:
         """Events already buffered (no waiting), so a writer can send them in one write."""
-        taken: list[T] = []
         events = self._events
-        while events and len(taken) < limit and not self.overflowed:
-            taken.append(events.popleft())
-        return taken
+        if not events or self.overflowed:
+            return []
+        if len(events) <= limit:  # nearly always: the whole buffer at once, not event by event
+            taken = list(events)
+            events.clear()
+            return taken
+        return [events.popleft() for _ in range(limit)]
 
 
 # The delivery policy. A run waits for these to be logged before it goes on: its `start` (so the
@@ -165,14 +168,16 @@ class RunFeed:
         # seq): nothing more is logged or delivered; the watchers resume from the log.
         self.fenced = False
 
-    async def emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> Awaitable[None] | None:
         """The run's event sink: each event with the run's snapshot, except content chunks and
-        thoughts (the bulk of a run's events, which change only the answer)."""
+        thoughts (the bulk of a run's events, which change only the answer). None when the event
+        is submitted and the run goes on at once (nearly every event: no coroutine is made for
+        it), else what the run awaits before it goes on."""
         snapshot = None
         if event.type not in SNAPSHOT_SKIP or (event.type is EventType.CONTENT and not event.data.get("chunk")):
             assert self.run is not None
             snapshot = self.run.snapshot()
-        await self.publish(event, snapshot)
+        return self._submit(event, snapshot)
 
     def fence(self, error: RunFenced) -> None:
         if not self.fenced:
@@ -182,17 +187,24 @@ class RunFeed:
                 watcher.detach()
 
     async def publish(self, event: Event, snapshot: Mapping[str, Any] | None) -> None:
+        waiting = self._submit(event, snapshot)
+        if waiting is not None:
+            await waiting
+
+    def _submit(self, event: Event, snapshot: Mapping[str, Any] | None) -> Awaitable[None] | None:
         if self.fenced or (self._failure is not None and event.type not in ALWAYS_SENT):
             assert self._failure is not None
             raise self._failure
         self._unlogged += 1
         self._log.submit(event, snapshot, partial(self._logged, event))
         if event.type in SETTLE:
-            await self._until_unlogged(0)
-        elif self._unlogged >= self._max_unlogged:
-            await self._until_unlogged(self._max_unlogged // 2)  # the log is slower than the run
-        else:
-            return
+            return self._settle(event, 0)
+        if self._unlogged >= self._max_unlogged:
+            return self._settle(event, self._max_unlogged // 2)  # the log is slower than the run
+        return None
+
+    async def _settle(self, event: Event, count: int) -> None:
+        await self._until_unlogged(count)
         if self.fenced or (self._failure is not None and event.type not in ALWAYS_SENT):
             assert self._failure is not None
             raise self._failure

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from string import Template
 from typing import Any
@@ -156,7 +157,7 @@ class _EchoAutomaton:
     one character at a time, its state is the longest end of the answer that begins an echo, and
     it knows at once when an echo is complete."""
 
-    __slots__ = ("depth", "fail", "goto", "held", "longest_match", "moves")
+    __slots__ = ("depth", "echoed", "fail", "goto", "held", "longest_match", "moves")
 
     def __init__(self, needles: Sequence[str], markers: Sequence[str]) -> None:
         self.goto: list[dict[str, int]] = [{}]
@@ -192,11 +193,24 @@ class _EchoAutomaton:
                     fallback = self.fail[fallback]
                 self.fail[child] = self.goto[fallback].get(char, 0)
                 order.append(child)
+        self._number_echoes_last()
         # `step` resolved in advance for every state and character of an echo (those it leaves the
         # root for; any other character leads to the root): one dict lookup per character
         alphabet = {char for node in self.goto for char in node}
         self.moves: list[dict[str, int]] = [{char: target for char in alphabet if (target := self.step(state, char))}
                                             for state in range(len(self.goto))]
+
+    def _number_echoes_last(self) -> None:
+        """Renumbers the states so that those where an echo is complete come last, from
+        `self.echoed` on: the guard's loop over a piece tells one by a comparison."""
+        order = sorted(range(len(self.goto)), key=lambda node: self.longest_match[node] > 0)  # stable: root first
+        new = {old: index for index, old in enumerate(order)}
+        self.goto = [{char: new[child] for char, child in self.goto[old].items()} for old in order]
+        self.fail = [new[self.fail[old]] for old in order]
+        self.depth = [self.depth[old] for old in order]
+        self.held = [self.held[old] for old in order]
+        self.longest_match = [self.longest_match[old] for old in order]
+        self.echoed = next((node for node, length in enumerate(self.longest_match) if length), len(order))
 
     def step(self, state: int, char: str) -> int:
         while state and char not in self.goto[state]:
@@ -205,9 +219,6 @@ class _EchoAutomaton:
 
 
 _ECHOES = _EchoAutomaton((*_TEMPLATE_LINES, *TURN_MARKERS), TURN_MARKERS)
-# What normalising changes besides the case: whitespace after whitespace (one space for the run)
-# and whitespace other than a space
-_SPACING = re.compile(r"\s\s|[^\S ]")
 
 
 class AnswerGuard:
@@ -217,12 +228,19 @@ class AnswerGuard:
 
     The answer is matched lower-cased with each run of whitespace as one space, one character at a
     time, so a long answer costs the same per piece as a short one. Once a feed reports an echo the
-    answer is over: feed no more."""
+    answer is over: feed no more.
 
-    __slots__ = ("_length", "_positions", "_space", "_state")
+    This runs for every piece of every answer, so a piece of printable ASCII with its spaces
+    standing alone (nearly every piece) is normalised by str methods, and where each normalised
+    character stands in the answer is kept as stretches in which both advance together (one per
+    whitespace run or case expansion, not one per character)."""
+
+    __slots__ = ("_length", "_normal_length", "_origins", "_space", "_starts", "_state")
 
     def __init__(self) -> None:
-        self._positions: list[int] = []  # the index in the answer of each normalised character
+        self._starts = [0]  # the normalised index at which each stretch begins
+        self._origins = [0]  # the index in the answer of each stretch's first character
+        self._normal_length = 0
         self._length = 0  # the answer's length as written
         self._space = False  # the last normalised character is a space
         self._state = 0  # in `_ECHOES`
@@ -231,17 +249,19 @@ class AnswerGuard:
         """Add `piece` to the answer: `(end, echoed)`. When `echoed`, the answer is `[:end]`,
         complete. Otherwise `[:end]` is safe to show now; the rest (unless `final`) waits, as it
         may be the start of an echo."""
-        echo_start: int | None = None
-        state, space, positions = self._state, self._space, self._positions
-        if piece.isascii() and not _SPACING.search(piece) and not (space and piece[:1] == " "):
-            # each character normalises to its lower case (its spaces stand alone): normalised by
-            # a str method, not character by character
+        state, space, starts, origins = self._state, self._space, self._starts, self._origins
+        first = self._normal_length  # the normalised index of the piece's first character
+        if piece.isascii() and piece.isprintable() and "  " not in piece and not (space and piece[:1] == " "):
+            # each character normalises to its lower case (printable: no whitespace but spaces)
             normal = piece.lower()
-            positions.extend(range(self._length, self._length + len(piece)))
             if normal:
+                if origins[-1] + first - starts[-1] != self._length:
+                    starts.append(first)
+                    origins.append(self._length)
                 space = normal[-1] == " "
         else:
             normalised: list[str] = []
+            at = first
             for index, char in enumerate(piece, self._length):
                 if char.isspace():
                     if space:
@@ -249,25 +269,45 @@ class AnswerGuard:
                     char = " "
                 space = char == " "
                 for lowered in char.lower():  # one character, or more ("İ")
-                    positions.append(index)
+                    if origins[-1] + at - starts[-1] != index:
+                        starts.append(at)
+                        origins.append(index)
+                    at += 1
                     normalised.append(lowered)
             normal = "".join(normalised)
-        moves, longest_match = _ECHOES.moves, _ECHOES.longest_match
-        first = len(positions) - len(normal)  # the normalised index of `normal[0]`
-        for offset, char in enumerate(normal, first + 1):
-            state = moves[state].get(char, 0)
-            if longest_match[state]:
-                start = offset - longest_match[state]
-                echo_start = start if echo_start is None else min(echo_start, start)
-        self._state, self._space = state, space
+        self._normal_length = first + len(normal)
         self._length += len(piece)
-        if echo_start is not None:
-            return positions[echo_start], True
+        moves, echoed = _ECHOES.moves, _ECHOES.echoed
+        start_state = state
+        for char in normal:
+            state = moves[state].get(char, 0)
+            if state >= echoed:
+                break
+        if state >= echoed:
+            return self._position(self._echo_start(start_state, normal, first)), True
+        self._state, self._space = state, space
         held = _ECHOES.held[state]
         if final:
             # the model stopped in the middle of an echo: cut it if it is long enough to be one
-            return (positions[-held], True) if held >= ECHO_MIN_CHARS else (self._length, False)
-        return (positions[-held] if held else self._length), False
+            return (self._position(self._normal_length - held), True) if held >= ECHO_MIN_CHARS \
+                else (self._length, False)
+        return (self._position(self._normal_length - held) if held else self._length), False
+
+    @staticmethod
+    def _echo_start(state: int, normal: str, first: int) -> int:
+        """The normalised index where the earliest echo completed in `normal` began."""
+        moves, longest_match = _ECHOES.moves, _ECHOES.longest_match
+        echo_start = first + len(normal)
+        for offset, char in enumerate(normal, first + 1):
+            state = moves[state].get(char, 0)
+            if longest_match[state]:
+                echo_start = min(echo_start, offset - longest_match[state])
+        return echo_start
+
+    def _position(self, normal_index: int) -> int:
+        """The index in the answer of the normalised character at `normal_index`."""
+        stretch = bisect_right(self._starts, normal_index) - 1
+        return self._origins[stretch] + normal_index - self._starts[stretch]
 
 
 def answer_cut(text: str, *, final: bool) -> tuple[int, bool]:

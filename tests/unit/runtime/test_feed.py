@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -194,3 +194,51 @@ async def test_a_quiet_watcher_gets_its_heartbeat_after_the_interval_even_after_
     assert loop.time() - rearmed >= 0.2
     assert loop.time() - began < 5
     watcher.close()
+
+
+async def waits_until_logged(log: HeldEventLog, waiting: Awaitable[None] | None) -> None:
+    assert waiting is not None
+    task = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0)
+    assert not task.done()
+    log.complete()
+    await task
+
+
+async def test_the_sink_makes_no_coroutine_for_an_event_the_run_need_not_wait_for() -> None:
+    """A content chunk is submitted and the run goes on at once (`emit` returns None); an event the
+    run waits for (`start`, `hitl`, `tool_execution`, `end`, or the log too far behind) returns
+    what to await, and the wait ends only once it is logged."""
+    log = HeldEventLog()
+    feed = RunFeed(log, Telemetry(), on_failure=lambda _: None, max_unlogged=3)
+    assert feed.emit(content(1)) is None
+    assert feed.emit(content(2)) is None
+    assert len(log.held) == 2
+    await waits_until_logged(log, feed.emit(content(3)))  # the third unlogged: until half are written
+    end = Event(EventType.END, 4, IDS, 0, {"status": "completed", "reason": "completed", "message": "m"})
+    feed.run = None  # an `end` is logged with the run's snapshot: none here
+    await waits_until_logged(log, feed._submit(end, None))
+    assert [e.seq for e in log.events["run_1"]] == [1, 2, 3, 4]
+
+
+async def test_a_refused_event_raises_from_the_sink_itself() -> None:
+    log = HeldEventLog()
+    feed = RunFeed(log, Telemetry(), on_failure=lambda _: None)
+    assert feed.emit(content(1)) is None
+    log.complete(StoreUnavailable("down"))
+    with pytest.raises(StoreUnavailable):
+        feed.emit(content(2))  # raised at the call, before anything is submitted
+    assert log.held == []
+
+
+def test_a_writer_takes_the_buffered_events_in_order_up_to_its_limit() -> None:
+    watcher: Subscription[int] = Subscription(100)
+    assert watcher.take_buffered(3) == []
+    for seq in range(1, 6):
+        watcher.push(seq)
+    assert watcher.take_buffered(3) == [1, 2, 3]
+    assert watcher.take_buffered(3) == [4, 5]
+    assert watcher.take_buffered(3) == []
+    watcher.push(6)
+    watcher.detach()  # resumes from the log: nothing buffered is handed out any more
+    assert watcher.take_buffered(3) == []
