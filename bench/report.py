@@ -375,6 +375,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    + (f"; against {machine['against_commit']}" if machine.get("against_commit") else "")
                    + (f"; approvals' prompt {results['approval_prompt']!r}" if results.get("approval_prompt") else "")
                    + ".")
+    if results.get("command"):
+        out.append(f"Command: `{' '.join(results['command'])}`.")
     out += ["", f"![Aura vs its baselines]({chart_name})", ""]
     cal = results.get("calibration", {})
     out.append(f"An `@answer` run has {cal.get('overhead')} events besides its content chunks; mean frame sizes "

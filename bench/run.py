@@ -766,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         info["against_commit"] = source_revision(args.against)
     bench.results.update({"mode": asdict(mode), "machine": info, "started_at": started_at.isoformat(),
                           "approval_prompt": bench.approval_prompt,
-                          "client_event_loop": "uvloop" if uvloop else "asyncio"})
+                          "client_event_loop": "uvloop" if uvloop else "asyncio",
+                          "command": ["python", "-m", "bench", *sys.argv[1:]]})
     try:
         aura_a = bench._start(S.aura_server("aura-a", workdir, bench.redis.url))
         aura_b = bench._start(S.aura_server("aura-b", workdir, bench.redis.url))
