@@ -25,7 +25,8 @@ AGENT_LIMITS = values.agent_limits(DEFAULTS.agent)
 GATE_SETTINGS = values.gate_settings(DEFAULTS.hitl)
 TOKEN_BUDGETS = values.token_budgets(DEFAULTS.model)
 TOOL_CALLS = values.tool_call_mode(DEFAULTS.model)
-EVENT_LOG = {"max_length": DEFAULTS.events.max_length, "retention_seconds": DEFAULTS.events.retention_seconds}
+EVENT_LOG = {"max_length": DEFAULTS.events.max_length, "retention_seconds": DEFAULTS.events.retention_seconds,
+             "active_ttl_seconds": DEFAULTS.events.active_ttl_seconds}
 THREADS = DEFAULTS.threads.model_dump()
 GIT_LIMITS = {"timeout_seconds": DEFAULTS.tools.timeout_seconds, "max_output_bytes": DEFAULTS.tools.max_output_bytes}
 DWP_LIMITS = {"timeout_seconds": DEFAULTS.tools.dwp_timeout_seconds,

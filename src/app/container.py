@@ -172,7 +172,8 @@ class Container(containers.DeclarativeContainer):
     event_log = providers.Singleton(
         _closed_at_shutdown, closing,
         providers.Factory(RedisEventLog, redis, max_length=settings.provided.events.max_length,
-                          retention_seconds=settings.provided.events.retention_seconds, owner=instance_id,
+                          retention_seconds=settings.provided.events.retention_seconds,
+                          active_ttl_seconds=settings.provided.events.active_ttl_seconds, owner=instance_id,
                           confirmation=replica_confirmation),
     )
     health_probe = providers.Singleton(RedisHealthProbe, redis,

@@ -295,6 +295,9 @@ class ThreadSettings(BaseModel):
 class EventLogSettings(BaseModel):
     retention_seconds: int = Field(3600, ge=1)
     max_length: int = Field(10_000, ge=100)
+    active_ttl_seconds: int = Field(86_400, ge=60, description=(
+        "How long a run's log lives from its first event while the run is open (its close cuts it to "
+        "`retention_seconds`): the log of a run whose owner died without closing it expires then."))
     follow_idle_ms: int = Field(1000, ge=10, description=(
         "How long a stream served from another instance's run waits for the run's next event before it "
         "looks at its client and its subscription; also how often this instance's follows tidy their "

@@ -192,7 +192,8 @@ def pending_request() -> ApprovalRequest:
 async def access_over(redis_client: Redis) -> tuple[RunAccess, RedisRunDirectory, RedisApprovalStore]:
     directory = run_directory(redis_client)
     approvals = RedisApprovalStore(redis_client)
-    log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60)
+    log = RedisEventLog(redis_client, max_length=DEFAULTS.events.max_length, retention_seconds=60,
+                        active_ttl_seconds=DEFAULTS.events.active_ttl_seconds)
     access = RunAccess(runs=None, directory=directory, event_log=log,  # type: ignore[arg-type]
                        follower=LogPollingFollower(MemoryEventLog()), control=RecordingControl(),
                        clock=FakeClock(1767000100.0), approvals=approvals, retention_seconds=60)

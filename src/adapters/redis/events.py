@@ -181,7 +181,7 @@ class _PendingAppend:
 
 class RedisEventLog(EventLog):
     def __init__(self, redis: RedisClient, *, max_length: int, retention_seconds: int,
-                 active_ttl_seconds: int = 86_400, max_batch: int = MAX_BATCH, owner: str | None = None,
+                 active_ttl_seconds: int, owner: str | None = None,
                  confirmation: ReplicaConfirmation | None = None) -> None:
         self._redis = redis
         # Events are acknowledged (handed to clients, published to followers) only once this many
@@ -201,10 +201,9 @@ class RedisEventLog(EventLog):
         self._max_length_arg = b"%d" % max_length
         self._retention = retention_seconds
         self._retention_arg = b"%d" % retention_seconds
-        # A log whose owner died without closing it still expires, a day later by default.
-        self._active_ttl = active_ttl_seconds
+        # A log whose owner died without closing it still expires.
         self._active_ttl_arg = b"%d" % active_ttl_seconds
-        self._max_batch = max_batch
+        self._max_batch = MAX_BATCH
         self._queue: list[_PendingAppend] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
