@@ -194,8 +194,10 @@ class Bench:
     def load(self, target: Target, phase: str, round_no: int, spec: dict[str, Any], **labels: Any) -> dict[str, Any]:
         server = target.server
         stats0 = self.redis.stats()
+        S.settle(server)
         cpu0, redis0, client0 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
         result = self.client("streams", **spec)
+        S.settle(server)
         cpu1, redis1, client1 = server.cpu(), self.redis.cpu(), self.client.ps.cpu_times()
         redis_work = S.stats_delta(stats0, self.redis.stats())
         if target.kind == "langgraph":
@@ -363,8 +365,10 @@ class Bench:
             elif name.startswith(FLOOR_SAME_FRAMES):
                 spec.update(body=self.approval_shape)
             stats0 = self.redis.stats()
+            S.settle(a, b)
             a_cpu0, b_cpu0 = a.cpu(), b.cpu()
             result = self.client("approvals", **spec)
+            S.settle(a, b)
             a_cpu, b_cpu = a.cpu() - a_cpu0, b.cpu() - b_cpu0
             if a is b:  # one server both parks and resumes (LangGraph's in-memory runtime is one process)
                 b_cpu = 0.0  # the same process's CPU, counted once
@@ -452,8 +456,10 @@ class Bench:
             spec = {**Target("aura", a, "aura").stream_spec(self.cal, 200), "a_port": a.port, "b_port": b.port,
                     "total": runs, "concurrency": concurrency}
             spec["body"] = spec.pop("bodies")[0]
+            S.settle(a, b)
             stats0, a0, b0 = self.redis.stats(), a.cpu(), b.cpu()
             result = self.client("follow", **spec)
+            S.settle(a, b)
             work = S.stats_delta(stats0, self.redis.stats())
             a_cpu, b_cpu = a.cpu() - a0, b.cpu() - b0
             events = result["follower_events"]

@@ -119,6 +119,20 @@ class RedisServer(Server):
             client.close()
 
 
+def settle(*servers: Server, quiet_s: float = 0.05, timeout_s: float = 2.0) -> None:
+    """Return once no server used CPU over `quiet_s` (or after `timeout_s`): a load's CPU is read
+    after its servers finished its tail (connections closing, runs closing after their [DONE]), so
+    it is counted with that load and not with the next one measured on the same server."""
+    deadline = time.monotonic() + timeout_s
+    before = [server.cpu() for server in servers]
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        after = [server.cpu() for server in servers]
+        if after == before:
+            return
+        before = after
+
+
 def redis_stats(port: int) -> dict[str, Any]:
     """Commands a Redis on loopback executed so far, by name (INFO commandstats: a script's own calls
     included), and its CPU seconds by its own account (INFO cpu). Take two and subtract: `stats_delta`."""
