@@ -89,6 +89,18 @@ def test_the_cheap_check_is_the_one_that_runs_on_a_valid_plan() -> None:
     assert len(called) == 1  # a failing plan: the whole schema names the error
 
 
+def test_an_answer_that_is_just_a_failing_plan_is_checked_once() -> None:
+    """The whole text and its outermost braces are the same text then: one candidate, one whole
+    schema's check, the same problem (the offline model's plan for a direct answer, every run)."""
+    checker = PlanSchema(SCHEMA)
+    called: list[object] = []
+    checker._whole = _Spy(checker._whole, called)  # type: ignore[assignment]
+    reading = read_plan(json.dumps({"steps": []}), checker)
+    assert reading == read_plan(json.dumps({"steps": []}), SCHEMA)
+    assert reading.steps == [] and reading.problem == "the plan does not follow its schema at steps (minItems)"
+    assert called == [{"steps": []}]
+
+
 def test_a_schema_whose_steps_are_not_told_apart_by_tool_is_checked_whole() -> None:
     schema = {"type": "object", "properties": {"steps": {"type": "array", "items": {"anyOf": [
         {"type": "object", "properties": {"tool": {"type": "string"}}}, {"type": "string"}]}}}}

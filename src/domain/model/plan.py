@@ -72,12 +72,15 @@ _NO_TOOL = frozenset({"", "null", "none", "no tool", "n/a"})
 
 
 def _json_candidates(text: str) -> list[str]:
+    """The fenced blocks, the whole text, then its outermost braces: each distinct text once (an
+    answer that is just the plan's JSON is the whole text and its braces alike, and a plan that
+    fails its schema costs a full check per candidate)."""
     candidates = [m.group(1) for m in _FENCE.finditer(text)]
     candidates.append(text)
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
         candidates.append(text[start : end + 1])
-    return candidates
+    return list(dict.fromkeys(candidates))
 
 
 def _normalised(value: Any) -> Any:
