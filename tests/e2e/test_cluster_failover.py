@@ -176,6 +176,15 @@ async def failover_under_load(cluster: RedisCluster, start_aura: Callable[..., A
         deadline = time.monotonic() + 3 * LEASE_SECONDS
         while (still_running := running()) and time.monotonic() < deadline:  # noqa: ASYNC110 - the sweep of another process
             await asyncio.sleep(0.5)
+        for key in still_running:  # what the store holds of a run that did not end, to tell why
+            run_id = key.decode().split("{", 1)[1].split("}", 1)[0]
+            tail = [json.loads(fields[b"e"]) for _, fields in store.xrevrange(
+                f"aura:run:{{{run_id}}}:events", count=3)]
+            print(f"still running: {run_id}; record {store.get(key)!r}; lease "
+                  f"{store.get(f'aura:run:{{{run_id}}}:lease')!r} (pttl "
+                  f"{store.pttl(f'aura:run:{{{run_id}}}:lease')}); active index "
+                  f"{store.zscore('aura:runs:active', run_id)}; log ends "
+                  f"{[(e['seq'], e['type'], e['data'].get('status')) for e in reversed(tail)]}")
         holes = [run_id for run_id in {run_id for run_id, _ in load.received} if has_hole(store, run_id)]
         for why in load.runs_failed:  # what the store holds of a run a client gave up waiting for
             if why.endswith("timed out") and why.split()[2].startswith("run_"):
