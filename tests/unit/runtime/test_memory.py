@@ -317,16 +317,22 @@ def _frame_locals_by_name(task: asyncio.Task[Any]) -> dict[str, dict[str, Any]]:
     return chain
 
 
-async def test_a_streams_release_callback_keeps_no_request_context() -> None:
-    released: list[bool] = []
+class _Runs:
+    """Records how each watched stream was released."""
 
-    class Runs:
-        def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
-            released.append(disconnected)
+    def __init__(self) -> None:
+        self.released: list[bool] = []
+
+    def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
+        self.released.append(disconnected)
+
+
+async def test_a_streams_release_callback_keeps_no_request_context() -> None:
+    runs = _Runs()
 
     async def request_task() -> None:
         _REQUEST_SCOPED.set("the request")
-        RunWatch(Runs(), None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
+        RunWatch(runs, None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
         await asyncio.sleep(3600)
 
     task = asyncio.ensure_future(request_task())
@@ -337,23 +343,19 @@ async def test_a_streams_release_callback_keeps_no_request_context() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(0)
-    assert released == [True]  # released all the same
+    assert runs.released == [True]  # released all the same
 
 
 async def test_a_streams_release_callbacks_share_one_empty_context_and_the_slot_is_its_own_callback() -> None:
     """A Context (64 bytes) per callback and a bound method (64) per stream, held by every parked
     stream: the slot is the callback itself, and both callbacks run in one shared empty context."""
     slots = StreamSlots(per_user=2, per_run=2)
-    released: list[bool] = []
-
-    class Runs:
-        def release(self, handle: Any, watcher: Any, *, disconnected: bool) -> None:
-            released.append(disconnected)
+    runs = _Runs()
 
     async def request_task() -> None:
         _REQUEST_SCOPED.set("the request")
         slots.take("acme", "alice", None)
-        RunWatch(Runs(), None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
+        RunWatch(runs, None, None).release_when_done(asyncio.current_task())  # type: ignore[arg-type]
         await asyncio.sleep(3600)
 
     task = asyncio.ensure_future(request_task())
@@ -365,7 +367,7 @@ async def test_a_streams_release_callbacks_share_one_empty_context_and_the_slot_
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(0)
-    assert released == [True] and slots.open_streams("acme", "alice") == 0  # both released all the same
+    assert runs.released == [True] and slots.open_streams("acme", "alice") == 0  # both released all the same
 
 
 def test_the_objects_an_open_stream_keeps_have_no_dict() -> None:
