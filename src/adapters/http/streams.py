@@ -228,7 +228,7 @@ def _batch(event: Event, watcher: RunWatch, meter: StreamMeter, config: StreamCo
     types: list[str] = []
     for item in (event, *watcher.take_buffered(BATCH_EVENTS)):
         types.append(item.type)
-        if item.type is EventType.END:
+        if item.is_terminal:
             batch.append(terminal_frame(item, config))
             meter.events(types)
             return b"".join(batch), True
