@@ -5,6 +5,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from adapters.redis.client import RedisClient
 from adapters.redis.packed import PackedConnections
 
@@ -68,3 +70,11 @@ async def _recorded_execute(self: PackedConnections, packed: bytes, replies: int
 
 # Once for the whole test process: every `PackedConnections` write is offered to the live logs.
 PackedConnections.execute = _recorded_execute  # type: ignore[method-assign]
+
+
+def packed(client: object, names: str, cluster: str | None = None) -> str:
+    """A write `PackedConnections` sends on one server, as `CommandLog` records it (`PACKED <names>`);
+    on a cluster, where the same step uses redis-py, `cluster` (by default `names`: one command)."""
+    if isinstance(client, RedisCluster):
+        return names if cluster is None else cluster
+    return f"PACKED {names}"

@@ -19,7 +19,7 @@ from adapters.redis.approvals import pending_index_key
 from app.embedded_redis import embedded_redis
 from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
 from tests.defaults import client_of, health_probe
-from tests.integration.commands import CommandLog
+from tests.integration.commands import CommandLog, packed
 from tests.redis_nodes import RedisServer
 
 CREATED_AT = 1767000000
@@ -575,8 +575,9 @@ async def test_a_guarded_decision_is_one_round_trip_and_writes_what_python_would
             # there the script answers with the record and Python decides on it, as for a record
             # written by someone else.
             fallback = "big" in context and isinstance(redis_client, FakeAsyncRedis)
-            expected = (["EVALSHA", "EVALSHA", "PIPELINE", *publish_apart(redis_client)] if fallback
-                        else ["EVALSHA", *signal_after_script(redis_client)])
+            decision = packed(redis_client, "EVALSHA")
+            expected = ([decision, "EVALSHA", "PIPELINE", *publish_apart(redis_client)] if fallback
+                        else [decision, *signal_after_script(redis_client)])
             assert log.take() == expected, context
             rejected = request.decide(ApprovalStatus.REJECTED, by=odd + "u", at=CREATED_AT + 20, reason='no "now" ✓')
             assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
@@ -642,12 +643,12 @@ async def test_a_guarded_decision_on_a_record_in_another_layout_is_decided_by_py
     stranger = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="carol",
                                   decided_at=CREATED_AT + 5, reason=None, decider=Decider("acme", "carol", False))
     assert stranger is not None and (stranger.applied, stranger.request) == (False, request)
-    assert log.take() == ["EVALSHA"]
+    assert log.take() == [packed(redis_client, "EVALSHA")]
     result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
                                 decided_at=CREATED_AT + 5, reason=None, decider=OWNER)
 
     approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=CREATED_AT + 5, reason=None)
-    assert log.take() == ["EVALSHA", "EVALSHA", "PIPELINE"]
+    assert log.take() == [packed(redis_client, "EVALSHA"), "EVALSHA", "PIPELINE"]
     assert result is not None and (result.applied, result.request) == (True, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
 
@@ -667,7 +668,7 @@ async def test_a_decision_without_a_stored_copy_needs_no_read_first(
                                 decided_at=CREATED_AT + 10, reason="no")
 
     approved = request.decide(ApprovalStatus.APPROVED, by="ext", at=CREATED_AT + 9, reason=None)
-    assert log.take() == ["EVALSHA", "PIPELINE", "EVALSHA", "PIPELINE"]
+    assert log.take() == [packed(redis_client, "EVALSHA"), "PIPELINE"] * 2
     assert first is not None and (first.applied, first.request) == (True, approved)
     assert second is not None and (second.applied, second.request) == (False, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
@@ -691,7 +692,8 @@ async def test_every_nth_create_trims_its_users_index_of_requests_past_their_ttl
     log = CommandLog(redis_client)
     await store.create(replace(third, created_at=CREATED_AT + 1800, expires_at=CREATED_AT + 2100))
 
-    assert log.take() == ["PIPELINE"]  # the trim rides in the create's pipeline
+    # the trim rides in the create's write
+    assert log.take() == [packed(redis_client, "ZADD EXPIRE ZREMRANGEBYSCORE SET SET", "PIPELINE")]
     assert await redis_client.zrange(index, 0, -1) == [recent.request_id.encode(), third.request_id.encode()]
     assert_ttl_near(await redis_client.ttl(index), 1800)
 
@@ -713,7 +715,7 @@ async def test_scripts_loaded_ahead_make_the_first_decision_one_script_call(
                                 decider=Decider("acme", "u1", approver=False))
 
     assert result is not None and result.applied
-    assert log.take() == ["EVALSHA", *signal_after_script(redis_client)]
+    assert log.take() == [packed(redis_client, "EVALSHA"), *signal_after_script(redis_client)]
 
 
 async def test_a_signal_the_decision_script_cannot_store_leaves_the_decision_made_and_says_so(

@@ -21,7 +21,7 @@ from domain.runtime.feed import Subscription
 from domain.services.desk import ApprovalDesk
 from domain.services.gate import GateSettings
 from domain.services.recheck import ApprovalRecheck
-from tests.integration.commands import CommandLog
+from tests.integration.commands import CommandLog, packed
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
 
@@ -34,7 +34,7 @@ def desk_decision(client: object) -> list[str]:
     """An API decision's round trips on the desk: on one server the decision script also stores and
     publishes the signal; on a cluster the signal's key is on another node, so a pipeline stores it
     after the script, and a PUBLISH follows (a cluster pipeline takes no PUBLISH)."""
-    return ["EVALSHA", "PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else ["EVALSHA"]
+    return ["EVALSHA", "PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else ["PACKED EVALSHA"]
 
 
 def mget(client: object) -> str:
@@ -110,7 +110,8 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
 
     await until(watcher, tool_status("running"))
 
-    assert log.take() == ["PUBLISH", "EVALSHA", "PIPELINE"]  # the gate: the decision, then its follow-ups
+    # the gate: the decision, then its follow-ups
+    assert log.take() == ["PUBLISH", packed(redis_client, "EVALSHA"), "PIPELINE"]
     # "dwp-user" is not the request's own user, so Aura cannot check it: decidedBy stays null.
     approved = pending.decide(ApprovalStatus.APPROVED, by=None, at=h.clock.timestamp(), reason=None)
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(approved.to_record())
@@ -148,7 +149,7 @@ async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_
     # The gate, on the signal: with the shared seal it knows the decision is stored and writes
     # its session's record (one SET); otherwise it records the decision (finds the desk's and
     # makes sure of its follow-ups, the session's compare-and-set among them).
-    gate_commands = ["SET"] if sealed else ["EVALSHA", "PIPELINE"]
+    gate_commands = [packed(redis_client, "SET")] if sealed else [packed(redis_client, "EVALSHA"), "PIPELINE"]
     assert log.take() == desk_commands + gate_commands
     rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
     assert decided == rejected
@@ -196,7 +197,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
 
         # the woken run takes the stored decision as it is, and writes its session's record (an API
         # decision leaves that to the run; here it is the same record again)
-        assert log.take() == [mget(redis_client)] * 2 + ["SET"]
+        assert log.take() == [mget(redis_client)] * 2 + [packed(redis_client, "SET")]
         assert await redis_client.get("hitl:request:" + request_ids[1]) == stored
         decided = ApprovalRequest.from_record(json.loads(stored))
         assert await redis_client.get("hitl:session:" + decided.session_id) == compact_json(decided.session_record())
@@ -225,7 +226,7 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     hitl = await until(watcher, is_type("hitl"))
     # the pending index, the request and its session in one pipeline; subscribed before it was
     # stored, the run reads no stored signal
-    assert log.take() == ["PIPELINE"]
+    assert log.take() == [packed(redis_client, "ZADD EXPIRE SET SET", "PIPELINE")]
 
     await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
     await until(watcher, tool_status("running"))
@@ -234,7 +235,8 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     # decision recorded (the session's compare-and-set among its follow-ups). Read once, in causal
     # order.
     assert log.take() == desk_decision(redis_client) + (
-        ["SET"] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
+        [packed(redis_client, "SET")] if h.gate._seal is SEAL  # type: ignore[attr-defined]
+        else [packed(redis_client, "EVALSHA"), "PIPELINE"])
     await until(watcher, is_type("end"))
 
 
