@@ -17,7 +17,7 @@ from redis.asyncio import Redis, RedisCluster
 from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
 from app.embedded_redis import embedded_redis
-from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal, StoredApproval
 from tests.defaults import client_of, health_probe
 from tests.integration.commands import CommandLog, packed
 from tests.redis_nodes import RedisServer
@@ -749,3 +749,80 @@ async def test_a_signal_the_decision_script_cannot_store_leaves_the_decision_mad
     finally:
         await limited.aclose()
         await real_redis.execute_command("ACL", "DELUSER", user)
+
+
+SETTLING_SEAL = DecisionSeal(b"shared-by-every-instance-0123456")
+
+
+@pytest.mark.parametrize(("session", "user", "tenant"), [
+    (None, "u1", "acme"),
+    ('s "q" \\ \\" /ü✓\u0001', 'u "1" \\ ✓/', 't\\"\\\\ ü/'),  # quotes, backslashes, slashes, non-ASCII, controls
+])
+async def test_on_one_server_the_api_decision_writes_the_session_record_too_and_says_so_in_its_seal(
+    redis_client: Redis, store: RedisApprovalStore, session: str | None, user: str, tenant: str
+) -> None:
+    """What the desk does: the decision with its signal, and the same signal sealed as one whose
+    step wrote the session record. On one server the script writes the session's decided record
+    (byte-identical to `session_record()`, its TTL kept) and stores and publishes the settled
+    signal: the waiting run then writes nothing. On a cluster (another slot) it leaves the session
+    to the run and publishes the plain signal, as before."""
+    await load_the_guarded_script(store)
+    for number, context in enumerate(AWKWARD_CONTEXTS, start=1):
+        request = approval_request(number, session=None if session is None else f"{session}{number}", user=user,
+                                   tenant=tenant, context=context)
+        await store.create(request)
+        await redis_client.expire("hitl:session:" + request.session_id, 200)
+        unsealed = Signal.approval(request.request_id, user, CREATED_AT + 20)
+        signal, settled = SETTLING_SEAL.seal(unsealed), SETTLING_SEAL.seal(unsealed, settled=True)
+        pubsub = redis_client.pubsub()
+        await pubsub.subscribe("hitl:channel:" + request.session_id)
+        log = CommandLog(redis_client)
+        try:
+            result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by=user,
+                                        decided_at=CREATED_AT + 20, reason=None, signal=signal,
+                                        decider=Decider(tenant, user, approver=False), settled_signal=settled)
+            round_trips = log.take()
+
+            approved = request.decide(ApprovalStatus.APPROVED, by=user, at=CREATED_AT + 20, reason=None)
+            assert result is not None and (result.applied, result.request, result.signalled) == (True, approved, True)
+            assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+            fallback = "big" in context and isinstance(redis_client, FakeAsyncRedis)  # see the test above
+            if isinstance(redis_client, RedisCluster) or fallback:
+                wire, session_record = signal, {**approved.session_record(), "status": "pending"}
+            else:
+                wire, session_record = settled, approved.session_record()
+                assert round_trips == ["PACKED EVALSHA"]  # one round trip for all of it
+            assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(session_record)
+            assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 200)
+            assert await redis_client.get("hitl:signal:" + request.session_id) == wire.to_json().encode()
+            message = await next_message(pubsub)
+            assert message is not None and message["data"] == wire.to_json().encode()
+            published = Signal.parse(message["data"])
+            assert published is not None and SETTLING_SEAL.verifies(published)
+            assert SETTLING_SEAL.settled(published) is (wire is settled)
+        finally:
+            await pubsub.aclose()
+
+
+async def test_a_session_record_gone_stays_gone_and_a_record_in_another_layout_leaves_the_session_to_the_run(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    await load_the_guarded_script(store)
+    gone, foreign = approval_request(1), approval_request(2)
+    for request in (gone, foreign):
+        await store.create(request)
+    await redis_client.delete("hitl:session:" + gone.session_id)
+    await redis_client.set("hitl:request:" + foreign.request_id,
+                           json.dumps(dict(reversed(list(foreign.to_record().items()))), indent=2), keepttl=True)
+    for request in (gone, foreign):
+        unsealed = Signal.approval(request.request_id, "u1", CREATED_AT + 20)
+        result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                    decided_at=CREATED_AT + 20, reason=None, signal=SETTLING_SEAL.seal(unsealed),
+                                    decider=OWNER, settled_signal=SETTLING_SEAL.seal(unsealed, settled=True))
+        assert result is not None and result.applied and result.signalled
+    # XX: the expired session record is not brought back
+    assert await redis_client.exists("hitl:session:" + gone.session_id) == 0
+    # decided by Python on bytes the script does not edit: the session stays the run's to write
+    assert await redis_client.get("hitl:session:" + foreign.session_id) == compact_json(foreign.session_record())
+    stored_signal = Signal.parse(await stored(redis_client, "hitl:signal:" + foreign.session_id))
+    assert stored_signal is not None and not SETTLING_SEAL.settled(stored_signal)
