@@ -402,7 +402,10 @@ class RedisRunDirectory(RunDirectory):
             take = self._count_start_and_take_slots
             slot_keys.append(window.key)
             slot_args += [window.limit, window.ttl_seconds]
+        confirmation = self._confirmation
         if self._packed is not None:
+            # with replicas to confirm, the `WAIT` ends the same write: it covers the record
+            confirm = b"" if confirmation is None else confirmation.command()
             run = run_id.encode()
             replies = await self._call(self._packed.execute(b"".join([
                 pack(b"ZADD", _ACTIVE_RUNS, b"%d" % lease_deadline, run),
@@ -411,7 +414,7 @@ class RedisRunDirectory(RunDirectory):
                 pack(b"SET", lease_key(run_id).encode(), record.instance_id.encode(),
                      b"PX", b"%d" % int(lease_seconds * 1000)),
                 pack(b"EVALSHA", self._shas[take], b"%d" % len(slot_keys), *map(as_argument, slot_keys),
-                     *map(as_argument, slot_args))]), 4))
+                     *map(as_argument, slot_args)), confirm]), 4 + bool(confirm)))
         else:
             await self._call(self._redis.zadd(ACTIVE_RUNS_KEY, {run_id: lease_deadline}))
             pipe = batch(self._redis)
@@ -428,7 +431,10 @@ class RedisRunDirectory(RunDirectory):
         text = _text(result)
         if text == "ok":
             try:
-                await self._confirm_admitted(run_id)
+                if self._packed is not None and confirmation is not None:
+                    self._check_confirmed(confirmation, replies[4])
+                else:
+                    await self._confirm_admitted(run_id)
             except StoreUnavailable:
                 with contextlib.suppress(StoreUnavailable):  # else the sweep declares it lost, which frees it
                     await self._undo_admission(run_id)
@@ -440,10 +446,20 @@ class RedisRunDirectory(RunDirectory):
             raise RunStartsTooFrequent(window.wait)
         return text
 
+    @staticmethod
+    def _check_confirmed(confirmation: ReplicaConfirmation, reply: Any) -> None:
+        """The reply of the `WAIT` that ended the admission's write (on the connection that made
+        its writes, after them): the replicas hold the record, or StoreUnavailable."""
+        try:
+            confirmation.check(reply)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("The run directory's replicas did not confirm the run.") from exc
+
     async def _confirm_admitted(self, run_id: str) -> None:
-        """With replica confirmation: the record is on the master the client talks to now and its
-        replicas hold it (a read, then `WAIT` on its connection, which covers every write the
-        master had taken by then: durability.py)."""
+        """With replica confirmation, where the admission went through redis-py (one server sends
+        the `WAIT` in the admission's own write): the record is on the master the client talks to
+        now and its replicas hold it (a read, then `WAIT` on its connection, which covers every
+        write the master had taken by then: durability.py)."""
         confirmation = self._confirmation
         if confirmation is None:
             return
