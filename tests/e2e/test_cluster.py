@@ -153,10 +153,10 @@ async def test_an_approval_on_b_is_one_script_call_and_a_with_the_shared_key_wri
                     pass
                 assert event is not None
             events = await run.rest()
-    # B: one script checks who may decide and decides (then the signal is stored and published).
-    # A: with the shared key, the signal's seal says the decision is stored, and A writes its
-    # session's record with a plain SET; with keys of their own, A records it (it finds it decided
-    # and updates the session by compare-and-set: two more).
+    # B: one script checks who may decide and decides, writes the session's record, then stores and
+    # publishes the signal. A: with the shared key, the signal's seal says the decision and the
+    # session's record are stored, and A writes nothing; with keys of their own, A records it (it
+    # finds it decided and updates the session by compare-and-set: two more).
     assert scripts.calls == ["EVALSHA"] * (1 if shared_key else 3)
     assert [e["data"]["status"] for e in events if e["type"] == "tool_execution"] == ["pending", "running", "success"]
     stored = json.loads(clean_redis.get(f"hitl:request:{request_id}"))

@@ -17,9 +17,9 @@ from redis.asyncio import Redis, RedisCluster
 from adapters.redis import RedisApprovalStore, RedisSignalBus
 from adapters.redis.approvals import pending_index_key
 from app.embedded_redis import embedded_redis
-from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, Signal, StoredApproval
+from domain.model.approval import ApprovalRequest, ApprovalStatus, Decider, DecisionSeal, Signal, StoredApproval
 from tests.defaults import client_of, health_probe
-from tests.integration.commands import CommandLog
+from tests.integration.commands import CommandLog, packed
 from tests.redis_nodes import RedisServer
 
 CREATED_AT = 1767000000
@@ -575,8 +575,9 @@ async def test_a_guarded_decision_is_one_round_trip_and_writes_what_python_would
             # there the script answers with the record and Python decides on it, as for a record
             # written by someone else.
             fallback = "big" in context and isinstance(redis_client, FakeAsyncRedis)
-            expected = (["EVALSHA", "EVALSHA", "PIPELINE", *publish_apart(redis_client)] if fallback
-                        else ["EVALSHA", *signal_after_script(redis_client)])
+            decision = packed(redis_client, "EVALSHA")
+            expected = ([decision, "EVALSHA", "PIPELINE", *publish_apart(redis_client)] if fallback
+                        else [decision, *signal_after_script(redis_client)])
             assert log.take() == expected, context
             rejected = request.decide(ApprovalStatus.REJECTED, by=odd + "u", at=CREATED_AT + 20, reason='no "now" ✓')
             assert result is not None and (result.applied, result.request, result.signalled) == (True, rejected, True)
@@ -642,12 +643,12 @@ async def test_a_guarded_decision_on_a_record_in_another_layout_is_decided_by_py
     stranger = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="carol",
                                   decided_at=CREATED_AT + 5, reason=None, decider=Decider("acme", "carol", False))
     assert stranger is not None and (stranger.applied, stranger.request) == (False, request)
-    assert log.take() == ["EVALSHA"]
+    assert log.take() == [packed(redis_client, "EVALSHA")]
     result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
                                 decided_at=CREATED_AT + 5, reason=None, decider=OWNER)
 
     approved = request.decide(ApprovalStatus.APPROVED, by="u1", at=CREATED_AT + 5, reason=None)
-    assert log.take() == ["EVALSHA", "EVALSHA", "PIPELINE"]
+    assert log.take() == [packed(redis_client, "EVALSHA"), "EVALSHA", "PIPELINE"]
     assert result is not None and (result.applied, result.request) == (True, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
 
@@ -667,7 +668,7 @@ async def test_a_decision_without_a_stored_copy_needs_no_read_first(
                                 decided_at=CREATED_AT + 10, reason="no")
 
     approved = request.decide(ApprovalStatus.APPROVED, by="ext", at=CREATED_AT + 9, reason=None)
-    assert log.take() == ["EVALSHA", "PIPELINE", "EVALSHA", "PIPELINE"]
+    assert log.take() == [packed(redis_client, "EVALSHA"), "PIPELINE"] * 2
     assert first is not None and (first.applied, first.request) == (True, approved)
     assert second is not None and (second.applied, second.request) == (False, approved)
     assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
@@ -691,7 +692,8 @@ async def test_every_nth_create_trims_its_users_index_of_requests_past_their_ttl
     log = CommandLog(redis_client)
     await store.create(replace(third, created_at=CREATED_AT + 1800, expires_at=CREATED_AT + 2100))
 
-    assert log.take() == ["PIPELINE"]  # the trim rides in the create's pipeline
+    # the trim rides in the create's write
+    assert log.take() == [packed(redis_client, "ZADD EXPIRE ZREMRANGEBYSCORE SET SET", "PIPELINE")]
     assert await redis_client.zrange(index, 0, -1) == [recent.request_id.encode(), third.request_id.encode()]
     assert_ttl_near(await redis_client.ttl(index), 1800)
 
@@ -713,7 +715,7 @@ async def test_scripts_loaded_ahead_make_the_first_decision_one_script_call(
                                 decider=Decider("acme", "u1", approver=False))
 
     assert result is not None and result.applied
-    assert log.take() == ["EVALSHA", *signal_after_script(redis_client)]
+    assert log.take() == [packed(redis_client, "EVALSHA"), *signal_after_script(redis_client)]
 
 
 async def test_a_signal_the_decision_script_cannot_store_leaves_the_decision_made_and_says_so(
@@ -747,3 +749,80 @@ async def test_a_signal_the_decision_script_cannot_store_leaves_the_decision_mad
     finally:
         await limited.aclose()
         await real_redis.execute_command("ACL", "DELUSER", user)
+
+
+SETTLING_SEAL = DecisionSeal(b"shared-by-every-instance-0123456")
+
+
+@pytest.mark.parametrize(("session", "user", "tenant"), [
+    (None, "u1", "acme"),
+    ('s "q" \\ \\" /ü✓\u0001', 'u "1" \\ ✓/', 't\\"\\\\ ü/'),  # quotes, backslashes, slashes, non-ASCII, controls
+])
+async def test_on_one_server_the_api_decision_writes_the_session_record_too_and_says_so_in_its_seal(
+    redis_client: Redis, store: RedisApprovalStore, session: str | None, user: str, tenant: str
+) -> None:
+    """What the desk does: the decision with its signal, and the same signal sealed as one whose
+    step wrote the session record. On one server the script writes the session's decided record
+    (byte-identical to `session_record()`, its TTL kept) and stores and publishes the settled
+    signal: the waiting run then writes nothing. On a cluster (another slot) it leaves the session
+    to the run and publishes the plain signal, as before."""
+    await load_the_guarded_script(store)
+    for number, context in enumerate(AWKWARD_CONTEXTS, start=1):
+        request = approval_request(number, session=None if session is None else f"{session}{number}", user=user,
+                                   tenant=tenant, context=context)
+        await store.create(request)
+        await redis_client.expire("hitl:session:" + request.session_id, 200)
+        unsealed = Signal.approval(request.request_id, user, CREATED_AT + 20)
+        signal, settled = SETTLING_SEAL.seal(unsealed), SETTLING_SEAL.seal(unsealed, settled=True)
+        pubsub = redis_client.pubsub()
+        await pubsub.subscribe("hitl:channel:" + request.session_id)
+        log = CommandLog(redis_client)
+        try:
+            result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by=user,
+                                        decided_at=CREATED_AT + 20, reason=None, signal=signal,
+                                        decider=Decider(tenant, user, approver=False), settled_signal=settled)
+            round_trips = log.take()
+
+            approved = request.decide(ApprovalStatus.APPROVED, by=user, at=CREATED_AT + 20, reason=None)
+            assert result is not None and (result.applied, result.request, result.signalled) == (True, approved, True)
+            assert await redis_client.get("hitl:request:" + request.request_id) == compact_json(approved.to_record())
+            fallback = "big" in context and isinstance(redis_client, FakeAsyncRedis)  # see the test above
+            if isinstance(redis_client, RedisCluster) or fallback:
+                wire, session_record = signal, {**approved.session_record(), "status": "pending"}
+            else:
+                wire, session_record = settled, approved.session_record()
+                assert round_trips == ["PACKED EVALSHA"]  # one round trip for all of it
+            assert await redis_client.get("hitl:session:" + request.session_id) == compact_json(session_record)
+            assert_ttl_near(await redis_client.ttl("hitl:session:" + request.session_id), 200)
+            assert await redis_client.get("hitl:signal:" + request.session_id) == wire.to_json().encode()
+            message = await next_message(pubsub)
+            assert message is not None and message["data"] == wire.to_json().encode()
+            published = Signal.parse(message["data"])
+            assert published is not None and SETTLING_SEAL.verifies(published)
+            assert SETTLING_SEAL.settled(published) is (wire is settled)
+        finally:
+            await pubsub.aclose()
+
+
+async def test_a_session_record_gone_stays_gone_and_a_record_in_another_layout_leaves_the_session_to_the_run(
+    redis_client: Redis, store: RedisApprovalStore
+) -> None:
+    await load_the_guarded_script(store)
+    gone, foreign = approval_request(1), approval_request(2)
+    for request in (gone, foreign):
+        await store.create(request)
+    await redis_client.delete("hitl:session:" + gone.session_id)
+    await redis_client.set("hitl:request:" + foreign.request_id,
+                           json.dumps(dict(reversed(list(foreign.to_record().items()))), indent=2), keepttl=True)
+    for request in (gone, foreign):
+        unsealed = Signal.approval(request.request_id, "u1", CREATED_AT + 20)
+        result = await store.decide(request.request_id, ApprovalStatus.APPROVED, decided_by="u1",
+                                    decided_at=CREATED_AT + 20, reason=None, signal=SETTLING_SEAL.seal(unsealed),
+                                    decider=OWNER, settled_signal=SETTLING_SEAL.seal(unsealed, settled=True))
+        assert result is not None and result.applied and result.signalled
+    # XX: the expired session record is not brought back
+    assert await redis_client.exists("hitl:session:" + gone.session_id) == 0
+    # decided by Python on bytes the script does not edit: the session stays the run's to write
+    assert await redis_client.get("hitl:session:" + foreign.session_id) == compact_json(foreign.session_record())
+    stored_signal = Signal.parse(await stored(redis_client, "hitl:signal:" + foreign.session_id))
+    assert stored_signal is not None and not SETTLING_SEAL.settled(stored_signal)

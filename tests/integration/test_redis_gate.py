@@ -21,7 +21,7 @@ from domain.runtime.feed import Subscription
 from domain.services.desk import ApprovalDesk
 from domain.services.gate import GateSettings
 from domain.services.recheck import ApprovalRecheck
-from tests.integration.commands import CommandLog
+from tests.integration.commands import CommandLog, packed
 from tests.unit.fakes import RecordingTool, ScriptedModel, text, tool_call
 from tests.unit.harness import Harness
 
@@ -34,7 +34,14 @@ def desk_decision(client: object) -> list[str]:
     """An API decision's round trips on the desk: on one server the decision script also stores and
     publishes the signal; on a cluster the signal's key is on another node, so a pipeline stores it
     after the script, and a PUBLISH follows (a cluster pipeline takes no PUBLISH)."""
-    return ["EVALSHA", "PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else ["EVALSHA"]
+    return ["EVALSHA", "PIPELINE", "PUBLISH"] if isinstance(client, RedisCluster) else ["PACKED EVALSHA"]
+
+
+def settle_after_sealed(client: object) -> list[str]:
+    """The run's round trips once it heard a sealed API decision: on one server none (the desk's
+    script wrote the session record too, and its seal says so); on a cluster its session's record
+    (one SET: the session key is in another slot than the request's)."""
+    return ["SET"] if isinstance(client, RedisCluster) else []
 
 
 def mget(client: object) -> str:
@@ -110,7 +117,8 @@ async def test_a_dwp_signal_is_recorded_by_the_gate_in_one_round_trip(
 
     await until(watcher, tool_status("running"))
 
-    assert log.take() == ["PUBLISH", "EVALSHA", "PIPELINE"]  # the gate: the decision, then its follow-ups
+    # the gate: the decision, then its follow-ups
+    assert log.take() == ["PUBLISH", packed(redis_client, "EVALSHA"), "PIPELINE"]
     # "dwp-user" is not the request's own user, so Aura cannot check it: decidedBy stays null.
     approved = pending.decide(ApprovalStatus.APPROVED, by=None, at=h.clock.timestamp(), reason=None)
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(approved.to_record())
@@ -145,16 +153,19 @@ async def test_an_api_decision_is_one_round_trip_on_the_desk_and_none_on_a_gate_
     # desk.decide has returned: the log is read once, in causal order.
     desk_commands = desk_decision(redis_client)
     sealed = h.gate._seal is SEAL  # type: ignore[attr-defined]
-    # The gate, on the signal: with the shared seal it knows the decision is stored and writes
-    # its session's record (one SET); otherwise it records the decision (finds the desk's and
-    # makes sure of its follow-ups, the session's compare-and-set among them).
-    gate_commands = ["SET"] if sealed else ["EVALSHA", "PIPELINE"]
+    # The gate, on the signal: with the shared seal it knows the decision is stored, and that its
+    # session's record is too (on a cluster it writes that: one SET); otherwise it records the
+    # decision (finds the desk's and makes sure of its follow-ups, the session's compare-and-set
+    # among them).
+    gate_commands = settle_after_sealed(redis_client) if sealed else [packed(redis_client, "EVALSHA"), "PIPELINE"]
     assert log.take() == desk_commands + gate_commands
     rejected = pending.decide(ApprovalStatus.REJECTED, by="mgr", at=h.clock.timestamp(), reason="not now")
     assert decided == rejected
     assert await redis_client.get("hitl:request:" + request_id) == compact_json(rejected.to_record())
     assert await redis_client.get("hitl:session:" + session) == compact_json(rejected.session_record())
-    signal = SEAL.seal(Signal.rejection(request_id, "mgr", h.clock.timestamp(), "not now"))
+    # on one server sealed as one whose step wrote the session record too
+    signal = SEAL.seal(Signal.rejection(request_id, "mgr", h.clock.timestamp(), "not now"),
+                       settled=not isinstance(redis_client, RedisCluster))
     assert await redis_client.get("hitl:signal:" + session) == (
         b'{"type":"rejection","requestId":"%s","status":"rejected","reason":"not now","userId":"mgr",'
         b'"timestamp":%d,"seal":"%s"}' % (request_id.encode(), h.clock.timestamp(), str(signal.seal).encode()))
@@ -196,7 +207,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
 
         # the woken run takes the stored decision as it is, and writes its session's record (an API
         # decision leaves that to the run; here it is the same record again)
-        assert log.take() == [mget(redis_client)] * 2 + ["SET"]
+        assert log.take() == [mget(redis_client)] * 2 + [packed(redis_client, "SET")]
         assert await redis_client.get("hitl:request:" + request_ids[1]) == stored
         decided = ApprovalRequest.from_record(json.loads(stored))
         assert await redis_client.get("hitl:session:" + decided.session_id) == compact_json(decided.session_record())
@@ -215,7 +226,7 @@ async def test_the_process_recheck_reads_every_waiting_request_with_one_mget_per
             await h.bus.close()  # type: ignore[attr-defined]
 
 
-async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
+async def test_one_approval_is_one_round_trip_on_the_run_and_one_on_the_desk(
     redis_client: Redis, harness: tuple[Harness, RecordingTool]
 ) -> None:
     h, _ = harness
@@ -225,16 +236,18 @@ async def test_one_approval_is_two_round_trips_on_the_run_and_one_on_the_desk(
     hitl = await until(watcher, is_type("hitl"))
     # the pending index, the request and its session in one pipeline; subscribed before it was
     # stored, the run reads no stored signal
-    assert log.take() == ["PIPELINE"]
+    assert log.take() == [packed(redis_client, "ZADD EXPIRE SET SET", "PIPELINE")]
 
     await desk.decide(MANAGER, hitl.data["requestId"], approve=True, reason=None)
     await until(watcher, tool_status("running"))
-    # the desk: the decision with the signal stored and published (on a cluster: after it); the
-    # run, once it heard it: its session's record (one SET) when it trusts the desk's seal, else the
+    # the desk: the decision with the session's record and the signal stored and published (on a
+    # cluster: the signal after it, the session left to the run); the run, once it heard it:
+    # nothing when it trusts the desk's seal (on a cluster its session's record, one SET), else the
     # decision recorded (the session's compare-and-set among its follow-ups). Read once, in causal
     # order.
     assert log.take() == desk_decision(redis_client) + (
-        ["SET"] if h.gate._seal is SEAL else ["EVALSHA", "PIPELINE"])  # type: ignore[attr-defined]
+        settle_after_sealed(redis_client) if h.gate._seal is SEAL  # type: ignore[attr-defined]
+        else [packed(redis_client, "EVALSHA"), "PIPELINE"])
     await until(watcher, is_type("end"))
 
 
@@ -249,9 +262,9 @@ async def _commands_run(client: Redis) -> dict[str, int]:
 async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_redis: Redis) -> None:
     """The commands Redis executes for one approval, a script's own calls included (what INFO
     commandstats counts, as the bench does): the run stores the pending-index entry, the request
-    and the session (one pipeline); the desk decides, stores and publishes the signal (one script);
-    the run, once it heard the signal, writes its session's
-    record (one SET). Nothing else: the run's wait rides on its process's one pattern
+    and the session (one pipeline); the desk decides, writes the session's decided record, stores
+    and publishes the signal (one script); the run, once it heard the signal, writes nothing (the
+    signal's seal says the session record is written). Nothing else: the run's wait rides on its process's one pattern
     subscription (subscribed at start-up), and the decision leaves the pending index to be
     trimmed when it is read."""
     h, _ = redis_harness(real_redis, seal=SEAL)
@@ -275,8 +288,8 @@ async def test_one_approval_costs_exactly_these_commands_on_a_real_server(real_r
     assert executed == {
         # the run: ZADD + EXPIRE pending index, SET request, SET session
         "zadd": 1, "expire": 1,
-        # the desk: EVALSHA (GET + SET request); SET signal, PUBLISH
+        # the desk: EVALSHA (GET + SET request); SET session, SET signal, PUBLISH
         "evalsha": 1, "get": 1, "publish": 1,
-        "set": 5,  # 2 by the run at the request, 2 by the desk, 1 by the run at the decision (its session)
+        "set": 5,  # 2 by the run at the request, 3 by the desk (the request, the session, the signal)
     }
     assert sum(executed.values()) == 10

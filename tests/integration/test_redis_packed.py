@@ -1,7 +1,8 @@
-"""The event log's fast path on one server (`adapters/redis/packed.py`): a batch of pre-packed
-commands in one write with every reply in order (error replies as values), a reconnect and retry
-when the server drops the connection, a typed error when it is down, and a connection still in step
-with the server after a batch cancelled at any point."""
+"""The fast path on one server (`adapters/redis/packed.py`): a batch of pre-packed commands in one
+write with every reply in order (error replies as values), a reconnect and retry when the server
+drops the connection, a typed error when it is down, and a connection still in step with the server
+after a batch cancelled at any point; for `PackedConnections` (callers side by side) each caller's
+own replies, a bounded number of held connections and none leaked by a failure or a cancel."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from adapters.redis.packed import PackedConnection, pack
+from adapters.redis.packed import PackedConnection, PackedConnections, pack
 from app.embedded_redis import embedded_redis
 from tests.defaults import client_of
 from tests.redis_server import RedisServer
@@ -151,4 +152,68 @@ async def test_a_batch_is_bounded_by_the_socket_timeout_as_a_whole_and_fails_typ
         assert await connection.execute(pack(b"ECHO", b"after"), 1) == [b"after"]
     finally:
         await connection.aclose()
+        await client.aclose()
+
+
+async def test_callers_side_by_side_each_get_their_own_replies_on_a_few_held_connections(single: Redis) -> None:
+    connections = PackedConnections(single, keep=3)
+    try:
+        replies = await asyncio.gather(*(connections.execute(
+            pack(b"SET", b"aura:test:%d" % n, b"v%d" % n) + pack(b"GET", b"aura:test:%d" % n), 2) for n in range(30)))
+        assert [reply[1] for reply in replies] == [b"v%d" % n for n in range(30)]
+        assert len(connections._idle) == 3  # the others went back to the pool
+        held = set(connections._idle)
+        assert await connections.execute(pack(b"ECHO", b"again"), 1) == [b"again"]
+        assert set(connections._idle) == held  # a held one served it: no checkout from the pool
+    finally:
+        await connections.aclose()
+        assert connections._idle == []
+        await single.aclose()
+
+
+@pytest.mark.redis_server
+async def test_a_side_by_side_call_cancelled_at_any_loop_step_leaves_every_connection_in_step(
+        redis_server: RedisServer) -> None:
+    client = client_of(redis_server.url)
+    assert isinstance(client, Redis)
+    connections = PackedConnections(client, keep=2)
+    try:
+        await client.flushall()
+        step = 0
+        while True:  # cancel after 0, 1, 2, ... loop steps until the call completes first
+            assert step < 500
+            other = asyncio.create_task(connections.execute(pack(b"ECHO", b"other-%d" % step), 1))
+            call = asyncio.create_task(connections.execute(
+                pack(b"SET", b"aura:test:step", b"%d" % step) + pack(b"GET", b"aura:test:step"), 2))
+            for _ in range(step):
+                await asyncio.sleep(0)
+            cancelled = call.cancel()
+            assert await other == [b"other-%d" % step]
+            if not cancelled:
+                assert (await call)[1] == b"%d" % step
+                break
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            # whatever was cut off, the next calls read their own replies
+            assert await asyncio.gather(*(connections.execute(pack(b"ECHO", b"%d-%d" % (step, n)), 1)
+                                          for n in range(3))) == [[b"%d-%d" % (step, n)] for n in range(3)]
+            step += 1
+        assert step > 1
+        assert len(client.connection_pool._in_use_connections) == len(connections._idle) <= 2  # nothing leaked
+    finally:
+        await connections.aclose()
+        await client.aclose()
+
+
+async def test_side_by_side_calls_to_a_stopped_server_fail_typed_and_hold_nothing(unused_port: int) -> None:
+    client = client_of(f"redis://127.0.0.1:{unused_port}/0", connect_timeout_seconds=0.2)
+    assert isinstance(client, Redis)
+    connections = PackedConnections(client)
+    try:
+        for outcome in await asyncio.gather(*(connections.execute(pack(b"PING"), 1) for _ in range(3)),
+                                            return_exceptions=True):
+            assert isinstance(outcome, RedisConnectionError)
+        assert connections._idle == [] and not client.connection_pool._in_use_connections
+    finally:
+        await connections.aclose()
         await client.aclose()

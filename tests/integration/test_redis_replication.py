@@ -23,6 +23,7 @@ from adapters.redis.events import RedisEventLog
 from domain.model.approval import ApprovalStatus
 from domain.model.errors import StoreUnavailable
 from tests.defaults import EVENT_LOG, client_of, health_probe, run_directory, run_follower
+from tests.integration.commands import CommandLog
 from tests.integration.test_redis_approvals import approval_request
 from tests.integration.test_redis_event_log import event
 from tests.integration.test_redis_run_directory import record
@@ -118,7 +119,10 @@ async def test_a_run_is_admitted_only_once_the_replica_holds_its_record(
     assert await master.zcard("aura:slots:{acme}:user:alice") == 0
     assert await master.zcard("aura:slots:{acme}:tenant") == 0
 
+    log = CommandLog(master)
     assert await directory.admit(record("run_2"), **admission) is None
+    # one round trip: the `WAIT` ends the admission's own write, on the connection that made it
+    assert log.take() == ["PACKED ZADD SET SET EVALSHA WAIT"]
     assert await replica.get("aura:run:{run_2}:meta") == orjson.dumps(record("run_2").to_record())
     assert await replica.get("aura:run:{run_2}:lease") == b"aura-a"
 

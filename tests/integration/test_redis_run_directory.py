@@ -99,7 +99,7 @@ async def test_on_one_server_a_run_is_closed_and_forgotten_in_one_round_trip(red
     assert await directory.close(record("run_0"), "completed", 60)  # its scripts are loaded now
     log = CommandLog(redis_client)
     assert await directory.close(run, "completed", 60)
-    assert log.take() == (["EVALSHA", "PIPELINE"] if is_cluster(redis_client) else ["EVALSHA"])
+    assert log.take() == (["EVALSHA", "PIPELINE"] if is_cluster(redis_client) else ["PACKED EVALSHA"])
     assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is None
     assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
     assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
@@ -129,7 +129,8 @@ async def test_on_one_server_the_start_rate_is_counted_in_the_admissions_round_t
     log = CommandLog(redis_client)
     assert await directory.admit(record("run_1"), user_limit=9, tenant_limit=9, slot_seconds=900, lease_seconds=15,
                                  starts=starts) is None
-    assert log.take() == (["PIPELINE", "ZADD", "PIPELINE", "EVALSHA"] if is_cluster(redis_client) else ["PIPELINE"])
+    assert log.take() == (["PIPELINE", "ZADD", "PIPELINE", "EVALSHA"] if is_cluster(redis_client)
+                          else ["PACKED ZADD SET SET EVALSHA"])
     key = "aura:starts:{acme:alice}:100000"  # the window of 6,000,030 s, 60 s long
     assert await redis_client.get(key) == b"2"
     assert 55 < await redis_client.ttl(key) <= 61
@@ -153,3 +154,15 @@ async def test_a_start_over_the_rate_is_refused_with_the_wait_and_takes_nothing(
     # another user of the tenant has a window of their own
     assert await directory.admit(record("run_3", user="bob"), user_limit=9, tenant_limit=9, slot_seconds=900,
                                  lease_seconds=15, starts=starts) is None
+
+
+async def test_admission_and_close_on_a_stopped_server_fail_typed(unused_port: int) -> None:
+    client = client_of(f"redis://127.0.0.1:{unused_port}/0", connect_timeout_seconds=0.2)
+    try:
+        directory = run_directory(client)
+        with pytest.raises(StoreUnavailable):
+            await admit(directory, record("run_1"))
+        with pytest.raises(StoreUnavailable):
+            await directory.close(record("run_1"), "completed", 60)
+    finally:
+        await client.aclose()

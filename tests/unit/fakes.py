@@ -56,9 +56,13 @@ class SequentialIds(IdFactory):
 
 class MemoryApprovalStore(ApprovalStore):
     """Requests in a dict. A decision with a signal publishes it on `bus` (when given), as the
-    Redis store does in the same step; a failing publish leaves the decision standing."""
+    Redis store does in the same step; a failing publish leaves the decision standing. With
+    `settles_sessions`, a decision given a `settled_signal` writes the session's record too and
+    publishes that signal, as the Redis store does on one server; without, it leaves the session
+    to the waiting run, as on a cluster."""
 
-    def __init__(self, bus: MemorySignalBus | None = None) -> None:
+    def __init__(self, bus: MemorySignalBus | None = None, *, settles_sessions: bool = False) -> None:
+        self.settles_sessions = settles_sessions
         self.requests: dict[str, ApprovalRequest] = {}
         self.decisions: list[tuple[str, ApprovalStatus, bool]] = []
         self.get_many_calls: list[list[str]] = []
@@ -88,7 +92,8 @@ class MemoryApprovalStore(ApprovalStore):
 
     async def decide(self, request_id: str, status: ApprovalStatus, *, decided_by: str | None,
                      decided_at: int, reason: str | None, expected: StoredApproval | None = None,
-                     signal: Signal | None = None, decider: Decider | None = None) -> DecisionResult | None:
+                     signal: Signal | None = None, decider: Decider | None = None,
+                     settled_signal: Signal | None = None) -> DecisionResult | None:
         # Like the Redis store: a stale `expected` only costs a retry there, so the outcome
         # depends on the current state alone.
         assert expected is None or expected.request.request_id == request_id
@@ -102,10 +107,16 @@ class MemoryApprovalStore(ApprovalStore):
             return DecisionResult(False, current)
         decided = current.decide(status, by=decided_by, at=decided_at, reason=reason)
         self.requests[request_id] = decided
-        # Like the Redis store: a decision with a signal leaves the session to the waiting run;
-        # one without updates it while it is still this request's pending record.
+        # Like the Redis store: a decision with a signal writes the session's record too when it
+        # settles sessions and is given the signal sealed as such (a plain SET XX), and publishes
+        # that one, else leaves the session to the waiting run; one without updates it while it is
+        # still this request's pending record.
         if signal is None:
             self._follow_session(decided)
+        elif settled_signal is not None and self.settles_sessions:
+            signal = settled_signal
+            if decided.session_id in self.sessions:
+                self.sessions[decided.session_id] = decided
         self.decisions.append((request_id, status, True))
         signalled = False
         if signal is not None and self.bus is not None:

@@ -32,8 +32,8 @@ SEAL = DecisionSeal(b"k" * 32)
 class RecordingStore(MemoryApprovalStore):
     """Records each store call the desk makes, with the arguments that matter here."""
 
-    def __init__(self, bus: MemorySignalBus | None = None) -> None:
-        super().__init__(bus)
+    def __init__(self, bus: MemorySignalBus | None = None, *, settles_sessions: bool = False) -> None:
+        super().__init__(bus, settles_sessions=settles_sessions)
         self.calls: list[tuple[Any, ...]] = []
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
@@ -45,7 +45,8 @@ class RecordingStore(MemoryApprovalStore):
         return await super().read(request_id)
 
     async def decide(self, request_id: str, status: ApprovalStatus, **kw: Any) -> DecisionResult | None:
-        self.calls.append(("decide", request_id, status, kw.get("expected"), kw.get("signal"), kw.get("decider")))
+        self.calls.append(("decide", request_id, status, kw.get("expected"), kw.get("signal"), kw.get("decider"),
+                           kw.get("settled_signal")))
         return await super().decide(request_id, status, **kw)
 
 
@@ -81,14 +82,35 @@ async def test_an_approval_is_one_guarded_decision_that_carries_its_sealed_signa
     decided = await desk.decide(MANAGER, request.request_id, approve=True)
 
     signal = SEAL.seal(Signal.approval(request.request_id, "mgr", NOW))
+    settled = SEAL.seal(Signal.approval(request.request_id, "mgr", NOW), settled=True)
     assert store.calls == [("decide", request.request_id, ApprovalStatus.APPROVED, None, signal,
-                            Decider("acme", "mgr", approver=True))]
+                            Decider("acme", "mgr", approver=True), settled)]
     assert decided == request.decide(ApprovalStatus.APPROVED, by="mgr", at=NOW, reason=None)
     assert store.requests[request.request_id] == decided
+    # this store leaves the session's record to the waiting run: it publishes the plain seal
+    assert store.sessions[request.session_id] == request
     assert bus.stored == {request.session_id: signal.to_json()}
     published = Signal.parse(bus.stored[request.session_id])
-    assert published is not None and SEAL.verifies(published)
+    assert published is not None and SEAL.verifies(published) and not SEAL.settled(published)
     assert SEAL.decided(request, published) == decided  # what the waiting run takes without a store step
+
+
+async def test_a_store_that_writes_the_session_record_in_the_decisions_step_publishes_the_settled_seal(
+    bus: MemorySignalBus
+) -> None:
+    store = RecordingStore(bus, settles_sessions=True)
+    desk = ApprovalDesk(store, bus, FakeClock(float(NOW)), ["manager"], SEAL)
+    request = pending()
+    await store.create(request)
+
+    decided = await desk.decide(MANAGER, request.request_id, approve=True)
+
+    assert store.sessions[request.session_id] == decided
+    settled = SEAL.seal(Signal.approval(request.request_id, "mgr", NOW), settled=True)
+    assert bus.stored == {request.session_id: settled.to_json()}
+    published = Signal.parse(bus.stored[request.session_id])
+    assert published is not None and SEAL.verifies(published) and SEAL.settled(published)
+    assert SEAL.decided(request, published) == decided
 
 
 async def test_a_rejection_keeps_its_reason_in_the_record_and_the_signal(
@@ -156,8 +178,9 @@ async def test_an_expired_request_is_recorded_as_expired_and_answers_410_without
 
     signal = SEAL.seal(Signal.approval(request.request_id, "alice", NOW))
     assert store.calls == [
-        ("decide", request.request_id, ApprovalStatus.APPROVED, None, signal, Decider("acme", "alice", approver=False)),
-        ("decide", request.request_id, ApprovalStatus.EXPIRED, None, None, None),
+        ("decide", request.request_id, ApprovalStatus.APPROVED, None, signal, Decider("acme", "alice", approver=False),
+         SEAL.seal(signal, settled=True)),
+        ("decide", request.request_id, ApprovalStatus.EXPIRED, None, None, None, None),
     ]
     assert store.requests[request.request_id].status is ApprovalStatus.EXPIRED
     assert bus.stored == {}

@@ -287,8 +287,8 @@ async def test_a_signals_user_is_recorded_as_decider_only_when_checked(
 class HeldSettleStore(MemoryApprovalStore):
     """`settle_session` suspends until the test releases it; the first `failures` calls fail."""
 
-    def __init__(self, bus: Any, *, failures: int = 0) -> None:
-        super().__init__(bus)
+    def __init__(self, bus: Any, *, failures: int = 0, settles_sessions: bool = False) -> None:
+        super().__init__(bus, settles_sessions=settles_sessions)
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
         self.release.set()
@@ -313,11 +313,11 @@ async def events_so_far(watcher: Subscription, seen: list[Event]) -> list[str]:
     return [f"{e.type.value}:{e.data.get('status', '')}" for e in seen]
 
 
-async def sealed_decision_harness(store_failures: int = 0) -> tuple[Harness, RecordingTool, HeldSettleStore,
-                                                                    ApprovalDesk]:
+async def sealed_decision_harness(store_failures: int = 0, settles_sessions: bool = False
+                                  ) -> tuple[Harness, RecordingTool, HeldSettleStore, ApprovalDesk]:
     seal = DecisionSeal(b"shared-by-every-instance-0123456")
     h, commit = approval_harness()
-    store = HeldSettleStore(h.bus, failures=store_failures)
+    store = HeldSettleStore(h.bus, failures=store_failures, settles_sessions=settles_sessions)
     h.store = store
     h.rebuild(seal=seal)
     return h, commit, store, ApprovalDesk(h.store, h.bus, h.clock, ["manager"], seal)
@@ -349,6 +349,24 @@ async def test_a_sealed_api_decision_leaves_the_session_record_to_the_run_that_w
     assert h.store.sessions[session_id] == decided  # written before the run went on
     assert h.store.decisions == [(hitl.data["requestId"], ApprovalStatus.APPROVED, True)]  # no second decision
     await finish(watcher, seen)
+    assert commit.calls == [{"value": "v"}]
+
+
+async def test_a_decision_whose_step_wrote_the_session_record_too_leaves_the_run_nothing_to_write() -> None:
+    # A store that writes the session's decided record in the decision's own step publishes the
+    # signal sealed as such: the run that waited takes the decision as it is and writes nothing.
+    h, commit, store, desk = await sealed_decision_harness(settles_sessions=True)
+    handle, watcher = await h.start()
+    seen: list[Event] = []
+    hitl = await until(watcher, "hitl", seen)
+    session_id = handle.run.ids.session_id
+
+    decided = await desk.decide(Principal("mgr", "acme", "mgr", "manager"), hitl.data["requestId"], approve=True)
+    assert h.store.sessions[session_id] == decided  # the desk's step wrote it
+
+    await finish(watcher, seen)
+    assert store.settle_calls == 0
+    assert h.store.decisions == [(hitl.data["requestId"], ApprovalStatus.APPROVED, True)]  # no second decision
     assert commit.calls == [{"value": "v"}]
 
 

@@ -20,8 +20,12 @@ as `RedisSignalBus.publish` does). On one server without replicas to confirm, th
 does that itself once it decided (one round trip for the decider, not two): it names the signal's
 key from the request's `sessionId`, a key the caller cannot know before it read the request,
 which a cluster could not allow (another slot) and a server does; a failure to store or publish
-leaves the decision made and is reported as not signalled, like the pipeline's. The session
-record is then written by the run that waited, when
+leaves the decision made and is reported as not signalled, like the pipeline's. Given the
+signal sealed as one whose step wrote the session record too (the desk's `settled_signal`), the
+script there also writes the session's decided record (XX KEEPTTL, what `settle_session` writes)
+before it, and stores and publishes that signal: the waiting run then writes nothing (one round
+trip less for it). Otherwise the session
+record is written by the run that waited, when
 it hears the decision (`settle_session`, one plain SET: while a run waits, its instance is the one
 writer of its session record; what a late delivery of that SET can do is in its docstring), or,
 when the run's instance stopped, by the lost-run sweep (a decision found already made runs the
@@ -55,10 +59,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from adapters.redis.client import RedisClient, batch, execute_and_publish, get_values, is_cluster, raise_error
 from adapters.redis.durability import ReplicaConfirmation
+from adapters.redis.packed import PackedConnections, as_argument, pack
 from adapters.redis.signals import (
     CHANNEL_PREFIX,
     DEFAULT_SIGNAL_TTL_SECONDS,
@@ -103,10 +109,17 @@ _PENDING_STATUS = ',"status":"pending","userId":'
 # ARGV: 1 decider tenant, 2 decider user, 3 '1' when the decider is an approver, '0' when not,
 #       '-' for no decider (only "still pending" is checked), 4 decidedAt,
 #       5 status, 6 decidedBy as JSON, 7 reason as JSON; with the signal (one server only):
-#       8 the signal's bytes, 9 its TTL, 10 the signal key's prefix, 11 the channel's prefix
+#       8 the signal's bytes, 9 its TTL, 10 the signal key's prefix, 11 the channel's prefix,
+#       12 the signal sealed as one whose step wrote the session record ('' for none), 13 the
+#       session key's prefix
 # Reply: 0 when the request does not exist; its current bytes when the decider may not decide it
 # now (or it is not in Aura's layout); {1, the decided bytes} when decided; with the signal,
 # {1, the decided bytes, 1 when the signal was stored and published, else 0}.
+# With ARGV[12], the session's decided record (`session_record()`) is written too (XX KEEPTTL, as
+# `settle_session` writes it), before the signal: built from the request's own bytes (the JSON
+# strings of its ids, user and tenant, copied; their places are fixed by Aura's layout, checked
+# above) and checked by decoding it; then ARGV[12] is the signal stored and published. A record
+# it cannot build leaves the session to the waiting run: ARGV[8] is published.
 _DECIDE_IN_PLACE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
@@ -137,9 +150,50 @@ local check_ok, check = pcall(cjson.decode, decided)
 if not check_ok or check.status ~= ARGV[5] then return current end
 redis.call('SET', KEYS[1], decided, 'XX', 'KEEPTTL')
 if not ARGV[8] then return {1, decided} end
-local stored = redis.pcall('SET', ARGV[10] .. record.sessionId, ARGV[8], 'EX', ARGV[9])
+local signal = ARGV[8]
+if ARGV[12] and ARGV[12] ~= '' then
+  -- the JSON string starting at `from` (its opening quote), quotes included
+  local function json_string(from)
+    if string.sub(current, from, from) ~= '"' then return nil end
+    local at = from + 1
+    while true do
+      local quote = string.find(current, '"', at, true)
+      if not quote then return nil end
+      local before = quote - 1
+      while string.byte(current, before) == 92 do before = before - 1 end  -- a backslash
+      if (quote - 1 - before) % 2 == 0 then return string.sub(current, from, quote) end
+      at = quote + 1
+    end
+  end
+  -- the string value of `key` when `key` starts exactly at `at`; and where what follows it starts
+  local function field(at, key)
+    if not at or string.sub(current, at, at + #key - 1) ~= key then return nil end
+    local value = json_string(at + #key)
+    if not value then return nil end
+    return value, at + #key + #value
+  end
+  local request_id, at = field(1, '{"requestId":')
+  local session_id, run_id, user_id, tenant_id
+  session_id, at = field(at, ',"sessionId":')
+  run_id = field(at, ',"runId":')
+  user_id, at = field(last, status)
+  tenant_id = field(at, ',"tenantId":')
+  if request_id and session_id and run_id and user_id and tenant_id then
+    local session = '{"sessionId":' .. session_id .. ',"runId":' .. run_id .. ',"requestId":' .. request_id
+      .. ',"userId":' .. user_id .. ',"tenantId":' .. tenant_id .. ',"status":"' .. ARGV[5] .. '"}'
+    local read_ok, read = pcall(cjson.decode, session)
+    if read_ok and read.sessionId == record.sessionId and read.runId == record.runId
+        and read.requestId == record.requestId and read.userId == record.userId
+        and read.tenantId == record.tenantId and read.status == ARGV[5] then
+      local written = redis.pcall('SET', ARGV[13] .. record.sessionId, session, 'XX', 'KEEPTTL')
+      if type(written) == 'table' and written.err then return {1, decided, 0} end
+      signal = ARGV[12]
+    end
+  end
+end
+local stored = redis.pcall('SET', ARGV[10] .. record.sessionId, signal, 'EX', ARGV[9])
 if type(stored) == 'table' and stored.err then return {1, decided, 0} end
-local published = redis.pcall('PUBLISH', ARGV[11] .. record.sessionId, ARGV[8])
+local published = redis.pcall('PUBLISH', ARGV[11] .. record.sessionId, signal)
 if type(published) == 'table' and published.err then return {1, decided, 0} end
 return {1, decided, 1}
 """
@@ -200,9 +254,16 @@ class RedisApprovalStore(ApprovalStore):
         self._swap = redis.register_script(_SWAP)
         self._decide_in_place_script = redis.register_script(_DECIDE_IN_PLACE)
         # On one server the decision script also stores and publishes the signal (one round trip
-        # less for the decider). On a cluster the signal's key is on another node; with replicas
-        # to confirm, the signal is published only once a WAIT confirmed the decision.
+        # less for the decider) and writes the session record (one less for the waiting run). On
+        # a cluster the signal's key is on another node; with replicas to confirm, the signal is
+        # published only once a WAIT confirmed the decision.
         self._signal_inline = confirmation is None and not is_cluster(redis)
+        # On one server (Sentinel's master, the embedded one) the writes of every approval (the
+        # request's creation, the decision script, the session record the run settles) are packed
+        # here and sent on connections held for them (packed.py): about half the CPU of redis-py's
+        # pipeline and script objects for the same round trip.
+        self._packed = PackedConnections(redis) if isinstance(redis, Redis) else None
+        self._decide_sha = self._decide_in_place_script.sha.encode()
 
     async def load_scripts(self) -> None:
         """Load the decision scripts on the server (every primary of a cluster) ahead of the first
@@ -216,12 +277,15 @@ class RedisApprovalStore(ApprovalStore):
 
     async def create(self, request: ApprovalRequest) -> StoredApproval:
         """The pending index first (a request is never pending unlisted), then the request, then
-        its session: one pipeline, each write idempotent. Every `index_trim_every`-th create also
+        its session: one round trip, each write idempotent. Every `index_trim_every`-th create also
         drops the index's entries older than the request TTL (their requests are gone), so an
         index nobody lists stays bounded by the requests of one TTL; decided ones leave it when
         it is read (`pending_for_user`)."""
         index_key = pending_index_key(request.tenant_id, request.user_id)
         record = encode_json(request.to_record())
+        if self._packed is not None:
+            await self._create_packed(request, index_key, record)
+            return StoredApproval(request, record)
         pipe = batch(self._redis)
         if request.status is ApprovalStatus.PENDING:
             pipe.zadd(index_key, {request.request_id: request.created_at})
@@ -237,6 +301,28 @@ class RedisApprovalStore(ApprovalStore):
         except RedisError as exc:
             raise StoreUnavailable("the approval store is unavailable") from exc
         return StoredApproval(request, record)
+
+    async def _create_packed(self, request: ApprovalRequest, index_key: str, record: bytes) -> None:
+        """`create`'s commands, in its order, in one packed write."""
+        assert self._packed is not None
+        index = index_key.encode()
+        commands = []
+        if request.status is ApprovalStatus.PENDING:
+            commands += [pack(b"ZADD", index, as_argument(request.created_at), request.request_id.encode()),
+                         pack(b"EXPIRE", index, b"%d" % self._request_ttl_seconds)]
+            self._creates += 1
+            if self._creates % self._index_trim_every == 0:
+                commands.append(pack(b"ZREMRANGEBYSCORE", index, b"-inf",
+                                     as_argument(request.created_at - self._request_ttl_seconds)))
+        commands += [
+            pack(b"SET", request_key(request.request_id).encode(), record, b"EX", b"%d" % self._request_ttl_seconds),
+            pack(b"SET", session_key(request.session_id).encode(), encode_json(request.session_record()),
+                 b"EX", b"%d" % self._session_ttl_seconds)]
+        try:
+            for reply in await self._packed.execute(b"".join(commands), len(commands)):
+                raise_error(reply)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable("the approval store is unavailable") from exc
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         stored = await self.read(request_id)
@@ -293,6 +379,7 @@ class RedisApprovalStore(ApprovalStore):
         expected: StoredApproval | None = None,
         signal: Signal | None = None,
         decider: Decider | None = None,
+        settled_signal: Signal | None = None,
     ) -> DecisionResult | None:
         if not status.is_decided:
             raise ValueError("a decision must leave the pending state")
@@ -302,7 +389,7 @@ class RedisApprovalStore(ApprovalStore):
         try:
             if expected is None:
                 outcome = await self._decide_in_place(key, request_id, status, decider, decided_at, decided_by,
-                                                      reason, signal)
+                                                      reason, signal, settled_signal)
                 if not isinstance(outcome, StoredApproval | None):
                     return outcome
                 seen: StoredApproval | None = outcome  # refused, or not in Aura's layout: the loop tells which
@@ -406,8 +493,20 @@ class RedisApprovalStore(ApprovalStore):
         only such a late delivery can do it."""
         key = session_key(decided.session_id)
         record = encode_json(decided.session_record())
+        confirmation = self._confirmation
+        if self._packed is not None:
+            command = pack(b"SET", key.encode(), record, b"XX", b"KEEPTTL")
+            try:
+                if confirmation is None:
+                    raise_error((await self._packed.execute(command, 1))[0])
+                    return
+                written, confirmed = await self._packed.execute(command + confirmation.command(), 2)
+                raise_error(written)
+                confirmation.check(confirmed)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable("the approval store is unavailable") from exc
+            return
         try:
-            confirmation = self._confirmation
             if confirmation is None:
                 await self._redis.set(key, record, xx=True, keepttl=True)
                 return
@@ -422,7 +521,8 @@ class RedisApprovalStore(ApprovalStore):
 
     async def _decide_in_place(self, key: str, request_id: str, status: ApprovalStatus, decider: Decider | None,
                                decided_at: int, decided_by: str | None, reason: str | None,
-                               signal: Signal | None) -> DecisionResult | StoredApproval | None:
+                               signal: Signal | None, settled_signal: Signal | None = None
+                               ) -> DecisionResult | StoredApproval | None:
         """The decision when the script applied it; otherwise the request as stored (None when
         absent or unreadable), which the caller's loop refuses by the same rules or, when only its
         layout stopped the script, decides on."""
@@ -430,8 +530,16 @@ class RedisApprovalStore(ApprovalStore):
         args: list[Any] = ["" if decider is None else decider.tenant_id, "" if decider is None else decider.user_id,
                            mode, decided_at, status.value, encode_json(decided_by), encode_json(reason)]
         if signal is not None and self._signal_inline:
-            args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX]
-        reply = await self._decide_in_place_script(keys=[key], args=args)
+            args += [signal.to_json().encode("utf-8"), self._signal_ttl_seconds, SIGNAL_KEY_PREFIX, CHANNEL_PREFIX,
+                     b"" if settled_signal is None else settled_signal.to_json().encode("utf-8"), SESSION_KEY_PREFIX]
+        if self._packed is None:
+            reply = await self._decide_in_place_script(keys=[key], args=args)
+        else:
+            (reply,) = await self._packed.execute(pack(b"EVALSHA", self._decide_sha, b"1", key.encode(),
+                                                       *map(as_argument, args)), 1)
+            if isinstance(reply, NoScriptError):  # a restarted server: loaded now, and run
+                reply = await self._decide_in_place_script(keys=[key], args=args)
+            raise_error(reply)
         if isinstance(reply, list):
             raw = reply[1]
             decided = _decode_request(raw, key)

@@ -7,9 +7,10 @@ decision (answers 200) only after `WAIT` says enough replicas hold it; otherwise
 retryable `StoreUnavailable`. On Redis 7 every command, a read too, sets its connection's `WAIT`
 offset to the master's replication offset after it ran, so a `WAIT` right after a command, on the
 same connection, returns once the replicas hold everything the master held then: the event log's
-batch ends with one (in the same write), an approval decision's follow-up pipeline ends with one
-(covering the decision's script, which ran before it), and the approval request a `hitl` event
-announces, stored before the event was submitted, is covered by the event's.
+batch ends with one (in the same write), so does a run's admission on one server, an approval
+decision's follow-up pipeline ends with one (covering the decision's script, which ran before
+it), and the approval request a `hitl` event announces, stored before the event was submitted, is
+covered by the event's.
 
 Reads that hand events to clients (a resume's XRANGE, a follower's log reads) are confirmed the
 same way: they may see an event its owner wrote but could not acknowledge, so a `WAIT` follows the

@@ -204,6 +204,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
+# The prefix of a seal that says the session record was written too (no base64url character is a dot).
+_SETTLED = "s."
+
+
 class DecisionSeal:
     """Marks the signals of decisions Aura's API has already stored.
 
@@ -213,6 +217,13 @@ class DecisionSeal:
     HMAC-SHA256 over the request id and the decision, with a key every instance shares: a signal
     without one or with a wrong one (the DWP backend's, a copy of another request's, another
     deployment's) is recorded in the store first, as any signal is.
+
+    A store whose decision step also wrote the session's decided record publishes the signal
+    sealed as such (`settled=True`: the seal starts with `s.` and covers that claim too), and the
+    run that waited writes nothing more. A run of an earlier version does not verify that seal and
+    records the signal as any other (finding it decided, it changes nothing); a plain seal (an
+    earlier version's desk, or a store that could not write the session) leaves the session record
+    to the run, as before.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -221,19 +232,33 @@ class DecisionSeal:
         # Keyed once: each seal copies it instead of hashing the key again.
         self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
-    def _mac(self, signal: Signal) -> str:
-        decision = json.dumps([signal.request_id, signal.type.value, signal.user_id, signal.timestamp, signal.reason],
-                              separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    def _mac(self, signal: Signal, settled: bool = False) -> str:
+        fields: list[Any] = [signal.request_id, signal.type.value, signal.user_id, signal.timestamp, signal.reason]
+        if settled:
+            fields.append(_SETTLED)
+        decision = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         mac = self._keyed.copy()
         mac.update(decision)
         digest = mac.digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
-    def seal(self, signal: Signal) -> Signal:
-        return replace(signal, seal=self._mac(signal))
+    def seal(self, signal: Signal, *, settled: bool = False) -> Signal:
+        return replace(signal, seal=_SETTLED + self._mac(signal, True) if settled else self._mac(signal))
 
     def verifies(self, signal: Signal) -> bool:
-        return signal.seal is not None and hmac.compare_digest(signal.seal, self._mac(signal))
+        """Whether Aura's API stored this decision (the seal either kind)."""
+        seal = signal.seal
+        if seal is None:
+            return False
+        if seal.startswith(_SETTLED):
+            return hmac.compare_digest(seal, _SETTLED + self._mac(signal, True))
+        return hmac.compare_digest(seal, self._mac(signal))
+
+    @staticmethod
+    def settled(signal: Signal) -> bool:
+        """Of a signal `verifies` accepts (its seal covers this claim): whether the step that stored
+        its decision also wrote the session's decided record."""
+        return signal.seal is not None and signal.seal.startswith(_SETTLED)
 
     def decided(self, request: ApprovalRequest, signal: Signal) -> ApprovalRequest:
         """The request as the sealed signal's store step decided it (the desk decides with the

@@ -76,6 +76,7 @@ class ApprovalStore(ABC):
         expected: StoredApproval | None = None,
         signal: Signal | None = None,
         decider: Decider | None = None,
+        settled_signal: Signal | None = None,
     ) -> DecisionResult | None:
         """Atomically move a pending request to `status`. None when the request does not exist.
 
@@ -84,19 +85,23 @@ class ApprovalStore(ABC):
         pending (a store may do either in one step; Redis does). With a
         `signal`, an applied decision also stores and publishes that signal for the request's
         session, as `SignalBus.publish` does, in the same step; a failure of that part alone
-        leaves the decision standing (`signalled` False). With a `decider`, the decision applies
-        only while `decider.may_decide(request, decided_at)` holds for the stored request, checked
-        in the same step (no read before it); otherwise nothing changes and the result is
-        `applied=False` with the request as stored, from which the caller tells why."""
+        leaves the decision standing (`signalled` False). Given a `settled_signal` too (the same
+        signal, sealed as one whose step wrote the session record), a store that can write the
+        session's decided record (what `settle_session` writes) in that step does so, and stores
+        and publishes `settled_signal` instead. With a `decider`, the decision applies only while
+        `decider.may_decide(request, decided_at)` holds for the stored request, checked in the same
+        step (no read before it); otherwise nothing changes and the result is `applied=False` with
+        the request as stored, from which the caller tells why."""
 
     @abstractmethod
     async def settle_session(self, decided: ApprovalRequest) -> None:
         """Point the request's session at its decision, for the run that waited on it (the one
         writer of its session while it waits) once it heard a decision stored by someone else.
         A decision through `decide` without a `signal` does this itself; one with a `signal`
-        leaves it to the waiting run (or, when no run will hear it, to `decide` on the decided
-        request, which runs a decision's follow-ups again). Raises StoreUnavailable when the
-        write failed or was not confirmed; it is idempotent."""
+        leaves it to the waiting run, unless the store wrote it and published the `settled_signal`
+        (when no run will hear it, to `decide` on the decided request, which runs a decision's
+        follow-ups again). Raises StoreUnavailable when the write failed or was not confirmed; it
+        is idempotent."""
 
     @abstractmethod
     async def pending_for_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:

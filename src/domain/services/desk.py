@@ -64,12 +64,15 @@ class ApprovalDesk:
                      reason: str | None = None) -> ApprovalRequest:
         now = self._clock.timestamp()
         status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
-        signal = self._seal.seal(Signal.approval(request_id, principal.user_id, now) if approve
-                                 else Signal.rejection(request_id, principal.user_id, now, reason))
-        # One store step checks who may decide and decides; only a refusal costs more, to say why.
+        unsealed = (Signal.approval(request_id, principal.user_id, now) if approve
+                    else Signal.rejection(request_id, principal.user_id, now, reason))
+        # One store step checks who may decide and decides (and, where the store can, writes the
+        # session's record too, saying so in the signal's seal: the waiting run then writes
+        # nothing); only a refusal costs more, to say why.
         result = await self._store.decide(request_id, status, decided_by=principal.user_id, decided_at=now,
-                                          reason=None if approve else reason, signal=signal,
-                                          decider=self._decider(principal))
+                                          reason=None if approve else reason, signal=self._seal.seal(unsealed),
+                                          decider=self._decider(principal),
+                                          settled_signal=self._seal.seal(unsealed, settled=True))
         if result is None:
             raise NotFound("No such approval request.", code="approval_not_found")
         if not result.applied:

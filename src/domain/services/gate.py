@@ -113,25 +113,25 @@ class ApprovalGate:
                 # ways out: a signal on the channel; and the process's re-check, which wakes this
                 # wait when the stored request was decided without a signal reaching it, vanished,
                 # or reached its expiry (by the re-check's timer at the earliest expiry of the
-                # process). `stored_elsewhere`: someone else stored the decision (the session
-                # record is then this run's to write).
+                # process). `unsettled`: someone else stored the decision and not its session's
+                # record (that is then this run's to write).
                 signalled = subscription.receive()
                 rechecked = self._recheck.watch(request, also=signalled)
                 try:
                     while True:
                         if request.expires_at - self._clock.now() <= 0:
-                            stored_elsewhere = False
+                            unsettled = False
                             decided = await self._close(request, ApprovalStatus.EXPIRED, None)
                             break
                         # The pending request itself when the signal came or its expiry is due;
                         # the request as re-read when it was decided; None when it vanished.
                         current = await rechecked
                         if current is None:  # vanished (flushed) or unreadable: nothing can approve it now
-                            stored_elsewhere = False
+                            unsettled = False
                             decided = await self._close(request, ApprovalStatus.EXPIRED, None)
                             break
                         if current.status.is_decided:
-                            decided, stored_elsewhere = current, True
+                            decided, unsettled = current, True
                             break
                         del current
                         if not signalled.done():
@@ -145,7 +145,7 @@ class ApprovalGate:
                         considered = await self._consider(request, raw)
                         del raw
                         if considered is not None:
-                            decided, stored_elsewhere = considered
+                            decided, unsettled = considered
                             break
                 finally:
                     self._recheck.unwatch(request.request_id, rechecked)
@@ -162,10 +162,10 @@ class ApprovalGate:
                 run.pending_approval = None
                 if run.status is RunStatus.WAITING_APPROVAL:
                     run.status = RunStatus.RUNNING
-        # A decision stored by someone else: the session record is this run's to write, beside
+        # A decision stored by someone else, its session's record not: that is this run's to write, beside
         # the events that report the decision (and before this returns, so the run's next request
         # cannot overtake it).
-        settling = asyncio.ensure_future(self._settle_session(decided)) if stored_elsewhere else None
+        settling = asyncio.ensure_future(self._settle_session(decided)) if unsettled else None
         try:
             return await self._report(run, step, tool_name, decided, timeline_id, timeline_title)
         finally:
@@ -198,8 +198,9 @@ class ApprovalGate:
             return None
         if self._seal is not None and self._seal.verifies(signal):
             # Aura's API stored this decision in the step that published the signal: only the
-            # session record, which the run's instance writes, is left.
-            return self._seal.decided(request, signal), True
+            # session record, which the run's instance writes, is left, unless that step wrote it
+            # too (its seal says so).
+            return self._seal.decided(request, signal), not self._seal.settled(signal)
         # The backend's signal names who decided, but Aura can check only one name: the user the
         # request belongs to (it stored that itself). Any other name (a manager, a forged or
         # missing one) is not recorded as `decidedBy`; the audit line keeps it as `claimedBy`.
