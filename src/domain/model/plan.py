@@ -49,7 +49,7 @@ class PlanStep:
             "stepId": self.step_id,
             "index": self.index,
             "description": self.description,
-            "status": self.status.value,
+            "status": self.status._value_,
             "progress": self.progress,
             "note": self.note,
             "confidence": self.confidence,
@@ -64,7 +64,7 @@ class TimelineEntry:
     progress: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stepId": self.step_id, "title": self.title, "status": self.status.value,
+        return {"stepId": self.step_id, "title": self.title, "status": self.status._value_,
                 "progress": self.progress}
 
 

@@ -100,7 +100,7 @@ class Run:
         """A whole thought (`chunk: false`): a new one, or the final text of the thought `thought_id`
         whose pieces were streamed, replacing them."""
         waiting = self._sunk(EventType.THOUGHT, {"thoughtId": thought_id or f"thought_{self._seq + 1}",
-                                                 "thoughtType": kind.value, "content": content, "chunk": False,
+                                                 "thoughtType": kind._value_, "content": content, "chunk": False,
                                                  "sources": sources or []})
         if waiting is not None:
             await waiting
@@ -109,7 +109,7 @@ class Run:
         """A piece of a thought as the model generates it (`chunk: true`), appended to the earlier
         pieces of `thought_id`; None starts a thought. Returns the thought's id."""
         thought_id = thought_id or f"thought_{self._seq + 1}"
-        waiting = self._sunk(EventType.THOUGHT, {"thoughtId": thought_id, "thoughtType": kind.value, "content": text,
+        waiting = self._sunk(EventType.THOUGHT, {"thoughtId": thought_id, "thoughtType": kind._value_, "content": text,
                                                  "chunk": True, "sources": []})
         if waiting is not None:
             await waiting
@@ -133,7 +133,7 @@ class Run:
             self.plan.append(step)
             waiting = self._sunk(EventType.PLAN_STEP, {
                 "stepId": step.step_id, "index": step.index, "description": step.description,
-                "status": step.status.value, "confidence": step.confidence,
+                "status": step.status._value_, "confidence": step.confidence,
             })
             if waiting is not None:
                 await waiting
@@ -143,7 +143,7 @@ class Run:
         if step.status is status and step.progress == progress and step.note == note:
             return
         step.status, step.progress, step.note = status, progress, note
-        waiting = self._sunk(EventType.PLAN_STEP_UPDATE, {"stepId": step.step_id, "status": status.value,
+        waiting = self._sunk(EventType.PLAN_STEP_UPDATE, {"stepId": step.step_id, "status": status._value_,
                                                           "progress": progress, "note": note})
         if waiting is not None:
             await waiting
@@ -164,7 +164,7 @@ class Run:
     async def end(self, status: RunStatus, reason: str, message: str) -> None:
         self.status = status
         self.pending_approval = None
-        self.end_data = {"status": status.value, "reason": reason, "message": message}
+        self.end_data = {"status": status._value_, "reason": reason, "message": message}
         waiting = self._sunk(EventType.END, self.end_data)
         if waiting is not None:
             await waiting
@@ -176,7 +176,7 @@ class Run:
             "sessionId": self.ids.session_id,
             "threadId": self.ids.thread_id,
             "traceId": self.ids.trace_id,
-            "status": self.status.value,
+            "status": self.status._value_,
             "lastSeq": self._seq,
             "createdAt": self.created_at,
             "plan": [step.as_dict() for step in self.plan],
