@@ -51,6 +51,20 @@ results above. Be concise and concrete.""")
 HISTORY_NOTE = "Earlier in this conversation:"
 
 
+def _format_of(template: Template) -> str:
+    """`template` as a str.format string: the same text for the same values, without
+    Template.substitute's regex pass over the whole text (the system prompt's 700 characters,
+    once per run, and each step's prompt)."""
+    text = template.template
+    if any(mark in text for mark in ("{", "}", "$$", "${")):
+        raise ValueError("a prompt template with braces or escapes needs its own formatting")
+    return re.sub(r"\$([_a-z][_a-z0-9]*)", r"{\1}", text, flags=re.IGNORECASE)
+
+
+_SYSTEM_FORMAT = _format_of(SYSTEM)
+_STEP_FORMAT = _format_of(STEP)
+
+
 def _orjson_renders_alike(value: Any) -> bool:
     """True when orjson's indented, sorted rendering of `value` is json.dumps' character for
     character: strings (without lone surrogates, which orjson refuses), integers in 64 bits,
@@ -94,7 +108,7 @@ def system_prompt(context: Mapping[str, Any] | str, tools: Sequence[ToolSpec], c
     if context_limit is not None and context_limit < len(rendered):
         keep = max(0, context_limit)
         rendered = rendered[:keep] + CONTEXT_SHORTENED.format(left=len(rendered) - keep)
-    return SYSTEM.substitute(context=rendered, tools=names, version=PROMPTS_VERSION)
+    return _SYSTEM_FORMAT.format(context=rendered, tools=names, version=PROMPTS_VERSION)
 
 
 def plan_prompt(max_steps: int, tools: Sequence[ToolSpec] = ()) -> str:
@@ -137,7 +151,7 @@ def plan_schema(tools: Sequence[ToolSpec], max_steps: int) -> dict[str, Any]:
 def step_prompt(index: int, total: int, description: str, tool: str | None, args: Mapping[str, Any]) -> str:
     suggestion = (f"The plan suggests calling {tool} with {json.dumps(dict(args), ensure_ascii=False)}."
                   if tool else "The plan suggests no tool for this step.")
-    return STEP.substitute(index=index, total=total, description=description, suggestion=suggestion)
+    return _STEP_FORMAT.format(index=index, total=total, description=description, suggestion=suggestion)
 
 
 def answer_prompt() -> str:
