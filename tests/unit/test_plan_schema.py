@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from domain.model.plan import PlanSchema, read_plan
+from domain.model.plan import PlanSchema, _compiles_exactly, read_plan
 from domain.model.tools import ToolSpec
 from domain.services import prompts
 from tests.unit.fakes import RecordingTool, ScriptedModel, text
@@ -89,16 +89,63 @@ def test_the_cheap_check_is_the_one_that_runs_on_a_valid_plan() -> None:
     assert len(called) == 1  # a failing plan: the whole schema names the error
 
 
-def test_an_answer_that_is_just_a_failing_plan_is_checked_once() -> None:
-    """The whole text and its outermost braces are the same text then: one candidate, one whole
-    schema's check, the same problem (the offline model's plan for a direct answer, every run)."""
+def test_a_plan_with_too_few_or_too_many_steps_is_decided_without_the_whole_schema() -> None:
+    """The offline model's plan for a direct answer, every run: `{"steps": []}`. Its count is the
+    only error at the shortest path, so it is the whole schema's first error, found by hand."""
     checker = PlanSchema(SCHEMA)
     called: list[object] = []
     checker._whole = _Spy(checker._whole, called)  # type: ignore[assignment]
     reading = read_plan(json.dumps({"steps": []}), checker)
     assert reading == read_plan(json.dumps({"steps": []}), SCHEMA)
     assert reading.steps == [] and reading.problem == "the plan does not follow its schema at steps (minItems)"
-    assert called == [{"steps": []}]
+    too_many = read_plan(json.dumps({"steps": [{"description": "", "tool": "nope"}] * 4}), checker)
+    assert too_many.problem == "the plan does not follow its schema at steps (maxItems)"
+    assert called == []
+
+
+RICH = {"type": "object", "properties": {
+    "n": {"type": "integer", "minimum": 1, "maximum": 5, "default": 2},
+    "s": {"type": ["string", "null"], "minLength": 1, "maxLength": 3, "default": None},
+    "k": {"type": "string", "enum": ["x", "y"]},
+    "b": {"type": "boolean", "default": False},
+    "arr": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "maxItems": 2},
+    "o": {"anyOf": [{"type": "object", "required": ["a"]}, {"not": {"type": "object"}}]}},
+    "required": ["n"], "additionalProperties": False}
+# keywords the compiled check leaves to jsonschema: a pattern, a format, numbers compared by value,
+# a keyword of draft 2020-12 only
+ODD = {"type": "object", "properties": {
+    "p": {"type": "string", "pattern": "^a$"}, "f": {"type": "string", "format": "date"},
+    "e": {"enum": [1, "a"]}, "m": {"minimum": 2}, "u": {"type": "array", "uniqueItems": True},
+    "d": {"type": "integer"}}, "dependentRequired": {"d": ["p"]}}
+RICH_SCHEMA = prompts.plan_schema([ToolSpec("rich", "Rich.", RICH), ToolSpec("odd", "Odd.", ODD)], 3)
+ARGS: list[Any] = [
+    {"n": 1}, {"n": 5}, {"n": 0}, {"n": 6}, {"n": 1.0}, {"n": 1.5}, {"n": True}, {"n": "1"}, {},
+    {"n": 2, "s": None}, {"n": 2, "s": ""}, {"n": 2, "s": "abcd"}, {"n": 2, "s": "é"}, {"n": 2, "s": 1},
+    {"n": 2, "k": "x"}, {"n": 2, "k": "z"}, {"n": 2, "k": None}, {"n": 2, "b": 0}, {"n": 2, "b": True},
+    {"n": 2, "arr": [1, 2.5]}, {"n": 2, "arr": [0]}, {"n": 2, "arr": [1, 2, 3]}, {"n": 2, "arr": [True]},
+    {"n": 2, "o": {"a": 1}}, {"n": 2, "o": {}}, {"n": 2, "o": 3}, {"n": 2, "extra": 1}, [], None,
+]
+ODD_ARGS: list[Any] = [
+    {"p": "a"}, {"p": "a\n"}, {"p": "ba"}, {"f": "2026-12-08"}, {"f": "not a date"}, {"e": 1}, {"e": True},
+    {"e": 1.0}, {"m": True}, {"m": 1}, {"m": "x"}, {"u": [1, True]}, {"u": [1, 1.0]}, {"d": 1}, {"d": 1, "p": "a"}, {},
+]
+
+
+@pytest.mark.parametrize(("tool", "args"), [("rich", a) for a in ARGS] + [("odd", a) for a in ODD_ARGS],
+                         ids=[f"rich-{json.dumps(a)}" for a in ARGS] + [f"odd-{json.dumps(a)}" for a in ODD_ARGS])
+def test_a_steps_compiled_check_gives_jsonschemas_verdict(tool: str, args: Any) -> None:
+    plan = {"steps": [{"description": "Do it", "tool": tool, "args": args}]}
+    error = PlanSchema(RICH_SCHEMA).first_error(plan)
+    whole = sorted(Draft202012Validator(RICH_SCHEMA).iter_errors(plan), key=lambda e: list(e.path))
+    assert (None if error is None else ("/".join(map(str, error.path)), error.validator)) == (
+        None if not whole else ("/".join(map(str, whole[0].path)), str(whole[0].validator)))
+
+
+def test_a_compiled_check_fills_in_no_defaults() -> None:
+    assert _compiles_exactly(RICH_SCHEMA["properties"]["steps"]["items"]["anyOf"][1])  # the compiled check runs
+    reading = read_plan(json.dumps({"steps": [{"description": "Do it", "tool": "rich", "args": {"n": 3}}]}),
+                        PlanSchema(RICH_SCHEMA))
+    assert reading.problem is None and reading.steps[0].args == {"n": 3}
 
 
 def test_a_schema_whose_steps_are_not_told_apart_by_tool_is_checked_whole() -> None:

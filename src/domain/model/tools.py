@@ -73,6 +73,8 @@ class ToolRegistry:
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, Draft202012Validator] = {}
         self._overrides = dict(approval_overrides or {})
+        # sorted by name once per registration, not on each of a run's several reads
+        self._specs: tuple[ToolSpec, ...] = ()
         for tool in tools:
             self.register(tool)
 
@@ -82,6 +84,7 @@ class ToolRegistry:
         Draft202012Validator.check_schema(dict(tool.spec.parameters))
         self._tools[tool.spec.name] = tool
         self._validators[tool.spec.name] = Draft202012Validator(dict(tool.spec.parameters))
+        self._specs = tuple(self._tools[name].spec for name in self.names())
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
@@ -90,7 +93,7 @@ class ToolRegistry:
         return sorted(self._tools)
 
     def specs(self) -> list[ToolSpec]:
-        return [self._tools[name].spec for name in self.names()]
+        return list(self._specs)
 
     def get(self, name: str) -> Tool:
         try:

@@ -123,6 +123,7 @@ class _ToolSet:
     plan: PlanSchema
     # one tuple for every request while the tools stay: the context fitter counts its tokens once
     model_schemas: tuple[dict[str, Any], ...]
+    plan_prompt: str
 
 
 @dataclass(slots=True)
@@ -175,7 +176,7 @@ class Agent:
                 or any(a is not b for a, b in zip(cached.specs, specs, strict=True)):
             cached = self._tool_set = _ToolSet(
                 tuple(specs), PlanSchema(prompts.plan_schema(specs, self._limits.max_steps)),
-                tuple(spec.as_model_schema() for spec in specs))
+                tuple(spec.as_model_schema() for spec in specs), prompts.plan_prompt(self._limits.max_steps, specs))
         return cached
 
     def _pack_dictionary(self) -> bytes:
@@ -257,10 +258,8 @@ class Agent:
         messages = list(conversation.messages)
         if instruction is not None:
             messages.append(ChatMessage(Role.USER, instruction))
-        specs = self._tools.specs()
-
         def render_system(limit: int | None) -> str:
-            return prompts.system_prompt(run.request.agent_context(), specs, limit)
+            return prompts.system_prompt(run.request.agent_context(), self._tools.specs(), limit)
 
         fitted = await self._fitter.fit(messages, max_tokens=max_tokens, tools=tools, history=conversation.history,
                                         render_system=render_system, context_chars=conversation.context_chars)
@@ -276,10 +275,9 @@ class Agent:
     async def _plan(self, run: Run, conversation: _Conversation) -> list[PlanStep]:
         await run.timeline_update("plan", "Plan the work", StepStatus.IN_PROGRESS, 0.0)
         views = self._tool_views()
-        specs, schema = views.specs, views.plan
+        schema = views.plan
         request = await self._request(run, conversation, Purpose.PLAN, self._budgets.plan,
-                                      instruction=prompts.plan_prompt(self._limits.max_steps, specs),
-                                      json_schema=schema.schema)
+                                      instruction=views.plan_prompt, json_schema=schema.schema)
         # The plan is shown as it is written: the step descriptions, as far as the model got.
         shown = _ThoughtStream(run, ThoughtType.PLANNING)
         reasoning = _ThoughtStream(run, ThoughtType.REASONING)

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from string import Template
 from typing import Any
 
+import orjson
+
 from domain.model.tools import ToolSpec
 
 PROMPTS_VERSION = "2026-12-07.1"
@@ -49,11 +51,49 @@ results above. Be concise and concrete.""")
 HISTORY_NOTE = "Earlier in this conversation:"
 
 
+def _format_of(template: Template) -> str:
+    """`template` as a str.format string: the same text for the same values, without
+    Template.substitute's regex pass over the whole text (the system prompt's 700 characters,
+    once per run, and each step's prompt)."""
+    text = template.template
+    if any(mark in text for mark in ("{", "}", "$$", "${")):
+        raise ValueError("a prompt template with braces or escapes needs its own formatting")
+    return re.sub(r"\$([_a-z][_a-z0-9]*)", r"{\1}", text, flags=re.IGNORECASE)
+
+
+_SYSTEM_FORMAT = _format_of(SYSTEM)
+_STEP_FORMAT = _format_of(STEP)
+
+
+def _orjson_renders_alike(value: Any) -> bool:
+    """True when orjson's indented, sorted rendering of `value` is json.dumps' character for
+    character: strings (without lone surrogates, which orjson refuses), integers in 64 bits,
+    booleans, null, and lists and string-keyed objects of them. Floats (whose exponents the two
+    write differently) and anything `default=str` would render are left to json."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-(2**63) <= value < 2**64)
+    if kind is dict:
+        return all(type(k) is str and _orjson_renders_alike(v) for k, v in value.items())
+    if kind is list:
+        return all(_orjson_renders_alike(v) for v in value)
+    return False
+
+
 def render_context(context: Mapping[str, Any]) -> str:
     known = {k: context[k] for k in KNOWN_CONTEXT_KEYS if k in context}
     others = {k: v for k, v in context.items() if k not in known}
     if others:
         known["other"] = others
+    # json.dumps with an indent runs its pure-Python encoder (about 25 us for a page's context,
+    # once per run); orjson writes the same text where it surely does
+    if _orjson_renders_alike(known):
+        try:
+            return orjson.dumps(known, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate, or nesting deeper than orjson goes
+            pass
     return json.dumps(known, ensure_ascii=False, indent=2, sort_keys=True, default=str)
 
 
@@ -68,7 +108,7 @@ def system_prompt(context: Mapping[str, Any] | str, tools: Sequence[ToolSpec], c
     if context_limit is not None and context_limit < len(rendered):
         keep = max(0, context_limit)
         rendered = rendered[:keep] + CONTEXT_SHORTENED.format(left=len(rendered) - keep)
-    return SYSTEM.substitute(context=rendered, tools=names, version=PROMPTS_VERSION)
+    return _SYSTEM_FORMAT.format(context=rendered, tools=names, version=PROMPTS_VERSION)
 
 
 def plan_prompt(max_steps: int, tools: Sequence[ToolSpec] = ()) -> str:
@@ -111,7 +151,7 @@ def plan_schema(tools: Sequence[ToolSpec], max_steps: int) -> dict[str, Any]:
 def step_prompt(index: int, total: int, description: str, tool: str | None, args: Mapping[str, Any]) -> str:
     suggestion = (f"The plan suggests calling {tool} with {json.dumps(dict(args), ensure_ascii=False)}."
                   if tool else "The plan suggests no tool for this step.")
-    return STEP.substitute(index=index, total=total, description=description, suggestion=suggestion)
+    return _STEP_FORMAT.format(index=index, total=total, description=description, suggestion=suggestion)
 
 
 def answer_prompt() -> str:
