@@ -14,7 +14,7 @@ from adapters.http.json_depth import install_depth_limited_json
 from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, docs, health, hitl, runs, stream
-from adapters.http.web import CorsPolicy, install_authentication, install_request_context
+from adapters.http.web import CorsPolicy, install_authentication, install_request_context, pass_responses_through
 from app.container import Container, shutdown
 from app.settings import Settings, load_settings
 from domain.model.errors import StoreUnavailable
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
         openapi_provider_class=AuraOpenAPIProvider,
     )
+    pass_responses_through(app)
     register_problem_handlers(app)
     install_depth_limited_json(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))

@@ -31,6 +31,22 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, content_type="application/json")
 
 
+def pass_responses_through(app: Quart) -> None:
+    """Hand a Response a route or error handler returns straight to Quart. quart-schema wraps the
+    app's `make_response` to turn returned pydantic models and dataclasses into JSON, and runs its
+    type checks on every result; a Response (what every route of the run and approval paths
+    returns) needs none of them. Install after QuartSchema."""
+    converting = app.make_response
+    plain = type(app).make_response
+
+    async def make_response(result: Any) -> Any:
+        if isinstance(result, Response):
+            return await plain(app, result)
+        return await converting(result)
+
+    app.make_response = make_response  # type: ignore[method-assign]
+
+
 @dataclass(frozen=True, slots=True)
 class CorsPolicy:
     origins: frozenset[str]

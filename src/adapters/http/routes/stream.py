@@ -12,8 +12,8 @@ import orjson
 from dependency_injector.wiring import Provide, inject
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, g, request
-from quart_schema import validate_request
 
+from adapters.http.bodies import validate_body
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
 from adapters.http.streams import StreamConfig, live_frames, resumed_frames, sse_response
@@ -85,7 +85,7 @@ def forget_body() -> None:
 
 
 @bp.post("/aura/test/stream")
-@validate_request(StreamRequest)
+@validate_body(StreamRequest)
 @inject
 async def stream(data: StreamRequest, access: RunAccess = Provide["run_access"],
                  config: StreamConfig = Provide["stream_config"]) -> Response:
