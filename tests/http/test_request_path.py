@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import quart_schema.extension
 from pydantic import TypeAdapter, ValidationError
+from quart import Quart
 from quart.typing import TestClientProtocol
 
 from adapters.http.routes.stream import StreamRequest
@@ -89,3 +90,17 @@ async def test_a_route_returning_a_plain_value_is_still_converted_by_quart_schem
 
     assert response.status_code == 200 and (await response.get_json())["status"] == "ready"
     assert len(responses_converted) == 1
+
+
+def test_no_route_resolves_its_services_through_a_wrapper_per_call(app: Quart) -> None:
+    """Routes call their services' providers; dependency-injector's @inject wrapped each call in a
+    coroutine (`_patched`) that resolved every `Provide[...]` default again."""
+    wrapped = []
+    for endpoint, view in app.view_functions.items():
+        layer = view
+        while layer is not None:
+            if layer.__code__.co_name == "_patched":
+                wrapped.append(endpoint)
+            layer = getattr(layer, "__wrapped__", None)
+    assert "stream.stream" in app.view_functions and "hitl.approve" in app.view_functions
+    assert wrapped == []

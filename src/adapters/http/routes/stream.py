@@ -6,10 +6,10 @@ import asyncio
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
-from dependency_injector.wiring import Provide, inject
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, g, request
 
@@ -21,8 +21,6 @@ from adapters.http.web import current_principal
 from domain.model.errors import RunStartsTooFrequent, ShuttingDown, TooManyRuns
 from domain.model.run import DisconnectPolicy, RunRequest
 from domain.services.access import Attached, RunAccess
-
-bp = Blueprint("stream", __name__)
 
 SOURCES = ("AURA", "FRONTEND", "INTERNAL", "BATCH")
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -84,12 +82,21 @@ def forget_body() -> None:
     cached[False] = cached[True] = Ellipsis
 
 
-@bp.post("/aura/test/stream")
-@validate_body(StreamRequest)
-@inject
-async def stream(data: StreamRequest, access: RunAccess = Provide["run_access"],
-                 config: StreamConfig = Provide["stream_config"]) -> Response:
-    """Start an agent run and stream its events as Server-Sent Events."""
+def blueprint(access: Callable[[], RunAccess], config: Callable[[], StreamConfig]) -> Blueprint:
+    """The stream route, given its services' providers at app creation (each a cheap call per
+    request: dependency-injector's @inject resolved them through a wrapper coroutine per call)."""
+    bp = Blueprint("stream", __name__)
+
+    @bp.post("/aura/test/stream")
+    @validate_body(StreamRequest)
+    async def stream(data: StreamRequest) -> Response:
+        """Start an agent run and stream its events as Server-Sent Events."""
+        return await start_stream(data, access(), config())
+
+    return bp
+
+
+async def start_stream(data: StreamRequest, access: RunAccess, config: StreamConfig) -> Response:
     if len(data.prompt) > config.max_prompt_chars:
         raise Problem(422, "prompt_too_long", f"prompt is longer than {config.max_prompt_chars} characters.")
     context = data.context.model_dump(exclude_unset=True)
