@@ -56,11 +56,19 @@ class CorsPolicy:
         return origin is not None and ("*" in self.origins or origin in self.origins)
 
 
+def header(req: Request, name: str) -> str | None:
+    """The header's first value, or None. werkzeug's `Headers.get` raises and catches an exception
+    (a KeyError that is also an HTTPException) for every header that is not there, which is most
+    of the optional ones on most requests; `getlist` does not."""
+    values = req.headers.getlist(name)
+    return values[0] if values else None
+
+
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _has_body(req: Request) -> bool:
-    return bool(req.content_length) or "chunked" in req.headers.get("Transfer-Encoding", "").lower()
+    return bool(req.content_length) or "chunked" in (header(req, "Transfer-Encoding") or "").lower()
 
 
 def _is_json(mimetype: str) -> bool:
@@ -76,16 +84,16 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
         req: Request = cast(Any, request)._get_current_object()
         context = cast(Any, g)._get_current_object()
         fresh = os.urandom(32).hex()  # a trace id (16 bytes), a span id and a request id (8 each)
-        match = _TRACEPARENT.match(req.headers.get("traceparent", "").strip().lower())
+        match = _TRACEPARENT.match((header(req, "traceparent") or "").strip().lower())
         context.trace_id = trace_id = match.group(1) if match else fresh[:32]
         # Propagate the caller's trace with a new span of ours, as W3C trace context asks.
         context.traceparent = f"00-{trace_id}-{fresh[32:48]}-01"
-        given = req.headers.get("X-Request-ID", "")
+        given = header(req, "X-Request-ID") or ""
         context.request_id = request_id = given if _REQUEST_ID.match(given) else fresh[48:]
         bind_log_context(traceId=trace_id, requestId=request_id)
         method = req.method
         if method == "OPTIONS" and "Access-Control-Request-Method" in req.headers:
-            origin = req.headers.get("Origin")
+            origin = header(req, "Origin")
             if not cors.allows(origin):
                 raise Problem(403, "cors_origin_refused", "This origin may not call Aura.")
             response = Response("", status=204)
@@ -103,7 +111,7 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
     async def _decorate(response: Response) -> Response:
         response.headers["X-Request-ID"] = getattr(g, "request_id", "")
         if cors.origins:
-            origin = request.headers.get("Origin")
+            origin = header(request, "Origin")
             if cors.allows(origin) and "Access-Control-Allow-Origin" not in response.headers:
                 response.headers["Access-Control-Allow-Origin"] = origin or ""
                 response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS

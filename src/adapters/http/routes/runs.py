@@ -10,7 +10,7 @@ from quart import Blueprint, Response, request
 
 from adapters.http.problems import Problem
 from adapters.http.streams import StreamConfig, resumed_frames, sse_response
-from adapters.http.web import current_principal, json_response
+from adapters.http.web import current_principal, header, json_response
 from domain.services.access import RunAccess
 
 
@@ -28,7 +28,7 @@ _LAST_EVENT_ID = re.compile(r"^(?:([A-Za-z0-9_.\-]{1,128}):)?([0-9]{1,18})$")
 def last_event_id() -> ResumePoint:
     """Where to resume: the Last-Event-ID header (EventSource and fetch-event-source set it), or
     ?lastEventId=. Aura's ids are `<runId>:<seq>`; a bare `<seq>` is accepted too."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
+    raw = header(request, "Last-Event-ID") or (request.args.get("lastEventId") if request.query_string else None) or "0"
     match = _LAST_EVENT_ID.match(raw.strip())
     if match is None:
         raise Problem(422, "invalid_last_event_id",

@@ -17,7 +17,7 @@ from adapters.http.bodies import validate_body
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
 from adapters.http.streams import StreamConfig, live_frames, resumed_frames, sse_response
-from adapters.http.web import current_principal
+from adapters.http.web import current_principal, header
 from domain.model.errors import RunStartsTooFrequent, ShuttingDown, TooManyRuns
 from domain.model.run import DisconnectPolicy, RunRequest
 from domain.services.access import Attached, RunAccess
@@ -60,7 +60,7 @@ class StreamRequest(BaseModel):
 
 
 def _optional_header(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
-    value = request.headers.get(name)
+    value = header(request, name)
     if value is None:
         return None
     value = value.strip()
@@ -123,7 +123,7 @@ async def start_stream(data: StreamRequest, access: RunAccess, config: StreamCon
     fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
                                               option=orjson.OPT_SORT_KEYS)).hexdigest()
     idempotency = None
-    key = request.headers.get("Idempotency-Key")
+    key = header(request, "Idempotency-Key")
     if key is not None:
         if not _IDEMPOTENCY_KEY.match(key):
             raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII characters.")
