@@ -58,6 +58,7 @@ def _token_verifier(settings: Settings, clock: Clock) -> JoseTokenVerifier:
         audience=auth.audience or None,
         leeway_seconds=auth.leeway_seconds,
         max_token_age_seconds=auth.max_token_age_seconds,
+        verified_cache_size=auth.verified_token_cache_size,
         key_id=auth.key_id or None,
         allow_short_secret=auth.dev_mode,
         clock=clock,

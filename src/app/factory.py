@@ -8,13 +8,12 @@ import logging
 from quart import Quart
 from quart_schema import QuartSchema
 
-from adapters.http import routes
 from adapters.http.asgi import SendTimeoutMiddleware
 from adapters.http.json_depth import install_depth_limited_json
 from adapters.http.openapi import AuraOpenAPIProvider
 from adapters.http.problems import register_problem_handlers
 from adapters.http.routes import console, docs, health, hitl, runs, stream
-from adapters.http.web import CorsPolicy, install_authentication, install_request_context
+from adapters.http.web import CorsPolicy, install_authentication, install_request_context, pass_responses_through
 from app.container import Container, shutdown
 from app.settings import Settings, load_settings
 from domain.model.errors import StoreUnavailable
@@ -26,7 +25,6 @@ def create_app(settings: Settings | None = None, container: Container | None = N
     settings = settings or load_settings()
     settings.check_startup()
     container = container or Container(settings=settings)
-    container.wire(packages=[routes])
 
     app = Quart("aura")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
@@ -42,20 +40,27 @@ def create_app(settings: Settings | None = None, container: Container | None = N
         swagger_ui_path="/docs", redoc_ui_path=None, scalar_ui_path=None,
         openapi_provider_class=AuraOpenAPIProvider,
     )
+    pass_responses_through(app)
     register_problem_handlers(app)
     install_depth_limited_json(app)
     install_request_context(app, CorsPolicy(frozenset(settings.server.cors_origins)))
     metrics = container.metrics()
+    # Each route module's blueprint takes the providers of the services it uses: a provider call per
+    # request, where dependency-injector's @inject added a resolver and a wrapper coroutine per call.
+    protected = [stream.blueprint(container.run_access, container.stream_config),
+                 hitl.blueprint(container.approval_desk),
+                 runs.blueprint(container.run_access, container.stream_config)]
     install_authentication(app, container.authenticator(),
-                           protected_blueprints={stream.bp.name, hitl.bp.name, runs.bp.name},
+                           protected_blueprints={blueprint.name for blueprint in protected},
                            on_failure=metrics.auth_failed)
 
-    app.register_blueprint(health.bp)
+    app.register_blueprint(health.blueprint(container.health_probe, container.run_service, container.metrics,
+                                            container.metrics_require_auth, container.authenticator))
     app.register_blueprint(docs.bp)
-    app.register_blueprint(console.bp)  # public: the page holds no data; its API calls carry a token
-    app.register_blueprint(stream.bp)
-    app.register_blueprint(hitl.bp)
-    app.register_blueprint(runs.bp)
+    # The console is public: its page holds no data, and its API calls carry a token.
+    app.register_blueprint(console.blueprint(container.console_config))
+    for blueprint in protected:
+        app.register_blueprint(blueprint)
 
     preparing: set[asyncio.Task[None]] = set()
 

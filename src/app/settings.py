@@ -168,6 +168,10 @@ class AuthSettings(BaseModel):
     max_token_age_seconds: int = Field(86_400, ge=60, description="Longest token lifetime accepted: a token whose "
                                                                   "exp - iat, or exp - now, is longer is refused "
                                                                   "(401 token_lifetime_too_long).")
+    verified_token_cache_size: int = Field(
+        1024, ge=0, description="Verified tokens remembered (least recently used out), so a token sent again "
+        "skips its signature and claim checks; its exp/nbf are checked on every use. ~0.7 KiB each; 0 turns "
+        "the cache off.")
     dev_mode: bool = False
 
     _split = field_validator("trusted_service_roles", mode="before")(_list_from_env)

@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from dependency_injector import providers
 from jose import jwt
 from quart import Quart, g, request
 
+from app.container import Container
 from app.factory import create_app
 from app.settings import Settings
+from domain.model.ports import Clock
 from tests.http.live import open_stream
 from tests.support import SECRET, token
 
@@ -212,3 +215,50 @@ async def test_the_maximum_token_age_is_a_setting(make_settings: Callable[..., S
     hour = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {token(ttl_seconds=3600)}"})
     assert short.status_code == 200
     assert hour.status_code == 401 and (await hour.get_json())["code"] == "token_lifetime_too_long"
+
+
+class MovingClock(Clock):
+    def __init__(self, now: float) -> None:
+        self.at = now
+
+    def now(self) -> float:
+        return self.at
+
+
+async def test_a_token_verified_before_is_refused_once_expired_with_the_same_problem(
+        make_settings: Callable[..., Settings]) -> None:
+    """The verifier remembers verified tokens; a remembered one still expires on time, and the
+    caller gets exactly the problem an unremembered expired token gets."""
+    clock = MovingClock(NOW)
+    container = Container(settings=make_settings())
+    container.clock.override(providers.Object(clock))
+    client = create_app(container.settings(), container).test_client()
+    fresh = raw(claims(exp=NOW + 600))
+    leeway = make_settings().auth.leeway_seconds
+
+    for _ in range(2):
+        accepted = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {fresh}"})
+        assert accepted.status_code == 200
+    clock.at = NOW + 600 + leeway
+    remembered = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {fresh}"})
+    never_seen = await client.get("/aura/hitl/requests",
+                                  headers={"Authorization": "Bearer " + raw(claims(exp=NOW + 600, jti="other"))})
+
+    for response in (remembered, never_seen):
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token", error_description="token_expired"'
+        problem = await response.get_json()
+        del problem["traceId"]
+        assert problem == {"type": "https://dwp.example/problems/token_expired", "title": "Unauthorized",
+                           "status": 401, "detail": "The token has expired.", "code": "token_expired"}
+
+
+async def test_a_verified_token_with_a_changed_signature_is_refused(client: Any) -> None:
+    good = raw(claims())
+    assert (await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {good}"})).status_code == 200
+    at = len(good) - 10
+    forged = good[:at] + ("A" if good[at] != "A" else "B") + good[at + 1:]
+
+    response = await client.get("/aura/hitl/requests", headers={"Authorization": f"Bearer {forged}"})
+
+    assert response.status_code == 401 and (await response.get_json())["code"] == "invalid_signature"

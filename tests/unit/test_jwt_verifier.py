@@ -65,7 +65,8 @@ def keys() -> Keys:
 def jose_verifier(**options: Any) -> JoseTokenVerifier:
     """A verifier with the settings' defaults for what a case does not name."""
     defaults = {"leeway_seconds": DEFAULTS.auth.leeway_seconds,
-                "max_token_age_seconds": DEFAULTS.auth.max_token_age_seconds, "clock": SystemClock()}
+                "max_token_age_seconds": DEFAULTS.auth.max_token_age_seconds,
+                "verified_cache_size": DEFAULTS.auth.verified_token_cache_size, "clock": SystemClock()}
     return JoseTokenVerifier(**(defaults | options))
 
 
@@ -395,6 +396,167 @@ def test_verifier_pinned_to_several_hs_algorithms_accepts_each() -> None:
     assert raised.value.code == "unsupported_algorithm"
 
 
+# --- the cache of verified tokens -----------------------------------------------------------------
+
+
+class MovingClock(Clock):
+    def __init__(self, now: float) -> None:
+        self.at = now
+
+    def now(self) -> float:
+        return self.at
+
+
+class CountingSignatureChecks:
+    """Counts python-jose's signature checks: a token answered from the cache makes none."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = jws.verify
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("adapters.jwt.verifier.jws.verify", counted)
+
+
+@pytest.fixture
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> CountingSignatureChecks:
+    return CountingSignatureChecks(monkeypatch)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_a_token_sent_again_gets_the_same_outcome(case: Case, keys: Keys) -> None:
+    verifier = make_verifier(case.verifier, keys)
+    token = case.token(keys)
+
+    outcomes = []
+    for _ in range(3):
+        try:
+            outcomes.append(verifier.verify(token))
+        except AuthError as error:
+            outcomes.append((error.code, error.status, error.message))
+
+    first = case.expected if isinstance(case.expected, Claims) else outcomes[0]
+    assert outcomes == [first] * 3
+    assert verifier.cached_tokens == (1 if isinstance(case.expected, Claims) else 0)
+
+
+def test_a_token_sent_again_is_verified_once(signature_checks: CountingSignatureChecks, keys: Keys) -> None:
+    verifier = make_verifier("hs", keys)
+    token = hs(claims(), headers={"kid": KID})
+
+    assert [verifier.verify(token) for _ in range(5)] == [expected_claims()] * 5
+    assert signature_checks.calls == 1
+
+
+def test_a_cached_token_past_its_exp_is_refused_as_an_uncached_one_is(keys: Keys) -> None:
+    clock = MovingClock(NOW)
+    verifier = jose_verifier(algorithms=["HS256"], secret=SECRET, clock=clock)
+    token = hs(claims(exp=NOW + 600))
+    verifier.verify(token)
+    assert verifier.cached_tokens == 1
+
+    clock.at = NOW + 600 + LEEWAY - 1  # still within the leeway: served from the cache
+    assert verifier.verify(token).exp == NOW + 600
+    clock.at = NOW + 600 + LEEWAY
+    with pytest.raises(AuthError) as cached:
+        verifier.verify(token)
+    with pytest.raises(AuthError) as uncached:
+        jose_verifier(algorithms=["HS256"], secret=SECRET, clock=clock).verify(token)
+
+    assert (cached.value.code, cached.value.status, cached.value.message) == (
+        "token_expired", 401, "The token has expired.")
+    assert (cached.value.code, cached.value.status, cached.value.message) == (
+        uncached.value.code, uncached.value.status, uncached.value.message)
+    assert cached.value.__cause__ is None
+    assert verifier.cached_tokens == 0  # an expired token is dropped, not kept
+
+
+def test_a_cached_token_is_refused_before_its_nbf_when_the_clock_steps_back(keys: Keys) -> None:
+    clock = MovingClock(NOW)
+    verifier = jose_verifier(algorithms=["HS256"], secret=SECRET, clock=clock)
+    token = hs(claims(nbf=NOW))
+    verifier.verify(token)
+
+    clock.at = NOW - LEEWAY - 1
+    with pytest.raises(AuthError) as raised:
+        verifier.verify(token)
+    assert (raised.value.code, raised.value.message) == ("token_not_yet_valid", "The token is not valid yet.")
+
+
+# (Not the last character: of an HS256 signature's last base64 character only 2 bits are
+# signature, the other 4 decode to nothing.)
+@pytest.mark.parametrize("from_signature_end", [2, 10, 42])
+def test_a_cached_token_with_one_signature_character_changed_is_refused(
+        signature_checks: CountingSignatureChecks, keys: Keys, from_signature_end: int) -> None:
+    verifier = make_verifier("hs", keys)
+    token = hs(claims(), headers={"kid": KID})
+    verifier.verify(token)
+    at = len(token) - from_signature_end
+    changed = token[:at] + ("A" if token[at] != "A" else "B") + token[at + 1:]
+
+    with pytest.raises(AuthError) as raised:
+        verifier.verify(changed)
+    assert raised.value.code == "invalid_signature"
+    assert signature_checks.calls == 2
+    assert verifier.cached_tokens == 1
+
+
+def test_only_verified_tokens_enter_the_cache(keys: Keys) -> None:
+    verifier = make_verifier("hs", keys)
+    refused = [hs(claims(), secret="another-secret-of-more-than-32-bytes"), hs(claims(exp=NOW - 3600)),
+               hs(claims(aud="other")), "garbage", hs(claims(nbf=NOW + 3600))]
+    for token in refused:
+        with pytest.raises(AuthError):
+            verifier.verify(token)
+    assert verifier.cached_tokens == 0
+
+
+def test_the_cache_holds_at_most_its_size_dropping_the_least_recently_used(
+        signature_checks: CountingSignatureChecks) -> None:
+    verifier = jose_verifier(algorithms=["HS256"], secret=SECRET, clock=FixedClock(NOW), verified_cache_size=2)
+    first, second, third = (hs(claims(sub=f"u{index}")) for index in range(3))
+
+    verifier.verify(first)
+    verifier.verify(second)
+    verifier.verify(first)  # used again: `second` is now the least recently used
+    verifier.verify(third)
+    assert verifier.cached_tokens == 2
+    assert signature_checks.calls == 3
+
+    verifier.verify(first)
+    verifier.verify(third)
+    assert signature_checks.calls == 3  # both still cached
+    verifier.verify(second)
+    assert signature_checks.calls == 4  # dropped, so checked again
+
+
+def test_a_cache_of_size_zero_keeps_nothing(signature_checks: CountingSignatureChecks) -> None:
+    verifier = jose_verifier(algorithms=["HS256"], secret=SECRET, clock=FixedClock(NOW), verified_cache_size=0)
+    token = hs(claims())
+
+    verifier.verify(token)
+    verifier.verify(token)
+    assert (verifier.cached_tokens, signature_checks.calls) == (0, 2)
+
+
+def test_a_new_key_starts_with_an_empty_cache() -> None:
+    """The key is fixed for a verifier's lifetime: rotating it builds a new verifier (a restart
+    with the new setting), and a token the old one remembers is checked against the new key."""
+    old_secret, new_secret = SECRET, "the-rotated-secret-of-more-than-32-bytes"
+    token = hs(claims(), secret=old_secret)
+    before = jose_verifier(algorithms=["HS256"], secret=old_secret, clock=FixedClock(NOW))
+    before.verify(token)
+    after = jose_verifier(algorithms=["HS256"], secret=new_secret, clock=FixedClock(NOW))
+
+    assert after.cached_tokens == 0
+    with pytest.raises(AuthError) as raised:
+        after.verify(token)
+    assert raised.value.code == "invalid_signature"
+
+
 # --- configuration the constructor refuses --------------------------------------------------------
 
 
@@ -419,6 +581,7 @@ def test_verifier_pinned_to_several_hs_algorithms_accepts_each() -> None:
         ({"algorithms": "HS256", "secret": SECRET}, "non-empty list"),
         ({"algorithms": ["HS256"], "secret": SECRET, "leeway_seconds": -1}, "leeway_seconds"),
         ({"algorithms": ["HS256"], "secret": SECRET, "max_token_bytes": 0}, "max_token_bytes"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "verified_cache_size": -1}, "verified_cache_size"),
         ({"algorithms": ["HS256"], "secret": SECRET, "issuer": ""}, "issuer must be None"),
         ({"algorithms": ["HS256"], "secret": SECRET, "audience": " "}, "audience must be None"),
         ({"algorithms": ["HS256"], "secret": SECRET, "key_id": ""}, "key_id must be None"),

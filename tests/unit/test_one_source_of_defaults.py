@@ -35,7 +35,7 @@ TAKES_A_SETTING: list[tuple[Callable[..., Any], list[str]]] = [
     (RedisRunDirectory, ["max_log_length"]),
     (RedisConversationStore, ["ttl_seconds", "max_turns", "max_turn_bytes", "max_user_bytes"]),
     (RedisStartRateLimiter, ["limit", "window_seconds"]),
-    (JoseTokenVerifier, ["leeway_seconds", "max_token_age_seconds"]),
+    (JoseTokenVerifier, ["leeway_seconds", "max_token_age_seconds", "verified_cache_size"]),
     (git_tools, ["timeout_seconds", "max_output_bytes"]),
     (dwp_tools, ["timeout_seconds", "max_response_bytes"]),
     (DwpRequestTool, ["timeout_seconds", "max_response_bytes"]),

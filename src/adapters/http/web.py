@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from quart import Quart, Response, g, request
+from quart import Quart, Request, Response, g, request
 
 from adapters.http.auth import RequestAuthenticator, forget_authorization
 from adapters.http.problems import Problem
@@ -31,6 +31,22 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, content_type="application/json")
 
 
+def pass_responses_through(app: Quart) -> None:
+    """Hand a Response a route or error handler returns straight to Quart. quart-schema wraps the
+    app's `make_response` to turn returned pydantic models and dataclasses into JSON, and runs its
+    type checks on every result; a Response (what every route of the run and approval paths
+    returns) needs none of them. Install after QuartSchema."""
+    converting = app.make_response
+    plain = type(app).make_response
+
+    async def make_response(result: Any) -> Any:
+        if isinstance(result, Response):
+            return await plain(app, result)
+        return await converting(result)
+
+    app.make_response = make_response  # type: ignore[method-assign]
+
+
 @dataclass(frozen=True, slots=True)
 class CorsPolicy:
     origins: frozenset[str]
@@ -40,16 +56,19 @@ class CorsPolicy:
         return origin is not None and ("*" in self.origins or origin in self.origins)
 
 
-def incoming_traceparent() -> str | None:
-    header = request.headers.get("traceparent", "").strip().lower()
-    return header if _TRACEPARENT.match(header) else None
+def header(req: Request, name: str) -> str | None:
+    """The header's first value, or None. werkzeug's `Headers.get` raises and catches an exception
+    (a KeyError that is also an HTTPException) for every header that is not there, which is most
+    of the optional ones on most requests; `getlist` does not."""
+    values = req.headers.getlist(name)
+    return values[0] if values else None
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def _has_body() -> bool:
-    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+def _has_body(req: Request) -> bool:
+    return bool(req.content_length) or "chunked" in (header(req, "Transfer-Encoding") or "").lower()
 
 
 def _is_json(mimetype: str) -> bool:
@@ -57,18 +76,24 @@ def _is_json(mimetype: str) -> bool:
 
 
 def install_request_context(app: Quart, cors: CorsPolicy) -> None:
+    # The hooks run on every request: each takes the request and `g` from their context proxies
+    # once (a proxy resolves its context variable on every attribute access) and asks the OS for
+    # randomness once.
     @app.before_request
     async def _identify() -> Response | None:
-        parent = incoming_traceparent()
-        match = _TRACEPARENT.match(parent) if parent else None
-        g.trace_id = match.group(1) if match else secrets.token_hex(16)
+        req: Request = cast(Any, request)._get_current_object()
+        context = cast(Any, g)._get_current_object()
+        fresh = os.urandom(32).hex()  # a trace id (16 bytes), a span id and a request id (8 each)
+        match = _TRACEPARENT.match((header(req, "traceparent") or "").strip().lower())
+        context.trace_id = trace_id = match.group(1) if match else fresh[:32]
         # Propagate the caller's trace with a new span of ours, as W3C trace context asks.
-        g.traceparent = f"00-{g.trace_id}-{secrets.token_hex(8)}-01"
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
-        bind_log_context(traceId=g.trace_id, requestId=g.request_id)
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            origin = request.headers.get("Origin")
+        context.traceparent = f"00-{trace_id}-{fresh[32:48]}-01"
+        given = header(req, "X-Request-ID") or ""
+        context.request_id = request_id = given if _REQUEST_ID.match(given) else fresh[48:]
+        bind_log_context(traceId=trace_id, requestId=request_id)
+        method = req.method
+        if method == "OPTIONS" and "Access-Control-Request-Method" in req.headers:
+            origin = header(req, "Origin")
             if not cors.allows(origin):
                 raise Problem(403, "cors_origin_refused", "This origin may not call Aura.")
             response = Response("", status=204)
@@ -78,18 +103,19 @@ def install_request_context(app: Quart, cors: CorsPolicy) -> None:
             response.headers["Access-Control-Max-Age"] = str(cors.max_age_seconds)
             response.headers["Vary"] = "Origin"
             return response
-        if request.method in _BODY_METHODS and _has_body() and not _is_json(request.mimetype):
+        if method in _BODY_METHODS and _has_body(req) and not _is_json(req.mimetype):
             raise Problem(415, "unsupported_media_type", "Send the body as JSON, with Content-Type: application/json.")
         return None
 
     @app.after_request
     async def _decorate(response: Response) -> Response:
         response.headers["X-Request-ID"] = getattr(g, "request_id", "")
-        origin = request.headers.get("Origin")
-        if cors.allows(origin) and "Access-Control-Allow-Origin" not in response.headers:
-            response.headers["Access-Control-Allow-Origin"] = origin or ""
-            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
-            response.headers.add("Vary", "Origin")
+        if cors.origins:
+            origin = header(request, "Origin")
+            if cors.allows(origin) and "Access-Control-Allow-Origin" not in response.headers:
+                response.headers["Access-Control-Allow-Origin"] = origin or ""
+                response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+                response.headers.add("Vary", "Origin")
         return response
 
 
@@ -101,18 +127,21 @@ def install_authentication(app: Quart, authenticator: RequestAuthenticator,
 
     @app.before_request
     async def _authenticate() -> None:
-        if request.blueprint not in protected or request.method == "OPTIONS":
+        req: Request = cast(Any, request)._get_current_object()
+        if req.blueprint not in protected or req.method == "OPTIONS":
             return
         try:
-            token = authenticator.bearer_token(request)
-            g.principal = authenticator.authenticate(request, token)
+            token = authenticator.bearer_token(req)
+            principal = authenticator.authenticate(req, token)
         except AuthError as error:
             if on_failure is not None:
                 on_failure(error.code)
             raise
-        bind_log_context(traceId=g.trace_id, tenantId=g.principal.tenant_id, userId=g.principal.user_id)
-        g.bearer_token = token
-        forget_authorization(request)
+        context = cast(Any, g)._get_current_object()
+        context.principal = principal
+        context.bearer_token = token
+        bind_log_context(tenantId=principal.tenant_id, userId=principal.user_id)  # joins _identify's traceId
+        forget_authorization(req)
 
 
 def current_principal() -> Principal:

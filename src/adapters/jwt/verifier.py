@@ -4,17 +4,24 @@ python-jose only checks the signature here. Everything it would be lenient or va
 checked by hand, before or after it: the size and shape of the token, the header's `alg` against
 the pinned list (never the token's choice), the `kid`, and every claim (jose accepts `exp` as a
 numeric string, ignores a missing `aud`, does not look at a future `iat`, and names no codes).
+
+A token that passed all of that is remembered (bounded, least recently used first out), so a
+client that sends the same token on every request pays for the parsing, the signature and the
+claim checks once per token rather than once per request; its times are checked again on every
+use.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from jose import JOSEError, jwk, jws
 
@@ -66,6 +73,7 @@ class JoseTokenVerifier(TokenVerifier):
         audience: str | None = None,
         leeway_seconds: int,
         max_token_age_seconds: int,
+        verified_cache_size: int,
         key_id: str | None = None,
         max_token_bytes: int = 8192,
         min_secret_bytes: int = 32,
@@ -90,6 +98,8 @@ class JoseTokenVerifier(TokenVerifier):
             raise ValueError("max_token_age_seconds must be positive")
         if max_token_bytes <= 0:
             raise ValueError("max_token_bytes must be positive")
+        if verified_cache_size < 0:
+            raise ValueError("verified_cache_size must not be negative (0 turns the cache off)")
         for setting, value in (("issuer", issuer), ("audience", audience), ("key_id", key_id)):
             if value is not None and not value.strip():
                 raise ValueError(f"{setting} must be None (not checked) or a non-empty string")
@@ -109,6 +119,12 @@ class JoseTokenVerifier(TokenVerifier):
         self._key_id = key_id
         self._max_token_bytes = max_token_bytes
         self._clock = clock
+        # Verified tokens by the SHA-256 of their exact text: a token differing in any byte (another
+        # signature) is another key, only a token that passed every check is stored, and the cache
+        # holds no usable bearer token. The keys above are fixed for this verifier's lifetime, so
+        # the cache never outlives them: a new key means a new verifier with an empty cache.
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._verified_cache_size = verified_cache_size
 
     @staticmethod
     def _hmac_keys(
@@ -140,6 +156,17 @@ class JoseTokenVerifier(TokenVerifier):
         return keys
 
     def verify(self, token: str) -> Claims:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest() if isinstance(token, str) else b""
+        known = self._verified.get(digest)
+        if known is not None:
+            try:
+                # Only time moves: the signature, algorithm, key id, issuer and audience were checked.
+                self._check_times(known.exp, known.iat, known.nbf)
+            except AuthError:
+                del self._verified[digest]
+                raise
+            self._verified.move_to_end(digest)
+            return known.claims
         header = self._parse_header(token)
         algorithm = self._pinned_algorithm(header)
         self._check_key_id(header)
@@ -147,7 +174,17 @@ class JoseTokenVerifier(TokenVerifier):
             payload_bytes: bytes = jws.verify(token, self._keys[algorithm], algorithms=[algorithm])
         except JOSEError:
             _reject("invalid_signature", "The token's signature is not valid.")
-        return self._claims(self._decode_payload(payload_bytes))
+        verified = self._claims(self._decode_payload(payload_bytes))
+        if self._verified_cache_size:
+            self._verified[digest] = verified
+            if len(self._verified) > self._verified_cache_size:
+                self._verified.popitem(last=False)
+        return verified.claims
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens are remembered now."""
+        return len(self._verified)
 
     def _parse_header(self, token: str) -> dict[str, Any]:
         """Shape checks before any cryptography: size, three segments, a JSON object header."""
@@ -196,7 +233,7 @@ class JoseTokenVerifier(TokenVerifier):
             _reject("malformed_token", "The token payload is not a JSON object.")
         return payload
 
-    def _claims(self, payload: dict[str, Any]) -> Claims:
+    def _claims(self, payload: dict[str, Any]) -> _Verified:
         for name in _REQUIRED_CLAIMS:
             if name not in payload:
                 _reject("missing_claim", f"The token has no '{name}' claim.")
@@ -208,6 +245,24 @@ class JoseTokenVerifier(TokenVerifier):
         email = _optional_string(payload, "email")
         role = _optional_string(payload, "role")
 
+        self._check_times(exp, iat, nbf)
+        if self._issuer is not None:
+            self._check_issuer(payload)
+        if self._audience is not None:
+            self._check_audience(payload)
+
+        claims = Claims(
+            sub=sub,
+            tenant_id=tenant_id,
+            exp=int(exp),
+            iat=None if iat is None else int(iat),
+            email=email,
+            role=role,
+            extra=MappingProxyType({k: v for k, v in payload.items() if k not in _MAPPED_CLAIMS}),
+        )
+        return _Verified(claims, exp, iat, nbf)
+
+    def _check_times(self, exp: int | float, iat: int | float | None, nbf: int | float | None) -> None:
         now = self._clock.now()
         # RFC 7519: reject "on or after" exp and before nbf; the leeway absorbs clock skew.
         if now >= exp + self._leeway:
@@ -220,21 +275,6 @@ class JoseTokenVerifier(TokenVerifier):
         # lifetime, and what is left of it, must stay within the configured maximum.
         if (iat is not None and exp - iat > self._max_age) or exp - now > self._max_age + self._leeway:
             _reject("token_lifetime_too_long", f"The token is valid for longer than the maximum of {self._max_age} s.")
-
-        if self._issuer is not None:
-            self._check_issuer(payload)
-        if self._audience is not None:
-            self._check_audience(payload)
-
-        return Claims(
-            sub=sub,
-            tenant_id=tenant_id,
-            exp=int(exp),
-            iat=None if iat is None else int(iat),
-            email=email,
-            role=role,
-            extra=MappingProxyType({k: v for k, v in payload.items() if k not in _MAPPED_CLAIMS}),
-        )
 
     def _check_issuer(self, payload: Mapping[str, Any]) -> None:
         issuer = payload.get("iss")
@@ -256,6 +296,15 @@ class JoseTokenVerifier(TokenVerifier):
             audiences = []
         if self._audience not in audiences:
             _reject("invalid_audience", "The token is not meant for this service.")
+
+
+class _Verified(NamedTuple):
+    """A verified token's claims, and its times as sent (unrounded), to check again on each use."""
+
+    claims: Claims
+    exp: int | float
+    iat: int | float | None
+    nbf: int | float | None
 
 
 def _non_empty_string(payload: Mapping[str, Any], name: str) -> str:

@@ -12,15 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dependency_injector.wiring import Provide, inject
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import document_request, hide
 
 from adapters.http.bodies import optional_body
 from adapters.http.problems import Problem
-
-bp = Blueprint("console", __name__)
 
 CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"
 
@@ -95,40 +92,45 @@ async def _asset(name: str) -> Response:
     return Response(body, status=200, content_type=content_type, headers=_SECURITY_HEADERS)
 
 
-@bp.get("/aura/console")
-@hide
-async def page() -> Response:
-    """The console page."""
-    return await _asset("index.html")
+def blueprint(config: Callable[[], ConsoleConfig]) -> Blueprint:
+    """The console's page, assets and dev-token routes, given the console settings' provider."""
+    bp = Blueprint("console", __name__)
+
+    @bp.get("/aura/console")
+    @hide
+    async def page() -> Response:
+        """The console page."""
+        return await _asset("index.html")
+
+    @bp.get("/aura/console/")
+    @hide
+    async def page_with_slash() -> Response:
+        # A relative Location keeps working behind the gateway's /api prefix; the page's relative
+        # asset URLs only resolve from /aura/console itself.
+        return Response("", status=308, headers={"Location": "../console"})
+
+    @bp.get("/aura/console/<name>")
+    @hide
+    async def asset(name: str) -> Response:
+        """The console's scripts and styles."""
+        return await _asset(name)
+
+    @bp.get("/aura/console/config")
+    async def console_config() -> dict[str, Any]:
+        """What the console page may offer: `devMode` is true when it may mint dev tokens."""
+        return {"devMode": config().can_mint}
+
+    @bp.post("/aura/console/dev-token")
+    @document_request(DevTokenRequest)
+    async def dev_token() -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Mint a short-lived token for the console. Dev mode only: 404 otherwise."""
+        return await _dev_token(config())
 
 
-@bp.get("/aura/console/")
-@hide
-async def page_with_slash() -> Response:
-    # A relative Location keeps working behind the gateway's /api prefix; the page's relative
-    # asset URLs only resolve from /aura/console itself.
-    return Response("", status=308, headers={"Location": "../console"})
+    return bp
 
 
-@bp.get("/aura/console/<name>")
-@hide
-async def asset(name: str) -> Response:
-    """The console's scripts and styles."""
-    return await _asset(name)
-
-
-@bp.get("/aura/console/config")
-@inject
-async def console_config(config: ConsoleConfig = Provide["console_config"]) -> dict[str, Any]:
-    """What the console page may offer: `devMode` is true when it may mint dev tokens."""
-    return {"devMode": config.can_mint}
-
-
-@bp.post("/aura/console/dev-token")
-@document_request(DevTokenRequest)
-@inject
-async def dev_token(config: ConsoleConfig = Provide["console_config"]) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Mint a short-lived token for the console. Dev mode only: 404 otherwise."""
+async def _dev_token(config: ConsoleConfig) -> tuple[dict[str, Any], int, dict[str, str]]:
     if not config.can_mint or config.mint_dev_token is None:
         raise Problem(404, "not_found", "Dev tokens are only minted when Aura runs in dev mode.")
     wanted = await optional_body(DevTokenRequest)

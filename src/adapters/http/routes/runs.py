@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from dependency_injector.wiring import Provide, inject
 from quart import Blueprint, Response, request
 
 from adapters.http.problems import Problem
 from adapters.http.streams import StreamConfig, resumed_frames, sse_response
-from adapters.http.web import current_principal, json_response
+from adapters.http.web import current_principal, header, json_response
 from domain.services.access import RunAccess
-
-bp = Blueprint("runs", __name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +28,7 @@ _LAST_EVENT_ID = re.compile(r"^(?:([A-Za-z0-9_.\-]{1,128}):)?([0-9]{1,18})$")
 def last_event_id() -> ResumePoint:
     """Where to resume: the Last-Event-ID header (EventSource and fetch-event-source set it), or
     ?lastEventId=. Aura's ids are `<runId>:<seq>`; a bare `<seq>` is accepted too."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
+    raw = header(request, "Last-Event-ID") or (request.args.get("lastEventId") if request.query_string else None) or "0"
     match = _LAST_EVENT_ID.match(raw.strip())
     if match is None:
         raise Problem(422, "invalid_last_event_id",
@@ -38,18 +36,30 @@ def last_event_id() -> ResumePoint:
     return ResumePoint(match.group(1), int(match.group(2)))
 
 
-@bp.get("/aura/runs/<run_id>")
-@inject
-async def run_snapshot(run_id: str, access: RunAccess = Provide["run_access"]) -> Response:
-    """The run's current state: status, plan with step statuses, timeline, pending approval, answer so far."""
-    return json_response(await access.snapshot(current_principal(), run_id))
+def blueprint(access: Callable[[], RunAccess], config: Callable[[], StreamConfig]) -> Blueprint:
+    """The run routes, given their services' providers at app creation."""
+    bp = Blueprint("runs", __name__)
+
+    @bp.get("/aura/runs/<run_id>")
+    async def run_snapshot(run_id: str) -> Response:
+        """The run's current state: status, plan with step statuses, timeline, pending approval, answer so far."""
+        return json_response(await access().snapshot(current_principal(), run_id))
+
+    @bp.get("/aura/runs/<run_id>/events")
+    async def run_events(run_id: str) -> Response:
+        """Replay every event after Last-Event-ID, then follow the live run until `end` and [DONE]."""
+        return await resume_run(run_id, access(), config())
+
+    @bp.post("/aura/runs/<run_id>/cancel")
+    async def cancel_run(run_id: str) -> Response:
+        """Cancel the run wherever it runs; its watchers get `end` (cancelled, user_cancelled) and [DONE]."""
+        outcome = await access().cancel(current_principal(), run_id)
+        return json_response({"runId": run_id, "status": outcome}, 202 if outcome == "cancelling" else 200)
+
+    return bp
 
 
-@bp.get("/aura/runs/<run_id>/events")
-@inject
-async def run_events(run_id: str, access: RunAccess = Provide["run_access"],
-                     config: StreamConfig = Provide["stream_config"]) -> Response:
-    """Replay every event after Last-Event-ID, then follow the live run until `end` and [DONE]."""
+async def resume_run(run_id: str, access: RunAccess, config: StreamConfig) -> Response:
     after = last_event_id()
     if after.run_id not in (None, run_id):
         raise Problem(422, "invalid_last_event_id", "Last-Event-ID names another run.")
@@ -58,11 +68,3 @@ async def run_events(run_id: str, access: RunAccess = Provide["run_access"],
     slot = config.slots.take(principal.tenant_id, principal.user_id, run_id)  # 429 beyond the caps
     items = access.resume(principal, run_id, after.seq, config.heartbeat_seconds)
     return sse_response(resumed_frames(items, config, slot))
-
-
-@bp.post("/aura/runs/<run_id>/cancel")
-@inject
-async def cancel_run(run_id: str, access: RunAccess = Provide["run_access"]) -> Response:
-    """Cancel the run wherever it runs; its watchers get `end` (cancelled, user_cancelled) and [DONE]."""
-    outcome = await access.cancel(current_principal(), run_id)
-    return json_response({"runId": run_id, "status": outcome}, 202 if outcome == "cancelling" else 200)

@@ -6,23 +6,21 @@ import asyncio
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
-from dependency_injector.wiring import Provide, inject
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, g, request
-from quart_schema import validate_request
 
+from adapters.http.bodies import validate_body
 from adapters.http.problems import Problem
 from adapters.http.routes.runs import last_event_id
 from adapters.http.streams import StreamConfig, live_frames, resumed_frames, sse_response
-from adapters.http.web import current_principal
+from adapters.http.web import current_principal, header
 from domain.model.errors import RunStartsTooFrequent, ShuttingDown, TooManyRuns
 from domain.model.run import DisconnectPolicy, RunRequest
 from domain.services.access import Attached, RunAccess
-
-bp = Blueprint("stream", __name__)
 
 SOURCES = ("AURA", "FRONTEND", "INTERNAL", "BATCH")
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -62,7 +60,7 @@ class StreamRequest(BaseModel):
 
 
 def _optional_header(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
-    value = request.headers.get(name)
+    value = header(request, name)
     if value is None:
         return None
     value = value.strip()
@@ -84,12 +82,21 @@ def forget_body() -> None:
     cached[False] = cached[True] = Ellipsis
 
 
-@bp.post("/aura/test/stream")
-@validate_request(StreamRequest)
-@inject
-async def stream(data: StreamRequest, access: RunAccess = Provide["run_access"],
-                 config: StreamConfig = Provide["stream_config"]) -> Response:
-    """Start an agent run and stream its events as Server-Sent Events."""
+def blueprint(access: Callable[[], RunAccess], config: Callable[[], StreamConfig]) -> Blueprint:
+    """The stream route, given its services' providers at app creation (each a cheap call per
+    request: dependency-injector's @inject resolved them through a wrapper coroutine per call)."""
+    bp = Blueprint("stream", __name__)
+
+    @bp.post("/aura/test/stream")
+    @validate_body(StreamRequest)
+    async def stream(data: StreamRequest) -> Response:
+        """Start an agent run and stream its events as Server-Sent Events."""
+        return await start_stream(data, access(), config())
+
+    return bp
+
+
+async def start_stream(data: StreamRequest, access: RunAccess, config: StreamConfig) -> Response:
     if len(data.prompt) > config.max_prompt_chars:
         raise Problem(422, "prompt_too_long", f"prompt is longer than {config.max_prompt_chars} characters.")
     context = data.context.model_dump(exclude_unset=True)
@@ -116,7 +123,7 @@ async def stream(data: StreamRequest, access: RunAccess = Provide["run_access"],
     fingerprint = hashlib.sha256(orjson.dumps(data.model_dump(mode="json", by_alias=True),
                                               option=orjson.OPT_SORT_KEYS)).hexdigest()
     idempotency = None
-    key = request.headers.get("Idempotency-Key")
+    key = header(request, "Idempotency-Key")
     if key is not None:
         if not _IDEMPOTENCY_KEY.match(key):
             raise Problem(422, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII characters.")
