@@ -55,13 +55,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     by = defaultdict(list)
     for row in rows:
         if row["phase"] == "cpu_per_event":
-            by[(row["concurrency"], row["round"])].append(row)
-    levels = sorted({c for c, _ in by})
+            # each pass of a round is its own sample: ratios are taken inside a pass
+            by[(row["concurrency"], row["round"], row.get("pass_no", 0))].append(row)
+    levels = sorted({c for c, _, _ in by})
     for level in levels:
         per_server: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         ratios, ratios_with_redis, floor_ratios, over_floor, langgraph_ratios = [], [], [], [], []
         others_over_floor: dict[str, list[float]] = defaultdict(list)
-        for (c, _round), group in by.items():
+        for (c, _round, _pass), group in by.items():
             if c != level:
                 continue
             found = {r["server"]: r for r in group}
@@ -386,7 +387,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
     out += side_by_side(summary)
     out += ["", "## Server CPU per delivered event (200 events per run)", "",
             "| concurrent streams | Aura µs/event | Redis µs/event (Aura's) | Redis commands/event (Aura's) | "
-            "LangGraph dev µs/event | peer µs/event | floor µs/event | Aura ÷ floor (per round) | Aura ÷ peer | "
+            "LangGraph dev µs/event | peer µs/event | floor µs/event | Aura ÷ floor (per pass) | Aura ÷ peer | "
             "LangGraph ÷ Aura | client µs/event (Aura / peer) | errors (Aura / LangGraph) | "
             f"goal Aura ÷ floor ≤ {GOALS['cpu_ratio']}× |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -401,11 +402,16 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str) 
                    f"{_fmt(entry['aura_over_peer'], 2)}× | {_fmt(entry.get('langgraph_over_aura'), 1)}× | "
                    f"{_fmt(a.get('client_us_per_event'))} / {_fmt(p.get('client_us_per_event'))} | "
                    f"{a.get('errors', 0)} / {lg.get('errors', '–')} | {_verdict(entry['met'])} |")
+    passes = mode.get("throughput_passes") if isinstance(mode, dict) else None
+    out += ["", "A pass is one measurement of each server at that concurrency, interleaved (LangGraph's in a "
+            "round's first pass only); a round holds " + (", ".join(f"{k} at {c} streams" for c, k in passes.items())
+                                                           if passes else "one pass at each concurrency") +
+            ". Each ratio is taken inside a pass; the headline figures are medians over every pass of every round."]
     others = [(level, name, entry["servers"][name], ratios) for level, entry in summary["cpu_per_event"].items()
               for name, ratios in entry.get("others_over_floor_by_round", {}).items()]
     if others:
         out += ["", "Aura at another revision (`--against`), in the same rounds:", "",
-                "| concurrent streams | server | µs/event | Redis commands/event | ÷ floor (per round) |",
+                "| concurrent streams | server | µs/event | Redis commands/event | ÷ floor (per pass) |",
                 "|---:|---|---:|---:|---:|"]
         out += [f"| {level} | {name} | {_fmt(s.get('server_us_per_event'))} | "
                 f"{_fmt(s.get('redis_commands_per_event'), 2)} | {_fmt(median(ratios), 2)}× "
