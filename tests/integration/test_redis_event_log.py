@@ -166,15 +166,15 @@ async def test_a_batch_of_events_of_several_runs_is_one_round_trip(event_log: Re
 async def test_runs_that_add_an_event_per_loop_pass_share_one_round_trip(event_log: RedisEventLog,
                                                                          redis_client: Redis) -> None:
     """The batch waits while the runs keep adding to it (a run streaming an answer adds an event
-    per loop pass): four events of each of three runs go out in one write (one script call per
-    run), not three per write."""
+    per loop pass): sixteen events of each of three runs go out in one write (one script call per
+    run), not a few per write."""
     await redis_client.script_load(events._APPEND)
     commands = CommandLog(redis_client)
     packed, writes = count_packed_writes(event_log)
     logged: list[asyncio.Future[None]] = []
 
     async def run(ids: RunIds) -> None:
-        for seq in range(1, 5):
+        for seq in range(1, 17):
             done = asyncio.get_running_loop().create_future()
             logged.append(done)
             event_log.submit(event(seq, ids=ids), None, lambda _error, done=done: done.set_result(None))
@@ -183,7 +183,7 @@ async def test_runs_that_add_an_event_per_loop_pass_share_one_round_trip(event_l
     await asyncio.gather(*(run(RunIds(f"run_{n}", "s", "t", "t" * 32)) for n in range(3)))
     await asyncio.gather(*logged)
     assert (commands.take(), writes) == (([], [3]) if packed is not None else (["PIPELINE"], []))
-    assert [await redis_client.xlen(f"aura:run:{{run_{n}}}:events") for n in range(3)] == [4, 4, 4]
+    assert [await redis_client.xlen(f"aura:run:{{run_{n}}}:events") for n in range(3)] == [16, 16, 16]
 
 
 async def test_an_event_the_store_refuses_fails_its_run_and_no_other(event_log: RedisEventLog,

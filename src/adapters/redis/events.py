@@ -165,8 +165,11 @@ MAX_BATCH = 2048
 # How many runs' followers are told at once that the run's slot moved (one PUBLISH each).
 _ANNOUNCE_AT_ONCE = 32
 
-# How many more loop passes a batch waits for while runs keep adding to it (see `_gather`).
-_MAX_GATHER_PASSES = 4
+# How many more loop passes a batch waits for while runs keep adding to it (see `_gather`). A run
+# streaming at full speed adds an event per pass: 16 passes let one stream's batch carry up to 16
+# of its events (same-run A/B against 4: CPU per event 0.88x at 1 stream, 0.86-0.90x at 100, 0.88x
+# at 1,000; an approval 0.89-0.93x). A batch still ends on a pass that adds nothing, or when full.
+_MAX_GATHER_PASSES = 16
 
 
 @dataclass(slots=True)
