@@ -165,7 +165,9 @@ def _compiles_exactly(schema: Any) -> bool:
 
 def _variant_check(variant: Mapping[str, Any]) -> Callable[[Any], bool]:
     """Whether a step follows `variant`: compiled when it compiles exactly (about a tenth of
-    jsonschema's cost), else jsonschema's."""
+    jsonschema's cost), else jsonschema's. fastjsonschema turns a schema into Python code, so it
+    is only ever given schemas Aura itself builds from its tool registrations (the container's
+    tools and their parameters), never one a client or a model sends."""
     if _compiles_exactly(variant):
         compiled = fastjsonschema.compile(dict(variant), use_default=False, detailed_exceptions=False)
 
