@@ -105,6 +105,25 @@ async def test_on_one_server_a_run_is_closed_and_forgotten_in_one_round_trip(red
     assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
 
 
+async def test_a_server_that_lost_its_scripts_still_admits_and_closes(redis_client: Redis) -> None:
+    """A restart or SCRIPT FLUSH between calls: the admission and the close load their scripts
+    again and do all their work."""
+    directory = run_directory(redis_client)
+    assert await admit(directory, record("run_0")) is None
+    assert await directory.close(record("run_0"), "completed", 60)  # its scripts are loaded now
+    await redis_client.script_flush()
+    run = record("run_1")
+    assert await admit(directory, run) is None
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 1
+    await redis_client.script_flush()
+    assert await directory.close(run, "completed", 60)
+    assert orjson.loads(await redis_client.get("aura:run:{run_1}:meta"))["status"] == "completed"
+    assert await redis_client.exists("aura:run:{run_1}:lease") == 0
+    assert await redis_client.zscore(ACTIVE_RUNS_KEY, "run_1") is None
+    assert await redis_client.zcard("aura:slots:{acme}:user:alice") == 0
+    assert await redis_client.zcard("aura:slots:{acme}:tenant") == 0
+
+
 async def test_a_run_whose_lease_is_gone_keeps_its_slots_and_index_entry_for_the_sweep(redis_client: Redis) -> None:
     directory = run_directory(redis_client)
     run = record("run_1")

@@ -263,7 +263,6 @@ class RedisApprovalStore(ApprovalStore):
         # here and sent on connections held for them (packed.py): about half the CPU of redis-py's
         # pipeline and script objects for the same round trip.
         self._packed = PackedConnections(redis) if isinstance(redis, Redis) else None
-        self._decide_sha = self._decide_in_place_script.sha.encode()
 
     async def load_scripts(self) -> None:
         """Load the decision scripts on the server (every primary of a cluster) ahead of the first
@@ -535,10 +534,7 @@ class RedisApprovalStore(ApprovalStore):
         if self._packed is None:
             reply = await self._decide_in_place_script(keys=[key], args=args)
         else:
-            (reply,) = await self._packed.execute(pack(b"EVALSHA", self._decide_sha, b"1", key.encode(),
-                                                       *map(as_argument, args)), 1)
-            if isinstance(reply, NoScriptError):  # a restarted server: loaded now, and run
-                reply = await self._decide_in_place_script(keys=[key], args=args)
+            reply = await self._packed.call_script(self._decide_in_place_script, [key], args)
             raise_error(reply)
         if isinstance(reply, list):
             raw = reply[1]

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Each bulk string's length header for the lengths most arguments have (an envelope is a few hundred
@@ -96,6 +98,16 @@ class PackedConnections:
         else:
             await self._pool.release(connection)
         return result
+
+    async def call_script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """One call of a script registered on the client, as a packed EVALSHA; its reply (an error
+        reply as a value). A server that does not know the script (a restart, a flushed cache) gets
+        the call through the script object, which loads it and runs it."""
+        (reply,) = await self.execute(pack(b"EVALSHA", script.sha.encode(), b"%d" % len(keys),
+                                           *map(as_argument, keys), *map(as_argument, args)), 1)
+        if isinstance(reply, NoScriptError):
+            reply = await script(keys=keys, args=args)
+        return reply
 
     async def aclose(self) -> None:
         self._closed = True

@@ -300,8 +300,7 @@ class RedisRunDirectory(RunDirectory):
         # pipeline and script objects they cost ~2x the CPU of the exchange itself. A cluster
         # keeps redis-py's path (its steps are in different slots, ordered by awaiting each).
         self._packed = PackedConnections(redis) if isinstance(redis, Redis) else None
-        self._shas = {script: script.sha.encode() for script in (
-            self._take_slots, self._count_start_and_take_slots, self._close_and_forget)}
+        self._shas = {script: script.sha.encode() for script in (self._take_slots, self._count_start_and_take_slots)}
         self._declare_lost = redis.register_script(_DECLARE_LOST)
         self._note_reader = redis.register_script(_NOTE_READER)
         self._drop_unchanged_readers = redis.register_script(_DROP_UNCHANGED_READERS)
@@ -493,11 +492,7 @@ class RedisRunDirectory(RunDirectory):
             keys += [user_slots_key(record.tenant_id, record.user_id), tenant_slots_key(record.tenant_id),
                      ACTIVE_RUNS_KEY]
             args.append(run_id)
-            (reply,) = await self._call(self._packed.execute(pack(
-                b"EVALSHA", self._shas[self._close_and_forget], b"6", *map(as_argument, keys),
-                *map(as_argument, args)), 1))
-            if isinstance(reply, NoScriptError):  # a restarted server: loaded now, and run
-                reply = await self._call(self._close_and_forget(keys=keys, args=args))
+            reply = await self._call(self._packed.call_script(self._close_and_forget, keys, args))
             self._raise(reply)
             return bool(reply)
         closed = await self._call(self._close(keys=keys, args=args))
